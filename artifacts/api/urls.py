@@ -1,0 +1,21 @@
+from django.urls import path
+
+from artifacts.api import views
+
+urlpatterns = [
+    path("snapshots", views.SnapshotUploadView.as_view(), name="snapshot-upload"),
+    path("snapshots/<str:snapshot_id>", views.SnapshotDownloadView.as_view(), name="snapshot-download"),
+    path("snapshots/<str:snapshot_id>/meta", views.SnapshotMetaView.as_view(), name="snapshot-meta"),
+    path("datasets", views.DatasetListCreateView.as_view(), name="dataset-list"),
+    path("datasets/<str:name>", views.DatasetDetailView.as_view(), name="dataset-detail"),
+    path("datasets/<str:name>/content", views.DatasetContentView.as_view(), name="dataset-content"),
+    path("tasks/<uuid:taskId>/artifacts", views.ArtifactListView.as_view(), name="artifact-list"),
+    # Before the catch-all file route; a file named "commit" is still served by GET/PUT here.
+    path(
+        "tasks/<uuid:taskId>/artifacts/commit",
+        views.ArtifactCommitView.as_view(),
+        {"path": "commit"},
+        name="artifact-commit",
+    ),
+    path("tasks/<uuid:taskId>/artifacts/<path:path>", views.ArtifactFileView.as_view(), name="artifact-file"),
+]

@@ -1,0 +1,52 @@
+"""Builders for the bytes tests send and the runs that may read or write them."""
+
+import hashlib
+import io
+import tarfile
+
+from fetchml.models import ApiKey
+from fetchml.tests.factories import ApiKeyFactory, UserFactory
+from scheduler.models import NodeAssignment
+from tasks.states import TaskStatus
+from tasks.tests.factories import NodeAssignmentFactory, TaskFactory, WorkerFactory
+
+
+def tar_gz(files: dict[str, bytes]) -> bytes:
+    """A .tar.gz holding `files` (name -> content)."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
+        for name, content in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(content)
+            archive.addfile(info, io.BytesIO(content))
+    return buffer.getvalue()
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def worker_key_pair(username: str = "worker-agent") -> tuple[ApiKey, str]:
+    """A worker-role key (the row and the raw header value)."""
+    return ApiKeyFactory.pair(user=UserFactory(username=username), role="worker")
+
+
+def live_run(
+    *, key: ApiKey, owner=None, status: str = TaskStatus.COLLECTING, attempt: int = 1, **task_fields
+) -> NodeAssignment:
+    """A task of `owner` with a live assignment on a worker registered with `key`."""
+    task = TaskFactory(owner=owner or UserFactory(), status=status, attempt=attempt, **task_fields)
+    worker = WorkerFactory(api_key=key)
+    return NodeAssignmentFactory(task=task, worker=worker, attempt=attempt, holds_capacity=True)
+
+
+def stored_files(root) -> list:
+    """Every file under a storage (or spool) directory."""
+    return sorted(path for path in root.rglob("*") if path.is_file()) if root.exists() else []
+
+
+def download(client, url: str, **headers):
+    """GET a download; returns the response with its body read (which closes the stored file)."""
+    response = client.get(url, **headers)
+    response.content_bytes = b"".join(response.streaming_content) if response.streaming else response.content
+    return response

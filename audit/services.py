@@ -1,0 +1,232 @@
+"""Writes to the audit chain. Nothing else writes audit rows.
+
+`record` / `record_many` append inside the caller's transaction, so a change
+and its audit events commit (or roll back) together. The chain head row stays
+locked until that transaction ends, so callers record as the last write of
+their transaction and group events produced together in one `record_many`.
+"""
+
+import functools
+import json
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from django.contrib.auth.models import AbstractBaseUser
+from django.db import IntegrityError, connection, transaction
+from django.utils import timezone
+
+from audit.canonical import GENESIS_HASH, event_hash, format_timestamp, normalise_metadata
+from audit.checkpoints import Checkpoint, signature_matches, signing_configured, warnings_for
+from audit.models import AuditEvent, ChainHead, EventType
+from audit.verification import VerificationResult, verify_chain
+
+_EVENT_TYPES = frozenset(EventType.values)
+_FIELDS = AuditEvent._meta.concrete_fields
+_LIMITS = {
+    "user_id": AuditEvent._meta.get_field("user_id").max_length,
+    "resource": AuditEvent._meta.get_field("resource").max_length,
+    "action": AuditEvent._meta.get_field("action").max_length,
+    "ip_address": AuditEvent._meta.get_field("ip_address").max_length,
+}
+
+
+@dataclass
+class Entry:
+    event_type: str
+    user: AbstractBaseUser | str | None = None
+    resource: str = ""
+    action: str = ""
+    success: bool = True
+    ip_address: str | None = None
+    error: str = ""
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def _user_id(user: AbstractBaseUser | str | None) -> str:
+    if user is None:
+        return ""
+    if isinstance(user, str):
+        return user
+    return user.get_username() if user.is_authenticated else ""
+
+
+def _row(entry: Entry) -> dict[str, Any]:
+    if entry.event_type not in _EVENT_TYPES:
+        raise ValueError(f"unknown audit event type {entry.event_type!r}")
+    return {
+        "event_type": entry.event_type,
+        "user_id": _user_id(entry.user)[: _LIMITS["user_id"]],
+        "resource": (entry.resource or "")[: _LIMITS["resource"]],
+        "action": (entry.action or "")[: _LIMITS["action"]],
+        "success": bool(entry.success),
+        "ip_address": (entry.ip_address or "")[: _LIMITS["ip_address"]],
+        "error": entry.error or "",
+        "metadata": normalise_metadata(entry.metadata),
+    }
+
+
+def _lock_head() -> ChainHead:
+    """The chain head, locked until the caller's transaction ends.
+
+    A missing head (new database, or one emptied by `flush`) is recreated from
+    the last stored event, never blindly from genesis, so the next append
+    always links to what the table holds.
+    """
+    head = ChainHead.objects.select_for_update().filter(id=1).first()
+    if head is not None:
+        return head
+    last = AuditEvent.objects.order_by("-sequence_num").values_list("sequence_num", "event_hash").first()
+    sequence_num, last_hash = last if last else (0, GENESIS_HASH)
+    try:
+        with transaction.atomic():
+            ChainHead.objects.create(id=1, sequence_num=sequence_num, event_hash=last_hash)
+    except IntegrityError:
+        pass  # another writer created it first; lock theirs
+    return ChainHead.objects.select_for_update().get(id=1)
+
+
+# Rows per INSERT statement: 12 parameters each stays under every backend's limit.
+_ROWS_PER_INSERT = 80
+
+
+@functools.cache
+def _insert_sql(rows: int) -> str:
+    quote = connection.ops.quote_name
+    columns = ", ".join(quote(f.column) for f in _FIELDS)
+    values = ", ".join(["(" + ", ".join(["%s"] * len(_FIELDS)) + ")"] * rows)
+    return f"INSERT INTO {quote(AuditEvent._meta.db_table)} ({columns}) VALUES {values}"
+
+
+@functools.cache
+def _insert_recordset_sql() -> str:
+    quote = connection.ops.quote_name
+    columns = ", ".join(quote(f.column) for f in _FIELDS)
+    types = ", ".join(f"{quote(f.column)} {f.db_type(connection)}" for f in _FIELDS)
+    table = quote(AuditEvent._meta.db_table)
+    return f"INSERT INTO {table} ({columns}) SELECT {columns} FROM jsonb_to_recordset(%s::jsonb) AS r({types})"
+
+
+def _insert(events: list[AuditEvent]) -> None:
+    """Insert the events in as few statements as possible, under the lock.
+
+    On PostgreSQL the whole batch travels as one JSON parameter: Django's
+    client-side parameter merging costs more than the insert itself for a
+    multi-row VALUES list. Elsewhere, multi-row VALUES (bulk_create's per-row
+    SQL compilation would dominate).
+    """
+    with connection.cursor() as cursor:
+        if connection.vendor == "postgresql":
+            payload = [{f.column: getattr(event, f.attname) for f in _FIELDS} for event in events]
+            cursor.execute(_insert_recordset_sql(), [json.dumps(payload, cls=_TimestampEncoder, ensure_ascii=False)])
+            return
+        for start in range(0, len(events), _ROWS_PER_INSERT):
+            chunk = events[start : start + _ROWS_PER_INSERT]
+            params = [f.get_db_prep_save(getattr(event, f.attname), connection) for event in chunk for f in _FIELDS]
+            cursor.execute(_insert_sql(len(chunk)), params)
+
+
+class _TimestampEncoder(json.JSONEncoder):
+    def default(self, o: Any) -> Any:
+        if isinstance(o, datetime):
+            return format_timestamp(o)
+        return super().default(o)
+
+
+def record_many(entries: list[Entry]) -> list[AuditEvent]:
+    """Append several events under one acquisition of the chain head."""
+    if not entries:
+        return []
+    if not transaction.get_connection().in_atomic_block:
+        raise RuntimeError("audit events must be recorded inside the transaction of the change")
+    # Everything but the links is prepared before taking the lock, so the lock
+    # is held only for the append itself.
+    rows = [_row(entry) for entry in entries]
+    head = _lock_head()
+    # Taken under the lock so timestamps never go backwards along the chain.
+    now = timezone.now()
+    sequence, prev_hash = head.sequence_num, head.event_hash
+    events = []
+    for row in rows:
+        sequence += 1
+        row["sequence_num"] = sequence
+        row["timestamp"] = now
+        row["prev_hash"] = prev_hash
+        prev_hash = row["event_hash"] = event_hash(row)
+        events.append(AuditEvent(**row))
+    _insert(events)
+    ChainHead.objects.filter(id=1).update(sequence_num=sequence, event_hash=prev_hash)
+    return events
+
+
+def record(
+    *,
+    event_type: str,
+    user: AbstractBaseUser | str | None = None,
+    resource: str = "",
+    action: str = "",
+    success: bool = True,
+    ip_address: str | None = None,
+    error: str = "",
+    metadata: dict[str, Any] | None = None,
+) -> AuditEvent:
+    """Append one event to the chain, in the caller's transaction."""
+    entry = Entry(
+        event_type=event_type,
+        user=user,
+        resource=resource,
+        action=action,
+        success=success,
+        ip_address=ip_address,
+        error=error,
+        metadata=metadata or {},
+    )
+    return record_many([entry])[0]
+
+
+def audit_verify(
+    *,
+    user: AbstractBaseUser | str | None,
+    ip_address: str | None = None,
+    checkpoint: Checkpoint | None = None,
+    source: str = "api",
+    record_event: bool = True,
+) -> VerificationResult:
+    """Walk the whole chain, then record that it was verified.
+
+    The walk takes no lock and runs outside any transaction of ours, so it
+    never holds up appends; the `audit_verified` event is written afterwards
+    in a transaction of its own (skipped with `record_event=False`, for
+    auditors connected with a read-only role).
+    """
+    result = verify_chain(checkpoint=checkpoint)
+    result.checkpoint_signature_verified = checkpoint is not None and signature_matches(checkpoint)
+    result.warnings = warnings_for(checkpoint)
+    if not record_event:
+        return result
+    metadata: dict[str, Any] = {
+        "source": source,
+        "valid": result.valid,
+        "total_events": result.total_events,
+        "first_tampered": result.first_tampered,
+        "chain_root_hash": result.chain_root_hash,
+        "signing_configured": signing_configured(),
+    }
+    if checkpoint is not None:
+        metadata["checkpoint"] = {
+            "sequence_num": checkpoint.sequence_num,
+            "root_hash": checkpoint.root_hash,
+            "signature_verified": result.checkpoint_signature_verified,
+        }
+    with transaction.atomic():
+        record(
+            event_type=EventType.AUDIT_VERIFIED,
+            user=user,
+            resource="audit_chain",
+            action="verify",
+            success=result.valid,
+            ip_address=ip_address,
+            error="" if result.valid else result.reason,
+            metadata=metadata,
+        )
+    return result

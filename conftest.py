@@ -1,0 +1,78 @@
+"""Fixtures shared by every app's tests."""
+
+import os
+
+import pytest
+from django.core.cache import cache
+from rest_framework.test import APIClient
+
+from fetchml.tests.factories import ApiKeyFactory, UserFactory
+
+USING_POSTGRES = os.environ.get("DATABASE_URL", "").startswith(("postgres://", "postgresql://"))
+requires_postgres = pytest.mark.skipif(
+    not USING_POSTGRES, reason="needs PostgreSQL: set DATABASE_URL=postgres://... (CI always does)"
+)
+
+
+@pytest.fixture(autouse=True)
+def _plain_http(settings):
+    """Production settings (DATABASE_URL set, DEBUG off) redirect to HTTPS; tests speak HTTP."""
+    settings.SECURE_SSL_REDIRECT = False
+
+
+@pytest.fixture(autouse=True)
+def _clean_cache():
+    """Rate-limit counters and auth-audit throttles must not leak between tests."""
+    cache.clear()
+    yield
+    cache.clear()
+
+
+class KeyClient(APIClient):
+    """An APIClient that sends one API key on every request."""
+
+    def __init__(self, raw_key: str | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.raw_key = raw_key
+        if raw_key:
+            self.credentials(HTTP_X_API_KEY=raw_key)
+
+
+@pytest.fixture
+def anon_client() -> KeyClient:
+    return KeyClient()
+
+
+@pytest.fixture
+def user(db):
+    return UserFactory(username="alice")
+
+
+@pytest.fixture
+def other_user(db):
+    return UserFactory(username="bob")
+
+
+@pytest.fixture
+def admin_user(db):
+    return UserFactory(username="root", is_staff=True, is_superuser=True)
+
+
+@pytest.fixture
+def user_client(user) -> KeyClient:
+    return KeyClient(ApiKeyFactory.raw(user=user, role="user"))
+
+
+@pytest.fixture
+def other_client(other_user) -> KeyClient:
+    return KeyClient(ApiKeyFactory.raw(user=other_user, role="user"))
+
+
+@pytest.fixture
+def admin_client_key(admin_user) -> KeyClient:
+    return KeyClient(ApiKeyFactory.raw(user=admin_user, role="admin"))
+
+
+@pytest.fixture
+def worker_key(db) -> str:
+    return ApiKeyFactory.raw(user=UserFactory(username="worker-agent"), role="worker")

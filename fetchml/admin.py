@@ -1,0 +1,168 @@
+"""Operator console: API keys, and the read-only base the other apps' admins share.
+
+A key is created through `fetchml.services.apikey_create`; its raw secret is
+shown once, in a message right after creation, and never again (only the
+prefix is stored in clear). Keys are revoked, never deleted, so the audit
+trail keeps pointing at something.
+"""
+
+from collections.abc import Callable, Iterable
+
+from django import forms
+from django.contrib import admin, messages
+from django.db.models import Model, QuerySet
+from django.http import HttpRequest
+from django.utils import timezone
+
+from fetchml.auth import Actor, client_ip
+from fetchml.errors import ApplicationError
+from fetchml.models import ApiKey
+from fetchml.services import apikey_create, apikey_revoke
+
+
+def admin_actor(request: HttpRequest) -> Actor:
+    """The operator, acting with the admin role, as the services expect."""
+    return Actor(user=request.user, role=ApiKey.Role.ADMIN, ip_address=client_ip(request.META))
+
+
+def apply_to_each(
+    modeladmin: admin.ModelAdmin,
+    request: HttpRequest,
+    rows: Iterable[Model],
+    verb: str,
+    apply: Callable[[Model, Actor], object],
+    *,
+    noun: str,
+) -> None:
+    """Run one service call per selected row, reporting successes and each failure.
+
+    `verb` completes "Could not … <row>" and "Done: … <n> <noun>(s)".
+    """
+    actor = admin_actor(request)
+    done = 0
+    for row in rows:
+        try:
+            apply(row, actor)
+        except ApplicationError as exc:
+            modeladmin.message_user(request, f"Could not {verb} {row}: {exc.message}", messages.ERROR)
+        else:
+            done += 1
+    if done:
+        modeladmin.message_user(request, f"Done: {verb} {done} {noun}(s).", messages.SUCCESS)
+
+
+class ReadOnlyModelAdmin(admin.ModelAdmin):
+    """Lists and detail pages only: rows change through services (admin actions).
+
+    The model-level change permission is kept so actions stay available, but a
+    row's form is never saved (a blind save would overwrite concurrent state).
+    """
+
+    hidden_fields: tuple[str, ...] = ()
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Model | None = None) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Model | None = None) -> bool:
+        return obj is None and super().has_change_permission(request)
+
+    def get_fields(self, request: HttpRequest, obj: Model | None = None) -> list[str]:
+        return [field.name for field in self.model._meta.fields if field.name not in self.hidden_fields]
+
+    def get_readonly_fields(self, request: HttpRequest, obj: Model | None = None) -> list[str]:
+        return self.get_fields(request, obj)
+
+
+class ApiKeyCreationForm(forms.ModelForm):
+    class Meta:
+        model = ApiKey
+        fields = ("user", "role", "name", "expires_at")
+
+    def clean_expires_at(self):
+        expires_at = self.cleaned_data.get("expires_at")
+        if expires_at is not None and expires_at <= timezone.now():
+            raise forms.ValidationError("Must be in the future.")
+        return expires_at
+
+
+@admin.register(ApiKey)
+class ApiKeyAdmin(admin.ModelAdmin):
+    list_display = (
+        "masked",
+        "name",
+        "user",
+        "role",
+        "usable",
+        "created_at",
+        "expires_at",
+        "revoked_at",
+        "last_used_at",
+    )
+    list_filter = ("role", "revoked_at", "expires_at")
+    list_select_related = ("user",)
+    search_fields = ("prefix", "name", "user__username")
+    ordering = ("-created_at",)
+    actions = ["revoke_keys"]
+    add_fields = ("user", "role", "name", "expires_at")
+    shown_fields = ("masked", "user", "role", "name", "created_at", "expires_at", "revoked_at", "last_used_at")
+
+    @admin.display(description="key")
+    def masked(self, key: ApiKey) -> str:
+        return f"fetchml_{key.prefix}_…"
+
+    @admin.display(boolean=True, description="usable")
+    def usable(self, key: ApiKey) -> bool:
+        return key.is_usable
+
+    def get_form(self, request: HttpRequest, obj: ApiKey | None = None, change: bool = False, **kwargs):
+        if obj is None:
+            kwargs["form"] = ApiKeyCreationForm
+        return super().get_form(request, obj, change=change, **kwargs)
+
+    def get_fields(self, request: HttpRequest, obj: ApiKey | None = None) -> tuple[str, ...]:
+        return self.add_fields if obj is None else self.shown_fields
+
+    def get_readonly_fields(self, request: HttpRequest, obj: ApiKey | None = None) -> tuple[str, ...]:
+        return () if obj is None else self.shown_fields
+
+    def has_change_permission(self, request: HttpRequest, obj: ApiKey | None = None) -> bool:
+        return obj is None and super().has_change_permission(request)
+
+    def has_delete_permission(self, request: HttpRequest, obj: ApiKey | None = None) -> bool:
+        return False
+
+    def save_model(self, request: HttpRequest, obj: ApiKey, form: forms.ModelForm, change: bool) -> None:
+        if change:
+            return  # existing keys are immutable; revoke and create a new one instead
+        data = form.cleaned_data
+        key, raw = apikey_create(
+            user=data["user"],
+            role=data["role"],
+            name=data.get("name") or "",
+            expires_at=data.get("expires_at"),
+            created_by=request.user,
+        )
+        # The admin goes on with `obj` (log entry, redirect): make it the created row.
+        for field in ApiKey._meta.concrete_fields:
+            setattr(obj, field.attname, getattr(key, field.attname))
+        obj._state.adding = False
+        obj._state.db = key._state.db
+        self.message_user(
+            request,
+            f"API key for {key.user.get_username()} ({key.role}): {raw} — copy it now, it will not be shown again.",
+            messages.WARNING,
+        )
+
+    @admin.action(description="Revoke selected API keys", permissions=["change"])
+    def revoke_keys(self, request: HttpRequest, queryset: QuerySet[ApiKey]) -> None:
+        apply_to_each(
+            self,
+            request,
+            queryset.select_related("user"),
+            "revoke",
+            lambda key, actor: apikey_revoke(api_key=key, revoked_by=actor.user),
+            noun="API key",
+        )

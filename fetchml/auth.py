@@ -1,0 +1,126 @@
+"""The one authentication check of FetchML: the X-API-Key header.
+
+Used by DRF (`ApiKeyAuthentication`), by the WebSocket consumers
+(`authenticate_raw_key`) and by SSE views, so every entry point applies the
+same rules: well-formed, known, not revoked, not expired, and failed attempts
+limited per client IP.
+"""
+
+import logging
+from dataclasses import dataclass
+
+from django.contrib.auth.models import AbstractBaseUser
+from django.core.cache import cache
+from django.db import transaction
+from django.utils import timezone
+from rest_framework import authentication, exceptions
+
+from fetchml import apikeys
+from fetchml.conf import app_settings
+from fetchml.models import ApiKey
+from fetchml.ratelimits import auth_failures_exceeded, count_api_key_request, count_auth_failure, seconds_until_reset
+
+logger = logging.getLogger("fetchml.auth")
+HEADER = "HTTP_X_API_KEY"
+_NO_HASH = "0" * 64
+
+
+@dataclass(frozen=True)
+class Actor:
+    """Who is acting: passed to services so they can authorise and audit."""
+
+    user: AbstractBaseUser
+    role: str
+    api_key_id: str | None = None
+    ip_address: str | None = None
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role == ApiKey.Role.ADMIN
+
+    @property
+    def is_worker(self) -> bool:
+        return self.role == ApiKey.Role.WORKER
+
+
+def client_ip(meta: dict) -> str | None:
+    # The socket's address, never X-Forwarded-For: a client could vary that
+    # header to escape the per-IP limit on failed attempts.
+    return meta.get("REMOTE_ADDR") or None
+
+
+def actor_from_request(request) -> Actor:
+    key = request.auth if isinstance(getattr(request, "auth", None), ApiKey) else None
+    if key is not None:
+        role = key.role
+    else:
+        role = ApiKey.Role.ADMIN if request.user.is_staff else ApiKey.Role.USER
+    return Actor(
+        user=request.user,
+        role=role,
+        api_key_id=str(key.id) if key else None,
+        ip_address=client_ip(request.META),
+    )
+
+
+def _record_auth(*, success: bool, key: ApiKey | None, ip: str | None, error: str = "") -> None:
+    from audit.services import record
+
+    with transaction.atomic():
+        record(
+            event_type="auth_attempt",
+            user=key.user if key else None,
+            resource=f"api_key:{key.prefix}" if key else "api_key",
+            action="authenticate",
+            success=success,
+            ip_address=ip,
+            error=error,
+        )
+
+
+def authenticate_raw_key(raw: str | None, ip: str | None) -> ApiKey:
+    """The ApiKey for a raw header value, or AuthenticationFailed/Throttled."""
+    wait = auth_failures_exceeded(ip)
+    if wait is not None:
+        raise exceptions.Throttled(wait=wait, detail="Too many failed authentication attempts")
+    parts = apikeys.split(raw) if raw else None
+    key = None
+    if parts is not None:
+        key = ApiKey.objects.select_related("user").filter(prefix=parts[0]).first()
+    # Hash and compare even for an unknown prefix, so the answer takes as long.
+    matches = parts is not None and apikeys.secret_matches(parts[1], key.secret_hash if key else _NO_HASH)
+    if key is None or not matches:
+        reason = "missing API key" if not raw else "invalid API key"
+        _fail(reason, None, ip)
+    if not key.is_usable or not key.user.is_active:
+        _fail("revoked, expired or inactive API key", key, ip)
+    # Successful use is audited (and last_used_at written) at most once per
+    # interval per key, so a busy client does not balloon the chain.
+    interval = app_settings.AUDIT_AUTH_SUCCESS_INTERVAL_SECONDS
+    if cache.add(f"fetchml:auth-ok:{key.id}", 1, timeout=interval):
+        ApiKey.objects.filter(pk=key.pk).update(last_used_at=timezone.now())
+        _record_auth(success=True, key=key, ip=ip)
+    return key
+
+
+def _fail(reason: str, key: ApiKey | None, ip: str | None) -> None:
+    count_auth_failure(ip)
+    _record_auth(success=False, key=key, ip=ip, error=reason)
+    logger.info("authentication failed: %s (ip=%s)", reason, ip)
+    raise exceptions.AuthenticationFailed("Invalid or missing API key")
+
+
+class ApiKeyAuthentication(authentication.BaseAuthentication):
+    def authenticate(self, request):
+        raw = request.META.get(HEADER)
+        if raw is None:
+            return None  # let session auth try; permissions then demand a login
+        key = authenticate_raw_key(raw, client_ip(request.META))
+        usage = count_api_key_request(request, key.id)
+        if usage is not None and usage.limited:
+            raise exceptions.Throttled(wait=seconds_until_reset(usage))
+        return key.user, key
+
+    def authenticate_header(self, request) -> str:
+        # Makes DRF answer 401 (not 403) to unauthenticated requests.
+        return 'ApiKey header="X-API-Key"'

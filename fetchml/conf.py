@@ -1,0 +1,102 @@
+"""FetchML product settings: one table of defaults, read from the environment.
+
+`settings.py` calls `settings_from_env()` to turn every `FETCHML_<NAME>` env var
+into a Django setting; code reads `app_settings.NAME`, which looks the setting
+up on every access so `override_settings` works in tests.
+"""
+
+import re
+from typing import Any
+
+from django.core.exceptions import ImproperlyConfigured
+
+from fetchml.env import env_bool, env_float, env_int, env_list, env_str
+
+# name: default. The default's type decides how the env var is parsed.
+DEFAULTS: dict[str, Any] = {
+    # API limits
+    "RATE_LIMIT_POST": "100/m",
+    "RATE_LIMIT_GET": "300/m",
+    "RATE_LIMIT_OTHER": "600/m",
+    "RATE_LIMIT_AUTH_FAILURES": "20/m",
+    "MAX_PAGE_SIZE": 1000,
+    "MAX_LIST_ITEMS": 100,
+    "MAX_METADATA_ENTRIES": 64,
+    "MAX_STRING_LENGTH": 4096,
+    "IDEMPOTENCY_TTL_HOURS": 24,
+    # scheduling
+    "PRIORITY_AGING_PER_HOUR": 1.0,
+    "SCHEDULER_INTERVAL": 2.0,
+    "SCHEDULER_BATCH_SIZE": 32,
+    "WORKER_LEASE_SECONDS": 30.0,
+    "WORKER_HEARTBEAT_SECONDS": 5.0,
+    "DEFAULT_MAX_RETRIES": 3,
+    "RETRY_BACKOFF_BASE_SECONDS": 5.0,
+    "RETRY_BACKOFF_MAX_SECONDS": 600.0,
+    "CANCEL_GRACE_SECONDS": 30,
+    "ASSIGN_RESEND_SECONDS": 3.0,
+    "TIMEOUT_MARGIN_SECONDS": 60.0,
+    "RESERVATIONS_PER_USER": 3,
+    "RESERVATION_MAX_MINUTES": 7 * 24 * 60,
+    # a head-of-line task queued this long gets capacity held for it (docs/scheduling.md)
+    "STARVATION_SECONDS": 600.0,
+    # dispatch-key offset per task a user already has queued at that priority or above
+    "FAIR_SHARE_STEP": 0.1,
+    # live updates: seconds between SSE heartbeat comments (each also re-checks the database)
+    "SSE_HEARTBEAT_SECONDS": 15.0,
+    # audit
+    "AUDIT_SIGNING_KEY": "",
+    "AUDIT_AUTH_SUCCESS_INTERVAL_SECONDS": 60,
+    # storage
+    "STORAGE_DIR": "",
+    "MAX_SNAPSHOT_BYTES": 512 * 1024 * 1024,
+    "MAX_DATASET_BYTES": 8 * 1024 * 1024 * 1024,
+    "MAX_ARTIFACT_BYTES_PER_TASK": 1024 * 1024 * 1024,
+    # plugins and services
+    "PLUGINS": [],
+    "PLUGIN_HEALTH_TIMEOUT_SECONDS": 2.0,
+    "PLUGIN_HEALTH_CACHE_SECONDS": 15,
+    "JUPYTER_IDLE_MINUTES": 120,
+}
+
+
+def settings_from_env() -> dict[str, Any]:
+    """Every default, overridden by its FETCHML_<NAME> env var, parsed strictly."""
+    values: dict[str, Any] = {}
+    for name, default in DEFAULTS.items():
+        env_name = f"FETCHML_{name}"
+        if isinstance(default, bool):
+            values[env_name] = env_bool(env_name, default)
+        elif isinstance(default, int):
+            values[env_name] = env_int(env_name, default, minimum=0)
+        elif isinstance(default, float):
+            values[env_name] = env_float(env_name, default, minimum=0)
+        elif isinstance(default, list):
+            values[env_name] = env_list(env_name, default)
+        else:
+            values[env_name] = env_str(env_name, default)
+        if name.startswith("RATE_LIMIT_"):
+            check_rate(env_name, values[env_name])
+    return values
+
+
+# django-ratelimit's rate syntax: "100/m", "5/10s", "1000/h", "10000/d".
+_RATE = re.compile(r"^[0-9]+/[0-9]*[smhd]$")
+
+
+def check_rate(name: str, value: str) -> None:
+    """A malformed rate must stop start-up, not fail every request later."""
+    if not _RATE.match(value):
+        raise ImproperlyConfigured(f"{name}={value!r} is not a rate like 100/m (per s, m, h or d)")
+
+
+class _AppSettings:
+    def __getattr__(self, name: str) -> Any:
+        if name not in DEFAULTS:
+            raise AttributeError(f"unknown FetchML setting {name}")
+        from django.conf import settings
+
+        return getattr(settings, f"FETCHML_{name}", DEFAULTS[name])
+
+
+app_settings = _AppSettings()

@@ -1,0 +1,170 @@
+"""The one error format of FetchML: {"error", "code", "trace_id"} (+ "details").
+
+Services raise ApplicationError subclasses; `exception_handler` (DRF) and
+`error_response` (plain Django: 404/405/500, middleware) render every error in
+the system through `error_body`.
+"""
+
+import logging
+import math
+from typing import Any
+
+from django.core.exceptions import PermissionDenied, RequestDataTooBig
+from django.core.exceptions import ValidationError as DjangoValidationError
+from django.http import Http404, JsonResponse
+from rest_framework import exceptions as drf_exceptions
+from rest_framework.response import Response
+from rest_framework.views import set_rollback
+
+from fetchml.tracing import current_trace_id
+
+logger = logging.getLogger("fetchml.errors")
+
+
+class ApplicationError(Exception):
+    status_code = 400
+    code = "BAD_REQUEST"
+    default_message = "Invalid request"
+
+    def __init__(self, message: str | None = None, *, details: list[dict] | None = None):
+        self.message = message or self.default_message
+        self.details = details
+        super().__init__(self.message)
+
+
+class Invalid(ApplicationError):
+    status_code = 422
+    code = "VALIDATION_ERROR"
+    default_message = "Validation failed"
+
+
+class NotFound(ApplicationError):
+    status_code = 404
+    code = "NOT_FOUND"
+    default_message = "Resource not found"
+
+
+class Conflict(ApplicationError):
+    status_code = 409
+    code = "CONFLICT"
+    default_message = "Conflict with the current state of the resource"
+
+
+class Forbidden(ApplicationError):
+    status_code = 403
+    code = "FORBIDDEN"
+    default_message = "Insufficient permissions"
+
+
+class Unavailable(ApplicationError):
+    status_code = 503
+    code = "SERVICE_UNAVAILABLE"
+    default_message = "Service temporarily unavailable"
+
+
+class PayloadTooLarge(ApplicationError):
+    status_code = 413
+    code = "BAD_REQUEST"
+    default_message = "Request body too large"
+
+
+_CODES_BY_STATUS = {
+    400: "BAD_REQUEST",
+    401: "UNAUTHORIZED",
+    403: "FORBIDDEN",
+    404: "NOT_FOUND",
+    405: "BAD_REQUEST",
+    406: "BAD_REQUEST",
+    409: "CONFLICT",
+    413: "BAD_REQUEST",
+    415: "BAD_REQUEST",
+    422: "VALIDATION_ERROR",
+    429: "RATE_LIMITED",
+    500: "INTERNAL_ERROR",
+    503: "SERVICE_UNAVAILABLE",
+}
+
+
+def error_body(message: str, code: str, details: list[dict] | None = None) -> dict[str, Any]:
+    body: dict[str, Any] = {"error": message, "code": code, "trace_id": current_trace_id()}
+    if details:
+        body["details"] = details
+    return body
+
+
+def code_for_status(status: int) -> str:
+    return _CODES_BY_STATUS.get(status, "INTERNAL_ERROR" if status >= 500 else "BAD_REQUEST")
+
+
+def error_response(status: int, message: str, code: str | None = None, **headers: str) -> JsonResponse:
+    response = JsonResponse(error_body(message, code or code_for_status(status)), status=status)
+    for name, value in headers.items():
+        response[name.replace("_", "-")] = value
+    return response
+
+
+def _flatten_validation(detail: Any, prefix: str = "") -> list[dict]:
+    """DRF's nested error dict -> [{"field": "a.b[0]", "message": "..."}]."""
+    items: list[dict] = []
+    if isinstance(detail, dict):
+        for key, value in detail.items():
+            name = key if key != "non_field_errors" else ""
+            field = f"{prefix}.{name}" if prefix and name else (prefix or name)
+            items.extend(_flatten_validation(value, field))
+    elif isinstance(detail, list):
+        if all(not isinstance(v, (dict, list)) for v in detail):
+            items.extend({"field": prefix or None, "message": str(v)} for v in detail)
+        else:
+            for index, value in enumerate(detail):
+                if value:
+                    items.extend(_flatten_validation(value, f"{prefix}[{index}]"))
+    else:
+        items.append({"field": prefix or None, "message": str(detail)})
+    return items
+
+
+def _summary(details: list[dict]) -> str:
+    named = [d["field"] for d in details if d.get("field")]
+    return "Validation failed: " + ", ".join(dict.fromkeys(named)) if named else details[0]["message"]
+
+
+def exception_handler(exc: Exception, context: dict) -> Response:
+    """DRF's EXCEPTION_HANDLER: every API error leaves through here."""
+    # As DRF's own handler does: a failed request must not commit half its work
+    # when ATOMIC_REQUESTS is on.
+    set_rollback()
+    return _error_for(exc, context)
+
+
+def _error_for(exc: Exception, context: dict) -> Response:
+    headers: dict[str, str] = {}
+    if isinstance(exc, ApplicationError):
+        return Response(error_body(exc.message, exc.code, exc.details), status=exc.status_code)
+    if isinstance(exc, DjangoValidationError):
+        exc = drf_exceptions.ValidationError(exc.message_dict if hasattr(exc, "error_dict") else exc.messages)
+    if isinstance(exc, Http404):
+        return Response(error_body("Resource not found", "NOT_FOUND"), status=404)
+    if isinstance(exc, PermissionDenied):
+        return Response(error_body("Insufficient permissions", "FORBIDDEN"), status=403)
+    if isinstance(exc, RequestDataTooBig):
+        return Response(error_body("Request body too large", "BAD_REQUEST"), status=413)
+    if isinstance(exc, drf_exceptions.ValidationError):
+        details = _flatten_validation(exc.detail)
+        return Response(error_body(_summary(details), "VALIDATION_ERROR", details), status=422)
+    if isinstance(exc, drf_exceptions.ParseError):
+        return Response(error_body(f"Malformed request body: {exc.detail}", "BAD_REQUEST"), status=400)
+    if isinstance(exc, drf_exceptions.NotAuthenticated | drf_exceptions.AuthenticationFailed):
+        if getattr(exc, "auth_header", None):
+            headers["WWW-Authenticate"] = exc.auth_header
+        return Response(error_body("Invalid or missing API key", "UNAUTHORIZED"), status=401, headers=headers)
+    if isinstance(exc, drf_exceptions.Throttled):
+        if exc.wait is not None:
+            headers["Retry-After"] = str(max(math.ceil(exc.wait), 1))
+        return Response(error_body("Rate limit exceeded", "RATE_LIMITED"), status=429, headers=headers)
+    if isinstance(exc, drf_exceptions.APIException):
+        status = exc.status_code
+        message = exc.detail if isinstance(exc.detail, str) else "Request failed"
+        return Response(error_body(str(message), code_for_status(status)), status=status)
+    # The details go to the log (with the trace id), never to the client.
+    logger.exception("unhandled error in %s", context.get("view").__class__.__name__ if context else "?")
+    return Response(error_body("An internal error occurred", "INTERNAL_ERROR"), status=500)

@@ -1,0 +1,38 @@
+import secrets
+from pathlib import Path
+
+from django.conf import settings
+from django.contrib.auth import get_user_model
+from django.core.management.base import BaseCommand
+
+from fetchml.localkeys import ensure_local_key
+
+
+class Command(BaseCommand):
+    help = (
+        "Make sure the embedded system has an admin user (for /admin/) and an admin API key, "
+        "kept in the git-ignored var/ folder; print them. Safe to run any number of times."
+    )
+
+    def add_arguments(self, parser):
+        parser.add_argument("--username", default="admin")
+
+    def handle(self, *args, username: str, **options):
+        password_file = Path(settings.VAR_DIR) / "admin-password"
+        user_model = get_user_model()
+        user = user_model.objects.filter(username=username).first()
+        if user is None or not password_file.exists():
+            password = secrets.token_urlsafe(12)
+            if user is None:
+                user_model.objects.create_superuser(username=username, email="", password=password)
+            else:
+                user.set_password(password)
+                user.is_staff = user.is_superuser = True
+                user.save()
+            password_file.parent.mkdir(parents=True, exist_ok=True)
+            password_file.touch(mode=0o600)
+            password_file.write_text(password + "\n")
+        password = password_file.read_text().strip()
+        raw = ensure_local_key(file_name="admin.key", username=username, role="admin", key_name="local admin")
+        self.stdout.write(f"Admin login:   {username} / {password}   (stored in var/admin-password)")
+        self.stdout.write(f"Admin API key: {raw}   (stored in var/admin.key)")

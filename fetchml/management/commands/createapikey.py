@@ -1,0 +1,26 @@
+from django.core.management.base import BaseCommand, CommandError
+from django.db import transaction
+
+from fetchml.models import ApiKey
+from fetchml.services import apikey_create, user_get_or_create
+
+
+class Command(BaseCommand):
+    help = "Create an API key for USERNAME (the user is created if missing). The key is the last line printed."
+
+    def add_arguments(self, parser):
+        parser.add_argument("username")
+        parser.add_argument("--role", choices=ApiKey.Role.values, default=ApiKey.Role.USER)
+        parser.add_argument("--name", default="", help="a label for the key, e.g. the machine it is for")
+
+    def handle(self, *args, username: str, role: str, name: str, **options):
+        if not username.strip() or len(username) > 150:
+            raise CommandError("USERNAME must be 1 to 150 characters")
+        with transaction.atomic():
+            user = user_get_or_create(username=username, is_staff=role == ApiKey.Role.ADMIN)
+            if role == ApiKey.Role.ADMIN and not user.is_staff:
+                user.is_staff = True
+                user.save(update_fields=["is_staff"])
+            key, raw = apikey_create(user=user, role=role, name=name)
+        self.stderr.write(f"Created {role} key {key.prefix} for {username}. Store it now; it is not shown again.")
+        self.stdout.write(raw)

@@ -1,0 +1,131 @@
+"""The embedded system in one command: ASGI server + scheduler loop + local workers."""
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+from django.conf import settings
+from django.core.management.base import BaseCommand, CommandError
+
+from fetchml.localkeys import ensure_local_key
+
+logger = logging.getLogger("fetchml.serve")
+WORKER_DRAIN_SECONDS = 15.0
+
+
+class Command(BaseCommand):
+    help = (
+        "Run FetchML in one process: the ASGI server (daphne: API, admin, WebSockets, SSE) with the "
+        "scheduler loop beside it, and N local worker agents as child processes. Ctrl-C stops all of it."
+    )
+
+    def add_arguments(self, parser):
+        parser.add_argument("--host", default="127.0.0.1")
+        parser.add_argument("--port", type=int, default=9101)
+        parser.add_argument("--workers", type=int, default=1, help="local worker agents to start (0 for none)")
+        parser.add_argument("--no-scheduler", action="store_true", help="do not run the scheduler loop here")
+
+    def handle(self, *args, host: str, port: int, workers: int, no_scheduler: bool, **options):
+        if workers < 0:
+            raise CommandError("--workers must be 0 or more")
+        if not 0 < port < 65536:
+            raise CommandError("--port must be between 1 and 65535")
+        # Import here: daphne installs the Twisted asyncio reactor on import.
+        from daphne.endpoints import build_endpoint_description_strings
+        from daphne.server import Server
+        from twisted.internet import reactor
+
+        from fetchml.asgi import application
+
+        worker_key = (
+            ensure_local_key(
+                file_name="local-worker.key", username="local-worker", role="worker", key_name="local workers"
+            )
+            if workers
+            else ""
+        )
+        state: dict = {"scheduler_task": None, "stop": asyncio.Event(), "children": [], "stopping": False}
+
+        async def shutdown() -> None:
+            # Workers first, while the server still takes their last reports;
+            # then the scheduler; then the server itself.
+            await asyncio.to_thread(self._stop_workers, state["children"])
+            state["stop"].set()
+            if state["scheduler_task"] is not None:
+                try:
+                    await asyncio.wait_for(state["scheduler_task"], timeout=10)
+                except (TimeoutError, asyncio.CancelledError):
+                    logger.warning("scheduler loop did not stop in time")
+            reactor.stop()
+
+        def on_signal() -> None:
+            if state["stopping"]:
+                return
+            state["stopping"] = True
+            self.stdout.write("Stopping: draining local workers, then the scheduler and the server ...")
+            state["shutdown"] = asyncio.ensure_future(shutdown())
+
+        def start_background() -> None:
+            loop = asyncio.get_event_loop()
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(signum, on_signal)
+            if not no_scheduler:
+                from scheduler.loop import SchedulerLoop
+
+                state["scheduler_task"] = loop.create_task(SchedulerLoop().run(state["stop"]))
+            state["children"] = [self._start_worker(host, port, index, worker_key) for index in range(workers)]
+            self._print_banner(host, port, workers)
+
+        server = Server(
+            application=application,
+            endpoints=build_endpoint_description_strings(host=host, port=port),
+            signal_handlers=False,
+            ready_callable=lambda: reactor.callWhenRunning(start_background),
+            verbosity=0,
+        )
+        self.stdout.write(f"Starting FetchML on http://{host}:{port} ...")
+        server.run()
+        self.stdout.write("FetchML stopped.")
+
+    def _start_worker(self, host: str, port: int, index: int, key: str) -> subprocess.Popen:
+        env = {**os.environ, "FETCHML_WORKER_API_KEY": key}
+        name = f"{socket.gethostname()}-local-{index + 1}"
+        command = [sys.executable, str(settings.BASE_DIR / "manage.py"), "worker", "--server"]
+        command += [f"http://{host}:{port}", "--name", name]
+        # Own process group: Ctrl-C in the terminal reaches only this process,
+        # which then drains the workers in order.
+        return subprocess.Popen(command, env=env, start_new_session=True)
+
+    def _stop_workers(self, children: list[subprocess.Popen]) -> None:
+        """SIGTERM = drain; a second SIGTERM after the grace period stops runs
+        (the lease re-queues them on the next start); SIGKILL as a last resort."""
+        for signum, timeout in ((signal.SIGTERM, WORKER_DRAIN_SECONDS), (signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+            alive = [child for child in children if child.poll() is None]
+            for child in alive:
+                child.send_signal(signum)
+            for child in alive:
+                try:
+                    child.wait(timeout=timeout)
+                except subprocess.TimeoutExpired:
+                    logger.warning("local worker %s still running after signal %s", child.pid, signum)
+
+    def _print_banner(self, host: str, port: int, workers: int) -> None:
+        base = f"http://{host}:{port}"
+        self.stdout.write(
+            "\n".join(
+                [
+                    "",
+                    f"  API:     {base}/v1/",
+                    f"  Docs:    {base}/v1/docs",
+                    f"  Admin:   {base}/admin/",
+                    f"  Health:  {base}/health",
+                    f"  Workers: {workers} local agent(s)",
+                    "",
+                ]
+            )
+        )
+        self.stdout.flush()

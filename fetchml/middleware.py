@@ -1,0 +1,130 @@
+"""Request plumbing: trace ids, body-size limit, the error format outside DRF, rate-limit headers."""
+
+import logging
+import time
+
+from django.conf import settings
+from django.core.exceptions import RequestDataTooBig
+from django.http import HttpRequest, HttpResponse
+
+from fetchml.errors import code_for_status, error_response
+from fetchml.ratelimits import apply_headers
+from fetchml.tracing import new_trace_id, reset_trace_id, set_trace_id
+
+access_log = logging.getLogger("fetchml.request")
+_REASONS = {
+    400: "Invalid request",
+    401: "Invalid or missing API key",
+    403: "Insufficient permissions",
+    404: "Resource not found",
+    405: "Method not allowed",
+    413: "Request body too large",
+    415: "Unsupported media type",
+    429: "Rate limit exceeded",
+    500: "An internal error occurred",
+    503: "Service temporarily unavailable",
+}
+_KEPT_HEADERS = (
+    "Allow",
+    "Retry-After",
+    "WWW-Authenticate",
+    "X-RateLimit-Limit",
+    "X-RateLimit-Remaining",
+    "X-RateLimit-Reset",
+)
+# Bodies of these types are streamed to storage by the views that accept them,
+# under their own limits (FETCHML_MAX_SNAPSHOT_BYTES, ...); every other body is
+# parsed in memory and capped by DATA_UPLOAD_MAX_MEMORY_SIZE.
+_STREAMED_TYPES = ("multipart/form-data", "application/octet-stream")
+
+
+class TraceIdMiddleware:
+    """Gives each request a trace id: in logs, in error bodies, as X-Request-ID."""
+
+    def __init__(self, get_response):
+        self.get_response = get_response
+
+    def __call__(self, request: HttpRequest) -> HttpResponse:
+        trace_id = new_trace_id(request.META.get("HTTP_X_REQUEST_ID"))
+        request.trace_id = trace_id
+        token = set_trace_id(trace_id)
+        started = time.monotonic()
+        try:
+            response = self.get_response(request)
+            response["X-Request-ID"] = trace_id
+            access_log.info(
+                "%s %s %s %.1fms",
+                request.method,
+                request.path,
+                response.status_code,
+                (time.monotonic() - started) * 1000,
+            )
+            return response
+        finally:
+            reset_trace_id(token)
+
+
+def _is_json(response: HttpResponse) -> bool:
+    return response.get("Content-Type", "").startswith("application/json")
+
+
+def _body_too_large(request: HttpRequest) -> bool | None:
+    """True if the declared body exceeds the limit; None if Content-Length is not a number.
+
+    DRF reads JSON bodies as a stream, which bypasses Django's own
+    DATA_UPLOAD_MAX_MEMORY_SIZE check (made only by `request.body`), so the
+    limit is enforced here, before any view reads a byte.
+    """
+    limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
+    raw = request.META.get("CONTENT_LENGTH") or "0"
+    if limit is None or request.content_type.startswith(_STREAMED_TYPES):
+        return False
+    try:
+        length = int(raw)
+    except ValueError:
+        return None
+    return length > limit
+
+
+class ApiErrorMiddleware:
+    """Errors produced outside DRF (unknown URL, 405 of a plain view) get the
+    standard JSON body; every authenticated API response gets X-RateLimit-*."""
+
+    def __init__(self, get_response):
+        self.get_response = get_response
+
+    def __call__(self, request: HttpRequest) -> HttpResponse:
+        too_large = _body_too_large(request)
+        if too_large is None:
+            return error_response(400, "Invalid Content-Length header")
+        if too_large:
+            limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
+            return error_response(413, f"Request body too large (limit {limit} bytes)")
+        response = self.get_response(request)
+        apply_headers(response, getattr(request, "fetchml_ratelimit", None))
+        if response.status_code < 400 or _is_json(response) or request.path.startswith("/admin/"):
+            return response
+        status = response.status_code
+        replacement = error_response(status, _REASONS.get(status, "Request failed"), code_for_status(status))
+        for header in _KEPT_HEADERS:
+            if header in response:
+                replacement[header] = response[header]
+        return replacement
+
+
+def bad_request(request: HttpRequest, exception: Exception | None = None) -> HttpResponse:
+    if isinstance(exception, RequestDataTooBig):
+        return error_response(413, "Request body too large")
+    return error_response(400, "Invalid request")
+
+
+def permission_denied(request: HttpRequest, exception: Exception | None = None) -> HttpResponse:
+    return error_response(403, "Insufficient permissions")
+
+
+def page_not_found(request: HttpRequest, exception: Exception | None = None) -> HttpResponse:
+    return error_response(404, "Resource not found")
+
+
+def server_error(request: HttpRequest) -> HttpResponse:
+    return error_response(500, "An internal error occurred")

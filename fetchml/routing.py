@@ -1,0 +1,11 @@
+"""WebSocket routes. Consumers authenticate with the X-API-Key handshake header."""
+
+from django.urls import path
+
+from scheduler.consumers import WorkerConsumer
+from tasks.consumers import ClientConsumer
+
+websocket_urlpatterns: list = [
+    path("ws/worker", WorkerConsumer.as_asgi()),
+    path("ws", ClientConsumer.as_asgi()),
+]

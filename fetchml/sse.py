@@ -1,0 +1,176 @@
+"""Server-sent event streams fed by channel-layer groups, and the auth of streaming views.
+
+A stream is an async iterator of bytes for a `StreamingHttpResponse`:
+`event_stream(source, groups=[...])` gives a fresh channel, joins the groups
+BEFORE the source reads anything from the database (so nothing published in
+between is lost), then passes each group message to the source and writes a
+`: heartbeat` comment every few seconds, letting the source re-check the
+database at each beat (the channel layer may drop messages; the database is
+the record). When the source is finished, or the client goes away (the ASGI
+handler cancels the response task, which raises CancelledError into the
+iterator), the group memberships are discarded; the stream creates no tasks.
+
+Streaming views are plain async Django views (a DRF view is sync and would
+hold a worker thread for the whole stream); `authenticate_stream` applies the
+API's rules to them: X-API-Key only, worker keys refused, one request counted
+against the key's rate limit, errors in the standard format.
+"""
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import Any, Protocol
+
+from asgiref.sync import sync_to_async
+from channels.layers import get_channel_layer
+from django.core.serializers.json import DjangoJSONEncoder
+from django.http import HttpRequest, JsonResponse, StreamingHttpResponse
+from rest_framework import exceptions as drf_exceptions
+
+from fetchml.auth import HEADER, Actor, authenticate_raw_key, client_ip
+from fetchml.conf import app_settings
+from fetchml.errors import ApplicationError, Forbidden, error_body
+from fetchml.ratelimits import consume_request
+
+logger = logging.getLogger("fetchml.sse")
+
+HEARTBEAT = b": heartbeat\n\n"
+# A zero interval would spin; the setting parser only guarantees >= 0.
+MIN_HEARTBEAT_SECONDS = 0.05
+
+
+class EventSource(Protocol):
+    """What one stream says. Each hook is an async generator of frames (`sse_frame(...)`)."""
+
+    @property
+    def finished(self) -> bool:
+        """True once the stream has said everything; checked after each hook."""
+        ...
+
+    def start(self) -> AsyncIterator[bytes]:
+        """The initial frames, read after the groups were joined."""
+        ...
+
+    def on_message(self, message: dict[str, Any]) -> AsyncIterator[bytes]:
+        """Frames for one channel-layer message of the joined groups."""
+        ...
+
+    def on_heartbeat(self) -> AsyncIterator[bytes]:
+        """Frames after each heartbeat: catch up from the database on anything missed."""
+        ...
+
+
+def sse_frame(data: Any, *, event: str | None = None, event_id: str | int | None = None) -> bytes:
+    """One SSE event: optional `id:` and `event:` lines, then the data as one JSON `data:` line."""
+    lines = []
+    if event_id is not None:
+        lines.append(f"id: {event_id}")
+    if event:
+        lines.append(f"event: {event}")
+    # Compact JSON never contains a raw newline, so one data line is enough.
+    lines.append("data: " + json.dumps(data, cls=DjangoJSONEncoder, separators=(",", ":")))
+    return ("\n".join(lines) + "\n\n").encode()
+
+
+async def event_stream(
+    source: EventSource, *, groups: list[str], heartbeat_seconds: float | None = None
+) -> AsyncIterator[bytes]:
+    """Frames of `source`, driven by the messages of `groups`, with heartbeats; cleans up always."""
+    layer = get_channel_layer()
+    interval = max(heartbeat_seconds or app_settings.SSE_HEARTBEAT_SECONDS, MIN_HEARTBEAT_SECONDS)
+    channel = await layer.new_channel("sse.")
+    joined: list[str] = []
+    try:
+        for group in groups:
+            await layer.group_add(group, channel)
+            joined.append(group)
+        async for frame in source.start():
+            yield frame
+        loop = asyncio.get_running_loop()
+        next_beat = loop.time() + interval
+        while not source.finished:
+            try:
+                # A timeout scope, not wait_for: no extra task to leak or outlive us.
+                async with asyncio.timeout_at(next_beat):
+                    message = await layer.receive(channel)
+            except TimeoutError:
+                next_beat = loop.time() + interval
+                yield HEARTBEAT
+                async for frame in source.on_heartbeat():
+                    yield frame
+                continue
+            async for frame in source.on_message(message):
+                yield frame
+    finally:
+        await _leave(layer, channel, joined)
+
+
+async def _leave(layer: Any, channel: str, groups: list[str]) -> None:
+    for group in groups:
+        try:
+            await layer.group_discard(group, channel)
+        except Exception:
+            # Redis gone: its group entries expire on their own (group_expiry).
+            logger.warning("could not leave group %s", group, exc_info=True)
+
+
+def sse_response(stream: AsyncIterator[bytes]) -> StreamingHttpResponse:
+    response = StreamingHttpResponse(stream, content_type="text/event-stream")
+    response["Cache-Control"] = "no-cache"
+    # Reverse proxies (nginx) must pass each frame on at once, not buffer them.
+    response["X-Accel-Buffering"] = "no"
+    return response
+
+
+class Unauthenticated(ApplicationError):
+    status_code = 401
+    code = "UNAUTHORIZED"
+    default_message = "Invalid or missing API key"
+
+
+class RateLimited(ApplicationError):
+    status_code = 429
+    code = "RATE_LIMITED"
+    default_message = "Rate limit exceeded"
+
+    def __init__(self, message: str | None = None, *, retry_after: int | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+def error_response_for(exc: ApplicationError) -> JsonResponse:
+    """The standard error body for a plain (non-DRF) view."""
+    response = JsonResponse(error_body(exc.message, exc.code, exc.details), status=exc.status_code)
+    if isinstance(exc, RateLimited) and exc.retry_after is not None:
+        response["Retry-After"] = str(exc.retry_after)
+    return response
+
+
+def _authenticate(request: HttpRequest) -> Actor:
+    raw = request.META.get(HEADER)
+    if not raw:
+        # As in the DRF API: a missing key is simply unauthenticated (no failure counted).
+        raise Unauthenticated()
+    ip = client_ip(request.META)
+    try:
+        key = authenticate_raw_key(raw, ip)
+    except drf_exceptions.Throttled as exc:
+        raise RateLimited(retry_after=int(exc.wait) + 1 if exc.wait is not None else None) from exc
+    except drf_exceptions.AuthenticationFailed as exc:
+        raise Unauthenticated() from exc
+    actor = Actor(user=key.user, role=key.role, api_key_id=str(key.id), ip_address=ip)
+    if actor.is_worker:
+        raise Forbidden()
+    usage = consume_request(f"key:{key.id}", request.method or "GET")
+    # ApiErrorMiddleware puts X-RateLimit-* (and Retry-After when limited) on the
+    # response from this, as for DRF views.
+    request.fetchml_ratelimit = usage  # type: ignore[attr-defined]
+    if usage is not None and usage.limited:
+        raise RateLimited()
+    return actor
+
+
+async def authenticate_stream(request: HttpRequest) -> Actor:
+    """The acting user of a streaming request, or Unauthenticated/Forbidden/RateLimited."""
+    return await sync_to_async(_authenticate)(request)

@@ -1,0 +1,287 @@
+"""Test helpers for every app: a live ASGI server in a child process, and an SSE parser.
+
+`LiveServer` runs daphne on `fetchml.asgi:application` against the test
+database, for end-to-end tests over real HTTP and WebSockets:
+
+    with LiveServer(database_url=database_url_for(connection)) as server:
+        conn = http.client.HTTPConnection(server.host, server.port, timeout=10)
+
+With SQLite the test database is a file (see settings), so tests that use it
+must commit their data (`transactional_db`) for the server to see it.
+"""
+
+import asyncio
+import contextlib
+import functools
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Self
+from urllib.parse import quote
+
+from asgiref.sync import async_to_sync
+from django.conf import settings
+from django.test import AsyncClient
+
+HOST = "127.0.0.1"
+
+
+def free_port() -> int:
+    """A port nobody listens on right now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOST, 0))
+        return sock.getsockname()[1]
+
+
+def database_url_for(connection: Any) -> str:
+    """A DATABASE_URL naming the database `connection` uses (the test database inside tests)."""
+    config = connection.settings_dict
+    if config["ENGINE"].endswith("sqlite3"):
+        # Three slashes, then the absolute path's own leading slash.
+        return "sqlite:///" + str(Path(config["NAME"]).resolve())
+    if config["ENGINE"].endswith("postgresql"):
+        credentials = quote(config.get("USER") or "", safe="")
+        if config.get("PASSWORD"):
+            credentials += ":" + quote(config["PASSWORD"], safe="")
+        host = config.get("HOST") or "127.0.0.1"
+        port = f":{config['PORT']}" if config.get("PORT") else ""
+        return f"postgres://{credentials}@{host}{port}/{quote(config['NAME'], safe='')}"
+    raise ValueError(f"no DATABASE_URL form for {config['ENGINE']}")
+
+
+class LiveServer:
+    """Start daphne on a free port, wait for /health to answer; SIGTERM and wait on exit, always."""
+
+    def __init__(
+        self,
+        *,
+        database_url: str,
+        env: dict[str, str] | None = None,
+        startup_timeout: float = 60.0,
+        stop_timeout: float = 10.0,
+    ) -> None:
+        self.database_url = database_url
+        self.extra_env = env or {}
+        self.startup_timeout = startup_timeout
+        self.stop_timeout = stop_timeout
+        self.host = HOST
+        self.port = 0
+        self._process: subprocess.Popen | None = None
+        self._log: Any = None
+        self._stopped_output = ""
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        self.port = free_port()
+        env = {
+            **os.environ,  # REDIS_URL (shared channel layer and cache) passes through when set
+            "DATABASE_URL": self.database_url,
+            "DJANGO_SECRET_KEY": "test",
+            "DJANGO_DEBUG": "true",  # no HTTPS redirect on plain HTTP
+            "PYTHONUNBUFFERED": "1",
+            **self.extra_env,
+        }
+        command = [sys.executable, "-m", "daphne", "-b", self.host, "-p", str(self.port), "fetchml.asgi:application"]
+        # A file, not a pipe: a chatty server never blocks on it. Closed in stop().
+        self._log = tempfile.TemporaryFile()  # noqa: SIM115
+        self._process = subprocess.Popen(
+            command, cwd=settings.BASE_DIR, env=env, stdout=self._log, stderr=subprocess.STDOUT
+        )
+        try:
+            self._wait_until_answering()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait_until_answering(self) -> None:
+        deadline = time.monotonic() + self.startup_timeout
+        while True:
+            if self._process is None or self._process.poll() is not None:
+                raise RuntimeError(f"live server exited during startup:\n{self.output()}")
+            try:
+                connection = http.client.HTTPConnection(self.host, self.port, timeout=2)
+                try:
+                    connection.request("GET", "/health")
+                    connection.getresponse().read()  # any status: the server answers
+                    return
+                finally:
+                    connection.close()
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"live server did not answer /health within {self.startup_timeout}s:\n{self.output()}"
+                    ) from None
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        process, self._process = self._process, None
+        if process is not None and process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=self.stop_timeout)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        self._stopped_output = self.output()
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def output(self) -> str:
+        """What the server printed so far (for failure messages)."""
+        if self._log is None:
+            return self._stopped_output
+        self._log.flush()
+        self._log.seek(0)
+        return self._log.read().decode(errors="replace")
+
+
+@dataclass(frozen=True)
+class SSEEvent:
+    """One parsed SSE block: an event with JSON data, or a comment (heartbeat)."""
+
+    event: str | None = None
+    data: Any = None
+    id: str | None = None
+    comment: str | None = None
+
+
+def parse_sse_block(block: str) -> SSEEvent:
+    fields: dict[str, str] = {}
+    data_lines: list[str] = []
+    comment = None
+    for line in block.split("\n"):
+        if line.startswith(":"):
+            comment = line[1:].strip()
+            continue
+        name, _, value = line.partition(":")
+        value = value.removeprefix(" ")
+        if name == "data":
+            data_lines.append(value)
+        elif name in {"event", "id"}:
+            fields[name] = value
+    data = json.loads("\n".join(data_lines)) if data_lines else None
+    return SSEEvent(event=fields.get("event"), data=data, id=fields.get("id"), comment=comment)
+
+
+class SSEParser:
+    """Feed it bytes as they arrive; it returns the complete events so far."""
+
+    def __init__(self) -> None:
+        self._buffer = ""
+
+    def feed(self, chunk: bytes) -> list[SSEEvent]:
+        self._buffer += chunk.decode()
+        *blocks, self._buffer = self._buffer.split("\n\n")
+        return [parse_sse_block(block) for block in blocks if block]
+
+
+def run_async(test: Callable[..., Awaitable[None]]) -> Callable[..., None]:
+    """Run an async test body in an event loop (pytest-django fixtures still apply).
+
+    Blocking database calls made with sync_to_async/database_sync_to_async run
+    on the test's own thread, so they use the test database connection.
+    """
+
+    @functools.wraps(test)
+    def runner(*args: Any, **kwargs: Any) -> None:
+        async_to_sync(test)(*args, **kwargs)
+
+    return runner
+
+
+class SSEStream:
+    """Reads SSE events from an async byte iterator (a StreamingHttpResponse's streaming_content).
+
+    A reader task pulls the chunks, as an ASGI server does; `close()` cancels it,
+    which raises CancelledError into the stream exactly as a client disconnect does.
+    """
+
+    _END = object()
+
+    def __init__(self, content: AsyncIterator[bytes], *, timeout: float = 10.0) -> None:
+        self._chunks: asyncio.Queue[Any] = asyncio.Queue()
+        self._reader = asyncio.create_task(self._read(content))
+        self._parser = SSEParser()
+        self._pending: list[SSEEvent] = []
+        self.timeout = timeout
+        self.ended = False
+
+    async def _read(self, content: AsyncIterator[bytes]) -> None:
+        try:
+            async for chunk in content:
+                self._chunks.put_nowait(chunk)
+        finally:
+            self._chunks.put_nowait(self._END)
+
+    async def next(self) -> SSEEvent:
+        """The next event or comment; StopAsyncIteration once the stream ended."""
+        async with asyncio.timeout(self.timeout):
+            while not self._pending:
+                chunk = await self._chunks.get()
+                if chunk is self._END:
+                    self.ended = True
+                    await self._reader  # re-raises what broke the stream, if anything
+                    raise StopAsyncIteration
+                self._pending.extend(self._parser.feed(chunk))
+        return self._pending.pop(0)
+
+    async def events(self, count: int) -> list[SSEEvent]:
+        """The next `count` events, skipping comments."""
+        found: list[SSEEvent] = []
+        while len(found) < count:
+            item = await self.next()
+            if item.comment is None:
+                found.append(item)
+        return found
+
+    async def until_end(self) -> list[SSEEvent]:
+        """Every remaining event (no comments) until the server ends the stream."""
+        found: list[SSEEvent] = []
+        try:
+            while True:
+                item = await self.next()
+                if item.comment is None:
+                    found.append(item)
+        except StopAsyncIteration:
+            return found
+
+    async def close(self) -> None:
+        """Disconnect: cancel the reader (a no-op if the stream already ended)."""
+        self._reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._reader
+
+
+class KeyAsyncClient(AsyncClient):
+    """An AsyncClient sending one X-API-Key on every request.
+
+    (AsyncClient(headers=...) stores WSGI-style names, which its ASGI scope
+    then mangles, so the header is added per request instead.)
+    """
+
+    def __init__(self, raw_key: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.raw_key = raw_key
+
+    def generic(self, method: str, path: str, *args: Any, headers: dict | None = None, **kwargs: Any) -> Any:
+        return super().generic(method, path, *args, headers={"X-API-Key": self.raw_key, **(headers or {})}, **kwargs)

@@ -1,0 +1,85 @@
+"""manage.py createapikey USERNAME [--role user|admin|worker] [--name NAME]."""
+
+from io import StringIO
+
+import pytest
+from django.contrib.auth import get_user_model
+from django.core.management import CommandError, call_command
+
+from conftest import KeyClient
+from fetchml import apikeys
+from fetchml.models import ApiKey
+from fetchml.tests.factories import UserFactory
+
+pytestmark = [pytest.mark.urls("fetchml.tests.urls"), pytest.mark.django_db]
+
+
+def create_key(*args: str) -> str:
+    """Runs the command; returns the last line of everything it printed."""
+    out, err = StringIO(), StringIO()
+    call_command("createapikey", *args, stdout=out, stderr=err)
+    lines = (err.getvalue() + out.getvalue()).strip().splitlines()
+    return lines[-1]
+
+
+def test_creates_the_user_if_missing_and_prints_a_working_key_last():
+    raw = create_key("carol")
+    assert apikeys.split(raw) is not None
+    user = get_user_model().objects.get(username="carol")
+    assert not user.has_usable_password()
+    assert not user.is_staff
+    response = KeyClient(raw).get("/v1/test/echo")
+    assert response.status_code == 200
+    assert response.json() == {"user": "carol"}
+
+
+def test_the_key_is_the_last_line_of_stdout():
+    out = StringIO()
+    call_command("createapikey", "carol", stdout=out, stderr=StringIO())
+    assert apikeys.split(out.getvalue().strip().splitlines()[-1]) is not None
+
+
+def test_reuses_an_existing_user():
+    existing = UserFactory(username="dave")
+    create_key("dave")
+    assert ApiKey.objects.get().user == existing
+    assert get_user_model().objects.filter(username="dave").count() == 1
+
+
+def test_role_and_name_are_stored():
+    raw = create_key("agent-7", "--role", "worker", "--name", "gpu-box-7")
+    key = ApiKey.objects.get(prefix=apikeys.split(raw)[0])
+    assert (key.role, key.name, key.user.username) == ("worker", "gpu-box-7", "agent-7")
+
+
+def test_admin_role_makes_the_user_staff():
+    UserFactory(username="erin")
+    raw = create_key("erin", "--role", "admin")
+    assert get_user_model().objects.get(username="erin").is_staff
+    assert KeyClient(raw).get("/v1/test/admin-only").status_code == 200
+
+
+def test_user_role_is_the_default_and_not_admin():
+    raw = create_key("frank")
+    assert ApiKey.objects.get().role == "user"
+    assert KeyClient(raw).get("/v1/test/admin-only").status_code == 403
+
+
+def test_a_bad_role_is_refused():
+    with pytest.raises(CommandError, match="role"):
+        call_command("createapikey", "gina", "--role", "root", stdout=StringIO(), stderr=StringIO())
+    assert not get_user_model().objects.filter(username="gina").exists()
+
+
+def test_a_blank_username_is_refused():
+    with pytest.raises(CommandError, match="USERNAME"):
+        call_command("createapikey", " ", stdout=StringIO(), stderr=StringIO())
+
+
+def test_creation_is_audited():
+    from audit.models import AuditEvent
+
+    create_key("hank", "--name", "laptop")
+    event = AuditEvent.objects.get(event_type="api_key_created")
+    assert event.metadata["owner"] == "hank"
+    assert event.metadata["name"] == "laptop"

@@ -1,0 +1,95 @@
+"""GET /v1/schema and /v1/docs: public, valid OpenAPI 3, documenting X-API-Key and the error body."""
+
+import pytest
+from drf_spectacular.drainage import GENERATOR_STATS
+from drf_spectacular.generators import SchemaGenerator
+from drf_spectacular.validation import validate_schema
+
+from fetchml.schema import ERROR_CODES
+
+ERROR_REF = {"$ref": "#/components/schemas/ErrorResponse"}
+
+
+@pytest.fixture
+def schema(anon_client, db) -> dict:
+    response = anon_client.get("/v1/schema", {"format": "json"})
+    assert response.status_code == 200
+    return response.json()
+
+
+def error_schema_of(operation: dict, status: str) -> dict:
+    return operation["responses"][status]["content"]["application/json"]["schema"]
+
+
+def test_schema_is_openapi_3_and_needs_no_key(schema):
+    assert schema["openapi"].startswith("3.")
+    assert schema["info"]["title"] == "FetchML API"
+
+
+def test_schema_documents_the_api_key_scheme(schema):
+    assert schema["components"]["securitySchemes"]["ApiKeyAuth"] | {"description": ""} == {
+        "type": "apiKey",
+        "in": "header",
+        "name": "X-API-Key",
+        "description": "",
+    }
+
+
+def test_every_api_operation_requires_the_api_key_in_the_schema(schema):
+    without_key = [
+        (path, method)
+        for path, operations in schema["paths"].items()
+        for method, operation in operations.items()
+        if operation.get("security") != [{"ApiKeyAuth": []}]
+    ]
+    assert without_key == []
+
+
+def test_schema_documents_the_error_body(schema):
+    error = schema["components"]["schemas"]["ErrorResponse"]
+    assert set(error["required"]) == {"error", "code", "trace_id"}
+    assert set(error["properties"]) == {"error", "code", "trace_id", "details"}
+
+
+def test_error_codes_documented_are_the_specs():
+    assert ERROR_CODES == [
+        "BAD_REQUEST",
+        "UNAUTHORIZED",
+        "FORBIDDEN",
+        "NOT_FOUND",
+        "CONFLICT",
+        "RATE_LIMITED",
+        "INTERNAL_ERROR",
+        "SERVICE_UNAVAILABLE",
+        "VALIDATION_ERROR",
+    ]
+
+
+@pytest.mark.urls("fetchml.tests.urls")
+def test_every_operation_documents_its_error_responses(schema):
+    post = schema["paths"]["/v1/test/echo"]["post"]
+    for status in ("400", "401", "403", "413", "422", "429"):
+        assert error_schema_of(post, status) == ERROR_REF, status
+    assert "Retry-After" in post["responses"]["429"]["headers"]
+    assert post["security"] == [{"ApiKeyAuth": []}]
+    get = schema["paths"]["/v1/test/echo"]["get"]
+    assert {"401", "403", "429"} <= get["responses"].keys()
+    assert "422" not in get["responses"]
+
+
+def test_public_schema_views_are_not_in_the_schema(schema):
+    assert "/v1/schema" not in schema["paths"]
+
+
+def test_swagger_ui_is_served_without_a_key(anon_client, db):
+    response = anon_client.get("/v1/docs")
+    assert response.status_code == 200
+    assert b"swagger-ui" in response.content
+
+
+def test_generated_schema_is_valid_openapi_without_errors():
+    GENERATOR_STATS.reset()
+    schema = SchemaGenerator().get_schema(request=None, public=True)
+    errors = dict(GENERATOR_STATS._error_cache)
+    validate_schema(schema)
+    assert not errors, errors

@@ -1,0 +1,32 @@
+"""Root URLs. Each app owns its API routes in `<app>/api/urls.py`."""
+
+from django.contrib import admin
+from django.urls import include, path
+from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
+
+from fetchml.health import health
+
+urlpatterns = [
+    path("health", health, name="health"),
+    path("admin/", admin.site.urls),
+    path("v1/schema", SpectacularAPIView.as_view(permission_classes=[], authentication_classes=[]), name="schema"),
+    path(
+        "v1/docs",
+        SpectacularSwaggerView.as_view(url_name="schema", permission_classes=[], authentication_classes=[]),
+        name="docs",
+    ),
+    path("v1/", include("tasks.api.urls")),
+    path("v1/", include("tasks.api.stream_urls")),
+    path("v1/", include("scheduler.api.urls")),
+    path("v1/", include("audit.api.urls")),
+    path("v1/", include("plugins.api.urls")),
+    path("v1/", include("jupyter.api.urls")),
+    path("v1/", include("artifacts.api.urls")),
+    path("v1/", include("tasks.api.experiment_urls")),
+    path("api-auth/", include("rest_framework.urls")),
+]
+
+handler400 = "fetchml.middleware.bad_request"
+handler403 = "fetchml.middleware.permission_denied"
+handler404 = "fetchml.middleware.page_not_found"
+handler500 = "fetchml.middleware.server_error"

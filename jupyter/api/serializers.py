@@ -1,0 +1,55 @@
+"""Jupyter service request and response bodies (spec: StartJupyterRequest, JupyterService)."""
+
+from typing import Any
+
+from rest_framework import serializers
+
+from fetchml.auth import Actor
+from jupyter.models import JupyterService
+from jupyter.sealing import unseal
+from jupyter.selectors import DEFAULT_IMAGE
+from jupyter.services import MAX_WORKSPACE
+
+
+class StartJupyterSerializer(serializers.Serializer):
+    name = serializers.RegexField(r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=64)
+    # Checked (relative, no `..`) by jupyter.services.clean_workspace, the rule every caller gets.
+    workspace = serializers.CharField(max_length=MAX_WORKSPACE, required=False, allow_blank=True, default="")
+    image = serializers.RegexField(r"^[^\s]+$", max_length=255, required=False, default=DEFAULT_IMAGE)
+
+
+class JupyterServiceSerializer(serializers.Serializer):
+    id = serializers.UUIDField()
+    name = serializers.CharField()
+    status = serializers.ChoiceField(choices=JupyterService.Status.choices)
+    url = serializers.URLField(allow_null=True, help_text="Set once the service answers")
+    token = serializers.CharField(allow_null=True, help_text="The notebook token; shown to the service's owner only")
+    created_at = serializers.DateTimeField()
+    user_id = serializers.CharField(help_text="The owner's username")
+    workspace = serializers.CharField(allow_blank=True)
+    image = serializers.CharField(allow_blank=True)
+    task_id = serializers.UUIDField(allow_null=True)
+    error = serializers.CharField(allow_blank=True)
+    last_activity_at = serializers.DateTimeField(allow_null=True)
+
+
+def service_data(service: JupyterService, viewer: Actor) -> dict[str, Any]:
+    """The response body of one service; the token only for its owner, and only while it runs."""
+    running = service.status == JupyterService.Status.RUNNING
+    token = unseal(service.token_sealed) if running and service.owner_id == viewer.user.pk else ""
+    return {
+        "id": str(service.id),
+        "name": service.name,
+        "status": service.status,
+        "url": service.url if running and service.url else None,
+        "token": token or None,
+        "created_at": service.created_at.isoformat().replace("+00:00", "Z"),
+        "user_id": service.owner.get_username(),
+        "workspace": service.workspace,
+        "image": service.image,
+        "task_id": str(service.task_id) if service.task_id else None,
+        "error": service.error,
+        "last_activity_at": service.last_activity_at.isoformat().replace("+00:00", "Z")
+        if service.last_activity_at
+        else None,
+    }

@@ -1,0 +1,65 @@
+"""Jupyter service endpoints: list, start, stop. Thin: parse, call one service or selector, render."""
+
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
+from rest_framework import status
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from fetchml.auth import actor_from_request
+from fetchml.errors import NotFound
+from fetchml.permissions import IsHumanUser
+from fetchml.schema import ErrorResponseSerializer
+from jupyter import selectors, services
+from jupyter.api.serializers import JupyterServiceSerializer, StartJupyterSerializer, service_data
+
+TAGS = ["Jupyter"]
+SERVICE_ID = OpenApiParameter("serviceId", OpenApiTypes.UUID, OpenApiParameter.PATH)
+
+
+class JupyterServiceListView(APIView):
+    permission_classes = [IsHumanUser]
+
+    @extend_schema(
+        summary="List Jupyter services",
+        description="Your services; admins see every service (the token only ever to its owner).",
+        tags=TAGS,
+        responses={200: JupyterServiceSerializer(many=True)},
+    )
+    def get(self, request: Request) -> Response:
+        actor = actor_from_request(request)
+        return Response([service_data(service, actor) for service in selectors.visible_services(actor)])
+
+    @extend_schema(
+        summary="Start Jupyter service",
+        description="Queues a service task; the service is `running` (with url and token) once it answers.",
+        tags=TAGS,
+        request=StartJupyterSerializer,
+        responses={201: JupyterServiceSerializer, 422: OpenApiResponse(ErrorResponseSerializer)},
+    )
+    def post(self, request: Request) -> Response:
+        body = StartJupyterSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        actor = actor_from_request(request)
+        service = services.jupyter_start(actor=actor, **body.validated_data)
+        return Response(service_data(service, actor), status=status.HTTP_201_CREATED)
+
+
+class JupyterServiceDetailView(APIView):
+    permission_classes = [IsHumanUser]
+
+    @extend_schema(
+        summary="Stop Jupyter service",
+        description="Cancels the service's task; the worker stops Jupyter and frees its slot.",
+        tags=TAGS,
+        parameters=[SERVICE_ID],
+        responses={204: OpenApiResponse(description="Service stopped"), 404: OpenApiResponse(ErrorResponseSerializer)},
+    )
+    def delete(self, request: Request, serviceId: str) -> Response:
+        actor = actor_from_request(request)
+        service = selectors.visible_services(actor).filter(id=serviceId).first()
+        if service is None:
+            raise NotFound("No such Jupyter service")
+        services.jupyter_stop(service=service, actor=actor)
+        return Response(status=status.HTTP_204_NO_CONTENT)

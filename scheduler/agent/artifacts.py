@@ -1,0 +1,154 @@
+"""Artifacts: upload what a run left in its output directory, plus its full logs, then commit.
+
+Order (docs/files-protocol.md): ``PUT /v1/tasks/<id>/artifacts/<path>`` for each file (the logs
+first, then the output directory's regular files by path), then one ``POST .../artifacts/commit``
+with the manifest of everything stored. Each request retries transient failures (network, 429,
+5xx) with back-off for a bounded time; what the server refuses is handled per status:
+
+* 413 (over the task's budget) and 422 (a path the server does not accept): that file is left out
+  of the manifest and reported in the final status (`skipped_artifacts`);
+* 409: the token is no longer this run's (`StaleRun`): stop, say nothing more about the run;
+* anything else, or retries exhausted: `UploadFailed`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from scheduler.agent.files import FileServices, with_retries
+from scheduler.agent.http import HttpStatusError, TransferError, quote_path, sha256_file
+
+SHA256_HEADER = "X-Content-SHA256"
+
+
+class StaleRun(Exception):
+    """The server no longer takes uploads for this token (409)."""
+
+
+class UploadFailed(Exception):
+    """The artifacts could not be stored; the message says why."""
+
+
+@dataclass(frozen=True)
+class Skipped:
+    path: str
+    reason: str
+
+    def as_dict(self) -> dict[str, str]:
+        return {"path": self.path, "reason": self.reason}
+
+
+@dataclass
+class Collected:
+    manifest: list[dict[str, Any]] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
+
+    def note(self) -> str:
+        """One line for the final status' `error` text naming what was left out."""
+        if not self.skipped:
+            return ""
+        over = [s.path for s in self.skipped if s.reason == "over_budget"]
+        other = [f"{s.path} ({s.reason})" for s in self.skipped if s.reason != "over_budget"]
+        parts = ([f"artifacts skipped (over budget): {', '.join(over)}"] if over else []) + (
+            [f"artifacts skipped: {', '.join(other)}"] if other else []
+        )
+        return "; ".join(parts)
+
+
+def output_files(output_dir: Path) -> tuple[list[tuple[str, Path]], list[Skipped]]:
+    """Regular files under `output_dir` by relative POSIX path; links and special files are skipped."""
+    found: list[tuple[str, Path]] = []
+    skipped: list[Skipped] = []
+    for path in sorted(output_dir.rglob("*")):
+        relative = path.relative_to(output_dir).as_posix()
+        if path.is_symlink():
+            skipped.append(Skipped(relative, "symbolic link"))
+        elif path.is_file():
+            found.append((relative, path))
+        elif not path.is_dir():
+            skipped.append(Skipped(relative, "not a regular file"))
+    return found, skipped
+
+
+async def collect(
+    files: FileServices,
+    *,
+    task_id: str,
+    token: str,
+    output_dir: Path,
+    logs: dict[str, Path],
+    abort: threading.Event,
+) -> Collected:
+    """Upload the logs and outputs, commit the manifest; the manifest and what was skipped."""
+    outputs, skipped = output_files(output_dir)
+    result = Collected(skipped=skipped)
+    for relative, _ in outputs:
+        if relative in logs:
+            result.skipped.append(Skipped(relative, "path reserved for the run's log"))
+    uploads = [*logs.items(), *((r, p) for r, p in outputs if r not in logs)]
+    for relative, path in uploads:
+        entry = await _upload(files, task_id=task_id, token=token, relative=relative, path=path, abort=abort)
+        if isinstance(entry, Skipped):
+            result.skipped.append(entry)
+        else:
+            result.manifest.append(entry)
+
+    async def commit() -> Any:
+        return await asyncio.to_thread(
+            files.server.post_json,
+            f"/v1/tasks/{task_id}/artifacts/commit",
+            {"artifacts": result.manifest},
+            token=token,
+        )
+
+    await _refusals(with_retries(files, f"task {task_id}: committing artifacts", commit), "commit")
+    return result
+
+
+async def _upload(
+    files: FileServices, *, task_id: str, token: str, relative: str, path: Path, abort: threading.Event
+) -> dict[str, Any] | Skipped:
+    url_path = f"/v1/tasks/{task_id}/artifacts/{quote_path(relative)}"
+    for _ in range(2):  # a second try only if the file changed while it was being sent
+        try:
+            size = path.stat().st_size
+            sha256 = await asyncio.to_thread(sha256_file, path, abort)
+        except FileNotFoundError:
+            return Skipped(relative, "removed before it could be uploaded")
+
+        async def put(size: int = size, sha256: str = sha256) -> Any:
+            return await asyncio.to_thread(
+                files.server.put_file, url_path, path, size=size, sha256=sha256, token=token, abort=abort
+            )
+
+        try:
+            await _refusals(with_retries(files, f"task {task_id}: uploading {relative}", put), relative)
+        except HttpStatusError as exc:
+            if exc.status == 413:
+                return Skipped(relative, "over_budget")
+            if any(detail.get("field") == SHA256_HEADER for detail in exc.details):
+                continue
+            return Skipped(relative, f"refused by the server: {exc.message}")
+        return {"path": relative, "size": size, "sha256": sha256}
+    return Skipped(relative, "the file kept changing while it was uploaded")
+
+
+async def _refusals(call: Any, what: str) -> Any:
+    """Await an upload or commit, turning the server's answers into this module's outcomes.
+
+    413 and 422 pass through as HttpStatusError for the caller to record as skipped.
+    """
+    try:
+        return await call
+    except HttpStatusError as exc:
+        if exc.status == 409:
+            raise StaleRun(exc.message) from None
+        if exc.status in (413, 422) and what != "commit":
+            raise
+        raise UploadFailed(f"artifact {what}: {exc}") from None
+    except TransferError as exc:
+        raise UploadFailed(f"artifact {what}: {exc}") from None

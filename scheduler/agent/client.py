@@ -1,0 +1,452 @@
+"""The agent's WebSocket session: connect, hello/welcome, handle server messages, reconnect.
+
+Runs keep going while the server is away. Messages produced meanwhile wait in a bounded
+outbox; final statuses are kept per run and re-sent after every welcome and every heartbeat
+until the server acknowledges them.
+
+Stopping: `drain()` (first SIGTERM/SIGINT, or the server's `drain`) takes no new work — an
+`assign` is neither acked nor started, so the server can hand it to another worker — and
+returns from `run()` with 0 once every run has finished and its final status was acknowledged.
+`shutdown()` (a second signal) kills the runs at once, reports them `failed` with
+failure_reason `worker_lost`, waits a few seconds for acknowledgements and returns 0 if they
+all arrived, 1 if not. Credentials the server refuses end the agent with 2.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+
+from scheduler.agent import files as agent_files
+from scheduler.agent import protocol
+from scheduler.agent.cache import BlobCache
+from scheduler.agent.capacity import Capacity
+from scheduler.agent.files import FileServices
+from scheduler.agent.http import ServerFiles
+from scheduler.agent.protocol import ProtocolError
+from scheduler.agent.runner import Run
+from scheduler.agent.services import ServiceLauncher
+
+logger = logging.getLogger(__name__)
+
+AUTH_CLOSE_CODES = frozenset({4401, 4403})
+OUTBOX_LIMIT = 10_000
+EXIT_OK, EXIT_UNREPORTED, EXIT_REFUSED = 0, 1, 2
+
+
+class CredentialsRefused(Exception):
+    """The server will not accept this key; retrying cannot help."""
+
+
+@dataclass
+class AgentConfig:
+    server_url: str
+    api_key: str
+    name: str
+    capacity: Capacity
+    work_root: Path
+    connect_timeout: float = 10.0
+    close_timeout: float = 5.0
+    ping_interval: float = 20.0
+    backoff_initial: float = 0.5
+    backoff_max: float = 10.0
+    shutdown_report_seconds: float = 5.0
+    base_env: dict[str, str] | None = None
+    # Files (docs/files-protocol.md). files_url defaults to the server's http(s) address.
+    files_url: str | None = None
+    http_timeout: float = 30.0
+    transfer_retry_seconds: float = 120.0
+    dataset_cache_bytes: int = agent_files.DEFAULT_DATASET_CACHE_BYTES
+    max_unpack_bytes: int = agent_files.DEFAULT_MAX_UNPACK_BYTES
+    max_unpack_members: int = agent_files.DEFAULT_MAX_UNPACK_MEMBERS
+    upload_artifacts: bool = True
+    # Service runs (Jupyter): the address services bind and are reached at (default: the agent's
+    # address on its connection to the server), and an optional container runtime (podman, docker).
+    service_host: str = ""
+    container_runtime: str = ""
+
+
+@dataclass
+class Backoff:
+    """Exponential back-off with jitter: each delay is 50-100 % of min(max, initial * 2**n)."""
+
+    initial: float
+    maximum: float
+    attempts: int = 0
+
+    def next_delay(self) -> float:
+        ceiling = min(self.maximum, self.initial * 2**self.attempts)
+        self.attempts = min(self.attempts + 1, 32)
+        return ceiling * random.uniform(0.5, 1.0)
+
+    def reset(self) -> None:
+        self.attempts = 0
+
+
+@dataclass
+class _Held:
+    """A run the agent is responsible for, until its final status is acknowledged."""
+
+    run: Run
+    final: dict[str, Any] | None = None
+    final_sent_at: float | None = None
+
+    def summary(self) -> dict[str, str]:
+        status = self.final["status"] if self.final else "running"
+        return {"task_id": self.run.task_id, "token": self.run.token, "status": status}
+
+
+@dataclass
+class _Session:
+    ws: ClientConnection
+    heartbeat_seconds: float
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class Agent:
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.worker_id: str | None = None
+        self._held: dict[str, _Held] = {}
+        # Every run's supervising task, also of runs already forgotten but still being killed.
+        self._run_tasks: set[asyncio.Task[None]] = set()
+        self._outbox: deque[dict[str, Any]] = deque()
+        self._session: _Session | None = None
+        self._draining = False
+        self._forced = False
+        self._give_up: asyncio.TimerHandle | None = None
+        self._finished = asyncio.Event()
+        self._exit_code = EXIT_OK
+        self._backoff = Backoff(config.backoff_initial, config.backoff_max)
+        self.launcher = ServiceLauncher(host=config.service_host or "127.0.0.1", runtime=config.container_runtime)
+        # The fleet's plugin configuration as last announced (`config`): names, modes, images.
+        self.plugins: dict[str, dict[str, Any]] = {}
+        self.files = FileServices(
+            server=ServerFiles(
+                base_url=config.files_url or ServerFiles.from_worker_url(config.server_url),
+                api_key=config.api_key,
+                timeout=config.http_timeout,
+            ),
+            # Beside the runs' directories; a task id cannot start with a dot, so it never collides.
+            cache=BlobCache(config.work_root / ".cache" / "blobs", max_bytes=config.dataset_cache_bytes),
+            max_unpack_bytes=config.max_unpack_bytes,
+            max_unpack_members=config.max_unpack_members,
+            retry_seconds=config.transfer_retry_seconds,
+            backoff_initial=config.backoff_initial,
+            backoff_max=config.backoff_max,
+            upload_artifacts=config.upload_artifacts,
+        )
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        """Serve until drained, shut down or refused; the process exit code."""
+        connection = asyncio.create_task(self._connection_loop())
+        finished = asyncio.create_task(self._finished.wait())
+        try:
+            await asyncio.wait({connection, finished}, return_when=asyncio.FIRST_COMPLETED)
+            if connection.done() and not connection.cancelled() and connection.exception():
+                raise connection.exception()  # type: ignore[misc]
+            # Let the session end with a proper close handshake before anything is cancelled.
+            await asyncio.wait({connection}, timeout=self.config.close_timeout + 1)
+        finally:
+            if self._give_up is not None:
+                self._give_up.cancel()
+            finished.cancel()
+            connection.cancel()
+            await asyncio.gather(connection, finished, return_exceptions=True)
+            await self._abandon_runs()
+        return self._exit_code
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    def drain(self) -> None:
+        if not self._draining:
+            logger.info("draining: no new work; %d run(s) to finish", len(self._held))
+        self._draining = True
+        self._check_drained()
+
+    def shutdown(self) -> None:
+        """Kill every run now, report it failed, give the reports a few seconds to be acknowledged."""
+        if self._forced:
+            return
+        logger.warning("shutting down: killing %d run(s)", len(self._held))
+        self._draining = self._forced = True
+        for held in self._held.values():
+            held.run.shutdown()
+        self._give_up = asyncio.get_running_loop().call_later(
+            self.config.shutdown_report_seconds, self._give_up_reporting
+        )
+        self._check_drained()
+
+    def held_runs(self) -> list[dict[str, str]]:
+        """The runs the agent is responsible for: still going, or finished but not yet acknowledged."""
+        return [held.summary() for held in self._held.values()]
+
+    @property
+    def failed_attempts(self) -> int:
+        """Connection attempts failed since the last welcome."""
+        return self._backoff.attempts
+
+    def _give_up_reporting(self) -> None:
+        if self._held:
+            logger.error("exiting with %d run(s) whose outcome the server has not acknowledged", len(self._held))
+            self._exit_code = EXIT_UNREPORTED
+        self._finished.set()
+
+    def _check_drained(self) -> None:
+        if self._draining and not self._held:
+            self._finished.set()
+
+    async def _abandon_runs(self) -> None:
+        """On the way out: nothing we started may outlive the agent."""
+        for held in self._held.values():
+            held.run.stop()
+        if self._run_tasks:
+            await asyncio.wait(self._run_tasks, timeout=self.config.shutdown_report_seconds + 10)
+
+    # -- connection --------------------------------------------------------------------------
+
+    async def _connection_loop(self) -> None:
+        while True:
+            try:
+                await self._connect_once()
+            except CredentialsRefused as exc:
+                logger.error("the server refused this worker's credentials (%s); stopping", exc)
+                self._exit_code = EXIT_REFUSED
+                for held in self._held.values():
+                    held.run.stop()
+                self._finished.set()
+                return
+            except (OSError, TimeoutError, InvalidHandshake, ConnectionClosed, ProtocolError) as exc:
+                logger.warning("connection to %s lost or refused: %s", self.config.server_url, exc)
+            if self._finished.is_set():
+                return
+            delay = self._backoff.next_delay()
+            logger.info("reconnecting in %.2f s", delay)
+            await asyncio.sleep(delay)
+
+    async def _connect_once(self) -> None:
+        try:
+            async with connect(
+                self.config.server_url,
+                additional_headers={"X-API-Key": self.config.api_key},
+                open_timeout=self.config.connect_timeout,
+                close_timeout=self.config.close_timeout,
+                ping_interval=self.config.ping_interval,
+                ping_timeout=self.config.ping_interval,
+            ) as ws:
+                try:
+                    await self._serve(ws)
+                finally:
+                    self._session = None
+        except InvalidStatus as exc:
+            if exc.response.status_code in (401, 403):
+                raise CredentialsRefused(f"HTTP {exc.response.status_code}") from None
+            raise
+        except ConnectionClosed as exc:
+            if exc.rcvd is not None and exc.rcvd.code in AUTH_CLOSE_CODES:
+                raise CredentialsRefused(f"close code {exc.rcvd.code}: {exc.rcvd.reason}") from None
+            raise
+
+    async def _serve(self, ws: ClientConnection) -> None:
+        address = ws.local_address[0] if ws.local_address else ""
+        if not self.config.service_host and address:
+            self.launcher.host = address
+        await ws.send(
+            protocol.encode(
+                protocol.hello(
+                    name=self.config.name,
+                    hostname=address,
+                    capabilities=self.config.capacity.as_capabilities(),
+                    running=self.held_runs(),
+                )
+            )
+        )
+        # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that races the reply.
+        async with asyncio.timeout(self.config.connect_timeout):
+            welcome = protocol.parse_welcome(protocol.decode(await ws.recv()))
+        self.worker_id = welcome.worker_id
+        self._backoff.reset()
+        logger.info("connected to %s as %s (worker %s)", self.config.server_url, self.config.name, welcome.worker_id)
+        for token in welcome.kill:
+            self._forget(token, kill=True)
+        session = self._session = _Session(ws=ws, heartbeat_seconds=welcome.heartbeat_seconds)
+        self._resend_finals(older_than=0.0)
+        session.wake.set()
+        tasks = [
+            asyncio.create_task(self._receive(session)),
+            asyncio.create_task(self._send(session)),
+            asyncio.create_task(self._heartbeat(session)),
+            asyncio.create_task(self._finished.wait()),
+        ]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                task.result()  # a lost connection surfaces here
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _send(self, session: _Session) -> None:
+        while True:
+            await session.wake.wait()
+            session.wake.clear()
+            while self._outbox:
+                message = self._outbox[0]
+                token = message.get("token")
+                if token is None or token in self._held:  # nothing more about forgotten runs
+                    await session.ws.send(protocol.encode(message))
+                self._outbox.popleft()
+
+    async def _heartbeat(self, session: _Session) -> None:
+        while True:
+            running = [{"task_id": h.run.task_id, "token": h.run.token} for h in self._held.values()]
+            self._enqueue(protocol.heartbeat(running=running))
+            self._resend_finals(older_than=session.heartbeat_seconds)
+            await asyncio.sleep(session.heartbeat_seconds)
+
+    async def _receive(self, session: _Session) -> None:
+        async for raw in session.ws:
+            try:
+                message = protocol.decode(raw)
+                self._handle(message)
+            except ProtocolError as exc:
+                logger.warning("ignoring a bad message from the server: %s", exc)
+
+    # -- outgoing ----------------------------------------------------------------------------
+
+    def _enqueue(self, message: dict[str, Any]) -> None:
+        if len(self._outbox) >= OUTBOX_LIMIT:
+            dropped = self._outbox.popleft()
+            logger.warning("outbox full while disconnected; dropped a %s message", dropped["type"])
+        self._outbox.append(message)
+        if self._session is not None:
+            self._session.wake.set()
+
+    def _resend_finals(self, *, older_than: float) -> None:
+        now = time.monotonic()
+        for held in self._held.values():
+            if held.final is not None and (held.final_sent_at is None or now - held.final_sent_at >= older_than):
+                held.final_sent_at = now
+                self._enqueue(held.final)
+
+    # -- incoming ----------------------------------------------------------------------------
+
+    def _handle(self, message: dict[str, Any]) -> None:
+        kind = message["type"]
+        if kind == "assign":
+            self._on_assign(message)
+        elif kind == "cancel":
+            task_id, token = protocol.token_of(message)
+            held = self._held.get(token)
+            if held is None:
+                logger.warning("cancel for task %s, token %s, which this worker does not hold", task_id, token)
+            elif held.final is None:
+                logger.info("cancelling task %s: %s", task_id, message.get("reason", ""))
+                held.run.cancel()
+        elif kind == "stop":
+            task_id, token = protocol.token_of(message)
+            logger.info("stopping task %s (token %s): %s", task_id, token, message.get("reason", ""))
+            self._forget(token, kill=True)
+        elif kind == "status_ack":
+            _, token = protocol.token_of(message)
+            held = self._held.get(token)
+            if held is not None and held.final is not None:
+                if message.get("accepted") is False:
+                    logger.warning("server refused the final status of task %s", held.run.task_id)
+                self._forget(token, kill=False)
+        elif kind == "drain":
+            self.drain()
+        elif kind == "config":
+            self._on_config(message)
+        elif kind == "error":
+            logger.warning(
+                "server error %s about a %s message: %s",
+                message.get("code"),
+                message.get("ref_type"),
+                message.get("message"),
+            )
+        else:
+            logger.info("ignoring %s outside the handshake", kind)
+
+    def _on_config(self, message: dict[str, Any]) -> None:
+        """A plugin configuration changed. New runs get it in their `assign`; running sidecars keep theirs."""
+        plugins = message.get("plugins")
+        if not isinstance(plugins, list):
+            raise ProtocolError("field 'plugins': a list is required")
+        for plugin in plugins:
+            if isinstance(plugin, dict) and isinstance(plugin.get("name"), str):
+                self.plugins[plugin["name"]] = plugin
+                logger.info(
+                    "plugin %s is now %s (mode %s)%s",
+                    plugin["name"],
+                    "enabled" if plugin.get("enabled") else "disabled",
+                    plugin.get("mode"),
+                    "; running sidecars keep the old configuration until their task ends"
+                    if message.get("restart_required")
+                    else "",
+                )
+
+    def _on_assign(self, message: dict[str, Any]) -> None:
+        assignment = protocol.parse_assign(message)
+        if self._draining:
+            logger.info("draining: not taking task %s", assignment.task_id)
+            return
+        # Ack again for a token we hold (our first ack may have been lost) but never run it twice.
+        self._enqueue(protocol.ack(task_id=assignment.task_id, token=assignment.token))
+        if assignment.token in self._held:
+            return
+        run = Run(
+            assignment,
+            work_root=self.config.work_root,
+            emit=self._enqueue,
+            base_env=self.config.base_env,
+            files=self.files,
+            launcher=self.launcher,
+        )
+        held = self._held[assignment.token] = _Held(run=run)
+        task = asyncio.create_task(self._execute(held))
+        self._run_tasks.add(task)
+        task.add_done_callback(self._run_tasks.discard)
+        logger.info("task %s started (token %s, attempt %s)", assignment.task_id, assignment.token, assignment.attempt)
+
+    async def _execute(self, held: _Held) -> None:
+        try:
+            final = await held.run.execute()
+        except Exception:
+            logger.exception("task %s: the agent failed while supervising it", held.run.task_id)
+            final = protocol.status(
+                task_id=held.run.task_id,
+                token=held.run.token,
+                status="failed",
+                failure_reason="worker_lost",
+                error="the worker agent failed while supervising this run",
+            )
+        if held.run.token not in self._held:
+            return  # stopped meanwhile: nothing more about it
+        if final is None:
+            self._forget(held.run.token, kill=False)
+            return
+        logger.info("task %s finished: %s", held.run.task_id, final["status"])
+        held.final = final
+        held.final_sent_at = time.monotonic()
+        self._enqueue(final)
+
+    def _forget(self, token: str, *, kill: bool) -> None:
+        held = self._held.pop(token, None)
+        if held is not None and kill:
+            held.run.stop()
+        self._check_drained()

@@ -1,0 +1,220 @@
+"""Worker protocol, agent side: building outgoing messages and validating incoming ones.
+
+The contract is docs/worker-protocol.md. Incoming messages are checked strictly so that a
+malformed `assign` is refused with a clear log line instead of half-starting a run.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from scheduler.agent import AGENT_VERSION
+
+VERSION = 1
+FINAL_STATUSES = frozenset({"completed", "failed", "cancelled"})
+SERVER_TYPES = frozenset({"welcome", "assign", "cancel", "stop", "status_ack", "drain", "error", "config"})
+
+
+class ProtocolError(ValueError):
+    """An incoming message that does not follow the protocol."""
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    rank: int = 0
+    count: int = 1
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+
+
+@dataclass(frozen=True)
+class Assignment:
+    task_id: str
+    token: str
+    attempt: int
+    kind: str
+    entrypoint: str
+    args: str
+    env: dict[str, str]
+    gpu_indices: tuple[int, ...]
+    timeout_seconds: float | None
+    cancel_grace_seconds: float
+    node: NodeInfo = field(default_factory=NodeInfo)
+    # Inputs, checked when the run is prepared (a bad one fails the run instead of going unacknowledged).
+    snapshot_id: str = ""
+    datasets: tuple[Any, ...] = ()
+    dataset_specs: tuple[Any, ...] = ()
+    # Plugin sidecars (scheduler.agent.sidecars) and, for service runs, what to serve (scheduler.agent.services);
+    # checked when the run starts them, so a bad one is reported rather than refusing the assignment.
+    sidecars: tuple[Any, ...] = ()
+    service: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class Welcome:
+    worker_id: str
+    heartbeat_seconds: float
+    lease_seconds: float
+    keep: tuple[str, ...]
+    kill: tuple[str, ...]
+
+
+def encode(message: dict[str, Any]) -> str:
+    # Non-ASCII output stays UTF-8 rather than six-byte escapes, keeping log batches under frame limits.
+    return json.dumps(message, separators=(",", ":"), ensure_ascii=False)
+
+
+def decode(raw: str | bytes) -> dict[str, Any]:
+    """Parse one frame; raise ProtocolError unless it is a known server message of this version."""
+    try:
+        message = json.loads(raw)
+    except (TypeError, ValueError) as exc:
+        raise ProtocolError(f"not JSON: {exc}") from None
+    if not isinstance(message, dict):
+        raise ProtocolError("not a JSON object")
+    if message.get("version") != VERSION:
+        raise ProtocolError(f"unsupported version {message.get('version')!r}")
+    if message.get("type") not in SERVER_TYPES:
+        raise ProtocolError(f"unknown type {message.get('type')!r}")
+    return message
+
+
+def _str(message: dict[str, Any], key: str, *, required: bool = True) -> str:
+    value = message.get(key, None if required else "")
+    if not isinstance(value, str) or (required and not value):
+        raise ProtocolError(f"field {key!r}: a non-empty string is required")
+    return value
+
+
+def _number(message: dict[str, Any], key: str, default: float | None) -> float | None:
+    value = message.get(key, default)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        raise ProtocolError(f"field {key!r}: a non-negative number is required")
+    return float(value)
+
+
+def _int(source: dict[str, Any], key: str, default: int) -> int:
+    value = source.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ProtocolError(f"field {key!r}: an integer is required")
+    return value
+
+
+def token_of(message: dict[str, Any]) -> tuple[str, str]:
+    """(task_id, token) of a message about one run."""
+    return _str(message, "task_id"), _str(message, "token")
+
+
+def parse_assign(message: dict[str, Any]) -> Assignment:
+    task_id, token = token_of(message)
+    env = message.get("env") or {}
+    if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
+        raise ProtocolError("field 'env': an object of strings is required")
+    resources = message.get("resources") or {}
+    if not isinstance(resources, dict):
+        raise ProtocolError("field 'resources': an object is required")
+    gpu_indices = resources.get("gpu_indices") or []
+    if not isinstance(gpu_indices, list) or not all(
+        isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in gpu_indices
+    ):
+        raise ProtocolError("field 'resources.gpu_indices': a list of GPU indices is required")
+    node = message.get("node") or {}
+    if not isinstance(node, dict):
+        raise ProtocolError("field 'node': an object is required")
+    timeout = _number(message, "timeout_seconds", None)
+    datasets, dataset_specs = message.get("datasets") or [], message.get("dataset_specs") or []
+    sidecars, service = message.get("sidecars") or [], message.get("service")
+    if not isinstance(sidecars, list) or not (service is None or isinstance(service, dict)):
+        raise ProtocolError("fields 'sidecars' and 'service': a list and an object (or null) are required")
+    if not isinstance(datasets, list) or not isinstance(dataset_specs, list):
+        raise ProtocolError("fields 'datasets' and 'dataset_specs': lists are required")
+    return Assignment(
+        task_id=task_id,
+        token=token,
+        attempt=_int(message, "attempt", 1),
+        kind=_str(message, "kind", required=False) or "batch",
+        entrypoint=_str(message, "entrypoint"),
+        args=_str(message, "args", required=False),
+        env=dict(env),
+        gpu_indices=tuple(gpu_indices),
+        # 0 means "no limit" on the server side too.
+        timeout_seconds=timeout or None,
+        cancel_grace_seconds=_number(message, "cancel_grace_seconds", 30.0) or 0.0,
+        node=NodeInfo(
+            rank=_int(node, "rank", 0),
+            count=_int(node, "count", 1),
+            master_addr=str(node.get("master_addr") or "127.0.0.1"),
+            master_port=_int(node, "master_port", 29500),
+        ),
+        snapshot_id=_str(message, "snapshot_id", required=False),
+        datasets=tuple(datasets),
+        dataset_specs=tuple(dataset_specs),
+        sidecars=tuple(sidecars),
+        service=service,
+    )
+
+
+def parse_welcome(message: dict[str, Any]) -> Welcome:
+    if message.get("type") != "welcome":
+        raise ProtocolError(f"expected welcome, got {message.get('type')!r}")
+    reconcile = message.get("reconcile") or {}
+    if not isinstance(reconcile, dict):
+        raise ProtocolError("field 'reconcile': an object is required")
+    keep, kill = reconcile.get("keep") or [], reconcile.get("kill") or []
+    if not all(isinstance(t, str) for t in [*keep, *kill]):
+        raise ProtocolError("field 'reconcile': lists of tokens are required")
+    heartbeat = _number(message, "heartbeat_seconds", 5.0) or 5.0
+    return Welcome(
+        worker_id=str(message.get("worker_id", "")),
+        heartbeat_seconds=heartbeat,
+        lease_seconds=_number(message, "lease_seconds", heartbeat * 6) or heartbeat * 6,
+        keep=tuple(keep),
+        kill=tuple(kill),
+    )
+
+
+def _message(type_: str, **fields: Any) -> dict[str, Any]:
+    return {"type": type_, "version": VERSION, **fields}
+
+
+def hello(*, name: str, hostname: str, capabilities: dict[str, Any], running: list[dict[str, str]]) -> dict[str, Any]:
+    return _message(
+        "hello",
+        name=name,
+        agent_version=AGENT_VERSION,
+        hostname=hostname,
+        capabilities=capabilities,
+        running=running,
+    )
+
+
+def ack(*, task_id: str, token: str) -> dict[str, Any]:
+    return _message("ack", task_id=task_id, token=token)
+
+
+def status(*, task_id: str, token: str, status: str, **details: Any) -> dict[str, Any]:
+    return _message("status", task_id=task_id, token=token, status=status, **details)
+
+
+def log(*, task_id: str, token: str, lines: list[dict[str, str]]) -> dict[str, Any]:
+    return _message("log", task_id=task_id, token=token, lines=lines)
+
+
+def plugin_status(*, task_id: str, token: str, name: str, status: str, url: str = "") -> dict[str, Any]:
+    return _message("plugin_status", task_id=task_id, token=token, name=name, status=status, url=url)
+
+
+def service_ready(*, task_id: str, token: str, url: str, service_token: str) -> dict[str, Any]:
+    return _message("service_ready", task_id=task_id, token=token, url=url, service_token=service_token)
+
+
+def service_activity(*, task_id: str, token: str, last_activity: str) -> dict[str, Any]:
+    return _message("service_activity", task_id=task_id, token=token, last_activity=last_activity)
+
+
+def heartbeat(*, running: list[dict[str, str]]) -> dict[str, Any]:
+    return _message("heartbeat", running=running)

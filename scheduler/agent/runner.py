@@ -1,0 +1,495 @@
+"""One run of one task: its work directory and inputs, its child process group, its logs, outputs and outcome.
+
+The child is started in a session of its own (``start_new_session``), so its process id is also
+the id of a process group holding everything it starts. Cancel, timeout and stop signal that
+whole group, and whatever is left in it once the main process has exited is killed, so no
+grandchild outlives its run. (A descendant that calls ``setsid`` itself leaves the group; only
+a container or cgroup could catch that.)
+
+Files: the snapshot is unpacked into the work directory and the datasets are linked in while
+`preparing`; the full stdout and stderr are written to ``.fetchml/stdout.log`` and
+``.fetchml/stderr.log`` in the work directory as they arrive; in `collecting` they and the output
+directory are uploaded and committed before the final status is produced.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import threading
+from collections import deque
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from scheduler.agent import protocol
+from scheduler.agent.artifacts import Collected, StaleRun, UploadFailed, collect
+from scheduler.agent.datasets import DatasetFetcher, parse_specs
+from scheduler.agent.files import FileServices
+from scheduler.agent.protocol import Assignment
+from scheduler.agent.services import JupyterWatch, ServiceLauncher, parse_service
+from scheduler.agent.sidecars import Companion, sidecars_for
+from scheduler.agent.snapshots import unpack_snapshot
+
+logger = logging.getLogger(__name__)
+
+TAIL_LINES = 50
+TAIL_CHARS = 8000
+MAX_LINE_BYTES = 8192
+LOG_BATCH_LINES = 200
+LOG_BATCH_BYTES = 128 * 1024
+LOG_FLUSH_SECONDS = 0.25
+# After the main process has gone, how long its pipes may stay open (a descendant that left the
+# process group can hold them) before the run is reported without the rest of its output.
+PIPE_DRAIN_SECONDS = 5.0
+KILL_WAIT_SECONDS = 10.0
+_SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+RUN_DIR = ".fetchml"  # inside the work directory: the run's full logs
+LOG_ARTIFACTS = {"stdout": "logs/stdout.log", "stderr": "logs/stderr.log"}
+_INTERRUPTED = object()
+
+Emit = Callable[[dict[str, Any]], None]
+
+
+class PreparationError(Exception):
+    """The run could not be started; the message is reported to the user."""
+
+
+class _ChildProtocol(asyncio.SubprocessProtocol):
+    """Splits the child's stdout/stderr into lines and notes when it exits and its pipes close."""
+
+    def __init__(self, on_line: Callable[[str, str], None], on_data: Callable[[int, bytes], None]) -> None:
+        loop = asyncio.get_running_loop()
+        self.exited: asyncio.Future[None] = loop.create_future()
+        self.pipes_closed: asyncio.Future[None] = loop.create_future()
+        self._on_line = on_line
+        self._on_data = on_data
+        self._partial = {1: bytearray(), 2: bytearray()}
+        self._open_pipes = {1, 2}
+
+    def pipe_data_received(self, fd: int, data: bytes) -> None:
+        self._on_data(fd, data)
+        buffer = self._partial[fd]
+        buffer.extend(data)
+        *lines, rest = buffer.split(b"\n")
+        for line in lines:
+            self._line(fd, line)
+        buffer[:] = rest
+        while len(buffer) > MAX_LINE_BYTES:  # an endless line is cut into pieces rather than held
+            self._line(fd, bytes(buffer[:MAX_LINE_BYTES]))
+            del buffer[:MAX_LINE_BYTES]
+
+    def pipe_connection_lost(self, fd: int, exc: Exception | None) -> None:
+        if fd not in self._open_pipes:
+            return
+        if self._partial[fd]:
+            self._line(fd, bytes(self._partial[fd]))
+            self._partial[fd].clear()
+        self._open_pipes.discard(fd)
+        if not self._open_pipes and not self.pipes_closed.done():
+            self.pipes_closed.set_result(None)
+
+    def process_exited(self) -> None:
+        if not self.exited.done():
+            self.exited.set_result(None)
+
+    def _line(self, fd: int, raw: bytes) -> None:
+        text = raw[:MAX_LINE_BYTES].decode("utf-8", errors="replace").rstrip("\r")
+        self._on_line("stdout" if fd == 1 else "stderr", text)
+
+
+def _tail(lines: deque[str]) -> str:
+    return "\n".join(lines)[-TAIL_CHARS:]
+
+
+def _describe_exit(returncode: int) -> tuple[int, str]:
+    """Exit code in shell convention (128 + signal number) and a phrase for the error text."""
+    if returncode >= 0:
+        return returncode, f"exited with code {returncode}"
+    try:
+        name = signal.Signals(-returncode).name
+    except ValueError:
+        name = f"signal {-returncode}"
+    return 128 - returncode, f"killed by {name}"
+
+
+def _killpg(pgid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):  # the group is already empty
+        os.killpg(pgid, sig)
+
+
+class Run:
+    """Executes one assignment; reports through `emit`; `execute()` returns the final status message."""
+
+    def __init__(
+        self,
+        assignment: Assignment,
+        *,
+        work_root: Path,
+        emit: Emit,
+        base_env: Mapping[str, str] | None = None,
+        files: FileServices | None = None,
+        launcher: ServiceLauncher | None = None,
+    ) -> None:
+        self.assignment = assignment
+        # Service runs and plugin sidecars (scheduler.agent.services / .sidecars).
+        self._launcher = launcher or ServiceLauncher()
+        self._companions: list[Companion] = []
+        self._work_root = work_root
+        self._files = files
+        # Set when the run ends or is interrupted: transfers in threads stop at their next chunk.
+        self._abort = threading.Event()
+        self._datasets: DatasetFetcher | None = None
+        self._log_files: dict[int, Any] = {}
+        self._emit = emit
+        self._base_env = dict(os.environ if base_env is None else base_env)
+        self._stop_reason: str | None = None  # "cancel", "stop" or "shutdown"
+        self._interrupt = asyncio.Event()
+        self._kill_now = asyncio.Event()
+        self._silenced = False
+        self._tails: dict[str, deque[str]] = {"stdout": deque(maxlen=TAIL_LINES), "stderr": deque(maxlen=TAIL_LINES)}
+        self._log_lines: list[dict[str, str]] = []
+        self._log_bytes = 0
+
+    @property
+    def task_id(self) -> str:
+        return self.assignment.task_id
+
+    @property
+    def token(self) -> str:
+        return self.assignment.token
+
+    @property
+    def work_dir(self) -> Path:
+        return self._work_root / self.assignment.task_id / str(self.assignment.attempt)
+
+    # -- requests from the agent -------------------------------------------------------------
+
+    def cancel(self) -> None:
+        """SIGTERM the group, SIGKILL after the grace period, report `cancelled`."""
+        if self._stop_reason is None:
+            self._stop_reason = "cancel"
+            self._interrupt.set()
+
+    def stop(self) -> None:
+        """The token is stale: kill at once and report nothing more."""
+        self._silenced = True
+        self._stop_reason = "stop"
+        self._interrupt.set()
+        self._kill_now.set()
+
+    def shutdown(self) -> None:
+        """The agent is being forced down: kill at once and report `failed` (worker_lost)."""
+        if self._stop_reason != "stop":
+            self._stop_reason = "shutdown"
+            self._interrupt.set()
+            self._kill_now.set()
+
+    # -- the run ---------------------------------------------------------------------------
+
+    async def execute(self) -> dict[str, Any] | None:
+        """Prepare, start, supervise and collect; the final status message, or None when stopped."""
+        self._status("preparing")
+        try:
+            return await self._execute()
+        finally:
+            self._abort.set()
+            self._close_logs()
+            if self._datasets is not None:
+                self._datasets.release()
+
+    async def _execute(self) -> dict[str, Any] | None:
+        try:
+            argv, env = self._prepare()
+            if await self._interruptible(self._prepare_inputs()) is _INTERRUPTED:
+                return self._final_interrupted(exit_code=None)
+            self._open_logs()
+        except PreparationError as exc:
+            return self._final("failed", failure_reason="preparation", error=str(exc))
+        if self._stop_reason is not None:
+            return self._final_interrupted(exit_code=None)
+        loop = asyncio.get_running_loop()
+        try:
+            transport, child = await loop.subprocess_exec(
+                lambda: _ChildProtocol(self._on_line, self._on_data),
+                *argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                cwd=self.work_dir,
+                env=env,
+                start_new_session=True,
+            )
+        except OSError as exc:
+            return self._final("failed", failure_reason="preparation", error=f"cannot start {argv[0]!r}: {exc}")
+        flusher = asyncio.create_task(self._flush_periodically())
+        self._start_companions(env)
+        try:
+            self._status("running")
+            reason = await self._supervise(child, transport.get_pid())
+            self._flush_logs()
+        finally:
+            flusher.cancel()
+            await self._stop_companions()
+            if not child.exited.done():  # we are being cancelled ourselves: leave nothing behind
+                _killpg(transport.get_pid(), signal.SIGKILL)
+            transport.close()
+        self._close_logs()
+        returncode = transport.get_returncode()
+        exit_code, how = _describe_exit(returncode if returncode is not None else -signal.SIGKILL)
+        if reason is None:
+            self._status("collecting")
+            return await self._collect(exit_code, how)
+        if reason == "timeout":
+            error = f"timed out after {self.assignment.timeout_seconds:g} s ({how})"
+            return self._final("failed", exit_code=exit_code, failure_reason="timeout", error=self._with_stderr(error))
+        return self._final_interrupted(exit_code=exit_code)
+
+    def _prepare(self) -> tuple[list[str], dict[str, str]]:
+        a = self.assignment
+        if not _SAFE_ID.match(a.task_id) or ".." in a.task_id:
+            raise PreparationError(f"task id {a.task_id!r} cannot name a directory")
+        try:
+            argv = shlex.split(a.entrypoint) + shlex.split(a.args)
+        except ValueError as exc:
+            raise PreparationError(f"cannot parse the command line: {exc}") from None
+        if not argv:
+            raise PreparationError("empty command line")
+        output_dir = self.work_dir / "output"
+        try:
+            if self.work_dir.exists():  # a fresh directory per attempt, even if an earlier try left one
+                shutil.rmtree(self.work_dir)
+            output_dir.mkdir(parents=True)
+            (self.work_dir / RUN_DIR).mkdir()
+        except OSError as exc:
+            raise PreparationError(f"cannot create the work directory {self.work_dir}: {exc}") from None
+        # `{output_dir}` in the task's (plugin) variables is the run's output directory (plugins/base.py).
+        output = str(output_dir)
+        env = {**self._base_env, **{key: value.replace("{output_dir}", output) for key, value in a.env.items()}}
+        # Set after the task's env: GPU isolation and the run's identity are not the task's to choose.
+        env.update(
+            FETCHML_TASK_ID=a.task_id,
+            FETCHML_WORK_DIR=str(self.work_dir),
+            FETCHML_OUTPUT_DIR=str(output_dir),
+            CUDA_VISIBLE_DEVICES=",".join(str(i) for i in a.gpu_indices),
+            FETCHML_NODE_RANK=str(a.node.rank),
+            FETCHML_NUM_NODES=str(a.node.count),
+            MASTER_ADDR=a.node.master_addr,
+            MASTER_PORT=str(a.node.master_port),
+            WORLD_SIZE=str(a.node.count),
+            RANK=str(a.node.rank),
+        )
+        if a.service is not None:
+            try:
+                service = self._launcher.prepare(parse_service(a.service), work_root=self._work_root, env=env)
+            except ValueError as exc:
+                raise PreparationError(f"cannot prepare the service: {exc}") from None
+            self._companions.append(JupyterWatch(service, task_id=a.task_id, token=a.token, emit=self._emit))
+            argv, env = service.argv, service.env
+        return argv, env
+
+    def _start_companions(self, env: dict[str, str]) -> None:
+        """Plugin sidecars and the service watch start with the process (none of them can fail the run)."""
+        a = self.assignment
+        self._companions += sidecars_for(
+            a.sidecars,
+            task_id=a.task_id,
+            token=a.token,
+            work_dir=self.work_dir,
+            output_dir=self.work_dir / "output",
+            env=env,
+            emit=self._emit,
+            host=self._launcher.host,
+        )
+        for companion in self._companions:
+            companion.start()
+
+    async def _stop_companions(self) -> None:
+        companions, self._companions = self._companions, []
+        await asyncio.gather(*(companion.stop() for companion in companions), return_exceptions=True)
+
+    async def _interruptible(self, coroutine: Any) -> Any:
+        """Await `coroutine` unless cancel/stop/shutdown comes first: then abort it and return _INTERRUPTED."""
+        work = asyncio.ensure_future(coroutine)
+        interrupt = asyncio.create_task(self._interrupt.wait())
+        try:
+            await asyncio.wait({work, interrupt}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            interrupt.cancel()
+            if not work.done():
+                self._abort.set()
+                work.cancel()
+                await asyncio.gather(work, return_exceptions=True)
+        return work.result() if not work.cancelled() else _INTERRUPTED
+
+    async def _prepare_inputs(self) -> None:
+        """Unpack the snapshot into the work directory, then fetch and link the datasets."""
+        a = self.assignment
+        try:
+            specs = parse_specs(a.dataset_specs, a.datasets)
+            if (a.snapshot_id or specs) and self._files is None:
+                raise ValueError("this agent was started without access to the server's files")
+            if a.snapshot_id and self._files is not None:
+                await unpack_snapshot(self._files, a.snapshot_id, self.work_dir, abort=self._abort)
+            if specs and self._files is not None:
+                self._datasets = DatasetFetcher(self._files, task_id=a.task_id, abort=self._abort)
+                for spec in specs:
+                    await self._datasets.prepare(spec, self.work_dir)
+        except ValueError as exc:
+            raise PreparationError(str(exc)) from None
+
+    def _open_logs(self) -> None:
+        try:
+            for fd, stream in ((1, "stdout"), (2, "stderr")):
+                self._log_files[fd] = (self.work_dir / RUN_DIR / f"{stream}.log").open("wb")
+        except OSError as exc:
+            self._close_logs()
+            raise PreparationError(f"cannot create the log files: {exc}") from None
+
+    def _close_logs(self) -> None:
+        files, self._log_files = self._log_files, {}
+        for log_file in files.values():
+            log_file.close()
+
+    def _on_data(self, fd: int, data: bytes) -> None:
+        log_file = self._log_files.get(fd)
+        if log_file is not None:
+            try:
+                log_file.write(data)
+            except OSError as exc:  # a full disk must not kill the supervision of the run
+                logger.error("task %s: cannot write its log: %s", self.task_id, exc)
+                self._log_files.pop(fd).close()
+
+    async def _collect(self, exit_code: int, how: str) -> dict[str, Any] | None:
+        """Upload and commit the run's files, then the final status (reporting what was skipped)."""
+        stdout = _tail(self._tails["stdout"])
+        try:
+            collected = await self._interruptible(self._upload())
+        except StaleRun as exc:
+            logger.warning("task %s: the server refused its artifacts (%s); forgetting the run", self.task_id, exc)
+            self._silenced = True
+            return None
+        except UploadFailed as exc:
+            # Not the task's fault: reported as an infrastructure failure, which the server retries.
+            error = self._with_stderr(f"{exc} (the process {how})")
+            return self._final("failed", exit_code=exit_code, failure_reason="worker_lost", error=error, output=stdout)
+        if collected is _INTERRUPTED:
+            return self._final_interrupted(exit_code=exit_code)
+        note = collected.note()
+        extra: dict[str, Any] = {"skipped_artifacts": [s.as_dict() for s in collected.skipped]} if note else {}
+        if exit_code == 0:
+            return self._final("completed", exit_code=0, output=stdout, **({"error": note} if note else {}), **extra)
+        error = _tail(self._tails["stderr"]) or how
+        return self._final(
+            "failed",
+            exit_code=exit_code,
+            failure_reason="exit_code",
+            error=f"{error}\n{note}"[-TAIL_CHARS:] if note else error,
+            output=stdout,
+            **extra,
+        )
+
+    async def _upload(self) -> Collected:
+        files, a = self._files, self.assignment
+        # One path namespace per attempt and the last commit wins: in a multi-node run only rank 0
+        # stores artifacts (docs/worker-protocol.md).
+        if files is None or not files.upload_artifacts or a.node.rank != 0:
+            return Collected()
+        logs = {LOG_ARTIFACTS[stream]: self.work_dir / RUN_DIR / f"{stream}.log" for stream in ("stdout", "stderr")}
+        return await collect(
+            files,
+            task_id=a.task_id,
+            token=a.token,
+            output_dir=self.work_dir / "output",
+            logs=logs,
+            abort=self._abort,
+        )
+
+    async def _supervise(self, child: _ChildProtocol, pgid: int) -> str | None:
+        """Wait for exit, interrupt or timeout; end the group; None when the child exited by itself."""
+        interrupt = asyncio.create_task(self._interrupt.wait())
+        try:
+            done, _ = await asyncio.wait(
+                {child.exited, interrupt}, timeout=self.assignment.timeout_seconds, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            interrupt.cancel()
+        if child.exited in done:
+            reason = None
+        else:
+            reason = self._stop_reason if interrupt in done else "timeout"
+            await self._terminate(child, pgid)
+        # The main process is gone; anything it left in its group has no run to belong to.
+        _killpg(pgid, signal.SIGKILL)
+        _, pending = await asyncio.wait({child.pipes_closed}, timeout=PIPE_DRAIN_SECONDS)
+        if pending:
+            logger.warning("task %s: output pipes still open after exit; closing them", self.task_id)
+        return reason
+
+    async def _terminate(self, child: _ChildProtocol, pgid: int) -> None:
+        if not self._kill_now.is_set():
+            _killpg(pgid, signal.SIGTERM)
+            kill_now = asyncio.create_task(self._kill_now.wait())
+            try:
+                await asyncio.wait(
+                    {child.exited, kill_now},
+                    timeout=self.assignment.cancel_grace_seconds,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+            finally:
+                kill_now.cancel()
+        _killpg(pgid, signal.SIGKILL)
+        _, pending = await asyncio.wait({child.exited}, timeout=KILL_WAIT_SECONDS)
+        if pending:
+            logger.error("task %s: process %s did not die after SIGKILL", self.task_id, pgid)
+
+    # -- reporting -------------------------------------------------------------------------
+
+    def _final_interrupted(self, *, exit_code: int | None) -> dict[str, Any] | None:
+        details: dict[str, Any] = {} if exit_code is None else {"exit_code": exit_code}
+        if self._stop_reason == "stop":
+            return None
+        if self._stop_reason == "shutdown":
+            return self._final(
+                "failed", failure_reason="worker_lost", error=self._with_stderr("worker shut down"), **details
+            )
+        return self._final("cancelled", **details)
+
+    def _with_stderr(self, error: str) -> str:
+        stderr = _tail(self._tails["stderr"])
+        return f"{error}\n{stderr}"[-TAIL_CHARS:] if stderr else error
+
+    def _final(self, status: str, **details: Any) -> dict[str, Any] | None:
+        if self._silenced:
+            return None
+        return protocol.status(task_id=self.task_id, token=self.token, status=status, **details)
+
+    def _status(self, status: str) -> None:
+        if not self._silenced:
+            self._emit(protocol.status(task_id=self.task_id, token=self.token, status=status))
+
+    def _on_line(self, stream: str, line: str) -> None:
+        self._tails[stream].append(line)
+        if self._silenced:
+            return
+        self._log_lines.append({"stream": stream, "line": line})
+        self._log_bytes += len(line)
+        if len(self._log_lines) >= LOG_BATCH_LINES or self._log_bytes >= LOG_BATCH_BYTES:
+            self._flush_logs()
+
+    def _flush_logs(self) -> None:
+        if self._log_lines and not self._silenced:
+            self._emit(protocol.log(task_id=self.task_id, token=self.token, lines=self._log_lines))
+        self._log_lines, self._log_bytes = [], 0
+
+    async def _flush_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(LOG_FLUSH_SECONDS)
+            self._flush_logs()

@@ -1,0 +1,80 @@
+"""Reads behind the Scheduler API: fleet status, workers, reservations (with their visibility rules)."""
+
+from datetime import timedelta
+from typing import Any
+
+from django.db.models import Count, Prefetch, Q, QuerySet
+from django.utils import timezone
+
+from fetchml.auth import Actor
+from fetchml.errors import NotFound
+from scheduler.models import NodeAssignment, Reservation, Worker
+from tasks.models import Task
+from tasks.states import ACTIVE_STATES, TaskStatus
+
+
+def scheduler_status() -> dict[str, Any]:
+    """Counts for GET /v1/scheduler/status: a fixed number of aggregate queries."""
+    now = timezone.now()
+    workers = Worker.objects.aggregate(
+        total=Count("id"),
+        active=Count("id", filter=Q(status=Worker.Status.ACTIVE)),
+        draining=Count("id", filter=Q(status=Worker.Status.DRAINING)),
+    )
+    queued = Task.objects.filter(status=TaskStatus.QUEUED).aggregate(
+        batch=Count("id", filter=Q(kind=Task.Kind.BATCH)),
+        service=Count("id", filter=Q(kind=Task.Kind.SERVICE)),
+    )
+    return {
+        "workers_total": workers["total"],
+        "workers_active": workers["active"],
+        "workers_draining": workers["draining"],
+        "batch_queue_depth": queued["batch"],
+        "service_queue_depth": queued["service"],
+        "tasks_running": Task.objects.filter(status__in=ACTIVE_STATES).count(),
+        "tasks_completed_24h": Task.objects.filter(
+            status=TaskStatus.COMPLETED, ended_at__gte=now - timedelta(hours=24)
+        ).count(),
+        "reservations_active": Reservation.objects.filter(
+            status=Reservation.Status.ACTIVE, starts_at__lte=now, expires_at__gt=now
+        ).count(),
+        "timestamp": now,
+    }
+
+
+def _workers() -> QuerySet[Worker]:
+    live = NodeAssignment.objects.filter(holds_capacity=True).order_by("created_at")
+    return Worker.objects.prefetch_related(Prefetch("assignments", queryset=live, to_attr="live_assignments"))
+
+
+def worker_list() -> list[Worker]:
+    return list(_workers().order_by("name"))
+
+
+def worker_get(*, worker_id: Any) -> Worker:
+    worker = _workers().filter(id=worker_id).first()
+    if worker is None:
+        raise NotFound("Worker not found")
+    return worker
+
+
+def _visible_reservations(actor: Actor) -> QuerySet[Reservation]:
+    reservations = Reservation.objects.select_related("owner")
+    return reservations if actor.is_admin else reservations.filter(owner=actor.user)
+
+
+def reservation_list(*, actor: Actor, include_ended: bool = False) -> list[Reservation]:
+    """The caller's reservations (an admin's: everyone's); live ones unless `include_ended`."""
+    reservations = _visible_reservations(actor)
+    if not include_ended:
+        reservations = reservations.filter(
+            status__in=(Reservation.Status.PENDING, Reservation.Status.ACTIVE, Reservation.Status.CLAIMED)
+        )
+    return list(reservations.order_by("-created_at")[:1000])
+
+
+def reservation_get(*, actor: Actor, reservation_id: Any) -> Reservation:
+    reservation = _visible_reservations(actor).filter(id=reservation_id).first()
+    if reservation is None:
+        raise NotFound("Reservation not found")
+    return reservation

@@ -1,0 +1,109 @@
+"""Scheduler API representations, per the SchedulerStatus, Worker and Reservation schemas of the spec."""
+
+from typing import Any
+
+from drf_spectacular.utils import extend_schema_field
+from rest_framework import serializers
+
+from fetchml.conf import app_settings
+from scheduler.models import Reservation, Worker
+from tasks.api.fields import StrictSerializer
+
+
+class SchedulerStatusSerializer(serializers.Serializer):
+    workers_total = serializers.IntegerField()
+    workers_active = serializers.IntegerField()
+    workers_draining = serializers.IntegerField()
+    batch_queue_depth = serializers.IntegerField()
+    service_queue_depth = serializers.IntegerField()
+    tasks_running = serializers.IntegerField(help_text="Tasks preparing, running or collecting")
+    tasks_completed_24h = serializers.IntegerField()
+    reservations_active = serializers.IntegerField()
+    timestamp = serializers.DateTimeField()
+
+
+class CapabilitiesSerializer(serializers.Serializer):
+    gpu_count = serializers.IntegerField()
+    gpu_type = serializers.CharField()
+    cpu_cores = serializers.IntegerField()
+    memory_gb = serializers.IntegerField()
+
+
+class SlotsSerializer(serializers.Serializer):
+    batch_available = serializers.IntegerField()
+    batch_total = serializers.IntegerField()
+    service_available = serializers.IntegerField()
+    service_total = serializers.IntegerField()
+
+
+class WorkerSerializer(serializers.Serializer):
+    id = serializers.UUIDField()
+    name = serializers.CharField()
+    status = serializers.ChoiceField(choices=Worker.Status.choices)
+    connected_at = serializers.DateTimeField(allow_null=True)
+    last_heartbeat = serializers.DateTimeField(allow_null=True)
+    capabilities = serializers.SerializerMethodField()
+    slots = serializers.SerializerMethodField()
+    active_tasks = serializers.SerializerMethodField(help_text="IDs of the tasks holding capacity on this worker")
+
+    @extend_schema_field(CapabilitiesSerializer)
+    def get_capabilities(self, worker: Worker) -> dict[str, Any]:
+        return {
+            "gpu_count": worker.gpu_count,
+            "gpu_type": worker.gpu_type,
+            "cpu_cores": worker.cpu_cores,
+            "memory_gb": worker.memory_gb,
+        }
+
+    @extend_schema_field(SlotsSerializer)
+    def get_slots(self, worker: Worker) -> dict[str, int]:
+        return {
+            "batch_available": worker.batch_slots - worker.used_batch_slots,
+            "batch_total": worker.batch_slots,
+            "service_available": worker.service_slots - worker.used_service_slots,
+            "service_total": worker.service_slots,
+        }
+
+    @extend_schema_field(serializers.ListField(child=serializers.UUIDField()))
+    def get_active_tasks(self, worker: Worker) -> list[str]:
+        # `live_assignments` is prefetched by the read; no query per worker.
+        return sorted({str(assignment.task_id) for assignment in worker.live_assignments})
+
+
+class ReservationSerializer(serializers.Serializer):
+    id = serializers.UUIDField()
+    user_id = serializers.CharField(source="owner.username", help_text="The owner's username")
+    gpu_count = serializers.IntegerField()
+    gpu_type = serializers.CharField()
+    node_count = serializers.IntegerField()
+    starts_at = serializers.DateTimeField()
+    expires_at = serializers.DateTimeField()
+    status = serializers.ChoiceField(
+        choices=Reservation.Status.choices,
+        help_text="active, claimed, expired; also pending (booked for a later window) and cancelled",
+    )
+    created_at = serializers.DateTimeField()
+
+
+class CreateReservationSerializer(StrictSerializer):
+    gpu_count = serializers.IntegerField(min_value=1, max_value=1024)
+    gpu_type = serializers.CharField(required=False, default="", allow_blank=True, max_length=64)
+    node_count = serializers.IntegerField(required=False, default=1, min_value=1, max_value=1024)
+    expires_minutes = serializers.IntegerField(required=False, default=30, min_value=1, help_text="Window length")
+    starts_at = serializers.DateTimeField(
+        required=False, allow_null=True, default=None, help_text="Start of the window (default: now)"
+    )
+
+    def validate_expires_minutes(self, value: int) -> int:
+        limit = app_settings.RESERVATION_MAX_MINUTES
+        if value > limit:
+            raise serializers.ValidationError(f"Ensure this value is less than or equal to {limit}.")
+        return value
+
+
+class ReservationListQuerySerializer(serializers.Serializer):
+    include_ended = serializers.BooleanField(required=False, default=False)
+
+
+class PrioritySerializer(StrictSerializer):
+    priority = serializers.IntegerField(min_value=1, max_value=10)

@@ -1,0 +1,135 @@
+"""The Scheduler's SSE streams: plain async views on `fetchml.sse` (drf-spectacular does not list them).
+
+GET /v1/scheduler/status/stream
+    `event: status`, data = the SchedulerStatus body plus `event` (what caused
+    it: `connected`, `task_update`, `worker_connected`, `worker_disconnected`,
+    `worker_draining`, `worker_offline`, `reservation_*`, ...), first on
+    connect, then on every message of the `scheduler.status` group (queue
+    depth changes come with every task transition) and after a heartbeat when
+    the counts changed unseen. Never ends on its own.
+GET /v1/scheduler/jobs/{jobId}/stream
+    `event: status` (data `{task_id, status, priority, timestamp}`) first and
+    on each state change, `event: priority` (same data plus
+    `priority_from`) on each priority change, and `event: end` (data
+    `{task_id, status}`) once the job is final; then the stream closes.
+    Owner or admin; anyone else 404.
+
+Both: `: heartbeat` comments every FETCHML_SSE_HEARTBEAT_SECONDS (each also
+re-reads the database, as channel-layer messages may be lost); 401 without a
+valid key, 403 for worker keys, 429 when rate limited, standard error bodies.
+"""
+
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from asgiref.sync import sync_to_async
+from channels.db import database_sync_to_async
+from django.http import HttpRequest, HttpResponseBase
+from django.utils import timezone
+from django.views.decorators.http import require_safe
+
+from fetchml import events
+from fetchml.errors import ApplicationError
+from fetchml.sse import authenticate_stream, error_response_for, event_stream, sse_frame, sse_response
+from scheduler.api.reads import scheduler_status
+from tasks.models import Task
+from tasks.selectors import task_get_for_actor
+from tasks.states import FINAL_STATES
+
+
+class SchedulerStatusStream:
+    """An `EventSource` of fleet and queue counts."""
+
+    finished = False
+
+    def __init__(self) -> None:
+        self._last: dict[str, Any] | None = None
+
+    async def _frame(self, cause: str, *, only_if_changed: bool = False) -> AsyncIterator[bytes]:
+        current = await database_sync_to_async(scheduler_status)()
+        counts = {key: value for key, value in current.items() if key != "timestamp"}
+        if only_if_changed and counts == self._last:
+            return
+        self._last = counts
+        yield sse_frame({**current, "event": cause}, event="status")
+
+    async def start(self) -> AsyncIterator[bytes]:
+        async for frame in self._frame("connected"):
+            yield frame
+
+    async def on_message(self, message: dict[str, Any]) -> AsyncIterator[bytes]:
+        async for frame in self._frame(str(message.get("event") or message.get("type") or "changed")):
+            yield frame
+
+    async def on_heartbeat(self) -> AsyncIterator[bytes]:
+        async for frame in self._frame("heartbeat", only_if_changed=True):
+            yield frame
+
+
+class JobStream:
+    """An `EventSource` of one job's state and priority, ending with the job."""
+
+    def __init__(self, *, task: Task) -> None:
+        self.task = task
+        self._seen: tuple[str, int] | None = None
+        self.finished = False
+
+    def _reload(self) -> Task:
+        self.task.refresh_from_db(fields=["status", "priority"])
+        return self.task
+
+    def _frames(self, status: str, priority: int, priority_from: int | None = None) -> list[bytes]:
+        frames = []
+        data = {
+            "task_id": str(self.task.id),
+            "status": status,
+            "priority": priority,
+            "timestamp": timezone.now().isoformat(),
+        }
+        if self._seen is None or self._seen[0] != status:
+            frames.append(sse_frame(data, event="status"))
+        if self._seen is not None and self._seen[1] != priority:
+            previous = self._seen[1] if priority_from is None else priority_from
+            frames.append(sse_frame({**data, "priority_from": previous}, event="priority"))
+        self._seen = (status, priority)
+        if status in FINAL_STATES:
+            self.finished = True
+            frames.append(sse_frame({"task_id": str(self.task.id), "status": status}, event="end"))
+        return frames
+
+    async def start(self) -> AsyncIterator[bytes]:
+        task = await database_sync_to_async(self._reload)()
+        for frame in self._frames(task.status, task.priority):
+            yield frame
+
+    async def on_message(self, message: dict[str, Any]) -> AsyncIterator[bytes]:
+        if message.get("type") != "task.event" or not message.get("status"):
+            return
+        priority = message.get("priority", self._seen[1] if self._seen else self.task.priority)
+        for frame in self._frames(message["status"], priority, message.get("priority_from")):
+            yield frame
+
+    async def on_heartbeat(self) -> AsyncIterator[bytes]:
+        task = await database_sync_to_async(self._reload)()
+        for frame in self._frames(task.status, task.priority):
+            yield frame
+
+
+@require_safe
+async def status_stream(request: HttpRequest) -> HttpResponseBase:
+    try:
+        await authenticate_stream(request)
+    except ApplicationError as exc:
+        return error_response_for(exc)
+    return sse_response(event_stream(SchedulerStatusStream(), groups=[events.STATUS_GROUP]))
+
+
+@require_safe
+async def job_stream(request: HttpRequest, job_id: uuid.UUID) -> HttpResponseBase:
+    try:
+        actor = await authenticate_stream(request)
+        task = await sync_to_async(task_get_for_actor)(actor=actor, task_id=job_id)
+    except ApplicationError as exc:
+        return error_response_for(exc)
+    return sse_response(event_stream(JobStream(task=task), groups=[events.task_group(task.id)]))

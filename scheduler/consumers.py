@@ -1,0 +1,272 @@
+"""`/ws/worker`: the worker agents' WebSocket (protocol in docs/worker-protocol.md).
+
+Thin: parse and validate a frame, call one service in a database thread,
+answer. Nothing a worker sends can crash the consumer: a bad message gets an
+`error`, an unexpected failure is logged and answered with an `error` too.
+"""
+
+import json
+import logging
+from typing import Any
+from urllib.parse import parse_qs
+
+from channels.db import database_sync_to_async
+from channels.generic.websocket import AsyncWebsocketConsumer
+from django.utils.dateparse import parse_datetime
+from rest_framework.exceptions import AuthenticationFailed, Throttled
+
+from fetchml import events
+from fetchml.auth import authenticate_raw_key
+from fetchml.conf import app_settings
+from fetchml.errors import ApplicationError
+from fetchml.models import ApiKey
+from jupyter import services as jupyter_services
+from plugins.services import WORKERS_GROUP, plugin_status_report
+from scheduler import selectors, services
+from scheduler.protocol import FINAL_RUN_STATES, BadMessage, error_message, outgoing, parse
+
+logger = logging.getLogger("fetchml.scheduler.ws")
+
+CLOSE_BAD_KEY = 4401
+CLOSE_NOT_WORKER = 4403
+CLOSE_BAD_HELLO = 4400
+CLOSE_NAME_IN_USE = 4409
+CLOSE_RECONNECT = 1012
+_KEY_PARAMS = {"api_key", "apikey", "key", "x-api-key", "token"}
+
+
+class WorkerConsumer(AsyncWebsocketConsumer):
+    worker_id: Any = None
+    api_key: ApiKey | None = None
+
+    # --- connection ------------------------------------------------------------
+
+    async def connect(self) -> None:
+        # Accept first so the refusal reaches the agent as a close code it can act on.
+        await self.accept()
+        query = parse_qs(self.scope.get("query_string", b"").decode("latin-1"))
+        if _KEY_PARAMS & {name.lower() for name in query}:
+            await self.close(code=CLOSE_BAD_KEY, reason="API keys are accepted in the X-API-Key header only")
+            return
+        headers = dict(self.scope.get("headers", []))
+        raw = headers.get(b"x-api-key", b"").decode("latin-1") or None
+        client = self.scope.get("client") or [None]
+        try:
+            key = await database_sync_to_async(authenticate_raw_key)(raw, client[0])
+        except (AuthenticationFailed, Throttled):
+            await self.close(code=CLOSE_BAD_KEY, reason="invalid or missing API key")
+            return
+        if key.role != ApiKey.Role.WORKER:
+            await self.close(code=CLOSE_NOT_WORKER, reason="the API key does not have the worker role")
+            return
+        self.api_key = key
+
+    async def disconnect(self, code: int) -> None:
+        if self.worker_id is not None:
+            await self.channel_layer.group_discard(events.worker_group(self.worker_id), self.channel_name)
+            await self.channel_layer.group_discard(WORKERS_GROUP, self.channel_name)
+            await database_sync_to_async(services.worker_disconnected)(
+                worker_id=self.worker_id, channel_name=self.channel_name
+            )
+            logger.info("worker %s disconnected (code %s)", self.worker_id, code)
+
+    async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
+        if self.api_key is None:
+            return  # refused in connect(); the close is under way
+        try:
+            message = parse(text_data)
+        except BadMessage as exc:
+            logger.info("worker %s sent a bad message: %s", self.worker_id or "(no hello yet)", exc)
+            await self.send_json(error_message(exc))
+            if self.worker_id is None:
+                await self.close(code=CLOSE_BAD_HELLO, reason="the first message must be a valid hello")
+            return
+        try:
+            await self._handle(message)
+        except Exception:
+            logger.exception("worker %s: handling %s failed", self.worker_id, message["type"])
+            await self.send_json(
+                outgoing(
+                    "error",
+                    code="SERVER_ERROR",
+                    message="the server could not apply this message",
+                    ref_type=message["type"],
+                )
+            )
+
+    async def _handle(self, message: dict[str, Any]) -> None:
+        kind = message["type"]
+        if self.worker_id is None and kind != "hello":
+            await self.send_json(error_message(BadMessage("the first message must be hello", ref_type=kind)))
+            await self.close(code=CLOSE_BAD_HELLO, reason="the first message must be a valid hello")
+        elif kind == "hello":
+            await self._hello(message)
+        else:
+            await getattr(self, f"_on_{kind}")(message)
+
+    async def send_json(self, message: dict[str, Any]) -> None:
+        await self.send(text_data=json.dumps(message))
+
+    # --- worker -> server --------------------------------------------------------
+
+    async def _hello(self, message: dict[str, Any]) -> None:
+        if self.worker_id is not None:
+            await self.send_json(error_message(BadMessage("hello was already received", ref_type="hello")))
+            return
+        welcome = await database_sync_to_async(services.worker_hello)(
+            name=message["name"],
+            api_key_id=self.api_key.id,
+            agent_version=message["agent_version"],
+            hostname=message["hostname"] or (self.scope.get("client") or [""])[0] or "",
+            capabilities=message["capabilities"],
+            channel_name=self.channel_name,
+            running=message["running"],
+        )
+        if welcome.conflict:
+            await self.close(code=CLOSE_NAME_IN_USE, reason="another live connection uses this worker name")
+            return
+        self.worker_id = welcome.worker_id
+        await self.channel_layer.group_add(events.worker_group(self.worker_id), self.channel_name)
+        await self.channel_layer.group_add(WORKERS_GROUP, self.channel_name)  # plugin configuration changes
+        await self.send_json(
+            outgoing(
+                "welcome",
+                worker_id=str(self.worker_id),
+                heartbeat_seconds=app_settings.WORKER_HEARTBEAT_SECONDS,
+                lease_seconds=app_settings.WORKER_LEASE_SECONDS,
+                reconcile={"keep": welcome.keep, "kill": welcome.kill},
+            )
+        )
+        logger.info("worker %s (%s) connected", message["name"], self.worker_id)
+        # Work that waited for this connection: unacknowledged assignments, pending cancels.
+        for assignment_id in await database_sync_to_async(selectors.unacked_assignment_ids)(worker_id=self.worker_id):
+            await self._send_assign(assignment_id)
+        await self._send_pending_cancels()
+        if welcome.draining:
+            await self.send_json(outgoing("drain"))
+
+    async def _on_ack(self, message: dict[str, Any]) -> None:
+        live = await database_sync_to_async(services.assignment_ack)(
+            worker_id=self.worker_id, task_id=message["task_id"], token=message["token"]
+        )
+        if not live:
+            await self._stop(message, "stale token")
+
+    async def _on_status(self, message: dict[str, Any]) -> None:
+        fields = {name: message[name] for name in ("task_id", "token", "status", "exit_code", "failure_reason")}
+        outcome = await database_sync_to_async(services.assignment_status)(
+            worker_id=self.worker_id, error=message["error"], output=message["output"], **fields
+        )
+        if outcome.stale:
+            await self._stop(message, "stale token")
+        elif message["status"] in FINAL_RUN_STATES:
+            await self.send_json(
+                outgoing("status_ack", task_id=message["task_id"], token=message["token"], accepted=outcome.accepted)
+            )
+
+    async def _on_log(self, message: dict[str, Any]) -> None:
+        stored = await database_sync_to_async(services.assignment_log)(
+            worker_id=self.worker_id, task_id=message["task_id"], token=message["token"], lines=message["lines"]
+        )
+        if not stored:
+            await self._stop(message, "stale token")
+
+    async def _on_heartbeat(self, message: dict[str, Any]) -> None:
+        stale = await database_sync_to_async(services.worker_heartbeat)(
+            worker_id=self.worker_id, running=message["running"]
+        )
+        for run in stale:
+            await self._stop(run, "stale token")
+        await self._send_pending_cancels()
+
+    async def _on_plugin_status(self, message: dict[str, Any]) -> None:
+        if not await self._is_live(message):
+            return
+        report = {name: message[name] for name in ("task_id", "name", "status", "url")}
+        await self._apply(message["type"], plugin_status_report, **report)
+
+    async def _on_service_ready(self, message: dict[str, Any]) -> None:
+        if not await self._is_live(message):
+            return
+        await self._apply(
+            message["type"],
+            jupyter_services.jupyter_ready,
+            task_id=message["task_id"],
+            url=message["url"],
+            service_token=message["service_token"],
+        )
+
+    async def _on_service_activity(self, message: dict[str, Any]) -> None:
+        if not await self._is_live(message):
+            return
+        try:
+            when = parse_datetime(message["last_activity"])
+        except ValueError:  # well-formed but impossible, e.g. month 13
+            when = None
+        if when is None or when.tzinfo is None:
+            bad = BadMessage("field 'last_activity': an ISO 8601 time with a time zone", ref_type=message["type"])
+            await self.send_json(error_message(bad))
+            return
+        await self._apply(
+            message["type"], jupyter_services.jupyter_activity, task_id=message["task_id"], last_activity=when
+        )
+
+    async def _is_live(self, message: dict[str, Any]) -> bool:
+        """Fencing for reports about a run: a token the server took away gets `stop`."""
+        live = await database_sync_to_async(services.assignment_is_live)(
+            worker_id=self.worker_id, task_id=message["task_id"], token=message["token"]
+        )
+        if not live:
+            await self._stop(message, "stale token")
+        return live
+
+    async def _apply(self, kind: str, service: Any, **fields: Any) -> None:
+        """Call a service that may refuse the report (422/404/409): the refusal goes back as an `error`."""
+        try:
+            await database_sync_to_async(service)(**fields)
+        except ApplicationError as exc:
+            logger.info("worker %s: %s refused: %s", self.worker_id, kind, exc)
+            await self.send_json(error_message(BadMessage(str(exc), ref_type=kind)))
+
+    async def _stop(self, run: dict[str, Any], reason: str) -> None:
+        await self.send_json(outgoing("stop", task_id=run["task_id"], token=run["token"], reason=reason))
+
+    async def _send_assign(self, assignment_id: Any) -> None:
+        try:
+            message = await database_sync_to_async(selectors.assign_message)(
+                assignment_id=assignment_id, worker_id=self.worker_id
+            )
+        except Exception:
+            # Logged, not raised: the loop re-sends unacknowledged assignments.
+            logger.exception("worker %s: could not build assign %s", self.worker_id, assignment_id)
+            return
+        if message is not None:
+            await self.send_json(message)
+
+    async def _send_pending_cancels(self) -> None:
+        for message in await database_sync_to_async(selectors.cancel_messages)(worker_id=self.worker_id):
+            await self.send_json(message)
+
+    # --- channel layer -> worker ---------------------------------------------------
+
+    async def worker_assign(self, event: dict[str, Any]) -> None:
+        await self._send_assign(event["assignment_id"])
+
+    async def worker_cancel(self, event: dict[str, Any]) -> None:
+        await self.send_json(outgoing("cancel", task_id=event["task_id"], token=event["token"], reason=event["reason"]))
+
+    async def worker_stop(self, event: dict[str, Any]) -> None:
+        await self._stop(event, event.get("reason", "stopped by the server"))
+
+    async def worker_drain(self, event: dict[str, Any]) -> None:
+        await self.send_json(outgoing("drain"))
+
+    async def worker_plugins(self, event: dict[str, Any]) -> None:
+        # Names, modes and images only: settings (secrets) travel in each task's assign.
+        await self.send_json(
+            outgoing("config", plugins=event["plugins"], restart_required=event.get("restart_required", False))
+        )
+
+    async def worker_disconnect(self, event: dict[str, Any]) -> None:
+        # The lease expired while connected: reconnecting makes the agent reconcile.
+        await self.close(code=CLOSE_RECONNECT, reason="lease expired; reconnect")

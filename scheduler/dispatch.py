@@ -1,0 +1,382 @@
+"""Dispatch: match runnable tasks to free worker capacity, in one transaction.
+
+Every row-locking query of the scheduler lives in this module. A round:
+
+1. claims active workers with a free slot (`FOR UPDATE SKIP LOCKED`, so two
+   schedulers never hold the same worker's counters); no worker, no round;
+2. claims up to `SCHEDULER_BATCH_SIZE` runnable tasks in dispatch order
+   (`FOR UPDATE SKIP LOCKED`), pre-filtered to what some claimed worker could
+   hold, so unplaceable tasks do not occupy the whole batch. The query is
+   served by the partial index `task_runnable_by_priority`; its cost depends
+   on the batch size, not on the depth of the queue;
+3. matches greedily in that order, best fit first (a multi-node task takes all
+   its nodes on distinct workers or none);
+4. writes the assignments, the workers' used_* counters (the CHECK constraint
+   refuses any overcommit), the task transitions, the reservations claimed and
+   one audit append, and tells each worker's channel group after commit.
+
+Policies applied while matching (scheduler/policies.py, docs/scheduling.md):
+active reservations hold GPUs and a batch slot on specific workers against
+every task that does not name them, and a task naming an active reservation
+runs only on the workers it holds; when the head of the line has waited past
+STARVATION_SECONDS and still does not fit, the nodes it could use are held for
+it and smaller tasks are backfilled only on the others.
+
+Workers are claimed before tasks (the reverse of the order in the architecture
+page) so that a round without free capacity locks no task at all. On SQLite
+`select_for_update` is a no-op; the round is serialised by the database write
+lock taken at BEGIN (`transaction_mode=IMMEDIATE`).
+
+Audit at dispatch: one `job_started` event per placed task with action
+`assign` (workers, attempt, GPU indices), appended with a single
+`record_many` per round. The worker's `running` report adds the second
+`job_started` event (action `running`) through `task_transition`.
+"""
+
+import logging
+import uuid
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from django.db import transaction
+from django.db.models import F, Q, QuerySet
+from django.utils import timezone
+
+from audit.services import Entry, record_many
+from fetchml import events
+from fetchml.conf import app_settings
+from scheduler.models import NodeAssignment, Reservation, Worker
+from scheduler.policies import FleetNode, Holds, Shape, current_holds, is_starving, node_could_ever_hold
+from tasks.models import Task
+from tasks.states import TaskStatus, sources_of
+
+logger = logging.getLogger("fetchml.scheduler.dispatch")
+
+
+@dataclass
+class NodeCapacity:
+    """What one worker has free right now (a snapshot the matcher consumes)."""
+
+    worker_id: uuid.UUID
+    name: str
+    gpu_type: str
+    cpu: int
+    memory_gb: int
+    gpu_indices: list[int]
+    batch_slots: int
+    service_slots: int
+    taken: list[tuple[str, int]] = field(default_factory=list)
+    total: FleetNode | None = None
+    # reservation id -> GPUs it holds here (each also holds one batch slot)
+    held: dict[uuid.UUID, int] = field(default_factory=dict)
+    held_for: uuid.UUID | None = None  # a starving head-of-line task
+
+    @classmethod
+    def of(cls, worker: Worker, busy_gpus: set[int]) -> "NodeCapacity":
+        free_count = max(worker.gpu_count - worker.used_gpus, 0)
+        free = [index for index in range(worker.gpu_count) if index not in busy_gpus][:free_count]
+        return cls(
+            worker_id=worker.id,
+            name=worker.name,
+            gpu_type=worker.gpu_type,
+            cpu=worker.cpu_cores - worker.used_cpu,
+            memory_gb=worker.memory_gb - worker.used_memory_gb,
+            gpu_indices=free,
+            batch_slots=worker.batch_slots - worker.used_batch_slots,
+            service_slots=worker.service_slots - worker.used_service_slots,
+            total=FleetNode.of(worker),
+        )
+
+    def slots(self, kind: str) -> int:
+        return self.service_slots if kind == Task.Kind.SERVICE else self.batch_slots
+
+    def take(self, task: Task) -> list[int]:
+        """Consume one node of `task`; returns the GPU indices it gets."""
+        gpus, self.gpu_indices = self.gpu_indices[: task.gpu], self.gpu_indices[task.gpu :]
+        self.cpu -= task.cpu
+        self.memory_gb -= task.memory_gb
+        if task.kind == Task.Kind.SERVICE:
+            self.service_slots -= 1
+        else:
+            self.batch_slots -= 1
+        return gpus
+
+
+def _held_from(node: NodeCapacity, task: Task) -> tuple[int, int]:
+    """(GPUs, batch slots) on `node` held by reservations `task` does not name."""
+    others = [gpus for reservation_id, gpus in node.held.items() if reservation_id != task.reservation_id]
+    return sum(others), len(others)
+
+
+def shortfall(node: NodeCapacity, task: Task) -> str | None:
+    """The first resource `node` lacks for one node of `task`, or None if it fits.
+
+    The one matching rule, shared by dispatch and by "why is my job queued?".
+    """
+    if node.held_for is not None and node.held_for != task.id:
+        return "held"
+    held_gpus, held_slots = _held_from(node, task)
+    if task.gpu and task.gpu_type and node.gpu_type != task.gpu_type:
+        return "gpu_type"
+    if len(node.gpu_indices) - held_gpus < task.gpu:
+        return "reserved" if held_gpus and len(node.gpu_indices) >= task.gpu else "gpus"
+    if node.cpu < task.cpu:
+        return "cpu"
+    if node.memory_gb < task.memory_gb:
+        return "memory"
+    free_slots = node.slots(task.kind) - (held_slots if task.kind == Task.Kind.BATCH else 0)
+    if free_slots < 1:
+        return "reserved" if node.slots(task.kind) >= 1 else "slot"
+    return None
+
+
+def _fit_key(node: NodeCapacity, task: Task) -> tuple:
+    # Best fit: leave the fewest GPUs, then cores, stranded next to this task.
+    return (len(node.gpu_indices) - task.gpu, node.cpu - task.cpu, node.memory_gb - task.memory_gb, node.name)
+
+
+def eligible_nodes(nodes: list[NodeCapacity], task: Task, holds: Holds | None = None) -> list[NodeCapacity]:
+    """The nodes `task` may use at all: those holding its reservation while that is active; none while it waits."""
+    if holds is None or task.reservation_id is None:
+        return nodes
+    if task.reservation_id in holds.waiting:
+        return []
+    if task.reservation_id in holds.active:
+        return [node for node in nodes if task.reservation_id in node.held]
+    return nodes  # expired, cancelled or already claimed: an ordinary task
+
+
+def pick_nodes(nodes: list[NodeCapacity], task: Task, holds: Holds | None = None) -> list[NodeCapacity] | None:
+    """`task.node_count` distinct nodes that can each hold one node of it, or None."""
+    fitting = [node for node in eligible_nodes(nodes, task, holds) if shortfall(node, task) is None]
+    if len(fitting) < task.node_count:
+        return None
+    return sorted(fitting, key=lambda node: _fit_key(node, task))[: task.node_count]
+
+
+def capacities(workers: list[Worker], holds: Holds | None = None) -> list[NodeCapacity]:
+    """Free capacity of `workers`, with the GPU indices their live assignments do not hold.
+
+    With `holds`, each node also carries what active reservations hold on it.
+    """
+    busy: dict[uuid.UUID, set[int]] = defaultdict(set)
+    gpu_workers = [worker.id for worker in workers if worker.gpu_count]
+    if gpu_workers:
+        live = NodeAssignment.objects.filter(worker_id__in=gpu_workers, holds_capacity=True, gpus__gt=0)
+        for worker_id, indices in live.values_list("worker_id", "gpu_indices"):
+            busy[worker_id].update(indices or [])
+    nodes = [NodeCapacity.of(worker, busy[worker.id]) for worker in workers]
+    if holds is not None:
+        for node in nodes:
+            node.held = dict(holds.by_worker.get(node.worker_id, {}))
+    return nodes
+
+
+def runnable_tasks(now: datetime) -> QuerySet[Task]:
+    """Queued tasks past their back-off, in dispatch order (the partial index's order)."""
+    return (
+        Task.objects.filter(status=TaskStatus.QUEUED)
+        .filter(Q(runnable_after__isnull=True) | Q(runnable_after__lte=now))
+        .order_by("-dispatch_key", "created_at")
+    )
+
+
+def claim_workers() -> list[Worker]:
+    free_slot = Q(used_batch_slots__lt=F("batch_slots")) | Q(used_service_slots__lt=F("service_slots"))
+    claimed = Worker.objects.select_for_update(skip_locked=True).filter(free_slot, status=Worker.Status.ACTIVE)
+    return list(claimed.order_by("name"))
+
+
+def claim_tasks_query(nodes: list[NodeCapacity], *, limit: int, now: datetime) -> QuerySet[Task]:
+    """The task claim: runnable, could fit some claimed node, best first, locked."""
+    kinds = [kind for kind in Task.Kind.values if any(node.slots(kind) > 0 for node in nodes)]
+    gpu_types = sorted({node.gpu_type for node in nodes if node.gpu_indices})
+    return (
+        runnable_tasks(now)
+        .select_related("owner")
+        .select_for_update(skip_locked=True, of=("self",))
+        .filter(
+            kind__in=kinds,
+            cpu__lte=max(node.cpu for node in nodes),
+            memory_gb__lte=max(node.memory_gb for node in nodes),
+            gpu__lte=max(len(node.gpu_indices) for node in nodes),
+            node_count__lte=len(nodes),
+        )
+        .filter(Q(gpu=0) | Q(gpu_type="") | Q(gpu_type__in=gpu_types))[:limit]
+    )
+
+
+@dataclass
+class Placement:
+    task: Task
+    nodes: list[tuple[NodeCapacity, list[int]]]
+
+
+def match(tasks: list[Task], nodes: list[NodeCapacity], holds: Holds | None = None) -> list[Placement]:
+    """Greedy in dispatch order: each task takes the best-fitting nodes left, all or none.
+
+    A task placed on its reservation claims it: the hold ends for the rest of
+    the round (the task's own assignments now hold that capacity).
+    """
+    placements = []
+    for task in tasks:
+        picked = pick_nodes(nodes, task, holds)
+        if picked is None:
+            continue
+        placements.append(Placement(task=task, nodes=[(node, node.take(task)) for node in picked]))
+        if holds is not None and task.reservation_id in holds.active:
+            holds.active.discard(task.reservation_id)
+            for node in nodes:
+                node.held.pop(task.reservation_id, None)
+    return placements
+
+
+def hold_for_starving_head(nodes: list[NodeCapacity], holds: Holds, now: datetime) -> Task | None:
+    """Anti-starvation: hold nodes for the head of the line if it has waited too long and does not fit.
+
+    The head is the first runnable task in dispatch order (one index-backed
+    row, read without a lock). Of the claimed nodes it could use when empty,
+    the `node_count` with the most free GPUs, then cores, are held for it; the
+    rest of the round backfills other tasks on the remaining nodes only. Aging
+    brings every long-waiting task to the head eventually.
+    """
+    head = runnable_tasks(now).first()
+    if head is None or not is_starving(head, now) or pick_nodes(nodes, head, holds) is not None:
+        return None
+    shape = Shape(gpu=head.gpu, gpu_type=head.gpu_type, cpu=head.cpu, memory_gb=head.memory_gb, kind=head.kind)
+    usable = [
+        node
+        for node in eligible_nodes(nodes, head, holds)
+        if node.total is not None and node_could_ever_hold(node.total, shape)
+    ]
+    usable.sort(key=lambda node: (-len(node.gpu_indices), -node.cpu, -node.memory_gb, node.name))
+    for node in usable[: head.node_count]:
+        node.held_for = head.id
+    return head
+
+
+def dispatch_round(*, batch_size: int | None = None, now: datetime | None = None) -> int:
+    """One dispatch round; returns how many tasks were placed."""
+    limit = batch_size or app_settings.SCHEDULER_BATCH_SIZE
+    now = now or timezone.now()
+    with transaction.atomic():
+        workers = claim_workers()
+        if not workers:
+            return 0
+        holds = current_holds(now)
+        nodes = capacities(workers, holds)
+        tasks = list(claim_tasks_query(nodes, limit=limit, now=now))
+        head = hold_for_starving_head(nodes, holds, now)
+        if head is not None:
+            logger.info("holding capacity for starving task %s", head.id)
+        placements = match(tasks, nodes, holds)
+        placed = _write(placements, now)
+    if placed:
+        logger.info("dispatched %d task(s) to %d worker(s)", placed, len(workers))
+    return placed
+
+
+def _mark_preparing(placements: list[Placement], now: datetime) -> None:
+    """queued -> preparing for the whole round: one conditional UPDATE per rank-0 worker.
+
+    The same guarded UPDATE as `task_transition`, in bulk: the claimed rows are
+    locked by this transaction (the write lock on SQLite), so every one of them
+    must still be queued; anything else aborts the round.
+    """
+    by_worker: dict[uuid.UUID, list[uuid.UUID]] = defaultdict(list)
+    for placement in placements:
+        by_worker[placement.nodes[0][0].worker_id].append(placement.task.id)
+    for worker_id, task_ids in by_worker.items():
+        moved = Task.objects.filter(id__in=task_ids, status__in=sources_of(TaskStatus.PREPARING)).update(
+            status=TaskStatus.PREPARING, worker_id=worker_id, attempt=F("attempt") + 1, updated_at=now
+        )
+        if moved != len(task_ids):
+            raise RuntimeError("claimed tasks changed while locked by the dispatch round")
+    for placement in placements:
+        task = placement.task
+        task.status, task.attempt, task.worker_id = (
+            TaskStatus.PREPARING,
+            task.attempt + 1,
+            placement.nodes[0][0].worker_id,
+        )
+        events.task_changed(task, event="task_update")
+
+
+def _write(placements: list[Placement], now: datetime) -> int:
+    if not placements:
+        return 0
+    _mark_preparing(placements, now)
+    assignments: list[NodeAssignment] = []
+    used: dict[uuid.UUID, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    audit: list[Entry] = []
+    for placement in placements:
+        task = placement.task
+        attempt = task.attempt
+        for rank, (node, gpu_indices) in enumerate(placement.nodes):
+            assignments.append(
+                NodeAssignment(
+                    task_id=task.id,
+                    attempt=attempt,
+                    node_id=rank,
+                    worker_id=node.worker_id,
+                    slot_kind=task.kind,
+                    cpu=task.cpu,
+                    memory_gb=task.memory_gb,
+                    gpus=task.gpu,
+                    gpu_indices=gpu_indices,
+                    created_at=now,
+                )
+            )
+            counters = used[node.worker_id]
+            counters["used_cpu"] += task.cpu
+            counters["used_memory_gb"] += task.memory_gb
+            counters["used_gpus"] += task.gpu
+            counters["used_service_slots" if task.kind == Task.Kind.SERVICE else "used_batch_slots"] += 1
+        audit.append(
+            Entry(
+                event_type="job_started",
+                user=task.owner,
+                resource=f"task:{task.id}",
+                action="assign",
+                metadata={
+                    "attempt": attempt,
+                    "workers": [node.name for node, _ in placement.nodes],
+                    "gpu_indices": [indices for _, indices in placement.nodes],
+                },
+            )
+        )
+    audit.extend(_claim_reservations(placements, now))
+    NodeAssignment.objects.bulk_create(assignments)
+    for worker_id, counters in used.items():
+        Worker.objects.filter(id=worker_id).update(**{name: F(name) + value for name, value in counters.items()})
+    record_many(audit)
+    for assignment in assignments:
+        events.send_on_commit(
+            [events.worker_group(assignment.worker_id)], {"type": "worker.assign", "assignment_id": str(assignment.id)}
+        )
+    return len(placements)
+
+
+def _claim_reservations(placements: list[Placement], now: datetime) -> list[Entry]:
+    """active -> claimed for the reservations the placed tasks named (conditional UPDATE, one per reservation)."""
+    entries = []
+    for placement in placements:
+        task = placement.task
+        if task.reservation_id is None:
+            continue
+        claimed = Reservation.objects.filter(id=task.reservation_id, status=Reservation.Status.ACTIVE).update(
+            status=Reservation.Status.CLAIMED
+        )
+        if claimed:
+            entries.append(
+                Entry(
+                    event_type="reservation_changed",
+                    user=task.owner,
+                    resource=f"reservation:{task.reservation_id}",
+                    action="claim",
+                    metadata={"task_id": str(task.id)},
+                )
+            )
+            events.status_changed("reservation_claimed", {"reservation_id": str(task.reservation_id)})
+    return entries

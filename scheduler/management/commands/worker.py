@@ -1,0 +1,172 @@
+"""`manage.py worker`: run the worker agent on this machine.
+
+The agent speaks only the worker WebSocket protocol (docs/worker-protocol.md); it never opens
+the database, so this command skips Django's system checks.
+
+Signals: the first SIGTERM or SIGINT drains (no new work, running tasks finish and are reported,
+exit 0); a second one kills the running tasks, reports them failed (`worker_lost`) and exits
+(0 when the server acknowledged those reports, 1 when it could not be told). Exit 2 when the
+server refuses the API key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import signal
+import socket
+import tempfile
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+
+from scheduler.agent.capacity import detect_capacity
+from scheduler.agent.client import Agent, AgentConfig
+from scheduler.agent.files import DEFAULT_DATASET_CACHE_BYTES, DEFAULT_MAX_UNPACK_BYTES, GIB
+from scheduler.agent.services import CONTAINER_RUNTIMES
+
+logger = logging.getLogger("scheduler.agent")
+
+API_KEY_ENV = "FETCHML_WORKER_API_KEY"
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # what the server accepts in hello
+WORKER_PATH = "/ws/worker"
+_SCHEMES = {"http": "ws", "https": "wss", "ws": "ws", "wss": "wss"}
+
+
+def worker_url(server: str) -> str:
+    """`http(s)://host:port[/prefix]` or `ws(s)://...` -> the `/ws/worker` WebSocket URL."""
+    parts = urlsplit(server.strip())
+    scheme = _SCHEMES.get(parts.scheme.lower())
+    if scheme is None or not parts.netloc:
+        raise CommandError(f"--server must look like http://host:port or ws://host:port, not {server!r}")
+    path = parts.path.rstrip("/")
+    if not path.endswith(WORKER_PATH):
+        path += WORKER_PATH
+    return urlunsplit((scheme, parts.netloc, path, parts.query, ""))
+
+
+def default_work_root() -> Path:
+    home = Path.home()
+    if os.access(home, os.W_OK):
+        return home / ".fetchml" / "work"
+    return Path(tempfile.gettempdir()) / "fetchml-work"
+
+
+def _non_negative(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise ValueError(value)
+    return number
+
+
+class Command(BaseCommand):
+    help = (
+        "Run the FetchML worker agent: connect to the server's /ws/worker, report this machine's capacity "
+        "and run the tasks assigned to it. First SIGTERM/SIGINT drains, a second one kills running tasks. "
+        f"The API key may come from ${API_KEY_ENV} instead of --api-key."
+    )
+    requires_system_checks: list[str] = []
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("--server", required=True, help="http://host:port or ws://host:port of the server")
+        parser.add_argument("--api-key", default=None, help=f"a worker-role API key (default: ${API_KEY_ENV})")
+        parser.add_argument("--name", default=None, help="worker name (default: this machine's hostname)")
+        parser.add_argument("--cpus", type=_non_negative, default=None, help="CPU cores to offer (default: detected)")
+        parser.add_argument("--memory-gb", type=_non_negative, default=None, help="memory to offer, GiB")
+        parser.add_argument("--gpus", type=_non_negative, default=None, help="GPUs to offer (default: nvidia-smi)")
+        parser.add_argument("--gpu-type", default=None, help='GPU model, e.g. "A100" (default: from nvidia-smi)')
+        parser.add_argument("--batch-slots", type=_non_negative, default=None, help="default: one per GPU, else 1")
+        parser.add_argument("--service-slots", type=_non_negative, default=None, help="default: 1")
+        parser.add_argument("--workdir", default=None, help="where runs get their directories (~/.fetchml/work)")
+        parser.add_argument(
+            "--dataset-cache-gb",
+            type=float,
+            default=DEFAULT_DATASET_CACHE_BYTES / GIB,
+            help="size limit of the dataset and snapshot cache under --workdir, GiB (least recently used go first)",
+        )
+        parser.add_argument(
+            "--max-unpack-bytes",
+            type=_non_negative,
+            default=DEFAULT_MAX_UNPACK_BYTES,
+            help="refuse code snapshots that expand past this many bytes (default: 4 GiB)",
+        )
+        parser.add_argument(
+            "--no-artifacts",
+            action="store_true",
+            help="do not upload outputs and logs (for a server without the file API)",
+        )
+        parser.add_argument(
+            "--container-runtime",
+            choices=CONTAINER_RUNTIMES,
+            default="",
+            help="run Jupyter services in their image with this runtime (default: this environment's Jupyter)",
+        )
+        parser.add_argument(
+            "--service-host",
+            default="",
+            help="address services bind and are reached at (default: this worker's address towards the server)",
+        )
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        api_key = options["api_key"] or os.environ.get(API_KEY_ENV, "")
+        if not api_key:
+            raise CommandError(f"an API key is required: --api-key or ${API_KEY_ENV}")
+        name = options["name"] or socket.gethostname()
+        if not NAME_PATTERN.match(name):
+            raise CommandError(f"worker name {name!r}: letters, digits, '.', '_' and '-' only (use --name)")
+        capacity = detect_capacity(
+            cpus=options["cpus"],
+            memory_gb=options["memory_gb"],
+            gpus=options["gpus"],
+            gpu_type=options["gpu_type"],
+            batch_slots=options["batch_slots"],
+            service_slots=options["service_slots"],
+        )
+        work_root = Path(options["workdir"]).expanduser() if options["workdir"] else default_work_root()
+        try:
+            work_root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise CommandError(f"cannot create the work directory {work_root}: {exc}") from None
+        config = AgentConfig(
+            server_url=worker_url(options["server"]),
+            api_key=api_key,
+            name=name,
+            capacity=capacity,
+            work_root=work_root.resolve(),
+            dataset_cache_bytes=int(options["dataset_cache_gb"] * GIB),
+            max_unpack_bytes=options["max_unpack_bytes"],
+            upload_artifacts=not options["no_artifacts"],
+            container_runtime=options["container_runtime"],
+            service_host=options["service_host"],
+        )
+        logger.info("worker %s offers %s; runs in %s", config.name, capacity.as_capabilities(), config.work_root)
+        code = asyncio.run(self._serve(config))
+        if code:
+            raise SystemExit(code)
+
+    async def _serve(self, config: AgentConfig) -> int:
+        agent = Agent(config)
+        loop = asyncio.get_running_loop()
+
+        received: list[signal.Signals] = []
+
+        def on_signal(signum: signal.Signals) -> None:
+            received.append(signum)
+            if len(received) == 1:
+                logger.info("%s: draining (send it again to stop now)", signum.name)
+                agent.drain()
+            else:
+                logger.warning("%s again: stopping now", signum.name)
+                agent.shutdown()
+
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, on_signal, signum)
+        try:
+            return await agent.run()
+        finally:
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(signum)

@@ -1,0 +1,206 @@
+"""Scheduling policies: what can never run, reservation holds, the starving head of line, fair share.
+
+The rules are described with examples in docs/scheduling.md. Everything here
+is pure or reads a bounded set of rows (the fleet, the active reservations, one
+user's queued tasks at submission); nothing depends on the depth of the queue.
+"""
+
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from django.contrib.auth.models import AbstractBaseUser
+from django.db.models import Q
+
+from fetchml.conf import app_settings
+from scheduler.models import Reservation, Worker
+from tasks.models import Task
+from tasks.states import TaskStatus
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What one node of a task (or a reservation) needs."""
+
+    gpu: int = 0
+    gpu_type: str = ""
+    cpu: int = 0
+    memory_gb: int = 0
+    node_count: int = 1
+    kind: str = Task.Kind.BATCH
+
+
+@dataclass(frozen=True)
+class FleetNode:
+    """A worker's total capacity (what it could hold when empty)."""
+
+    worker_id: uuid.UUID
+    name: str
+    gpu_count: int
+    gpu_type: str
+    cpu_cores: int
+    memory_gb: int
+    batch_slots: int
+    service_slots: int
+
+    @classmethod
+    def of(cls, worker: Worker) -> "FleetNode":
+        return cls(
+            worker_id=worker.id,
+            name=worker.name,
+            gpu_count=worker.gpu_count,
+            gpu_type=worker.gpu_type,
+            cpu_cores=worker.cpu_cores,
+            memory_gb=worker.memory_gb,
+            batch_slots=worker.batch_slots,
+            service_slots=worker.service_slots,
+        )
+
+
+def node_could_ever_hold(node: FleetNode, shape: Shape) -> bool:
+    """Whether an empty `node` could run one node of `shape`."""
+    if shape.gpu and shape.gpu_type and node.gpu_type != shape.gpu_type:
+        return False
+    slots = node.service_slots if shape.kind == Task.Kind.SERVICE else node.batch_slots
+    return (
+        node.gpu_count >= shape.gpu and node.cpu_cores >= shape.cpu and node.memory_gb >= shape.memory_gb and slots > 0
+    )
+
+
+def fleet_shortfall(shape: Shape, fleet: list[FleetNode]) -> str | None:
+    """Why no set of `fleet` nodes could ever run `shape`, or None if one could."""
+    fitting = sum(1 for node in fleet if node_could_ever_hold(node, shape))
+    if fitting >= shape.node_count:
+        return None
+    if shape.gpu and shape.gpu_type and not any(node.gpu_type == shape.gpu_type for node in fleet):
+        return f"no registered worker has GPUs of type {shape.gpu_type}"
+    for need, have, what in (
+        (shape.gpu, max(node.gpu_count for node in fleet), "GPUs"),
+        (shape.cpu, max(node.cpu_cores for node in fleet), "CPU cores"),
+        (shape.memory_gb, max(node.memory_gb for node in fleet), "GB of memory"),
+    ):
+        if need > have:
+            return f"{need} {what} per node requested; the largest registered worker has {have}"
+    if shape.kind == Task.Kind.SERVICE and not any(node.service_slots for node in fleet):
+        return "no registered worker has service slots"
+    return f"{shape.node_count} nodes requested; only {fitting} registered worker(s) could hold one node each"
+
+
+def registered_fleet() -> list[FleetNode]:
+    """Every registered worker, offline ones included: they are expected back."""
+    return [FleetNode.of(worker) for worker in Worker.objects.all()]
+
+
+def unschedulable_reason(shape: Shape) -> str | None:
+    """Why no registered worker could ever run `shape`; None if one could, or if no worker is registered yet."""
+    fleet = registered_fleet()
+    if not fleet:
+        return None  # a fresh installation: accept work before the first worker says hello
+    return fleet_shortfall(shape, fleet)
+
+
+# --- reservations ----------------------------------------------------------
+
+
+def reservation_shape(reservation: Reservation) -> Shape:
+    return Shape(gpu=reservation.gpu_count, gpu_type=reservation.gpu_type, node_count=reservation.node_count)
+
+
+def place_reservations(
+    reservations: Iterable[Reservation], fleet: list[FleetNode]
+) -> tuple[dict[uuid.UUID, list[uuid.UUID]], list[Reservation]]:
+    """Bind each reservation to specific workers: ({reservation id: worker ids}, the ones that do not fit).
+
+    Greedy in creation order (oldest first); a worker can hold several
+    reservations while its GPUs last, one batch slot each. Best fit on the
+    workers' totals, then name, so the binding is stable from round to round
+    whatever the load.
+    """
+    gpus_left = {node.worker_id: node.gpu_count for node in fleet}
+    slots_left = {node.worker_id: node.batch_slots for node in fleet}
+    placed: dict[uuid.UUID, list[uuid.UUID]] = {}
+    refused: list[Reservation] = []
+    for reservation in sorted(reservations, key=lambda r: (r.created_at, str(r.id))):
+        shape = reservation_shape(reservation)
+        fitting = [
+            node
+            for node in fleet
+            if node_could_ever_hold(node, shape)
+            and gpus_left[node.worker_id] >= shape.gpu
+            and slots_left[node.worker_id] > 0
+        ]
+        if len(fitting) < shape.node_count:
+            refused.append(reservation)
+            continue
+        fitting.sort(key=lambda node: (gpus_left[node.worker_id] - shape.gpu, node.name))
+        chosen = fitting[: shape.node_count]
+        for node in chosen:
+            gpus_left[node.worker_id] -= shape.gpu
+            slots_left[node.worker_id] -= 1
+        placed[reservation.id] = [node.worker_id for node in chosen]
+    return placed, refused
+
+
+def overlapping_reservations(*, starts_at: datetime, expires_at: datetime) -> list[Reservation]:
+    """Live (pending or active) reservations whose window meets [starts_at, expires_at)."""
+    live = (Reservation.Status.PENDING, Reservation.Status.ACTIVE)
+    return list(Reservation.objects.filter(status__in=live, starts_at__lt=expires_at, expires_at__gt=starts_at))
+
+
+@dataclass
+class Holds:
+    """The capacity active reservations hold this round, per worker: {reservation id: GPUs}."""
+
+    by_worker: dict[uuid.UUID, dict[uuid.UUID, int]] = field(default_factory=dict)
+    active: set[uuid.UUID] = field(default_factory=set)
+    waiting: set[uuid.UUID] = field(default_factory=set)  # booked for a later window
+
+
+def current_holds(now: datetime) -> Holds:
+    """Bind the active reservations to active workers (bounded: the fleet and the live reservations)."""
+    live = Reservation.objects.filter(
+        status__in=(Reservation.Status.PENDING, Reservation.Status.ACTIVE), expires_at__gt=now
+    )
+    active, waiting = [], set()
+    for reservation in live:
+        if reservation.status == Reservation.Status.ACTIVE and reservation.starts_at <= now:
+            active.append(reservation)
+        else:
+            waiting.add(reservation.id)
+    holds = Holds(active={r.id for r in active}, waiting=waiting)
+    if not active:
+        return holds
+    fleet = [FleetNode.of(worker) for worker in Worker.objects.filter(status=Worker.Status.ACTIVE)]
+    placed, _ = place_reservations(active, fleet)
+    gpus = {r.id: r.gpu_count for r in active}
+    for reservation_id, worker_ids in placed.items():
+        for worker_id in worker_ids:
+            holds.by_worker.setdefault(worker_id, {})[reservation_id] = gpus[reservation_id]
+    return holds
+
+
+# --- anti-starvation -------------------------------------------------------------
+
+
+def is_starving(task: Task, now: datetime) -> bool:
+    """The head of the line has waited past the threshold: capacity is held for it."""
+    return now - task.queued_at >= timedelta(seconds=app_settings.STARVATION_SECONDS)
+
+
+# --- fairness between users ----------------------------------------------------------
+
+
+def fair_share_offset(*, owner: AbstractBaseUser, priority: int) -> float:
+    """How far below its plain dispatch key a new task of `owner` starts.
+
+    FAIR_SHARE_STEP per task the owner already has queued at this priority or
+    above: a burst of one user interleaves with other users' work at equal
+    priority instead of locking it out, while the owner's own higher-priority
+    work is not pushed behind their lower-priority backlog.
+    """
+    step = app_settings.FAIR_SHARE_STEP
+    if not step:
+        return 0.0
+    queued = Task.objects.filter(owner=owner, status=TaskStatus.QUEUED).filter(Q(priority__gte=priority))
+    return step * queued.count()

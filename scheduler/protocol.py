@@ -1,0 +1,214 @@
+"""Worker protocol v1 (docs/worker-protocol.md): parsing and validating incoming messages.
+
+`parse()` turns one text frame into a dict with only known, type-checked
+fields, or raises `BadMessage`; the consumer answers that with an `error`
+message and keeps the connection.
+"""
+
+import json
+import re
+import uuid
+from typing import Any
+
+VERSION = 1
+MAX_TEXT = 65_536  # error/output excerpts kept on the task row
+MAX_LOG_LINES = 1_000
+MAX_RUNNING = 10_000
+MAX_CAPACITY = 1_000_000
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+RUN_STATES = frozenset({"preparing", "running", "collecting", "completed", "failed", "cancelled"})
+FINAL_RUN_STATES = frozenset({"completed", "failed", "cancelled"})
+WORKER_FAILURE_REASONS = frozenset({"exit_code", "timeout", "preparation", "worker_lost"})
+CAPACITY_FIELDS = ("cpu_cores", "memory_gb", "gpu_count", "batch_slots", "service_slots")
+
+
+class BadMessage(Exception):
+    def __init__(self, message: str, *, code: str = "BAD_MESSAGE", ref_type: str = "") -> None:
+        super().__init__(message)
+        self.code = code
+        self.ref_type = ref_type
+
+
+def error_message(exc: BadMessage) -> dict[str, Any]:
+    return {"type": "error", "version": VERSION, "code": exc.code, "message": str(exc), "ref_type": exc.ref_type}
+
+
+def _str(message: dict, name: str, *, max_length: int, required: bool = False, tail: bool = False, ref: str) -> str:
+    """A string field; `tail` keeps the last `max_length` characters instead of refusing a longer one."""
+    value = message.get(name)
+    if value is None and not required:
+        return ""
+    if not isinstance(value, str) or (required and not value):
+        raise BadMessage(f"field '{name}': a non-empty string is required", ref_type=ref)
+    if len(value) > max_length:
+        if tail:
+            return value[-max_length:]
+        raise BadMessage(f"field '{name}': at most {max_length} characters", ref_type=ref)
+    return value
+
+
+def _uuid(message: dict, name: str, *, ref: str) -> str:
+    value = message.get(name)
+    try:
+        return str(uuid.UUID(value)) if isinstance(value, str) else _missing(name, ref)
+    except ValueError:
+        raise BadMessage(f"field '{name}': a UUID is required", ref_type=ref) from None
+
+
+def _missing(name: str, ref: str) -> str:
+    raise BadMessage(f"field '{name}': required", ref_type=ref)
+
+
+def _int(value: Any, name: str, *, ref: str, minimum: int | None = 0, maximum: int | None = MAX_CAPACITY) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise BadMessage(f"field '{name}': an integer is required", ref_type=ref)
+    if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+        raise BadMessage(f"field '{name}': out of range", ref_type=ref)
+    return value
+
+
+def _runs(message: dict, *, ref: str) -> list[dict[str, str]]:
+    runs = message.get("running", [])
+    if not isinstance(runs, list) or len(runs) > MAX_RUNNING:
+        raise BadMessage("field 'running': a list of {task_id, token} is required", ref_type=ref)
+    parsed = []
+    for item in runs:
+        if not isinstance(item, dict):
+            raise BadMessage("field 'running': a list of {task_id, token} is required", ref_type=ref)
+        parsed.append({"task_id": _uuid(item, "task_id", ref=ref), "token": _uuid(item, "token", ref=ref)})
+    return parsed
+
+
+def _hello(message: dict) -> dict[str, Any]:
+    ref = "hello"
+    name = _str(message, "name", max_length=128, required=True, ref=ref)
+    if not NAME_PATTERN.match(name):
+        raise BadMessage("field 'name': letters, digits, '.', '_' and '-' only", ref_type=ref)
+    capabilities = message.get("capabilities")
+    if not isinstance(capabilities, dict):
+        raise BadMessage("field 'capabilities': an object is required", ref_type=ref)
+    parsed = {key: _int(capabilities.get(key, 0), f"capabilities.{key}", ref=ref) for key in CAPACITY_FIELDS}
+    parsed["gpu_type"] = _str(capabilities, "gpu_type", max_length=64, ref=ref)
+    return {
+        "name": name,
+        "agent_version": _str(message, "agent_version", max_length=32, ref=ref),
+        "hostname": _str(message, "hostname", max_length=255, ref=ref),
+        "capabilities": parsed,
+        "running": _runs(message, ref=ref),
+    }
+
+
+def _ack(message: dict) -> dict[str, Any]:
+    return {"task_id": _uuid(message, "task_id", ref="ack"), "token": _uuid(message, "token", ref="ack")}
+
+
+def _status(message: dict) -> dict[str, Any]:
+    ref = "status"
+    status = message.get("status")
+    if status not in RUN_STATES:
+        raise BadMessage(f"field 'status': one of {', '.join(sorted(RUN_STATES))}", ref_type=ref)
+    exit_code = message.get("exit_code")
+    if exit_code is not None:
+        exit_code = _int(exit_code, "exit_code", ref=ref, minimum=-(2**31), maximum=2**31 - 1)
+    reason = message.get("failure_reason") or ""
+    if reason and reason not in WORKER_FAILURE_REASONS:
+        raise BadMessage(f"field 'failure_reason': one of {', '.join(sorted(WORKER_FAILURE_REASONS))}", ref_type=ref)
+    return {
+        **_ack(message),
+        "status": status,
+        "exit_code": exit_code,
+        "failure_reason": reason,
+        "error": _str(message, "error", max_length=MAX_TEXT, tail=True, ref=ref),
+        "output": _str(message, "output", max_length=MAX_TEXT, tail=True, ref=ref),
+    }
+
+
+def _log(message: dict) -> dict[str, Any]:
+    ref = "log"
+    lines = message.get("lines")
+    if not isinstance(lines, list) or not 1 <= len(lines) <= MAX_LOG_LINES:
+        raise BadMessage(f"field 'lines': a list of 1 to {MAX_LOG_LINES} lines is required", ref_type=ref)
+    for line in lines:
+        if not (
+            isinstance(line, dict) and line.get("stream") in ("stdout", "stderr") and isinstance(line.get("line"), str)
+        ):
+            raise BadMessage("field 'lines': items are {stream: stdout|stderr, line: string}", ref_type=ref)
+    return {
+        "task_id": _uuid(message, "task_id", ref=ref),
+        "token": _uuid(message, "token", ref=ref),
+        "lines": [{"stream": line["stream"], "line": line["line"]} for line in lines],
+    }
+
+
+def _heartbeat(message: dict) -> dict[str, Any]:
+    return {"running": _runs(message, ref="heartbeat")}
+
+
+PLUGIN_STATES = frozenset({"healthy", "unhealthy", "starting", "stopped"})
+MAX_URL = 2048
+MAX_SERVICE_TOKEN = 256
+
+
+def _plugin_status(message: dict) -> dict[str, Any]:
+    ref = "plugin_status"
+    status = message.get("status")
+    if status not in PLUGIN_STATES:
+        raise BadMessage(f"field 'status': one of {', '.join(sorted(PLUGIN_STATES))}", ref_type=ref)
+    return {
+        **_ack(message),
+        "name": _str(message, "name", max_length=128, required=True, ref=ref),
+        "status": status,
+        "url": _str(message, "url", max_length=MAX_URL, ref=ref),
+    }
+
+
+def _service_ready(message: dict) -> dict[str, Any]:
+    ref = "service_ready"
+    return {
+        **_ack(message),
+        "url": _str(message, "url", max_length=MAX_URL, required=True, ref=ref),
+        # The service's own access token (e.g. Jupyter's), not the fencing token.
+        "service_token": _str(message, "service_token", max_length=MAX_SERVICE_TOKEN, required=True, ref=ref),
+    }
+
+
+def _service_activity(message: dict) -> dict[str, Any]:
+    ref = "service_activity"
+    return {**_ack(message), "last_activity": _str(message, "last_activity", max_length=64, required=True, ref=ref)}
+
+
+_PARSERS = {
+    "hello": _hello,
+    "ack": _ack,
+    "status": _status,
+    "log": _log,
+    "heartbeat": _heartbeat,
+    "plugin_status": _plugin_status,
+    "service_ready": _service_ready,
+    "service_activity": _service_activity,
+}
+
+
+def parse(text: str | None) -> dict[str, Any]:
+    """A validated message: {"type": ..., **fields}."""
+    if text is None:
+        raise BadMessage("binary frames are not part of the protocol")
+    try:
+        message = json.loads(text)
+    except ValueError:
+        raise BadMessage("not valid JSON") from None
+    if not isinstance(message, dict):
+        raise BadMessage("a message is a JSON object")
+    kind = message.get("type")
+    parser = _PARSERS.get(kind) if isinstance(kind, str) else None
+    if parser is None:
+        raise BadMessage(f"unknown message type {kind!r}", code="UNKNOWN_TYPE", ref_type=str(kind)[:32])
+    if message.get("version") != VERSION:
+        raise BadMessage(
+            f"unsupported protocol version (this server speaks {VERSION})", code="BAD_VERSION", ref_type=kind
+        )
+    return {"type": kind, **parser(message)}
+
+
+def outgoing(message_type: str, **fields: Any) -> dict[str, Any]:
+    return {"type": message_type, "version": VERSION, **fields}

@@ -1,0 +1,140 @@
+"""Reads of the scheduler: what to send a worker, and "why is my job still queued?"."""
+
+from datetime import datetime
+from typing import Any
+
+from django.db.models import Q
+from django.utils import timezone
+
+from jupyter.selectors import service_spec_for_task
+from plugins.selectors import plugin_env_for_task, plugin_sidecars_for_task
+from scheduler.dispatch import capacities, pick_nodes, runnable_tasks, shortfall
+from scheduler.models import NodeAssignment, Worker
+from scheduler.protocol import outgoing
+from tasks.models import Task
+from tasks.states import ACTIVE_STATES, TaskStatus
+
+MASTER_PORT = 29500  # torch.distributed's default rendezvous port on the rank-0 node
+
+
+def assign_message(*, assignment_id: Any, worker_id: Any) -> dict[str, Any] | None:
+    """The `assign` message for a live, not yet acknowledged assignment of this worker."""
+    assignment = (
+        NodeAssignment.objects.select_related("task")
+        .filter(id=assignment_id, worker_id=worker_id, holds_capacity=True, status=NodeAssignment.Status.ASSIGNED)
+        .first()
+    )
+    if assignment is None:
+        return None
+    task = assignment.task
+    rank0 = (
+        NodeAssignment.objects.filter(task_id=task.id, attempt=assignment.attempt, node_id=0)
+        .values_list("worker__hostname", flat=True)
+        .first()
+    )
+    return outgoing(
+        "assign",
+        task_id=str(task.id),
+        token=str(assignment.token),
+        attempt=assignment.attempt,
+        kind=task.kind,
+        entrypoint=task.entrypoint,
+        args=task.args,
+        # Plugin variables may hold secrets (API keys): this message is never logged.
+        env={**plugin_env_for_task(task), **task.env},
+        resources={
+            "cpu": assignment.cpu,
+            "memory_gb": assignment.memory_gb,
+            "gpus": assignment.gpus,
+            "gpu_indices": assignment.gpu_indices,
+        },
+        timeout_seconds=task.timeout_seconds,
+        cancel_grace_seconds=task.cancel_grace_seconds,
+        node={
+            "rank": assignment.node_id,
+            "count": task.node_count,
+            "master_addr": rank0 or "",
+            "master_port": MASTER_PORT,
+        },
+        snapshot_id=task.snapshot_id,
+        dataset_specs=task.dataset_specs,
+        datasets=task.datasets,
+        sidecars=plugin_sidecars_for_task(task),
+        service=service_spec_for_task(task),
+    )
+
+
+def unacked_assignment_ids(*, worker_id: Any) -> list[Any]:
+    live = NodeAssignment.objects.filter(
+        worker_id=worker_id, holds_capacity=True, status=NodeAssignment.Status.ASSIGNED
+    )
+    return list(live.order_by("created_at").values_list("id", flat=True))
+
+
+def unacked_assignments(*, older_than: datetime) -> list[tuple[Any, Any]]:
+    """(assignment id, worker id) of assignments sent before `older_than` and not acknowledged."""
+    stale = NodeAssignment.objects.filter(
+        holds_capacity=True, status=NodeAssignment.Status.ASSIGNED, created_at__lt=older_than
+    )
+    return list(stale.values_list("id", "worker_id"))
+
+
+def cancel_messages(*, worker_id: Any) -> list[dict[str, Any]]:
+    """`cancel` messages for this worker's runs whose task has a pending cancel request."""
+    pending = NodeAssignment.objects.filter(
+        worker_id=worker_id,
+        holds_capacity=True,
+        task__cancel_requested_at__isnull=False,
+        task__status__in=ACTIVE_STATES,
+    ).values_list("task_id", "token", "task__cancelled_by__username")
+    return [
+        outgoing("cancel", task_id=str(task_id), token=str(token), reason=f"cancelled by {who or 'an operator'}")
+        for task_id, token, who in pending
+    ]
+
+
+# --- why is my job still queued? -------------------------------------------------
+
+
+def queue_position(task: Task, *, now: datetime | None = None) -> int:
+    """How many runnable tasks the scheduler will consider before this one (0 = next)."""
+    if task.status != TaskStatus.QUEUED:
+        return 0
+    ahead = Q(dispatch_key__gt=task.dispatch_key) | Q(dispatch_key=task.dispatch_key, created_at__lt=task.created_at)
+    return runnable_tasks(now or timezone.now()).filter(ahead).exclude(id=task.id).count()
+
+
+def _need(task: Task) -> str:
+    parts = [f"{task.gpu} free GPU(s)" + (f" of type {task.gpu_type}" if task.gpu_type else "")] if task.gpu else []
+    if task.cpu:
+        parts.append(f"{task.cpu} free CPU core(s)")
+    if task.memory_gb:
+        parts.append(f"{task.memory_gb} GB of free memory")
+    parts.append(f"a free {task.kind} slot")
+    return ", ".join(parts)
+
+
+def pending_reason(task: Task, *, now: datetime | None = None) -> str:
+    """A sentence saying why a queued task has not started, from the dispatcher's own matching rule."""
+    if task.status != TaskStatus.QUEUED:
+        return ""
+    now = now or timezone.now()
+    if task.runnable_after is not None and task.runnable_after > now:
+        return f"waiting for retry back-off until {task.runnable_after.isoformat()}"
+    workers = list(Worker.objects.filter(status=Worker.Status.ACTIVE))
+    if not workers:
+        return "no active worker is connected"
+    nodes = capacities(workers)
+    if pick_nodes(nodes, task) is None:
+        fitting = sum(1 for node in nodes if shortfall(node, task) is None)
+        nodes_text = f"{task.node_count} workers" if task.node_count > 1 else "worker"
+        if fitting:
+            return f"only {fitting} of {task.node_count} workers have {_need(task)}"
+        missing = {shortfall(node, task) for node in nodes}
+        if missing == {"gpu_type"}:
+            return f"no active worker has GPUs of type {task.gpu_type}"
+        return f"no {nodes_text} with {_need(task)}"
+    position = queue_position(task, now=now)
+    if position:
+        return f"behind {position} higher-priority task(s)"
+    return "waiting for the next scheduling round"

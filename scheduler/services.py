@@ -1,0 +1,487 @@
+"""Writes of the scheduler: worker sessions, run reports, leases, retries, drain.
+
+Lock order everywhere a run ends: the task row first (`select_for_update`),
+then the assignment (a conditional UPDATE on `holds_capacity`), then the
+worker's counters. Dispatch never waits on a task lock (SKIP LOCKED), so
+these paths cannot deadlock with it or with each other.
+
+Assignment end states: `finished` / `cancelled` when the worker reported a
+final state for it; `lost` when the server took the run away (lease expiry,
+reconcile, a failed sibling node, the timeout backstop). A worker quoting a
+`lost` token is told to `stop`.
+"""
+
+import logging
+import random
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from django.db import transaction
+from django.db.models import Exists, F, OuterRef, Q
+from django.utils import timezone
+
+from audit.services import record
+from fetchml import events
+from fetchml.auth import Actor
+from fetchml.conf import app_settings
+from fetchml.errors import Conflict
+from scheduler.models import NodeAssignment, Worker
+from scheduler.protocol import CAPACITY_FIELDS
+from tasks.logs import append_lines
+from tasks.models import Task
+from tasks.services import task_transition
+from tasks.states import ACTIVE_STATES, TaskStatus
+
+logger = logging.getLogger("fetchml.scheduler")
+
+LIVE_CONNECTION_HEARTBEATS = 3  # missed heartbeats after which a recorded connection is presumed gone
+INFRASTRUCTURE_FAILURES = frozenset({Task.FailureReason.WORKER_LOST, Task.FailureReason.PREPARATION})
+_ACTIVE = frozenset(ACTIVE_STATES)
+_LIVE_WORKER_STATES = (Worker.Status.ACTIVE, Worker.Status.DRAINING)
+_USED = {"cpu_cores": "used_cpu", "memory_gb": "used_memory_gb", "gpu_count": "used_gpus"}
+_USED.update({"batch_slots": "used_batch_slots", "service_slots": "used_service_slots"})
+
+
+@dataclass
+class Welcome:
+    worker_id: uuid.UUID | None
+    keep: list[str] = field(default_factory=list)
+    kill: list[str] = field(default_factory=list)
+    conflict: bool = False
+    draining: bool = False
+
+
+@dataclass
+class StatusOutcome:
+    accepted: bool
+    stale: bool = False
+
+
+STALE = StatusOutcome(accepted=False, stale=True)
+
+
+def retry_backoff_seconds(retry_number: int) -> float:
+    """Exponential back-off with up to 25 % jitter, capped: base x 2^(n-1)."""
+    base, cap = app_settings.RETRY_BACKOFF_BASE_SECONDS, app_settings.RETRY_BACKOFF_MAX_SECONDS
+    delay = min(cap, base * 2 ** max(retry_number - 1, 0))
+    return min(cap, delay + random.uniform(0, delay / 4))
+
+
+def _live_assignments(worker_id: Any):
+    return NodeAssignment.objects.filter(worker_id=worker_id, holds_capacity=True)
+
+
+# --- worker sessions ---------------------------------------------------------
+
+
+def worker_hello(
+    *,
+    name: str,
+    api_key_id: Any,
+    agent_version: str,
+    hostname: str,
+    capabilities: dict[str, Any],
+    channel_name: str,
+    running: list[dict[str, str]],
+) -> Welcome:
+    """Register (or re-register) a worker by name and reconcile the runs it still has.
+
+    Reported runs the server still assigns to this worker are kept; all others
+    are killed. Acknowledged runs the agent no longer has are lost (re-queued).
+    """
+    now = timezone.now()
+    # A live connection heartbeats every interval; one silent for a few intervals
+    # is the stale record of a server that crashed, not a twin agent. (Waiting for
+    # the whole lease would let the lease expire the runs the agent comes back with.)
+    silent_for = LIVE_CONNECTION_HEARTBEATS * app_settings.WORKER_HEARTBEAT_SECONDS
+    live_window = timedelta(seconds=min(app_settings.WORKER_LEASE_SECONDS, silent_for))
+    with transaction.atomic():
+        worker, created = Worker.objects.select_for_update().get_or_create(name=name)
+        if (
+            worker.channel_name
+            and worker.channel_name != channel_name
+            and worker.last_heartbeat is not None
+            and worker.last_heartbeat > now - live_window
+        ):
+            return Welcome(worker_id=None, conflict=True)
+        changed = created or any(getattr(worker, key) != value for key, value in capabilities.items())
+        for key, value in capabilities.items():
+            # Never below what running work holds: the CHECK constraint forbids it,
+            # and the surplus frees itself as those runs end.
+            setattr(worker, key, max(value, getattr(worker, _USED[key])) if key in CAPACITY_FIELDS else value)
+        worker.status = Worker.Status.DRAINING if worker.status == Worker.Status.DRAINING else Worker.Status.ACTIVE
+        worker.version = agent_version
+        worker.hostname = hostname
+        worker.api_key_id = api_key_id
+        worker.channel_name = channel_name
+        worker.connected_at = now
+        worker.last_heartbeat = now
+        worker.save()
+        if changed:
+            record(
+                event_type="worker_changed",
+                user="",
+                resource=f"worker:{worker.name}",
+                action="register" if created else "capacity",
+                metadata={**capabilities, "version": agent_version},
+            )
+        events.status_changed("worker_connected", {"worker_id": str(worker.id)})
+        events.wake_scheduler("worker_connected")
+        live = {str(a.token): a for a in _live_assignments(worker.id)}
+    reported = {run["token"]: run["task_id"] for run in running}
+    keep = [token for token, task_id in reported.items() if token in live and str(live[token].task_id) == task_id]
+    kill = [token for token in reported if token not in keep]
+    for token, assignment in live.items():
+        if token not in reported and assignment.status != NodeAssignment.Status.ASSIGNED:
+            end_run(
+                assignment_id=assignment.id, reason=Task.FailureReason.WORKER_LOST, error="run missing on reconnect"
+            )
+    return Welcome(worker_id=worker.id, keep=keep, kill=kill, draining=worker.status == Worker.Status.DRAINING)
+
+
+def worker_disconnected(*, worker_id: Any, channel_name: str) -> None:
+    """Forget the connection. Runs stay assigned: the agent keeps them and reconnects; the lease decides."""
+    with transaction.atomic():
+        if Worker.objects.filter(id=worker_id, channel_name=channel_name).update(channel_name=""):
+            events.status_changed("worker_disconnected", {"worker_id": str(worker_id)})
+
+
+def worker_heartbeat(*, worker_id: Any, running: list[dict[str, str]]) -> list[dict[str, str]]:
+    """Extend the lease; returns the reported runs the agent must `stop` (stale tokens)."""
+    Worker.objects.filter(id=worker_id).update(last_heartbeat=timezone.now())
+    tokens = [run["token"] for run in running]
+    known = NodeAssignment.objects.filter(worker_id=worker_id, token__in=tokens).exclude(
+        status=NodeAssignment.Status.LOST
+    )
+    current = {str(token) for token in known.values_list("token", flat=True)}
+    return [run for run in running if run["token"] not in current]
+
+
+def worker_drain(*, worker: Worker, actor: Actor) -> Worker:
+    """Stop giving `worker` new work; it goes offline once its last run ends."""
+    with transaction.atomic():
+        won = Worker.objects.filter(id=worker.id, status=Worker.Status.ACTIVE).update(status=Worker.Status.DRAINING)
+        if not won:
+            worker.refresh_from_db()
+            if worker.status == Worker.Status.DRAINING:
+                return worker
+            raise Conflict(f"worker {worker.name} is {worker.status}")
+        record(
+            event_type="scheduler_drain",
+            user=actor.user,
+            resource=f"worker:{worker.name}",
+            action="drain",
+            ip_address=actor.ip_address,
+        )
+        events.send_on_commit([events.worker_group(worker.id)], {"type": "worker.drain"})
+        events.status_changed("worker_draining", {"worker_id": str(worker.id)})
+        _offline_if_drained(worker.id)
+    worker.refresh_from_db()
+    return worker
+
+
+def _offline_if_drained(worker_id: Any | None = None) -> int:
+    drained = Worker.objects.filter(status=Worker.Status.DRAINING).exclude(
+        Exists(NodeAssignment.objects.filter(worker=OuterRef("pk"), holds_capacity=True))
+    )
+    if worker_id is not None:
+        drained = drained.filter(id=worker_id)
+    return drained.update(status=Worker.Status.OFFLINE)
+
+
+# --- run reports ---------------------------------------------------------------
+
+
+def _assignment(worker_id: Any, task_id: str, token: str) -> NodeAssignment | None:
+    return NodeAssignment.objects.filter(worker_id=worker_id, task_id=task_id, token=token).first()
+
+
+def assignment_ack(*, worker_id: Any, task_id: str, token: str) -> bool:
+    """The agent has the assignment; False if the token is not live on this worker."""
+    assignment = _assignment(worker_id, task_id, token)
+    if assignment is None or not assignment.holds_capacity:
+        return False
+    NodeAssignment.objects.filter(id=assignment.id, status=NodeAssignment.Status.ASSIGNED).update(
+        status=NodeAssignment.Status.ACKED, acked_at=timezone.now()
+    )
+    return True
+
+
+def assignment_is_live(*, worker_id: Any, task_id: str, token: str) -> bool:
+    """The fencing check for reports that change no run state (plugin and service reports)."""
+    assignment = _assignment(worker_id, task_id, token)
+    return assignment is not None and assignment.holds_capacity
+
+
+def assignment_log(*, worker_id: Any, task_id: str, token: str, lines: list[dict[str, str]]) -> bool:
+    """Store a batch of log lines of a run; False (stale) if the server took the run away."""
+    assignment = _assignment(worker_id, task_id, token)
+    if assignment is None or assignment.status == NodeAssignment.Status.LOST:
+        return False
+    append_lines(task_id=assignment.task_id, attempt=assignment.attempt, lines=lines)
+    return True
+
+
+def assignment_status(
+    *,
+    worker_id: Any,
+    task_id: str,
+    token: str,
+    status: str,
+    exit_code: int | None = None,
+    failure_reason: str = "",
+    error: str = "",
+    output: str = "",
+) -> StatusOutcome:
+    """Apply a worker's state report for one run, fenced by its token."""
+    with transaction.atomic():
+        task = Task.objects.select_for_update().filter(id=task_id).first()
+        assignment = _assignment(worker_id, task_id, token)
+        if task is None or assignment is None:
+            return STALE
+        if not assignment.holds_capacity:
+            # A re-sent final report we already applied is acknowledged again.
+            ended_by_worker = assignment.status in (NodeAssignment.Status.FINISHED, NodeAssignment.Status.CANCELLED)
+            return StatusOutcome(accepted=True) if ended_by_worker and status in _FINAL_REPORTS else STALE
+        if assignment.attempt != task.attempt or task.status not in _ACTIVE:
+            _release(assignment, status=NodeAssignment.Status.LOST)
+            return STALE
+        if status in _FINAL_REPORTS:
+            return _final_report(task, assignment, status, exit_code, failure_reason, error, output)
+        return _progress_report(task, assignment, status)
+
+
+_FINAL_REPORTS = frozenset({TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED})
+
+
+def _progress_report(task: Task, assignment: NodeAssignment, status: str) -> StatusOutcome:
+    now = timezone.now()
+    if status == TaskStatus.PREPARING:
+        NodeAssignment.objects.filter(id=assignment.id, status=NodeAssignment.Status.ASSIGNED).update(
+            status=NodeAssignment.Status.ACKED, acked_at=now
+        )
+        return StatusOutcome(accepted=True)
+    NodeAssignment.objects.filter(id=assignment.id).update(
+        status=NodeAssignment.Status.RUNNING, acked_at=assignment.acked_at or now
+    )
+    if task.status == status:  # another node of the same run got there first
+        return StatusOutcome(accepted=True)
+    if status == TaskStatus.COLLECTING and task.status == TaskStatus.PREPARING:
+        task_transition(task_id=task.id, to=TaskStatus.RUNNING)
+    moved = task_transition(task_id=task.id, to=status)
+    if moved is None:
+        logger.warning("task %s: refused report %s while %s", task.id, status, task.status)
+    return StatusOutcome(accepted=moved is not None)
+
+
+def _final_report(
+    task: Task,
+    assignment: NodeAssignment,
+    status: str,
+    exit_code: int | None,
+    failure_reason: str,
+    error: str,
+    output: str,
+) -> StatusOutcome:
+    if status == TaskStatus.COMPLETED:
+        _release(assignment, status=NodeAssignment.Status.FINISHED)
+        if _live_assignments_of_attempt(task, assignment.attempt).exists():
+            return StatusOutcome(accepted=True)  # the task completes with its last node
+        if task.status == TaskStatus.PREPARING:  # a run too quick to report `running`
+            task_transition(task_id=task.id, to=TaskStatus.RUNNING)
+        moved = task_transition(
+            task_id=task.id,
+            to=TaskStatus.COMPLETED,
+            exit_code=0 if exit_code is None else exit_code,
+            failure_reason="",
+            error=error,
+            output=output,
+        )
+        return StatusOutcome(accepted=moved is not None)
+    ended = NodeAssignment.Status.CANCELLED if status == TaskStatus.CANCELLED else NodeAssignment.Status.FINISHED
+    _release(assignment, status=ended)
+    _stop_siblings(task, assignment.attempt, reason=f"node {assignment.node_id} {status}")
+    if status == TaskStatus.CANCELLED and task.cancel_requested_at is None:
+        # The agent gave the run up on its own (shutting down): an infrastructure failure.
+        reason = Task.FailureReason.WORKER_LOST
+    elif status == TaskStatus.CANCELLED:
+        reason = Task.FailureReason.CANCELLED
+    else:
+        reason = failure_reason or (Task.FailureReason.EXIT_CODE if exit_code is not None else "preparation")
+    moved = fail_or_retry(task, reason=reason, exit_code=exit_code, error=error, output=output)
+    return StatusOutcome(accepted=moved is not None)
+
+
+def _live_assignments_of_attempt(task: Task, attempt: int):
+    return NodeAssignment.objects.filter(task_id=task.id, attempt=attempt, holds_capacity=True)
+
+
+def _release(assignment: NodeAssignment, *, status: str) -> bool:
+    """End an assignment and give its capacity back, once (a conditional UPDATE)."""
+    won = NodeAssignment.objects.filter(id=assignment.id, holds_capacity=True).update(
+        holds_capacity=False, status=status, ended_at=timezone.now()
+    )
+    if not won:
+        return False
+    slot = "used_service_slots" if assignment.slot_kind == Task.Kind.SERVICE else "used_batch_slots"
+    Worker.objects.filter(id=assignment.worker_id).update(
+        used_cpu=F("used_cpu") - assignment.cpu,
+        used_memory_gb=F("used_memory_gb") - assignment.memory_gb,
+        used_gpus=F("used_gpus") - assignment.gpus,
+        **{slot: F(slot) - 1},
+    )
+    _offline_if_drained(assignment.worker_id)
+    events.wake_scheduler("capacity_freed")
+    return True
+
+
+def _send_stop(assignment: NodeAssignment, reason: str) -> None:
+    events.send_on_commit(
+        [events.worker_group(assignment.worker_id)],
+        {"type": "worker.stop", "task_id": str(assignment.task_id), "token": str(assignment.token), "reason": reason},
+    )
+
+
+def _stop_siblings(task: Task, attempt: int, *, reason: str) -> None:
+    """The other nodes of a multi-node run cannot go on alone: take them away."""
+    for sibling in _live_assignments_of_attempt(task, attempt):
+        if _release(sibling, status=NodeAssignment.Status.LOST):
+            _send_stop(sibling, reason)
+
+
+def fail_or_retry(
+    task: Task, *, reason: str, exit_code: int | None = None, error: str = "", output: str = ""
+) -> Task | None:
+    """End an active run that did not complete: back to queued (with back-off) if retryable, else failed.
+
+    Only infrastructure failures are retried, plus non-zero exits of tasks
+    with `retry_on_exit_code`. A run ending while a cancel is pending ends
+    `cancelled`. Retries keep `queued_at`, so the task keeps its aging credit.
+    """
+    now = timezone.now()
+    if task.cancel_requested_at is not None:
+        return task_transition(
+            task_id=task.id,
+            to=TaskStatus.CANCELLED,
+            from_states=_ACTIVE,
+            failure_reason=Task.FailureReason.CANCELLED,
+            exit_code=exit_code,
+            error=error,
+            output=output,
+        )
+    retryable = reason in INFRASTRUCTURE_FAILURES or (
+        reason == Task.FailureReason.EXIT_CODE and task.retry_on_exit_code
+    )
+    if retryable and task.retry_count < task.max_retries:
+        retry = task.retry_count + 1
+        runnable_after = now + timedelta(seconds=retry_backoff_seconds(retry))
+        moved = task_transition(
+            task_id=task.id,
+            to=TaskStatus.QUEUED,
+            from_states=_ACTIVE,
+            retry_count=retry,
+            runnable_after=runnable_after,
+            worker=None,
+            started_at=None,
+            failure_reason=reason,
+            exit_code=exit_code,
+            error=error,
+            output=output,
+        )
+        if moved is not None:
+            record(
+                event_type="job_requeued",
+                user=moved.owner,
+                resource=f"task:{task.id}",
+                action="retry",
+                metadata={"attempt": task.attempt, "retry": retry, "reason": reason},
+            )
+        return moved
+    return task_transition(
+        task_id=task.id,
+        to=TaskStatus.FAILED,
+        from_states=_ACTIVE,
+        failure_reason=reason,
+        exit_code=exit_code,
+        error=error,
+        output=output,
+    )
+
+
+def end_run(*, assignment_id: Any, reason: str, error: str) -> bool:
+    """The server takes a live run away (lease, reconcile, backstop): stop it and fail or retry the task."""
+    with transaction.atomic():
+        assignment = NodeAssignment.objects.filter(id=assignment_id, holds_capacity=True).first()
+        if assignment is None:
+            return False
+        task = Task.objects.select_for_update().get(id=assignment.task_id)
+        if not _release(assignment, status=NodeAssignment.Status.LOST):
+            return False
+        _send_stop(assignment, error)
+        if task.attempt == assignment.attempt and task.status in _ACTIVE:
+            _stop_siblings(task, assignment.attempt, reason=error)
+            fail_or_retry(task, reason=reason, error=error)
+    return True
+
+
+# --- the scheduler's periodic duties -----------------------------------------
+
+
+def expire_leases(*, now: datetime | None = None) -> int:
+    """Workers silent for longer than the lease go offline; their runs are lost and re-queued."""
+    now = now or timezone.now()
+    cutoff = now - timedelta(seconds=app_settings.WORKER_LEASE_SECONDS)
+    silent = Q(last_heartbeat__lt=cutoff) | Q(last_heartbeat__isnull=True)
+    expired = 0
+    for worker_id, name in Worker.objects.filter(silent, status__in=_LIVE_WORKER_STATES).values_list("id", "name"):
+        with transaction.atomic():
+            if not Worker.objects.filter(silent, id=worker_id, status__in=_LIVE_WORKER_STATES).update(
+                status=Worker.Status.OFFLINE, channel_name=""
+            ):
+                continue
+            record(event_type="worker_changed", user="", resource=f"worker:{name}", action="lease_expired")
+            # If the agent is still connected (a one-way partition), make it reconnect and reconcile.
+            events.send_on_commit([events.worker_group(worker_id)], {"type": "worker.disconnect"})
+            events.status_changed("worker_offline", {"worker_id": str(worker_id)})
+        logger.warning("worker %s missed its lease; marked offline", name)
+        expired += 1
+    # Live runs on offline workers, including any left by a crash between the two steps.
+    orphaned = NodeAssignment.objects.filter(holds_capacity=True, worker__status=Worker.Status.OFFLINE)
+    for assignment_id in orphaned.values_list("id", flat=True):
+        expired += end_run(assignment_id=assignment_id, reason=Task.FailureReason.WORKER_LOST, error="worker lost")
+    return expired + _offline_if_drained()
+
+
+def enforce_timeouts(*, now: datetime | None = None) -> int:
+    """Backstop for the agent's own timeout: fail runs past timeout_seconds plus a margin."""
+    now = now or timezone.now()
+    margin = app_settings.TIMEOUT_MARGIN_SECONDS
+    running = Task.objects.filter(
+        status__in=(TaskStatus.RUNNING, TaskStatus.COLLECTING), timeout_seconds__isnull=False, started_at__isnull=False
+    ).values_list("id", "started_at", "timeout_seconds")
+    overdue = [tid for tid, started, limit in running if started + timedelta(seconds=limit + margin) < now]
+    for task_id in overdue:
+        with transaction.atomic():
+            task = Task.objects.select_for_update().get(id=task_id)
+            if task.status not in _ACTIVE:
+                continue
+            _stop_siblings(task, task.attempt, reason="timeout")
+            fail_or_retry(task, reason=Task.FailureReason.TIMEOUT, error="run exceeded timeout_seconds")
+    return len(overdue)
+
+
+def task_cancel_notify(*, task: Task) -> None:
+    """After commit, ask every worker holding a live node of `task` to cancel it."""
+    who = task.cancelled_by.get_username() if task.cancelled_by_id else "an operator"
+    for assignment in NodeAssignment.objects.filter(task_id=task.id, attempt=task.attempt, holds_capacity=True):
+        events.send_on_commit(
+            [events.worker_group(assignment.worker_id)],
+            {
+                "type": "worker.cancel",
+                "task_id": str(task.id),
+                "token": str(assignment.token),
+                "reason": f"cancelled by {who}",
+            },
+        )

@@ -1,0 +1,107 @@
+"""Capacity detection: CPU, memory, GPUs through a fake nvidia-smi on PATH, and flags that override it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from scheduler.agent.capacity import detect_capacity, detect_cpu_cores, gpu_type_from_name, parse_meminfo_gib
+
+FAKE_SMI = """#!/bin/sh
+# Answers only the query the agent makes, so a changed query fails the test.
+if [ "$1" = "--query-gpu=index,name,memory.total" ] && [ "$2" = "--format=csv,noheader" ]; then
+  echo "0, NVIDIA A100-SXM4-80GB, 81920 MiB"
+  echo "1, NVIDIA A100-SXM4-80GB, 81920 MiB"
+  exit 0
+fi
+echo "unexpected arguments: $*" >&2
+exit 9
+"""
+
+
+@pytest.fixture
+def fake_nvidia_smi(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    script = bin_dir / "nvidia-smi"
+    script.write_text(FAKE_SMI)
+    script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    return script
+
+
+@pytest.fixture
+def no_nvidia_smi(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))
+
+
+def test_gpus_are_detected_with_nvidia_smi(fake_nvidia_smi: Path) -> None:
+    capacity = detect_capacity()
+    assert (capacity.gpu_count, capacity.gpu_type) == (2, "A100")
+    assert capacity.batch_slots == 2
+    assert capacity.service_slots == 1
+
+
+def test_failing_nvidia_smi_means_no_gpus(fake_nvidia_smi: Path) -> None:
+    fake_nvidia_smi.write_text("#!/bin/sh\necho 'NVIDIA-SMI has failed' >&2\nexit 9\n")
+    capacity = detect_capacity()
+    assert (capacity.gpu_count, capacity.gpu_type, capacity.batch_slots) == (0, "", 1)
+
+
+@pytest.mark.usefixtures("no_nvidia_smi")
+def test_machine_without_gpus_gets_one_batch_slot_and_its_cpus_and_memory() -> None:
+    capacity = detect_capacity()
+    assert (capacity.gpu_count, capacity.gpu_type, capacity.batch_slots, capacity.service_slots) == (0, "", 1, 1)
+    assert capacity.cpu_cores == len(os.sched_getaffinity(0))
+    assert capacity.memory_gb == parse_meminfo_gib(Path("/proc/meminfo").read_text())
+
+
+def test_flags_override_detection(fake_nvidia_smi: Path) -> None:
+    capacity = detect_capacity(cpus=3, memory_gb=7, gpus=1, gpu_type="H100", batch_slots=4, service_slots=0)
+    assert capacity.as_capabilities() == {
+        "cpu_cores": 3,
+        "memory_gb": 7,
+        "gpu_count": 1,
+        "gpu_type": "H100",
+        "batch_slots": 4,
+        "service_slots": 0,
+    }
+
+
+def test_gpu_count_flag_keeps_the_detected_type(fake_nvidia_smi: Path) -> None:
+    capacity = detect_capacity(gpus=1)
+    assert (capacity.gpu_count, capacity.gpu_type, capacity.batch_slots) == (1, "A100", 1)
+
+
+def test_zero_gpus_flag_reports_no_gpu_type(fake_nvidia_smi: Path) -> None:
+    assert detect_capacity(gpus=0).gpu_type == ""
+
+
+@pytest.mark.parametrize(
+    ("name", "gpu_type"),
+    [
+        ("NVIDIA A100-SXM4-80GB", "A100"),
+        ("NVIDIA H100 80GB HBM3", "H100"),
+        ("NVIDIA H100 PCIe", "H100"),
+        ("Tesla V100-SXM2-16GB", "V100"),
+        ("Tesla T4", "T4"),
+        ("NVIDIA GeForce RTX 4090", "RTX 4090"),
+        ("Quadro RTX 6000", "RTX 6000"),
+        ("NVIDIA RTX A6000", "RTX A6000"),
+        ("NVIDIA L40S", "L40S"),
+    ],
+)
+def test_gpu_type_is_the_model_from_the_name(name: str, gpu_type: str) -> None:
+    assert gpu_type_from_name(name) == gpu_type
+
+
+def test_memory_is_whole_gib_rounded_down() -> None:
+    assert parse_meminfo_gib("MemTotal:       16777215 kB\nMemFree: 1 kB\n") == 15
+    assert parse_meminfo_gib("MemTotal:       16777216 kB\n") == 16
+    assert parse_meminfo_gib("nothing useful") is None
+
+
+def test_cpu_cores_are_those_this_process_may_use() -> None:
+    assert detect_cpu_cores() == len(os.sched_getaffinity(0))

@@ -1,0 +1,246 @@
+"""The agent's session with the server: hello, heartbeats, at-least-once finals, reconnects, reconcile, drain."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+import pytest
+
+from scheduler.agent.client import Agent, Backoff
+from scheduler.tests.agent_peer import (
+    TEST_CAPACITY,
+    Peer,
+    agent_config,
+    assign,
+    gated,
+    process_gone,
+    python,
+    run_async,
+    running_agent,
+    until,
+)
+
+
+def test_hello_reports_name_capabilities_and_address(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with Peer() as peer, running_agent(peer.url, tmp_path):
+            await peer.connected()
+            hello = peer.hellos[0]
+            assert (hello["type"], hello["version"], hello["name"]) == ("hello", 1, "test-box")
+            assert hello["capabilities"] == TEST_CAPACITY.as_capabilities()
+            assert hello["hostname"] == "127.0.0.1"
+            assert hello["running"] == []
+
+    run_async(scenario())
+
+
+def test_heartbeats_list_the_runs_the_agent_holds(tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
+
+    async def scenario() -> None:
+        async with Peer(heartbeat_seconds=0.1) as peer, running_agent(peer.url, tmp_path / "work"):
+            message = assign(gated(gate))
+            await peer.send(message)
+            beat = await peer.next(lambda m: m["type"] == "heartbeat" and m["running"])
+            assert beat["running"] == [{"task_id": message["task_id"], "token": message["token"]}]
+            gate.touch()
+            await peer.final(message["token"])
+            await peer.next(lambda m: m["type"] == "heartbeat" and m["running"] == [])
+
+    run_async(scenario())
+
+
+def test_final_status_is_resent_until_acknowledged(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with Peer(heartbeat_seconds=0.1, ack_finals=False) as peer, running_agent(peer.url, tmp_path) as agent:
+            message = assign(python("print('result')"))
+            token = message["token"]
+            await peer.send(message)
+            first = await peer.final(token)
+            again = await peer.final(token)
+            assert again == first
+            assert [run["token"] for run in agent.held_runs()] == [token]
+
+            await peer.send({"type": "status_ack", "task_id": message["task_id"], "token": token, "accepted": True})
+            await until(lambda: agent.held_runs() == [], what="the acknowledged run to be forgotten")
+            sent = sum(1 for m in peer.about(token) if m.get("status") == "completed")
+            await peer.next(lambda m: m["type"] == "heartbeat")
+            await peer.next(lambda m: m["type"] == "heartbeat")
+            assert sum(1 for m in peer.about(token) if m.get("status") == "completed") == sent
+
+    run_async(scenario())
+
+
+def test_outcome_of_a_run_finished_while_disconnected_is_reported_after_reconnect(tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
+
+    async def scenario() -> None:
+        async with Peer() as first, running_agent(first.url, tmp_path / "work") as agent:
+            message = assign(gated(gate))
+            token = message["token"]
+            await first.send(message)
+            await first.status(token, "running")
+            port = first.port
+            await first.close()  # the server goes away
+
+            gate.touch()
+            await until(lambda: agent.held_runs()[0]["status"] == "completed", what="the run to finish offline")
+            async with Peer(port=port) as second:
+                final = await second.final(token)
+                assert final["status"] == "completed"
+                assert final["output"] == "done"
+                assert second.hellos[0]["running"] == [
+                    {"task_id": message["task_id"], "token": token, "status": "completed"}
+                ]
+                await until(lambda: agent.held_runs() == [], what="the ack to be processed")
+
+    run_async(scenario())
+
+
+def test_run_keeps_going_across_a_server_restart_and_is_listed_in_hello(tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
+
+    async def scenario() -> None:
+        async with Peer() as first, running_agent(first.url, tmp_path / "work"):
+            message = assign(gated(gate))
+            token = message["token"]
+            await first.send(message)
+            await first.status(token, "running")
+            port = first.port
+            await first.close()
+            async with Peer(port=port) as second:
+                await second.connected()
+                assert second.hellos[0]["running"] == [
+                    {"task_id": message["task_id"], "token": token, "status": "running"}
+                ]
+                gate.touch()
+                final = await second.final(token)
+                assert final["status"] == "completed"
+                assert [m["status"] for m in second.about(token) if m["type"] == "status"] == [
+                    "collecting",
+                    "completed",
+                ]
+
+    run_async(scenario())
+
+
+def test_reconcile_kill_stops_the_run_without_reporting_it(tmp_path: Path) -> None:
+    code = "import os, time\nprint(os.getpid())\ntime.sleep(300)"
+
+    async def scenario() -> None:
+        async with Peer() as first, running_agent(first.url, tmp_path) as agent:
+            message = assign(python(code))
+            token = message["token"]
+            await first.send(message)
+            pid = int((await first.next(lambda m: m["type"] == "log" and m["token"] == token))["lines"][0]["line"])
+            port = first.port
+            await first.close()
+
+            async with Peer(port=port, kill=[token], heartbeat_seconds=0.1) as second:
+                await second.connected()
+                assert second.hellos[0]["running"][0]["token"] == token
+                await until(lambda: process_gone(pid), timeout=5, what="the reconciled run to die")
+                await second.next(lambda m: m["type"] == "heartbeat" and m["running"] == [])
+                assert agent.held_runs() == []
+                assert second.about(token) == []
+
+    run_async(scenario())
+
+
+def test_server_drain_refuses_new_work_and_ends_once_runs_are_reported(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    gate = tmp_path / "gate"
+
+    async def scenario() -> None:
+        async with Peer() as peer:
+            agent = Agent(agent_config(peer.url, tmp_path / "work"))
+            serving = asyncio.create_task(agent.run())
+            message = assign(gated(gate))
+            await peer.send(message)
+            await peer.status(message["token"], "running")
+
+            await peer.send({"type": "drain"})
+            refused = assign(python("print('never')"))
+            await peer.send(refused)
+            await until(lambda: "not taking task " + refused["task_id"] in caplog.text, what="the refusal")
+            gate.touch()
+
+            assert await asyncio.wait_for(serving, 15) == 0
+            assert (await peer.final(message["token"]))["status"] == "completed"
+            assert peer.about(refused["token"]) == []
+            assert not (tmp_path / "work" / refused["task_id"]).exists()
+
+    with caplog.at_level(logging.INFO, logger="scheduler.agent"):
+        run_async(scenario())
+
+
+def test_forced_shutdown_kills_runs_and_reports_them_as_worker_lost(tmp_path: Path) -> None:
+    code = "import os, signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nprint(os.getpid())\ntime.sleep(300)"
+
+    async def scenario() -> None:
+        async with Peer() as peer:
+            agent = Agent(agent_config(peer.url, tmp_path))
+            serving = asyncio.create_task(agent.run())
+            message = assign(python(code), cancel_grace_seconds=60)
+            await peer.send(message)
+            pid = int((await peer.next(lambda m: m["type"] == "log"))["lines"][0]["line"])
+
+            agent.drain()
+            agent.shutdown()
+
+            assert await asyncio.wait_for(serving, 15) == 0
+            final = await peer.final(message["token"])
+            assert (final["status"], final["failure_reason"]) == ("failed", "worker_lost")
+            assert process_gone(pid)
+
+    run_async(scenario())
+
+
+def test_forced_shutdown_without_a_server_exits_non_zero(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with Peer() as peer:
+            agent = Agent(agent_config(peer.url, tmp_path, shutdown_report_seconds=0.3))
+            serving = asyncio.create_task(agent.run())
+            message = assign(python("import time\nprint('up')\ntime.sleep(300)"))
+            await peer.send(message)
+            await peer.next(lambda m: m["type"] == "log")
+        agent.shutdown()
+        assert await asyncio.wait_for(serving, 15) == 1
+
+    run_async(scenario())
+
+
+def test_refused_credentials_stop_the_agent(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with Peer() as peer:
+            agent = Agent(agent_config(peer.url, tmp_path, api_key="fetchml_wrong_key"))
+            assert await asyncio.wait_for(agent.run(), 10) == 2
+            assert peer.hellos == []
+
+    run_async(scenario())
+
+
+def test_agent_retries_until_the_server_appears(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with Peer() as probe:
+            port = probe.port
+        async with running_agent(f"ws://127.0.0.1:{port}/ws/worker", tmp_path) as agent:
+            await until(lambda: agent.failed_attempts >= 2, what="attempts against the closed port")
+            async with Peer(port=port) as peer:
+                await peer.connected()
+                assert peer.hellos[0]["name"] == "test-box"
+
+    run_async(scenario())
+
+
+def test_backoff_grows_with_jitter_up_to_the_cap() -> None:
+    backoff = Backoff(initial=0.5, maximum=10.0)
+    delays = [backoff.next_delay() for _ in range(10)]
+    assert 0.25 <= delays[0] <= 0.5
+    assert 0.5 <= delays[1] <= 1.0
+    assert all(5.0 <= d <= 10.0 for d in delays[6:])
+    backoff.reset()
+    assert backoff.next_delay() <= 0.5

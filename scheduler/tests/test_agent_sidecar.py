@@ -1,0 +1,167 @@
+"""Plugins in runs, agent side: sidecars start beside the task, are probed over HTTP, reported
+and stopped with it; `{output_dir}` and `{port}` are replaced; a broken sidecar never fails a task."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from scheduler.tests.agent_peer import Peer, assign, gated, process_gone, python, run_async, running_agent, until
+
+HTTP_SIDECAR = {
+    "name": "httpside",
+    "version": "1.2.0",
+    "command": [sys.executable, "-m", "http.server", "{port}", "--bind", "127.0.0.1", "--directory", "{output_dir}"],
+    "image": "",
+    "health_path": "/",
+}
+
+
+def _plugin_status(name: str, status: str):
+    return lambda m: m["type"] == "plugin_status" and m["name"] == name and m["status"] == status
+
+
+def _sidecar_pid(port: str) -> int:
+    """The pid of the process whose command line serves `port` (our sidecar)."""
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                argv = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"http.server" in argv and port.encode() in argv:
+                return int(entry.name)
+    raise AssertionError(f"no sidecar process serves port {port}")
+
+
+def test_sidecar_is_started_healthy_reachable_and_stopped_with_its_task(tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
+
+    async def scenario() -> None:
+        async with Peer() as peer, running_agent(peer.url, tmp_path / "work"):
+            message = assign(gated(gate), sidecars=[HTTP_SIDECAR])
+            await peer.send(message)
+            healthy = await peer.next(_plugin_status("httpside", "healthy"))
+            assert healthy["token"] == message["token"]
+            assert healthy["url"].startswith("http://127.0.0.1:")
+            with urllib.request.urlopen(healthy["url"] + "/", timeout=5) as response:
+                assert response.status == 200
+            pid = _sidecar_pid(healthy["url"].rsplit(":", 1)[1])
+
+            gate.touch()
+            assert (await peer.final(message["token"]))["status"] == "completed"
+            stopped = [m for m in peer.about(message["token"]) if m["type"] == "plugin_status"][-1]
+            assert (stopped["status"], stopped["url"]) == ("stopped", healthy["url"])
+            await until(lambda: process_gone(pid), what="the sidecar to be gone")
+
+    run_async(scenario())
+
+
+def test_sidecar_is_reported_stopped_before_the_final_status(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with Peer() as peer, running_agent(peer.url, tmp_path):
+            message = assign(python("import time; time.sleep(0.5)"), sidecars=[HTTP_SIDECAR])
+            await peer.send(message)
+            await peer.final(message["token"])
+            kinds = [m.get("status") for m in peer.about(message["token"]) if m["type"] in {"status", "plugin_status"}]
+            assert kinds.index("stopped") < kinds.index("completed")
+
+    run_async(scenario())
+
+
+def test_output_dir_is_replaced_in_env_values(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with Peer() as peer, running_agent(peer.url, tmp_path):
+            code = "import os; print(os.environ['TRACK_DIR'] == os.environ['FETCHML_OUTPUT_DIR'] + '/track')"
+            message = assign(python(code), env={"TRACK_DIR": "{output_dir}/track"})
+            await peer.send(message)
+            assert (await peer.final(message["token"]))["output"] == "True"
+
+    run_async(scenario())
+
+
+def test_sidecar_that_cannot_start_is_unhealthy_and_the_task_still_completes(tmp_path: Path) -> None:
+    broken = {**HTTP_SIDECAR, "name": "broken", "command": [str(tmp_path / "no-such-program"), "{port}"]}
+
+    async def scenario() -> None:
+        async with Peer() as peer, running_agent(peer.url, tmp_path / "work"):
+            message = assign(python("print('trained')"), sidecars=[broken])
+            await peer.send(message)
+            assert (await peer.next(_plugin_status("broken", "unhealthy")))["token"] == message["token"]
+            assert (await peer.final(message["token"]))["status"] == "completed"
+
+    run_async(scenario())
+
+
+def test_sidecar_that_exits_before_answering_is_unhealthy(tmp_path: Path) -> None:
+    quitter = {**HTTP_SIDECAR, "name": "quitter", "command": [sys.executable, "-c", "raise SystemExit(1)"]}
+    gate = tmp_path / "gate"
+
+    async def scenario() -> None:
+        async with Peer() as peer, running_agent(peer.url, tmp_path / "work"):
+            message = assign(gated(gate), sidecars=[quitter])
+            await peer.send(message)
+            await peer.next(_plugin_status("quitter", "unhealthy"))
+            gate.touch()
+            assert (await peer.final(message["token"]))["status"] == "completed"
+
+    run_async(scenario())
+
+
+def test_malformed_sidecar_is_unhealthy_and_the_task_still_completes(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with Peer() as peer, running_agent(peer.url, tmp_path):
+            message = assign(python("print('ok')"), sidecars=[{"name": "odd", "command": "not a list"}])
+            await peer.send(message)
+            await peer.next(_plugin_status("odd", "unhealthy"))
+            assert (await peer.final(message["token"]))["status"] == "completed"
+
+    run_async(scenario())
+
+
+def test_config_message_is_recorded_by_the_agent(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="scheduler.agent.client")
+
+    async def scenario() -> None:
+        async with Peer() as peer, running_agent(peer.url, tmp_path) as agent:
+            plugin = {"name": "mlflow", "version": "1.0.0", "enabled": True, "mode": "remote", "image": ""}
+            await peer.send({"type": "config", "plugins": [plugin], "restart_required": True})
+            await until(lambda: "mlflow" in agent.plugins, what="the agent to take the configuration")
+            assert agent.plugins["mlflow"]["mode"] == "remote"
+
+    run_async(scenario())
+    assert any("plugin mlflow is now enabled" in record.getMessage() for record in caplog.records)
+
+
+def test_assign_env_is_never_logged(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+
+    async def scenario() -> None:
+        async with Peer() as peer, running_agent(peer.url, tmp_path):
+            message = assign(python("print('ok')"), env={"WANDB_API_KEY": "very-secret-value"})
+            await peer.send(message)
+            await peer.final(message["token"])
+
+    run_async(scenario())
+    assert not any("very-secret-value" in record.getMessage() for record in caplog.records)
+
+
+def test_sidecar_process_group_is_killed_when_the_agent_stops(tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
+
+    async def scenario() -> int:
+        async with Peer() as peer, running_agent(peer.url, tmp_path / "work"):
+            message = assign(gated(gate), sidecars=[HTTP_SIDECAR])
+            await peer.send(message)
+            healthy = await peer.next(_plugin_status("httpside", "healthy"))
+            return _sidecar_pid(healthy["url"].rsplit(":", 1)[1])
+
+    pid = run_async(scenario())
+    asyncio.run(until(lambda: process_gone(pid), what="the sidecar to be gone"))
+    assert not os.path.exists(f"/proc/{pid}/cmdline") or process_gone(pid)

@@ -1,0 +1,438 @@
+"""The worker WebSocket `/ws/worker`: auth, hello/welcome, validation, assign/ack/status, fencing, cancel, logs."""
+
+import json
+import uuid
+
+import pytest
+from channels.db import database_sync_to_async
+
+from fetchml.auth import Actor
+from fetchml.tests.factories import ApiKeyFactory
+from scheduler.dispatch import dispatch_round
+from scheduler.models import NodeAssignment, Worker
+from scheduler.services import worker_drain
+from scheduler.tests.factories import UserFactory, queued_task
+from scheduler.tests.ws import close_code, connect, expect_nothing, receive, run, send, start_worker
+from tasks.models import Task, TaskLogLine
+from tasks.services import task_cancel
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("channel_layer", "thread_connections")]
+
+db = database_sync_to_async
+
+
+@db
+def _submit(**fields) -> Task:
+    return queued_task(owner=UserFactory(username="alice"), **fields)
+
+
+@db
+def _reload(model, pk):
+    return model.objects.get(pk=pk)
+
+
+async def _assigned(communicator, **fields) -> tuple[Task, dict]:
+    """Submit a task, dispatch it, return it with the `assign` the worker received."""
+    task = await _submit(**fields)
+    assert await db(dispatch_round)() == 1
+    message = await receive(communicator)
+    assert message["type"] == "assign", message
+    return task, message
+
+
+def test_connection_without_an_api_key_is_closed_with_4401():
+    async def scenario():
+        communicator = await connect(None)
+        assert await close_code(communicator) == 4401
+
+    run(scenario())
+
+
+def test_api_key_in_the_query_string_is_refused(worker_key):
+    async def scenario():
+        communicator = await connect(None, query=f"api_key={worker_key}")
+        assert await close_code(communicator) == 4401
+
+    run(scenario())
+
+
+def test_key_without_the_worker_role_is_closed_with_4403(user):
+    raw = ApiKeyFactory.raw(user=user, role="user")
+
+    async def scenario():
+        communicator = await connect(raw)
+        assert await close_code(communicator) == 4403
+
+    run(scenario())
+
+
+def test_hello_is_answered_with_welcome_and_registers_the_worker(worker_key):
+    async def scenario():
+        communicator, welcome = await start_worker(worker_key, name="gpu-box-1", cpu_cores=32)
+        await communicator.disconnect()
+        return welcome
+
+    welcome = run(scenario())
+
+    box = Worker.objects.get(name="gpu-box-1")
+    assert welcome["worker_id"] == str(box.id)
+    assert welcome["reconcile"] == {"keep": [], "kill": []}
+    assert welcome["heartbeat_seconds"] > 0 and welcome["lease_seconds"] > welcome["heartbeat_seconds"]
+    assert (box.status, box.cpu_cores, box.gpu_type, box.hostname) == ("active", 32, "A100", "10.0.0.7")
+
+
+def test_reconnect_with_the_same_name_is_the_same_worker(worker_key):
+    async def scenario():
+        first, welcome1 = await start_worker(worker_key, name="box-7")
+        await first.disconnect()
+        second, welcome2 = await start_worker(worker_key, name="box-7")
+        await second.disconnect()
+        return welcome1["worker_id"], welcome2["worker_id"]
+
+    first_id, second_id = run(scenario())
+
+    assert first_id == second_id
+    assert Worker.objects.filter(name="box-7").count() == 1
+
+
+def test_second_live_connection_with_the_same_name_is_closed_with_4409(worker_key):
+    async def scenario():
+        first, _ = await start_worker(worker_key, name="twin")
+        second = await connect(worker_key)
+        await send(second, {"type": "hello", "name": "twin", "capabilities": {}})
+        code = await close_code(second)
+        await first.disconnect()
+        return code
+
+    assert run(scenario()) == 4409
+
+
+def test_first_message_that_is_not_hello_closes_with_4400(worker_key):
+    async def scenario():
+        communicator = await connect(worker_key)
+        await send(communicator, {"type": "heartbeat", "running": []})
+        error = await receive(communicator)
+        return error, await close_code(communicator)
+
+    error, code = run(scenario())
+
+    assert (error["type"], code) == ("error", 4400)
+
+
+@pytest.mark.parametrize(
+    ("frame", "code"),
+    [
+        ("not json", "BAD_MESSAGE"),
+        ('["a", "list"]', "BAD_MESSAGE"),
+        ('{"type": "teleport", "version": 1}', "UNKNOWN_TYPE"),
+        ('{"type": "heartbeat", "version": 2, "running": []}', "BAD_VERSION"),
+        ('{"type": "ack", "version": 1, "task_id": "x"}', "BAD_MESSAGE"),
+        (
+            json.dumps(
+                {
+                    "type": "status",
+                    "version": 1,
+                    "task_id": str(uuid.uuid4()),
+                    "token": str(uuid.uuid4()),
+                    "status": "won",
+                }
+            ),
+            "BAD_MESSAGE",
+        ),
+    ],
+    ids=["not-json", "not-object", "unknown-type", "wrong-version", "bad-field", "bad-status"],
+)
+def test_bad_message_gets_an_error_and_the_connection_keeps_working(worker_key, frame, code):
+    async def scenario():
+        communicator, _ = await start_worker(worker_key)
+        await communicator.send_to(text_data=frame)
+        error = await receive(communicator)
+        await send(
+            communicator, {"type": "heartbeat", "running": [{"task_id": str(uuid.uuid4()), "token": str(uuid.uuid4())}]}
+        )
+        after = await receive(communicator)  # a stop for the unknown run: the connection still answers
+        await communicator.disconnect()
+        return error, after
+
+    error, after = run(scenario())
+
+    assert (error["type"], error["code"], error["version"]) == ("error", code, 1)
+    assert after["type"] == "stop"
+
+
+def test_assign_is_delivered_to_the_worker_after_dispatch(worker_key):
+    async def scenario():
+        communicator, _ = await start_worker(worker_key)
+        task, message = await _assigned(communicator, gpu=2, gpu_type="A100", cpu=4, env={"A": "1"}, timeout_seconds=60)
+        await communicator.disconnect()
+        return task, message
+
+    task, message = run(scenario())
+
+    assignment = NodeAssignment.objects.get(task=task)
+    assert message["task_id"] == str(task.id) and message["token"] == str(assignment.token)
+    assert message["attempt"] == 1 and message["entrypoint"] == task.entrypoint and message["env"] == {"A": "1"}
+    assert message["resources"] == {"cpu": 4, "memory_gb": 0, "gpus": 2, "gpu_indices": [0, 1]}
+    assert message["node"] == {"rank": 0, "count": 1, "master_addr": "10.0.0.7", "master_port": 29500}
+    assert message["timeout_seconds"] == 60
+
+
+def test_unacknowledged_assignment_is_sent_again_on_reconnect(worker_key):
+    async def scenario():
+        communicator, _ = await start_worker(worker_key)
+        _, first = await _assigned(communicator)
+        await communicator.disconnect()
+        again, _ = await start_worker(worker_key)
+        resent = await receive(again)
+        await again.disconnect()
+        return first, resent
+
+    first, resent = run(scenario())
+
+    assert resent == first
+
+
+def test_ack_marks_the_assignment_acknowledged(worker_key):
+    async def scenario():
+        communicator, _ = await start_worker(worker_key)
+        task, assign = await _assigned(communicator)
+        await send(communicator, {"type": "ack", "task_id": assign["task_id"], "token": assign["token"]})
+        await expect_nothing(communicator)
+        await communicator.disconnect()
+        return task
+
+    task = run(scenario())
+
+    assignment = NodeAssignment.objects.get(task=task)
+    assert assignment.status == "acked" and assignment.acked_at is not None
+
+
+def test_status_reports_move_the_task_to_completed_and_free_the_capacity(worker_key):
+    async def scenario():
+        communicator, _ = await start_worker(worker_key)
+        task, assign = await _assigned(communicator, cpu=4)
+        run_ref = {"task_id": assign["task_id"], "token": assign["token"]}
+        await send(communicator, {"type": "ack", **run_ref})
+        await send(communicator, {"type": "status", **run_ref, "status": "running"})
+        await send(communicator, {"type": "status", **run_ref, "status": "collecting"})
+        await send(communicator, {"type": "status", **run_ref, "status": "completed", "exit_code": 0, "output": "ok"})
+        ack = await receive(communicator)
+        await communicator.disconnect()
+        return task, ack
+
+    task, ack = run(scenario())
+
+    task.refresh_from_db()
+    assert ack == {"type": "status_ack", "version": 1, "task_id": str(task.id), "token": ack["token"], "accepted": True}
+    assert (task.status, task.exit_code, task.output) == ("completed", 0, "ok")
+    assert task.started_at is not None and task.ended_at is not None
+    box = Worker.objects.get()
+    assert (box.used_cpu, box.used_batch_slots) == (0, 0)
+    assert NodeAssignment.objects.get(task=task).status == "finished"
+
+
+def test_failed_report_records_exit_code_and_error(worker_key):
+    async def scenario():
+        communicator, _ = await start_worker(worker_key)
+        task, assign = await _assigned(communicator)
+        run_ref = {"task_id": assign["task_id"], "token": assign["token"]}
+        await send(communicator, {"type": "status", **run_ref, "status": "running"})
+        await send(
+            communicator,
+            {
+                "type": "status",
+                **run_ref,
+                "status": "failed",
+                "exit_code": 2,
+                "failure_reason": "exit_code",
+                "error": "boom",
+            },
+        )
+        ack = await receive(communicator)
+        await communicator.disconnect()
+        return task, ack
+
+    task, ack = run(scenario())
+
+    task.refresh_from_db()
+    assert ack["type"] == "status_ack" and ack["accepted"] is True
+    assert (task.status, task.exit_code, task.failure_reason, task.error) == ("failed", 2, "exit_code", "boom")
+
+
+def test_message_with_a_stale_token_gets_stop_and_changes_nothing(worker_key):
+    async def scenario():
+        communicator, _ = await start_worker(worker_key)
+        task, assign = await _assigned(communicator)
+        stale = {"task_id": assign["task_id"], "token": str(uuid.uuid4())}
+        await send(communicator, {"type": "status", **stale, "status": "completed", "exit_code": 0})
+        stop = await receive(communicator)
+        await communicator.disconnect()
+        return task, stop, stale
+
+    task, stop, stale = run(scenario())
+
+    task.refresh_from_db()
+    assert (stop["type"], stop["task_id"], stop["token"]) == ("stop", stale["task_id"], stale["token"])
+    assert task.status == "preparing"
+    assert NodeAssignment.objects.get(task=task).holds_capacity
+
+
+def test_final_report_sent_again_is_acknowledged_again(worker_key):
+    async def scenario():
+        communicator, _ = await start_worker(worker_key)
+        _, assign = await _assigned(communicator)
+        final = {"type": "status", "task_id": assign["task_id"], "token": assign["token"], "status": "completed"}
+        await send(communicator, {**final, "status": "running"})
+        await send(communicator, final)
+        first = await receive(communicator)
+        await send(communicator, final)
+        second = await receive(communicator)
+        await communicator.disconnect()
+        return first, second
+
+    first, second = run(scenario())
+
+    assert first == second and second["type"] == "status_ack"
+
+
+def test_reconnect_keeps_runs_still_assigned_and_kills_the_others(worker_key):
+    unknown = {"task_id": str(uuid.uuid4()), "token": str(uuid.uuid4())}
+
+    async def scenario():
+        communicator, _ = await start_worker(worker_key)
+        task, assign = await _assigned(communicator)
+        run_ref = {"task_id": assign["task_id"], "token": assign["token"]}
+        await send(communicator, {"type": "ack", **run_ref})
+        await send(communicator, {"type": "status", **run_ref, "status": "running"})
+        await expect_nothing(communicator)
+        await communicator.disconnect()
+        again, welcome = await start_worker(worker_key, running=[run_ref, unknown])
+        await again.disconnect()
+        return task, assign, welcome
+
+    task, assign, welcome = run(scenario())
+
+    assert welcome["reconcile"] == {"keep": [assign["token"]], "kill": [unknown["token"]]}
+    task.refresh_from_db()
+    assert task.status == "running"
+
+
+def test_acknowledged_run_missing_after_reconnect_is_lost_and_requeued(worker_key):
+    async def scenario():
+        communicator, _ = await start_worker(worker_key)
+        task, assign = await _assigned(communicator)
+        await send(communicator, {"type": "ack", "task_id": assign["task_id"], "token": assign["token"]})
+        await expect_nothing(communicator)
+        await communicator.disconnect()
+        again, _ = await start_worker(worker_key, running=[])
+        await again.disconnect()
+        return task
+
+    task = run(scenario())
+
+    task.refresh_from_db()
+    assert (task.status, task.retry_count, task.failure_reason) == ("queued", 1, "worker_lost")
+    assert NodeAssignment.objects.get(task=task).status == "lost"
+
+
+def test_heartbeat_extends_the_lease(worker_key):
+    async def scenario():
+        communicator, welcome = await start_worker(worker_key)
+        await db(Worker.objects.filter(id=welcome["worker_id"]).update)(last_heartbeat=None)
+        await send(communicator, {"type": "heartbeat", "running": []})
+        await expect_nothing(communicator)
+        await communicator.disconnect()
+        return welcome["worker_id"]
+
+    worker_id = run(scenario())
+
+    assert Worker.objects.get(id=worker_id).last_heartbeat is not None
+
+
+def test_cancel_of_a_running_task_reaches_the_worker_connection(worker_key):
+    async def scenario():
+        communicator, _ = await start_worker(worker_key)
+        task, assign = await _assigned(communicator)
+        owner = await db(lambda: task.owner)()
+        await db(task_cancel)(task=await _reload(Task, task.id), actor=Actor(user=owner, role="user"))
+        cancel = await receive(communicator)
+        await communicator.disconnect()
+        return assign, cancel
+
+    assign, cancel = run(scenario())
+
+    assert cancel == {
+        "type": "cancel",
+        "version": 1,
+        "task_id": assign["task_id"],
+        "token": assign["token"],
+        "reason": "cancelled by alice",
+    }
+
+
+def test_pending_cancel_is_sent_again_with_the_heartbeat(worker_key):
+    async def scenario():
+        communicator, _ = await start_worker(worker_key)
+        task, assign = await _assigned(communicator)
+        owner = await db(lambda: task.owner)()
+        await db(task_cancel)(task=await _reload(Task, task.id), actor=Actor(user=owner, role="user"))
+        await receive(communicator)
+        await send(
+            communicator, {"type": "heartbeat", "running": [{"task_id": assign["task_id"], "token": assign["token"]}]}
+        )
+        again = await receive(communicator)
+        await communicator.disconnect()
+        return again
+
+    assert run(scenario())["type"] == "cancel"
+
+
+def test_cancelled_report_ends_the_task_cancelled_and_keeps_who_cancelled_it(worker_key):
+    async def scenario():
+        communicator, _ = await start_worker(worker_key)
+        task, assign = await _assigned(communicator)
+        owner = await db(lambda: task.owner)()
+        await db(task_cancel)(task=await _reload(Task, task.id), actor=Actor(user=owner, role="user"))
+        await receive(communicator)
+        run_ref = {"task_id": assign["task_id"], "token": assign["token"]}
+        await send(communicator, {"type": "status", **run_ref, "status": "cancelled", "exit_code": -15})
+        ack = await receive(communicator)
+        await communicator.disconnect()
+        return task, ack
+
+    task, ack = run(scenario())
+
+    task.refresh_from_db()
+    assert ack["type"] == "status_ack"
+    assert (task.status, task.failure_reason, task.cancelled_by.username) == ("cancelled", "cancelled", "alice")
+    assert Worker.objects.get().used_batch_slots == 0
+
+
+def test_log_lines_are_stored_for_the_current_attempt(worker_key):
+    async def scenario():
+        communicator, _ = await start_worker(worker_key)
+        task, assign = await _assigned(communicator)
+        lines = [{"stream": "stdout", "line": "epoch 1"}, {"stream": "stderr", "line": "warning"}]
+        await send(
+            communicator, {"type": "log", "task_id": assign["task_id"], "token": assign["token"], "lines": lines}
+        )
+        await expect_nothing(communicator)
+        await communicator.disconnect()
+        return task
+
+    task = run(scenario())
+
+    stored = list(TaskLogLine.objects.filter(task=task).order_by("id").values_list("attempt", "stream", "line"))
+    assert stored == [(1, "stdout", "epoch 1"), (1, "stderr", "warning")]
+
+
+def test_drain_is_delivered_to_the_worker(worker_key, admin_user):
+    async def scenario():
+        communicator, welcome = await start_worker(worker_key)
+        box = await _reload(Worker, welcome["worker_id"])
+        await db(worker_drain)(worker=box, actor=Actor(user=admin_user, role="admin"))
+        message = await receive(communicator)
+        await communicator.disconnect()
+        return message
+
+    assert run(scenario()) == {"type": "drain", "version": 1}

@@ -1,0 +1,135 @@
+"""End to end: the embedded `serve` with its own worker, a server crash, and the scheduler losing its database."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from django.db import connection, connections, transaction
+
+from conftest import requires_postgres
+from fetchml.testing import database_url_for
+from fetchml.tests.factories import ApiKeyFactory, UserFactory
+from scheduler.models import NodeAssignment, Worker
+from scheduler.tests.live_system import SCHEDULER_APPLICATION_NAME, LiveSystem, python_command, wait_until
+from tasks.models import Task
+
+pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
+
+
+@pytest.fixture
+def owner_key(user) -> str:
+    return ApiKeyFactory.raw(user=user, role="user")
+
+
+@pytest.fixture
+def agent_key(db) -> str:
+    return ApiKeyFactory.raw(user=UserFactory(username="e2e-agent"), role="worker")
+
+
+def test_serve_with_one_local_worker_runs_a_submitted_task(tmp_path: Path, owner_key: str) -> None:
+    with LiveSystem(tmp_path=tmp_path, database_url=database_url_for(connection), serve_workers=1) as system:
+        task = system.submit(owner_key, entrypoint=python_command("print('hello from make run')"))
+        done = system.wait_for_status(owner_key, task["id"], "completed", timeout=60)
+
+    assert done["output"] == "hello from make run"
+    assert Worker.objects.get(id=done["worker_id"]).name.endswith("-local-1")
+    assert (tmp_path / "var" / "local-worker.key").exists()
+
+
+@requires_postgres
+def test_runs_survive_a_crash_and_restart_of_the_server(tmp_path: Path, owner_key: str, agent_key: str) -> None:
+    gate = tmp_path / "gate"
+    code = f"import os, time\nwhile not os.path.exists({str(gate)!r}): time.sleep(0.02)\nprint('survived')"
+    with LiveSystem(tmp_path=tmp_path, database_url=database_url_for(connection)) as system:
+        system.start_worker("a", key=agent_key, slots=2)
+        system.start_worker("b", key=agent_key, slots=2)
+        tasks = [system.submit(owner_key, entrypoint=python_command(code)) for _ in range(3)]
+        for task in tasks:
+            system.wait_for_task(owner_key, task["id"], lambda t: t["status"] == "running")
+
+        system.kill_server()
+        crashed_at = time.time()
+        system.start_server()  # same port: the agents reconnect on their own
+        wait_until(
+            lambda: all(w.connected_at.timestamp() > crashed_at for w in Worker.objects.all()),
+            what="both workers to reconnect",
+        )
+        after = system.submit(owner_key, entrypoint=python_command(code))
+        gate.touch()
+        done = [system.wait_for_status(owner_key, task["id"], "completed") for task in [*tasks, after]]
+
+    assert [task["output"] for task in done] == ["survived"] * 4
+    # Nothing was lost or retried: each run is the first and only attempt.
+    assert [(task["attempt"], task["retry_count"]) for task in done] == [(1, 0)] * 4
+    for task in done:
+        assert list(NodeAssignment.objects.filter(task_id=task["id"]).values_list("status", flat=True)) == ["finished"]
+
+
+def _terminate_scheduler_backends() -> int:
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = %s",
+            [SCHEDULER_APPLICATION_NAME],
+        )
+        return cursor.fetchone()[0]
+
+
+def _placement_violations() -> list[str]:
+    """Tasks not either queued without a live assignment or active with exactly one, in one snapshot."""
+    with transaction.atomic():
+        with connection.cursor() as cursor:
+            cursor.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        live: dict[str, list[int]] = {}
+        for task_id, attempt in NodeAssignment.objects.filter(holds_capacity=True).values_list("task_id", "attempt"):
+            live.setdefault(str(task_id), []).append(attempt)
+        problems = []
+        for task_id, status, attempt in Task.objects.values_list("id", "status", "attempt"):
+            held = live.get(str(task_id), [])
+            if status == "queued" and held:
+                problems.append(f"{task_id} queued but holds {held}")
+            if status in ("preparing", "running", "collecting") and held != [attempt]:
+                problems.append(f"{task_id} {status} attempt {attempt} holds {held}")
+        return problems
+
+
+@requires_postgres
+@pytest.mark.skipif(not os.environ.get("REDIS_URL"), reason="a separate scheduler process needs REDIS_URL")
+def test_scheduler_losing_its_database_connections_mid_dispatch_places_each_task_once_and_recovers(
+    tmp_path: Path, owner_key: str, agent_key: str
+) -> None:
+    with LiveSystem(tmp_path=tmp_path, database_url=database_url_for(connection), separate_scheduler=True) as system:
+        system.start_worker("a", key=agent_key, slots=3)
+        system.start_worker("b", key=agent_key, slots=3)
+        terminated, violations = [], []
+        stop = threading.Event()
+
+        def kill_repeatedly() -> None:
+            try:
+                while not stop.is_set() and len(terminated) < 12:
+                    terminated.append(_terminate_scheduler_backends())
+                    violations.extend(_placement_violations())
+                    stop.wait(0.15)
+            finally:
+                connections.close_all()
+
+        killer = threading.Thread(target=kill_repeatedly)
+        killer.start()
+        try:
+            tasks = [system.submit(owner_key, entrypoint="sleep 0.1") for _ in range(40)]
+        finally:
+            killer.join(timeout=30)
+            stop.set()
+            killer.join()
+        done = [system.wait_for_status(owner_key, task["id"], "completed", timeout=60) for task in tasks]
+
+    assert sum(terminated) > 0, "no scheduler connection was terminated"
+    assert violations == []
+    assert _placement_violations() == []
+    for task in done:
+        runs = list(NodeAssignment.objects.filter(task_id=task["id"]).values_list("attempt", "status"))
+        assert runs == [(task["attempt"], "finished")], (task["id"], runs)
+    assert not Worker.objects.exclude(used_batch_slots=0).exists()

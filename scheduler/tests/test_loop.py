@@ -1,0 +1,158 @@
+"""The scheduler loop: woken by the channel layer, surviving database drops; the command stops on SIGTERM."""
+
+import asyncio
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.db import connection
+from django.test import override_settings
+
+from conftest import USING_POSTGRES
+from fetchml import events
+from scheduler.loop import SchedulerLoop
+from scheduler.tests.factories import queued_task, worker
+from tasks.models import Task
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("channel_layer", "thread_connections")]
+
+WAIT = 10.0
+
+
+async def _until(condition, timeout: float = WAIT) -> None:
+    deadline = time.monotonic() + timeout
+    while not await sync_to_async(condition)():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.02)
+
+
+def _status(task: Task) -> str:
+    return Task.objects.values_list("status", flat=True).get(id=task.id)
+
+
+async def _running_loop() -> tuple[SchedulerLoop, asyncio.Event, asyncio.Task]:
+    loop, stop = SchedulerLoop(), asyncio.Event()
+    running = asyncio.ensure_future(loop.run(stop))
+    await _until(lambda: loop.passes >= 1)
+    return loop, stop, running
+
+
+async def _wake(channel_layer) -> None:
+    await channel_layer.group_send(events.WAKE_GROUP, {"type": "scheduler.wake", "reason": "test"})
+
+
+@override_settings(FETCHML_SCHEDULER_INTERVAL=60.0)
+def test_wake_message_makes_the_loop_dispatch_long_before_the_interval(channel_layer):
+    async def scenario():
+        _, stop, running = await _running_loop()
+        task = await sync_to_async(queued_task)()
+        await sync_to_async(worker)()
+        started = time.monotonic()
+        await _wake(channel_layer)
+        await _until(lambda: _status(task) == "preparing", timeout=5)
+        stop.set()
+        await asyncio.wait_for(running, timeout=WAIT)
+        return time.monotonic() - started
+
+    assert run_seconds(scenario()) < 5
+
+
+def run_seconds(scenario) -> float:
+    return asyncio.run(scenario)
+
+
+@override_settings(FETCHML_SCHEDULER_INTERVAL=0.2)
+def test_interval_pass_dispatches_without_any_wake_message():
+    async def scenario():
+        _, stop, running = await _running_loop()
+        task = await sync_to_async(queued_task)()
+        await sync_to_async(worker)()
+        await _until(lambda: _status(task) == "preparing")
+        stop.set()
+        await asyncio.wait_for(running, timeout=WAIT)
+
+    asyncio.run(scenario())
+
+
+def _drop_loop_connections() -> int:
+    """Cut the loop's database connection from outside, as a server restart or a network cut would."""
+    if USING_POSTGRES:
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+            return cursor.fetchone()[0]
+    return 1
+
+
+@override_settings(FETCHML_SCHEDULER_INTERVAL=60.0)
+def test_loop_keeps_working_after_its_database_connection_is_dropped(channel_layer):
+    async def scenario():
+        loop, stop, running = await _running_loop()
+        if not USING_POSTGRES:
+            # SQLite has no server to cut us off: close the loop's connection under Django's feet.
+            await sync_to_async(
+                lambda: connection.connection.close(), thread_sensitive=False, executor=loop._executor
+            )()
+        dropped = await sync_to_async(_drop_loop_connections)()
+        task = await sync_to_async(queued_task)()
+        await sync_to_async(worker)()
+        await _wake(channel_layer)
+        await _until(lambda: _status(task) == "preparing")
+        assert not running.done()
+        stop.set()
+        await asyncio.wait_for(running, timeout=WAIT)
+        return dropped
+
+    assert asyncio.run(scenario()) >= 1
+
+
+def test_scheduler_command_exits_cleanly_on_sigterm():
+    db = connection.settings_dict
+    if USING_POSTGRES:
+        url = f"postgres://{db['USER']}@{db['HOST']}:{db['PORT'] or 5432}/{db['NAME']}"
+    else:
+        url = f"sqlite:///{db['NAME']}"
+    env = {**os.environ, "DATABASE_URL": url, "DJANGO_SECRET_KEY": "test", "FETCHML_LOG_LEVEL": "INFO"}
+    proc = subprocess.Popen(
+        [sys.executable, "manage.py", "scheduler"],
+        cwd=Path(settings.BASE_DIR),
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        _wait_for_line(proc, "scheduler loop started", timeout=30)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+        assert "scheduler loop stopped" in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()
+
+
+def _wait_for_line(proc: subprocess.Popen, text: str, *, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    seen = []
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([proc.stderr], [], [], deadline - time.monotonic())
+        if not ready:
+            break
+        line = proc.stderr.readline()
+        if not line:
+            break
+        seen.append(line)
+        if text in line:
+            return
+    raise AssertionError(f"{text!r} not logged; got: {''.join(seen)}")

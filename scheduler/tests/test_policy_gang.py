@@ -1,0 +1,82 @@
+"""Multi-node (gang) jobs: all nodes in one round or none, rendezvous details per node, one failing node stops all."""
+
+import pytest
+
+from scheduler.dispatch import dispatch_round
+from scheduler.models import NodeAssignment, Worker
+from scheduler.selectors import assign_message
+from scheduler.services import assignment_status
+from scheduler.tests.factories import assignments_of, queued_task, worker
+from tasks.states import TaskStatus
+
+pytestmark = pytest.mark.django_db
+
+
+def _finish(assignment: NodeAssignment) -> None:
+    assignment_status(
+        worker_id=assignment.worker_id,
+        task_id=str(assignment.task_id),
+        token=str(assignment.token),
+        status=TaskStatus.COMPLETED,
+        exit_code=0,
+    )
+
+
+def test_three_node_job_waits_on_two_free_nodes_and_starts_when_the_third_frees():
+    for i in range(3):
+        worker(name=f"node-{i}", hostname=f"10.0.0.{i}", gpu_count=2)
+    blocker = queued_task(gpu=2)
+    assert dispatch_round() == 1  # the blocker takes one whole node
+    gang = queued_task(node_count=3, gpu=2)
+
+    assert dispatch_round() == 0
+    gang.refresh_from_db()
+    assert gang.status == TaskStatus.QUEUED
+    assert not NodeAssignment.objects.filter(task=gang).exists()
+
+    [held] = assignments_of(blocker)
+    assignment_status(
+        worker_id=held.worker_id, task_id=str(blocker.id), token=str(held.token), status=TaskStatus.RUNNING
+    )
+    _finish(held)
+
+    assert dispatch_round() == 1
+    placed = assignments_of(gang)
+    assert [a.node_id for a in placed] == [0, 1, 2]
+    assert len({a.worker_id for a in placed}) == 3
+
+
+def test_every_node_gets_its_rank_the_node_count_and_rank_zeros_address():
+    boxes = [worker(name=f"node-{i}", hostname=f"10.0.0.{i}", gpu_count=1) for i in range(3)]
+    gang = queued_task(node_count=3, gpu=1)
+    dispatch_round()
+    hosts = {box.id: box.hostname for box in boxes}
+    placed = assignments_of(gang)
+
+    nodes = [assign_message(assignment_id=a.id, worker_id=a.worker_id)["node"] for a in placed]
+
+    rank0_host = hosts[placed[0].worker_id]
+    assert [(n["rank"], n["count"], n["master_addr"]) for n in nodes] == [(r, 3, rank0_host) for r in range(3)]
+    assert {n["master_port"] for n in nodes} == {nodes[0]["master_port"]}
+
+
+def test_one_failing_node_stops_the_other_nodes_and_fails_the_job(django_capture_on_commit_callbacks):
+    for i in range(3):
+        worker(name=f"node-{i}", gpu_count=1)
+    gang = queued_task(node_count=3, gpu=1, max_retries=0)
+    dispatch_round()
+    first, *others = assignments_of(gang)
+    assignment_status(worker_id=first.worker_id, task_id=str(gang.id), token=str(first.token), status="running")
+
+    with django_capture_on_commit_callbacks(execute=False) as callbacks:
+        assignment_status(
+            worker_id=first.worker_id, task_id=str(gang.id), token=str(first.token), status="failed", exit_code=3
+        )
+
+    gang.refresh_from_db()
+    assert gang.status == TaskStatus.FAILED
+    for sibling in others:
+        sibling.refresh_from_db()
+        assert (sibling.status, sibling.holds_capacity) == (NodeAssignment.Status.LOST, False)
+    assert not Worker.objects.filter(used_gpus__gt=0).exists()
+    assert len(callbacks) >= len(others)  # the stop messages go out after commit

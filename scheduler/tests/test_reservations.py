@@ -1,0 +1,163 @@
+"""Reservations: booking rules, capacity held from others, claimed by the owner's task, expiry, cancel."""
+
+from datetime import timedelta
+
+import pytest
+from django.utils import timezone
+
+from audit.models import AuditEvent
+from fetchml.auth import Actor
+from fetchml.errors import Conflict, Invalid
+from scheduler.dispatch import dispatch_round
+from scheduler.models import Reservation
+from scheduler.reservations import reservation_cancel, reservation_create, reservations_tick
+from scheduler.tests.factories import UserFactory, assignments_of, queued_task, worker
+from tasks.models import Task
+from tasks.services import task_submit
+from tasks.states import TaskStatus
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def owner(db):
+    return UserFactory(username="carol")
+
+
+def _book(owner, **fields) -> Reservation:
+    return reservation_create(owner=owner, actor=Actor(user=owner, role="user"), **{"gpu_count": 4, **fields})
+
+
+def _status(task: Task) -> str:
+    return Task.objects.get(id=task.id).status
+
+
+def test_reservation_holds_its_gpus_from_other_users_tasks(owner):
+    worker(name="a100-0", gpu_count=4, gpu_type="A100")
+    _book(owner, gpu_type="A100")
+    other = queued_task(gpu=1)
+
+    assert dispatch_round() == 0
+    assert _status(other) == TaskStatus.QUEUED
+
+
+def test_capacity_beyond_the_reservation_stays_usable_by_others(owner):
+    worker(name="big", gpu_count=8, batch_slots=2)
+    _book(owner, gpu_count=4)
+    other = queued_task(gpu=4)
+
+    assert dispatch_round() == 1
+    assert _status(other) == TaskStatus.PREPARING
+
+
+def test_owners_task_naming_the_reservation_runs_on_it_and_claims_it(owner):
+    held = worker(name="held", gpu_count=4)
+    reservation = _book(owner)
+    task = task_submit(owner=owner, job_name="big", gpu=4, reservation_id=reservation.id)
+
+    assert dispatch_round() == 1
+
+    assert assignments_of(task)[0].worker_id == held.id
+    reservation.refresh_from_db()
+    assert reservation.status == Reservation.Status.CLAIMED
+    assert AuditEvent.objects.filter(event_type="reservation_changed", action="claim").exists()
+
+
+def test_task_naming_a_reservation_runs_only_on_the_workers_it_holds(owner):
+    worker(name="a-held", gpu_count=4)
+    worker(name="b-free", gpu_count=4)
+    reservation = _book(owner)
+    hog = queued_task(gpu=4, priority=10)
+    mine = task_submit(owner=owner, job_name="mine", gpu=4, reservation_id=reservation.id)
+
+    assert dispatch_round() == 2
+
+    assert assignments_of(mine)[0].worker.name == "a-held"
+    assert assignments_of(hog)[0].worker.name == "b-free"
+
+
+def test_expired_reservation_releases_its_capacity(owner):
+    worker(gpu_count=4)
+    reservation = _book(owner, expires_minutes=5)
+    other = queued_task(gpu=2)
+    assert dispatch_round() == 0
+
+    assert reservations_tick(now=timezone.now() + timedelta(minutes=6)) == 1
+
+    reservation.refresh_from_db()
+    assert reservation.status == Reservation.Status.EXPIRED
+    assert dispatch_round() == 1
+    assert _status(other) == TaskStatus.PREPARING
+
+
+def test_reservation_larger_than_the_fleet_is_refused_with_the_reason(owner):
+    worker(gpu_count=4, gpu_type="A100")
+    worker(gpu_count=4, gpu_type="A100")
+
+    with pytest.raises(Invalid, match="cannot hold 4 A100 GPU"):
+        _book(owner, gpu_type="A100", node_count=3)
+    assert not Reservation.objects.exists()
+
+
+def test_reservation_overlapping_one_that_takes_the_fleet_is_refused(owner):
+    worker(gpu_count=4)
+    _book(UserFactory())
+
+    with pytest.raises(Invalid, match="already reserved"):
+        _book(owner)
+
+
+def test_user_cannot_hold_more_live_reservations_than_the_limit(owner, settings):
+    settings.FETCHML_RESERVATIONS_PER_USER = 2
+    worker(gpu_count=8, batch_slots=4)
+    _book(owner, gpu_count=1)
+    _book(owner, gpu_count=1)
+
+    with pytest.raises(Invalid, match="limit is 2"):
+        _book(owner, gpu_count=1)
+
+
+def test_future_window_is_pending_holds_nothing_until_it_starts_then_holds(owner):
+    worker(gpu_count=4)
+    reservation = _book(owner, starts_at=timezone.now() + timedelta(hours=1), expires_minutes=60)
+    assert reservation.status == Reservation.Status.PENDING
+    early = queued_task(gpu=4)
+    assert dispatch_round() == 1
+    assert _status(early) == TaskStatus.PREPARING
+
+    reservations_tick(now=timezone.now() + timedelta(hours=1, minutes=1))
+
+    reservation.refresh_from_db()
+    assert reservation.status == Reservation.Status.ACTIVE
+
+
+def test_owners_task_on_a_pending_reservation_waits_for_the_window(owner):
+    worker(gpu_count=4)
+    reservation = _book(owner, starts_at=timezone.now() + timedelta(hours=1))
+    task = task_submit(owner=owner, job_name="later", gpu=4, reservation_id=reservation.id)
+
+    assert dispatch_round() == 0
+    assert _status(task) == TaskStatus.QUEUED
+
+
+def test_windows_that_do_not_overlap_may_each_take_the_whole_fleet(owner):
+    worker(gpu_count=4)
+    _book(UserFactory(), expires_minutes=60)
+
+    later = _book(owner, starts_at=timezone.now() + timedelta(hours=2))
+
+    assert later.status == Reservation.Status.PENDING
+
+
+def test_cancelled_reservation_releases_capacity_and_cannot_be_cancelled_twice(owner):
+    worker(gpu_count=4)
+    reservation = _book(owner)
+    other = queued_task(gpu=4)
+    actor = Actor(user=owner, role="user")
+
+    reservation_cancel(reservation=reservation, actor=actor)
+
+    assert dispatch_round() == 1
+    assert _status(other) == TaskStatus.PREPARING
+    with pytest.raises(Conflict):
+        reservation_cancel(reservation=reservation, actor=actor)

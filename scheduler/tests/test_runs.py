@@ -1,0 +1,315 @@
+"""How runs end: leases, retries with back-off, failure classes, multi-node, drain, the timeout backstop."""
+
+from datetime import timedelta
+
+import pytest
+from django.test import override_settings
+from django.utils import timezone
+
+from audit.models import AuditEvent
+from fetchml.auth import Actor
+from fetchml.errors import Conflict
+from scheduler.dispatch import dispatch_round
+from scheduler.models import NodeAssignment, Worker
+from scheduler.services import (
+    assignment_status,
+    enforce_timeouts,
+    expire_leases,
+    retry_backoff_seconds,
+    worker_drain,
+)
+from scheduler.tests.factories import assignments_of, queued_task, worker
+from tasks.models import Task
+from tasks.states import TaskStatus
+
+pytestmark = pytest.mark.django_db
+
+BACKOFF = {"FETCHML_RETRY_BACKOFF_BASE_SECONDS": 10.0, "FETCHML_RETRY_BACKOFF_MAX_SECONDS": 600.0}
+
+
+def _running(task: Task, box: Worker | None = None) -> NodeAssignment:
+    """Dispatch `task` and report it running; returns its assignment."""
+    dispatch_round()
+    assignment = assignments_of(task)[-1]
+    assert assignment_status(
+        worker_id=assignment.worker_id, task_id=str(task.id), token=str(assignment.token), status="running"
+    ).accepted
+    return assignment
+
+
+def _report(assignment: NodeAssignment, status: str, **fields):
+    return assignment_status(
+        worker_id=assignment.worker_id,
+        task_id=str(assignment.task_id),
+        token=str(assignment.token),
+        status=status,
+        **fields,
+    )
+
+
+def _silence(box: Worker, seconds: float = 3600) -> None:
+    Worker.objects.filter(id=box.id).update(last_heartbeat=timezone.now() - timedelta(seconds=seconds))
+
+
+@override_settings(**BACKOFF)
+def test_lease_expiry_requeues_the_run_with_a_retry_and_back_off():
+    box = worker(cpu_cores=8)
+    task = queued_task(cpu=4)
+    assignment = _running(task)
+    _silence(box)
+    before = timezone.now()
+
+    assert expire_leases() >= 1
+
+    task.refresh_from_db()
+    box.refresh_from_db()
+    assignment.refresh_from_db()
+    assert (task.status, task.retry_count, task.failure_reason, task.worker_id) == ("queued", 1, "worker_lost", None)
+    assert before + timedelta(seconds=10) <= task.runnable_after <= timezone.now() + timedelta(seconds=12.5)
+    assert (box.status, box.used_cpu, box.used_batch_slots) == ("offline", 0, 0)
+    assert (assignment.status, assignment.holds_capacity) == ("lost", False)
+
+
+def test_requeued_task_keeps_its_place_in_the_aging_order():
+    worker()
+    task = queued_task(queued_at=timezone.now() - timedelta(hours=1))
+    key = task.dispatch_key
+    box = Worker.objects.get()
+    _running(task)
+    _silence(box)
+
+    expire_leases()
+
+    task.refresh_from_db()
+    assert task.dispatch_key == key and task.queued_at < timezone.now() - timedelta(minutes=59)
+
+
+def test_lease_expiry_with_retries_exhausted_fails_the_task_as_worker_lost():
+    box = worker()
+    task = queued_task(max_retries=1, retry_count=1)
+    _running(task)
+    _silence(box)
+
+    expire_leases()
+
+    task.refresh_from_db()
+    assert (task.status, task.failure_reason) == ("failed", "worker_lost")
+
+
+def test_worker_with_a_fresh_heartbeat_keeps_its_lease():
+    box = worker()
+    task = queued_task()
+    _running(task)
+    _silence(box, seconds=1)
+
+    assert expire_leases() == 0
+
+    task.refresh_from_db()
+    assert task.status == "running"
+
+
+def test_retried_task_is_dispatched_again_with_a_new_attempt_and_token():
+    first_box = worker(name="first")
+    task = queued_task()
+    first = _running(task)
+    _silence(first_box)
+    expire_leases()
+    Task.objects.filter(id=task.id).update(runnable_after=timezone.now() - timedelta(seconds=1))
+    worker(name="second")
+
+    assert dispatch_round() == 1
+
+    second = assignments_of(task)[-1]
+    task.refresh_from_db()
+    assert (task.status, task.attempt, second.attempt) == ("preparing", 2, 2)
+    assert second.token != first.token
+
+
+def test_exit_code_failure_is_not_retried_by_default():
+    worker()
+    task = queued_task()
+    assignment = _running(task)
+
+    assert _report(assignment, "failed", exit_code=3, failure_reason="exit_code", error="Traceback").accepted
+
+    task.refresh_from_db()
+    assert (task.status, task.exit_code, task.failure_reason, task.retry_count) == ("failed", 3, "exit_code", 0)
+    assert AuditEvent.objects.filter(event_type="job_completed", success=False).count() == 1
+
+
+@override_settings(**BACKOFF)
+def test_exit_code_failure_is_retried_when_the_task_asks_for_it():
+    worker()
+    task = queued_task(retry_on_exit_code=True)
+    assignment = _running(task)
+
+    _report(assignment, "failed", exit_code=3, failure_reason="exit_code")
+
+    task.refresh_from_db()
+    assert (task.status, task.retry_count, task.failure_reason) == ("queued", 1, "exit_code")
+    assert task.runnable_after > timezone.now()
+    assert AuditEvent.objects.filter(event_type="job_requeued", action="retry").exists()
+
+
+def test_preparation_failure_is_retried():
+    worker()
+    task = queued_task()
+    dispatch_round()
+
+    _report(assignments_of(task)[0], "failed", failure_reason="preparation", error="snapshot download failed")
+
+    task.refresh_from_db()
+    assert (task.status, task.retry_count, task.failure_reason) == ("queued", 1, "preparation")
+
+
+def test_timeout_failure_is_not_retried():
+    worker()
+    task = queued_task(retry_on_exit_code=True)
+    assignment = _running(task)
+
+    _report(assignment, "failed", exit_code=-9, failure_reason="timeout")
+
+    task.refresh_from_db()
+    assert (task.status, task.failure_reason) == ("failed", "timeout")
+
+
+def test_cancelled_report_without_a_cancel_request_is_retried_as_worker_lost():
+    worker()
+    task = queued_task()
+    assignment = _running(task)
+
+    _report(assignment, "cancelled")
+
+    task.refresh_from_db()
+    assert (task.status, task.failure_reason) == ("queued", "worker_lost")
+
+
+@override_settings(FETCHML_RETRY_BACKOFF_BASE_SECONDS=5.0, FETCHML_RETRY_BACKOFF_MAX_SECONDS=30.0)
+def test_retry_back_off_grows_exponentially_with_jitter_and_is_capped():
+    for retry, base in [(1, 5), (2, 10), (3, 20)]:
+        assert base <= retry_backoff_seconds(retry) <= base * 1.25
+    assert retry_backoff_seconds(10) == pytest.approx(30.0)
+
+
+def test_failure_of_one_node_stops_the_others_and_frees_their_capacity():
+    boxes = [worker(name=f"node-{i}") for i in range(2)]
+    gang = queued_task(node_count=2)
+    dispatch_round()
+    rank0, rank1 = assignments_of(gang)
+
+    _report(rank1, "failed", exit_code=1, failure_reason="exit_code")
+
+    rank0.refresh_from_db()
+    gang.refresh_from_db()
+    assert gang.status == "failed"
+    assert (rank0.status, rank0.holds_capacity) == ("lost", False)
+    assert not Worker.objects.filter(id__in=[b.id for b in boxes], used_batch_slots__gt=0).exists()
+
+
+def test_multi_node_task_completes_when_its_last_node_completes():
+    worker(name="node-0")
+    worker(name="node-1")
+    gang = queued_task(node_count=2)
+    dispatch_round()
+    rank0, rank1 = assignments_of(gang)
+    _report(rank0, "running")
+
+    _report(rank0, "completed", exit_code=0)
+    gang.refresh_from_db()
+    assert gang.status == "running"
+
+    _report(rank1, "completed", exit_code=0)
+    gang.refresh_from_db()
+    assert gang.status == "completed"
+
+
+def test_report_for_a_lost_run_is_stale():
+    box = worker()
+    task = queued_task()
+    assignment = _running(task)
+    _silence(box)
+    expire_leases()
+
+    outcome = _report(assignment, "completed", exit_code=0)
+
+    task.refresh_from_db()
+    assert outcome.stale and task.status == "queued"
+
+
+def test_drain_stops_new_work_and_is_audited(admin_user):
+    box = worker(batch_slots=2)
+    running = queued_task()
+    _running(running)
+    queued = queued_task()
+
+    drained = worker_drain(worker=box, actor=Actor(user=admin_user, role="admin"))
+
+    assert drained.status == "draining"
+    assert dispatch_round() == 0
+    queued.refresh_from_db()
+    assert queued.status == "queued"
+    event = AuditEvent.objects.get(event_type="scheduler_drain")
+    assert (event.user_id, event.resource) == ("root", f"worker:{box.name}")
+
+
+def test_draining_worker_goes_offline_when_its_last_run_ends(admin_user):
+    box = worker()
+    task = queued_task()
+    assignment = _running(task)
+    worker_drain(worker=box, actor=Actor(user=admin_user, role="admin"))
+
+    _report(assignment, "completed", exit_code=0)
+
+    box.refresh_from_db()
+    assert box.status == "offline"
+
+
+def test_draining_an_idle_worker_takes_it_offline_at_once(admin_user):
+    box = worker()
+
+    assert worker_drain(worker=box, actor=Actor(user=admin_user, role="admin")).status == "offline"
+
+
+def test_draining_an_offline_worker_is_a_conflict(admin_user):
+    box = worker(status=Worker.Status.OFFLINE)
+
+    with pytest.raises(Conflict):
+        worker_drain(worker=box, actor=Actor(user=admin_user, role="admin"))
+
+
+@override_settings(FETCHML_TIMEOUT_MARGIN_SECONDS=60.0)
+def test_run_past_its_timeout_plus_margin_is_failed_by_the_server():
+    worker()
+    task = queued_task(timeout_seconds=30)
+    assignment = _running(task)
+    Task.objects.filter(id=task.id).update(started_at=timezone.now() - timedelta(seconds=91))
+
+    assert enforce_timeouts() == 1
+
+    task.refresh_from_db()
+    assignment.refresh_from_db()
+    assert (task.status, task.failure_reason) == ("failed", "timeout")
+    assert not assignment.holds_capacity
+
+
+@override_settings(FETCHML_TIMEOUT_MARGIN_SECONDS=60.0)
+def test_run_within_its_timeout_margin_is_left_alone():
+    worker()
+    task = queued_task(timeout_seconds=30)
+    _running(task)
+    Task.objects.filter(id=task.id).update(started_at=timezone.now() - timedelta(seconds=80))
+
+    assert enforce_timeouts() == 0
+    task.refresh_from_db()
+    assert task.status == TaskStatus.RUNNING
+
+
+def test_worker_lost_reported_by_the_agent_is_retried():
+    worker()
+    task = queued_task()
+    assignment = _running(task)
+
+    assert _report(assignment, "failed", exit_code=137, failure_reason="worker_lost").accepted
+
+    task.refresh_from_db()
+    assert (task.status, task.failure_reason, task.retry_count) == ("queued", "worker_lost", 1)

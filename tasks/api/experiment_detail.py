@@ -1,0 +1,71 @@
+"""GET and PATCH of one experiment: parse, call tasks.experiments, render."""
+
+import uuid
+from typing import Any
+
+from drf_spectacular.utils import OpenApiResponse, extend_schema
+from rest_framework import serializers
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from fetchml.auth import actor_from_request
+from fetchml.permissions import IsHumanUser
+from fetchml.schema import ErrorResponseSerializer
+from tasks.experiments import experiment_get, experiment_update
+from tasks.models import Experiment
+
+
+class ExperimentDetailSerializer(serializers.Serializer):
+    id = serializers.UUIDField()
+    name = serializers.CharField()
+    description = serializers.CharField()
+    commit_id = serializers.CharField()
+    status = serializers.ChoiceField(choices=Experiment.Status.choices)
+    created_at = serializers.DateTimeField()
+    updated_at = serializers.DateTimeField()
+    user_id = serializers.CharField(source="owner.username")
+
+
+class ExperimentUpdateSerializer(serializers.Serializer):
+    name = serializers.CharField(max_length=128, required=False, trim_whitespace=False)
+    description = serializers.CharField(max_length=10_000, required=False, allow_blank=True, trim_whitespace=False)
+    commit_id = serializers.CharField(max_length=64, required=False, allow_blank=True)
+    # The model's full choice set (one enum in the schema); `deleted` is refused by the service.
+    status = serializers.ChoiceField(choices=Experiment.Status.choices, required=False, help_text="active or archived")
+
+    def to_internal_value(self, data: Any) -> dict[str, Any]:
+        # A misspelt field must not look like a successful no-op edit.
+        if isinstance(data, dict) and (unknown := sorted(set(data) - set(self.fields))):
+            raise serializers.ValidationError({name[:64]: ["Unknown field."] for name in unknown[:20]})
+        return super().to_internal_value(data)
+
+
+class ExperimentDetailView(APIView):
+    permission_classes = [IsHumanUser]
+
+    @extend_schema(
+        summary="Get experiment",
+        description="Owner or admin; anyone else gets a 404.",
+        responses={200: ExperimentDetailSerializer},
+    )
+    def get(self, request: Request, experimentId: uuid.UUID) -> Response:
+        experiment = experiment_get(actor=actor_from_request(request), experiment_id=experimentId)
+        return Response(ExperimentDetailSerializer(experiment).data)
+
+    @extend_schema(
+        summary="Update experiment",
+        description="Rename, describe, set `commit_id`, or archive (`status`: active or archived). Owner or admin.",
+        request=ExperimentUpdateSerializer,
+        responses={
+            200: ExperimentDetailSerializer,
+            422: OpenApiResponse(ErrorResponseSerializer, description="Invalid or unknown field"),
+        },
+    )
+    def patch(self, request: Request, experimentId: uuid.UUID) -> Response:
+        actor = actor_from_request(request)
+        experiment = experiment_get(actor=actor, experiment_id=experimentId)
+        serializer = ExperimentUpdateSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        updated = experiment_update(experiment=experiment, actor=actor, **serializer.validated_data)
+        return Response(ExperimentDetailSerializer(updated).data)

@@ -1,0 +1,7 @@
+from django.urls import path
+
+from tasks.api import experiment_detail
+
+urlpatterns = [
+    path("experiments/<uuid:experimentId>", experiment_detail.ExperimentDetailView.as_view(), name="experiment-detail"),
+]

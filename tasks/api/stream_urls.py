@@ -1,0 +1,9 @@
+"""Streaming routes: plain async views, kept apart from the DRF routes in urls.py."""
+
+from django.urls import path
+
+from tasks.api import streams
+
+urlpatterns = [
+    path("tasks/<uuid:task_id>/logs", streams.task_logs, name="task-logs"),
+]

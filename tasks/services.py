@@ -1,0 +1,337 @@
+"""Writes to tasks and experiments. Every state change goes through `task_transition`."""
+
+import uuid
+from datetime import datetime, timedelta
+from typing import Any
+
+from django.contrib.auth.models import AbstractBaseUser
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+
+from audit.services import record
+from fetchml import events
+from fetchml.auth import Actor
+from fetchml.conf import app_settings
+from fetchml.errors import Conflict, Invalid
+from fetchml.models import ApiKey
+from plugins.overrides import validate_task_plugin_configs
+from scheduler.models import Reservation
+from scheduler.policies import Shape, fair_share_offset, unschedulable_reason
+from tasks.models import Experiment, IdempotencyRecord, Task
+from tasks.states import ACTIVE_STATES, FINAL_STATES, TaskStatus, sources_of
+
+# Audit event written for each target state (others are not audited).
+_AUDITED_TRANSITIONS = {
+    TaskStatus.RUNNING: "job_started",
+    TaskStatus.COMPLETED: "job_completed",
+    TaskStatus.FAILED: "job_completed",
+    TaskStatus.CANCELLED: "job_cancelled",
+}
+
+
+def aging_rate_per_second() -> float:
+    return app_settings.PRIORITY_AGING_PER_HOUR / 3600.0
+
+
+def dispatch_key(*, priority: int, queued_at: datetime) -> float:
+    """Order key equivalent to `priority + rate x age` (the same for every task at any moment)."""
+    return priority - aging_rate_per_second() * queued_at.timestamp()
+
+
+def priority_aged(task: Task, now: datetime | None = None) -> float:
+    if task.status != TaskStatus.QUEUED:
+        return float(task.priority)
+    age = ((now or timezone.now()) - task.queued_at).total_seconds()
+    return round(task.priority + aging_rate_per_second() * max(age, 0.0), 4)
+
+
+def _owned_experiment(owner: AbstractBaseUser, experiment_id: uuid.UUID) -> Experiment:
+    experiment = Experiment.objects.filter(id=experiment_id, owner=owner).exclude(status=Experiment.Status.DELETED)
+    found = experiment.first()
+    if found is None:
+        # The same answer whether it does not exist or is someone else's: no leak.
+        raise Invalid(
+            "experiment_id does not name one of your experiments",
+            details=[{"field": "experiment_id", "message": "Unknown experiment."}],
+        )
+    return found
+
+
+_USABLE_RESERVATION_STATES = (Reservation.Status.PENDING, Reservation.Status.ACTIVE)
+
+
+def _owned_reservation(owner: AbstractBaseUser, reservation_id: uuid.UUID) -> Reservation:
+    found = Reservation.objects.filter(id=reservation_id, owner=owner).first()
+    if found is None:
+        raise Invalid(
+            "reservation_id does not name one of your reservations",
+            details=[{"field": "reservation_id", "message": "Unknown reservation."}],
+        )
+    if found.status not in _USABLE_RESERVATION_STATES or found.expires_at <= timezone.now():
+        raise Invalid(
+            f"reservation is {found.status} and cannot take new tasks",
+            details=[{"field": "reservation_id", "message": "Reservation is not usable."}],
+        )
+    return found
+
+
+def _refuse_unschedulable(fields: dict[str, Any]) -> None:
+    """422 for a task no registered worker could ever run (unless `allow_unschedulable`)."""
+    names = ("gpu", "gpu_type", "cpu", "memory_gb", "node_count", "kind")
+    shape = Shape(**{name: fields[name] for name in names if name in fields})
+    reason = unschedulable_reason(shape)
+    if reason:
+        raise Invalid(
+            f"no registered worker could ever run this task: {reason}",
+            details=[{"field": "allow_unschedulable", "message": f"{reason}; set it to true to queue anyway."}],
+        )
+
+
+def task_submit(*, owner: AbstractBaseUser, actor: Actor | None = None, **fields: Any) -> Task:
+    """Create a queued task from validated fields, audit it and wake the scheduler.
+
+    `experiment_id` / `reservation_id` (as sent by clients) must name the
+    owner's own rows, and `plugin_configs` may only change what the plugins
+    allow a task to; checked here so every caller gets the checks.
+    """
+    if fields.get("plugin_configs"):
+        validate_task_plugin_configs(fields["plugin_configs"])
+    if fields.get("experiment_id") is not None:
+        fields["experiment"] = _owned_experiment(owner, fields.pop("experiment_id"))
+    fields.pop("experiment_id", None)
+    if fields.get("reservation_id") is not None:
+        fields["reservation"] = _owned_reservation(owner, fields.pop("reservation_id"))
+    fields.pop("reservation_id", None)
+    if not fields.get("allow_unschedulable"):
+        _refuse_unschedulable(fields)
+    now = timezone.now()
+    priority = fields.pop("priority", 5)
+    fields.setdefault("max_retries", app_settings.DEFAULT_MAX_RETRIES)
+    fields.setdefault("cancel_grace_seconds", app_settings.CANCEL_GRACE_SECONDS)
+    with transaction.atomic():
+        task = Task.objects.create(
+            owner=owner,
+            priority=priority,
+            created_at=now,
+            queued_at=now,
+            dispatch_key=dispatch_key(priority=priority, queued_at=now)
+            - fair_share_offset(owner=owner, priority=priority),
+            **fields,
+        )
+        record(
+            event_type="job_queued",
+            user=owner,
+            resource=f"task:{task.id}",
+            action="submit",
+            ip_address=actor.ip_address if actor else None,
+            metadata={"job_name": task.job_name, "priority": priority, "kind": task.kind},
+        )
+        events.task_changed(task, event="task_update")
+        events.wake_scheduler("task_submitted")
+    return task
+
+
+def task_transition(
+    *,
+    task_id: Any,
+    to: str,
+    from_states: frozenset[str] | None = None,
+    user: AbstractBaseUser | str | None = None,
+    audit_metadata: dict | None = None,
+    **fields: Any,
+) -> Task | None:
+    """Move a task to `to` if it is still in an allowed state; None if someone else won.
+
+    The conditional UPDATE is what makes two writers (an API cancel and a
+    worker's completion, two schedulers) unable to both succeed.
+    """
+    allowed = from_states if from_states is not None else sources_of(to)
+    now = timezone.now()
+    if to in FINAL_STATES:
+        fields.setdefault("ended_at", now)
+    if to == TaskStatus.RUNNING:
+        fields.setdefault("started_at", now)
+    with transaction.atomic():
+        won = Task.objects.filter(id=task_id, status__in=allowed).update(status=to, updated_at=now, **fields)
+        if not won:
+            return None
+        task = Task.objects.get(id=task_id)
+        event_type = _AUDITED_TRANSITIONS.get(to)
+        if event_type:
+            record(
+                event_type=event_type,
+                user=user if user is not None else task.owner,
+                resource=f"task:{task.id}",
+                action=to,
+                success=to != TaskStatus.FAILED,
+                error=task.error[:1000] if to == TaskStatus.FAILED else "",
+                metadata={"status": to, "attempt": task.attempt, **(audit_metadata or {})},
+            )
+        event = "task_complete" if to in FINAL_STATES else "task_update"
+        events.task_changed(task, event=event)
+        if to in FINAL_STATES or to == TaskStatus.QUEUED:
+            events.wake_scheduler(f"task_{to}")
+    return task
+
+
+def task_cancel(*, task: Task, actor: Actor) -> Task:
+    """Cancel at once if queued; if running, ask the worker to stop it (it ends `cancelled`)."""
+    with transaction.atomic():
+        if task.status == TaskStatus.QUEUED:
+            done = task_transition(
+                task_id=task.id,
+                to=TaskStatus.CANCELLED,
+                from_states=frozenset({TaskStatus.QUEUED}),
+                user=actor.user,
+                cancelled_by=actor.user,
+                cancel_requested_at=timezone.now(),
+                failure_reason=Task.FailureReason.CANCELLED,
+            )
+            if done:
+                return done
+            task.refresh_from_db()
+        if task.status in ACTIVE_STATES:
+            pending = Task.objects.filter(id=task.id, status__in=ACTIVE_STATES, cancel_requested_at__isnull=True)
+            updated = pending.update(cancel_requested_at=timezone.now(), cancelled_by=actor.user)
+            task.refresh_from_db()
+            if updated:
+                record(
+                    event_type="job_cancelled",
+                    user=actor.user,
+                    resource=f"task:{task.id}",
+                    action="cancel_requested",
+                    ip_address=actor.ip_address,
+                    metadata={"status": task.status},
+                )
+                events.task_changed(task, event="task_update", extra={"cancel_requested": True})
+                # Imported here: scheduler.services builds on this module.
+                from scheduler.services import task_cancel_notify
+
+                task_cancel_notify(task=task)
+            return task
+        raise Conflict(f"task is already {task.status}")
+
+
+def task_set_priority(*, task: Task, priority: int, actor: Actor) -> Task:
+    if not 1 <= priority <= 10:
+        raise Invalid("priority must be between 1 and 10", details=[{"field": "priority", "message": "1..10"}])
+    with transaction.atomic():
+        locked = Task.objects.select_for_update().get(id=task.id)
+        if locked.status in FINAL_STATES:
+            raise Conflict(f"task is already {locked.status}")
+        previous = locked.priority
+        locked.priority = priority
+        # Shift the key by the change only, keeping the fair-share offset it was queued with.
+        locked.dispatch_key = locked.dispatch_key + (priority - previous)
+        locked.save(update_fields=["priority", "dispatch_key", "updated_at"])
+        record(
+            event_type="job_priority_changed",
+            user=actor.user,
+            resource=f"task:{locked.id}",
+            action="set_priority",
+            ip_address=actor.ip_address,
+            metadata={"from": previous, "to": priority},
+        )
+        events.task_changed(locked, event="task_update", extra={"priority_from": previous})
+        events.wake_scheduler("priority_changed")
+    return locked
+
+
+def task_requeue(*, task: Task, actor: Actor) -> Task:
+    """Operator action: run a failed or cancelled task again from scratch."""
+    with transaction.atomic():
+        now = timezone.now()
+        done = task_transition(
+            task_id=task.id,
+            to=TaskStatus.QUEUED,
+            from_states=frozenset({TaskStatus.FAILED, TaskStatus.CANCELLED}),
+            user=actor.user,
+            queued_at=now,
+            dispatch_key=dispatch_key(priority=task.priority, queued_at=now),
+            runnable_after=None,
+            retry_count=0,
+            worker=None,
+            error="",
+            exit_code=None,
+            failure_reason="",
+            cancel_requested_at=None,
+            cancelled_by=None,
+            started_at=None,
+            ended_at=None,
+        )
+        if done is None:
+            raise Conflict(f"only failed or cancelled tasks can be re-queued (task is {task.status})")
+        record(
+            event_type="job_requeued",
+            user=actor.user,
+            resource=f"task:{task.id}",
+            action="requeue",
+            ip_address=actor.ip_address,
+        )
+    return done
+
+
+def _live_idempotency_record(api_key: ApiKey, key: str) -> IdempotencyRecord | None:
+    cutoff = timezone.now() - timedelta(hours=app_settings.IDEMPOTENCY_TTL_HOURS)
+    return (
+        IdempotencyRecord.objects.select_related("task")
+        .filter(api_key=api_key, key=key, created_at__gte=cutoff)
+        .first()
+    )
+
+
+def _replayed(record: IdempotencyRecord, body_sha256: str) -> Task:
+    if record.body_sha256 != body_sha256:
+        raise Invalid(
+            "Idempotency-Key was already used with a different request body",
+            details=[{"field": "Idempotency-Key", "message": "Reused with a different body."}],
+        )
+    return record.task
+
+
+def idempotency_prune(*, api_key: ApiKey | None = None) -> int:
+    """Delete records older than the TTL (of one key, or all); returns how many."""
+    cutoff = timezone.now() - timedelta(hours=app_settings.IDEMPOTENCY_TTL_HOURS)
+    stale = IdempotencyRecord.objects.filter(created_at__lt=cutoff)
+    if api_key is not None:
+        stale = stale.filter(api_key=api_key)
+    deleted, _ = stale.delete()
+    return deleted
+
+
+def task_submit_idempotent(
+    *,
+    owner: AbstractBaseUser,
+    actor: Actor,
+    api_key: ApiKey,
+    idempotency_key: str,
+    body_sha256: str,
+    fields: dict[str, Any],
+) -> tuple[Task, bool]:
+    """`task_submit` once per (API key, Idempotency-Key); returns (task, replayed).
+
+    A replay with the same body gets the first task back; with another body it
+    is refused. Two concurrent first requests race on the unique constraint:
+    the loser's transaction (task included) rolls back and it answers with the
+    winner's task.
+    """
+    existing = _live_idempotency_record(api_key, idempotency_key)
+    if existing is not None:
+        return _replayed(existing, body_sha256), True
+    # An expired record would block the insert below; drop this key's stale ones.
+    idempotency_prune(api_key=api_key)
+    try:
+        with transaction.atomic():
+            task = task_submit(owner=owner, actor=actor, **fields)
+            IdempotencyRecord.objects.create(api_key=api_key, key=idempotency_key, body_sha256=body_sha256, task=task)
+    except IntegrityError:
+        winner = _live_idempotency_record(api_key, idempotency_key)
+        if winner is None:
+            raise
+        return _replayed(winner, body_sha256), True
+    return task, False
+
+
+def experiment_create(*, owner: AbstractBaseUser, name: str, description: str = "", commit_id: str = "") -> Experiment:
+    with transaction.atomic():
+        return Experiment.objects.create(owner=owner, name=name, description=description, commit_id=commit_id)

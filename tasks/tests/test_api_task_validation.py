@@ -1,0 +1,198 @@
+"""POST /v1/tasks refuses every malformed field with a 422 naming it."""
+
+import pytest
+from django.test import override_settings
+
+from tasks.models import Task
+
+pytestmark = pytest.mark.django_db
+
+
+def submit(client, **fields):
+    return client.post("/v1/tasks", {"job_name": "job", **fields}, format="json")
+
+
+def assert_invalid(response, field: str, *, tasks_before: int = 0) -> None:
+    assert response.status_code == 422, response.json()
+    body = response.json()
+    assert body["code"] == "VALIDATION_ERROR"
+    fields = [detail["field"] or "" for detail in body["details"]]
+    assert any(name == field or name.startswith(f"{field}.") for name in fields), fields
+    assert Task.objects.count() == tasks_before
+
+
+@pytest.mark.parametrize(
+    "job_name",
+    ["", "has space", "semi;colon", "dot.name", "ünïcode", "x" * 65, 42, None, ["a"]],
+)
+def test_invalid_job_name_is_refused(user_client, job_name):
+    assert_invalid(submit(user_client, job_name=job_name), "job_name")
+
+
+@pytest.mark.parametrize("job_name", ["a", "A-b_c-9", "x" * 64])
+def test_valid_job_name_is_accepted(user_client, job_name):
+    assert submit(user_client, job_name=job_name).status_code == 201
+
+
+def test_missing_job_name_is_refused(user_client):
+    assert_invalid(user_client.post("/v1/tasks", {"priority": 3}, format="json"), "job_name")
+
+
+@pytest.mark.parametrize("priority", [0, 11, -1, "5", 5.5, True, None])
+def test_priority_outside_1_to_10_or_not_integer_is_refused(user_client, priority):
+    assert_invalid(submit(user_client, priority=priority), "priority")
+
+
+@pytest.mark.parametrize("priority", [1, 10])
+def test_priority_bounds_are_accepted(user_client, priority):
+    assert submit(user_client, priority=priority).json()["priority"] == priority
+
+
+@pytest.mark.parametrize("field", ["cpu", "memory_gb", "gpu"])
+@pytest.mark.parametrize("value", [-1, 1.5, "2", True, 10**12])
+def test_resource_must_be_non_negative_integer(user_client, field, value):
+    assert_invalid(submit(user_client, **{field: value}), field)
+
+
+@pytest.mark.parametrize("field", ["cpu", "memory_gb", "gpu"])
+def test_zero_resource_is_accepted(user_client, field):
+    assert submit(user_client, **{field: 0}).status_code == 201
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"name": "d", "sha256": "A" * 64},
+        {"name": "d", "sha256": "a" * 63},
+        {"name": "d", "sha256": "g" * 64},
+        {"name": "d", "mount_path": "/abs/path"},
+        {"name": "d", "mount_path": "data/../../etc"},
+        {"name": "d", "mount_path": ".."},
+        {"name": "d", "mount_path": "C:\\data"},
+        {"source": "s3://bucket/x"},
+        {"name": "d", "extra": "x"},
+        {"name": 5},
+        "mnist",
+    ],
+)
+def test_malformed_dataset_spec_is_refused(user_client, spec):
+    assert_invalid(submit(user_client, dataset_specs=[spec]), "dataset_specs")
+
+
+def test_well_formed_dataset_spec_is_accepted(user_client):
+    spec = {"name": "d", "source": "s3://b/d", "sha256": "0123456789abcdef" * 4, "mount_path": "data/d"}
+    assert submit(user_client, dataset_specs=[spec]).json()["dataset_specs"] == [spec]
+
+
+@pytest.mark.parametrize("metadata", [{"k": 1}, {"k": None}, {"k": ["v"]}, {"": "v"}, {"k" * 129: "v"}, ["k"]])
+def test_metadata_must_map_strings_to_strings(user_client, metadata):
+    assert_invalid(submit(user_client, metadata=metadata), "metadata")
+
+
+@pytest.mark.parametrize("env", [{"1BAD": "x"}, {"A-B": "x"}, {"OK": 3}, "A=1"])
+def test_env_must_map_variable_names_to_strings(user_client, env):
+    assert_invalid(submit(user_client, env=env), "env")
+
+
+@pytest.mark.parametrize("node_count", [0, -2, 1025, "2"])
+def test_node_count_must_be_at_least_one(user_client, node_count):
+    assert_invalid(submit(user_client, node_count=node_count), "node_count")
+
+
+@pytest.mark.parametrize("max_retries", [-1, 21, "3"])
+def test_max_retries_must_be_0_to_20(user_client, max_retries):
+    assert_invalid(submit(user_client, max_retries=max_retries), "max_retries")
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("retry_on_exit_code", "true"),
+        ("allow_unschedulable", 1),
+        ("timeout_seconds", 0),
+        ("cancel_grace_seconds", -1),
+        ("experiment_id", "not-a-uuid"),
+        ("reservation_id", "42"),
+        ("gpu_type", "x" * 65),
+        ("snapshot_id", "x" * 65),
+        ("entrypoint", "x" * 4097),
+        ("args", 7),
+        ("datasets", "mnist"),
+        ("datasets", [1]),
+    ],
+)
+def test_ill_typed_or_out_of_range_extension_is_refused(user_client, field, value):
+    assert_invalid(submit(user_client, **{field: value}), field)
+
+
+@pytest.mark.parametrize(
+    "plugin_configs",
+    [
+        {"tensorboard": {"mode": "embedded"}},
+        {"tensorboard": {"enabled": "yes"}},
+        {"tensorboard": {"settings": "x"}},
+        {"tensorboard": {"colour": "red"}},
+        {"bad name": {}},
+        {"tensorboard": "on"},
+        ["tensorboard"],
+    ],
+)
+def test_plugin_configs_must_match_plugin_config_shape(user_client, plugin_configs):
+    assert_invalid(submit(user_client, plugin_configs=plugin_configs), "plugin_configs")
+
+
+@pytest.mark.parametrize(
+    ("plugin_configs", "field"),
+    [
+        ({"nope": {"enabled": False}}, "plugin_configs.nope"),
+        ({"tensorboard": {"image": "evil/tb:1"}}, "plugin_configs.tensorboard.image"),
+        ({"tensorboard": {"settings": {"url": "http://elsewhere"}}}, "plugin_configs.tensorboard.settings.url"),
+    ],
+)
+def test_plugin_configs_may_only_change_what_the_plugin_allows(user_client, plugin_configs, field):
+    response = submit(user_client, plugin_configs=plugin_configs)
+    assert_invalid(response, "plugin_configs")
+    assert field in [detail["field"] for detail in response.json()["details"]]
+
+
+def test_plugin_can_be_turned_off_for_one_task(user_client):
+    response = submit(user_client, plugin_configs={"tensorboard": {"enabled": False}})
+    assert response.status_code == 201
+    assert Task.objects.get().plugin_configs == {"tensorboard": {"enabled": False}}
+
+
+def test_unknown_field_is_refused_by_name(user_client):
+    response = submit(user_client, priorty=3)
+    assert_invalid(response, "priorty")
+    assert response.json()["details"][0]["message"] == "Unknown field."
+
+
+def test_body_that_is_not_an_object_is_refused(user_client):
+    response = user_client.post("/v1/tasks", ["job"], format="json")
+    assert response.status_code == 422
+
+
+def test_malformed_json_is_bad_request(user_client):
+    response = user_client.post("/v1/tasks", "{not json", content_type="application/json")
+    assert response.status_code == 400
+    assert response.json()["code"] == "BAD_REQUEST"
+
+
+@override_settings(FETCHML_MAX_LIST_ITEMS=3)
+@pytest.mark.parametrize(
+    ("field", "item"),
+    [("datasets", "d"), ("dataset_specs", {"name": "d"})],
+)
+def test_lists_longer_than_max_list_items_are_refused(user_client, field, item):
+    assert submit(user_client, **{field: [item] * 3}).status_code == 201
+    assert_invalid(submit(user_client, **{field: [item] * 4}), field, tasks_before=1)
+
+
+@override_settings(FETCHML_MAX_METADATA_ENTRIES=2)
+@pytest.mark.parametrize("field", ["metadata", "env"])
+def test_maps_with_more_than_max_metadata_entries_are_refused(user_client, field):
+    assert_invalid(submit(user_client, **{field: {"A": "1", "B": "2", "C": "3"}}), field)
+
+
+def test_metadata_value_longer_than_max_string_length_is_refused(user_client):
+    assert_invalid(submit(user_client, metadata={"k": "x" * 4097}), "metadata")

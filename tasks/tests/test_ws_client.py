@@ -1,0 +1,352 @@
+"""The client WebSocket /ws, over fetchml.asgi.application with channels' WebsocketCommunicator.
+
+Events are published after commit, hence `transactional_db`. Where a test
+shows that something is NOT delivered, it makes a second, visible change
+afterwards and checks that this marker is the first message to arrive (one
+channel's messages arrive in order), instead of waiting for silence.
+"""
+
+import pytest
+from asgiref.sync import sync_to_async
+from channels.layers import get_channel_layer
+from channels.testing import WebsocketCommunicator
+
+from fetchml.asgi import application
+from fetchml.testing import run_async
+from fetchml.tests.factories import ApiKeyFactory
+from tasks.consumers import CLOSE_FORBIDDEN, CLOSE_UNAUTHENTICATED
+from tasks.logs import append_lines
+from tasks.services import task_submit, task_transition
+from tasks.states import TaskStatus
+
+pytestmark = pytest.mark.django_db(transaction=True)
+TIMEOUT = 5
+
+
+@pytest.fixture
+def alice_key(user) -> str:
+    return ApiKeyFactory.raw(user=user)
+
+
+@pytest.fixture
+def bob_key(other_user) -> str:
+    return ApiKeyFactory.raw(user=other_user)
+
+
+@pytest.fixture
+def admin_key(admin_user) -> str:
+    return ApiKeyFactory.raw(user=admin_user, role="admin")
+
+
+@pytest.fixture
+def alice_task(user):
+    return task_submit(owner=user, job_name="alice-job")
+
+
+@pytest.fixture
+def bob_task(other_user):
+    return task_submit(owner=other_user, job_name="bob-job")
+
+
+def _socket(raw_key: str | None = None, path: str = "/ws") -> WebsocketCommunicator:
+    headers = [(b"x-api-key", raw_key.encode())] if raw_key else []
+    return WebsocketCommunicator(application, path, headers=headers)
+
+
+async def _open(raw_key: str) -> WebsocketCommunicator:
+    socket = _socket(raw_key)
+    connected, code = await socket.connect(timeout=TIMEOUT)
+    assert connected, f"refused with {code}"
+    return socket
+
+
+async def _move(task, state: str) -> None:
+    assert await sync_to_async(task_transition)(task_id=task.id, to=state) is not None
+
+
+async def _receive(socket: WebsocketCommunicator) -> dict:
+    return await socket.receive_json_from(timeout=TIMEOUT)
+
+
+async def _ask(socket: WebsocketCommunicator, message: dict) -> dict:
+    await socket.send_json_to(message)
+    return await _receive(socket)
+
+
+# --- authentication -----------------------------------------------------
+
+
+@run_async
+async def test_connection_without_a_key_is_refused():
+    assert await _socket().connect(timeout=TIMEOUT) == (False, CLOSE_UNAUTHENTICATED)
+
+
+@run_async
+async def test_connection_with_an_unknown_key_is_refused():
+    assert await _socket("fetchml_nothing_atall").connect(timeout=TIMEOUT) == (False, CLOSE_UNAUTHENTICATED)
+
+
+@run_async
+async def test_key_in_the_query_string_is_refused_even_with_a_valid_header(alice_key):
+    socket = _socket(alice_key, path=f"/ws?api_key={alice_key}")
+    assert await socket.connect(timeout=TIMEOUT) == (False, CLOSE_UNAUTHENTICATED)
+
+
+@run_async
+async def test_key_only_in_the_query_string_is_refused(alice_key):
+    assert await _socket(path=f"/ws?key={alice_key}").connect(timeout=TIMEOUT) == (False, CLOSE_UNAUTHENTICATED)
+
+
+@run_async
+async def test_worker_key_is_refused(worker_key):
+    assert await _socket(worker_key).connect(timeout=TIMEOUT) == (False, CLOSE_FORBIDDEN)
+
+
+@run_async
+async def test_ping_is_answered_with_pong(alice_key):
+    socket = await _open(alice_key)
+    try:
+        reply = await _ask(socket, {"type": "ping"})
+    finally:
+        await socket.disconnect()
+    assert reply["type"] == "pong"
+    assert "timestamp" in reply
+
+
+# --- task events --------------------------------------------------------
+
+
+@run_async
+async def test_state_change_of_own_task_sends_task_update(alice_key, alice_task):
+    socket = await _open(alice_key)
+    try:
+        await _move(alice_task, TaskStatus.PREPARING)
+        message = await _receive(socket)
+    finally:
+        await socket.disconnect()
+    assert message["type"] == "task_update"
+    assert message["task"]["id"] == str(alice_task.id)
+    assert message["task"]["status"] == "preparing"
+    assert message["task"]["priority"] == 5
+    assert message["task"]["user_id"] == "alice"
+    assert "timestamp" in message
+
+
+@run_async
+async def test_final_state_sends_task_complete(alice_key, alice_task):
+    socket = await _open(alice_key)
+    try:
+        await _move(alice_task, TaskStatus.CANCELLED)
+        message = await _receive(socket)
+    finally:
+        await socket.disconnect()
+    assert message["type"] == "task_complete"
+    assert message["task"]["status"] == "cancelled"
+    assert message["task"]["ended_at"] is not None
+
+
+@run_async
+async def test_each_transition_is_reported_with_its_own_status(alice_key, alice_task):
+    socket = await _open(alice_key)
+    try:
+        for state in (TaskStatus.PREPARING, TaskStatus.RUNNING, TaskStatus.COMPLETED):
+            await _move(alice_task, state)
+        messages = [await _receive(socket) for _ in range(3)]
+    finally:
+        await socket.disconnect()
+    assert [(m["type"], m["task"]["status"]) for m in messages] == [
+        ("task_update", "preparing"),
+        ("task_update", "running"),
+        ("task_complete", "completed"),
+    ]
+
+
+@run_async
+async def test_user_never_receives_events_of_another_users_task(bob_key, alice_task, bob_task):
+    socket = await _open(bob_key)
+    try:
+        await _move(alice_task, TaskStatus.PREPARING)
+        await _move(alice_task, TaskStatus.CANCELLED)
+        await _move(bob_task, TaskStatus.PREPARING)  # the marker
+        first = await _receive(socket)
+    finally:
+        await socket.disconnect()
+    assert first["task"]["id"] == str(bob_task.id)
+
+
+@run_async
+async def test_admin_receives_events_of_every_users_tasks(admin_key, alice_task, bob_task):
+    socket = await _open(admin_key)
+    try:
+        await _move(alice_task, TaskStatus.PREPARING)
+        await _move(bob_task, TaskStatus.CANCELLED)
+        messages = [await _receive(socket) for _ in range(2)]
+    finally:
+        await socket.disconnect()
+    assert [(m["task"]["user_id"], m["type"]) for m in messages] == [("alice", "task_update"), ("bob", "task_complete")]
+
+
+# --- subscriptions ------------------------------------------------------
+
+
+@run_async
+async def test_subscribing_to_own_task_narrows_the_stream_to_it(alice_key, user, alice_task):
+    other = await sync_to_async(task_submit)(owner=user, job_name="second")
+    socket = await _open(alice_key)
+    try:
+        assert await _ask(socket, {"type": "subscribe", "task_id": str(alice_task.id)}) == {
+            "type": "subscribed",
+            "task_id": str(alice_task.id),
+        }
+        await _move(other, TaskStatus.PREPARING)
+        await _move(alice_task, TaskStatus.PREPARING)  # the marker
+        first = await _receive(socket)
+    finally:
+        await socket.disconnect()
+    assert first["task"]["id"] == str(alice_task.id)
+
+
+@run_async
+async def test_subscribed_task_also_streams_its_new_log_lines(alice_key, alice_task):
+    socket = await _open(alice_key)
+    try:
+        await _ask(socket, {"type": "subscribe", "task_id": str(alice_task.id)})
+        lines = [{"stream": "stdout", "line": "epoch 1"}, {"stream": "stderr", "line": "warn"}]
+        await sync_to_async(append_lines)(task_id=alice_task.id, attempt=1, lines=lines)
+        message = await _receive(socket)
+    finally:
+        await socket.disconnect()
+    assert message["type"] == "task_log"
+    assert message["task_id"] == str(alice_task.id)
+    assert [(line["stream"], line["line"]) for line in message["lines"]] == [("stdout", "epoch 1"), ("stderr", "warn")]
+
+
+@run_async
+async def test_unsubscribing_from_the_last_task_widens_the_stream_again(alice_key, user, alice_task):
+    other = await sync_to_async(task_submit)(owner=user, job_name="second")
+    socket = await _open(alice_key)
+    try:
+        await _ask(socket, {"type": "subscribe", "task_id": str(alice_task.id)})
+        reply = await _ask(socket, {"type": "unsubscribe", "task_id": str(alice_task.id)})
+        await _move(other, TaskStatus.PREPARING)
+        message = await _receive(socket)
+    finally:
+        await socket.disconnect()
+    assert reply == {"type": "unsubscribed", "task_id": str(alice_task.id)}
+    assert message["task"]["id"] == str(other.id)
+
+
+@run_async
+async def test_subscribing_to_another_users_task_is_an_error(bob_key, alice_task, bob_task):
+    socket = await _open(bob_key)
+    try:
+        reply = await _ask(socket, {"type": "subscribe", "task_id": str(alice_task.id)})
+        await _move(alice_task, TaskStatus.PREPARING)
+        await _move(bob_task, TaskStatus.PREPARING)  # the marker: bob still gets his own tasks
+        first = await _receive(socket)
+    finally:
+        await socket.disconnect()
+    assert reply["type"] == "error"
+    assert reply["code"] == "NOT_FOUND"
+    assert first["task"]["id"] == str(bob_task.id)
+
+
+@run_async
+async def test_admin_may_subscribe_to_any_task(admin_key, alice_task):
+    socket = await _open(admin_key)
+    try:
+        reply = await _ask(socket, {"type": "subscribe", "task_id": str(alice_task.id)})
+        await _move(alice_task, TaskStatus.PREPARING)
+        message = await _receive(socket)
+    finally:
+        await socket.disconnect()
+    assert reply["type"] == "subscribed"
+    assert message["task"]["id"] == str(alice_task.id)
+
+
+@run_async
+async def test_unsubscribing_from_a_task_not_subscribed_is_an_error(alice_key, alice_task):
+    socket = await _open(alice_key)
+    try:
+        reply = await _ask(socket, {"type": "unsubscribe", "task_id": str(alice_task.id)})
+    finally:
+        await socket.disconnect()
+    assert reply["type"] == "error"
+
+
+# --- malformed input ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        "not json",
+        "[1, 2]",
+        '{"no": "type"}',
+        '{"type": 7}',
+        '{"type": "dance"}',
+        '{"type": "subscribe"}',
+        '{"type": "subscribe", "task_id": "not-a-uuid"}',
+        '{"type": "subscribe", "task_id": ["x"]}',
+    ],
+)
+@run_async
+async def test_malformed_message_gets_an_error_and_the_connection_stays_open(alice_key, frame):
+    socket = await _open(alice_key)
+    try:
+        await socket.send_to(text_data=frame)
+        reply = await _receive(socket)
+        pong = await _ask(socket, {"type": "ping"})
+    finally:
+        await socket.disconnect()
+    assert reply["type"] == "error"
+    assert reply["error"]
+    assert pong["type"] == "pong"
+
+
+@run_async
+async def test_binary_frame_gets_an_error(alice_key):
+    socket = await _open(alice_key)
+    try:
+        await socket.send_to(bytes_data=b"\x00\x01")
+        reply = await _receive(socket)
+    finally:
+        await socket.disconnect()
+    assert reply["type"] == "error"
+
+
+@run_async
+async def test_unrelated_channel_messages_are_ignored(alice_key, user, alice_task):
+    socket = await _open(alice_key)
+    try:
+        await get_channel_layer().group_send(f"tasks.user.{user.pk}", {"type": "someone.elses.message"})
+        await _move(alice_task, TaskStatus.PREPARING)
+        message = await _receive(socket)
+    finally:
+        await socket.disconnect()
+    assert message["type"] == "task_update"
+
+
+@run_async
+async def test_disconnect_leaves_every_joined_group(alice_key, alice_task, monkeypatch):
+    layer = get_channel_layer()
+    joined: list[tuple[str, str]] = []
+    left: list[tuple[str, str]] = []
+    real_add, real_discard = layer.group_add, layer.group_discard
+
+    async def add(group: str, channel: str) -> None:
+        joined.append((group, channel))
+        await real_add(group, channel)
+
+    async def discard(group: str, channel: str) -> None:
+        left.append((group, channel))
+        await real_discard(group, channel)
+
+    monkeypatch.setattr(layer, "group_add", add)
+    monkeypatch.setattr(layer, "group_discard", discard)
+    socket = await _open(alice_key)
+    await _ask(socket, {"type": "subscribe", "task_id": str(alice_task.id)})
+    await socket.disconnect()
+
+    assert len({group for group, _ in joined}) == 2
+    assert set(joined) <= set(left)
