@@ -8,7 +8,8 @@ between is lost), then passes each group message to the source and writes a
 database at each beat (the channel layer may drop messages; the database is
 the record). When the source is finished, or the client goes away (the ASGI
 handler cancels the response task, which raises CancelledError into the
-iterator), the group memberships are discarded; the stream creates no tasks.
+iterator), the pending layer read is cancelled and awaited and the group
+memberships are discarded, so nothing outlives the stream.
 
 Streaming views are plain async Django views (a DRF view is sync and would
 hold a worker thread for the whole stream); `authenticate_stream` applies the
@@ -38,6 +39,8 @@ logger = logging.getLogger("fetchml.sse")
 HEARTBEAT = b": heartbeat\n\n"
 # A zero interval would spin; the setting parser only guarantees >= 0.
 MIN_HEARTBEAT_SECONDS = 0.05
+# A cancelled layer read returns at once; this only bounds a broken one.
+STOP_RECEIVING_SECONDS = 5.0
 
 
 class EventSource(Protocol):
@@ -81,6 +84,7 @@ async def event_stream(
     interval = max(heartbeat_seconds or app_settings.SSE_HEARTBEAT_SECONDS, MIN_HEARTBEAT_SECONDS)
     channel = await layer.new_channel("sse.")
     joined: list[str] = []
+    receiving: asyncio.Task | None = None
     try:
         for group in groups:
             await layer.group_add(group, channel)
@@ -90,20 +94,34 @@ async def event_stream(
         loop = asyncio.get_running_loop()
         next_beat = loop.time() + interval
         while not source.finished:
-            try:
-                # A timeout scope, not wait_for: no extra task to leak or outlive us.
-                async with asyncio.timeout_at(next_beat):
-                    message = await layer.receive(channel)
-            except TimeoutError:
+            # One receive outlives heartbeats: cancelling a layer read part-way
+            # can lose its message (and on Redis surfaces as a read timeout).
+            if receiving is None:
+                receiving = asyncio.ensure_future(layer.receive(channel))
+            done, _ = await asyncio.wait({receiving}, timeout=max(next_beat - loop.time(), 0))
+            if not done:
                 next_beat = loop.time() + interval
                 yield HEARTBEAT
                 async for frame in source.on_heartbeat():
                     yield frame
                 continue
+            message, receiving = receiving.result(), None
             async for frame in source.on_message(message):
                 yield frame
     finally:
+        await _stop_receiving(receiving)
         await _leave(layer, channel, joined)
+
+
+async def _stop_receiving(receiving: asyncio.Task | None) -> None:
+    """Cancel an outstanding layer read and wait for it, so no task outlives the stream."""
+    if receiving is None:
+        return
+    receiving.cancel()
+    done, _ = await asyncio.wait({receiving}, timeout=STOP_RECEIVING_SECONDS)
+    if done and not receiving.cancelled() and receiving.exception() is not None:
+        # Typically the Redis read noticing its own cancellation; nothing is lost by it.
+        logger.debug("channel-layer read ended with %r as the stream closed", receiving.exception())
 
 
 async def _leave(layer: Any, channel: str, groups: list[str]) -> None:

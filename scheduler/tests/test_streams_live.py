@@ -128,11 +128,6 @@ def test_streams_refuse_worker_keys(user, worker_key):
     assert client.get(f"/v1/scheduler/jobs/{task.id}/stream").status_code == 403
 
 
-@pytest.mark.skipif(
-    bool(os.environ.get("REDIS_URL")),
-    reason="known issue: on the Redis layer a disconnect during receive() surfaces as redis TimeoutError "
-    "from fetchml.sse.event_stream (reported; the shared SSE module owns the fix)",
-)
 @run_async
 async def test_client_leaving_the_status_stream_leaves_its_group(key, monkeypatch, thread_connections):
     layer = get_channel_layer()
