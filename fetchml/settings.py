@@ -195,6 +195,7 @@ SPECTACULAR_SETTINGS = {
     # The ApiKeyAuth scheme and each operation's requirement come from the
     # extension in fetchml/schema.py (a global SECURITY would list it twice).
     "AUTHENTICATION_WHITELIST": ["fetchml.auth.ApiKeyAuthentication"],
+    "ENUM_NAME_OVERRIDES": {"ExperimentStatusEnum": "tasks.models.Experiment.Status"},
 }
 
 # --- FetchML product settings (defaults live in fetchml/conf.py) ----------

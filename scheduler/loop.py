@@ -65,16 +65,16 @@ class SchedulerLoop:
         clock = time.monotonic()
         waiting = {assignment_id for assignment_id, _ in pending}
         self._resent = {key: sent for key, sent in self._resent.items() if key in waiting}
-        resent = 0
+        batch = []
         for assignment_id, worker_id in pending:
             if clock - self._resent.get(assignment_id, float("-inf")) < every:
                 continue
-            events.send_now(
-                [events.worker_group(worker_id)], {"type": "worker.assign", "assignment_id": str(assignment_id)}
+            batch.append(
+                ([events.worker_group(worker_id)], {"type": "worker.assign", "assignment_id": str(assignment_id)})
             )
             self._resent[assignment_id] = clock
-            resent += 1
-        return resent
+        events.send_batch_now(batch)
+        return len(batch)
 
     def _close_connection(self) -> None:
         connections.close_all()

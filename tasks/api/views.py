@@ -92,6 +92,7 @@ class TaskListCreateView(APIView):
     permission_classes = [IsHumanUser]
 
     @extend_schema(
+        operation_id="tasks_list",
         summary="List tasks",
         description=(
             "Tasks visible to the caller, newest first: their own, or everyone's for an admin key. "

@@ -1,0 +1,99 @@
+"""Publishing after commit: one batch per transaction, nothing from a rollback."""
+
+import asyncio
+
+import pytest
+from asgiref.sync import async_to_sync
+from channels.layers import get_channel_layer
+from django.db import transaction
+
+from fetchml import events
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+GROUP = "tests.events"
+
+
+@pytest.fixture
+def listener():
+    """A channel in GROUP, and a function draining what reached it."""
+    layer = get_channel_layer()
+    channel = async_to_sync(layer.new_channel)()
+    async_to_sync(layer.group_add)(GROUP, channel)
+
+    def received() -> list[dict]:
+        async def drain() -> list[dict]:
+            messages = []
+            while True:
+                try:
+                    async with asyncio.timeout(0.2):
+                        messages.append(await layer.receive(channel))
+                except TimeoutError:
+                    return messages
+
+        return async_to_sync(drain)()
+
+    yield received
+    async_to_sync(layer.group_discard)(GROUP, channel)
+
+
+@pytest.fixture
+def hops(monkeypatch) -> list[int]:
+    """How many `async_to_sync` hops publishing took, with the batch size of each."""
+    counted: list[int] = []
+    real = events.async_to_sync
+
+    def counting(function):
+        wrapped = real(function)
+
+        def call(layer, batch):
+            counted.append(len(batch))
+            return wrapped(layer, batch)
+
+        return call
+
+    monkeypatch.setattr(events, "async_to_sync", counting)
+    return counted
+
+
+def message(number: int) -> dict:
+    return {"type": "test.event", "number": number}
+
+
+def test_a_transaction_publishes_its_messages_in_one_hop_in_order(listener, hops):
+    with transaction.atomic():
+        for number in range(5):
+            events.send_on_commit([GROUP], message(number))
+        assert hops == []  # nothing leaves before the commit
+
+    assert hops == [5]
+    assert [m["number"] for m in listener()] == [0, 1, 2, 3, 4]
+
+
+def test_a_rolled_back_transaction_publishes_nothing_and_the_next_one_its_own(listener, hops):
+    with pytest.raises(RuntimeError), transaction.atomic():
+        events.send_on_commit([GROUP], message(1))
+        raise RuntimeError("roll back")
+
+    with transaction.atomic():
+        events.send_on_commit([GROUP], message(2))
+
+    assert hops == [1]
+    assert [m["number"] for m in listener()] == [2]
+
+
+def test_a_rolled_back_savepoint_drops_messages_first_sent_inside_it(listener, hops):
+    with transaction.atomic():
+        with pytest.raises(RuntimeError), transaction.atomic():
+            events.send_on_commit([GROUP], message(1))
+            raise RuntimeError("roll back the savepoint")
+        events.send_on_commit([GROUP], message(2))
+
+    assert [m["number"] for m in listener()] == [2]
+
+
+def test_outside_a_transaction_a_message_leaves_at_once(listener, hops):
+    events.send_on_commit([GROUP], message(7))
+
+    assert hops == [1]
+    assert [m["number"] for m in listener()] == [7]

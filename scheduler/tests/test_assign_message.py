@@ -1,0 +1,57 @@
+"""The `assign` message carries everything the agent needs to prepare and run the task."""
+
+import pytest
+
+from scheduler.dispatch import dispatch_round
+from scheduler.selectors import assign_message
+from scheduler.tests.factories import assignments_of, queued_task, worker
+
+pytestmark = pytest.mark.django_db
+
+
+def _assign_of(task) -> dict:
+    assert dispatch_round() == 1
+    [assignment] = assignments_of(task)
+    return assign_message(assignment_id=assignment.id, worker_id=assignment.worker_id)
+
+
+def test_assign_message_names_the_tasks_datasets_snapshot_and_command():
+    worker()
+    specs = [{"name": "imagenet", "checksum": "sha256:" + "ab" * 32}]
+    task = queued_task(
+        entrypoint="python train.py",
+        args="--epochs 3",
+        snapshot_id="c0ffee" * 10 + "abcd",
+        datasets=["imagenet", "cifar10"],
+        dataset_specs=specs,
+    )
+
+    message = _assign_of(task)
+
+    assert message["type"] == "assign"
+    assert message["datasets"] == ["imagenet", "cifar10"]
+    assert message["dataset_specs"] == specs
+    assert message["snapshot_id"] == task.snapshot_id
+    assert (message["entrypoint"], message["args"]) == ("python train.py", "--epochs 3")
+
+
+def test_assign_message_carries_the_fencing_token_of_the_assignment():
+    worker()
+    task = queued_task()
+
+    message = _assign_of(task)
+
+    [assignment] = assignments_of(task)
+    assert message["token"] == str(assignment.token)
+    assert message["attempt"] == assignment.attempt
+
+
+def test_an_acknowledged_assignment_is_not_assigned_again():
+    box = worker()
+    task = queued_task()
+    dispatch_round()
+    [assignment] = assignments_of(task)
+    assignment.status = assignment.Status.ACKED
+    assignment.save(update_fields=["status"])
+
+    assert assign_message(assignment_id=assignment.id, worker_id=box.id) is None
