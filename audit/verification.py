@@ -25,7 +25,7 @@ from audit.canonical import GENESIS_HASH, HASHED_FIELDS, assemble, format_timest
 from audit.checkpoints import Checkpoint
 from audit.models import AuditEvent, ChainHead
 
-PAGE_SIZE = 5000
+PAGE_SIZE = 20_000
 # In the canonical key order, so a row unpacks straight into `assemble`.
 _COLUMNS = (*sorted(HASHED_FIELDS), "event_hash")
 _SEQ = _COLUMNS.index("sequence_num")
@@ -73,9 +73,11 @@ def _page_sql(vendor: str, bounded: bool) -> str:
     columns = []
     for name in _COLUMNS:
         column = quote(AuditEvent._meta.get_field(name).column)
-        columns.append(
-            _PG_TIMESTAMP.format(column=column) if name == "timestamp" and vendor == "postgresql" else column
-        )
+        if vendor == "postgresql" and name == "timestamp":
+            column = _PG_TIMESTAMP.format(column=column)
+        elif vendor == "postgresql" and name == "metadata":
+            column = f"{column}::text"  # text, so repeated values hit the _metadata_text cache
+        columns.append(column)
     seq = quote("sequence_num")
     upper = f" AND {seq} <= %s" if bounded else ""
     return (
