@@ -105,7 +105,13 @@ class WorkerConsumer(AsyncWebsocketConsumer):
             await getattr(self, f"_on_{kind}")(message)
 
     async def send_json(self, message: dict[str, Any]) -> None:
-        await self.send(text_data=json.dumps(message))
+        try:
+            await self.send(text_data=json.dumps(message))
+        except Exception as exc:
+            # The socket closed under us (daphne raises on a send after close).
+            # Nothing is lost: the database holds the run's state, and the agent
+            # re-learns it on reconnect (hello, re-sent assigns, stale tokens).
+            logger.info("worker %s: could not send %s: %s", self.worker_id, message.get("type"), exc)
 
     # --- worker -> server --------------------------------------------------------
 

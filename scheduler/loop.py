@@ -27,12 +27,15 @@ from scheduler import selectors
 from scheduler.dispatch import dispatch_round
 from scheduler.reservations import reservations_tick
 from scheduler.services import enforce_timeouts, expire_leases
+from tasks.services import idempotency_prune
 
 logger = logging.getLogger("fetchml.scheduler.loop")
 
 ERROR_BACKOFF_MIN = 0.5
 ERROR_BACKOFF_MAX = 30.0
 GROUP_REFRESH_SECONDS = 60.0
+# Housekeeping that need not run every pass: expired Idempotency-Key records.
+HOUSEKEEPING_SECONDS = 600.0
 
 
 class SchedulerLoop:
@@ -40,11 +43,13 @@ class SchedulerLoop:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scheduler")
         self._resent: dict[Any, float] = {}  # assignment id -> monotonic time of the last re-send
         self.passes = 0  # completed passes, for operators and tests
+        self._housekept_at = float("-inf")  # monotonic time of the last housekeeping
 
     # --- one pass (sync) ---------------------------------------------------------
 
     def run_once(self) -> bool:
-        """Expire leases, enforce time-outs, end/idle-stop Jupyter services, re-send unacked assigns, dispatch.
+        """Expire leases, enforce time-outs, end/idle-stop Jupyter services, re-send unacked assigns, dispatch,
+        and now and then prune expired idempotency records.
 
         Returns whether the pass changed anything.
         """
@@ -55,8 +60,17 @@ class SchedulerLoop:
         worked = jupyter_pass() > 0 or worked  # after the leases: services of lost workers end in `error`
         self._resend_unacked()
         placed = dispatch_round()
+        self._housekeeping()
         self.passes += 1
         return placed > 0 or worked
+
+    def _housekeeping(self) -> None:
+        if time.monotonic() - self._housekept_at < HOUSEKEEPING_SECONDS:
+            return
+        self._housekept_at = time.monotonic()
+        pruned = idempotency_prune()
+        if pruned:
+            logger.info("pruned %d expired idempotency record(s)", pruned)
 
     def _resend_unacked(self) -> int:
         """At-least-once delivery of `assign`: re-send what the agent has not acknowledged."""

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -14,12 +15,14 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import connection
 from django.test import override_settings
+from django.utils import timezone
 
 from conftest import USING_POSTGRES
 from fetchml import events
+from fetchml.models import ApiKey
 from scheduler.loop import SchedulerLoop
 from scheduler.tests.factories import queued_task, worker
-from tasks.models import Task
+from tasks.models import IdempotencyRecord, Task
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("channel_layer", "thread_connections")]
 
@@ -156,3 +159,20 @@ def _wait_for_line(proc: subprocess.Popen, text: str, *, timeout: float) -> None
         if text in line:
             return
     raise AssertionError(f"{text!r} not logged; got: {''.join(seen)}")
+
+
+def test_a_pass_prunes_expired_idempotency_records_now_and_then(user, worker_key):
+    key = ApiKey.objects.first()
+    old = IdempotencyRecord.objects.create(
+        api_key=key, key="old", body_sha256="0" * 64, task=queued_task(owner=user), created_at=timezone.now()
+    )
+    IdempotencyRecord.objects.filter(id=old.id).update(created_at=timezone.now() - timedelta(days=30))
+    IdempotencyRecord.objects.create(api_key=key, key="new", body_sha256="0" * 64, task=queued_task(owner=user))
+    loop = SchedulerLoop()
+
+    loop.run_once()
+    assert list(IdempotencyRecord.objects.values_list("key", flat=True)) == ["new"]
+
+    IdempotencyRecord.objects.filter(key="new").update(created_at=timezone.now() - timedelta(days=30))
+    loop.run_once()  # housekeeping ran a moment ago: not again yet
+    assert IdempotencyRecord.objects.filter(key="new").exists()

@@ -1,7 +1,9 @@
 """Multi-node (gang) jobs: all nodes in one round or none, rendezvous details per node, one failing node stops all."""
 
 import pytest
+from asgiref.sync import async_to_sync
 
+from fetchml import events
 from scheduler.dispatch import dispatch_round
 from scheduler.models import NodeAssignment, Worker
 from scheduler.selectors import assign_message
@@ -10,6 +12,11 @@ from scheduler.tests.factories import assignments_of, queued_task, worker
 from tasks.states import TaskStatus
 
 pytestmark = pytest.mark.django_db
+
+
+async def _receive_each(layer, channel: str, count: int) -> list[dict]:
+    # One event loop for all reads: the Redis layer's receive buffer belongs to a loop.
+    return [await layer.receive(channel) for _ in range(count)]
 
 
 def _finish(assignment: NodeAssignment) -> None:
@@ -60,18 +67,21 @@ def test_every_node_gets_its_rank_the_node_count_and_rank_zeros_address():
     assert {n["master_port"] for n in nodes} == {nodes[0]["master_port"]}
 
 
-def test_one_failing_node_stops_the_other_nodes_and_fails_the_job(django_capture_on_commit_callbacks):
+@pytest.mark.django_db(transaction=True)
+def test_one_failing_node_stops_the_other_nodes_and_fails_the_job(channel_layer):
     for i in range(3):
         worker(name=f"node-{i}", gpu_count=1)
     gang = queued_task(node_count=3, gpu=1, max_retries=0)
     dispatch_round()
     first, *others = assignments_of(gang)
     assignment_status(worker_id=first.worker_id, task_id=str(gang.id), token=str(first.token), status="running")
+    listener = async_to_sync(channel_layer.new_channel)()
+    for sibling in others:
+        async_to_sync(channel_layer.group_add)(events.worker_group(sibling.worker_id), listener)
 
-    with django_capture_on_commit_callbacks(execute=False) as callbacks:
-        assignment_status(
-            worker_id=first.worker_id, task_id=str(gang.id), token=str(first.token), status="failed", exit_code=3
-        )
+    assignment_status(
+        worker_id=first.worker_id, task_id=str(gang.id), token=str(first.token), status="failed", exit_code=3
+    )
 
     gang.refresh_from_db()
     assert gang.status == TaskStatus.FAILED
@@ -79,4 +89,5 @@ def test_one_failing_node_stops_the_other_nodes_and_fails_the_job(django_capture
         sibling.refresh_from_db()
         assert (sibling.status, sibling.holds_capacity) == (NodeAssignment.Status.LOST, False)
     assert not Worker.objects.filter(used_gpus__gt=0).exists()
-    assert len(callbacks) >= len(others)  # the stop messages go out after commit
+    stops = async_to_sync(_receive_each)(channel_layer, listener, len(others))
+    assert {(stop["type"], stop["token"]) for stop in stops} == {("worker.stop", str(s.token)) for s in others}
