@@ -4,10 +4,10 @@ import tracemalloc
 
 import pytest
 
+from audit import verification
 from audit.canonical import HASHED_FIELDS
 from audit.models import AuditEvent
 from audit.tests.factories import append_events
-from audit import verification
 from audit.verification import verify_chain
 
 EVENTS = 100_000

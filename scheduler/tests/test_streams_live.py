@@ -2,7 +2,6 @@
 
 import asyncio
 import http.client
-import os
 import uuid
 
 import pytest
