@@ -195,7 +195,10 @@ SPECTACULAR_SETTINGS = {
     # The ApiKeyAuth scheme and each operation's requirement come from the
     # extension in fetchml/schema.py (a global SECURITY would list it twice).
     "AUTHENTICATION_WHITELIST": ["fetchml.auth.ApiKeyAuthentication"],
-    "ENUM_NAME_OVERRIDES": {"ExperimentStatusEnum": "tasks.models.Experiment.Status"},
+    "ENUM_NAME_OVERRIDES": {
+        "ExperimentStatusEnum": "tasks.models.Experiment.Status",
+        "TaskStatusEnum": "tasks.states.TaskStatus",
+    },
 }
 
 # --- FetchML product settings (defaults live in fetchml/conf.py) ----------

@@ -8,8 +8,16 @@ from django.utils import timezone
 
 from jupyter.selectors import service_spec_for_task
 from plugins.selectors import plugin_env_for_task, plugin_sidecars_for_task
-from scheduler.dispatch import capacities, pick_nodes, runnable_tasks, shortfall
-from scheduler.models import NodeAssignment, Worker
+from scheduler.dispatch import (
+    capacities,
+    eligible_nodes,
+    hold_for_starving_head,
+    pick_nodes,
+    runnable_tasks,
+    shortfall,
+)
+from scheduler.models import NodeAssignment, Reservation, Worker
+from scheduler.policies import current_holds
 from scheduler.protocol import outgoing
 from tasks.models import Task
 from tasks.states import ACTIVE_STATES, TaskStatus
@@ -124,14 +132,24 @@ def pending_reason(task: Task, *, now: datetime | None = None) -> str:
     workers = list(Worker.objects.filter(status=Worker.Status.ACTIVE))
     if not workers:
         return "no active worker is connected"
-    nodes = capacities(workers)
-    if pick_nodes(nodes, task) is None:
-        fitting = sum(1 for node in nodes if shortfall(node, task) is None)
+    # The round's own view: capacity held by reservations and for a starving head of the line.
+    holds = current_holds(now)
+    if task.reservation_id is not None and task.reservation_id in holds.waiting:
+        starts_at = Reservation.objects.filter(id=task.reservation_id).values_list("starts_at", flat=True).first()
+        return f"waiting for its reservation's window to start at {starts_at.isoformat()}"
+    nodes = capacities(workers, holds)
+    head = hold_for_starving_head(nodes, holds, now)
+    if pick_nodes(nodes, task, holds) is None:
+        missing = [shortfall(node, task) for node in eligible_nodes(nodes, task, holds)]
+        fitting = missing.count(None)
         nodes_text = f"{task.node_count} workers" if task.node_count > 1 else "worker"
         if fitting:
             return f"only {fitting} of {task.node_count} workers have {_need(task)}"
-        missing = {shortfall(node, task) for node in nodes}
-        if missing == {"gpu_type"}:
+        if head is not None and "held" in missing:
+            return f"the workers it could use are held for task {head.id}, which has waited longest"
+        if "reserved" in missing:
+            return "the capacity it needs is held by active reservations"
+        if missing and set(missing) == {"gpu_type"}:
             return f"no active worker has GPUs of type {task.gpu_type}"
         return f"no {nodes_text} with {_need(task)}"
     position = queue_position(task, now=now)

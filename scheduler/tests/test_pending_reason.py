@@ -8,6 +8,7 @@ from django.utils import timezone
 from scheduler.dispatch import dispatch_round
 from scheduler.selectors import pending_reason, queue_position
 from scheduler.tests.factories import queued_task, worker
+from tasks.tests.factories import ReservationFactory
 
 pytestmark = pytest.mark.django_db
 
@@ -67,3 +68,36 @@ def test_first_in_line_waits_for_the_next_round():
     worker()
 
     assert pending_reason(queued_task()) == "waiting for the next scheduling round"
+
+
+def test_capacity_held_by_another_users_reservation():
+    worker(gpu_count=2, gpu_type="A100")
+    ReservationFactory(gpu_count=2, gpu_type="A100")
+
+    reason = pending_reason(queued_task(gpu=1, gpu_type="A100"))
+
+    assert reason == "the capacity it needs is held by active reservations"
+
+
+def test_task_of_a_reservation_whose_window_has_not_started():
+    worker(gpu_count=2)
+    starts_at = timezone.now() + timedelta(hours=2)
+    reservation = ReservationFactory(
+        status="pending", starts_at=starts_at, expires_at=starts_at + timedelta(hours=1), gpu_count=1
+    )
+
+    reason = pending_reason(queued_task(gpu=1, reservation=reservation, owner=reservation.owner))
+
+    assert reason == f"waiting for its reservation's window to start at {starts_at.isoformat()}"
+
+
+def test_workers_held_for_a_starving_multi_node_job(settings):
+    settings.FETCHML_STARVATION_SECONDS = 60
+    for i in range(3):
+        worker(name=f"node-{i}", batch_slots=1)
+    queued_task(priority=10)
+    dispatch_round()  # one node is busy, so the gang cannot start
+    gang = queued_task(node_count=3, queued_at=timezone.now() - timedelta(minutes=10))
+    small = queued_task(queued_at=timezone.now() - timedelta(minutes=5))
+
+    assert pending_reason(small) == f"the workers it could use are held for task {gang.id}, which has waited longest"

@@ -9,6 +9,7 @@ from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from fetchml.conf import app_settings
+from scheduler import selectors as scheduler_selectors
 from tasks.api.fields import (
     BoundedDictField,
     BoundedListField,
@@ -186,6 +187,27 @@ class TaskSerializer(serializers.Serializer):
     @extend_schema_field(OpenApiTypes.BOOL)
     def get_cancel_requested(self, task: Task) -> bool:
         return task.cancel_requested_at is not None
+
+
+class TaskDetailSerializer(TaskSerializer):
+    """One task, with "why is it still queued?" (computed by the dispatcher's own matching rule)."""
+
+    queue_position = serializers.SerializerMethodField(
+        help_text="Runnable tasks the scheduler considers before this one (0 = next); null unless queued"
+    )
+    pending_reason = serializers.SerializerMethodField(
+        help_text="Why a queued task has not started, e.g. 'no worker with 4 free GPU(s) of type A100'; '' otherwise"
+    )
+
+    @extend_schema_field(OpenApiTypes.INT)
+    def get_queue_position(self, task: Task) -> int | None:
+        if task.status != TaskStatus.QUEUED:
+            return None
+        return scheduler_selectors.queue_position(task, now=self._now())
+
+    @extend_schema_field(OpenApiTypes.STR)
+    def get_pending_reason(self, task: Task) -> str:
+        return scheduler_selectors.pending_reason(task, now=self._now())
 
 
 class TaskListQuerySerializer(serializers.Serializer):

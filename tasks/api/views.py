@@ -23,6 +23,7 @@ from tasks.api.serializers import (
     ExperimentListQuerySerializer,
     ExperimentSerializer,
     QueueStatsSerializer,
+    TaskDetailSerializer,
     TaskListQuerySerializer,
     TaskListSerializer,
     TaskSerializer,
@@ -163,12 +164,13 @@ class TaskDetailView(APIView):
 
     @extend_schema(
         summary="Get task details",
-        responses={200: TaskSerializer, 401: UNAUTHORIZED, 403: FORBIDDEN, 404: NOT_FOUND, 429: RATE_LIMITED},
+        description="A queued task also says where it is in the queue and why it has not started yet.",
+        responses={200: TaskDetailSerializer, 401: UNAUTHORIZED, 403: FORBIDDEN, 404: NOT_FOUND, 429: RATE_LIMITED},
     )
     # `taskId` is the spec's path parameter name (the URL converter passes it as a keyword).
     def get(self, request: Request, taskId: uuid.UUID) -> Response:
         task = selectors.task_get_for_actor(actor=actor_from_request(request), task_id=taskId)
-        return Response(TaskSerializer(task).data)
+        return Response(TaskDetailSerializer(task).data)
 
     @extend_schema(
         summary="Cancel task",

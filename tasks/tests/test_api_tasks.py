@@ -191,6 +191,26 @@ def test_task_detail_has_every_spec_and_fetchml_field(user_client, user):
     assert body["id"] == str(task.id)
 
 
+def test_queued_task_detail_says_where_it_is_in_the_queue_and_why(user_client, user):
+    WorkerFactory(gpu_count=0, batch_slots=1)
+    ahead = TaskFactory(owner=user, priority=9)
+    task = TaskFactory(owner=user, priority=2, gpu=2)
+
+    body = user_client.get(f"/v1/tasks/{task.id}").json()
+
+    assert ahead.status == TaskStatus.QUEUED
+    assert body["queue_position"] == 1
+    assert body["pending_reason"] == "no worker with 2 free GPU(s), a free batch slot"
+
+
+def test_started_task_detail_has_no_queue_position(user_client, user):
+    task = TaskFactory(owner=user, status=TaskStatus.RUNNING, started_at=timezone.now())
+
+    body = user_client.get(f"/v1/tasks/{task.id}").json()
+
+    assert (body["queue_position"], body["pending_reason"]) == (None, "")
+
+
 def test_task_of_another_user_is_not_found(user_client, other_user):
     task = TaskFactory(owner=other_user)
     response = user_client.get(f"/v1/tasks/{task.id}")
