@@ -177,8 +177,13 @@ def _service_activity(message: dict) -> dict[str, Any]:
     return {**_ack(message), "last_activity": _str(message, "last_activity", max_length=64, required=True, ref=ref)}
 
 
+def _draining(message: dict) -> dict[str, Any]:
+    return {}
+
+
 _PARSERS = {
     "hello": _hello,
+    "draining": _draining,
     "ack": _ack,
     "status": _status,
     "log": _log,

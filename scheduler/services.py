@@ -182,6 +182,58 @@ def worker_drain(*, worker: Worker, actor: Actor) -> Worker:
     return worker
 
 
+def worker_announced_drain(*, worker_id: Any) -> int:
+    """The agent itself is draining (it got SIGTERM): give it no new work, and put the runs
+    it was assigned but never acknowledged back in the queue at once, without counting a
+    retry (they never started). Returns how many went back."""
+    handed_back = 0
+    with transaction.atomic():
+        worker = Worker.objects.select_for_update().filter(id=worker_id).first()
+        if worker is None:
+            return 0
+        if worker.status == Worker.Status.ACTIVE:
+            Worker.objects.filter(id=worker.id).update(status=Worker.Status.DRAINING)
+            owner = worker.api_key.user if worker.api_key_id and worker.api_key else ""
+            record(
+                event_type="scheduler_drain",
+                user=owner,
+                resource=f"worker:{worker.name}",
+                action="drain",
+                metadata={"by": "agent"},
+            )
+            events.status_changed("worker_draining", {"worker_id": str(worker.id)})
+        unacked = NodeAssignment.objects.filter(
+            worker_id=worker.id, holds_capacity=True, status=NodeAssignment.Status.ASSIGNED
+        )
+        for assignment in unacked:
+            handed_back += _hand_back(assignment)
+        _offline_if_drained(worker.id)
+    return handed_back
+
+
+def _hand_back(assignment: NodeAssignment) -> int:
+    """Return an unstarted run to the queue as if it had never been dispatched (1 if it went back)."""
+    task = Task.objects.select_for_update().get(id=assignment.task_id)
+    if not _release(assignment, status=NodeAssignment.Status.LOST):
+        return 0
+    if task.attempt != assignment.attempt or task.status != TaskStatus.PREPARING:
+        return 0
+    _stop_siblings(task, assignment.attempt, reason="a node's worker is draining")
+    moved = task_transition(
+        task_id=task.id, to=TaskStatus.QUEUED, from_states={TaskStatus.PREPARING}, worker=None, started_at=None
+    )
+    if moved is None:
+        return 0
+    record(
+        event_type="job_requeued",
+        user=moved.owner,
+        resource=f"task:{task.id}",
+        action="handed_back",
+        metadata={"attempt": assignment.attempt, "reason": "worker draining"},
+    )
+    return 1
+
+
 def _offline_if_drained(worker_id: Any | None = None) -> int:
     drained = Worker.objects.filter(status=Worker.Status.DRAINING).exclude(
         Exists(NodeAssignment.objects.filter(worker=OuterRef("pk"), holds_capacity=True))

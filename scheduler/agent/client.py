@@ -174,6 +174,8 @@ class Agent:
     def drain(self) -> None:
         if not self._draining:
             logger.info("draining: no new work; %d run(s) to finish", len(self._held))
+            # Tell the server, so it stops assigning and re-queues what we will not take.
+            self._enqueue(protocol.draining())
         self._draining = True
         self._check_drained()
 
@@ -283,6 +285,8 @@ class Agent:
         for token in welcome.kill:
             self._forget(token, kill=True)
         session = self._session = _Session(ws=ws, heartbeat_seconds=welcome.heartbeat_seconds)
+        if self._draining:
+            self._enqueue(protocol.draining())  # a restarted server must hear it again
         self._resend_finals(older_than=0.0)
         session.wake.set()
         tasks = [
@@ -299,17 +303,30 @@ class Agent:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            if self._finished.is_set():
+                await self._flush(session)
 
     async def _send(self, session: _Session) -> None:
         while True:
             await session.wake.wait()
             session.wake.clear()
-            while self._outbox:
-                message = self._outbox[0]
-                token = message.get("token")
-                if token is None or token in self._held:  # nothing more about forgotten runs
-                    await session.ws.send(protocol.encode(message))
-                self._outbox.popleft()
+            await self._send_outbox(session)
+
+    async def _send_outbox(self, session: _Session) -> None:
+        while self._outbox:
+            message = self._outbox[0]
+            token = message.get("token")
+            if token is None or token in self._held:  # nothing more about forgotten runs
+                await session.ws.send(protocol.encode(message))
+            self._outbox.popleft()
+
+    async def _flush(self, session: _Session) -> None:
+        """On the way out, send what is still queued (the draining notice above all), briefly."""
+        try:
+            async with asyncio.timeout(self.config.close_timeout):
+                await self._send_outbox(session)
+        except (TimeoutError, ConnectionClosed, OSError) as exc:
+            logger.info("leaving with %d message(s) unsent: %s", len(self._outbox), exc)
 
     async def _heartbeat(self, session: _Session) -> None:
         while True:

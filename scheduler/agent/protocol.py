@@ -216,5 +216,9 @@ def service_activity(*, task_id: str, token: str, last_activity: str) -> dict[st
     return _message("service_activity", task_id=task_id, token=token, last_activity=last_activity)
 
 
+def draining() -> dict[str, Any]:
+    return _message("draining")
+
+
 def heartbeat(*, running: list[dict[str, str]]) -> dict[str, Any]:
     return _message("heartbeat", running=running)

@@ -171,10 +171,45 @@ def test_server_drain_refuses_new_work_and_ends_once_runs_are_reported(
             assert await asyncio.wait_for(serving, 15) == 0
             assert (await peer.final(message["token"]))["status"] == "completed"
             assert peer.about(refused["token"]) == []
+            assert [m["type"] for m in peer.messages].count("draining") == 1
             assert not (tmp_path / "work" / refused["task_id"]).exists()
 
     with caplog.at_level(logging.INFO, logger="scheduler.agent"):
         run_async(scenario())
+
+
+def test_idle_agent_told_to_drain_says_so_before_it_exits(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with Peer() as peer:
+            agent = Agent(agent_config(peer.url, tmp_path / "work"))
+            serving = asyncio.create_task(agent.run())
+            await peer.connected()
+
+            agent.drain()  # what the first SIGTERM does
+
+            assert await asyncio.wait_for(serving, 15) == 0
+            assert (await peer.next(lambda m: m["type"] == "draining"))["version"] == 1
+
+    run_async(scenario())
+
+
+def test_draining_agent_says_so_again_after_a_reconnect(tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
+
+    async def scenario() -> None:
+        async with Peer() as peer, running_agent(peer.url, tmp_path / "work") as agent:
+            message = assign(gated(gate))
+            await peer.send(message)
+            await peer.status(message["token"], "running")
+            agent.drain()
+            await peer.next(lambda m: m["type"] == "draining")
+            await peer.close()  # the server restarts
+            async with Peer(port=peer.port) as restarted:
+                await restarted.next(lambda m: m["type"] == "draining")
+                gate.touch()
+                assert (await restarted.final(message["token"]))["status"] == "completed"
+
+    run_async(scenario())
 
 
 def test_forced_shutdown_kills_runs_and_reports_them_as_worker_lost(tmp_path: Path) -> None:

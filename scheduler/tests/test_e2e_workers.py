@@ -144,7 +144,10 @@ def test_sigterm_of_a_worker_lets_its_run_finish_and_report_then_exits_zero(
         system.wait_for_task(owner_key, task["id"], lambda t: t["status"] == "running")
 
         agent.signal(signal.SIGTERM)
-        wait_until(lambda: "SIGTERM: draining" in agent.output(), what="the agent to start draining")
+        wait_until(
+            lambda: Worker.objects.filter(name="a", status=Worker.Status.DRAINING).exists(),
+            what="the agent to announce that it is draining",
+        )
         (tmp_path / "gate").touch()
         done = system.wait_for_status(owner_key, task["id"], "completed")
         assert agent.wait_exit() == 0
