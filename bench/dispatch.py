@@ -1,6 +1,7 @@
 """Benchmark of dispatch through the real system: throughput, enqueue-to-assignment latency, round cost.
 
-    DATABASE_URL=postgres://... REDIS_URL=redis://... python bench/dispatch.py [--quick]
+    DATABASE_URL=postgres://... REDIS_URL=redis://... python bench/dispatch.py [--quick] [--mixed]
+        [--compare procrastinate]
 
 Runs a live daphne server and a `manage.py scheduler` process against a scratch
 PostgreSQL database (`<name>_dispatchbench_<pid>`, created next to the one in
@@ -14,12 +15,28 @@ so the figures are the scheduler's, the channel layer's and the protocol's.
   workers, time from the submitting commit to the `assign` frame at a worker;
 - round cost: one `dispatch_round` (placing a full batch) at queue depths of
   1k, 100k and 1M rows (bulk-inserted with INSERT ... SELECT generate_series).
+
+`--mixed` adds a mixed workload on a second set of 4 bench workers (8 GPUs
+each): two active reservations (booked with `reservation_create`) hold GPUs
+and a batch slot on 3 of them, and every 10th task is a 2-node gang job (each
+node gets its own `assign` with its rank; the task completes when both nodes
+reported `completed`). It prints throughput and enqueue-to-assign latency at
+50/s, a gang task counting as assigned when its last node's `assign` arrives.
+
+`--compare procrastinate` runs the same no-op workload through procrastinate
+(`pip install -r requirements/bench.txt`; app and tasks in
+bench/procrastinate_app.py) on its own scratch database
+(`<name>_procrastinatebench_<pid>`): 10,000 jobs deferred in one batch to 4
+idle `procrastinate worker` processes, time until all succeeded; and
+enqueue-to-start latency at 50 and 200 jobs/s (from the return of each
+job's `defer_async`, i.e. its commit, to the first line of the job function).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import os
 import signal
 import socket
@@ -32,7 +49,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_ROOT = BENCH_DIR.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 WORKERS = 4
@@ -46,15 +64,26 @@ SERVER_ENV = {
     "FETCHML_RATE_LIMIT_GET": "1000000/m",
 }
 
+# --mixed: GPU workers (so that reservations can hold part of the fleet), every 10th task on 2 nodes.
+MIXED_GPUS_PER_WORKER = 8
+MIXED_GPU_TYPE = "BENCH"
+MIXED_MULTI_NODE_EVERY = 10
+MIXED_RESERVATIONS = ({"gpu_count": 4, "node_count": 1}, {"gpu_count": 8, "node_count": 2})
 
-def scratch_postgres(url: str) -> tuple[str, Callable[[], None]]:
+# --compare procrastinate
+PROCRASTINATE_WORKERS = 4
+PROCRASTINATE_JOBS = 10_000
+PROCRASTINATE_INSTALL = "pip install -r requirements/bench.txt"
+
+
+def scratch_postgres(url: str, purpose: str = "dispatchbench") -> tuple[str, Callable[[], None]]:
     """DATABASE_URL of a new scratch database, and how to drop it."""
     from urllib.parse import urlsplit, urlunsplit
 
     import psycopg
 
     parts = urlsplit(url)
-    name = f"{(parts.path.lstrip('/') or 'postgres')}_dispatchbench_{os.getpid()}"
+    name = f"{(parts.path.lstrip('/') or 'postgres')}_{purpose}_{os.getpid()}"
     admin_url = urlunsplit(parts._replace(path="/postgres", query=""))
     with psycopg.connect(admin_url, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
@@ -75,12 +104,27 @@ def percentile(values: list[float], fraction: float) -> float:
 
 
 class BenchWorker:
-    """A worker-protocol client that completes each assignment at once, noting when it arrived."""
+    """A worker-protocol client that completes each assignment at once, noting when it arrived.
 
-    def __init__(self, url: str, key: str, name: str, arrivals: dict[str, float]) -> None:
+    `arrivals[task_id]` lists the arrival times of the task's node assignments
+    (one per node of a multi-node task, each node on its own worker). A
+    re-sent `assign` (same token) is acknowledged again but never completed
+    twice. Like the agent, it re-sends a final `status` with each heartbeat
+    until the server answers `status_ack` (a report the server could not
+    apply gets `error` SERVER_ERROR, counted in `server_errors`); `stop`
+    forgets the run; `drain` needs nothing from a client that runs nothing.
+    """
+
+    def __init__(
+        self, url: str, key: str, name: str, arrivals: dict[str, list[float]], gpus: int = 0, gpu_type: str = ""
+    ) -> None:
         self.url, self.key, self.name, self.arrivals = url, key, name, arrivals
+        self.gpus, self.gpu_type = gpus, gpu_type
         self.ready = asyncio.Event()
         self.completed = 0
+        self.tokens: set[str] = set()
+        self.unacked: dict[str, tuple[dict[str, Any], float]] = {}  # token -> (final status, when sent)
+        self.server_errors = 0
 
     async def run(self, stop: asyncio.Event) -> None:
         from websockets.asyncio.client import connect
@@ -88,7 +132,7 @@ class BenchWorker:
         from scheduler.agent import protocol
 
         async with connect(self.url, additional_headers={"X-API-Key": self.key}, max_queue=None) as ws:
-            capabilities = {"cpu_cores": 64, "memory_gb": 256, "gpu_count": 0, "gpu_type": ""}
+            capabilities = {"cpu_cores": 64, "memory_gb": 256, "gpu_count": self.gpus, "gpu_type": self.gpu_type}
             capabilities |= {"batch_slots": SLOTS_PER_WORKER, "service_slots": 0}
             hello = protocol.hello(name=self.name, hostname="127.0.0.1", capabilities=capabilities, running=[])
             await ws.send(protocol.encode(hello))
@@ -104,12 +148,23 @@ class BenchWorker:
                         break
                     message = protocol.decode(receiving.result())
                     receiving = asyncio.ensure_future(ws.recv())
+                    if message["type"] in ("status_ack", "stop"):
+                        self.unacked.pop(message.get("token", ""), None)
+                        continue
+                    if message["type"] == "error":
+                        self.server_errors += message.get("code") == "SERVER_ERROR"
+                        continue
                     if message["type"] != "assign":
                         continue
+                    arrived = time.perf_counter()
                     task_id, token = message["task_id"], message["token"]
-                    self.arrivals.setdefault(task_id, time.perf_counter())
                     await ws.send(protocol.encode(protocol.ack(task_id=task_id, token=token)))
+                    if token in self.tokens:
+                        continue  # a re-sent assign: acknowledged again, run once
+                    self.tokens.add(token)
+                    self.arrivals.setdefault(task_id, []).append(arrived)
                     final = protocol.status(task_id=task_id, token=token, status="completed", exit_code=0)
+                    self.unacked[token] = (final, time.monotonic())
                     await ws.send(protocol.encode(final))
                     self.completed += 1
             finally:
@@ -122,7 +177,36 @@ class BenchWorker:
 
         while True:
             await ws.send(protocol.encode(protocol.heartbeat(running=[])))
+            now = time.monotonic()
+            for token, (final, sent_at) in list(self.unacked.items()):
+                if now - sent_at >= every:
+                    self.unacked[token] = (final, now)
+                    await ws.send(protocol.encode(final))
             await asyncio.sleep(every)
+
+
+class Fleet:
+    """A set of bench workers connected for the duration of a `async with`."""
+
+    def __init__(self, workers: list[BenchWorker]) -> None:
+        self.workers = workers
+        self.stop = asyncio.Event()
+        self.running: list[asyncio.Task] = []
+
+    async def __aenter__(self) -> Fleet:
+        self.running = [asyncio.create_task(worker.run(self.stop)) for worker in self.workers]
+        ready = asyncio.ensure_future(asyncio.gather(*(worker.ready.wait() for worker in self.workers)))
+        await asyncio.wait({ready, *self.running}, timeout=30, return_when=asyncio.FIRST_COMPLETED)
+        ready.cancel()
+        if not all(worker.ready.is_set() for worker in self.workers):
+            await self.__aexit__()
+            failed = [task.exception() for task in self.running if task.done() and task.exception()]
+            raise RuntimeError(f"bench workers did not connect: {failed}")
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.stop.set()
+        await asyncio.gather(*self.running, return_exceptions=True)
 
 
 class System:
@@ -152,19 +236,29 @@ class System:
                 time.sleep(0.1)
 
     def __exit__(self, *exc_info: object) -> None:
-        for child in self.children:
-            if child.poll() is None:
-                child.send_signal(signal.SIGTERM)
-        for child in self.children:
-            try:
-                child.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                child.kill()
-                child.wait()
+        stop_children(self.children)
 
 
-def insert_queued(owner: Any, count: int) -> None:
-    """`count` queued no-op tasks in one statement (a template row copied by generate_series)."""
+def stop_children(children: list[subprocess.Popen]) -> None:
+    """SIGTERM to each child still running, SIGKILL to any not gone 15 s later."""
+    for child in children:
+        if child.poll() is None:
+            child.send_signal(signal.SIGTERM)
+    for child in children:
+        try:
+            child.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+
+
+def insert_queued(owner: Any, count: int, multi_node_every: int = 0) -> None:
+    """`count` queued no-op tasks in one statement (a template row copied by generate_series).
+
+    With `multi_node_every` N, every N-th copy has `node_count` 2, and the
+    copies are queued a microsecond apart so that the gang tasks are spread
+    through the dispatch order instead of tied with the rest.
+    """
     from django.db import connection
 
     from tasks.models import Task
@@ -172,10 +266,18 @@ def insert_queued(owner: Any, count: int) -> None:
     template = Task.objects.create(owner=owner, job_name="bench", entrypoint="true")
     columns = [f.column for f in Task._meta.concrete_fields if f.column != "id"]
     names = ", ".join(columns)
+    values = names
+    if multi_node_every:
+        spread = {
+            "node_count": f"CASE WHEN g %% {int(multi_node_every)} = 0 THEN 2 ELSE node_count END",
+            "created_at": "created_at + g * interval '1 microsecond'",
+            "queued_at": "queued_at + g * interval '1 microsecond'",
+        }
+        values = ", ".join(spread.get(column, column) for column in columns)
     with connection.cursor() as cursor:
         cursor.execute(
             f"INSERT INTO {Task._meta.db_table} (id, {names}) "  # column names come from the model
-            f"SELECT gen_random_uuid(), {names} FROM {Task._meta.db_table}, generate_series(1, %s) "
+            f"SELECT gen_random_uuid(), {values} FROM {Task._meta.db_table}, generate_series(1, %s) AS g "
             "WHERE id = %s",
             [count - 1, template.id],
         )
@@ -187,42 +289,73 @@ def completed_count() -> int:
     return Task.objects.filter(status="completed").count()
 
 
-async def measure_throughput(owner: Any, count: int) -> float:
+def unfinished_count() -> int:
+    from tasks.models import Task
+
+    return Task.objects.exclude(status__in=("completed", "failed", "cancelled")).count()
+
+
+async def measure_throughput(owner: Any, count: int, multi_node_every: int = 0) -> float:
     from asgiref.sync import sync_to_async
 
     from fetchml import events
 
-    await sync_to_async(insert_queued)(owner, count)
+    await sync_to_async(insert_queued)(owner, count, multi_node_every)
     base = await sync_to_async(completed_count)()
     started = time.perf_counter()
     await sync_to_async(events.send_now)([events.WAKE_GROUP], {"type": "scheduler.wake", "reason": "bench"})
-    while await sync_to_async(completed_count)() - base < count:
+    done, progress_at = 0, time.perf_counter()
+    while done < count:
         await asyncio.sleep(0.05)
+        now_done = await sync_to_async(completed_count)() - base
+        if now_done > done:
+            done, progress_at = now_done, time.perf_counter()
+        elif time.perf_counter() - progress_at > 180:
+            raise RuntimeError(f"no task completed for 180 s ({done:,}/{count:,} completed)")
     return count / (time.perf_counter() - started)
 
 
-async def measure_latency(owner: Any, rate: float, count: int, arrivals: dict[str, float]) -> list[float]:
-    """Submit `count` tasks at `rate`/s (each its own committed transaction); latency of each, ms."""
+async def measure_latency(
+    owner: Any, rate: float, count: int, arrivals: dict[str, list[float]], multi_node_every: int = 0
+) -> list[float]:
+    """Submit `count` tasks at `rate`/s (each its own committed transaction); latency of each, ms.
+
+    A task is assigned when all its nodes' `assign` frames arrived (with
+    `multi_node_every` N, every N-th task has two nodes).
+    """
     from asgiref.sync import sync_to_async
 
     from tasks.services import task_submit
 
-    submitted: dict[str, float] = {}
+    submitted: dict[str, tuple[float, int]] = {}
 
-    def submit() -> None:
-        task = task_submit(owner=owner, job_name="latency", entrypoint="true")
-        submitted[str(task.id)] = time.perf_counter()  # after the commit: the task is visible
+    def submit(nodes: int) -> None:
+        task = task_submit(owner=owner, job_name="latency", entrypoint="true", node_count=nodes)
+        submitted[str(task.id)] = (time.perf_counter(), nodes)  # after the commit: the task is visible
+
+    def assigned(task_id: str) -> bool:
+        return len(arrivals.get(task_id, ())) >= submitted[task_id][1]
 
     started = time.perf_counter()
     for index in range(count):
         delay = started + index / rate - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
-        await sync_to_async(submit)()
+        nodes = 2 if multi_node_every and index % multi_node_every == multi_node_every - 1 else 1
+        await sync_to_async(submit)(nodes)
     deadline = time.perf_counter() + 60
-    while any(task_id not in arrivals for task_id in submitted) and time.perf_counter() < deadline:
+    while not all(assigned(task_id) for task_id in submitted) and time.perf_counter() < deadline:
         await asyncio.sleep(0.02)
-    return [(arrivals[t] - at) * 1000 for t, at in submitted.items() if t in arrivals]
+    return [(max(arrivals[t]) - at) * 1000 for t, (at, _) in submitted.items() if assigned(t)]
+
+
+async def wait_until_idle(timeout: float = 120) -> None:
+    """Until every task is final (the latency tasks' completions may still be in flight)."""
+    from asgiref.sync import sync_to_async
+
+    deadline = time.perf_counter() + timeout
+    while await sync_to_async(unfinished_count)() and time.perf_counter() < deadline:
+        await asyncio.sleep(0.1)
 
 
 def round_cost(owner: Any, depth: int, rounds: int) -> float:
@@ -250,6 +383,82 @@ def round_cost(owner: Any, depth: int, rounds: int) -> float:
     return statistics.median(timings)
 
 
+def print_latency(label: str, latencies: list[float], expected: int) -> tuple[float, float]:
+    if not latencies:
+        print(f"{label}: nothing arrived within 60 s (0/{expected})")
+        return float("nan"), float("nan")
+    p50, p99 = percentile(latencies, 0.5), percentile(latencies, 0.99)
+    print(f"{label}: p50 {p50:.1f} ms, p99 {p99:.1f} ms ({len(latencies)}/{expected} measured)")
+    return p50, p99
+
+
+def print_server_errors(workers: list[BenchWorker]) -> None:
+    """Status reports the server failed to apply so far (answered SERVER_ERROR; re-sent until acknowledged)."""
+    errors = sum(worker.server_errors for worker in workers)
+    if errors:
+        print(
+            f"  ({errors} status report(s) answered SERVER_ERROR so far on these workers, re-sent until acknowledged)"
+        )
+
+
+def drain_workers(names: list[str]) -> None:
+    """Drain (through the service layer) bench workers that are about to leave: they go offline, empty."""
+    from fetchml.auth import Actor
+    from fetchml.models import ApiKey
+    from fetchml.services import user_get_or_create
+    from scheduler.models import Worker
+    from scheduler.services import worker_drain
+
+    admin = user_get_or_create(username="bench-admin", is_staff=True)
+    actor = Actor(user=admin, role=ApiKey.Role.ADMIN)
+    for worker in Worker.objects.filter(name__in=names):
+        worker_drain(worker=worker, actor=actor)
+
+
+def book_reservations() -> list[Any]:
+    """The --mixed reservations, booked now through the service layer (they stay active: no task names them)."""
+    from fetchml.auth import Actor
+    from fetchml.models import ApiKey
+    from fetchml.services import user_get_or_create
+    from scheduler.reservations import reservation_create
+
+    holder = user_get_or_create(username="bench-reserver")
+    actor = Actor(user=holder, role=ApiKey.Role.USER)
+    return [
+        reservation_create(owner=holder, actor=actor, gpu_type=MIXED_GPU_TYPE, expires_minutes=240, **shape)
+        for shape in MIXED_RESERVATIONS
+    ]
+
+
+async def run_mixed(args: argparse.Namespace, owner: Any, url: str, key: str, results: dict[str, Any]) -> None:
+    from asgiref.sync import sync_to_async
+
+    arrivals: dict[str, list[float]] = {}
+    workers = [
+        BenchWorker(url, key, f"mixed-{i}", arrivals, gpus=MIXED_GPUS_PER_WORKER, gpu_type=MIXED_GPU_TYPE)
+        for i in range(WORKERS)
+    ]
+    async with Fleet(workers):
+        reservations = await sync_to_async(book_reservations)()
+        held = ", ".join(f"{r.gpu_count} GPUs on each of {r.node_count} worker(s)" for r in reservations)
+        print(
+            f"mixed workload: {WORKERS} workers x {SLOTS_PER_WORKER} slots x {MIXED_GPUS_PER_WORKER} GPUs; "
+            f"{len(reservations)} active reservations ({held}; each also holds one batch slot per worker); "
+            f"every {MIXED_MULTI_NODE_EVERY}th task on 2 nodes"
+        )
+        results["mixed_throughput"] = await measure_throughput(owner, args.tasks, MIXED_MULTI_NODE_EVERY)
+        print(
+            f"mixed throughput: {results['mixed_throughput']:,.1f} tasks/s "
+            f"({args.tasks:,} tasks queued -> completed, {args.tasks // MIXED_MULTI_NODE_EVERY:,} of them 2-node)"
+        )
+        latencies = await measure_latency(owner, 50, args.latency_tasks, arrivals, MIXED_MULTI_NODE_EVERY)
+        results["mixed_latency_50"] = print_latency(
+            "mixed enqueue -> assign (all nodes) at 50/s", latencies, args.latency_tasks
+        )
+        await wait_until_idle()
+        print_server_errors(workers)
+
+
 async def run_system(args: argparse.Namespace, env: dict[str, str]) -> dict[str, Any]:
     from asgiref.sync import sync_to_async
 
@@ -260,37 +469,162 @@ async def run_system(args: argparse.Namespace, env: dict[str, str]) -> dict[str,
     _, key = await sync_to_async(apikey_create)(user=agent, role="worker", name="bench")
     results: dict[str, Any] = {}
     with System(env) as system:
-        arrivals: dict[str, float] = {}
+        arrivals: dict[str, list[float]] = {}
         url = f"ws://127.0.0.1:{system.port}/ws/worker"
         workers = [BenchWorker(url, key, f"bench-{i}", arrivals) for i in range(WORKERS)]
-        stop = asyncio.Event()
-        running = [asyncio.create_task(worker.run(stop)) for worker in workers]
-        await asyncio.wait_for(asyncio.gather(*(w.ready.wait() for w in workers)), timeout=30)
-        try:
+        async with Fleet(workers):
             results["throughput"] = await measure_throughput(owner, args.tasks)
-            print(f"throughput: {results['throughput']:,.0f} tasks/s ({args.tasks:,} tasks queued -> completed)")
+            print(f"throughput: {results['throughput']:,.1f} tasks/s ({args.tasks:,} tasks queued -> completed)")
+            print_server_errors(workers)
             for rate in (50, 200):
                 latencies = await measure_latency(owner, rate, args.latency_tasks, arrivals)
-                p50, p99 = percentile(latencies, 0.5), percentile(latencies, 0.99)
-                results[f"latency_{rate}"] = (p50, p99)
-                print(
-                    f"enqueue -> assign at {rate}/s: p50 {p50:.1f} ms, p99 {p99:.1f} ms "
-                    f"({len(latencies)}/{args.latency_tasks} assigned)"
+                results[f"latency_{rate}"] = print_latency(
+                    f"enqueue -> assign at {rate}/s", latencies, args.latency_tasks
                 )
-        finally:
-            stop.set()
-            await asyncio.gather(*running, return_exceptions=True)
+            print_server_errors(workers)
+            if args.mixed:
+                await wait_until_idle()
+                await sync_to_async(drain_workers)([worker.name for worker in workers])
+        if args.mixed:
+            await run_mixed(args, owner, url, key, results)
+    return results
+
+
+# --- procrastinate ---------------------------------------------------------------
+
+
+def procrastinate_installed() -> bool:
+    return importlib.util.find_spec("procrastinate") is not None
+
+
+class ProcrastinateWorkers:
+    """`procrastinate worker` processes (its own CLI, loading bench/procrastinate_app.py); SIGTERM, then SIGKILL."""
+
+    def __init__(self, env: dict[str, str], count: int, concurrency: int) -> None:
+        self.env, self.count, self.concurrency = env, count, concurrency
+        self.children: list[subprocess.Popen] = []
+
+    def __enter__(self) -> ProcrastinateWorkers:
+        command = [sys.executable, "-m", "procrastinate", "--app=procrastinate_app.app", "--log-level=warning"]
+        command += ["worker", f"--concurrency={self.concurrency}"]
+        for index in range(self.count):
+            self.children.append(subprocess.Popen([*command, f"--name=bench-{index}"], cwd=REPO_ROOT, env=self.env))
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        stop_children(self.children)
+
+
+async def run_procrastinate(args: argparse.Namespace, url: str) -> dict[str, Any]:
+    import logging
+
+    import psycopg
+
+    scratch_url, drop = scratch_postgres(url, "procrastinatebench")
+    handle, stamps = tempfile.mkstemp(prefix="fetchml-procrastinate-stamps-")
+    os.close(handle)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(BENCH_DIR), os.environ.get("PYTHONPATH", "")])),
+        "FETCHML_BENCH_PROCRASTINATE_DSN": scratch_url,
+        "FETCHML_BENCH_PROCRASTINATE_STAMPS": stamps,
+    }
+    os.environ.update({k: env[k] for k in ("FETCHML_BENCH_PROCRASTINATE_DSN", "FETCHML_BENCH_PROCRASTINATE_STAMPS")})
+    sys.path.insert(0, str(BENCH_DIR))
+    import procrastinate_app
+
+    logging.getLogger("procrastinate").setLevel(logging.WARNING)  # one INFO line per deferred job otherwise
+    results: dict[str, Any] = {}
+    try:
+        async with (
+            procrastinate_app.app.open_async(),
+            await psycopg.AsyncConnection.connect(scratch_url, autocommit=True) as watch,
+        ):
+            await procrastinate_app.app.schema_manager.apply_schema_async()
+
+            async def count(query: str) -> int:
+                cursor = await watch.execute(query)
+                return (await cursor.fetchone())[0]
+
+            with ProcrastinateWorkers(env, PROCRASTINATE_WORKERS, args.procrastinate_concurrency) as workers:
+                deadline = time.monotonic() + 60
+                while await count("SELECT count(*) FROM procrastinate_workers") < PROCRASTINATE_WORKERS:
+                    if time.monotonic() > deadline or any(c.poll() is not None for c in workers.children):
+                        raise RuntimeError("the procrastinate workers did not start")
+                    await asyncio.sleep(0.1)
+                await asyncio.sleep(1)  # their LISTEN connections come up right after registering
+
+                jobs = args.procrastinate_jobs
+                await procrastinate_app.noop.batch_defer_async(*({} for _ in range(jobs)))
+                started = time.monotonic()  # the batch is committed: every job is visible
+                done_query = "SELECT count(*) FROM procrastinate_jobs WHERE task_name = 'noop' AND status = 'succeeded'"
+                while await count(done_query) < jobs:
+                    if await count("SELECT count(*) FROM procrastinate_jobs WHERE status = 'failed'"):
+                        raise RuntimeError("a procrastinate job failed")
+                    await asyncio.sleep(0.05)
+                results["throughput"] = jobs / (time.monotonic() - started)
+                print(
+                    f"procrastinate throughput: {results['throughput']:,.1f} jobs/s "
+                    f"({jobs:,} no-op jobs deferred in one batch -> succeeded; {PROCRASTINATE_WORKERS} worker "
+                    f"processes, concurrency {args.procrastinate_concurrency} each)"
+                )
+
+                for rate in (50, 200):
+                    submitted: dict[str, float] = {}
+                    begun = time.monotonic()
+                    for index in range(args.latency_tasks):
+                        delay = begun + index / rate - time.monotonic()
+                        if delay > 0:
+                            await asyncio.sleep(delay)
+                        key = f"{rate}-{index}"
+                        await procrastinate_app.stamp.defer_async(key=key)
+                        submitted[key] = time.monotonic()  # after the commit
+                    started_at: dict[str, float] = {}
+                    deadline = time.monotonic() + 60
+                    while len(started_at) < len(submitted) and time.monotonic() < deadline:
+                        await asyncio.sleep(0.05)
+                        with open(stamps, encoding="utf-8") as lines:
+                            for line in lines:
+                                stamp_key, _, at = line.strip().partition(" ")
+                                if stamp_key in submitted and at:
+                                    started_at[stamp_key] = float(at)
+                    latencies = [(started_at[k] - at) * 1000 for k, at in submitted.items() if k in started_at]
+                    results[f"latency_{rate}"] = print_latency(
+                        f"procrastinate enqueue -> start at {rate}/s", latencies, args.latency_tasks
+                    )
+    finally:
+        drop()
+        os.unlink(stamps)
     return results
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer tasks; round cost up to 100k rows only")
+    parser.add_argument(
+        "--mixed", action="store_true", help="also a mixed workload: active reservations, 10%% 2-node tasks"
+    )
+    parser.add_argument(
+        "--compare",
+        choices=["procrastinate"],
+        help=f"also run the no-op workload through procrastinate ({PROCRASTINATE_INSTALL})",
+    )
+    parser.add_argument(
+        "--procrastinate-concurrency",
+        type=int,
+        default=8,
+        metavar="N",
+        help="jobs each procrastinate worker process runs at once (default: 8; procrastinate's own default is 1)",
+    )
     args = parser.parse_args()
     args.tasks = 2_000 if args.quick else 10_000
     args.latency_tasks = 200 if args.quick else 1_000
+    args.procrastinate_jobs = PROCRASTINATE_JOBS
     depths = [1_000, 100_000] if args.quick else [1_000, 100_000, 1_000_000]
 
+    if args.compare == "procrastinate" and not procrastinate_installed():
+        print(f"--compare procrastinate needs procrastinate, which is not installed: {PROCRASTINATE_INSTALL}")
+        return 2
     url, redis_url = os.environ.get("DATABASE_URL", ""), os.environ.get("REDIS_URL", "")
     if not url.startswith(("postgres://", "postgresql://")) or not redis_url:
         print("needs DATABASE_URL=postgres://... and REDIS_URL=redis://... (a scratch database is created)")
@@ -311,6 +645,14 @@ def main() -> int:
             f"machine: {os.cpu_count()} cores; PostgreSQL + Redis; {WORKERS} bench workers x {SLOTS_PER_WORKER} slots"
         )
         results = asyncio.run(run_system(args, env))
+        if args.compare == "procrastinate":
+            theirs = asyncio.run(run_procrastinate(args, url))
+            ratio = results["throughput"] / theirs["throughput"]
+            print(
+                f"throughput FetchML / procrastinate: {ratio:.3f} "
+                f"({results['throughput']:,.1f} tasks/s over {args.tasks:,} tasks vs "
+                f"{theirs['throughput']:,.1f} jobs/s over {args.procrastinate_jobs:,} jobs)"
+            )
         from fetchml.services import user_get_or_create
 
         owner = user_get_or_create(username="bench")
