@@ -26,9 +26,11 @@ from tasks.models import Task
 from tasks.states import TaskStatus
 
 FILE_ACCESS = "file_access"
-# An artifact may be uploaded while the run is alive; `collecting` is the
-# state the agent uploads in, `running` lets it ship early files.
-_UPLOADING_STATES = (TaskStatus.RUNNING, TaskStatus.COLLECTING)
+# An artifact may be uploaded while the run is alive: the fencing token is
+# what proves the uploader's right. `preparing` is included because the
+# agent's `running`/`collecting` reports travel over the WebSocket and may be
+# applied after its first HTTP upload of a run that ended at once.
+_UPLOADING_STATES = (TaskStatus.PREPARING, TaskStatus.RUNNING, TaskStatus.COLLECTING)
 T = TypeVar("T")
 
 

@@ -79,6 +79,9 @@ def _outbox(connection: Any) -> _Outbox:
 
     Django drops the hooks of a rolled-back transaction (or savepoint) and
     clears them when it runs them, so a missing hook means a new transaction.
+    A message added inside a savepoint that is rolled back while the outer
+    transaction commits is still sent: messages carry ids only and listeners
+    re-read the database, so such a message costs a read, never a wrong state.
     """
     outbox = getattr(connection, "fetchml_outbox", None)
     if outbox is None or not any(hook is outbox for _, hook, _ in connection.run_on_commit):

@@ -42,14 +42,17 @@ def plugin_config(plugin: BasePlugin) -> ResolvedConfig:
     return resolve(plugin, PluginConfig.objects.filter(name=plugin.name).first())
 
 
-def plugin_configs() -> list[tuple[BasePlugin, ResolvedConfig]]:
+ActiveConfigs = list[tuple[BasePlugin, ResolvedConfig]]
+
+
+def plugin_configs() -> ActiveConfigs:
     """Every registered plugin with its configuration, in one query."""
     plugins = get_plugins()
     rows = {row.name: row for row in PluginConfig.objects.filter(name__in=list(plugins))}
     return [(plugin, resolve(plugin, rows.get(name))) for name, plugin in plugins.items()]
 
 
-def task_plugin_configs(task: Task) -> list[tuple[BasePlugin, ResolvedConfig]]:
+def task_plugin_configs(task: Task) -> ActiveConfigs:
     """The plugins active for this task, with the task's allowed overrides applied."""
     overrides = task.plugin_configs if isinstance(task.plugin_configs, dict) else {}
     active = []
@@ -60,18 +63,21 @@ def task_plugin_configs(task: Task) -> list[tuple[BasePlugin, ResolvedConfig]]:
     return active
 
 
-def plugin_env_for_task(task: Task) -> dict[str, str]:
-    """Environment variables every active plugin adds to the task (secrets in clear: never log)."""
+def plugin_env_for_task(task: Task, *, configs: ActiveConfigs | None = None) -> dict[str, str]:
+    """Environment variables every active plugin adds to the task (secrets in clear: never log).
+
+    `configs` is `task_plugin_configs(task)` when the caller has it already.
+    """
     env: dict[str, str] = {}
-    for plugin, config in task_plugin_configs(task):
+    for plugin, config in task_plugin_configs(task) if configs is None else configs:
         env.update({str(key): str(value) for key, value in plugin.task_env(config, task).items()})
     return env
 
 
-def plugin_sidecars_for_task(task: Task) -> list[dict[str, Any]]:
+def plugin_sidecars_for_task(task: Task, *, configs: ActiveConfigs | None = None) -> list[dict[str, Any]]:
     """The sidecar processes the worker starts beside the task (plugins in sidecar mode)."""
     sidecars = []
-    for plugin, config in task_plugin_configs(task):
+    for plugin, config in task_plugin_configs(task) if configs is None else configs:
         if config.mode != PluginConfig.Mode.SIDECAR:
             continue
         command = plugin.sidecar_command(config, task)

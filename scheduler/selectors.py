@@ -7,7 +7,7 @@ from django.db.models import Q
 from django.utils import timezone
 
 from jupyter.selectors import service_spec_for_task
-from plugins.selectors import plugin_env_for_task, plugin_sidecars_for_task
+from plugins.selectors import plugin_env_for_task, plugin_sidecars_for_task, task_plugin_configs
 from scheduler.dispatch import (
     capacities,
     eligible_nodes,
@@ -28,18 +28,15 @@ MASTER_PORT = 29500  # torch.distributed's default rendezvous port on the rank-0
 def assign_message(*, assignment_id: Any, worker_id: Any) -> dict[str, Any] | None:
     """The `assign` message for a live, not yet acknowledged assignment of this worker."""
     assignment = (
-        NodeAssignment.objects.select_related("task")
+        NodeAssignment.objects.select_related("task", "worker")
         .filter(id=assignment_id, worker_id=worker_id, holds_capacity=True, status=NodeAssignment.Status.ASSIGNED)
         .first()
     )
     if assignment is None:
         return None
     task = assignment.task
-    rank0 = (
-        NodeAssignment.objects.filter(task_id=task.id, attempt=assignment.attempt, node_id=0)
-        .values_list("worker__hostname", flat=True)
-        .first()
-    )
+    rank0 = assignment.worker.hostname if assignment.node_id == 0 else _rank0_hostname(assignment)
+    plugins = task_plugin_configs(task)
     return outgoing(
         "assign",
         task_id=str(task.id),
@@ -49,7 +46,7 @@ def assign_message(*, assignment_id: Any, worker_id: Any) -> dict[str, Any] | No
         entrypoint=task.entrypoint,
         args=task.args,
         # Plugin variables may hold secrets (API keys): this message is never logged.
-        env={**plugin_env_for_task(task), **task.env},
+        env={**plugin_env_for_task(task, configs=plugins), **task.env},
         resources={
             "cpu": assignment.cpu,
             "memory_gb": assignment.memory_gb,
@@ -67,8 +64,16 @@ def assign_message(*, assignment_id: Any, worker_id: Any) -> dict[str, Any] | No
         snapshot_id=task.snapshot_id,
         dataset_specs=task.dataset_specs,
         datasets=task.datasets,
-        sidecars=plugin_sidecars_for_task(task),
+        sidecars=plugin_sidecars_for_task(task, configs=plugins),
         service=service_spec_for_task(task),
+    )
+
+
+def _rank0_hostname(assignment: NodeAssignment) -> str | None:
+    return (
+        NodeAssignment.objects.filter(task_id=assignment.task_id, attempt=assignment.attempt, node_id=0)
+        .values_list("worker__hostname", flat=True)
+        .first()
     )
 
 

@@ -186,7 +186,6 @@ def worker_announced_drain(*, worker_id: Any) -> int:
     """The agent itself is draining (it got SIGTERM): give it no new work, and put the runs
     it was assigned but never acknowledged back in the queue at once, without counting a
     retry (they never started). Returns how many went back."""
-    handed_back = 0
     with transaction.atomic():
         worker = Worker.objects.select_for_update().filter(id=worker_id).first()
         if worker is None:
@@ -202,35 +201,43 @@ def worker_announced_drain(*, worker_id: Any) -> int:
                 metadata={"by": "agent"},
             )
             events.status_changed("worker_draining", {"worker_id": str(worker.id)})
-        unacked = NodeAssignment.objects.filter(
-            worker_id=worker.id, holds_capacity=True, status=NodeAssignment.Status.ASSIGNED
-        )
-        for assignment in unacked:
-            handed_back += _hand_back(assignment)
-        _offline_if_drained(worker.id)
+    unacked = NodeAssignment.objects.filter(
+        worker_id=worker_id, holds_capacity=True, status=NodeAssignment.Status.ASSIGNED
+    ).values_list("id", flat=True)
+    handed_back = sum(_hand_back(assignment_id=assignment_id) for assignment_id in list(unacked))
+    with transaction.atomic():
+        _offline_if_drained(worker_id)
     return handed_back
 
 
-def _hand_back(assignment: NodeAssignment) -> int:
+def _hand_back(*, assignment_id: Any) -> int:
     """Return an unstarted run to the queue as if it had never been dispatched (1 if it went back)."""
-    task = Task.objects.select_for_update().get(id=assignment.task_id)
-    if not _release(assignment, status=NodeAssignment.Status.LOST):
-        return 0
-    if task.attempt != assignment.attempt or task.status != TaskStatus.PREPARING:
-        return 0
-    _stop_siblings(task, assignment.attempt, reason="a node's worker is draining")
-    moved = task_transition(
-        task_id=task.id, to=TaskStatus.QUEUED, from_states={TaskStatus.PREPARING}, worker=None, started_at=None
-    )
-    if moved is None:
-        return 0
-    record(
-        event_type="job_requeued",
-        user=moved.owner,
-        resource=f"task:{task.id}",
-        action="handed_back",
-        metadata={"attempt": assignment.attempt, "reason": "worker draining"},
-    )
+    with transaction.atomic():
+        assignment = NodeAssignment.objects.filter(id=assignment_id).first()
+        if assignment is None:
+            return 0
+        lock_run_workers(task_id=assignment.task_id, worker_id=assignment.worker_id)
+        task = Task.objects.select_for_update().get(id=assignment.task_id)
+        assignment = NodeAssignment.objects.select_for_update().get(id=assignment_id)
+        if assignment.status != NodeAssignment.Status.ASSIGNED:
+            return 0  # acknowledged meanwhile: it runs, and the drain waits for it
+        if not _release(assignment, status=NodeAssignment.Status.LOST):
+            return 0
+        if task.attempt != assignment.attempt or task.status != TaskStatus.PREPARING:
+            return 0
+        _stop_siblings(task, assignment.attempt, reason="a node's worker is draining")
+        moved = task_transition(
+            task_id=task.id, to=TaskStatus.QUEUED, from_states={TaskStatus.PREPARING}, worker=None, started_at=None
+        )
+        if moved is None:
+            return 0
+        record(
+            event_type="job_requeued",
+            user=moved.owner,
+            resource=f"task:{task.id}",
+            action="handed_back",
+            metadata={"attempt": assignment.attempt, "reason": "worker draining"},
+        )
     return 1
 
 
@@ -289,6 +296,7 @@ def assignment_status(
 ) -> StatusOutcome:
     """Apply a worker's state report for one run, fenced by its token."""
     with transaction.atomic():
+        lock_run_workers(task_id=task_id, worker_id=worker_id)
         task = Task.objects.select_for_update().filter(id=task_id).first()
         assignment = _assignment(worker_id, task_id, token)
         if task is None or assignment is None:
@@ -306,6 +314,27 @@ def assignment_status(
 
 
 _FINAL_REPORTS = frozenset({TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED})
+
+
+def lock_run_workers(*, task_id: Any, worker_id: Any = None) -> None:
+    """Lock, in id order, every worker a change of this task's run may touch, before the task.
+
+    The lock order everywhere is workers, then tasks, then the audit head: a
+    dispatch round claims its workers first (SKIP LOCKED, so it passes by the
+    ones locked here) and appends to the audit last. The workers are the task's
+    (rank 0) worker, the workers of its live nodes (a failing node stops its
+    siblings, freeing their capacity) and `worker_id` (the reporting one).
+    Without the task's own worker, a change that writes the task row twice
+    (preparing -> running -> completed) would make PostgreSQL re-check that
+    foreign key at commit, while holding the audit head a round waits for.
+    """
+    of_task = Task.objects.filter(id=task_id).values("worker_id")
+    of_nodes = NodeAssignment.objects.filter(task_id=task_id, holds_capacity=True).values("worker_id")
+    chosen = Q(id__in=of_task) | Q(id__in=of_nodes)
+    if worker_id is not None:
+        chosen |= Q(id=worker_id)
+    workers = Worker.objects.select_for_update(no_key=True).filter(chosen)
+    list(workers.order_by("id").values_list("id", flat=True))
 
 
 def _progress_report(task: Task, assignment: NodeAssignment, status: str) -> StatusOutcome:
@@ -339,7 +368,7 @@ def _final_report(
 ) -> StatusOutcome:
     if status == TaskStatus.COMPLETED:
         _release(assignment, status=NodeAssignment.Status.FINISHED)
-        if _live_assignments_of_attempt(task, assignment.attempt).exists():
+        if task.node_count > 1 and _live_assignments_of_attempt(task, assignment.attempt).exists():
             return StatusOutcome(accepted=True)  # the task completes with its last node
         if task.status == TaskStatus.PREPARING:  # a run too quick to report `running`
             task_transition(task_id=task.id, to=TaskStatus.RUNNING)
@@ -468,6 +497,7 @@ def end_run(*, assignment_id: Any, reason: str, error: str) -> bool:
         assignment = NodeAssignment.objects.filter(id=assignment_id, holds_capacity=True).first()
         if assignment is None:
             return False
+        lock_run_workers(task_id=assignment.task_id, worker_id=assignment.worker_id)
         task = Task.objects.select_for_update().get(id=assignment.task_id)
         if not _release(assignment, status=NodeAssignment.Status.LOST):
             return False
@@ -516,6 +546,7 @@ def enforce_timeouts(*, now: datetime | None = None) -> int:
     overdue = [tid for tid, started, limit in running if started + timedelta(seconds=limit + margin) < now]
     for task_id in overdue:
         with transaction.atomic():
+            lock_run_workers(task_id=task_id)
             task = Task.objects.select_for_update().get(id=task_id)
             if task.status not in _ACTIVE:
                 continue

@@ -151,11 +151,13 @@ def task_transition(
         fields.setdefault("ended_at", now)
     if to == TaskStatus.RUNNING:
         fields.setdefault("started_at", now)
-    with transaction.atomic():
+    # No savepoint of its own: inside a caller's transaction a failure here
+    # must roll all of it back anyway, and a savepoint costs two round trips.
+    with transaction.atomic(savepoint=False):
         won = Task.objects.filter(id=task_id, status__in=allowed).update(status=to, updated_at=now, **fields)
         if not won:
             return None
-        task = Task.objects.get(id=task_id)
+        task = Task.objects.select_related("owner").get(id=task_id)
         event_type = _AUDITED_TRANSITIONS.get(to)
         if event_type:
             record(

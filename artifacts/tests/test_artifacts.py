@@ -5,6 +5,7 @@ from artifacts.tests.factories import download, live_run, sha256, stored_files, 
 from audit.models import AuditEvent
 from conftest import KeyClient
 from scheduler.models import NodeAssignment
+from tasks.states import TaskStatus
 
 MODEL = b"\x00weights\xff" * 500
 LOG = b"epoch 1 loss 0.3\nepoch 2 loss 0.2\n"
@@ -106,6 +107,20 @@ def test_wrong_sha256_is_422_and_nothing_is_stored(agent, run, storage_dir, spoo
     assert response.json()["details"][0]["field"] == "X-Content-SHA256"
     assert not Artifact.objects.exists()
     assert stored_files(storage_dir) == [] and stored_files(spool_dir) == []
+
+
+def test_upload_is_accepted_before_the_running_report_is_applied(agent, user, worker):
+    # The agent's status reports travel over the WebSocket; its first upload may overtake them.
+    early = live_run(key=worker[0], owner=user, status=TaskStatus.PREPARING)
+
+    assert put(agent, early, "logs/stdout.log", MODEL).status_code == 201
+
+
+@pytest.mark.parametrize("status", [TaskStatus.QUEUED, TaskStatus.COMPLETED, TaskStatus.FAILED])
+def test_upload_for_a_task_that_is_not_running_is_409(agent, user, worker, status):
+    stale = live_run(key=worker[0], owner=user, status=status)
+
+    assert put(agent, stale, "model.bin", MODEL).status_code == 409
 
 
 def test_token_of_an_assignment_that_ended_is_409(agent, run):

@@ -55,3 +55,14 @@ def test_an_acknowledged_assignment_is_not_assigned_again():
     assignment.save(update_fields=["status"])
 
     assert assign_message(assignment_id=assignment.id, worker_id=box.id) is None
+
+
+def test_building_an_assign_message_takes_two_queries(django_assert_num_queries):
+    worker()
+    task = queued_task()
+    dispatch_round()
+    [assignment] = assignments_of(task)
+
+    # The assignment with its task and worker, then the plugin configurations.
+    with django_assert_num_queries(2):
+        assign_message(assignment_id=assignment.id, worker_id=assignment.worker_id)
