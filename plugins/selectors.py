@@ -52,11 +52,14 @@ def plugin_configs() -> ActiveConfigs:
     return [(plugin, resolve(plugin, rows.get(name))) for name, plugin in plugins.items()]
 
 
-def task_plugin_configs(task: Task) -> ActiveConfigs:
-    """The plugins active for this task, with the task's allowed overrides applied."""
+def task_plugin_configs(task: Task, *, fleet: ActiveConfigs | None = None) -> ActiveConfigs:
+    """The plugins active for this task, with the task's allowed overrides applied.
+
+    `fleet` is `plugin_configs()` when the caller has it already (one query for many tasks).
+    """
     overrides = task.plugin_configs if isinstance(task.plugin_configs, dict) else {}
     active = []
-    for plugin, config in plugin_configs():
+    for plugin, config in plugin_configs() if fleet is None else fleet:
         applied = apply_task_override(plugin, config, overrides.get(plugin.name))
         if applied is not None:
             active.append((plugin, applied))

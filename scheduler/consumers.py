@@ -145,8 +145,9 @@ class WorkerConsumer(AsyncWebsocketConsumer):
         )
         logger.info("worker %s (%s) connected", message["name"], self.worker_id)
         # Work that waited for this connection: unacknowledged assignments, pending cancels.
-        for assignment_id in await database_sync_to_async(selectors.unacked_assignment_ids)(worker_id=self.worker_id):
-            await self._send_assign(assignment_id)
+        unacked = await database_sync_to_async(selectors.unacked_assignment_ids)(worker_id=self.worker_id)
+        if unacked:
+            await self._send_assigns(unacked)
         await self._send_pending_cancels()
         if welcome.draining:
             await self.send_json(outgoing("drain"))
@@ -241,16 +242,16 @@ class WorkerConsumer(AsyncWebsocketConsumer):
     async def _stop(self, run: dict[str, Any], reason: str) -> None:
         await self.send_json(outgoing("stop", task_id=run["task_id"], token=run["token"], reason=reason))
 
-    async def _send_assign(self, assignment_id: Any) -> None:
+    async def _send_assigns(self, assignment_ids: list[Any]) -> None:
         try:
-            message = await database_sync_to_async(selectors.assign_message)(
-                assignment_id=assignment_id, worker_id=self.worker_id
+            messages = await database_sync_to_async(selectors.assign_messages)(
+                assignment_ids=assignment_ids, worker_id=self.worker_id
             )
         except Exception:
             # Logged, not raised: the loop re-sends unacknowledged assignments.
-            logger.exception("worker %s: could not build assign %s", self.worker_id, assignment_id)
+            logger.exception("worker %s: could not build assigns %s", self.worker_id, assignment_ids)
             return
-        if message is not None:
+        for message in messages:
             await self.send_json(message)
 
     async def _send_pending_cancels(self) -> None:
@@ -260,7 +261,7 @@ class WorkerConsumer(AsyncWebsocketConsumer):
     # --- channel layer -> worker ---------------------------------------------------
 
     async def worker_assign(self, event: dict[str, Any]) -> None:
-        await self._send_assign(event["assignment_id"])
+        await self._send_assigns(event["assignment_ids"])
 
     async def worker_cancel(self, event: dict[str, Any]) -> None:
         await self.send_json(outgoing("cancel", task_id=event["task_id"], token=event["token"], reason=event["reason"]))

@@ -351,9 +351,13 @@ def _write(placements: list[Placement], now: datetime) -> int:
     for worker_id, counters in used.items():
         Worker.objects.filter(id=worker_id).update(**{name: F(name) + value for name, value in counters.items()})
     record_many(audit)
+    by_worker: dict[uuid.UUID, list[str]] = defaultdict(list)
     for assignment in assignments:
+        by_worker[assignment.worker_id].append(str(assignment.id))
+    for worker_id, assignment_ids in by_worker.items():
+        # One message per worker and round: its consumer builds all the assigns in one go.
         events.send_on_commit(
-            [events.worker_group(assignment.worker_id)], {"type": "worker.assign", "assignment_id": str(assignment.id)}
+            [events.worker_group(worker_id)], {"type": "worker.assign", "assignment_ids": assignment_ids}
         )
     return len(placements)
 

@@ -79,16 +79,19 @@ class SchedulerLoop:
         clock = time.monotonic()
         waiting = {assignment_id for assignment_id, _ in pending}
         self._resent = {key: sent for key, sent in self._resent.items() if key in waiting}
-        batch = []
+        due: dict[Any, list[str]] = {}
         for assignment_id, worker_id in pending:
             if clock - self._resent.get(assignment_id, float("-inf")) < every:
                 continue
-            batch.append(
-                ([events.worker_group(worker_id)], {"type": "worker.assign", "assignment_id": str(assignment_id)})
-            )
+            due.setdefault(worker_id, []).append(str(assignment_id))
             self._resent[assignment_id] = clock
-        events.send_batch_now(batch)
-        return len(batch)
+        events.send_batch_now(
+            [
+                ([events.worker_group(worker_id)], {"type": "worker.assign", "assignment_ids": ids})
+                for worker_id, ids in due.items()
+            ]
+        )
+        return sum(len(ids) for ids in due.values())
 
     def _close_connection(self) -> None:
         connections.close_all()

@@ -7,7 +7,13 @@ from django.db.models import Q
 from django.utils import timezone
 
 from jupyter.selectors import service_spec_for_task
-from plugins.selectors import plugin_env_for_task, plugin_sidecars_for_task, task_plugin_configs
+from plugins.selectors import (
+    ActiveConfigs,
+    plugin_configs,
+    plugin_env_for_task,
+    plugin_sidecars_for_task,
+    task_plugin_configs,
+)
 from scheduler.dispatch import (
     capacities,
     eligible_nodes,
@@ -27,16 +33,29 @@ MASTER_PORT = 29500  # torch.distributed's default rendezvous port on the rank-0
 
 def assign_message(*, assignment_id: Any, worker_id: Any) -> dict[str, Any] | None:
     """The `assign` message for a live, not yet acknowledged assignment of this worker."""
-    assignment = (
+    messages = assign_messages(assignment_ids=[assignment_id], worker_id=worker_id)
+    return messages[0] if messages else None
+
+
+def assign_messages(*, assignment_ids: list[Any], worker_id: Any) -> list[dict[str, Any]]:
+    """The `assign` messages of those assignments still live and unacknowledged on this worker.
+
+    Two queries however many (the assignments with their tasks and worker, the
+    plugin configurations), plus one per multi-node or service task.
+    """
+    assignments = list(
         NodeAssignment.objects.select_related("task", "worker")
-        .filter(id=assignment_id, worker_id=worker_id, holds_capacity=True, status=NodeAssignment.Status.ASSIGNED)
-        .first()
+        .filter(id__in=assignment_ids, worker_id=worker_id, holds_capacity=True, status=NodeAssignment.Status.ASSIGNED)
+        .order_by("created_at", "node_id")
     )
-    if assignment is None:
-        return None
+    fleet = plugin_configs() if assignments else []
+    return [_assign(assignment, fleet) for assignment in assignments]
+
+
+def _assign(assignment: NodeAssignment, fleet: ActiveConfigs) -> dict[str, Any]:
     task = assignment.task
     rank0 = assignment.worker.hostname if assignment.node_id == 0 else _rank0_hostname(assignment)
-    plugins = task_plugin_configs(task)
+    plugins = task_plugin_configs(task, fleet=fleet)
     return outgoing(
         "assign",
         task_id=str(task.id),

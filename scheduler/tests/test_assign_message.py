@@ -3,7 +3,7 @@
 import pytest
 
 from scheduler.dispatch import dispatch_round
-from scheduler.selectors import assign_message
+from scheduler.selectors import assign_message, assign_messages
 from scheduler.tests.factories import assignments_of, queued_task, worker
 
 pytestmark = pytest.mark.django_db
@@ -66,3 +66,16 @@ def test_building_an_assign_message_takes_two_queries(django_assert_num_queries)
     # The assignment with its task and worker, then the plugin configurations.
     with django_assert_num_queries(2):
         assign_message(assignment_id=assignment.id, worker_id=assignment.worker_id)
+
+
+def test_building_a_rounds_assign_messages_takes_two_queries_however_many(django_assert_num_queries):
+    box = worker(batch_slots=8)
+    for _ in range(8):
+        queued_task()
+    assert dispatch_round() == 8
+    ids = [assignment.id for assignment in box.assignments.all()]
+
+    with django_assert_num_queries(2):
+        messages = assign_messages(assignment_ids=ids, worker_id=box.id)
+
+    assert len(messages) == 8

@@ -206,9 +206,12 @@ def test_round_is_bounded_by_the_batch_size():
     assert dispatch_round(batch_size=4) == 4
 
 
-def test_worker_group_is_told_about_its_assignment_after_commit(django_capture_on_commit_callbacks):
-    box = worker()
-    queued_task()
+def test_worker_group_is_told_about_its_round_of_assignments_in_one_message_after_commit(
+    django_capture_on_commit_callbacks,
+):
+    box = worker(batch_slots=3)
+    for _ in range(3):
+        queued_task()
     layer = get_channel_layer()
     channel = async_to_sync(layer.new_channel)()
     async_to_sync(layer.group_add)(events.worker_group(box.id), channel)
@@ -217,4 +220,5 @@ def test_worker_group_is_told_about_its_assignment_after_commit(django_capture_o
         dispatch_round()
 
     message = async_to_sync(layer.receive)(channel)
-    assert message == {"type": "worker.assign", "assignment_id": str(NodeAssignment.objects.get().id)}
+    assert message["type"] == "worker.assign"
+    assert sorted(message["assignment_ids"]) == sorted(str(a.id) for a in NodeAssignment.objects.all())
