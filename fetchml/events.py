@@ -9,6 +9,7 @@ Groups:
 - `worker.<worker_id>`: one worker agent's connection
 """
 
+import asyncio
 import logging
 from typing import Any
 
@@ -21,6 +22,7 @@ logger = logging.getLogger("fetchml.events")
 ADMINS_GROUP = "tasks.admins"
 STATUS_GROUP = "scheduler.status"
 WAKE_GROUP = "scheduler.wake"
+CONCURRENT_GROUP_SENDS = 16
 
 
 def user_group(user_pk: Any) -> str:
@@ -92,9 +94,21 @@ def _outbox(connection: Any) -> _Outbox:
 
 
 async def _send_batch(layer: Any, batch: list[tuple[list[str], dict]]) -> None:
-    # In order, so one listener sees one task's changes in the order they were made.
+    # Each group's messages in order (one listener sees one task's changes in the
+    # order they were made), the groups concurrently: a send is a few Redis round
+    # trips, and a task change goes to four groups.
+    by_group: dict[str, list[dict]] = {}
     for groups, message in batch:
         for group in groups:
+            by_group.setdefault(group, []).append(message)
+    # Bounded: each concurrent send holds a connection of the layer's pool (100 by default).
+    slots = asyncio.Semaphore(CONCURRENT_GROUP_SENDS)
+    await asyncio.gather(*(_send_in_order(layer, group, messages, slots) for group, messages in by_group.items()))
+
+
+async def _send_in_order(layer: Any, group: str, messages: list[dict], slots: asyncio.Semaphore) -> None:
+    async with slots:
+        for message in messages:
             try:
                 await layer.group_send(group, message)
             except Exception:

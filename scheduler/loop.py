@@ -13,6 +13,7 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
+from functools import partial
 from typing import Any
 
 from asgiref.sync import sync_to_async
@@ -36,6 +37,8 @@ ERROR_BACKOFF_MAX = 30.0
 GROUP_REFRESH_SECONDS = 60.0
 # Housekeeping that need not run every pass: expired Idempotency-Key records.
 HOUSEKEEPING_SECONDS = 600.0
+# Leases, time-outs, reservations, Jupyter services, re-sends: checked at most this often.
+MAINTENANCE_SECONDS = 1.0
 
 
 class SchedulerLoop:
@@ -44,25 +47,37 @@ class SchedulerLoop:
         self._resent: dict[Any, float] = {}  # assignment id -> monotonic time of the last re-send
         self.passes = 0  # completed passes, for operators and tests
         self._housekept_at = float("-inf")  # monotonic time of the last housekeeping
+        self._maintained_at = float("-inf")  # monotonic time of the last maintenance pass
+        self.wake: _WakeListener | None = None  # while running
 
     # --- one pass (sync) ---------------------------------------------------------
 
-    def run_once(self) -> bool:
-        """Expire leases, enforce time-outs, end/idle-stop Jupyter services, re-send unacked assigns, dispatch,
-        and now and then prune expired idempotency records.
+    def run_once(self, *, maintenance: bool = True) -> bool:
+        """Dispatch, after (with `maintenance`) expiring leases, enforcing time-outs, ending and
+        idle-stopping Jupyter services, re-sending unacked assigns and, now and then, pruning
+        expired idempotency records.
 
         Returns whether the pass changed anything.
         """
         close_old_connections()
-        worked = expire_leases() > 0
-        worked = enforce_timeouts() > 0 or worked
-        worked = reservations_tick() > 0 or worked  # expired reservations release their capacity
-        worked = jupyter_pass() > 0 or worked  # after the leases: services of lost workers end in `error`
-        self._resend_unacked()
+        worked = False
+        if maintenance:
+            self._maintained_at = time.monotonic()
+            worked = expire_leases() > 0
+            worked = enforce_timeouts() > 0 or worked
+            worked = reservations_tick() > 0 or worked  # expired reservations release their capacity
+            worked = jupyter_pass() > 0 or worked  # after the leases: services of lost workers end in `error`
+            self._resend_unacked()
+            self._housekeeping()
         placed = dispatch_round()
-        self._housekeeping()
         self.passes += 1
         return placed > 0 or worked
+
+    def _maintenance_due(self) -> bool:
+        # Wake-ups (a submitted task, a freed slot) come far more often than leases or
+        # time-outs need checking: between maintenance passes a wake-up only dispatches.
+        every = min(MAINTENANCE_SECONDS, app_settings.SCHEDULER_INTERVAL)
+        return time.monotonic() - self._maintained_at >= every
 
     def _housekeeping(self) -> None:
         if time.monotonic() - self._housekept_at < HOUSEKEEPING_SECONDS:
@@ -104,12 +119,12 @@ class SchedulerLoop:
     async def run(self, stop: asyncio.Event) -> None:
         """Run passes until `stop` is set: at once when woken, else every SCHEDULER_INTERVAL seconds."""
         logger.info("scheduler loop started")
-        wake = _WakeListener()
+        wake = self.wake = _WakeListener()
         backoff = ERROR_BACKOFF_MIN
         try:
             while not stop.is_set():
                 try:
-                    worked = await self._in_thread(self.run_once)
+                    worked = await self._in_thread(partial(self.run_once, maintenance=self._maintenance_due()))
                     backoff = ERROR_BACKOFF_MIN
                 except Exception:
                     logger.exception("scheduler pass failed; retrying in %.1f s", backoff)
@@ -134,13 +149,31 @@ async def _wait(stop: asyncio.Event, seconds: float) -> None:
 
 
 class _WakeListener:
-    """Membership of `scheduler.wake` on the channel layer, surviving layer outages."""
+    """Membership of `scheduler.wake` on the channel layer, surviving layer outages.
+
+    A background task receives the wake messages and sets one flag: any number
+    of them arriving during a pass cost one more pass, not one each.
+    """
 
     def __init__(self) -> None:
         self.layer = get_channel_layer()
         self.channel: str | None = None
         self.joined_at = 0.0
-        self.receiving: asyncio.Task | None = None
+        self.woken = asyncio.Event()
+        self.received = 0  # wake messages so far, for operators and tests
+        self.listening: asyncio.Task | None = None
+
+    async def wait(self, stop: asyncio.Event, timeout: float) -> None:
+        """Return once woken since the last return, on `stop`, or after `timeout` seconds."""
+        if self.layer is not None and (self.listening is None or self.listening.done()):
+            self.listening = asyncio.ensure_future(self._listen())
+        waits = {asyncio.ensure_future(self.woken.wait()), asyncio.ensure_future(stop.wait())}
+        try:
+            await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiting in waits:
+                waiting.cancel()
+        self.woken.clear()
 
     async def _join(self) -> None:
         if self.channel is None:
@@ -150,35 +183,41 @@ class _WakeListener:
             await self.layer.group_add(events.WAKE_GROUP, self.channel)
             self.joined_at = time.monotonic()
 
-    async def wait(self, stop: asyncio.Event, timeout: float) -> None:
-        """Return on a wake message, on `stop`, or after `timeout` seconds."""
-        if self.layer is None:
-            await _wait(stop, timeout)
-            return
+    async def _listen(self) -> None:
+        receiving: asyncio.Future | None = None
+        backoff = ERROR_BACKOFF_MIN
         try:
-            await self._join()
-            if self.receiving is None:
-                self.receiving = asyncio.ensure_future(self.layer.receive(self.channel))
-            stopping = asyncio.ensure_future(stop.wait())
-            done, _ = await asyncio.wait(
-                {self.receiving, stopping}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
-            )
-            stopping.cancel()
-            if self.receiving in done:
-                receiving, self.receiving = self.receiving, None
-                message = receiving.result()
-                logger.debug("woken: %s", message.get("reason", message.get("type")))
-        except Exception:
-            # Redis down or the like: the interval poll carries on until it is back.
-            logger.warning("channel layer unavailable; polling every %.1f s", timeout, exc_info=True)
-            self.receiving, self.channel, self.joined_at = None, None, 0.0
-            await _wait(stop, timeout)
+            while True:
+                try:
+                    await self._join()
+                    if receiving is None:
+                        receiving = asyncio.ensure_future(self.layer.receive(self.channel))
+                    # Bounded, so that the membership is refreshed while no wake comes.
+                    done, _ = await asyncio.wait({receiving}, timeout=GROUP_REFRESH_SECONDS / 2)
+                    if receiving in done:
+                        received, receiving = receiving, None
+                        message = received.result()
+                        logger.debug("woken: %s", message.get("reason", message.get("type")))
+                        self.received += 1
+                        self.woken.set()
+                        backoff = ERROR_BACKOFF_MIN
+                except Exception:
+                    # Redis down or the like: the interval poll carries on until it is back.
+                    logger.warning("channel layer unavailable; retrying in %.1f s", backoff, exc_info=True)
+                    receiving, self.channel, self.joined_at = None, None, 0.0
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, ERROR_BACKOFF_MAX)
+        finally:
+            if receiving is not None:
+                receiving.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await receiving
 
     async def close(self) -> None:
-        if self.receiving is not None:
-            self.receiving.cancel()
+        if self.listening is not None:
+            self.listening.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self.receiving
+                await self.listening
         if self.layer is not None and self.channel is not None:
             try:
                 await self.layer.group_discard(events.WAKE_GROUP, self.channel)

@@ -259,13 +259,13 @@ def _assignment(worker_id: Any, task_id: str, token: str) -> NodeAssignment | No
 
 def assignment_ack(*, worker_id: Any, task_id: str, token: str) -> bool:
     """The agent has the assignment; False if the token is not live on this worker."""
+    first_ack = NodeAssignment.objects.filter(
+        worker_id=worker_id, task_id=task_id, token=token, holds_capacity=True, status=NodeAssignment.Status.ASSIGNED
+    ).update(status=NodeAssignment.Status.ACKED, acked_at=timezone.now())
+    if first_ack:
+        return True  # the common case in one statement; a repeated ack is checked below
     assignment = _assignment(worker_id, task_id, token)
-    if assignment is None or not assignment.holds_capacity:
-        return False
-    NodeAssignment.objects.filter(id=assignment.id, status=NodeAssignment.Status.ASSIGNED).update(
-        status=NodeAssignment.Status.ACKED, acked_at=timezone.now()
-    )
-    return True
+    return assignment is not None and assignment.holds_capacity
 
 
 def assignment_is_live(*, worker_id: Any, task_id: str, token: str) -> bool:

@@ -97,3 +97,20 @@ def test_outside_a_transaction_a_message_leaves_at_once(listener, hops):
 
     assert hops == [1]
     assert [m["number"] for m in listener()] == [7]
+
+
+def test_each_group_gets_its_messages_in_order_when_a_batch_spans_groups(listener, hops):
+    layer = get_channel_layer()
+    other = async_to_sync(layer.new_channel)()
+    async_to_sync(layer.group_add)("tests.events.other", other)
+    with transaction.atomic():
+        for number in range(6):
+            groups = [GROUP, "tests.events.other"] if number % 2 else [GROUP]
+            events.send_on_commit(groups, message(number))
+
+    async def drain_other() -> list[int]:
+        return [(await layer.receive(other))["number"] for _ in range(3)]
+
+    assert [m["number"] for m in listener()] == [0, 1, 2, 3, 4, 5]
+    assert async_to_sync(drain_other)() == [1, 3, 5]
+    async_to_sync(layer.group_discard)("tests.events.other", other)

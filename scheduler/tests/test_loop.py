@@ -1,11 +1,13 @@
 """The scheduler loop: woken by the channel layer, surviving database drops; the command stops on SIGTERM."""
 
 import asyncio
+import contextlib
 import os
 import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -176,3 +178,97 @@ def test_a_pass_prunes_expired_idempotency_records_now_and_then(user, worker_key
     IdempotencyRecord.objects.filter(key="new").update(created_at=timezone.now() - timedelta(days=30))
     loop.run_once()  # housekeeping ran a moment ago: not again yet
     assert IdempotencyRecord.objects.filter(key="new").exists()
+
+
+def test_a_pass_without_maintenance_dispatches_but_leaves_leases_for_the_next_maintenance_pass():
+    silent = worker(last_heartbeat=timezone.now() - timedelta(hours=1))
+    free = worker()
+    task = queued_task()
+    loop = SchedulerLoop()
+
+    assert loop.run_once(maintenance=False)
+    assert _status(task) == "preparing"
+    assert Task.objects.get(id=task.id).worker_id in {silent.id, free.id}
+    silent.refresh_from_db()
+    assert silent.status == "active"
+
+    loop.run_once()
+    silent.refresh_from_db()
+    assert silent.status == "offline"
+
+
+class _GatedLoop(SchedulerLoop):
+    """A loop whose next pass, once armed, waits for the test to open the gate."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.armed = False
+        self.entered = threading.Event()
+        self.gate = threading.Event()
+
+    def run_once(self, **options) -> bool:
+        if self.armed:
+            self.armed = False
+            self.entered.set()
+            self.gate.wait(WAIT)
+        return super().run_once(**options)
+
+
+@override_settings(FETCHML_SCHEDULER_INTERVAL=60.0)
+def test_wake_messages_arriving_during_a_pass_cost_one_more_pass_not_one_each(channel_layer):
+    async def scenario():
+        loop, stop = _GatedLoop(), asyncio.Event()
+        running = asyncio.ensure_future(loop.run(stop))
+        await _until(lambda: loop.passes >= 1 and loop.wake is not None and loop.wake.channel is not None)
+        before, received = loop.passes, loop.wake.received
+        loop.armed = True
+        await _wake(channel_layer)
+        await sync_to_async(loop.entered.wait)(WAIT)  # that pass is under way, held at the gate
+        for _ in range(20):
+            await _wake(channel_layer)
+        await _until(lambda: loop.wake.received == received + 21)
+        loop.gate.set()
+        await _until(lambda: loop.passes == before + 2)
+        pending = loop.wake.woken.is_set()
+        stop.set()
+        await asyncio.wait_for(running, timeout=WAIT)
+        return pending
+
+    assert asyncio.run(scenario()) is False
+
+
+def _kill_redis_clients() -> int:
+    """Cut every connection to the test's Redis database but this one, as a Redis restart would."""
+    import redis
+
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    try:
+        own, db = client.client_id(), client.connection_pool.connection_kwargs.get("db", 0)
+        others = [c["id"] for c in client.client_list() if int(c["db"]) == db and int(c["id"]) != own]
+        return sum(client.client_kill_filter(_id=client_id) for client_id in others)
+    finally:
+        client.close()
+
+
+@pytest.mark.skipif(not settings.REDIS_URL, reason="needs Redis: set REDIS_URL=redis://... (CI always does)")
+@override_settings(FETCHML_SCHEDULER_INTERVAL=60.0)
+def test_loop_is_woken_again_after_its_channel_layer_connections_are_killed(channel_layer):
+    async def scenario():
+        loop, stop, running = await _running_loop()
+        await _until(lambda: loop.wake.channel is not None)
+        killed = await sync_to_async(_kill_redis_clients)()
+        task = await sync_to_async(queued_task)()
+        await sync_to_async(worker)()
+        deadline = time.monotonic() + WAIT
+        # Woken, not polled: the interval is a minute. Wakes sent until the listener is back.
+        while await sync_to_async(_status)(task) != "preparing":
+            assert time.monotonic() < deadline, "the loop was not woken after the channel layer came back"
+            with contextlib.suppress(Exception):
+                await _wake(channel_layer)
+            await asyncio.sleep(0.1)
+        assert not running.done()
+        stop.set()
+        await asyncio.wait_for(running, timeout=WAIT)
+        return killed
+
+    assert asyncio.run(scenario()) >= 1

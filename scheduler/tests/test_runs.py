@@ -12,6 +12,7 @@ from fetchml.errors import Conflict
 from scheduler.dispatch import dispatch_round
 from scheduler.models import NodeAssignment, Worker
 from scheduler.services import (
+    assignment_ack,
     assignment_status,
     enforce_timeouts,
     expire_leases,
@@ -313,3 +314,29 @@ def test_worker_lost_reported_by_the_agent_is_retried():
 
     task.refresh_from_db()
     assert (task.status, task.failure_reason, task.retry_count) == ("queued", "worker_lost", 1)
+
+
+def test_first_ack_marks_the_assignment_acked_and_a_repeated_ack_keeps_its_time():
+    worker()
+    task = queued_task()
+    dispatch_round()
+    [assignment] = assignments_of(task)
+    run = {"worker_id": assignment.worker_id, "task_id": str(task.id), "token": str(assignment.token)}
+
+    assert assignment_ack(**run)
+    assignment.refresh_from_db()
+    first = assignment.acked_at
+    assert assignment.status == NodeAssignment.Status.ACKED and first is not None
+
+    assert assignment_ack(**run)
+    assignment.refresh_from_db()
+    assert assignment.acked_at == first
+
+
+def test_ack_of_an_ended_run_is_not_live():
+    worker()
+    task = queued_task()
+    assignment = _running(task)
+    assert _report(assignment, "completed", exit_code=0).accepted
+
+    assert not assignment_ack(worker_id=assignment.worker_id, task_id=str(task.id), token=str(assignment.token))
