@@ -45,7 +45,7 @@ def task_references_dataset(task: Task, name: str) -> bool:
 
 
 def snapshot_readable_by(*, user: AbstractBaseUser, snapshot_id: str) -> bool:
-    """Whether `user` uploaded these bytes (what task submission should require of snapshot_id)."""
+    """Whether `user` uploaded these bytes (what task submission requires of snapshot_id)."""
     return Snapshot.objects.filter(sha256=snapshot_id, owners__user=user).exists()
 
 

@@ -8,6 +8,7 @@ from django.contrib.auth.models import AbstractBaseUser
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
+from artifacts.selectors import snapshot_readable_by
 from audit.services import record
 from fetchml import events
 from fetchml.auth import Actor
@@ -75,6 +76,16 @@ def _owned_reservation(owner: AbstractBaseUser, reservation_id: uuid.UUID) -> Re
     return found
 
 
+def _refuse_unknown_snapshot(owner: AbstractBaseUser, snapshot_id: str) -> None:
+    # Checked here, not left to the worker: a wrong id would otherwise fail only at
+    # preparation, after the queue wait and every retry.
+    if not snapshot_readable_by(user=owner, snapshot_id=snapshot_id):
+        raise Invalid(
+            "snapshot_id does not name a snapshot you uploaded",
+            details=[{"field": "snapshot_id", "message": "Unknown snapshot: upload it with POST /v1/snapshots."}],
+        )
+
+
 def _refuse_unschedulable(fields: dict[str, Any]) -> None:
     """422 for a task no registered worker could ever run (unless `allow_unschedulable`)."""
     names = ("gpu", "gpu_type", "cpu", "memory_gb", "node_count", "kind")
@@ -102,6 +113,8 @@ def task_submit(*, owner: AbstractBaseUser, actor: Actor | None = None, **fields
     if fields.get("reservation_id") is not None:
         fields["reservation"] = _owned_reservation(owner, fields.pop("reservation_id"))
     fields.pop("reservation_id", None)
+    if fields.get("snapshot_id"):
+        _refuse_unknown_snapshot(owner, fields["snapshot_id"])
     if not fields.get("allow_unschedulable"):
         _refuse_unschedulable(fields)
     now = timezone.now()

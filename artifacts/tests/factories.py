@@ -4,6 +4,9 @@ import hashlib
 import io
 import tarfile
 
+import factory
+
+from artifacts.models import Snapshot, SnapshotOwner
 from fetchml.models import ApiKey
 from fetchml.tests.factories import ApiKeyFactory, UserFactory
 from scheduler.models import NodeAssignment
@@ -50,3 +53,20 @@ def download(client, url: str, **headers):
     response = client.get(url, **headers)
     response.content_bytes = b"".join(response.streaming_content) if response.streaming else response.content
     return response
+
+
+class SnapshotFactory(factory.django.DjangoModelFactory):
+    """A snapshot row (no stored bytes) uploaded by the users in `uploaded_by`."""
+
+    class Meta:
+        model = Snapshot
+        skip_postgeneration_save = True
+
+    sha256 = factory.Sequence(lambda n: hashlib.sha256(f"snapshot {n}".encode()).hexdigest())
+    size = 100
+    storage_key = factory.LazyAttribute(lambda snapshot: f"snapshots/{snapshot.sha256[:2]}/{snapshot.sha256}")
+
+    @factory.post_generation
+    def uploaded_by(snapshot, create, users, **kwargs):
+        for user in users or []:
+            SnapshotOwner.objects.create(snapshot=snapshot, user=user)

@@ -6,6 +6,7 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
+from artifacts.tests.factories import SnapshotFactory
 from audit.models import AuditEvent
 from conftest import KeyClient
 from scheduler.models import NodeAssignment
@@ -108,12 +109,13 @@ def test_submit_is_rolled_back_when_its_audit_event_cannot_be_written(user_clien
 def test_submit_stores_every_fetchml_extension(user_client, user):
     experiment = ExperimentFactory(owner=user)
     reservation = ReservationFactory(owner=user)
+    snapshot = SnapshotFactory(uploaded_by=[user])
     payload = {
         "job_name": "big_run-2",
         "priority": 9,
         "args": "--epochs 10",
         "entrypoint": "train.py",
-        "snapshot_id": "snap-1",
+        "snapshot_id": snapshot.sha256,
         "datasets": ["mnist"],
         "dataset_specs": [{"name": "mnist", "source": "s3://b/mnist", "sha256": "a" * 64, "mount_path": "data/m"}],
         "cpu": 8,
@@ -135,7 +137,7 @@ def test_submit_stores_every_fetchml_extension(user_client, user):
     response = user_client.post("/v1/tasks", payload, format="json")
     assert response.status_code == 201, response.json()
     body = response.json()
-    for name in ("args", "datasets", "dataset_specs", "metadata", "env", "gpu_type", "node_count"):
+    for name in ("args", "snapshot_id", "datasets", "dataset_specs", "metadata", "env", "gpu_type", "node_count"):
         assert body[name] == payload[name]
     assert body["experiment_id"] == str(experiment.id)
     assert body["reservation_id"] == str(reservation.id)
@@ -319,3 +321,20 @@ def test_admin_can_cancel_any_users_task(admin_client_key, user, admin_user):
     task.refresh_from_db()
     assert task.status == TaskStatus.CANCELLED
     assert task.cancelled_by == admin_user
+
+
+def test_submit_with_a_snapshot_nobody_uploaded_is_refused_with_the_field(user_client):
+    response = user_client.post("/v1/tasks", {"job_name": "j", "snapshot_id": "f" * 64}, format="json")
+
+    assert response.status_code == 422
+    assert response.json()["details"][0]["field"] == "snapshot_id"
+    assert not Task.objects.exists()
+
+
+def test_submit_with_a_snapshot_only_another_user_uploaded_is_refused(user_client, other_user):
+    snapshot = SnapshotFactory(uploaded_by=[other_user])
+
+    response = user_client.post("/v1/tasks", {"job_name": "j", "snapshot_id": snapshot.sha256}, format="json")
+
+    assert response.status_code == 422
+    assert not Task.objects.exists()
