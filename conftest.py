@@ -6,6 +6,7 @@ import pytest
 from django.core.cache import cache
 from rest_framework.test import APIClient
 
+from fetchml.dbpool import close_pool_connections
 from fetchml.tests.factories import ApiKeyFactory, UserFactory
 
 USING_POSTGRES = os.environ.get("DATABASE_URL", "").startswith(("postgres://", "postgresql://"))
@@ -26,6 +27,13 @@ def _clean_cache():
     cache.clear()
     yield
     cache.clear()
+
+
+@pytest.fixture(autouse=True)
+def _pool_connections():
+    """Connections the database thread pool opened must not outlive the test (nor keep its database)."""
+    yield
+    close_pool_connections()
 
 
 class KeyClient(APIClient):

@@ -28,6 +28,8 @@ DEFAULTS: dict[str, Any] = {
     "PRIORITY_AGING_PER_HOUR": 1.0,
     "SCHEDULER_INTERVAL": 2.0,
     "SCHEDULER_BATCH_SIZE": 32,
+    # least time between dispatch passes while work keeps coming (an idle scheduler goes at once)
+    "SCHEDULER_PASS_GAP_SECONDS": 0.01,
     "WORKER_LEASE_SECONDS": 30.0,
     "WORKER_HEARTBEAT_SECONDS": 5.0,
     "DEFAULT_MAX_RETRIES": 3,

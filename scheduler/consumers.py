@@ -5,8 +5,10 @@ answer. Nothing a worker sends can crash the consumer: a bad message gets an
 `error`, an unexpected failure is logged and answered with an `error` too.
 """
 
+import asyncio
 import json
 import logging
+from collections import deque
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -18,6 +20,7 @@ from rest_framework.exceptions import AuthenticationFailed, Throttled
 from fetchml import events
 from fetchml.auth import authenticate_raw_key
 from fetchml.conf import app_settings
+from fetchml.dbpool import in_pool
 from fetchml.errors import ApplicationError
 from fetchml.models import ApiKey
 from jupyter import services as jupyter_services
@@ -32,12 +35,24 @@ CLOSE_NOT_WORKER = 4403
 CLOSE_BAD_HELLO = 4400
 CLOSE_NAME_IN_USE = 4409
 CLOSE_RECONNECT = 1012
+RUN_REPORTS = frozenset({"ack", "status", "log"})
+MAX_REPORTS_PER_BATCH = 500
+DISCONNECT_DRAIN_SECONDS = 30.0
 _KEY_PARAMS = {"api_key", "apikey", "key", "x-api-key", "token"}
 
 
 class WorkerConsumer(AsyncWebsocketConsumer):
+    """Messages after `hello` are handled in arrival order by one background task, so
+    the socket keeps being read meanwhile; consecutive run reports (`ack`, `status`,
+    `log`) that piled up are applied together in one transaction."""
+
     worker_id: Any = None
     api_key: ApiKey | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._inbox: deque[dict[str, Any]] = deque()
+        self._handling: asyncio.Task | None = None
 
     # --- connection ------------------------------------------------------------
 
@@ -62,6 +77,13 @@ class WorkerConsumer(AsyncWebsocketConsumer):
         self.api_key = key
 
     async def disconnect(self, code: int) -> None:
+        if self._handling is not None:
+            # What the worker sent before it went is applied, not dropped; bounded, so a
+            # stuck database cannot hold the disconnect (the agent re-sends final reports).
+            try:
+                await asyncio.wait_for(asyncio.shield(self._handling), timeout=DISCONNECT_DRAIN_SECONDS)
+            except TimeoutError:
+                logger.warning("worker %s: reports still being applied at disconnect", self.worker_id)
         if self.worker_id is not None:
             await self.channel_layer.group_discard(events.worker_group(self.worker_id), self.channel_name)
             await self.channel_layer.group_discard(WORKERS_GROUP, self.channel_name)
@@ -81,28 +103,39 @@ class WorkerConsumer(AsyncWebsocketConsumer):
             if self.worker_id is None:
                 await self.close(code=CLOSE_BAD_HELLO, reason="the first message must be a valid hello")
             return
-        try:
-            await self._handle(message)
-        except Exception:
-            logger.exception("worker %s: handling %s failed", self.worker_id, message["type"])
-            await self.send_json(
-                outgoing(
-                    "error",
-                    code="SERVER_ERROR",
-                    message="the server could not apply this message",
-                    ref_type=message["type"],
-                )
-            )
-
-    async def _handle(self, message: dict[str, Any]) -> None:
         kind = message["type"]
         if self.worker_id is None and kind != "hello":
             await self.send_json(error_message(BadMessage("the first message must be hello", ref_type=kind)))
             await self.close(code=CLOSE_BAD_HELLO, reason="the first message must be a valid hello")
         elif kind == "hello":
-            await self._hello(message)
+            await self._guarded(kind, self._hello(message))
         else:
-            await getattr(self, f"_on_{kind}")(message)
+            self._inbox.append(message)
+            if self._handling is None or self._handling.done():
+                self._handling = asyncio.ensure_future(self._handle_inbox())
+
+    async def _handle_inbox(self) -> None:
+        while self._inbox:
+            if self._inbox[0]["type"] in RUN_REPORTS:
+                batch = []
+                while self._inbox and self._inbox[0]["type"] in RUN_REPORTS and len(batch) < MAX_REPORTS_PER_BATCH:
+                    batch.append(self._inbox.popleft())
+                await self._guarded(batch[0]["type"], self._on_run_reports(batch))
+            else:
+                message = self._inbox.popleft()
+                await self._guarded(message["type"], getattr(self, f"_on_{message['type']}")(message))
+
+    async def _guarded(self, kind: str, handling: Any) -> None:
+        try:
+            await handling
+        except Exception:
+            logger.exception("worker %s: handling %s failed", self.worker_id, kind)
+            await self._server_error(kind)
+
+    async def _server_error(self, kind: str) -> None:
+        await self.send_json(
+            outgoing("error", code="SERVER_ERROR", message="the server could not apply this message", ref_type=kind)
+        )
 
     async def send_json(self, message: dict[str, Any]) -> None:
         try:
@@ -152,31 +185,17 @@ class WorkerConsumer(AsyncWebsocketConsumer):
         if welcome.draining:
             await self.send_json(outgoing("drain"))
 
-    async def _on_ack(self, message: dict[str, Any]) -> None:
-        live = await database_sync_to_async(services.assignment_ack)(
-            worker_id=self.worker_id, task_id=message["task_id"], token=message["token"]
-        )
-        if not live:
-            await self._stop(message, "stale token")
-
-    async def _on_status(self, message: dict[str, Any]) -> None:
-        fields = {name: message[name] for name in ("task_id", "token", "status", "exit_code", "failure_reason")}
-        outcome = await database_sync_to_async(services.assignment_status)(
-            worker_id=self.worker_id, error=message["error"], output=message["output"], **fields
-        )
-        if outcome.stale:
-            await self._stop(message, "stale token")
-        elif message["status"] in FINAL_RUN_STATES:
-            await self.send_json(
-                outgoing("status_ack", task_id=message["task_id"], token=message["token"], accepted=outcome.accepted)
-            )
-
-    async def _on_log(self, message: dict[str, Any]) -> None:
-        stored = await database_sync_to_async(services.assignment_log)(
-            worker_id=self.worker_id, task_id=message["task_id"], token=message["token"], lines=message["lines"]
-        )
-        if not stored:
-            await self._stop(message, "stale token")
+    async def _on_run_reports(self, reports: list[dict[str, Any]]) -> None:
+        outcomes = await in_pool(services.apply_run_reports)(worker_id=self.worker_id, reports=reports)
+        for report, outcome in zip(reports, outcomes, strict=True):
+            if outcome is None:
+                await self._server_error(report["type"])
+            elif outcome is False or getattr(outcome, "stale", False):
+                await self._stop(report, "stale token")
+            elif report["type"] == "status" and report["status"] in FINAL_RUN_STATES:
+                await self.send_json(
+                    outgoing("status_ack", task_id=report["task_id"], token=report["token"], accepted=outcome.accepted)
+                )
 
     async def _on_draining(self, message: dict[str, Any]) -> None:
         handed_back = await database_sync_to_async(services.worker_announced_drain)(worker_id=self.worker_id)
@@ -244,9 +263,7 @@ class WorkerConsumer(AsyncWebsocketConsumer):
 
     async def _send_assigns(self, assignment_ids: list[Any]) -> None:
         try:
-            messages = await database_sync_to_async(selectors.assign_messages)(
-                assignment_ids=assignment_ids, worker_id=self.worker_id
-            )
+            messages = await in_pool(selectors.assign_messages)(assignment_ids=assignment_ids, worker_id=self.worker_id)
         except Exception:
             # Logged, not raised: the loop re-sends unacknowledged assignments.
             logger.exception("worker %s: could not build assigns %s", self.worker_id, assignment_ids)

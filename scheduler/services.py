@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from django.db import transaction
+from django.db import DatabaseError, transaction
 from django.db.models import Exists, F, OuterRef, Q
 from django.utils import timezone
 
@@ -295,7 +295,9 @@ def assignment_status(
     output: str = "",
 ) -> StatusOutcome:
     """Apply a worker's state report for one run, fenced by its token."""
-    with transaction.atomic():
+    # No savepoint: inside `apply_run_reports` a failure rolls the whole batch back,
+    # and the batch is then applied report by report.
+    with transaction.atomic(savepoint=False):
         lock_run_workers(task_id=task_id, worker_id=worker_id)
         task = Task.objects.select_for_update().filter(id=task_id).first()
         assignment = _assignment(worker_id, task_id, token)
@@ -315,9 +317,54 @@ def assignment_status(
 
 _FINAL_REPORTS = frozenset({TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED})
 
+RunReportOutcome = bool | StatusOutcome | None
+
+
+def apply_run_reports(*, worker_id: Any, reports: list[dict[str, Any]]) -> list[RunReportOutcome]:
+    """Apply a worker's run reports (`ack`, `status`, `log` messages) in order, in one transaction.
+
+    One commit and one publish for the lot, instead of one per report. The
+    workers and tasks the batch may change are locked first, in the global
+    lock order (workers, then tasks, by id), so the batch waits for nothing
+    once it has started appending to the audit chain. If the batch fails,
+    each report is applied on its own, so a bad report costs only its own
+    answer: None (the agent re-sends what matters).
+    """
+    try:
+        with transaction.atomic():
+            task_ids = sorted({report["task_id"] for report in reports if report["type"] == "status"})
+            if task_ids:
+                lock_runs_workers(task_ids=task_ids, worker_id=worker_id)
+                list(Task.objects.select_for_update().filter(id__in=task_ids).order_by("id").values_list("id"))
+            outcomes = [_apply_run_report(worker_id, report) for report in reports]
+            if transaction.get_rollback():  # an error swallowed below left the transaction doomed
+                raise DatabaseError("the batch was marked for rollback")
+            return outcomes
+    except Exception:
+        if len(reports) == 1:
+            logger.exception("worker %s: a %s report failed", worker_id, reports[0]["type"])
+            return [None]
+        logger.warning("worker %s: a batch of %d reports failed; applying them one by one", worker_id, len(reports))
+        return [apply_run_reports(worker_id=worker_id, reports=[report])[0] for report in reports]
+
+
+def _apply_run_report(worker_id: Any, report: dict[str, Any]) -> RunReportOutcome:
+    run = {"worker_id": worker_id, "task_id": report["task_id"], "token": report["token"]}
+    if report["type"] == "ack":
+        return assignment_ack(**run)
+    if report["type"] == "log":
+        return assignment_log(**run, lines=report["lines"])
+    fields = {name: report[name] for name in ("status", "exit_code", "failure_reason", "error", "output")}
+    return assignment_status(**run, **fields)
+
 
 def lock_run_workers(*, task_id: Any, worker_id: Any = None) -> None:
-    """Lock, in id order, every worker a change of this task's run may touch, before the task.
+    """`lock_runs_workers` for one task."""
+    lock_runs_workers(task_ids=[task_id], worker_id=worker_id)
+
+
+def lock_runs_workers(*, task_ids: list[Any], worker_id: Any = None) -> None:
+    """Lock, in id order, every worker a change of these tasks' runs may touch, before the tasks.
 
     The lock order everywhere is workers, then tasks, then the audit head: a
     dispatch round claims its workers first (SKIP LOCKED, so it passes by the
@@ -328,8 +375,8 @@ def lock_run_workers(*, task_id: Any, worker_id: Any = None) -> None:
     (preparing -> running -> completed) would make PostgreSQL re-check that
     foreign key at commit, while holding the audit head a round waits for.
     """
-    of_task = Task.objects.filter(id=task_id).values("worker_id")
-    of_nodes = NodeAssignment.objects.filter(task_id=task_id, holds_capacity=True).values("worker_id")
+    of_task = Task.objects.filter(id__in=task_ids).values("worker_id")
+    of_nodes = NodeAssignment.objects.filter(task_id__in=task_ids, holds_capacity=True).values("worker_id")
     chosen = Q(id__in=of_task) | Q(id__in=of_nodes)
     if worker_id is not None:
         chosen |= Q(id=worker_id)

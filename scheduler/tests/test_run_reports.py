@@ -1,0 +1,92 @@
+"""A worker's run reports applied as one batch: in order, one commit, and a bad report costs only its answer."""
+
+import pytest
+
+from fetchml import events
+from scheduler import services
+from scheduler.dispatch import dispatch_round
+from scheduler.services import StatusOutcome, apply_run_reports
+from scheduler.tests.factories import assignments_of, queued_task, worker
+from tasks.models import Task
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def _placed(count: int) -> list[dict]:
+    """`count` tasks dispatched to one worker; the run reference (task_id, token) of each."""
+    box = worker(batch_slots=count)
+    tasks = [queued_task() for _ in range(count)]
+    assert dispatch_round() == count
+    return [
+        {"task_id": str(task.id), "token": str(assignments_of(task)[0].token), "worker_id": box.id} for task in tasks
+    ]
+
+
+def _report(run: dict, kind: str, **fields) -> dict:
+    message = {"type": kind, "task_id": run["task_id"], "token": run["token"]}
+    if kind == "status":
+        message |= {"exit_code": None, "failure_reason": "", "error": "", "output": ""} | fields
+    if kind == "log":
+        message |= {"lines": fields.get("lines", [])}
+    return message
+
+
+def test_a_batch_is_applied_in_arrival_order():
+    first, second = _placed(2)
+    reports = [
+        _report(first, "ack"),
+        _report(first, "status", status="running"),
+        _report(first, "status", status="completed", exit_code=0),
+        _report(second, "ack"),
+    ]
+
+    outcomes = apply_run_reports(worker_id=first["worker_id"], reports=reports)
+
+    assert outcomes == [True, StatusOutcome(accepted=True), StatusOutcome(accepted=True), True]
+    assert Task.objects.get(id=first["task_id"]).status == "completed"
+    assert Task.objects.get(id=second["task_id"]).status == "preparing"
+
+
+def test_a_batch_publishes_its_changes_once(monkeypatch):
+    runs = _placed(3)
+    published = []
+    monkeypatch.setattr(events, "send_batch_now", published.append)
+
+    apply_run_reports(
+        worker_id=runs[0]["worker_id"],
+        reports=[_report(run, "status", status="completed", exit_code=0) for run in runs],
+    )
+
+    assert len(published) == 1
+    assert sum(1 for _, message in published[0] if message.get("event") == "task_complete") == 3
+
+
+def test_a_failing_report_costs_only_its_own_answer(monkeypatch):
+    good, bad = _placed(2)
+    real_log = services.assignment_log
+
+    def failing_log(**run):
+        if run["task_id"] == bad["task_id"]:
+            raise RuntimeError("log store unavailable")
+        return real_log(**run)
+
+    monkeypatch.setattr(services, "assignment_log", failing_log)
+    reports = [_report(good, "status", status="completed", exit_code=0), _report(bad, "log", lines=[])]
+
+    outcomes = apply_run_reports(worker_id=good["worker_id"], reports=reports)
+
+    assert outcomes == [StatusOutcome(accepted=True), None]
+    assert Task.objects.get(id=good["task_id"]).status == "completed"
+
+
+def test_a_stale_token_in_a_batch_is_answered_stale_and_the_rest_applied():
+    run, other = _placed(2)
+    stale = {**other, "token": "00000000-0000-0000-0000-000000000000"}
+
+    outcomes = apply_run_reports(
+        worker_id=run["worker_id"],
+        reports=[_report(stale, "status", status="running"), _report(run, "status", status="running")],
+    )
+
+    assert outcomes[0].stale and outcomes[1] == StatusOutcome(accepted=True)
+    assert Task.objects.get(id=run["task_id"]).status == "running"
