@@ -3,11 +3,14 @@
 `record` / `record_many` append inside the caller's transaction, so a change
 and its audit events commit (or roll back) together. The chain head row stays
 locked until that transaction ends, so callers record as the last write of
-their transaction and group events produced together in one `record_many`.
+their transaction and group events produced together in one `record_many`
+(or, where the events come from many calls, inside `appended_together`).
 """
 
+import contextlib
 import functools
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -169,8 +172,9 @@ def record(
     ip_address: str | None = None,
     error: str = "",
     metadata: dict[str, Any] | None = None,
-) -> AuditEvent:
-    """Append one event to the chain, in the caller's transaction."""
+) -> AuditEvent | None:
+    """Append one event to the chain, in the caller's transaction (None: appended later,
+    with the others of an `appended_together` block)."""
     entry = Entry(
         event_type=event_type,
         user=user,
@@ -181,7 +185,38 @@ def record(
         error=error,
         metadata=metadata or {},
     )
+    pending = getattr(transaction.get_connection(), "fetchml_audit_pending", None)
+    if pending is not None:
+        pending.append(entry)
+        return None
     return record_many([entry])[0]
+
+
+@contextlib.contextmanager
+def appended_together() -> Iterator[None]:
+    """Collect the events `record`ed inside and append them in one go on leaving.
+
+    For a transaction that records events from many calls (a batch of run
+    reports): the chain head is then locked once, at the end, instead of from
+    the first event until the commit, so concurrent batches wait for each
+    other only for the append itself. Enter it inside that transaction, and
+    with no savepoint inside that may roll back on its own (the events of a
+    rolled-back savepoint would still be appended). An exception discards the
+    events with the transaction. Nested uses join the outermost.
+    """
+    conn = transaction.get_connection()
+    if getattr(conn, "fetchml_audit_pending", None) is not None:
+        yield
+        return
+    if not conn.in_atomic_block:
+        raise RuntimeError("audit events must be recorded inside the transaction of the change")
+    pending: list[Entry] = []
+    conn.fetchml_audit_pending = pending
+    try:
+        yield
+    finally:
+        conn.fetchml_audit_pending = None
+    record_many(pending)
 
 
 def audit_verify(

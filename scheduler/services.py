@@ -22,7 +22,7 @@ from django.db import DatabaseError, transaction
 from django.db.models import Exists, F, OuterRef, Q
 from django.utils import timezone
 
-from audit.services import record
+from audit.services import appended_together, record
 from fetchml import events
 from fetchml.auth import Actor
 from fetchml.conf import app_settings
@@ -325,13 +325,14 @@ def apply_run_reports(*, worker_id: Any, reports: list[dict[str, Any]]) -> list[
 
     One commit and one publish for the lot, instead of one per report. The
     workers and tasks the batch may change are locked first, in the global
-    lock order (workers, then tasks, by id), so the batch waits for nothing
-    once it has started appending to the audit chain. If the batch fails,
+    lock order (workers, then tasks, by id), and the audit events of the
+    batch are appended together at its end, holding the chain head only for
+    that append. If the batch fails,
     each report is applied on its own, so a bad report costs only its own
     answer: None (the agent re-sends what matters).
     """
     try:
-        with transaction.atomic():
+        with transaction.atomic(), appended_together():
             task_ids = sorted({report["task_id"] for report in reports if report["type"] == "status"})
             if task_ids:
                 lock_runs_workers(task_ids=task_ids, worker_id=worker_id)

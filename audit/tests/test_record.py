@@ -9,7 +9,7 @@ from django.test.utils import CaptureQueriesContext
 
 from audit.canonical import GENESIS_HASH, HASHED_FIELDS, event_hash
 from audit.models import AuditEvent, ChainHead
-from audit.services import Entry, record, record_many
+from audit.services import Entry, appended_together, record, record_many
 from audit.tests.factories import append_events
 from audit.verification import verify_chain
 
@@ -143,3 +143,31 @@ def test_after_flush_the_next_append_starts_a_fresh_valid_chain() -> None:
     assert not AuditEvent.objects.exists()
     assert _record().sequence_num == 1
     assert verify_chain().valid
+
+
+@pytest.mark.django_db
+def test_events_recorded_together_are_appended_once_at_the_end_in_order() -> None:
+    with transaction.atomic():
+        with appended_together():
+            for name in ("a", "b", "c"):
+                assert record(event_type="file_access", resource=f"file:{name}") is None
+            assert not AuditEvent.objects.exists()  # nothing appended, the head not yet locked
+        assert [e.resource for e in AuditEvent.objects.order_by("sequence_num")] == ["file:a", "file:b", "file:c"]
+    assert verify_chain().valid
+
+
+@pytest.mark.django_db
+def test_events_recorded_together_are_discarded_with_a_failing_block() -> None:
+    with pytest.raises(RuntimeError), transaction.atomic(), appended_together():
+        record(event_type="file_access", resource="file:a")
+        raise RuntimeError("the change failed")
+
+    assert not AuditEvent.objects.exists()
+    _record(resource="file:b")  # and recording works normally afterwards
+    assert AuditEvent.objects.get().sequence_num == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_recording_together_outside_a_transaction_raises() -> None:
+    with pytest.raises(RuntimeError), appended_together():
+        pass

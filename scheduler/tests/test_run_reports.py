@@ -1,7 +1,10 @@
 """A worker's run reports applied as one batch: in order, one commit, and a bad report costs only its answer."""
 
 import pytest
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
 
+from audit.models import AuditEvent, ChainHead
 from fetchml import events
 from scheduler import services
 from scheduler.dispatch import dispatch_round
@@ -90,3 +93,17 @@ def test_a_stale_token_in_a_batch_is_answered_stale_and_the_rest_applied():
 
     assert outcomes[0].stale and outcomes[1] == StatusOutcome(accepted=True)
     assert Task.objects.get(id=run["task_id"]).status == "running"
+
+
+def test_a_batch_locks_the_audit_chain_head_once_for_all_its_events():
+    runs = _placed(3)
+
+    with CaptureQueriesContext(connection) as queries:
+        apply_run_reports(
+            worker_id=runs[0]["worker_id"],
+            reports=[_report(run, "status", status="completed", exit_code=0) for run in runs],
+        )
+
+    head_locks = [q["sql"] for q in queries.captured_queries if ChainHead._meta.db_table in q["sql"]]
+    assert len([sql for sql in head_locks if sql.lstrip().startswith("SELECT")]) == 1
+    assert AuditEvent.objects.filter(event_type="job_completed").count() == 3
