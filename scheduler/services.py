@@ -293,12 +293,18 @@ def assignment_status(
     failure_reason: str = "",
     error: str = "",
     output: str = "",
+    workers_locked: bool = False,
 ) -> StatusOutcome:
-    """Apply a worker's state report for one run, fenced by its token."""
+    """Apply a worker's state report for one run, fenced by its token.
+
+    `workers_locked`: the caller's transaction already holds what
+    `lock_runs_workers` takes for this task (`apply_run_reports` does).
+    """
     # No savepoint: inside `apply_run_reports` a failure rolls the whole batch back,
     # and the batch is then applied report by report.
     with transaction.atomic(savepoint=False):
-        lock_run_workers(task_id=task_id, worker_id=worker_id)
+        if not workers_locked:
+            lock_run_workers(task_id=task_id, worker_id=worker_id)
         task = Task.objects.select_for_update().filter(id=task_id).first()
         assignment = _assignment(worker_id, task_id, token)
         if task is None or assignment is None:
@@ -356,7 +362,7 @@ def _apply_run_report(worker_id: Any, report: dict[str, Any]) -> RunReportOutcom
     if report["type"] == "log":
         return assignment_log(**run, lines=report["lines"])
     fields = {name: report[name] for name in ("status", "exit_code", "failure_reason", "error", "output")}
-    return assignment_status(**run, **fields)
+    return assignment_status(**run, **fields, workers_locked=True)
 
 
 def lock_run_workers(*, task_id: Any, worker_id: Any = None) -> None:
