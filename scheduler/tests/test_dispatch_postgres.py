@@ -61,6 +61,16 @@ def test_task_claim_query_is_served_by_the_partial_index():
 
 
 @requires_postgres
+@pytest.mark.django_db
+def test_task_table_statistics_are_refreshed_after_a_small_burst_of_submissions():
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT reloptions FROM pg_class WHERE relname = 'tasks_task'")
+        options = set(cursor.fetchone()[0] or [])
+
+    assert {"autovacuum_analyze_scale_factor=0.02", "autovacuum_analyze_threshold=500"} <= options
+
+
+@requires_postgres
 @pytest.mark.django_db(transaction=True)
 def test_three_scheduler_processes_assign_each_task_once_and_never_overcommit():
     owner = UserFactory()
