@@ -436,3 +436,26 @@ def test_drain_is_delivered_to_the_worker(worker_key, admin_user):
         return message
 
     assert run(scenario()) == {"type": "drain", "version": 1}
+
+
+def test_reports_sent_back_to_back_are_all_applied_and_answered_in_the_order_sent(worker_key):
+    async def scenario():
+        communicator, _ = await start_worker(worker_key, batch_slots=6)
+        for _ in range(6):
+            await _submit()
+        assert await db(dispatch_round)() == 6
+        assigns = [await receive(communicator) for _ in range(6)]
+        for assign in assigns:
+            run_ref = {"task_id": assign["task_id"], "token": assign["token"]}
+            await send(communicator, {"type": "ack", **run_ref})
+            await send(communicator, {"type": "status", **run_ref, "status": "completed", "exit_code": 0})
+        answers = [await receive(communicator) for _ in range(6)]
+        await communicator.disconnect()
+        return assigns, answers
+
+    assigns, answers = run(scenario())
+
+    assert [a["type"] for a in answers] == ["status_ack"] * 6
+    assert [a["task_id"] for a in answers] == [a["task_id"] for a in assigns]
+    assert all(a["accepted"] for a in answers)
+    assert set(Task.objects.values_list("status", flat=True)) == {"completed"}
