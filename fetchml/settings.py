@@ -125,7 +125,14 @@ if REDIS_URL:
     CHANNEL_LAYERS = {
         "default": {
             "BACKEND": "channels_redis.core.RedisChannelLayer",
-            "CONFIG": {"hosts": [REDIS_URL], "capacity": 1000, "expiry": 30},
+            "CONFIG": {
+                # redis-py 8 reads with a 5 s timeout by default, the length of the layer's
+                # blocking pop: idle receives then fail and tear consumers down. Longer,
+                # still bounded so that a dead connection is noticed.
+                "hosts": [{"address": REDIS_URL, "socket_timeout": 15, "socket_connect_timeout": 5}],
+                "capacity": 1000,
+                "expiry": 30,
+            },
         }
     }
     SILENCED_SYSTEM_CHECKS: list[str] = []

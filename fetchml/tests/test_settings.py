@@ -189,17 +189,20 @@ def test_with_redis_url_the_cache_and_channel_layer_are_shared_through_redis(tmp
     env = {**PRODUCTION_ENV, "DJANGO_SECRET_KEY_FILE": str(key_file)}
     code = (
         "import json, django; django.setup(); from django.conf import settings as s; "
-        "print(json.dumps([s.CACHES['default']['BACKEND'], s.CHANNEL_LAYERS['default']['BACKEND'], s.SECRET_KEY]))"
+        "layer = s.CHANNEL_LAYERS['default']; "
+        "print(json.dumps([s.CACHES['default']['BACKEND'], layer['BACKEND'], s.SECRET_KEY, layer['CONFIG']['hosts']]))"
     )
     clean = {"PATH": os.environ.get("PATH", ""), "DJANGO_SETTINGS_MODULE": "fetchml.settings", **env}
     result = subprocess.run(
         [sys.executable, "-c", code], cwd=PROJECT_DIR, env=clean, capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stderr
-    cache_backend, layer_backend, secret_key = json.loads(result.stdout.strip().splitlines()[-1])
+    cache_backend, layer_backend, secret_key, [host] = json.loads(result.stdout.strip().splitlines()[-1])
     assert cache_backend == "django.core.cache.backends.redis.RedisCache"
     assert layer_backend == "channels_redis.core.RedisChannelLayer"
     assert secret_key == key_file.read_text()
+    # Reads must outlast the layer's 5 s blocking pop, or idle consumers are torn down.
+    assert host["address"] == PRODUCTION_ENV["REDIS_URL"] and host["socket_timeout"] > 5
 
 
 # Warnings accepted from `check --deploy`, each for a stated reason:
