@@ -29,6 +29,7 @@ from django.core.serializers.json import DjangoJSONEncoder
 from django.http import HttpRequest, JsonResponse, StreamingHttpResponse
 from rest_framework import exceptions as drf_exceptions
 
+from fetchml.aio import cancel_and_wait
 from fetchml.auth import HEADER, Actor, authenticate_raw_key, client_ip
 from fetchml.conf import app_settings
 from fetchml.errors import ApplicationError, Forbidden, error_body
@@ -117,8 +118,7 @@ async def _stop_receiving(receiving: asyncio.Task | None) -> None:
     """Cancel an outstanding layer read and wait for it, so no task outlives the stream."""
     if receiving is None:
         return
-    receiving.cancel()
-    done, _ = await asyncio.wait({receiving}, timeout=STOP_RECEIVING_SECONDS)
+    done = await cancel_and_wait(receiving, timeout=STOP_RECEIVING_SECONDS)
     if done and not receiving.cancelled() and receiving.exception() is not None:
         # Typically the Redis read noticing its own cancellation; nothing is lost by it.
         logger.debug("channel-layer read ended with %r as the stream closed", receiving.exception())

@@ -22,6 +22,7 @@ from django.db import close_old_connections, connections
 from django.utils import timezone
 
 from fetchml import events
+from fetchml.aio import cancel_and_wait
 from fetchml.conf import app_settings
 from jupyter.services import scheduler_pass as jupyter_pass
 from scheduler import selectors
@@ -39,6 +40,7 @@ GROUP_REFRESH_SECONDS = 60.0
 HOUSEKEEPING_SECONDS = 600.0
 # Leases, time-outs, reservations, Jupyter services, re-sends: checked at most this often.
 MAINTENANCE_SECONDS = 1.0
+STOP_RECEIVING_SECONDS = 5.0  # bounds the wait for a cancelled channel-layer read
 
 
 class SchedulerLoop:
@@ -227,15 +229,13 @@ class _WakeListener:
                     backoff = min(backoff * 2, ERROR_BACKOFF_MAX)
         finally:
             if receiving is not None:
-                receiving.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await receiving
+                await cancel_and_wait(receiving, timeout=STOP_RECEIVING_SECONDS)
 
     async def close(self) -> None:
         if self.listening is not None:
+            # Cancelled once (its own clean-up re-cancels the read it has out), waited for boundedly.
             self.listening.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self.listening
+            await asyncio.wait({self.listening}, timeout=STOP_RECEIVING_SECONDS + 1)
         if self.layer is not None and self.channel is not None:
             try:
                 await self.layer.group_discard(events.WAKE_GROUP, self.channel)
