@@ -1,8 +1,9 @@
 """`/ws/worker`: the worker agents' WebSocket (protocol in docs/worker-protocol.md).
 
-Thin: parse and validate a frame, call one service in a database thread,
-answer. Nothing a worker sends can crash the consumer: a bad message gets an
-`error`, an unexpected failure is logged and answered with an `error` too.
+Thin: parse and validate a frame, call one service in a database thread (for
+run reports, one call for all that piled up), answer. Nothing a worker sends
+can crash the consumer: a bad message gets an `error`, an unexpected failure is
+logged and answered with an `error` too.
 """
 
 import asyncio

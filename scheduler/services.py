@@ -305,7 +305,7 @@ def assignment_status(
     with transaction.atomic(savepoint=False):
         if not workers_locked:
             lock_run_workers(task_id=task_id, worker_id=worker_id)
-        task = Task.objects.select_for_update().filter(id=task_id).first()
+        task = Task.objects.select_for_update(of=("self",)).select_related("owner").filter(id=task_id).first()
         assignment = _assignment(worker_id, task_id, token)
         if task is None or assignment is None:
             return STALE
@@ -404,8 +404,8 @@ def _progress_report(task: Task, assignment: NodeAssignment, status: str) -> Sta
     if task.status == status:  # another node of the same run got there first
         return StatusOutcome(accepted=True)
     if status == TaskStatus.COLLECTING and task.status == TaskStatus.PREPARING:
-        task_transition(task_id=task.id, to=TaskStatus.RUNNING)
-    moved = task_transition(task_id=task.id, to=status)
+        task_transition(task_id=task.id, to=TaskStatus.RUNNING, locked=task)
+    moved = task_transition(task_id=task.id, to=status, locked=task)
     if moved is None:
         logger.warning("task %s: refused report %s while %s", task.id, status, task.status)
     return StatusOutcome(accepted=moved is not None)
@@ -425,10 +425,11 @@ def _final_report(
         if task.node_count > 1 and _live_assignments_of_attempt(task, assignment.attempt).exists():
             return StatusOutcome(accepted=True)  # the task completes with its last node
         if task.status == TaskStatus.PREPARING:  # a run too quick to report `running`
-            task_transition(task_id=task.id, to=TaskStatus.RUNNING)
+            task_transition(task_id=task.id, to=TaskStatus.RUNNING, locked=task)
         moved = task_transition(
             task_id=task.id,
             to=TaskStatus.COMPLETED,
+            locked=task,
             exit_code=0 if exit_code is None else exit_code,
             failure_reason="",
             error=error,

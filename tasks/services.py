@@ -151,12 +151,15 @@ def task_transition(
     from_states: frozenset[str] | None = None,
     user: AbstractBaseUser | str | None = None,
     audit_metadata: dict | None = None,
+    locked: Task | None = None,
     **fields: Any,
 ) -> Task | None:
     """Move a task to `to` if it is still in an allowed state; None if someone else won.
 
     The conditional UPDATE is what makes two writers (an API cancel and a
-    worker's completion, two schedulers) unable to both succeed.
+    worker's completion, two schedulers) unable to both succeed. `locked` is
+    the caller's copy of the row, locked in this transaction and loaded with
+    its owner: it is brought up to date in memory instead of re-read.
     """
     allowed = from_states if from_states is not None else sources_of(to)
     now = timezone.now()
@@ -170,7 +173,13 @@ def task_transition(
         won = Task.objects.filter(id=task_id, status__in=allowed).update(status=to, updated_at=now, **fields)
         if not won:
             return None
-        task = Task.objects.select_related("owner").get(id=task_id)
+        if locked is not None and not any(hasattr(value, "resolve_expression") for value in fields.values()):
+            task = locked
+            task.status, task.updated_at = to, now
+            for name, value in fields.items():
+                setattr(task, name, value)
+        else:
+            task = Task.objects.select_related("owner").get(id=task_id)
         event_type = _AUDITED_TRANSITIONS.get(to)
         if event_type:
             record(

@@ -28,29 +28,25 @@ def test_calls_run_concurrently_on_a_bounded_set_of_pool_threads():
     assert 1 <= len(set(names)) <= POOL_THREADS
 
 
-def _sessions_of_this_database() -> int:
-    with connection.cursor() as cursor:
-        cursor.execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
-        )
-        return cursor.fetchone()[0]
+def _on_every_pool_thread(function) -> list:
+    """Run `function` once on each pool thread (a barrier keeps them all busy at once)."""
+    gate = threading.Barrier(POOL_THREADS, timeout=10)
+
+    def once() -> object:
+        gate.wait()
+        return function()
+
+    async def scenario() -> list:
+        return await asyncio.gather(*(in_pool(once)() for _ in range(POOL_THREADS)))
+
+    return asyncio.run(scenario())
 
 
 @requires_postgres
-def test_closing_the_pool_connections_ends_every_pool_threads_session():
-    gate = threading.Barrier(POOL_THREADS, timeout=10)
-
-    def hold_a_connection() -> None:
-        gate.wait()  # all threads busy at once: each opens its own connection
-        _thread_name_after_a_query()
-
-    async def scenario() -> None:
-        await asyncio.gather(*(in_pool(hold_a_connection)() for _ in range(POOL_THREADS)))
-
-    before = _sessions_of_this_database()
-    asyncio.run(scenario())
-    assert _sessions_of_this_database() >= before + POOL_THREADS
+def test_closing_the_pool_connections_closes_each_pool_threads_connection():
+    names = _on_every_pool_thread(_thread_name_after_a_query)
+    assert len(set(names)) == POOL_THREADS
 
     close_pool_connections()
 
-    assert _sessions_of_this_database() == before
+    assert _on_every_pool_thread(lambda: connection.connection is None) == [True] * POOL_THREADS

@@ -107,3 +107,19 @@ def test_a_batch_locks_the_audit_chain_head_once_for_all_its_events():
     head_locks = [q["sql"] for q in queries.captured_queries if ChainHead._meta.db_table in q["sql"]]
     assert len([sql for sql in head_locks if sql.lstrip().startswith("SELECT")]) == 1
     assert AuditEvent.objects.filter(event_type="job_completed").count() == 3
+
+
+def test_a_completed_report_reads_the_task_once():
+    [run] = _placed(1)
+
+    with CaptureQueriesContext(connection) as queries:
+        [outcome] = apply_run_reports(
+            worker_id=run["worker_id"], reports=[_report(run, "status", status="completed", exit_code=0)]
+        )
+
+    assert outcome == StatusOutcome(accepted=True)
+    task_reads = [q for q in queries.captured_queries if q["sql"].startswith('SELECT "tasks_task"."id", "tasks_task"')]
+    assert len(task_reads) == 1  # the lock; the two transitions update it in memory
+    task = Task.objects.get(id=run["task_id"])
+    assert (task.status, task.exit_code) == ("completed", 0)
+    assert task.started_at is not None and task.ended_at is not None

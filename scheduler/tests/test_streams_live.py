@@ -100,9 +100,12 @@ def test_status_stream_reports_queue_depth_and_a_drain_and_sends_heartbeats(user
             assert (first.event, first.data["event"], first.data["batch_queue_depth"]) == ("status", "connected", 0)
             assert any(item.comment == "heartbeat" for item in _read(response, parser, 1, comments=True))
 
-            assert _call(server, "POST", "/v1/tasks", key, '{"job_name": "train"}') == 201
-            queued = _until(response, parser, lambda e: e.data["batch_queue_depth"] == 1)
-            assert queued.data["event"] == "task_update"
+            # More CPU than the worker has: the task stays queued, so the depth stays 1.
+            body = '{"job_name": "train", "cpu": 1000, "allow_unschedulable": true}'
+            assert _call(server, "POST", "/v1/tasks", key, body) == 201
+            # Pushed, not only found by a heartbeat's re-read (which may come first).
+            queued = _until(response, parser, lambda e: e.data["event"] == "task_update")
+            assert queued.data["batch_queue_depth"] == 1
 
             assert _call(server, "DELETE", f"/v1/scheduler/workers/{box.id}", admin_key) == 204
             drained = _until(response, parser, lambda e: e.data["event"] == "worker_draining")
