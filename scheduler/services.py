@@ -1,8 +1,9 @@
 """Writes of the scheduler: worker sessions, run reports, leases, retries, drain.
 
-Lock order everywhere a run ends: the task row first (`select_for_update`),
-then the assignment (a conditional UPDATE on `holds_capacity`), then the
-worker's counters. Dispatch never waits on a task lock (SKIP LOCKED), so
+Lock order everywhere a run changes, as in a dispatch round: the run's
+workers (`lock_runs_workers`, by id), then the task rows (by id), then the
+assignment (a conditional UPDATE on `holds_capacity`), and the audit chain
+head last. Dispatch never waits on a worker or task lock (SKIP LOCKED), so
 these paths cannot deadlock with it or with each other.
 
 Assignment end states: `finished` / `cancelled` when the worker reported a
@@ -333,9 +334,9 @@ def apply_run_reports(*, worker_id: Any, reports: list[dict[str, Any]]) -> list[
     workers and tasks the batch may change are locked first, in the global
     lock order (workers, then tasks, by id), and the audit events of the
     batch are appended together at its end, holding the chain head only for
-    that append. If the batch fails,
-    each report is applied on its own, so a bad report costs only its own
-    answer: None (the agent re-sends what matters).
+    that append. If the batch fails, each report is applied on its own, so a
+    bad report costs only its own answer: None (the agent re-sends what
+    matters).
     """
     try:
         with transaction.atomic(), appended_together():
