@@ -4,9 +4,11 @@ import asyncio
 import time
 
 RECANCEL_SECONDS = 0.05
+# A cancelled channel-layer read returns at once; this only bounds a broken one.
+STOP_READ_SECONDS = 5.0
 
 
-async def cancel_and_wait(task: asyncio.Future, *, timeout: float) -> bool:
+async def cancel_and_wait(task: asyncio.Future, *, timeout: float = STOP_READ_SECONDS) -> bool:
     """Cancel `task` and wait up to `timeout` seconds for it to end; whether it ended.
 
     The cancel is repeated while the task runs on: on Python 3.11 a cancel that

@@ -129,6 +129,11 @@ def task_changed(task, *, event: str = "task_update", extra: dict | None = None)
     send_on_commit([user_group(task.owner_id), ADMINS_GROUP, task_group(task.id), STATUS_GROUP], payload)
 
 
+def assign_notice(worker_id: Any, assignment_ids: list[str]) -> tuple[list[str], dict]:
+    """(groups, message) telling a worker's connection about its new assignments, by id."""
+    return [worker_group(worker_id)], {"type": "worker.assign", "assignment_ids": assignment_ids}
+
+
 def wake_scheduler(reason: str) -> None:
     send_on_commit([WAKE_GROUP], {"type": "scheduler.wake", "reason": reason})
 

@@ -40,8 +40,6 @@ logger = logging.getLogger("fetchml.sse")
 HEARTBEAT = b": heartbeat\n\n"
 # A zero interval would spin; the setting parser only guarantees >= 0.
 MIN_HEARTBEAT_SECONDS = 0.05
-# A cancelled layer read returns at once; this only bounds a broken one.
-STOP_RECEIVING_SECONDS = 5.0
 
 
 class EventSource(Protocol):
@@ -118,7 +116,7 @@ async def _stop_receiving(receiving: asyncio.Task | None) -> None:
     """Cancel an outstanding layer read and wait for it, so no task outlives the stream."""
     if receiving is None:
         return
-    done = await cancel_and_wait(receiving, timeout=STOP_RECEIVING_SECONDS)
+    done = await cancel_and_wait(receiving)
     if done and not receiving.cancelled() and receiving.exception() is not None:
         # Typically the Redis read noticing its own cancellation; nothing is lost by it.
         logger.debug("channel-layer read ended with %r as the stream closed", receiving.exception())

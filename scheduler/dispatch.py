@@ -356,9 +356,7 @@ def _write(placements: list[Placement], now: datetime) -> int:
         by_worker[assignment.worker_id].append(str(assignment.id))
     for worker_id, assignment_ids in by_worker.items():
         # One message per worker and round: its consumer builds all the assigns in one go.
-        events.send_on_commit(
-            [events.worker_group(worker_id)], {"type": "worker.assign", "assignment_ids": assignment_ids}
-        )
+        events.send_on_commit(*events.assign_notice(worker_id, assignment_ids))
     return len(placements)
 
 

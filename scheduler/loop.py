@@ -22,7 +22,7 @@ from django.db import close_old_connections, connections
 from django.utils import timezone
 
 from fetchml import events
-from fetchml.aio import cancel_and_wait
+from fetchml.aio import STOP_READ_SECONDS, cancel_and_wait
 from fetchml.conf import app_settings
 from jupyter.services import scheduler_pass as jupyter_pass
 from scheduler import selectors
@@ -40,7 +40,6 @@ GROUP_REFRESH_SECONDS = 60.0
 HOUSEKEEPING_SECONDS = 600.0
 # Leases, time-outs, reservations, Jupyter services, re-sends: checked at most this often.
 MAINTENANCE_SECONDS = 1.0
-STOP_RECEIVING_SECONDS = 5.0  # bounds the wait for a cancelled channel-layer read
 
 
 class SchedulerLoop:
@@ -104,12 +103,7 @@ class SchedulerLoop:
                 continue
             due.setdefault(worker_id, []).append(str(assignment_id))
             self._resent[assignment_id] = clock
-        events.send_batch_now(
-            [
-                ([events.worker_group(worker_id)], {"type": "worker.assign", "assignment_ids": ids})
-                for worker_id, ids in due.items()
-            ]
-        )
+        events.send_batch_now([events.assign_notice(worker_id, ids) for worker_id, ids in due.items()])
         return sum(len(ids) for ids in due.values())
 
     def _close_connection(self) -> None:
@@ -229,13 +223,13 @@ class _WakeListener:
                     backoff = min(backoff * 2, ERROR_BACKOFF_MAX)
         finally:
             if receiving is not None:
-                await cancel_and_wait(receiving, timeout=STOP_RECEIVING_SECONDS)
+                await cancel_and_wait(receiving)
 
     async def close(self) -> None:
         if self.listening is not None:
             # Cancelled once (its own clean-up re-cancels the read it has out), waited for boundedly.
             self.listening.cancel()
-            await asyncio.wait({self.listening}, timeout=STOP_RECEIVING_SECONDS + 1)
+            await asyncio.wait({self.listening}, timeout=STOP_READ_SECONDS + 1)
         if self.layer is not None and self.channel is not None:
             try:
                 await self.layer.group_discard(events.WAKE_GROUP, self.channel)

@@ -31,12 +31,6 @@ from tasks.states import ACTIVE_STATES, TaskStatus
 MASTER_PORT = 29500  # torch.distributed's default rendezvous port on the rank-0 node
 
 
-def assign_message(*, assignment_id: Any, worker_id: Any) -> dict[str, Any] | None:
-    """The `assign` message for a live, not yet acknowledged assignment of this worker."""
-    messages = assign_messages(assignment_ids=[assignment_id], worker_id=worker_id)
-    return messages[0] if messages else None
-
-
 def assign_messages(*, assignment_ids: list[Any], worker_id: Any) -> list[dict[str, Any]]:
     """The `assign` messages of those assignments still live and unacknowledged on this worker.
 

@@ -3,7 +3,7 @@
 import pytest
 
 from scheduler.dispatch import dispatch_round
-from scheduler.selectors import assign_message, assign_messages
+from scheduler.selectors import assign_messages
 from scheduler.tests.factories import assignments_of, queued_task, worker
 
 pytestmark = pytest.mark.django_db
@@ -12,7 +12,8 @@ pytestmark = pytest.mark.django_db
 def _assign_of(task) -> dict:
     assert dispatch_round() == 1
     [assignment] = assignments_of(task)
-    return assign_message(assignment_id=assignment.id, worker_id=assignment.worker_id)
+    [message] = assign_messages(assignment_ids=[assignment.id], worker_id=assignment.worker_id)
+    return message
 
 
 def test_assign_message_names_the_tasks_datasets_snapshot_and_command():
@@ -54,7 +55,7 @@ def test_an_acknowledged_assignment_is_not_assigned_again():
     assignment.status = assignment.Status.ACKED
     assignment.save(update_fields=["status"])
 
-    assert assign_message(assignment_id=assignment.id, worker_id=box.id) is None
+    assert assign_messages(assignment_ids=[assignment.id], worker_id=box.id) == []
 
 
 def test_building_an_assign_message_takes_two_queries(django_assert_num_queries):
@@ -65,7 +66,7 @@ def test_building_an_assign_message_takes_two_queries(django_assert_num_queries)
 
     # The assignment with its task and worker, then the plugin configurations.
     with django_assert_num_queries(2):
-        assign_message(assignment_id=assignment.id, worker_id=assignment.worker_id)
+        assign_messages(assignment_ids=[assignment.id], worker_id=assignment.worker_id)
 
 
 def test_building_a_rounds_assign_messages_takes_two_queries_however_many(django_assert_num_queries):

@@ -6,7 +6,7 @@ from asgiref.sync import async_to_sync
 from fetchml import events
 from scheduler.dispatch import dispatch_round
 from scheduler.models import NodeAssignment, Worker
-from scheduler.selectors import assign_message
+from scheduler.selectors import assign_messages
 from scheduler.services import assignment_status
 from scheduler.tests.factories import assignments_of, queued_task, worker
 from tasks.states import TaskStatus
@@ -60,7 +60,7 @@ def test_every_node_gets_its_rank_the_node_count_and_rank_zeros_address():
     hosts = {box.id: box.hostname for box in boxes}
     placed = assignments_of(gang)
 
-    nodes = [assign_message(assignment_id=a.id, worker_id=a.worker_id)["node"] for a in placed]
+    nodes = [assign_messages(assignment_ids=[a.id], worker_id=a.worker_id)[0]["node"] for a in placed]
 
     rank0_host = hosts[placed[0].worker_id]
     assert [(n["rank"], n["count"], n["master_addr"]) for n in nodes] == [(r, 3, rank0_host) for r in range(3)]
