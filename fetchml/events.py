@@ -1,9 +1,10 @@
 """Publishing over the channel layer: ids and small payloads, after commit.
 
 Groups:
-- `tasks.user.<user_pk>`: every change of that user's tasks (client /ws)
+- `tasks.user.<user_pk>`: every change of that user's tasks (client /ws, and
+  the streams of one task, which pick its events)
 - `tasks.admins`: every task change (admin clients)
-- `tasks.task.<task_id>`: one task (job SSE stream, /ws subscribe)
+- `tasks.task.<task_id>`: one task's new log lines (log follow, /ws subscribe)
 - `scheduler.status`: fleet/queue changes (status SSE stream)
 - `scheduler.wake`: the scheduler loops, woken by new work or freed capacity
 - `worker.<worker_id>`: one worker agent's connection
@@ -96,11 +97,12 @@ def _outbox(connection: Any) -> _Outbox:
 async def _send_batch(layer: Any, batch: list[tuple[list[str], dict]]) -> None:
     # Each group's messages in order (one listener sees one task's changes in the
     # order they were made), the groups concurrently: a send is a few Redis round
-    # trips, and a task change goes to four groups.
+    # trips, and a task change goes to three groups.
     by_group: dict[str, list[dict]] = {}
     for groups, message in batch:
         for group in groups:
             by_group.setdefault(group, []).append(message)
+    by_group = {group: coalesced(messages) for group, messages in by_group.items()}
     # Bounded: each concurrent send holds a connection of the layer's pool (100 by default).
     slots = asyncio.Semaphore(CONCURRENT_GROUP_SENDS)
     await asyncio.gather(*(_send_in_order(layer, group, messages, slots) for group, messages in by_group.items()))
@@ -115,8 +117,43 @@ async def _send_in_order(layer: Any, group: str, messages: list[dict], slots: as
                 logger.warning("channel layer send to %s failed", group, exc_info=True)
 
 
+def coalesced(messages: list[dict]) -> list[dict]:
+    """One group's messages of a transaction, fewer: consecutive task changes travel as one
+    `task.events` message (a dispatch round or a batch of reports changes hundreds of
+    tasks), and the scheduler is woken once."""
+    out: list[dict] = []
+    woken = False
+    for message in messages:
+        kind = message.get("type")
+        if kind == "scheduler.wake":
+            if not woken:
+                out.append(message)
+            woken = True
+        elif kind == "task.event" and out and out[-1]["type"] in ("task.event", "task.events"):
+            if out[-1]["type"] == "task.event":
+                out[-1] = {"type": "task.events", "events": [out[-1]]}
+            out[-1]["events"].append(message)
+        else:
+            out.append(message)
+    return out
+
+
+def task_events_of(message: dict) -> list[dict]:
+    """The single `task.event` messages carried by a channel-layer message (none for other types)."""
+    if message.get("type") == "task.event":
+        return [message]
+    if message.get("type") == "task.events":
+        return [event for event in message.get("events") or [] if isinstance(event, dict)]
+    return []
+
+
 def task_changed(task, *, event: str = "task_update", extra: dict | None = None) -> None:
-    """Tell clients, the task's streams and the status stream that a task changed."""
+    """Tell the owner's and the admins' clients and the status stream that a task changed.
+
+    Not the task's own group (logs only): streams of one task listen to its
+    owner's group and pick its events, so a batch changing hundreds of tasks
+    costs three group sends, not one per task.
+    """
     payload = {
         "type": "task.event",
         "event": event,
@@ -126,7 +163,7 @@ def task_changed(task, *, event: str = "task_update", extra: dict | None = None)
         "owner_id": task.owner_id,
         **(extra or {}),
     }
-    send_on_commit([user_group(task.owner_id), ADMINS_GROUP, task_group(task.id), STATUS_GROUP], payload)
+    send_on_commit([user_group(task.owner_id), ADMINS_GROUP, STATUS_GROUP], payload)
 
 
 def assign_notice(worker_id: Any, assignment_ids: list[str]) -> tuple[list[str], dict]:

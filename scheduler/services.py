@@ -20,7 +20,8 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from django.db import DatabaseError, transaction
-from django.db.models import Exists, F, OuterRef, Q
+from django.db.models import Exists, F, OuterRef, Q, Value
+from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from audit.services import appended_together, record
@@ -32,7 +33,7 @@ from scheduler.models import NodeAssignment, Worker
 from scheduler.protocol import CAPACITY_FIELDS
 from tasks.logs import append_lines
 from tasks.models import Task
-from tasks.services import task_transition
+from tasks.services import TaskTransitions, task_transition
 from tasks.states import ACTIVE_STATES, TaskStatus
 
 logger = logging.getLogger("fetchml.scheduler")
@@ -260,13 +261,7 @@ def _assignment(worker_id: Any, task_id: str, token: str) -> NodeAssignment | No
 
 def assignment_ack(*, worker_id: Any, task_id: str, token: str) -> bool:
     """The agent has the assignment; False if the token is not live on this worker."""
-    first_ack = NodeAssignment.objects.filter(
-        worker_id=worker_id, task_id=task_id, token=token, holds_capacity=True, status=NodeAssignment.Status.ASSIGNED
-    ).update(status=NodeAssignment.Status.ACKED, acked_at=timezone.now())
-    if first_ack:
-        return True  # the common case in one statement; a repeated ack is checked below
-    assignment = _assignment(worker_id, task_id, token)
-    return assignment is not None and assignment.holds_capacity
+    return apply_run_reports(worker_id=worker_id, reports=[{"type": "ack", "task_id": task_id, "token": token}])[0]
 
 
 def assignment_is_live(*, worker_id: Any, task_id: str, token: str) -> bool:
@@ -277,11 +272,8 @@ def assignment_is_live(*, worker_id: Any, task_id: str, token: str) -> bool:
 
 def assignment_log(*, worker_id: Any, task_id: str, token: str, lines: list[dict[str, str]]) -> bool:
     """Store a batch of log lines of a run; False (stale) if the server took the run away."""
-    assignment = _assignment(worker_id, task_id, token)
-    if assignment is None or assignment.status == NodeAssignment.Status.LOST:
-        return False
-    append_lines(task_id=assignment.task_id, attempt=assignment.attempt, lines=lines)
-    return True
+    report = {"type": "log", "task_id": task_id, "token": token, "lines": lines}
+    return apply_run_reports(worker_id=worker_id, reports=[report])[0]
 
 
 def assignment_status(
@@ -296,7 +288,7 @@ def assignment_status(
     output: str = "",
     workers_locked: bool = False,
 ) -> StatusOutcome:
-    """Apply a worker's state report for one run, fenced by its token.
+    """Apply a worker's state report for one run, fenced by its token, writing at once.
 
     `workers_locked`: the caller's transaction already holds what
     `lock_runs_workers` takes for this task (`apply_run_reports` does).
@@ -310,41 +302,52 @@ def assignment_status(
         assignment = _assignment(worker_id, task_id, token)
         if task is None or assignment is None:
             return STALE
-        if not assignment.holds_capacity:
-            # A re-sent final report we already applied is acknowledged again.
-            ended_by_worker = assignment.status in (NodeAssignment.Status.FINISHED, NodeAssignment.Status.CANCELLED)
-            return StatusOutcome(accepted=True) if ended_by_worker and status in _FINAL_REPORTS else STALE
-        if assignment.attempt != task.attempt or task.status not in _ACTIVE:
-            _release(assignment, status=NodeAssignment.Status.LOST)
-            return STALE
-        if status in _FINAL_REPORTS:
-            return _final_report(task, assignment, status, exit_code, failure_reason, error, output)
-        return _progress_report(task, assignment, status)
+        report = {"status": status, "exit_code": exit_code, "failure_reason": failure_reason}
+        return _apply_status(task, assignment, report | {"error": error, "output": output}, _AT_ONCE)
 
 
+_STATUS_FIELDS = ("status", "exit_code", "failure_reason", "error", "output")
 _FINAL_REPORTS = frozenset({TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED})
+_PROGRESS_REPORTS = frozenset({TaskStatus.PREPARING, TaskStatus.RUNNING, TaskStatus.COLLECTING})
 
 RunReportOutcome = bool | StatusOutcome | None
+
+
+def _apply_status(
+    task: Task, assignment: NodeAssignment, report: dict[str, Any], writes: "_RunWrites"
+) -> StatusOutcome:
+    """The rules of a state report, on the locked task and its assignment (the one owner of them)."""
+    status = report["status"]
+    if not assignment.holds_capacity:
+        # A re-sent final report we already applied is acknowledged again.
+        ended_by_worker = assignment.status in (NodeAssignment.Status.FINISHED, NodeAssignment.Status.CANCELLED)
+        return StatusOutcome(accepted=True) if ended_by_worker and status in _FINAL_REPORTS else STALE
+    if assignment.attempt != task.attempt or task.status not in _ACTIVE:
+        writes.release(assignment, status=NodeAssignment.Status.LOST)
+        return STALE
+    if status in _FINAL_REPORTS:
+        return _final_report(task, assignment, report, writes)
+    return _progress_report(task, assignment, status, writes)
 
 
 def apply_run_reports(*, worker_id: Any, reports: list[dict[str, Any]]) -> list[RunReportOutcome]:
     """Apply a worker's run reports (`ack`, `status`, `log` messages) in order, in one transaction.
 
     One commit and one publish for the lot, instead of one per report. The
-    workers and tasks the batch may change are locked first, in the global
-    lock order (workers, then tasks, by id), and the audit events of the
-    batch are appended together at its end, holding the chain head only for
-    that append. If the batch fails, each report is applied on its own, so a
-    bad report costs only its own answer: None (the agent re-sends what
-    matters).
+    reporting worker, the workers the batch's tasks may free and the tasks are
+    locked first, in the global lock order (workers, then tasks, by id); the
+    batch's assignments are read in one query. Acknowledgements, progress and
+    completions of single-node runs are then applied in memory and written
+    set-based at the end (`_Batched`); a failure, a cancellation or a
+    multi-node run is applied at once, after writing what came before it.
+    The audit events are appended together at the end, holding the chain head
+    only for that append. If the batch fails, each report is applied on its
+    own, so a bad report costs only its own answer: None (the agent re-sends
+    what matters).
     """
     try:
         with transaction.atomic(), appended_together():
-            task_ids = sorted({report["task_id"] for report in reports if report["type"] == "status"})
-            if task_ids:
-                lock_runs_workers(task_ids=task_ids, worker_id=worker_id)
-                list(Task.objects.select_for_update().filter(id__in=task_ids).order_by("id").values_list("id"))
-            outcomes = [_apply_run_report(worker_id, report) for report in reports]
+            outcomes = _ReportBatch(worker_id, reports).apply()
             if transaction.get_rollback():  # an error swallowed below left the transaction doomed
                 raise DatabaseError("the batch was marked for rollback")
             return outcomes
@@ -356,14 +359,185 @@ def apply_run_reports(*, worker_id: Any, reports: list[dict[str, Any]]) -> list[
         return [apply_run_reports(worker_id=worker_id, reports=[report])[0] for report in reports]
 
 
-def _apply_run_report(worker_id: Any, report: dict[str, Any]) -> RunReportOutcome:
-    run = {"worker_id": worker_id, "task_id": report["task_id"], "token": report["token"]}
-    if report["type"] == "ack":
-        return assignment_ack(**run)
-    if report["type"] == "log":
-        return assignment_log(**run, lines=report["lines"])
-    fields = {name: report[name] for name in ("status", "exit_code", "failure_reason", "error", "output")}
-    return assignment_status(**run, **fields, workers_locked=True)
+class _ReportBatch:
+    """One worker's reports inside `apply_run_reports`' transaction."""
+
+    def __init__(self, worker_id: Any, reports: list[dict[str, Any]]) -> None:
+        self.worker_id = worker_id
+        self.reports = reports
+        self.writes = _Batched()
+        # Tasks changed by a report applied at once: their rows in memory are stale,
+        # so their later reports are applied at once too.
+        self.at_once: set[str] = set()
+
+    def apply(self) -> list[RunReportOutcome]:
+        task_ids = sorted({report["task_id"] for report in self.reports if report["type"] == "status"})
+        lock_runs_workers(task_ids=task_ids, worker_id=self.worker_id)
+        locked = Task.objects.select_for_update(of=("self",)).select_related("owner").filter(id__in=task_ids)
+        self.tasks = {str(task.id): task for task in locked.order_by("id")}
+        # The worker's row is locked: no one else changes its assignments until we commit.
+        mentioned = {report["task_id"] for report in self.reports}
+        runs = NodeAssignment.objects.filter(worker_id=self.worker_id, task_id__in=mentioned)
+        self.runs = {(str(run.task_id), str(run.token)): run for run in runs}
+        outcomes = [self._apply(report) for report in self.reports]
+        self.writes.write()
+        return outcomes
+
+    def _apply(self, report: dict[str, Any]) -> RunReportOutcome:
+        run = self.runs.get((report["task_id"], report["token"]))
+        if report["type"] == "ack":
+            return self._ack(run)
+        if report["type"] == "log":
+            return self._log(run, report["lines"])
+        task = self.tasks.get(report["task_id"])
+        if task is None or run is None:
+            return STALE
+        if report["task_id"] in self.at_once or not self.writes.can_apply(task, report["status"]):
+            self.writes.write()
+            self.at_once.add(report["task_id"])
+            fields = {name: report[name] for name in ("task_id", "token", *_STATUS_FIELDS)}
+            return assignment_status(worker_id=self.worker_id, **fields, workers_locked=True)
+        return _apply_status(task, run, report, self.writes)
+
+    def _ack(self, run: NodeAssignment | None) -> bool:
+        if run is None or not run.holds_capacity:
+            return False
+        self.writes.acknowledge(run)
+        return True
+
+    def _log(self, run: NodeAssignment | None, lines: list[dict[str, str]]) -> bool:
+        if run is None or run.status == NodeAssignment.Status.LOST:
+            return False
+        append_lines(task_id=run.task_id, attempt=run.attempt, lines=lines)
+        return True
+
+
+class _RunWrites:
+    """How the changes of a state report reach the database."""
+
+    def acknowledge(self, assignment: NodeAssignment) -> None:
+        raise NotImplementedError
+
+    def mark_running(self, assignment: NodeAssignment) -> None:
+        raise NotImplementedError
+
+    def release(self, assignment: NodeAssignment, *, status: str) -> bool:
+        raise NotImplementedError
+
+    def move(self, task: Task, to: str, **fields: Any) -> bool:
+        raise NotImplementedError
+
+
+class _AtOnce(_RunWrites):
+    """Each change written as it is made (a single report, failures, multi-node runs)."""
+
+    def acknowledge(self, assignment: NodeAssignment) -> None:
+        NodeAssignment.objects.filter(id=assignment.id, status=NodeAssignment.Status.ASSIGNED).update(
+            status=NodeAssignment.Status.ACKED, acked_at=timezone.now()
+        )
+
+    def mark_running(self, assignment: NodeAssignment) -> None:
+        NodeAssignment.objects.filter(id=assignment.id).update(
+            status=NodeAssignment.Status.RUNNING, acked_at=assignment.acked_at or timezone.now()
+        )
+
+    def release(self, assignment: NodeAssignment, *, status: str) -> bool:
+        return _release(assignment, status=status)
+
+    def move(self, task: Task, to: str, **fields: Any) -> bool:
+        return task_transition(task_id=task.id, to=to, locked=task, **fields) is not None
+
+
+_AT_ONCE = _AtOnce()
+
+
+class _Batched(_RunWrites):
+    """Changes applied to the locked rows in memory, written set-based by `write`.
+
+    The assignments' own order (assigned -> acked -> running -> ended) is the
+    order of the UPDATEs, so one statement per kind of change is enough;
+    each checks that every row it expects was still in the state before.
+    """
+
+    def __init__(self) -> None:
+        self.now = timezone.now()
+        self.transitions = TaskTransitions(now=self.now)
+        self._acked: list[uuid.UUID] = []
+        self._running: list[uuid.UUID] = []
+        self._ended: dict[str, list[uuid.UUID]] = {}
+        self._freed: dict[uuid.UUID, dict[str, int]] = {}
+
+    @staticmethod
+    def can_apply(task: Task, status: str) -> bool:
+        """Progress and completion of a single-node run; everything else is applied at once."""
+        return task.node_count == 1 and (status in _PROGRESS_REPORTS or status == TaskStatus.COMPLETED)
+
+    def acknowledge(self, assignment: NodeAssignment) -> None:
+        if assignment.status == NodeAssignment.Status.ASSIGNED:
+            assignment.status, assignment.acked_at = NodeAssignment.Status.ACKED, self.now
+            self._acked.append(assignment.id)
+
+    def mark_running(self, assignment: NodeAssignment) -> None:
+        if assignment.status != NodeAssignment.Status.RUNNING:
+            assignment.status, assignment.acked_at = NodeAssignment.Status.RUNNING, assignment.acked_at or self.now
+            self._running.append(assignment.id)
+
+    def release(self, assignment: NodeAssignment, *, status: str) -> bool:
+        if not assignment.holds_capacity:
+            return False
+        assignment.holds_capacity, assignment.status, assignment.ended_at = False, status, self.now
+        self._ended.setdefault(status, []).append(assignment.id)
+        freed = self._freed.setdefault(assignment.worker_id, dict.fromkeys(_FREED, 0))
+        for name, amount in _freed_by(assignment).items():
+            freed[name] += amount
+        return True
+
+    def move(self, task: Task, to: str, **fields: Any) -> bool:
+        return self.transitions.move(task, to, **fields)
+
+    def write(self) -> None:
+        assignments = NodeAssignment.objects
+        _updated_all(
+            assignments.filter(id__in=self._acked, status=NodeAssignment.Status.ASSIGNED),
+            self._acked,
+            status=NodeAssignment.Status.ACKED,
+            acked_at=self.now,
+        )
+        _updated_all(
+            assignments.filter(id__in=self._running, holds_capacity=True),
+            self._running,
+            status=NodeAssignment.Status.RUNNING,
+            acked_at=Coalesce(F("acked_at"), Value(self.now)),
+        )
+        for status, ended in self._ended.items():
+            _updated_all(
+                assignments.filter(id__in=ended, holds_capacity=True),
+                ended,
+                holds_capacity=False,
+                status=status,
+                ended_at=self.now,
+            )
+        for worker_id, freed in self._freed.items():
+            Worker.objects.filter(id=worker_id).update(**{name: F(name) - amount for name, amount in freed.items()})
+            _offline_if_drained(worker_id)
+        if self._freed:
+            events.wake_scheduler("capacity_freed")
+        self.transitions.write()
+        self._acked, self._running, self._ended, self._freed = [], [], {}, {}
+
+
+def _updated_all(rows: Any, expected: list[uuid.UUID], **changes: Any) -> None:
+    if expected and rows.update(**changes) != len(expected):
+        raise RuntimeError("assignments locked for a batch of reports changed under it")
+
+
+_FREED = ("used_cpu", "used_memory_gb", "used_gpus", "used_batch_slots", "used_service_slots")
+
+
+def _freed_by(assignment: NodeAssignment) -> dict[str, int]:
+    """What an ended assignment gives back to its worker's counters."""
+    slot = "used_service_slots" if assignment.slot_kind == Task.Kind.SERVICE else "used_batch_slots"
+    return {"used_cpu": assignment.cpu, "used_memory_gb": assignment.memory_gb, "used_gpus": assignment.gpus, slot: 1}
 
 
 def lock_run_workers(*, task_id: Any, worker_id: Any = None) -> None:
@@ -392,51 +566,39 @@ def lock_runs_workers(*, task_ids: list[Any], worker_id: Any = None) -> None:
     list(workers.order_by("id").values_list("id", flat=True))
 
 
-def _progress_report(task: Task, assignment: NodeAssignment, status: str) -> StatusOutcome:
-    now = timezone.now()
+def _progress_report(task: Task, assignment: NodeAssignment, status: str, writes: _RunWrites) -> StatusOutcome:
     if status == TaskStatus.PREPARING:
-        NodeAssignment.objects.filter(id=assignment.id, status=NodeAssignment.Status.ASSIGNED).update(
-            status=NodeAssignment.Status.ACKED, acked_at=now
-        )
+        writes.acknowledge(assignment)
         return StatusOutcome(accepted=True)
-    NodeAssignment.objects.filter(id=assignment.id).update(
-        status=NodeAssignment.Status.RUNNING, acked_at=assignment.acked_at or now
-    )
+    writes.mark_running(assignment)
     if task.status == status:  # another node of the same run got there first
         return StatusOutcome(accepted=True)
     if status == TaskStatus.COLLECTING and task.status == TaskStatus.PREPARING:
-        task_transition(task_id=task.id, to=TaskStatus.RUNNING, locked=task)
-    moved = task_transition(task_id=task.id, to=status, locked=task)
-    if moved is None:
+        writes.move(task, TaskStatus.RUNNING)
+    moved = writes.move(task, status)
+    if not moved:
         logger.warning("task %s: refused report %s while %s", task.id, status, task.status)
-    return StatusOutcome(accepted=moved is not None)
+    return StatusOutcome(accepted=moved)
 
 
-def _final_report(
-    task: Task,
-    assignment: NodeAssignment,
-    status: str,
-    exit_code: int | None,
-    failure_reason: str,
-    error: str,
-    output: str,
-) -> StatusOutcome:
+def _final_report(task: Task, assignment: NodeAssignment, report: dict[str, Any], writes: _RunWrites) -> StatusOutcome:
+    status, exit_code, error, output = report["status"], report["exit_code"], report["error"], report["output"]
     if status == TaskStatus.COMPLETED:
-        _release(assignment, status=NodeAssignment.Status.FINISHED)
+        writes.release(assignment, status=NodeAssignment.Status.FINISHED)
         if task.node_count > 1 and _live_assignments_of_attempt(task, assignment.attempt).exists():
             return StatusOutcome(accepted=True)  # the task completes with its last node
         if task.status == TaskStatus.PREPARING:  # a run too quick to report `running`
-            task_transition(task_id=task.id, to=TaskStatus.RUNNING, locked=task)
-        moved = task_transition(
-            task_id=task.id,
-            to=TaskStatus.COMPLETED,
-            locked=task,
+            writes.move(task, TaskStatus.RUNNING)
+        moved = writes.move(
+            task,
+            TaskStatus.COMPLETED,
             exit_code=0 if exit_code is None else exit_code,
             failure_reason="",
             error=error,
             output=output,
         )
-        return StatusOutcome(accepted=moved is not None)
+        return StatusOutcome(accepted=moved)
+    # Failures and cancellations stop sibling nodes and may retry: always written at once.
     ended = NodeAssignment.Status.CANCELLED if status == TaskStatus.CANCELLED else NodeAssignment.Status.FINISHED
     _release(assignment, status=ended)
     _stop_siblings(task, assignment.attempt, reason=f"node {assignment.node_id} {status}")
@@ -446,7 +608,7 @@ def _final_report(
     elif status == TaskStatus.CANCELLED:
         reason = Task.FailureReason.CANCELLED
     else:
-        reason = failure_reason or (Task.FailureReason.EXIT_CODE if exit_code is not None else "preparation")
+        reason = report["failure_reason"] or (Task.FailureReason.EXIT_CODE if exit_code is not None else "preparation")
     moved = fail_or_retry(task, reason=reason, exit_code=exit_code, error=error, output=output)
     return StatusOutcome(accepted=moved is not None)
 
@@ -462,13 +624,8 @@ def _release(assignment: NodeAssignment, *, status: str) -> bool:
     )
     if not won:
         return False
-    slot = "used_service_slots" if assignment.slot_kind == Task.Kind.SERVICE else "used_batch_slots"
-    Worker.objects.filter(id=assignment.worker_id).update(
-        used_cpu=F("used_cpu") - assignment.cpu,
-        used_memory_gb=F("used_memory_gb") - assignment.memory_gb,
-        used_gpus=F("used_gpus") - assignment.gpus,
-        **{slot: F(slot) - 1},
-    )
+    freed = _freed_by(assignment)
+    Worker.objects.filter(id=assignment.worker_id).update(**{name: F(name) - amount for name, amount in freed.items()})
     _offline_if_drained(assignment.worker_id)
     events.wake_scheduler("capacity_freed")
     return True

@@ -4,10 +4,11 @@ Authenticated by the X-API-Key handshake header (never the query string: URLs
 end up in logs). A connection joins its owner's group (`tasks.user.<pk>`), or
 `tasks.admins` for admin keys, and is told `task_update` / `task_complete` for
 every change. `{"type": "subscribe", "task_id": ...}` narrows it to chosen
-tasks (the caller's own; any for admins): it then listens to those tasks'
-groups only, and also gets their new log lines (`task_log`); unsubscribing
-from the last one widens it again. Only ids travel over the channel layer;
-what is sent is reloaded from the database.
+tasks (the caller's own; any for admins): it then gets those tasks' changes
+only (picked from their owners' groups), and also their new log lines
+(`task_log`, from each task's group); unsubscribing from the last one widens
+it again. Only ids travel over the channel layer; what is sent is reloaded
+from the database, one query for each batch of changes.
 """
 
 import json
@@ -51,9 +52,16 @@ def _header(scope: dict, name: bytes) -> str | None:
 
 def task_snapshot(task_id: str) -> dict[str, Any] | None:
     """The small fields of a task a client shows; None if it no longer exists."""
-    task = Task.objects.select_related("owner").filter(id=task_id).first()
-    if task is None:
-        return None
+    return task_snapshots([task_id]).get(str(task_id))
+
+
+def task_snapshots(task_ids: list[str]) -> dict[str, dict[str, Any]]:
+    """`task_snapshot` of several tasks in one query, by task id (missing ones left out)."""
+    tasks = Task.objects.select_related("owner").filter(id__in=set(task_ids))
+    return {str(task.id): _snapshot(task) for task in tasks}
+
+
+def _snapshot(task: Task) -> dict[str, Any]:
     return {
         "id": str(task.id),
         "job_name": task.job_name,
@@ -72,12 +80,12 @@ def task_snapshot(task_id: str) -> dict[str, Any] | None:
     }
 
 
-def _visible(actor: Actor, task_id: uuid.UUID) -> bool:
+def _owner_of_visible(actor: Actor, task_id: uuid.UUID) -> Any | None:
+    """The owner's pk of a task the actor may see; None if it may not (or it does not exist)."""
     try:
-        task_get_for_actor(actor=actor, task_id=task_id)
+        return task_get_for_actor(actor=actor, task_id=task_id).owner_id
     except NotFound:
-        return False
-    return True
+        return None
 
 
 def _lines(task_id: str, ids: list[int]) -> list[dict[str, Any]]:
@@ -88,10 +96,11 @@ def _lines(task_id: str, ids: list[int]) -> list[dict[str, Any]]:
 class ClientConsumer(AsyncWebsocketConsumer):
     actor: Actor
     home_group: str
-    subscriptions: set[str]
+    subscriptions: dict[str, Any]  # task id -> its owner's pk
 
     async def connect(self) -> None:
-        self.subscriptions = set()
+        self.subscriptions = {}
+        self.joined: set[str] = set()
         query = dict(parse_qsl(self.scope.get("query_string", b"").decode("latin1")))
         if _QUERY_KEY_NAMES & {name.lower() for name in query}:
             logger.info("refused /ws: API key in the query string")
@@ -116,14 +125,29 @@ class ClientConsumer(AsyncWebsocketConsumer):
             await self.close(code=CLOSE_FORBIDDEN)
             return
         self.home_group = events.ADMINS_GROUP if self.actor.is_admin else events.user_group(self.actor.user.pk)
-        await self.channel_layer.group_add(self.home_group, self.channel_name)
+        await self._join_groups()
         await self.accept()
 
     async def disconnect(self, code: int) -> None:
-        if not hasattr(self, "home_group"):
-            return  # refused before joining anything
-        for group in {self.home_group, *map(events.task_group, self.subscriptions)}:
+        for group in self.joined if hasattr(self, "joined") else ():
             await self.channel_layer.group_discard(group, self.channel_name)
+
+    def _groups(self) -> set[str]:
+        if not self.subscriptions:
+            return {self.home_group}
+        return {events.task_group(task_id) for task_id in self.subscriptions} | {
+            events.user_group(owner) for owner in self.subscriptions.values()
+        }
+
+    async def _join_groups(self) -> None:
+        """Join the groups the subscriptions need, then leave the others: a duplicate update is
+        harmless, a lost one is not."""
+        wanted = self._groups()
+        for group in sorted(wanted - self.joined):
+            await self.channel_layer.group_add(group, self.channel_name)
+        for group in sorted(self.joined - wanted):
+            await self.channel_layer.group_discard(group, self.channel_name)
+        self.joined = wanted
 
     async def dispatch(self, message: dict) -> None:
         # Groups are shared with other listeners; a message type meant for them
@@ -165,7 +189,8 @@ class ClientConsumer(AsyncWebsocketConsumer):
         if task_id is None:
             await self._error("task_id must be a task id", code="VALIDATION_ERROR")
             return
-        if not await database_sync_to_async(_visible)(self.actor, task_id):
+        owner = await database_sync_to_async(_owner_of_visible)(self.actor, task_id)
+        if owner is None:
             await self._error("Task not found", code="NOT_FOUND", task_id=str(task_id))
             return
         key = str(task_id)
@@ -173,11 +198,8 @@ class ClientConsumer(AsyncWebsocketConsumer):
             if len(self.subscriptions) >= MAX_SUBSCRIPTIONS:
                 await self._error(f"At most {MAX_SUBSCRIPTIONS} subscriptions per connection", code="CONFLICT")
                 return
-            await self.channel_layer.group_add(events.task_group(key), self.channel_name)
-            if not self.subscriptions:
-                # Join first, leave second: a duplicate update is harmless, a lost one is not.
-                await self.channel_layer.group_discard(self.home_group, self.channel_name)
-            self.subscriptions.add(key)
+            self.subscriptions[key] = owner
+            await self._join_groups()
         await self._send({"type": "subscribed", "task_id": key})
 
     async def _unsubscribe(self, raw_id: Any) -> None:
@@ -186,28 +208,31 @@ class ClientConsumer(AsyncWebsocketConsumer):
         if key is None or key not in self.subscriptions:
             await self._error("Not subscribed to that task", code="NOT_FOUND")
             return
-        self.subscriptions.discard(key)
-        if not self.subscriptions:
-            await self.channel_layer.group_add(self.home_group, self.channel_name)
-        await self.channel_layer.group_discard(events.task_group(key), self.channel_name)
+        del self.subscriptions[key]
+        await self._join_groups()
         await self._send({"type": "unsubscribed", "task_id": key})
 
     # --- from the channel layer --------------------------------------------
     async def task_event(self, message: dict) -> None:
-        task_id = message.get("task_id")
-        if not self._wants(task_id, message.get("owner_id")):
+        await self.task_events({"type": "task.events", "events": [message]})
+
+    async def task_events(self, message: dict) -> None:
+        wanted = [event for event in events.task_events_of(message) if self._wants(event)]
+        if not wanted:
             return
-        snapshot = await database_sync_to_async(task_snapshot)(task_id)
-        if snapshot is None:
-            return
-        # The event's own status and priority: a client sees each transition,
-        # even when the row has moved on by the time it is reloaded.
-        snapshot["status"] = message.get("status", snapshot["status"])
-        snapshot["priority"] = message.get("priority", snapshot["priority"])
-        kind = message.get("event")
-        if kind not in _TASK_EVENTS:
-            kind = "task_complete" if snapshot["status"] in FINAL_STATES else "task_update"
-        await self._send({"type": kind, "task": snapshot, "timestamp": timezone.now().isoformat()})
+        snapshots = await database_sync_to_async(task_snapshots)([event["task_id"] for event in wanted])
+        for event in wanted:
+            snapshot = snapshots.get(event["task_id"])
+            if snapshot is None:
+                continue
+            # The event's own status and priority: a client sees each transition,
+            # even when the row has moved on by the time it is reloaded.
+            snapshot = {**snapshot, "status": event.get("status", snapshot["status"])}
+            snapshot["priority"] = event.get("priority", snapshot["priority"])
+            kind = event.get("event")
+            if kind not in _TASK_EVENTS:
+                kind = "task_complete" if snapshot["status"] in FINAL_STATES else "task_update"
+            await self._send({"type": kind, "task": snapshot, "timestamp": timezone.now().isoformat()})
 
     async def task_log(self, message: dict) -> None:
         task_id = message.get("task_id")
@@ -217,11 +242,13 @@ class ClientConsumer(AsyncWebsocketConsumer):
         if lines:
             await self._send({"type": "task_log", "task_id": task_id, "lines": lines})
 
-    def _wants(self, task_id: Any, owner_id: Any) -> bool:
+    def _wants(self, event: dict) -> bool:
+        if not isinstance(event.get("task_id"), str):
+            return False
         if self.subscriptions:
-            return task_id in self.subscriptions
+            return event["task_id"] in self.subscriptions
         # Defence in depth: the groups already keep other users' tasks away.
-        return self.actor.is_admin or owner_id == self.actor.user.pk
+        return self.actor.is_admin or event.get("owner_id") == self.actor.user.pk
 
     async def _send(self, payload: dict) -> None:
         await self.send(text_data=json.dumps(payload))

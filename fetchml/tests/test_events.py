@@ -8,6 +8,7 @@ from channels.layers import get_channel_layer
 from django.db import transaction
 
 from fetchml import events
+from tasks.tests.factories import TaskFactory
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -114,3 +115,39 @@ def test_each_group_gets_its_messages_in_order_when_a_batch_spans_groups(listene
     assert [m["number"] for m in listener()] == [0, 1, 2, 3, 4, 5]
     assert async_to_sync(drain_other)() == [1, 3, 5]
     async_to_sync(layer.group_discard)("tests.events.other", other)
+
+
+def task_event(number: int) -> dict:
+    return {"type": "task.event", "event": "task_update", "task_id": str(number), "status": "running"}
+
+
+def test_task_changes_of_one_transaction_reach_a_group_as_one_message_in_order(listener, hops):
+    with transaction.atomic():
+        events.send_on_commit([GROUP], message(0))
+        for number in range(1, 4):
+            events.send_on_commit([GROUP], task_event(number))
+        events.send_on_commit([GROUP], message(4))
+        events.send_on_commit([GROUP], task_event(5))
+
+    received = listener()
+
+    assert [m["type"] for m in received] == ["test.event", "task.events", "test.event", "task.event"]
+    assert [m["task_id"] for m in events.task_events_of(received[1])] == ["1", "2", "3"]
+    assert events.task_events_of(received[3]) == [received[3]]
+
+
+def test_a_transaction_wakes_the_scheduler_once(listener, hops):
+    with transaction.atomic():
+        for reason in ("capacity_freed", "task_completed", "capacity_freed"):
+            events.send_on_commit([GROUP], {"type": "scheduler.wake", "reason": reason})
+
+    assert listener() == [{"type": "scheduler.wake", "reason": "capacity_freed"}]
+
+
+def test_a_task_change_is_not_sent_to_the_tasks_own_group(user):
+    task = TaskFactory(owner=user)
+    with transaction.atomic():
+        events.task_changed(task)
+        [(groups, _)] = transaction.get_connection().fetchml_outbox
+
+    assert groups == [events.user_group(user.pk), events.ADMINS_GROUP, events.STATUS_GROUP]

@@ -9,7 +9,7 @@ GET /v1/scheduler/status/stream
     the counts changed unseen. Never ends on its own.
 GET /v1/scheduler/jobs/{jobId}/stream
     `event: status` (data `{task_id, status, priority, timestamp}`) first and
-    on each state change, `event: priority` (same data plus
+    on each state change (picked from its owner's group), `event: priority` (same data plus
     `priority_from`) on each priority change, and `event: end` (data
     `{task_id, status}`) once the job is final; then the stream closes.
     Owner or admin; anyone else 404.
@@ -59,7 +59,10 @@ class SchedulerStatusStream:
             yield frame
 
     async def on_message(self, message: dict[str, Any]) -> AsyncIterator[bytes]:
-        async for frame in self._frame(str(message.get("event") or message.get("type") or "changed")):
+        changes = events.task_events_of(message)
+        # A batch of task changes is one re-read, named after its last change.
+        cause = (changes[-1] if changes else message).get("event") or message.get("type") or "changed"
+        async for frame in self._frame(str(cause)):
             yield frame
 
     async def on_heartbeat(self) -> AsyncIterator[bytes]:
@@ -104,11 +107,12 @@ class JobStream:
             yield frame
 
     async def on_message(self, message: dict[str, Any]) -> AsyncIterator[bytes]:
-        if message.get("type") != "task.event" or not message.get("status"):
-            return
-        priority = message.get("priority", self._seen[1] if self._seen else self.task.priority)
-        for frame in self._frames(message["status"], priority, message.get("priority_from")):
-            yield frame
+        for event in events.task_events_of(message):
+            if event.get("task_id") != str(self.task.id) or not event.get("status") or self.finished:
+                continue
+            priority = event.get("priority", self._seen[1] if self._seen else self.task.priority)
+            for frame in self._frames(event["status"], priority, event.get("priority_from")):
+                yield frame
 
     async def on_heartbeat(self) -> AsyncIterator[bytes]:
         task = await database_sync_to_async(self._reload)()
@@ -132,4 +136,5 @@ async def job_stream(request: HttpRequest, job_id: uuid.UUID) -> HttpResponseBas
         task = await sync_to_async(task_get_for_actor)(actor=actor, task_id=job_id)
     except ApplicationError as exc:
         return error_response_for(exc)
-    return sse_response(event_stream(JobStream(task=task), groups=[events.task_group(task.id)]))
+    # The owner's group carries the job's state changes (among the owner's other tasks').
+    return sse_response(event_stream(JobStream(task=task), groups=[events.user_group(task.owner_id)]))

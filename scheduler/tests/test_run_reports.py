@@ -8,6 +8,7 @@ from audit.models import AuditEvent, ChainHead
 from fetchml import events
 from scheduler import services
 from scheduler.dispatch import dispatch_round
+from scheduler.models import Worker
 from scheduler.services import StatusOutcome, apply_run_reports
 from scheduler.tests.factories import assignments_of, queued_task, worker
 from tasks.models import Task
@@ -66,14 +67,14 @@ def test_a_batch_publishes_its_changes_once(monkeypatch):
 
 def test_a_failing_report_costs_only_its_own_answer(monkeypatch):
     good, bad = _placed(2)
-    real_log = services.assignment_log
+    real_append = services.append_lines
 
-    def failing_log(**run):
-        if run["task_id"] == bad["task_id"]:
+    def failing_append(**log):
+        if str(log["task_id"]) == bad["task_id"]:
             raise RuntimeError("log store unavailable")
-        return real_log(**run)
+        return real_append(**log)
 
-    monkeypatch.setattr(services, "assignment_log", failing_log)
+    monkeypatch.setattr(services, "append_lines", failing_append)
     reports = [_report(good, "status", status="completed", exit_code=0), _report(bad, "log", lines=[])]
 
     outcomes = apply_run_reports(worker_id=good["worker_id"], reports=reports)
@@ -123,3 +124,70 @@ def test_a_completed_report_reads_the_task_once():
     task = Task.objects.get(id=run["task_id"])
     assert (task.status, task.exit_code) == ("completed", 0)
     assert task.started_at is not None and task.ended_at is not None
+
+
+def _ack_and_complete(runs: list[dict]) -> list[dict]:
+    return [report for run in runs for report in (_report(run, "ack"), _report(run, "status", status="completed"))]
+
+
+def _statements_for(count: int) -> int:
+    runs = _placed(count)
+    with CaptureQueriesContext(connection) as queries:
+        outcomes = apply_run_reports(worker_id=runs[0]["worker_id"], reports=_ack_and_complete(runs))
+    assert outcomes == [True, StatusOutcome(accepted=True)] * count
+    Worker.objects.filter(id=runs[0]["worker_id"]).update(status=Worker.Status.OFFLINE)  # the next round's go elsewhere
+    return len(queries.captured_queries)
+
+
+def test_a_batch_of_completions_costs_the_same_statements_however_many_runs_it_holds():
+    assert _statements_for(2) == _statements_for(8)
+
+
+def test_a_batch_of_completions_gives_the_workers_capacity_back_and_records_both_transitions():
+    runs = _placed(3)
+
+    apply_run_reports(worker_id=runs[0]["worker_id"], reports=_ack_and_complete(runs))
+
+    box = Worker.objects.get(id=runs[0]["worker_id"])
+    assert (box.used_batch_slots, box.used_cpu, box.used_memory_gb) == (0, 0, 0)
+    for run in runs:
+        task = Task.objects.get(id=run["task_id"])
+        assert (task.status, task.exit_code) == ("completed", 0)
+        assert task.started_at is not None and task.ended_at is not None
+        [assignment] = assignments_of(task)
+        assert (assignment.status, assignment.holds_capacity) == ("finished", False)
+        assert assignment.acked_at is not None
+    actions = AuditEvent.objects.filter(resource=f"task:{runs[0]['task_id']}").values_list("action", flat=True)
+    assert list(actions.order_by("sequence_num")) == ["assign", "running", "completed"]
+
+
+def test_a_failure_after_an_ack_in_the_same_batch_sees_the_ack():
+    [run] = _placed(1)
+    reports = [_report(run, "ack"), _report(run, "status", status="failed", exit_code=3, error="boom")]
+
+    outcomes = apply_run_reports(worker_id=run["worker_id"], reports=reports)
+
+    assert outcomes == [True, StatusOutcome(accepted=True)]
+    task = Task.objects.get(id=run["task_id"])
+    assert (task.status, task.failure_reason, task.exit_code) == ("failed", "exit_code", 3)
+    [assignment] = assignments_of(task)
+    assert assignment.acked_at is not None and not assignment.holds_capacity
+    assert Worker.objects.get(id=run["worker_id"]).used_batch_slots == 0
+
+
+def test_reports_after_a_failure_applied_at_once_see_its_changes():
+    first, second = _placed(2)
+    reports = [
+        _report(first, "status", status="failed", exit_code=1),
+        _report(first, "status", status="completed"),
+        _report(second, "status", status="completed"),
+    ]
+
+    outcomes = apply_run_reports(worker_id=first["worker_id"], reports=reports)
+
+    assert outcomes[0] == StatusOutcome(accepted=True)
+    assert outcomes[1] == StatusOutcome(accepted=True)  # a re-sent final report of an ended run
+    assert outcomes[2] == StatusOutcome(accepted=True)
+    assert Task.objects.get(id=first["task_id"]).status == "failed"
+    assert Task.objects.get(id=second["task_id"]).status == "completed"
+    assert Worker.objects.get(id=first["worker_id"]).used_batch_slots == 0

@@ -127,8 +127,11 @@ class TaskLogStream:
             if max(message.get("ids") or [0]) > self._last_id:
                 async for frame in self._catch_up():
                     yield frame
-        elif kind == "task.event" and message.get("status"):
-            status, priority = message["status"], message.get("priority", self.task.priority)
+            return
+        for event in events.task_events_of(message):
+            if event.get("task_id") != str(self.task.id) or not event.get("status") or self.finished:
+                continue
+            status, priority = event["status"], event.get("priority", self.task.priority)
             if (status, priority) != self._status:
                 yield self._status_frame(status, priority)
             if status in FINAL_STATES:
@@ -198,4 +201,6 @@ async def task_logs(request: HttpRequest, task_id: uuid.UUID) -> HttpResponseBas
     except ApplicationError as exc:
         return error_response_for(exc)
     source = TaskLogStream(task=task, tail=query.tail, after_id=query.after_id)
-    return sse_response(event_stream(source, groups=[events.task_group(task.id)]))
+    # The task's group carries its log lines, its owner's group its state changes.
+    groups = [events.task_group(task.id), events.user_group(task.owner_id)]
+    return sse_response(event_stream(source, groups=groups))

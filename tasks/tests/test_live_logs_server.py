@@ -98,7 +98,7 @@ def test_live_server_refuses_a_stream_without_a_key(task):
 
 
 @run_async
-async def test_client_disconnect_through_the_asgi_handler_leaves_the_task_group(task, key, monkeypatch):
+async def test_client_disconnect_through_the_asgi_handler_leaves_the_task_and_owner_groups(task, key, monkeypatch):
     layer = get_channel_layer()
     joined: list[tuple[str, str]] = []
     left: list[tuple[str, str]] = []
@@ -151,5 +151,6 @@ async def test_client_disconnect_through_the_asgi_handler_leaves_the_task_group(
         gone.set()  # the client goes away while the stream waits for news
         await served
 
-    assert joined == [(events.task_group(task.id), joined[0][1])]
+    channel = joined[0][1]
+    assert joined == [(events.task_group(task.id), channel), (events.user_group(task.owner_id), channel)]
     assert left == joined

@@ -10,6 +10,7 @@ import pytest
 from asgiref.sync import sync_to_async
 from channels.layers import get_channel_layer
 from channels.testing import WebsocketCommunicator
+from django.db import transaction
 
 from fetchml.asgi import application
 from fetchml.testing import run_async
@@ -162,6 +163,30 @@ async def test_each_transition_is_reported_with_its_own_status(alice_key, alice_
 
 
 @run_async
+async def test_changes_made_in_one_transaction_arrive_each_with_its_own_status(alice_key, user, alice_task):
+    other = await sync_to_async(task_submit)(owner=user, job_name="second")
+
+    def move_both() -> None:
+        with transaction.atomic():
+            for state in (TaskStatus.PREPARING, TaskStatus.RUNNING):
+                for task in (alice_task, other):
+                    assert task_transition(task_id=task.id, to=state) is not None
+
+    socket = await _open(alice_key)
+    try:
+        await sync_to_async(move_both)()
+        messages = [await _receive(socket) for _ in range(4)]
+    finally:
+        await socket.disconnect()
+    assert [(m["task"]["id"], m["task"]["status"]) for m in messages] == [
+        (str(alice_task.id), "preparing"),
+        (str(other.id), "preparing"),
+        (str(alice_task.id), "running"),
+        (str(other.id), "running"),
+    ]
+
+
+@run_async
 async def test_user_never_receives_events_of_another_users_task(bob_key, alice_task, bob_task):
     socket = await _open(bob_key)
     try:
@@ -262,6 +287,20 @@ async def test_admin_may_subscribe_to_any_task(admin_key, alice_task):
         await socket.disconnect()
     assert reply["type"] == "subscribed"
     assert message["task"]["id"] == str(alice_task.id)
+
+
+@run_async
+async def test_admin_subscribed_to_a_users_task_gets_only_that_task(admin_key, user, alice_task):
+    other = await sync_to_async(task_submit)(owner=user, job_name="second")
+    socket = await _open(admin_key)
+    try:
+        await _ask(socket, {"type": "subscribe", "task_id": str(alice_task.id)})
+        await _move(other, TaskStatus.PREPARING)
+        await _move(alice_task, TaskStatus.CANCELLED)  # the marker
+        first = await _receive(socket)
+    finally:
+        await socket.disconnect()
+    assert (first["type"], first["task"]["id"]) == ("task_complete", str(alice_task.id))
 
 
 @run_async
