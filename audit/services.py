@@ -8,21 +8,20 @@ their transaction and group events produced together in one `record_many`
 """
 
 import contextlib
-import functools
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 from django.contrib.auth.models import AbstractBaseUser
-from django.db import IntegrityError, connection, transaction
+from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from audit.canonical import GENESIS_HASH, event_hash, format_timestamp, normalise_metadata
 from audit.checkpoints import Checkpoint, signature_matches, signing_configured, warnings_for
 from audit.models import AuditEvent, ChainHead, EventType
 from audit.verification import VerificationResult, verify_chain
+from fetchml.bulk import RowEncoder, insert_rows
 
 _EVENT_TYPES = frozenset(EventType.values)
 _FIELDS = AuditEvent._meta.concrete_fields
@@ -89,47 +88,8 @@ def _lock_head() -> ChainHead:
     return ChainHead.objects.select_for_update().get(id=1)
 
 
-# Rows per INSERT statement: 12 parameters each stays under every backend's limit.
-_ROWS_PER_INSERT = 80
-
-
-@functools.cache
-def _insert_sql(rows: int) -> str:
-    quote = connection.ops.quote_name
-    columns = ", ".join(quote(f.column) for f in _FIELDS)
-    values = ", ".join(["(" + ", ".join(["%s"] * len(_FIELDS)) + ")"] * rows)
-    return f"INSERT INTO {quote(AuditEvent._meta.db_table)} ({columns}) VALUES {values}"
-
-
-@functools.cache
-def _insert_recordset_sql() -> str:
-    quote = connection.ops.quote_name
-    columns = ", ".join(quote(f.column) for f in _FIELDS)
-    types = ", ".join(f"{quote(f.column)} {f.db_type(connection)}" for f in _FIELDS)
-    table = quote(AuditEvent._meta.db_table)
-    return f"INSERT INTO {table} ({columns}) SELECT {columns} FROM jsonb_to_recordset(%s::jsonb) AS r({types})"
-
-
-def _insert(events: list[AuditEvent]) -> None:
-    """Insert the events in as few statements as possible, under the lock.
-
-    On PostgreSQL the whole batch travels as one JSON parameter: Django's
-    client-side parameter merging costs more than the insert itself for a
-    multi-row VALUES list. Elsewhere, multi-row VALUES (bulk_create's per-row
-    SQL compilation would dominate).
-    """
-    with connection.cursor() as cursor:
-        if connection.vendor == "postgresql":
-            payload = [{f.column: getattr(event, f.attname) for f in _FIELDS} for event in events]
-            cursor.execute(_insert_recordset_sql(), [json.dumps(payload, cls=_TimestampEncoder, ensure_ascii=False)])
-            return
-        for start in range(0, len(events), _ROWS_PER_INSERT):
-            chunk = events[start : start + _ROWS_PER_INSERT]
-            params = [f.get_db_prep_save(getattr(event, f.attname), connection) for event in chunk for f in _FIELDS]
-            cursor.execute(_insert_sql(len(chunk)), params)
-
-
-class _TimestampEncoder(json.JSONEncoder):
+class _AuditRowEncoder(RowEncoder):
+    # The stored text of a timestamp is the one its hash was computed over.
     def default(self, o: Any) -> Any:
         if isinstance(o, datetime):
             return format_timestamp(o)
@@ -157,7 +117,7 @@ def record_many(entries: list[Entry]) -> list[AuditEvent]:
         row["prev_hash"] = prev_hash
         prev_hash = row["event_hash"] = event_hash(row)
         events.append(AuditEvent(**row))
-    _insert(events)
+    insert_rows(events, encoder=_AuditRowEncoder)
     ChainHead.objects.filter(id=1).update(sequence_num=sequence, event_hash=prev_hash)
     return events
 

@@ -57,7 +57,9 @@ WORKERS = 4
 SLOTS_PER_WORKER = 32
 SERVER_ENV = {
     "DJANGO_SECRET_KEY": "dispatch-bench-only",
-    "DJANGO_DEBUG": "true",
+    # Production settings (DEBUG off: no query log); the bench speaks plain ws:// and HTTP to 127.0.0.1.
+    "DJANGO_DEBUG": "false",
+    "DJANGO_SECURE_SSL_REDIRECT": "false",
     "FETCHML_LOG_LEVEL": "WARNING",
     "FETCHML_SCHEDULER_BATCH_SIZE": "128",
     "FETCHML_RATE_LIMIT_POST": "1000000/m",

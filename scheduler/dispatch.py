@@ -45,6 +45,7 @@ from django.utils import timezone
 
 from audit.services import Entry, record_many
 from fetchml import events
+from fetchml.bulk import insert_rows
 from fetchml.conf import app_settings
 from scheduler.models import NodeAssignment, Reservation, Worker
 from scheduler.policies import FleetNode, Holds, Shape, current_holds, is_starving, node_could_ever_hold
@@ -173,6 +174,26 @@ def capacities(workers: list[Worker], holds: Holds | None = None) -> list[NodeCa
     return nodes
 
 
+# What a round reads of a task (matching, holds, the assignment, the audit, the
+# publication): a claim loads hundreds of rows, and the rest of the row is large.
+DISPATCH_FIELDS = (
+    "id",
+    "owner__username",
+    "status",
+    "priority",
+    "attempt",
+    "worker_id",
+    "kind",
+    "cpu",
+    "memory_gb",
+    "gpu",
+    "gpu_type",
+    "node_count",
+    "reservation_id",
+    "queued_at",
+)
+
+
 def runnable_tasks(now: datetime) -> QuerySet[Task]:
     """Queued tasks past their back-off, in dispatch order (the partial index's order)."""
     return (
@@ -195,6 +216,7 @@ def claim_tasks_query(nodes: list[NodeCapacity], *, limit: int, now: datetime) -
     return (
         runnable_tasks(now)
         .select_related("owner")
+        .only(*DISPATCH_FIELDS)
         .select_for_update(skip_locked=True, of=("self",))
         .filter(
             kind__in=kinds,
@@ -241,7 +263,7 @@ def hold_for_starving_head(nodes: list[NodeCapacity], holds: Holds, now: datetim
     rest of the round backfills other tasks on the remaining nodes only. Aging
     brings every long-waiting task to the head eventually.
     """
-    head = runnable_tasks(now).first()
+    head = runnable_tasks(now).select_related("owner").only(*DISPATCH_FIELDS).first()
     if head is None or not is_starving(head, now) or pick_nodes(nodes, head, holds) is not None:
         return None
     shape = Shape(gpu=head.gpu, gpu_type=head.gpu_type, cpu=head.cpu, memory_gb=head.memory_gb, kind=head.kind)
@@ -347,7 +369,7 @@ def _write(placements: list[Placement], now: datetime) -> int:
             )
         )
     audit.extend(_claim_reservations(placements, now))
-    NodeAssignment.objects.bulk_create(assignments)
+    insert_rows(assignments)
     for worker_id, counters in used.items():
         Worker.objects.filter(id=worker_id).update(**{name: F(name) + value for name, value in counters.items()})
     record_many(audit)

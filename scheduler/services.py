@@ -20,7 +20,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from django.db import DatabaseError, transaction
-from django.db.models import Exists, F, OuterRef, Q, Value
+from django.db.models import Exists, F, OuterRef, Q, QuerySet, Value
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
@@ -33,7 +33,7 @@ from scheduler.models import NodeAssignment, Worker
 from scheduler.protocol import CAPACITY_FIELDS
 from tasks.logs import append_lines
 from tasks.models import Task
-from tasks.services import TaskTransitions, task_transition
+from tasks.services import TasksChanged, TaskTransitions, task_transition
 from tasks.states import ACTIVE_STATES, TaskStatus
 
 logger = logging.getLogger("fetchml.scheduler")
@@ -308,6 +308,7 @@ def assignment_status(
 
 _STATUS_FIELDS = ("status", "exit_code", "failure_reason", "error", "output")
 _FINAL_REPORTS = frozenset({TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED})
+_ENDED_BY_FAILURE = frozenset({TaskStatus.FAILED, TaskStatus.CANCELLED})
 _PROGRESS_REPORTS = frozenset({TaskStatus.PREPARING, TaskStatus.RUNNING, TaskStatus.COLLECTING})
 
 RunReportOutcome = bool | StatusOutcome | None
@@ -333,24 +334,22 @@ def _apply_status(
 def apply_run_reports(*, worker_id: Any, reports: list[dict[str, Any]]) -> list[RunReportOutcome]:
     """Apply a worker's run reports (`ack`, `status`, `log` messages) in order, in one transaction.
 
-    One commit and one publish for the lot, instead of one per report. The
-    reporting worker, the workers the batch's tasks may free and the tasks are
-    locked first, in the global lock order (workers, then tasks, by id); the
-    batch's assignments are read in one query. Acknowledgements, progress and
-    completions of single-node runs are then applied in memory and written
-    set-based at the end (`_Batched`); a failure, a cancellation or a
-    multi-node run is applied at once, after writing what came before it.
-    The audit events are appended together at the end, holding the chain head
-    only for that append. If the batch fails, each report is applied on its
-    own, so a bad report costs only its own answer: None (the agent re-sends
-    what matters).
+    One commit and one publish for the lot, instead of one per report:
+    acknowledgements, progress and completions of single-node runs are
+    applied in memory and written set-based at the end (`_Batched`); a
+    failure, a cancellation or a multi-node run is applied at once, after
+    writing what came before it (`_ReportBatch` says when rows are locked).
+    A batch whose runs changed between its read and its write is applied
+    again holding its locks from the start. The audit events are appended
+    together at the end, holding the chain head only for that append. If the
+    batch fails, each report is applied on its own, so a bad report costs
+    only its own answer: None (the agent re-sends what matters).
     """
     try:
-        with transaction.atomic(), appended_together():
-            outcomes = _ReportBatch(worker_id, reports).apply()
-            if transaction.get_rollback():  # an error swallowed below left the transaction doomed
-                raise DatabaseError("the batch was marked for rollback")
-            return outcomes
+        try:
+            return _apply_batch(worker_id, reports, lock_first=False)
+        except (_RunsChanged, TasksChanged):
+            return _apply_batch(worker_id, reports, lock_first=True)
     except Exception:
         if len(reports) == 1:
             logger.exception("worker %s: a %s report failed", worker_id, reports[0]["type"])
@@ -359,26 +358,63 @@ def apply_run_reports(*, worker_id: Any, reports: list[dict[str, Any]]) -> list[
         return [apply_run_reports(worker_id=worker_id, reports=[report])[0] for report in reports]
 
 
-class _ReportBatch:
-    """One worker's reports inside `apply_run_reports`' transaction."""
+def _apply_batch(worker_id: Any, reports: list[dict[str, Any]], *, lock_first: bool) -> list[RunReportOutcome]:
+    with transaction.atomic(), appended_together():
+        outcomes = _ReportBatch(worker_id, reports, lock_first=lock_first).apply()
+        if transaction.get_rollback():  # an error swallowed below left the transaction doomed
+            raise DatabaseError("the batch was marked for rollback")
+        return outcomes
 
-    def __init__(self, worker_id: Any, reports: list[dict[str, Any]]) -> None:
+
+class _RunsChanged(Exception):
+    """An assignment read by a batch of reports changed before the batch wrote it."""
+
+
+class _ReportBatch:
+    """One worker's reports inside `apply_run_reports`' transaction.
+
+    Most batches (acknowledgements, progress and completions of single-node
+    runs) are read without locks, so that a dispatch round can claim the
+    worker meanwhile, and written at the end in the global lock order: the
+    reporting worker's row, the tasks, the assignments, the worker's
+    counters, the audit head. Every write is conditional on the state that
+    was read (the task's state, the assignment still live and in its state
+    before); a run changed meanwhile (a lease expiry, a timeout) raises, and
+    the batch is applied again with `lock_first`. A batch with a failure, a
+    cancellation or a multi-node run, or one applied again, locks its workers
+    and tasks first, and applies those reports at once.
+    """
+
+    def __init__(self, worker_id: Any, reports: list[dict[str, Any]], *, lock_first: bool) -> None:
         self.worker_id = worker_id
         self.reports = reports
-        self.writes = _Batched()
+        self.lock_first = lock_first or any(report.get("status") in _ENDED_BY_FAILURE for report in reports)
+        self.writes = _Batched(worker_id)
         # Tasks changed by a report applied at once: their rows in memory are stale,
         # so their later reports are applied at once too.
         self.at_once: set[str] = set()
 
     def apply(self) -> list[RunReportOutcome]:
+        mentioned = {report["task_id"] for report in self.reports}
+        if not self.lock_first:
+            self._read(NodeAssignment.objects.filter(worker_id=self.worker_id, task_id__in=mentioned))
+            if all(task.node_count == 1 for task in self.tasks.values()):
+                return self._apply_all()
         task_ids = sorted({report["task_id"] for report in self.reports if report["type"] == "status"})
         lock_runs_workers(task_ids=task_ids, worker_id=self.worker_id)
-        locked = Task.objects.select_for_update(of=("self",)).select_related("owner").filter(id__in=task_ids)
-        self.tasks = {str(task.id): task for task in locked.order_by("id")}
-        # The worker's row is locked: no one else changes its assignments until we commit.
-        mentioned = {report["task_id"] for report in self.reports}
-        runs = NodeAssignment.objects.filter(worker_id=self.worker_id, task_id__in=mentioned)
-        self.runs = {(str(run.task_id), str(run.token)): run for run in runs}
+        list(Task.objects.select_for_update(of=("self",)).filter(id__in=task_ids).order_by("id").values_list("id"))
+        # The workers and tasks are locked: the rows read now stay as they are until we commit.
+        self._read(NodeAssignment.objects.filter(worker_id=self.worker_id, task_id__in=mentioned))
+        return self._apply_all()
+
+    def _read(self, runs: QuerySet[NodeAssignment]) -> None:
+        """The batch's assignments on this worker, with their tasks (one copy of each task)."""
+        self.runs, self.tasks = {}, {}
+        for run in runs.select_related("task__owner"):
+            run.task = self.tasks.setdefault(str(run.task_id), run.task)
+            self.runs[(str(run.task_id), str(run.token))] = run
+
+    def _apply_all(self) -> list[RunReportOutcome]:
         outcomes = [self._apply(report) for report in self.reports]
         self.writes.write()
         return outcomes
@@ -452,19 +488,24 @@ _AT_ONCE = _AtOnce()
 
 
 class _Batched(_RunWrites):
-    """Changes applied to the locked rows in memory, written set-based by `write`.
+    """Changes applied to the rows in memory, written set-based by `write`.
 
-    The assignments' own order (assigned -> acked -> running -> ended) is the
-    order of the UPDATEs, so one statement per kind of change is enough;
-    each checks that every row it expects was still in the state before.
+    The writes go in the global lock order (the reporting worker, tasks,
+    assignments, then the counters of the worker already locked; the audit
+    head comes last, at the end of the transaction), each checking that every
+    row it changes is still in the state it was read in, so the counters are
+    given back only for assignments this batch really ended. An assignment's
+    own order (assigned -> acked -> running -> ended) needs one UPDATE per
+    kind of change at most; one that ends in the batch is written once.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, worker_id: Any) -> None:
+        self.worker_id = worker_id
         self.now = timezone.now()
         self.transitions = TaskTransitions(now=self.now)
-        self._acked: list[uuid.UUID] = []
-        self._running: list[uuid.UUID] = []
-        self._ended: dict[str, list[uuid.UUID]] = {}
+        self._acked: dict[uuid.UUID, NodeAssignment] = {}
+        self._running: dict[uuid.UUID, NodeAssignment] = {}
+        self._ended: dict[str, list[NodeAssignment]] = {}
         self._freed: dict[uuid.UUID, dict[str, int]] = {}
 
     @staticmethod
@@ -475,18 +516,18 @@ class _Batched(_RunWrites):
     def acknowledge(self, assignment: NodeAssignment) -> None:
         if assignment.status == NodeAssignment.Status.ASSIGNED:
             assignment.status, assignment.acked_at = NodeAssignment.Status.ACKED, self.now
-            self._acked.append(assignment.id)
+            self._acked[assignment.id] = assignment
 
     def mark_running(self, assignment: NodeAssignment) -> None:
         if assignment.status != NodeAssignment.Status.RUNNING:
             assignment.status, assignment.acked_at = NodeAssignment.Status.RUNNING, assignment.acked_at or self.now
-            self._running.append(assignment.id)
+            self._running[assignment.id] = assignment
 
     def release(self, assignment: NodeAssignment, *, status: str) -> bool:
         if not assignment.holds_capacity:
             return False
         assignment.holds_capacity, assignment.status, assignment.ended_at = False, status, self.now
-        self._ended.setdefault(status, []).append(assignment.id)
+        self._ended.setdefault(status, []).append(assignment)
         freed = self._freed.setdefault(assignment.worker_id, dict.fromkeys(_FREED, 0))
         for name, amount in _freed_by(assignment).items():
             freed[name] += amount
@@ -496,39 +537,36 @@ class _Batched(_RunWrites):
         return self.transitions.move(task, to, **fields)
 
     def write(self) -> None:
-        assignments = NodeAssignment.objects
-        _updated_all(
-            assignments.filter(id__in=self._acked, status=NodeAssignment.Status.ASSIGNED),
-            self._acked,
-            status=NodeAssignment.Status.ACKED,
-            acked_at=self.now,
-        )
-        _updated_all(
-            assignments.filter(id__in=self._running, holds_capacity=True),
-            self._running,
-            status=NodeAssignment.Status.RUNNING,
-            acked_at=Coalesce(F("acked_at"), Value(self.now)),
-        )
-        for status, ended in self._ended.items():
-            _updated_all(
-                assignments.filter(id__in=ended, holds_capacity=True),
-                ended,
-                holds_capacity=False,
-                status=status,
-                ended_at=self.now,
-            )
-        for worker_id, freed in self._freed.items():
-            Worker.objects.filter(id=worker_id).update(**{name: F(name) - amount for name, amount in freed.items()})
-            _offline_if_drained(worker_id)
+        draining = False
         if self._freed:
-            events.wake_scheduler("capacity_freed")
+            # The lock order: workers first (held already when the batch locked first).
+            locked = Worker.objects.select_for_update(no_key=True).filter(id=self.worker_id)
+            draining = locked.values_list("status", flat=True).first() == Worker.Status.DRAINING
         self.transitions.write()
-        self._acked, self._running, self._ended, self._freed = [], [], {}, {}
+        ended = {run.id for runs in self._ended.values() for run in runs}
+        live = NodeAssignment.objects.filter(holds_capacity=True)
+        # An acknowledgement not written yet is written by the later change of the same run.
+        acked_at = Coalesce(F("acked_at"), Value(self.now))
+        acked = [run for run_id, run in self._acked.items() if run_id not in ended and run_id not in self._running]
+        unacked = live.filter(status=NodeAssignment.Status.ASSIGNED)
+        _updated_all(unacked, acked, status=NodeAssignment.Status.ACKED, acked_at=self.now)
+        running = [run for run_id, run in self._running.items() if run_id not in ended]
+        _updated_all(live, running, status=NodeAssignment.Status.RUNNING, acked_at=acked_at)
+        for status, runs in self._ended.items():
+            _updated_all(live, runs, holds_capacity=False, status=status, ended_at=self.now, acked_at=acked_at)
+        for worker_id, freed in sorted(self._freed.items()):
+            Worker.objects.filter(id=worker_id).update(**{name: F(name) - amount for name, amount in freed.items()})
+        if self._freed:
+            if draining:
+                _offline_if_drained(self.worker_id)
+            events.wake_scheduler("capacity_freed")
+        self._acked, self._running, self._ended, self._freed = {}, {}, {}, {}
 
 
-def _updated_all(rows: Any, expected: list[uuid.UUID], **changes: Any) -> None:
-    if expected and rows.update(**changes) != len(expected):
-        raise RuntimeError("assignments locked for a batch of reports changed under it")
+def _updated_all(rows: QuerySet[NodeAssignment], runs: list[NodeAssignment], **changes: Any) -> None:
+    """UPDATE these assignments, all of them or fail (one changed since it was read)."""
+    if runs and rows.filter(id__in=[run.id for run in runs]).update(**changes) != len(runs):
+        raise _RunsChanged("assignments read for a batch of reports changed before it wrote them")
 
 
 _FREED = ("used_cpu", "used_memory_gb", "used_gpus", "used_batch_slots", "used_service_slots")

@@ -205,11 +205,15 @@ def _announce_transition(
         events.wake_scheduler(f"task_{to}")
 
 
-class TaskTransitions:
-    """Transitions of many tasks that the caller's transaction has locked, written together.
+class TasksChanged(Exception):
+    """A task moved by `TaskTransitions` was no longer in its state before when written."""
 
-    `move` checks the state machine against the locked row, updates it in
-    memory and records the audit event and the publication at once, as
+
+class TaskTransitions:
+    """Transitions of many tasks, written together.
+
+    `move` checks the state machine against the row as the caller read it
+    (locked or not), updates it in memory and records the audit event and the publication at once, as
     `task_transition` does; `write` then stores every moved task with one
     conditional UPDATE per (state before, changes) group. A task moved twice
     (preparing -> running -> completed) is written once, with both
@@ -239,14 +243,15 @@ class TaskTransitions:
         return True
 
     def write(self) -> None:
-        """Store the moves so far. The rows are locked, so each must still be in its state before."""
+        """Store the moves so far; each task must still be in its state before (else `TasksChanged`,
+        and the caller's transaction must roll back)."""
         groups: dict[tuple, list[uuid.UUID]] = {}
         for task_id, changes in self._changes.items():
             groups.setdefault((self._before[task_id], tuple(sorted(changes.items()))), []).append(task_id)
         for (before, changes), task_ids in groups.items():
             written = Task.objects.filter(id__in=task_ids, status=before).update(**dict(changes))
             if written != len(task_ids):
-                raise RuntimeError("tasks locked for a batch of transitions changed under it")
+                raise TasksChanged(f"{len(task_ids) - written} task(s) left {before} before the batch was written")
         self._before.clear()
         self._changes.clear()
 

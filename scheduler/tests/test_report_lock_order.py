@@ -1,4 +1,5 @@
-"""Lock order on PostgreSQL: a worker's report never deadlocks with a dispatch round."""
+"""Lock order on PostgreSQL: a worker's reports never deadlock with a dispatch round, and a batch of
+them read without locks is applied only if nothing changed its runs meanwhile."""
 
 import threading
 import time
@@ -8,8 +9,9 @@ import pytest
 from django.db import connection, connections
 
 from conftest import requires_postgres
+from scheduler import services
 from scheduler.dispatch import dispatch_round
-from scheduler.services import assignment_status
+from scheduler.services import STALE, StatusOutcome, apply_run_reports, assignment_status, end_run
 from scheduler.tests.factories import assignments_of, queued_task, worker
 from tasks.models import Task
 from tasks.states import TaskStatus
@@ -81,3 +83,93 @@ def test_last_node_report_waits_for_a_round_holding_rank_zeros_worker_instead_of
     assert not reporter.is_alive()
     assert failures == []
     assert Task.objects.get(id=gang.id).status == TaskStatus.COMPLETED
+
+
+class _PausedBeforeWriting:
+    """Holds the first report batch between its read and its write until `go` is set."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.read, self.go = threading.Event(), threading.Event()
+        real_write = services._Batched.write
+        paused = self
+
+        def write(batch) -> None:
+            if not paused.read.is_set():
+                paused.read.set()
+                assert paused.go.wait(WAIT_SECONDS)
+            real_write(batch)
+
+        monkeypatch.setattr(services._Batched, "write", write)
+
+    def run(self, report: dict, worker_id) -> tuple[threading.Thread, list]:
+        outcomes: list = []
+
+        def apply() -> None:
+            try:
+                outcomes.extend(apply_run_reports(worker_id=worker_id, reports=[report]))
+            finally:
+                connections.close_all()
+
+        thread = threading.Thread(target=apply)
+        thread.start()
+        assert self.read.wait(WAIT_SECONDS)
+        return thread, outcomes
+
+
+def _completed(assignment) -> dict:
+    return {
+        "type": "status",
+        "task_id": str(assignment.task_id),
+        "token": str(assignment.token),
+        "status": TaskStatus.COMPLETED,
+        "exit_code": 0,
+        "failure_reason": "",
+        "error": "",
+        "output": "",
+    }
+
+
+def test_a_run_taken_away_between_a_batchs_read_and_its_write_is_answered_stale(monkeypatch):
+    box = worker(batch_slots=1)
+    task = queued_task(max_retries=3)
+    assert dispatch_round() == 1
+    [assignment] = assignments_of(task)
+    paused = _PausedBeforeWriting(monkeypatch)
+
+    thread, outcomes = paused.run(_completed(assignment), box.id)
+    try:
+        # Meanwhile the server takes the run away (as a lease expiry would) and commits.
+        assert end_run(assignment_id=assignment.id, reason=Task.FailureReason.WORKER_LOST, error="lease")
+    finally:
+        paused.go.set()
+        thread.join(WAIT_SECONDS)
+
+    assert not thread.is_alive()
+    assert outcomes == [STALE]
+    task.refresh_from_db()
+    assert (task.status, task.retry_count) == (TaskStatus.QUEUED, 1)
+    box.refresh_from_db()
+    assert box.used_batch_slots == 0  # freed once, by the server
+
+
+def test_a_round_claims_the_worker_while_a_batch_of_its_reports_is_being_read(monkeypatch):
+    box = worker(batch_slots=2)
+    first = queued_task()
+    assert dispatch_round() == 1
+    [assignment] = assignments_of(first)
+    paused = _PausedBeforeWriting(monkeypatch)
+
+    thread, outcomes = paused.run(_completed(assignment), box.id)
+    try:
+        second = queued_task()
+        assert dispatch_round() == 1  # the worker is not locked by the batch
+    finally:
+        paused.go.set()
+        thread.join(WAIT_SECONDS)
+
+    assert not thread.is_alive()
+    assert outcomes == [StatusOutcome(accepted=True)]
+    assert Task.objects.get(id=first.id).status == TaskStatus.COMPLETED
+    assert Task.objects.get(id=second.id).status == TaskStatus.PREPARING
+    box.refresh_from_db()
+    assert box.used_batch_slots == 1
