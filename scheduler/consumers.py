@@ -13,6 +13,7 @@ from collections import deque
 from typing import Any
 from urllib.parse import parse_qs
 
+from channels.consumer import get_handler_name
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.utils.dateparse import parse_datetime
@@ -54,6 +55,16 @@ class WorkerConsumer(AsyncWebsocketConsumer):
         super().__init__(*args, **kwargs)
         self._inbox: deque[dict[str, Any]] = deque()
         self._handling: asyncio.Task | None = None
+
+    async def dispatch(self, message: dict[str, Any]) -> None:
+        # Channels closes stale database connections before every message, a hop to
+        # the one thread-sensitive thread each time (every frame of every worker).
+        # This consumer touches the database only through `database_sync_to_async`
+        # and `in_pool`, which do that housekeeping in the thread that runs the query.
+        handler = getattr(self, get_handler_name(message), None)
+        if handler is None:
+            raise ValueError(f"No handler for message type {message['type']}")
+        await handler(message)
 
     # --- connection ------------------------------------------------------------
 

@@ -366,6 +366,14 @@ def _apply_batch(worker_id: Any, reports: list[dict[str, Any]], *, lock_first: b
         return outcomes
 
 
+# What a batch reads of an assignment's task: the rest of the row (its arguments,
+# environment, plugin configurations) is large, and reports do not need it.
+_REPORT_FIELDS = (
+    *(field.name for field in NodeAssignment._meta.concrete_fields),
+    *(f"task__{name}" for name in ("status", "attempt", "node_count", "priority", "owner", "owner__username")),
+)
+
+
 class _RunsChanged(Exception):
     """An assignment read by a batch of reports changed before the batch wrote it."""
 
@@ -410,7 +418,7 @@ class _ReportBatch:
     def _read(self, runs: QuerySet[NodeAssignment]) -> None:
         """The batch's assignments on this worker, with their tasks (one copy of each task)."""
         self.runs, self.tasks = {}, {}
-        for run in runs.select_related("task__owner"):
+        for run in runs.select_related("task__owner").only(*_REPORT_FIELDS):
             run.task = self.tasks.setdefault(str(run.task_id), run.task)
             self.runs[(str(run.task_id), str(run.token))] = run
 

@@ -3,6 +3,7 @@
 import json
 import uuid
 
+import channels.consumer
 import pytest
 from channels.db import database_sync_to_async
 
@@ -79,6 +80,31 @@ def test_hello_is_answered_with_welcome_and_registers_the_worker(worker_key):
     assert welcome["reconcile"] == {"keep": [], "kill": []}
     assert welcome["heartbeat_seconds"] > 0 and welcome["lease_seconds"] > welcome["heartbeat_seconds"]
     assert (box.status, box.cpu_cores, box.gpu_type, box.hostname) == ("active", 32, "A100", "10.0.0.7")
+
+
+def test_frames_are_handled_without_a_hop_to_the_shared_sync_thread(worker_key, monkeypatch):
+    hops = []
+
+    async def counted() -> None:
+        hops.append(1)
+
+    monkeypatch.setattr(channels.consumer, "aclose_old_connections", counted)
+
+    async def scenario():
+        communicator, _ = await start_worker(worker_key, name="gpu-box-1")
+        task, assign = await _assigned(communicator)
+        await send(communicator, {"type": "ack", "task_id": assign["task_id"], "token": assign["token"]})
+        final = {"type": "status", "task_id": assign["task_id"], "token": assign["token"], "status": "completed"}
+        await send(communicator, final | {"exit_code": 0})
+        answer = await receive(communicator)
+        await communicator.disconnect()
+        return task, answer
+
+    task, answer = run(scenario())
+
+    assert answer["type"] == "status_ack" and answer["accepted"]
+    assert Task.objects.get(id=task.id).status == "completed"
+    assert hops == []
 
 
 def test_reconnect_with_the_same_name_is_the_same_worker(worker_key):
