@@ -120,15 +120,17 @@ async def _send_in_order(layer: Any, group: str, messages: list[dict], slots: as
 def coalesced(messages: list[dict]) -> list[dict]:
     """One group's messages of a transaction, fewer: consecutive task changes travel as one
     `task.events` message (a dispatch round or a batch of reports changes hundreds of
-    tasks), and the scheduler is woken once."""
+    tasks), and the scheduler is woken once (for new work, if any wake-up was for it)."""
     out: list[dict] = []
-    woken = False
+    wake_at = None  # where the one wake-up goes: the first, carrying new work's reason if any has one
     for message in messages:
         kind = message.get("type")
         if kind == "scheduler.wake":
-            if not woken:
+            if wake_at is None:
+                wake_at = len(out)
                 out.append(message)
-            woken = True
+            elif out[wake_at].get("reason") in CAPACITY_WAKE_REASONS:
+                out[wake_at] = message
         elif kind == "task.event" and out and out[-1]["type"] in ("task.event", "task.events"):
             if out[-1]["type"] == "task.event":
                 out[-1] = {"type": "task.events", "events": [out[-1]]}
@@ -169,6 +171,10 @@ def task_changed(task, *, event: str = "task_update", extra: dict | None = None)
 def assign_notice(worker_id: Any, assignment_ids: list[str]) -> tuple[list[str], dict]:
     """(groups, message) telling a worker's connection about its new assignments, by id."""
     return [worker_group(worker_id)], {"type": "worker.assign", "assignment_ids": assignment_ids}
+
+
+# Wake-ups that only free capacity: they matter to a scheduler with work left waiting.
+CAPACITY_WAKE_REASONS = frozenset({"capacity_freed", "task_completed", "task_failed", "task_cancelled"})
 
 
 def wake_scheduler(reason: str) -> None:

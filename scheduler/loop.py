@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from functools import partial
@@ -52,6 +53,8 @@ class SchedulerLoop:
         self.wake: _WakeListener | None = None  # while running
         self._pass_ended_at = float("-inf")  # monotonic time the last pass ended
         self._last_placed = 0  # tasks the last pass placed
+        # Whether the last pass left runnable tasks behind: only then is freed capacity news.
+        self.backlog = True
 
     # --- one pass (sync) ---------------------------------------------------------
 
@@ -73,6 +76,7 @@ class SchedulerLoop:
             self._resend_unacked()
             self._housekeeping()
         placed = self._last_placed = dispatch_round()
+        self.backlog = selectors.has_runnable_tasks()
         self.passes += 1
         return placed > 0 or worked
 
@@ -106,6 +110,10 @@ class SchedulerLoop:
         events.send_batch_now([events.assign_notice(worker_id, ids) for worker_id, ids in due.items()])
         return sum(len(ids) for ids in due.values())
 
+    def _wanted(self, message: dict[str, Any]) -> bool:
+        """A wake-up for freed capacity is news only while tasks wait (a pass decides it again)."""
+        return self.backlog or message.get("reason") not in events.CAPACITY_WAKE_REASONS
+
     def _close_connection(self) -> None:
         connections.close_all()
 
@@ -131,7 +139,7 @@ class SchedulerLoop:
     async def run(self, stop: asyncio.Event) -> None:
         """Run passes until `stop` is set: at once when woken, else every SCHEDULER_INTERVAL seconds."""
         logger.info("scheduler loop started")
-        wake = self.wake = _WakeListener()
+        wake = self.wake = _WakeListener(wanted=self._wanted)
         backoff = ERROR_BACKOFF_MIN
         try:
             while not stop.is_set():
@@ -166,15 +174,18 @@ class _WakeListener:
     """Membership of `scheduler.wake` on the channel layer, surviving layer outages.
 
     A background task receives the wake messages and sets one flag: any number
-    of them arriving during a pass cost one more pass, not one each.
+    of them arriving during a pass cost one more pass, not one each; a message
+    `wanted` declines (freed capacity with nothing waiting) sets nothing.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, wanted: Callable[[dict[str, Any]], bool] = lambda message: True) -> None:
+        self.wanted = wanted
         self.layer = get_channel_layer()
         self.channel: str | None = None
         self.joined_at = 0.0
         self.woken = asyncio.Event()
         self.received = 0  # wake messages so far, for operators and tests
+        self.declined = 0  # of which `wanted` declined
         self.listening: asyncio.Task | None = None
 
     async def wait(self, stop: asyncio.Event, timeout: float) -> None:
@@ -213,7 +224,10 @@ class _WakeListener:
                         message = received.result()
                         logger.debug("woken: %s", message.get("reason", message.get("type")))
                         self.received += 1
-                        self.woken.set()
+                        if self.wanted(message):
+                            self.woken.set()
+                        else:
+                            self.declined += 1
                         backoff = ERROR_BACKOFF_MIN
                 except Exception:
                     # Redis down or the like: the interval poll carries on until it is back.

@@ -31,6 +31,11 @@ from tasks.states import ACTIVE_STATES, TaskStatus
 MASTER_PORT = 29500  # torch.distributed's default rendezvous port on the rank-0 node
 
 
+def has_runnable_tasks() -> bool:
+    """Whether any task is waiting to be dispatched now (an index-only probe of the queue)."""
+    return runnable_tasks(timezone.now()).exists()
+
+
 def assign_messages(*, assignment_ids: list[Any], worker_id: Any) -> list[dict[str, Any]]:
     """The `assign` messages of those assignments still live and unacknowledged on this worker.
 

@@ -144,6 +144,14 @@ def test_a_transaction_wakes_the_scheduler_once(listener, hops):
     assert listener() == [{"type": "scheduler.wake", "reason": "capacity_freed"}]
 
 
+def test_a_transactions_one_wake_up_says_new_work_if_any_of_its_wake_ups_did(listener, hops):
+    with transaction.atomic():
+        for reason in ("capacity_freed", "task_queued", "task_failed"):
+            events.send_on_commit([GROUP], {"type": "scheduler.wake", "reason": reason})
+
+    assert listener() == [{"type": "scheduler.wake", "reason": "task_queued"}]
+
+
 def test_a_task_change_is_not_sent_to_the_tasks_own_group(user):
     task = TaskFactory(owner=user)
     with transaction.atomic():

@@ -237,6 +237,42 @@ def test_wake_messages_arriving_during_a_pass_cost_one_more_pass_not_one_each(ch
     assert asyncio.run(scenario()) is False
 
 
+async def _freed_capacity(channel_layer) -> None:
+    await channel_layer.group_send(events.WAKE_GROUP, {"type": "scheduler.wake", "reason": "capacity_freed"})
+
+
+@override_settings(FETCHML_SCHEDULER_INTERVAL=60.0)
+def test_freed_capacity_wakes_no_pass_while_nothing_waits(channel_layer):
+    async def scenario():
+        loop, stop, running = await _running_loop()
+        await _until(lambda: loop.wake.channel is not None)
+        received = loop.wake.received
+        await _freed_capacity(channel_layer)
+        await _until(lambda: loop.wake.received == received + 1)
+        declined, woken = loop.wake.declined, loop.wake.woken.is_set()
+        stop.set()
+        await asyncio.wait_for(running, timeout=WAIT)
+        return declined, woken
+
+    assert asyncio.run(scenario()) == (1, False)
+
+
+@override_settings(FETCHML_SCHEDULER_INTERVAL=60.0)
+def test_freed_capacity_wakes_a_pass_for_a_task_left_waiting(channel_layer):
+    async def scenario():
+        task = await sync_to_async(queued_task)(cpu=4)
+        loop, stop, running = await _running_loop()  # no worker yet: the task is left waiting
+        await sync_to_async(worker)(cpu_cores=8)
+        await _freed_capacity(channel_layer)
+        await _until(lambda: _status(task) == "preparing", timeout=5)
+        declined = loop.wake.declined
+        stop.set()
+        await asyncio.wait_for(running, timeout=WAIT)
+        return declined
+
+    assert asyncio.run(scenario()) == 0
+
+
 def _kill_redis_clients() -> int:
     """Cut every connection to the test's Redis database but this one, as a Redis restart would."""
     import redis
