@@ -1,7 +1,7 @@
 """Benchmark of dispatch through the real system: throughput, enqueue-to-assignment latency, round cost.
 
     DATABASE_URL=postgres://... REDIS_URL=redis://... python bench/dispatch.py [--quick] [--mixed]
-        [--compare procrastinate]
+        [--compare procrastinate] [--slots N]
 
 Runs a live daphne server and a `manage.py scheduler` process against a scratch
 PostgreSQL database (`<name>_dispatchbench_<pid>`, created next to the one in
@@ -10,7 +10,8 @@ workers are WebSocket clients in this process speaking the worker protocol;
 they ack and complete each assignment at once instead of running a process,
 so the figures are the scheduler's, the channel layer's and the protocol's.
 
-- throughput: N tasks inserted queued at once, time until all are completed;
+- throughput: N tasks inserted queued at once, time until all are completed
+  (4 bench workers with 32 batch slots each, `--slots` to change it);
 - latency: tasks submitted with `task_submit` at 50 and 200 per second to idle
   workers, time from the submitting commit to the `assign` frame at a worker;
 - round cost: one `dispatch_round` (placing a full batch) at queue depths of
@@ -118,10 +119,17 @@ class BenchWorker:
     """
 
     def __init__(
-        self, url: str, key: str, name: str, arrivals: dict[str, list[float]], gpus: int = 0, gpu_type: str = ""
+        self,
+        url: str,
+        key: str,
+        name: str,
+        arrivals: dict[str, list[float]],
+        gpus: int = 0,
+        gpu_type: str = "",
+        slots: int = SLOTS_PER_WORKER,
     ) -> None:
         self.url, self.key, self.name, self.arrivals = url, key, name, arrivals
-        self.gpus, self.gpu_type = gpus, gpu_type
+        self.gpus, self.gpu_type, self.slots = gpus, gpu_type, slots
         self.ready = asyncio.Event()
         self.completed = 0
         self.tokens: set[str] = set()
@@ -135,7 +143,7 @@ class BenchWorker:
 
         async with connect(self.url, additional_headers={"X-API-Key": self.key}, max_queue=None) as ws:
             capabilities = {"cpu_cores": 64, "memory_gb": 256, "gpu_count": self.gpus, "gpu_type": self.gpu_type}
-            capabilities |= {"batch_slots": SLOTS_PER_WORKER, "service_slots": 0}
+            capabilities |= {"batch_slots": self.slots, "service_slots": 0}
             hello = protocol.hello(name=self.name, hostname="127.0.0.1", capabilities=capabilities, running=[])
             await ws.send(protocol.encode(hello))
             welcome = protocol.decode(await ws.recv())
@@ -481,7 +489,7 @@ async def run_system(args: argparse.Namespace, env: dict[str, str]) -> dict[str,
     with System(env) as system:
         arrivals: dict[str, list[float]] = {}
         url = f"ws://127.0.0.1:{system.port}/ws/worker"
-        workers = [BenchWorker(url, key, f"bench-{i}", arrivals) for i in range(WORKERS)]
+        workers = [BenchWorker(url, key, f"bench-{i}", arrivals, slots=args.slots) for i in range(WORKERS)]
         async with Fleet(workers):
             results["throughput"] = await measure_throughput(owner, args.tasks)
             print(f"throughput: {results['throughput']:,.1f} tasks/s ({args.tasks:,} tasks queued -> completed)")
@@ -626,6 +634,13 @@ def main() -> int:
         metavar="N",
         help="jobs each procrastinate worker process runs at once (default: 8; procrastinate's own default is 1)",
     )
+    parser.add_argument(
+        "--slots",
+        type=int,
+        default=SLOTS_PER_WORKER,
+        metavar="N",
+        help=f"batch slots of each of the {WORKERS} bench workers, i.e. tasks in flight (default: {SLOTS_PER_WORKER})",
+    )
     args = parser.parse_args()
     args.tasks = 2_000 if args.quick else 10_000
     args.latency_tasks = 200 if args.quick else 1_000
@@ -651,9 +666,7 @@ def main() -> int:
         from django.core.management import call_command
 
         call_command("migrate", verbosity=0)
-        print(
-            f"machine: {os.cpu_count()} cores; PostgreSQL + Redis; {WORKERS} bench workers x {SLOTS_PER_WORKER} slots"
-        )
+        print(f"machine: {os.cpu_count()} cores; PostgreSQL + Redis; {WORKERS} bench workers x {args.slots} slots")
         results = asyncio.run(run_system(args, env))
         if args.compare == "procrastinate":
             theirs = asyncio.run(run_procrastinate(args, url))
