@@ -13,15 +13,14 @@ from collections import deque
 from typing import Any
 from urllib.parse import parse_qs
 
-from channels.consumer import get_handler_name
 from channels.db import database_sync_to_async
-from channels.generic.websocket import AsyncWebsocketConsumer
 from django.utils.dateparse import parse_datetime
 from rest_framework.exceptions import AuthenticationFailed, Throttled
 
 from fetchml import events
 from fetchml.auth import authenticate_raw_key
 from fetchml.conf import app_settings
+from fetchml.consumers import SocketConsumer
 from fetchml.dbpool import in_pool
 from fetchml.errors import ApplicationError
 from fetchml.models import ApiKey
@@ -43,7 +42,7 @@ DISCONNECT_DRAIN_SECONDS = 30.0
 _KEY_PARAMS = {"api_key", "apikey", "key", "x-api-key", "token"}
 
 
-class WorkerConsumer(AsyncWebsocketConsumer):
+class WorkerConsumer(SocketConsumer):
     """Messages after `hello` are handled in arrival order by one background task, so
     the socket keeps being read meanwhile; consecutive run reports (`ack`, `status`,
     `log`) that piled up are applied together in one transaction."""
@@ -55,16 +54,6 @@ class WorkerConsumer(AsyncWebsocketConsumer):
         super().__init__(*args, **kwargs)
         self._inbox: deque[dict[str, Any]] = deque()
         self._handling: asyncio.Task | None = None
-
-    async def dispatch(self, message: dict[str, Any]) -> None:
-        # Channels closes stale database connections before every message, a hop to
-        # the one thread-sensitive thread each time (every frame of every worker).
-        # This consumer touches the database only through `database_sync_to_async`
-        # and `in_pool`, which do that housekeeping in the thread that runs the query.
-        handler = getattr(self, get_handler_name(message), None)
-        if handler is None:
-            raise ValueError(f"No handler for message type {message['type']}")
-        await handler(message)
 
     # --- connection ------------------------------------------------------------
 

@@ -19,12 +19,12 @@ from urllib.parse import parse_qsl
 
 from channels.consumer import get_handler_name
 from channels.db import database_sync_to_async
-from channels.generic.websocket import AsyncWebsocketConsumer
 from django.utils import timezone
 from rest_framework import exceptions as drf_exceptions
 
 from fetchml import events
 from fetchml.auth import Actor, authenticate_raw_key
+from fetchml.consumers import SocketConsumer
 from fetchml.errors import NotFound
 from tasks.logs import serialize_line
 from tasks.models import Task, TaskLogLine
@@ -93,7 +93,7 @@ def _lines(task_id: str, ids: list[int]) -> list[dict[str, Any]]:
     return [serialize_line(line) for line in rows]
 
 
-class ClientConsumer(AsyncWebsocketConsumer):
+class ClientConsumer(SocketConsumer):
     actor: Actor
     home_group: str
     subscriptions: dict[str, Any]  # task id -> its owner's pk

@@ -192,3 +192,29 @@ def test_reports_after_a_failure_applied_at_once_see_its_changes():
     assert Task.objects.get(id=first["task_id"]).status == "failed"
     assert Task.objects.get(id=second["task_id"]).status == "completed"
     assert Worker.objects.get(id=first["worker_id"]).used_batch_slots == 0
+
+
+def test_a_batch_whose_runs_changed_before_it_wrote_is_applied_again_holding_its_locks(monkeypatch):
+    [run] = _placed(1)
+    modes = []
+    real_init = services._ReportBatch.__init__
+    real_write = services._Batched.write
+
+    def recording_init(batch, *args, **kwargs):
+        real_init(batch, *args, **kwargs)
+        modes.append(batch.lock_first)
+
+    def conflicting_write(batch):
+        if len(modes) == 1:  # the first attempt, read without locks, finds its run changed
+            raise services._RunsChanged("changed meanwhile")
+        real_write(batch)
+
+    monkeypatch.setattr(services._ReportBatch, "__init__", recording_init)
+    monkeypatch.setattr(services._Batched, "write", conflicting_write)
+
+    outcomes = apply_run_reports(worker_id=run["worker_id"], reports=_ack_and_complete([run]))
+
+    assert modes == [False, True]
+    assert outcomes == [True, StatusOutcome(accepted=True)]
+    assert Task.objects.get(id=run["task_id"]).status == "completed"
+    assert AuditEvent.objects.filter(resource=f"task:{run['task_id']}", action="completed").count() == 1

@@ -6,6 +6,7 @@ afterwards and checks that this marker is the first message to arrive (one
 channel's messages arrive in order), instead of waiting for silence.
 """
 
+import channels.consumer
 import pytest
 from asgiref.sync import sync_to_async
 from channels.layers import get_channel_layer
@@ -115,6 +116,25 @@ async def test_ping_is_answered_with_pong(alice_key):
 
 
 # --- task events --------------------------------------------------------
+
+
+@run_async
+async def test_messages_are_handled_without_a_hop_to_the_shared_sync_thread(alice_key, alice_task, monkeypatch):
+    hops = []
+
+    async def counted() -> None:
+        hops.append(1)
+
+    monkeypatch.setattr(channels.consumer, "aclose_old_connections", counted)
+    socket = await _open(alice_key)
+    try:
+        pong = await _ask(socket, {"type": "ping"})
+        await _move(alice_task, TaskStatus.PREPARING)
+        update = await _receive(socket)
+    finally:
+        await socket.disconnect()
+    assert (pong["type"], update["type"]) == ("pong", "task_update")
+    assert hops == []
 
 
 @run_async
