@@ -317,7 +317,7 @@ RunReportOutcome = bool | StatusOutcome | None
 def _apply_status(
     task: Task, assignment: NodeAssignment, report: dict[str, Any], writes: "_RunWrites"
 ) -> StatusOutcome:
-    """The rules of a state report, on the locked task and its assignment (the one owner of them)."""
+    """The rules of a state report, on the task and its assignment as the caller read them (the one owner of them)."""
     status = report["status"]
     if not assignment.holds_capacity:
         # A re-sent final report we already applied is acknowledged again.
