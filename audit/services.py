@@ -8,13 +8,14 @@ their transaction and group events produced together in one `record_many`
 """
 
 import contextlib
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 from django.contrib.auth.models import AbstractBaseUser
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
 from audit.canonical import GENESIS_HASH, event_hash, format_timestamp, normalise_metadata
@@ -22,6 +23,7 @@ from audit.checkpoints import Checkpoint, signature_matches, signing_configured,
 from audit.models import AuditEvent, ChainHead, EventType
 from audit.verification import VerificationResult, verify_chain
 from fetchml.bulk import RowEncoder, insert_rows
+from fetchml.compiled import compiled_once
 
 _EVENT_TYPES = frozenset(EventType.values)
 _FIELDS = AuditEvent._meta.concrete_fields
@@ -68,6 +70,9 @@ def _row(entry: Entry) -> dict[str, Any]:
     }
 
 
+_locked_head = compiled_once(lambda: ChainHead.objects.select_for_update().filter(id=1))
+
+
 def _lock_head() -> ChainHead:
     """The chain head, locked until the caller's transaction ends.
 
@@ -75,7 +80,7 @@ def _lock_head() -> ChainHead:
     the last stored event, never blindly from genesis, so the next append
     always links to what the table holds.
     """
-    head = ChainHead.objects.select_for_update().filter(id=1).first()
+    head = next(iter(_locked_head()), None)
     if head is not None:
         return head
     last = AuditEvent.objects.order_by("-sequence_num").values_list("sequence_num", "event_hash").first()
@@ -86,6 +91,17 @@ def _lock_head() -> ChainHead:
     except IntegrityError:
         pass  # another writer created it first; lock theirs
     return ChainHead.objects.select_for_update().get(id=1)
+
+
+@functools.cache
+def _head_update_sql() -> str:
+    quote = connection.ops.quote_name
+    meta = ChainHead._meta
+    columns = {name: quote(meta.get_field(name).column) for name in ("id", "sequence_num", "event_hash")}
+    return (
+        f"UPDATE {quote(meta.db_table)} SET {columns['sequence_num']} = %s, {columns['event_hash']} = %s "
+        f"WHERE {columns['id']} = 1"
+    )
 
 
 class _AuditRowEncoder(RowEncoder):
@@ -117,8 +133,8 @@ def record_many(entries: list[Entry]) -> list[AuditEvent]:
         row["prev_hash"] = prev_hash
         prev_hash = row["event_hash"] = event_hash(row)
         events.append(AuditEvent(**row))
-    insert_rows(events, encoder=_AuditRowEncoder)
-    ChainHead.objects.filter(id=1).update(sequence_num=sequence, event_hash=prev_hash)
+    # The events and the new head in one statement where the database allows it.
+    insert_rows(events, encoder=_AuditRowEncoder, then=(_head_update_sql(), [sequence, prev_hash]))
     return events
 
 

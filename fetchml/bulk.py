@@ -30,8 +30,17 @@ class RowEncoder(json.JSONEncoder):
         return super().default(o)
 
 
-def insert_rows(objects: list[Model], *, encoder: type[json.JSONEncoder] = RowEncoder) -> None:
-    """INSERT unsaved instances of one model (every concrete field set, primary key included)."""
+def insert_rows(
+    objects: list[Model],
+    *,
+    encoder: type[json.JSONEncoder] = RowEncoder,
+    then: tuple[str, list[Any]] | None = None,
+) -> None:
+    """INSERT unsaved instances of one model (every concrete field set, primary key included).
+
+    `then`: a statement (SQL, parameters) to run right after, in the same
+    round trip on PostgreSQL (the insert becomes a data-modifying WITH).
+    """
     if not objects:
         return
     model = type(objects[0])
@@ -39,13 +48,19 @@ def insert_rows(objects: list[Model], *, encoder: type[json.JSONEncoder] = RowEn
     with connection.cursor() as cursor:
         if connection.vendor == "postgresql":
             payload = [{f.column: getattr(obj, f.attname) for f in fields} for obj in objects]
-            cursor.execute(_recordset_sql(model), [json.dumps(payload, cls=encoder, ensure_ascii=False)])
+            params = [json.dumps(payload, cls=encoder, ensure_ascii=False)]
+            if then is None:
+                cursor.execute(_recordset_sql(model), params)
+            else:
+                cursor.execute(f"WITH inserted AS ({_recordset_sql(model)}) {then[0]}", params + list(then[1]))
             return
         per_chunk = max(1, _MAX_PARAMETERS // len(fields))
         for start in range(0, len(objects), per_chunk):
             chunk = objects[start : start + per_chunk]
             params = [f.get_db_prep_save(getattr(obj, f.attname), connection) for obj in chunk for f in fields]
             cursor.execute(_values_sql(model, len(chunk)), params)
+        if then is not None:
+            cursor.execute(*then)
 
 
 @functools.cache

@@ -46,6 +46,7 @@ from django.utils import timezone
 from audit.services import Entry, record_many
 from fetchml import events
 from fetchml.bulk import insert_rows
+from fetchml.compiled import compiled_once
 from fetchml.conf import app_settings
 from scheduler.models import NodeAssignment, Reservation, Worker
 from scheduler.policies import FleetNode, Holds, Shape, current_holds, is_starving, node_could_ever_hold
@@ -203,10 +204,17 @@ def runnable_tasks(now: datetime) -> QuerySet[Task]:
     )
 
 
-def claim_workers() -> list[Worker]:
+def _claimable_workers() -> QuerySet[Worker]:
     free_slot = Q(used_batch_slots__lt=F("batch_slots")) | Q(used_service_slots__lt=F("service_slots"))
     claimed = Worker.objects.select_for_update(skip_locked=True).filter(free_slot, status=Worker.Status.ACTIVE)
-    return list(claimed.order_by("name"))
+    return claimed.order_by("name")
+
+
+_claim_workers_query = compiled_once(_claimable_workers)
+
+
+def claim_workers() -> list[Worker]:
+    return list(_claim_workers_query())
 
 
 def claim_tasks_query(nodes: list[NodeCapacity], *, limit: int, now: datetime) -> QuerySet[Task]:
