@@ -49,7 +49,15 @@ from fetchml.bulk import insert_rows
 from fetchml.compiled import compiled_once
 from fetchml.conf import app_settings
 from scheduler.models import NodeAssignment, Reservation, Worker
-from scheduler.policies import FleetNode, Holds, Shape, current_holds, is_starving, node_could_ever_hold
+from scheduler.policies import (
+    FleetNode,
+    Holds,
+    Shape,
+    current_holds,
+    is_starving,
+    node_could_ever_hold,
+    starving_since,
+)
 from tasks.models import Task
 from tasks.states import TaskStatus, sources_of
 
@@ -262,6 +270,11 @@ def match(tasks: list[Task], nodes: list[NodeCapacity], holds: Holds | None = No
     return placements
 
 
+def any_task_may_starve(now: datetime) -> bool:
+    """Whether some runnable task has waited past the starvation threshold (one index probe)."""
+    return runnable_tasks(now).filter(queued_at__lte=starving_since(now)).exists()
+
+
 def hold_for_starving_head(nodes: list[NodeCapacity], holds: Holds, now: datetime) -> Task | None:
     """Anti-starvation: hold nodes for the head of the line if it has waited too long and does not fit.
 
@@ -286,8 +299,15 @@ def hold_for_starving_head(nodes: list[NodeCapacity], holds: Holds, now: datetim
     return head
 
 
-def dispatch_round(*, batch_size: int | None = None, now: datetime | None = None) -> int:
-    """One dispatch round; returns how many tasks were placed."""
+def dispatch_round(
+    *, batch_size: int | None = None, now: datetime | None = None, starvation_possible: bool = True
+) -> int:
+    """One dispatch round; returns how many tasks were placed.
+
+    `starvation_possible=False` (the caller knows from `any_task_may_starve`
+    that no runnable task had waited past the threshold a moment ago) skips
+    looking for a starving head of the line.
+    """
     limit = batch_size or app_settings.SCHEDULER_BATCH_SIZE
     now = now or timezone.now()
     with transaction.atomic():
@@ -297,7 +317,7 @@ def dispatch_round(*, batch_size: int | None = None, now: datetime | None = None
         holds = current_holds(now)
         nodes = capacities(workers, holds)
         tasks = list(claim_tasks_query(nodes, limit=limit, now=now))
-        head = hold_for_starving_head(nodes, holds, now)
+        head = hold_for_starving_head(nodes, holds, now) if starvation_possible else None
         if head is not None:
             logger.info("holding capacity for starving task %s", head.id)
         placements = match(tasks, nodes, holds)

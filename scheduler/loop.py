@@ -27,7 +27,7 @@ from fetchml.aio import STOP_READ_SECONDS, cancel_and_wait
 from fetchml.conf import app_settings
 from jupyter.services import scheduler_pass as jupyter_pass
 from scheduler import selectors
-from scheduler.dispatch import dispatch_round
+from scheduler.dispatch import any_task_may_starve, dispatch_round
 from scheduler.reservations import reservations_tick
 from scheduler.services import enforce_timeouts, expire_leases
 from tasks.services import idempotency_prune
@@ -55,6 +55,7 @@ class SchedulerLoop:
         self._last_placed = 0  # tasks the last pass placed
         # Whether the last pass left runnable tasks behind: only then is freed capacity news.
         self.backlog = True
+        self.starvation_possible = True  # as of the last maintenance pass
 
     # --- one pass (sync) ---------------------------------------------------------
 
@@ -75,7 +76,9 @@ class SchedulerLoop:
             worked = jupyter_pass() > 0 or worked  # after the leases: services of lost workers end in `error`
             self._resend_unacked()
             self._housekeeping()
-        placed = self._last_placed = dispatch_round()
+            # Starvation is a matter of minutes: looked for once a maintenance pass, not every pass.
+            self.starvation_possible = any_task_may_starve(timezone.now())
+        placed = self._last_placed = dispatch_round(starvation_possible=self.starvation_possible)
         self.backlog = selectors.has_runnable_tasks()
         self.passes += 1
         return placed > 0 or worked

@@ -183,9 +183,14 @@ def current_holds(now: datetime) -> Holds:
 # --- anti-starvation -------------------------------------------------------------
 
 
+def starving_since(now: datetime) -> datetime:
+    """Tasks queued at or before this moment have waited past the starvation threshold."""
+    return now - timedelta(seconds=app_settings.STARVATION_SECONDS)
+
+
 def is_starving(task: Task, now: datetime) -> bool:
     """The head of the line has waited past the threshold: capacity is held for it."""
-    return now - task.queued_at >= timedelta(seconds=app_settings.STARVATION_SECONDS)
+    return task.queued_at <= starving_since(now)
 
 
 # --- fairness between users ----------------------------------------------------------

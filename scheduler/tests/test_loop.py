@@ -86,6 +86,23 @@ def test_interval_pass_dispatches_without_any_wake_message():
     asyncio.run(scenario())
 
 
+def test_a_maintenance_pass_notices_a_starving_head_and_the_pass_holds_capacity_for_it(settings):
+    settings.FETCHML_STARVATION_SECONDS = 60
+    for name in ("node-0", "node-1"):
+        worker(name=name, batch_slots=1)
+    queued_task(priority=10)
+    loop = SchedulerLoop()
+    loop.starvation_possible = False  # as a maintenance pass with no old task would have left it
+    loop.run_once(maintenance=False)  # one node busy
+    gang = queued_task(node_count=2, queued_at=timezone.now() - timedelta(minutes=10))
+    small = queued_task(queued_at=timezone.now() - timedelta(minutes=5))
+
+    loop.run_once(maintenance=True)
+
+    assert loop.starvation_possible
+    assert (_status(gang), _status(small)) == ("queued", "queued")
+
+
 def _drop_loop_connections() -> int:
     """Cut the loop's database connection from outside, as a server restart or a network cut would."""
     if USING_POSTGRES:

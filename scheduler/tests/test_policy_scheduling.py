@@ -7,7 +7,7 @@ from django.utils import timezone
 
 from fetchml.auth import Actor
 from fetchml.tests.factories import UserFactory
-from scheduler.dispatch import dispatch_round
+from scheduler.dispatch import any_task_may_starve, dispatch_round
 from scheduler.models import NodeAssignment, Worker
 from scheduler.tests.factories import assignments_of, queued_task, worker
 from tasks.models import Task
@@ -95,6 +95,29 @@ def test_starving_multi_node_job_gets_the_free_nodes_held_instead_of_small_jobs(
     assert dispatch_round() == 0
 
     assert _started(gang, small) == [False, False]
+
+
+def test_a_round_told_no_task_may_starve_lets_small_jobs_pass_the_waiting_head(settings):
+    settings.FETCHML_STARVATION_SECONDS = 60
+    for i in range(3):
+        worker(name=f"node-{i}", batch_slots=1)
+    queued_task(priority=10)
+    dispatch_round()
+    gang = queued_task(node_count=3, priority=5, queued_at=timezone.now() - timedelta(minutes=10))
+    small = queued_task(priority=5, queued_at=timezone.now() - timedelta(minutes=5))
+
+    assert dispatch_round(starvation_possible=False) == 1
+
+    assert _started(gang, small) == [False, True]
+
+
+def test_a_task_may_starve_once_a_runnable_one_waited_past_the_threshold(settings):
+    settings.FETCHML_STARVATION_SECONDS = 600
+    queued_task(queued_at=timezone.now() - timedelta(minutes=5))
+    assert not any_task_may_starve(timezone.now())
+
+    queued_task(queued_at=timezone.now() - timedelta(minutes=11))
+    assert any_task_may_starve(timezone.now())
 
 
 def test_small_jobs_still_pass_a_waiting_multi_node_job_before_the_threshold(settings):
