@@ -13,6 +13,7 @@ from datetime import datetime, timedelta
 from django.contrib.auth.models import AbstractBaseUser
 from django.db.models import Q
 
+from fetchml.compiled import compiled_once
 from fetchml.conf import app_settings
 from scheduler.models import Reservation, Worker
 from tasks.models import Task
@@ -157,11 +158,16 @@ class Holds:
     waiting: set[uuid.UUID] = field(default_factory=set)  # booked for a later window
 
 
+# Every dispatch round reads them: one query, compiled once. The ones past their end
+# (until the maintenance pass expires them) are left out below.
+_pending_or_active_reservations = compiled_once(
+    lambda: Reservation.objects.filter(status__in=(Reservation.Status.PENDING, Reservation.Status.ACTIVE))
+)
+
+
 def current_holds(now: datetime) -> Holds:
     """Bind the active reservations to active workers (bounded: the fleet and the live reservations)."""
-    live = Reservation.objects.filter(
-        status__in=(Reservation.Status.PENDING, Reservation.Status.ACTIVE), expires_at__gt=now
-    )
+    live = [reservation for reservation in _pending_or_active_reservations() if reservation.expires_at > now]
     active, waiting = [], set()
     for reservation in live:
         if reservation.status == Reservation.Status.ACTIVE and reservation.starts_at <= now:
