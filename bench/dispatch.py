@@ -1,9 +1,10 @@
 """Benchmark of dispatch through the real system: throughput, enqueue-to-assignment latency, round cost.
 
     DATABASE_URL=postgres://... REDIS_URL=redis://... python bench/dispatch.py [--quick] [--mixed]
-        [--compare procrastinate] [--slots N]
+        [--compare procrastinate] [--slots N] [--servers N]
 
-Runs a live daphne server and a `manage.py scheduler` process against a scratch
+Runs a live daphne server (`--servers N`: N of them, the bench workers spread
+over them) and a `manage.py scheduler` process against a scratch
 PostgreSQL database (`<name>_dispatchbench_<pid>`, created next to the one in
 DATABASE_URL and dropped afterwards) with the Redis channel layer. Benchmark
 workers are WebSocket clients in this process speaking the worker protocol;
@@ -220,33 +221,46 @@ class Fleet:
 
 
 class System:
-    """daphne + one scheduler process on the scratch database; stopped with SIGTERM, then SIGKILL."""
+    """`servers` daphne processes and one scheduler process on the scratch database; stopped with SIGTERM, then
+    SIGKILL. Bench workers are spread over the daphne processes, as a load balancer in front of them would."""
 
-    def __init__(self, env: dict[str, str]) -> None:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = sock.getsockname()[1]
+    def __init__(self, env: dict[str, str], servers: int = 1) -> None:
+        self.ports = [free_port() for _ in range(servers)]
         self.env = env
         self.children: list[subprocess.Popen] = []
 
+    def worker_url(self, index: int) -> str:
+        return f"ws://127.0.0.1:{self.ports[index % len(self.ports)]}/ws/worker"
+
     def __enter__(self) -> System:
         python = sys.executable
-        daphne = [python, "-m", "daphne", "-b", "127.0.0.1", "-p", str(self.port), "fetchml.asgi:application"]
-        for command in (daphne, [python, "manage.py", "scheduler"]):
+        commands = [
+            [python, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "fetchml.asgi:application"]
+            for port in self.ports
+        ]
+        for command in (*commands, [python, "manage.py", "scheduler"]):
             self.children.append(subprocess.Popen(command, cwd=REPO_ROOT, env=self.env))
         deadline = time.monotonic() + 60
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
-                    return self
-            except OSError:
-                if time.monotonic() > deadline or any(child.poll() is not None for child in self.children):
-                    self.__exit__()
-                    raise RuntimeError("the server did not start") from None
-                time.sleep(0.1)
+        for port in self.ports:
+            while True:
+                try:
+                    with socket.create_connection(("127.0.0.1", port), timeout=1):
+                        break
+                except OSError:
+                    if time.monotonic() > deadline or any(child.poll() is not None for child in self.children):
+                        self.__exit__()
+                        raise RuntimeError("the server did not start") from None
+                    time.sleep(0.1)
+        return self
 
     def __exit__(self, *exc_info: object) -> None:
         stop_children(self.children)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def stop_children(children: list[subprocess.Popen]) -> None:
@@ -448,12 +462,14 @@ def book_reservations() -> list[Any]:
     ]
 
 
-async def run_mixed(args: argparse.Namespace, owner: Any, url: str, key: str, results: dict[str, Any]) -> None:
+async def run_mixed(args: argparse.Namespace, owner: Any, system: System, key: str, results: dict[str, Any]) -> None:
     from asgiref.sync import sync_to_async
 
     arrivals: dict[str, list[float]] = {}
     workers = [
-        BenchWorker(url, key, f"mixed-{i}", arrivals, gpus=MIXED_GPUS_PER_WORKER, gpu_type=MIXED_GPU_TYPE)
+        BenchWorker(
+            system.worker_url(i), key, f"mixed-{i}", arrivals, gpus=MIXED_GPUS_PER_WORKER, gpu_type=MIXED_GPU_TYPE
+        )
         for i in range(WORKERS)
     ]
     async with Fleet(workers):
@@ -486,10 +502,11 @@ async def run_system(args: argparse.Namespace, env: dict[str, str]) -> dict[str,
     agent = await sync_to_async(user_get_or_create)(username="bench-workers")
     _, key = await sync_to_async(apikey_create)(user=agent, role="worker", name="bench")
     results: dict[str, Any] = {}
-    with System(env) as system:
+    with System(env, servers=args.servers) as system:
         arrivals: dict[str, list[float]] = {}
-        url = f"ws://127.0.0.1:{system.port}/ws/worker"
-        workers = [BenchWorker(url, key, f"bench-{i}", arrivals, slots=args.slots) for i in range(WORKERS)]
+        workers = [
+            BenchWorker(system.worker_url(i), key, f"bench-{i}", arrivals, slots=args.slots) for i in range(WORKERS)
+        ]
         async with Fleet(workers):
             results["throughput"] = await measure_throughput(owner, args.tasks)
             print(f"throughput: {results['throughput']:,.1f} tasks/s ({args.tasks:,} tasks queued -> completed)")
@@ -504,7 +521,7 @@ async def run_system(args: argparse.Namespace, env: dict[str, str]) -> dict[str,
                 await wait_until_idle()
                 await sync_to_async(drain_workers)([worker.name for worker in workers])
         if args.mixed:
-            await run_mixed(args, owner, url, key, results)
+            await run_mixed(args, owner, system, key, results)
     return results
 
 
@@ -640,6 +657,13 @@ def main() -> int:
         default=SLOTS_PER_WORKER,
         metavar="N",
         help=f"batch slots of each of the {WORKERS} bench workers, i.e. tasks in flight (default: {SLOTS_PER_WORKER})",
+    )
+    parser.add_argument(
+        "--servers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="daphne processes the bench workers connect to, spread evenly (default: 1)",
     )
     args = parser.parse_args()
     args.tasks = 2_000 if args.quick else 10_000
