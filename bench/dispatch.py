@@ -690,7 +690,10 @@ def main() -> int:
         from django.core.management import call_command
 
         call_command("migrate", verbosity=0)
-        print(f"machine: {os.cpu_count()} cores; PostgreSQL + Redis; {WORKERS} bench workers x {args.slots} slots")
+        print(
+            f"machine: {os.cpu_count()} cores; PostgreSQL + Redis; {args.servers} daphne process(es); "
+            f"{WORKERS} bench workers x {args.slots} slots"
+        )
         results = asyncio.run(run_system(args, env))
         if args.compare == "procrastinate":
             theirs = asyncio.run(run_procrastinate(args, url))
