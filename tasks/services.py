@@ -213,9 +213,10 @@ class TaskTransitions:
     """Transitions of many tasks, written together.
 
     `move` checks the state machine against the row as the caller read it
-    (locked or not), updates it in memory and records the audit event and the publication at once, as
-    `task_transition` does; `write` then stores every moved task with one
-    conditional UPDATE per (state before, changes) group. A task moved twice
+    (locked or not), updates it in memory and records the audit event and
+    the publication at once, as `task_transition` does; `write` then stores
+    every moved task with one conditional UPDATE per (state before, changes)
+    group. A task moved twice
     (preparing -> running -> completed) is written once, with both
     transitions audited and published. Used by a worker's batch of run
     reports, where one UPDATE per transition would cost a round trip per task.
