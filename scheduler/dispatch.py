@@ -38,7 +38,9 @@ import uuid
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
+from django.contrib.auth import get_user_model
 from django.db import transaction
 from django.db.models import F, Q, QuerySet
 from django.utils import timezone
@@ -46,7 +48,7 @@ from django.utils import timezone
 from audit.services import Entry, record_many
 from fetchml import events
 from fetchml.bulk import insert_rows
-from fetchml.compiled import compiled_once
+from fetchml.compiled import compiled_once, compiled_per_shape
 from fetchml.conf import app_settings
 from scheduler.models import NodeAssignment, Reservation, Worker
 from scheduler.policies import (
@@ -187,7 +189,7 @@ def capacities(workers: list[Worker], holds: Holds | None = None) -> list[NodeCa
 # publication): a claim loads hundreds of rows, and the rest of the row is large.
 DISPATCH_FIELDS = (
     "id",
-    "owner__username",
+    "owner_id",
     "status",
     "priority",
     "attempt",
@@ -227,22 +229,38 @@ def claim_workers() -> list[Worker]:
 
 def claim_tasks_query(nodes: list[NodeCapacity], *, limit: int, now: datetime) -> QuerySet[Task]:
     """The task claim: runnable, could fit some claimed node, best first, locked."""
-    kinds = [kind for kind in Task.Kind.values if any(node.slots(kind) > 0 for node in nodes)]
-    gpu_types = sorted({node.gpu_type for node in nodes if node.gpu_indices})
+    return _claim_tasks_queryset(limit=limit, now=now, **_claim_filter(nodes))
+
+
+def claim_tasks(nodes: list[NodeCapacity], *, limit: int, now: datetime) -> list[Task]:
+    """`claim_tasks_query`'s rows, its SQL compiled once per shape (every round runs it)."""
+    return list(_compiled_claim(fixed={"limit": limit}, now=now, **_claim_filter(nodes)))
+
+
+def _claim_filter(nodes: list[NodeCapacity]) -> dict[str, Any]:
+    return {
+        "kinds": [kind for kind in Task.Kind.values if any(node.slots(kind) > 0 for node in nodes)],
+        "cpu": max(node.cpu for node in nodes),
+        "memory_gb": max(node.memory_gb for node in nodes),
+        "gpu": max(len(node.gpu_indices) for node in nodes),
+        "node_count": len(nodes),
+        "gpu_types": sorted({node.gpu_type for node in nodes if node.gpu_indices}),
+    }
+
+
+def _claim_tasks_queryset(
+    *, limit: int, now: datetime, kinds: list[str], cpu: int, memory_gb: int, gpu: int, node_count: int, gpu_types: list
+) -> QuerySet[Task]:
     return (
         runnable_tasks(now)
-        .select_related("owner")
         .only(*DISPATCH_FIELDS)
-        .select_for_update(skip_locked=True, of=("self",))
-        .filter(
-            kind__in=kinds,
-            cpu__lte=max(node.cpu for node in nodes),
-            memory_gb__lte=max(node.memory_gb for node in nodes),
-            gpu__lte=max(len(node.gpu_indices) for node in nodes),
-            node_count__lte=len(nodes),
-        )
+        .select_for_update(skip_locked=True)
+        .filter(kind__in=kinds, cpu__lte=cpu, memory_gb__lte=memory_gb, gpu__lte=gpu, node_count__lte=node_count)
         .filter(Q(gpu=0) | Q(gpu_type="") | Q(gpu_type__in=gpu_types))[:limit]
     )
+
+
+_compiled_claim = compiled_per_shape(_claim_tasks_queryset)
 
 
 @dataclass
@@ -284,7 +302,7 @@ def hold_for_starving_head(nodes: list[NodeCapacity], holds: Holds, now: datetim
     rest of the round backfills other tasks on the remaining nodes only. Aging
     brings every long-waiting task to the head eventually.
     """
-    head = runnable_tasks(now).select_related("owner").only(*DISPATCH_FIELDS).first()
+    head = runnable_tasks(now).only(*DISPATCH_FIELDS).first()
     if head is None or not is_starving(head, now) or pick_nodes(nodes, head, holds) is not None:
         return None
     shape = Shape(gpu=head.gpu, gpu_type=head.gpu_type, cpu=head.cpu, memory_gb=head.memory_gb, kind=head.kind)
@@ -316,7 +334,7 @@ def dispatch_round(
             return 0
         holds = current_holds(now)
         nodes = capacities(workers, holds)
-        tasks = list(claim_tasks_query(nodes, limit=limit, now=now))
+        tasks = claim_tasks(nodes, limit=limit, now=now)
         head = hold_for_starving_head(nodes, holds, now) if starvation_possible else None
         if head is not None:
             logger.info("holding capacity for starving task %s", head.id)
@@ -357,6 +375,7 @@ def _write(placements: list[Placement], now: datetime) -> int:
     if not placements:
         return 0
     _mark_preparing(placements, now)
+    owners = _usernames(sorted({placement.task.owner_id for placement in placements}))
     assignments: list[NodeAssignment] = []
     used: dict[uuid.UUID, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     audit: list[Entry] = []
@@ -386,7 +405,7 @@ def _write(placements: list[Placement], now: datetime) -> int:
         audit.append(
             Entry(
                 event_type="job_started",
-                user=task.owner,
+                user=owners[task.owner_id],
                 resource=f"task:{task.id}",
                 action="assign",
                 metadata={
@@ -396,7 +415,7 @@ def _write(placements: list[Placement], now: datetime) -> int:
                 },
             )
         )
-    audit.extend(_claim_reservations(placements, now))
+    audit.extend(_claim_reservations(placements, owners))
     insert_rows(assignments)
     for worker_id, counters in used.items():
         Worker.objects.filter(id=worker_id).update(**{name: F(name) + value for name, value in counters.items()})
@@ -410,7 +429,20 @@ def _write(placements: list[Placement], now: datetime) -> int:
     return len(placements)
 
 
-def _claim_reservations(placements: list[Placement], now: datetime) -> list[Entry]:
+def _usernames_query(*, ids: list[int]) -> QuerySet:
+    user_model = get_user_model()
+    return user_model.objects.filter(pk__in=ids).only("pk", user_model.USERNAME_FIELD)
+
+
+_compiled_usernames = compiled_per_shape(_usernames_query)
+
+
+def _usernames(ids: list[int]) -> dict[int, str]:
+    """The placed tasks' owners' names for the audit (one query, compiled once per number of owners)."""
+    return {user.pk: user.get_username() for user in _compiled_usernames(ids=ids)}
+
+
+def _claim_reservations(placements: list[Placement], owners: dict[int, str]) -> list[Entry]:
     """active -> claimed for the reservations the placed tasks named (conditional UPDATE, one per reservation)."""
     entries = []
     for placement in placements:
@@ -424,7 +456,7 @@ def _claim_reservations(placements: list[Placement], now: datetime) -> list[Entr
             entries.append(
                 Entry(
                     event_type="reservation_changed",
-                    user=task.owner,
+                    user=owners[task.owner_id],
                     resource=f"reservation:{task.reservation_id}",
                     action="claim",
                     metadata={"task_id": str(task.id)},
