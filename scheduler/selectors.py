@@ -6,6 +6,7 @@ from typing import Any
 from django.db.models import Q
 from django.utils import timezone
 
+from fetchml.compiled import compiled_per_shape
 from jupyter.selectors import service_spec_for_task
 from plugins.selectors import (
     ActiveConfigs,
@@ -32,8 +33,11 @@ MASTER_PORT = 29500  # torch.distributed's default rendezvous port on the rank-0
 
 
 def has_runnable_tasks() -> bool:
-    """Whether any task is waiting to be dispatched now (an index-only probe of the queue)."""
-    return runnable_tasks(timezone.now()).exists()
+    """Whether any task is waiting to be dispatched now (one probe of the queue's index, after every pass)."""
+    return next(iter(_first_runnable(now=timezone.now())), None) is not None
+
+
+_first_runnable = compiled_per_shape(lambda *, now: runnable_tasks(now).only("id")[:1])
 
 
 def assign_messages(*, assignment_ids: list[Any], worker_id: Any) -> list[dict[str, Any]]:
