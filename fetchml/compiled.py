@@ -43,9 +43,9 @@ def compiled_per_shape(build: Callable[..., QuerySet]) -> Callable[..., Iterable
     On PostgreSQL the query is compiled with a marker for each value, and
     later calls put their values where the markers were: ints, strings,
     aware datetimes and UUIDs, each of the type its field stores, reach
-    psycopg unchanged, so that is what Django would have sent. Elsewhere, or if a marker does not show in
-    the compiled parameters (Django folded it into the SQL), it runs the
-    queryset itself.
+    psycopg unchanged, so that is what Django would have sent. Elsewhere,
+    or if a marker does not show in the compiled parameters (Django folded
+    it into the SQL), it runs the queryset itself.
     """
     compiled: dict[tuple, tuple[Any, str, list[tuple[str, int | None] | Any]] | None] = {}
 
