@@ -140,13 +140,18 @@ def coalesced(messages: list[dict]) -> list[dict]:
     return out
 
 
-def task_events_of(message: dict) -> list[dict]:
-    """The single `task.event` messages carried by a channel-layer message (none for other types)."""
+def task_events_of(message: dict, *, task_id: str | None = None) -> list[dict]:
+    """The single `task.event` messages carried by a channel-layer message (none for other types);
+    with `task_id`, only that task's state changes (the streams of one task pick them this way)."""
     if message.get("type") == "task.event":
-        return [message]
-    if message.get("type") == "task.events":
-        return [event for event in message.get("events") or [] if isinstance(event, dict)]
-    return []
+        found = [message]
+    elif message.get("type") == "task.events":
+        found = [event for event in message.get("events") or [] if isinstance(event, dict)]
+    else:
+        return []
+    if task_id is None:
+        return found
+    return [event for event in found if event.get("task_id") == task_id and event.get("status")]
 
 
 def task_changed(task, *, event: str = "task_update", extra: dict | None = None) -> None:

@@ -163,10 +163,7 @@ def task_transition(
     """
     allowed = from_states if from_states is not None else sources_of(to)
     now = timezone.now()
-    if to in FINAL_STATES:
-        fields.setdefault("ended_at", now)
-    if to == TaskStatus.RUNNING:
-        fields.setdefault("started_at", now)
+    _stamp(fields, to, now)
     # No savepoint of its own: inside a caller's transaction a failure here
     # must roll all of it back anyway, and a savepoint costs two round trips.
     with transaction.atomic(savepoint=False):
@@ -182,6 +179,14 @@ def task_transition(
             task = Task.objects.select_related("owner").get(id=task_id)
         _announce_transition(task, to, user=user, audit_metadata=audit_metadata)
     return task
+
+
+def _stamp(fields: dict[str, Any], to: str, now: datetime) -> None:
+    """The times a transition to `to` records, unless the caller gives them."""
+    if to in FINAL_STATES:
+        fields.setdefault("ended_at", now)
+    if to == TaskStatus.RUNNING:
+        fields.setdefault("started_at", now)
 
 
 def _announce_transition(
@@ -231,10 +236,7 @@ class TaskTransitions:
         """Move locked `task` to `to` if the state machine allows it from where it is."""
         if not can_transition(task.status, to):
             return False
-        if to in FINAL_STATES:
-            fields.setdefault("ended_at", self.now)
-        if to == TaskStatus.RUNNING:
-            fields.setdefault("started_at", self.now)
+        _stamp(fields, to, self.now)
         self._before.setdefault(task.id, task.status)
         self._changes.setdefault(task.id, {}).update(fields, status=to, updated_at=self.now)
         task.status, task.updated_at = to, self.now

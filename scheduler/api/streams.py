@@ -107,9 +107,9 @@ class JobStream:
             yield frame
 
     async def on_message(self, message: dict[str, Any]) -> AsyncIterator[bytes]:
-        for event in events.task_events_of(message):
-            if event.get("task_id") != str(self.task.id) or not event.get("status") or self.finished:
-                continue
+        for event in events.task_events_of(message, task_id=str(self.task.id)):
+            if self.finished:
+                break
             priority = event.get("priority", self._seen[1] if self._seen else self.task.priority)
             for frame in self._frames(event["status"], priority, event.get("priority_from")):
                 yield frame

@@ -49,8 +49,8 @@ async def _running_loop() -> tuple[SchedulerLoop, asyncio.Event, asyncio.Task]:
     return loop, stop, running
 
 
-async def _wake(channel_layer) -> None:
-    await channel_layer.group_send(events.WAKE_GROUP, {"type": "scheduler.wake", "reason": "test"})
+async def _wake(channel_layer, reason: str = "test") -> None:
+    await channel_layer.group_send(events.WAKE_GROUP, {"type": "scheduler.wake", "reason": reason})
 
 
 @override_settings(FETCHML_SCHEDULER_INTERVAL=60.0)
@@ -254,17 +254,13 @@ def test_wake_messages_arriving_during_a_pass_cost_one_more_pass_not_one_each(ch
     assert asyncio.run(scenario()) is False
 
 
-async def _freed_capacity(channel_layer) -> None:
-    await channel_layer.group_send(events.WAKE_GROUP, {"type": "scheduler.wake", "reason": "capacity_freed"})
-
-
 @override_settings(FETCHML_SCHEDULER_INTERVAL=60.0)
 def test_freed_capacity_wakes_no_pass_while_nothing_waits(channel_layer):
     async def scenario():
         loop, stop, running = await _running_loop()
         await _until(lambda: loop.wake.channel is not None)
         received = loop.wake.received
-        await _freed_capacity(channel_layer)
+        await _wake(channel_layer, "capacity_freed")
         await _until(lambda: loop.wake.received == received + 1)
         declined, woken = loop.wake.declined, loop.wake.woken.is_set()
         stop.set()
@@ -280,7 +276,7 @@ def test_freed_capacity_wakes_a_pass_for_a_task_left_waiting(channel_layer):
         task = await sync_to_async(queued_task)(cpu=4)
         loop, stop, running = await _running_loop()  # no worker yet: the task is left waiting
         await sync_to_async(worker)(cpu_cores=8)
-        await _freed_capacity(channel_layer)
+        await _wake(channel_layer, "capacity_freed")
         await _until(lambda: _status(task) == "preparing", timeout=5)
         declined = loop.wake.declined
         stop.set()

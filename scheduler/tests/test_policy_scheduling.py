@@ -83,14 +83,20 @@ def test_fair_share_keeps_a_users_own_higher_priority_job_ahead_of_their_backlog
     assert _started(urgent) == [True]
 
 
-def test_starving_multi_node_job_gets_the_free_nodes_held_instead_of_small_jobs(settings):
-    settings.FETCHML_STARVATION_SECONDS = 60
+def _gang_and_small_job_behind_a_busy_node() -> tuple:
+    """Three one-slot nodes, one busy; a 3-node job queued 10 minutes ago, a 1-node job 5 minutes ago."""
     for i in range(3):
         worker(name=f"node-{i}", batch_slots=1)
     queued_task(priority=10)
     dispatch_round()  # one node is busy
-    gang = queued_task(node_count=3, priority=5, queued_at=timezone.now() - timedelta(minutes=10))
-    small = queued_task(priority=5, queued_at=timezone.now() - timedelta(minutes=5))
+    gang = queued_task(node_count=3, queued_at=timezone.now() - timedelta(minutes=10))
+    small = queued_task(queued_at=timezone.now() - timedelta(minutes=5))
+    return gang, small
+
+
+def test_starving_multi_node_job_gets_the_free_nodes_held_instead_of_small_jobs(settings):
+    settings.FETCHML_STARVATION_SECONDS = 60
+    gang, small = _gang_and_small_job_behind_a_busy_node()
 
     assert dispatch_round() == 0
 
@@ -99,12 +105,7 @@ def test_starving_multi_node_job_gets_the_free_nodes_held_instead_of_small_jobs(
 
 def test_a_round_told_no_task_may_starve_lets_small_jobs_pass_the_waiting_head(settings):
     settings.FETCHML_STARVATION_SECONDS = 60
-    for i in range(3):
-        worker(name=f"node-{i}", batch_slots=1)
-    queued_task(priority=10)
-    dispatch_round()
-    gang = queued_task(node_count=3, priority=5, queued_at=timezone.now() - timedelta(minutes=10))
-    small = queued_task(priority=5, queued_at=timezone.now() - timedelta(minutes=5))
+    gang, small = _gang_and_small_job_behind_a_busy_node()
 
     assert dispatch_round(starvation_possible=False) == 1
 
@@ -122,12 +123,7 @@ def test_a_task_may_starve_once_a_runnable_one_waited_past_the_threshold(setting
 
 def test_small_jobs_still_pass_a_waiting_multi_node_job_before_the_threshold(settings):
     settings.FETCHML_STARVATION_SECONDS = 3600
-    for i in range(3):
-        worker(name=f"node-{i}", batch_slots=1)
-    queued_task(priority=10)
-    dispatch_round()
-    gang = queued_task(node_count=3, queued_at=timezone.now() - timedelta(minutes=10))
-    small = queued_task(queued_at=timezone.now() - timedelta(minutes=5))
+    gang, small = _gang_and_small_job_behind_a_busy_node()
 
     assert dispatch_round() == 1
 

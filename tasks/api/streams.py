@@ -128,9 +128,9 @@ class TaskLogStream:
                 async for frame in self._catch_up():
                     yield frame
             return
-        for event in events.task_events_of(message):
-            if event.get("task_id") != str(self.task.id) or not event.get("status") or self.finished:
-                continue
+        for event in events.task_events_of(message, task_id=str(self.task.id)):
+            if self.finished:
+                break
             status, priority = event["status"], event.get("priority", self.task.priority)
             if (status, priority) != self._status:
                 yield self._status_frame(status, priority)
