@@ -1,5 +1,8 @@
 """Publishing over the channel layer: ids and small payloads, after commit.
 
+The one larger payload, a worker's `assign` messages, travels sealed: they
+carry plugin secrets, and the layer (Redis) is no place for those in clear.
+
 Groups:
 - `tasks.user.<user_pk>`: every change of that user's tasks (client /ws, and
   the streams of one task, which pick its events)
@@ -11,12 +14,15 @@ Groups:
 """
 
 import asyncio
+import json
 import logging
 from typing import Any
 
 from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 from django.db import transaction
+
+from fetchml.sealing import seal, unseal
 
 logger = logging.getLogger("fetchml.events")
 
@@ -173,9 +179,18 @@ def task_changed(task, *, event: str = "task_update", extra: dict | None = None)
     send_on_commit([user_group(task.owner_id), ADMINS_GROUP, STATUS_GROUP], payload)
 
 
-def assign_notice(worker_id: Any, assignment_ids: list[str]) -> tuple[list[str], dict]:
-    """(groups, message) telling a worker's connection about its new assignments, by id."""
-    return [worker_group(worker_id)], {"type": "worker.assign", "assignment_ids": assignment_ids}
+_ASSIGNS_PURPOSE = "fetchml.events.assigns"
+
+
+def assign_notice(worker_id: Any, assigns: list[dict]) -> tuple[list[str], dict]:
+    """(groups, message) handing a worker's connection its `assign` messages to relay, sealed."""
+    sealed = seal(json.dumps(assigns).encode(), purpose=_ASSIGNS_PURPOSE)
+    return [worker_group(worker_id)], {"type": "worker.assign", "assigns": sealed}
+
+
+def assigns_of(notice: dict) -> list[dict]:
+    """The `assign` messages of an `assign_notice` (raises `Unsealable` if not sealed by this deployment)."""
+    return json.loads(unseal(notice["assigns"], purpose=_ASSIGNS_PURPOSE))
 
 
 # Wake-ups that only free capacity: they matter to a scheduler with work left waiting.

@@ -7,6 +7,7 @@ call, so a PUT applies to the next task dispatched (hot reload).
 
 from typing import Any
 
+from fetchml.compiled import compiled_per_shape
 from plugins.base import BasePlugin, ResolvedConfig
 from plugins.models import PluginConfig
 from plugins.overrides import apply_task_override
@@ -46,10 +47,13 @@ ActiveConfigs = list[tuple[BasePlugin, ResolvedConfig]]
 
 
 def plugin_configs() -> ActiveConfigs:
-    """Every registered plugin with its configuration, in one query."""
+    """Every registered plugin with its configuration, in one query (every dispatch round runs it)."""
     plugins = get_plugins()
-    rows = {row.name: row for row in PluginConfig.objects.filter(name__in=list(plugins))}
+    rows = {row.name: row for row in _compiled_rows(names=list(plugins))} if plugins else {}
     return [(plugin, resolve(plugin, rows.get(name))) for name, plugin in plugins.items()]
+
+
+_compiled_rows = compiled_per_shape(lambda *, names: PluginConfig.objects.filter(name__in=names))
 
 
 def task_plugin_configs(task: Task, *, fleet: ActiveConfigs | None = None) -> ActiveConfigs:

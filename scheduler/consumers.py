@@ -24,9 +24,11 @@ from fetchml.consumers import SocketConsumer
 from fetchml.dbpool import in_pool
 from fetchml.errors import ApplicationError
 from fetchml.models import ApiKey
+from fetchml.sealing import Unsealable
 from jupyter import services as jupyter_services
 from plugins.services import WORKERS_GROUP, plugin_status_report
 from scheduler import selectors, services
+from scheduler.assigns import assign_messages
 from scheduler.protocol import FINAL_RUN_STATES, BadMessage, error_message, outgoing, parse
 
 logger = logging.getLogger("fetchml.scheduler.ws")
@@ -264,7 +266,7 @@ class WorkerConsumer(SocketConsumer):
 
     async def _send_assigns(self, assignment_ids: list[Any]) -> None:
         try:
-            messages = await in_pool(selectors.assign_messages)(assignment_ids=assignment_ids, worker_id=self.worker_id)
+            messages = await in_pool(assign_messages)(assignment_ids=assignment_ids, worker_id=self.worker_id)
         except Exception:
             # Logged, not raised: the loop re-sends unacknowledged assignments.
             logger.exception("worker %s: could not build assigns %s", self.worker_id, assignment_ids)
@@ -279,7 +281,17 @@ class WorkerConsumer(SocketConsumer):
     # --- channel layer -> worker ---------------------------------------------------
 
     async def worker_assign(self, event: dict[str, Any]) -> None:
-        await self._send_assigns(event["assignment_ids"])
+        # Built by the scheduler (a dispatch round, a re-send): relayed as they are.
+        try:
+            messages = events.assigns_of(event)
+        except Unsealable:
+            # Sealed under another SECRET_KEY: the scheduler re-sends what stays unacknowledged.
+            logger.error(
+                "worker %s: an assign notice could not be unsealed (is SECRET_KEY the same everywhere?)", self.worker_id
+            )
+            return
+        for message in messages:
+            await self.send_json(message)
 
     async def worker_cancel(self, event: dict[str, Any]) -> None:
         await self.send_json(outgoing("cancel", task_id=event["task_id"], token=event["token"], reason=event["reason"]))

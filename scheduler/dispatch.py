@@ -48,8 +48,10 @@ from django.utils import timezone
 from audit.services import Entry, record_many
 from fetchml import events
 from fetchml.bulk import insert_rows
-from fetchml.compiled import compiled_once, compiled_per_shape
+from fetchml.compiled import compiled_once, compiled_per_shape, compiled_update_per_shape
 from fetchml.conf import app_settings
+from scheduler.assigns import ASSIGN_TASK_FIELDS, round_assign_messages
+from scheduler.counters import change_used
 from scheduler.models import NodeAssignment, Reservation, Worker
 from scheduler.policies import (
     FleetNode,
@@ -72,6 +74,7 @@ class NodeCapacity:
 
     worker_id: uuid.UUID
     name: str
+    hostname: str
     gpu_type: str
     cpu: int
     memory_gb: int
@@ -91,6 +94,7 @@ class NodeCapacity:
         return cls(
             worker_id=worker.id,
             name=worker.name,
+            hostname=worker.hostname,
             gpu_type=worker.gpu_type,
             cpu=worker.cpu_cores - worker.used_cpu,
             memory_gb=worker.memory_gb - worker.used_memory_gb,
@@ -185,8 +189,9 @@ def capacities(workers: list[Worker], holds: Holds | None = None) -> list[NodeCa
     return nodes
 
 
-# What a round reads of a task (matching, holds, the assignment, the audit, the
-# publication): a claim loads hundreds of rows, and the rest of the row is large.
+# What a round reads of a task: matching, holds, the assignment, the audit, the
+# publication, and the `assign` messages it builds. A claim is bounded by the
+# free slots (each placed task takes one), and the rest of the row is large.
 DISPATCH_FIELDS = (
     "id",
     "owner_id",
@@ -202,6 +207,7 @@ DISPATCH_FIELDS = (
     "node_count",
     "reservation_id",
     "queued_at",
+    *ASSIGN_TASK_FIELDS,
 )
 
 
@@ -225,6 +231,13 @@ _claim_workers_query = compiled_once(_claimable_workers)
 
 def claim_workers() -> list[Worker]:
     return list(_claim_workers_query())
+
+
+def claim_bound(nodes: list[NodeCapacity]) -> int:
+    """At most how many tasks to claim for `nodes`: every placed task takes a slot, so their free
+    slots, rounded up to a power of two (the claim's SQL is compiled once per LIMIT)."""
+    free = sum(max(node.batch_slots, 0) + max(node.service_slots, 0) for node in nodes)
+    return 1 << max(free - 1, 0).bit_length()
 
 
 def claim_tasks_query(nodes: list[NodeCapacity], *, limit: int, now: datetime) -> QuerySet[Task]:
@@ -334,7 +347,7 @@ def dispatch_round(
             return 0
         holds = current_holds(now)
         nodes = capacities(workers, holds)
-        tasks = claim_tasks(nodes, limit=limit, now=now)
+        tasks = claim_tasks(nodes, limit=min(limit, claim_bound(nodes)), now=now)
         head = hold_for_starving_head(nodes, holds, now) if starvation_possible else None
         if head is not None:
             logger.info("holding capacity for starving task %s", head.id)
@@ -356,10 +369,7 @@ def _mark_preparing(placements: list[Placement], now: datetime) -> None:
     for placement in placements:
         by_worker[placement.nodes[0][0].worker_id].append(placement.task.id)
     for worker_id, task_ids in by_worker.items():
-        moved = Task.objects.filter(id__in=task_ids, status__in=sources_of(TaskStatus.PREPARING)).update(
-            status=TaskStatus.PREPARING, worker_id=worker_id, attempt=F("attempt") + 1, updated_at=now
-        )
-        if moved != len(task_ids):
+        if _preparing(ids=task_ids, worker_id=worker_id, now=now) != len(task_ids):
             raise RuntimeError("claimed tasks changed while locked by the dispatch round")
     for placement in placements:
         task = placement.task
@@ -369,6 +379,14 @@ def _mark_preparing(placements: list[Placement], now: datetime) -> None:
             placement.nodes[0][0].worker_id,
         )
         events.task_changed(task, event="task_update")
+
+
+def _preparing_update(*, ids: list[uuid.UUID], worker_id: uuid.UUID, now: datetime) -> tuple:
+    changes = {"status": TaskStatus.PREPARING, "worker_id": worker_id, "attempt": F("attempt") + 1, "updated_at": now}
+    return Task.objects.filter(id__in=ids, status__in=sources_of(TaskStatus.PREPARING)), changes
+
+
+_preparing = compiled_update_per_shape(_preparing_update)
 
 
 def _write(placements: list[Placement], now: datetime) -> int:
@@ -418,14 +436,15 @@ def _write(placements: list[Placement], now: datetime) -> int:
     audit.extend(_claim_reservations(placements, owners))
     insert_rows(assignments)
     for worker_id, counters in used.items():
-        Worker.objects.filter(id=worker_id).update(**{name: F(name) + value for name, value in counters.items()})
+        change_used(worker_id, counters)
     record_many(audit)
-    by_worker: dict[uuid.UUID, list[str]] = defaultdict(list)
-    for assignment in assignments:
-        by_worker[assignment.worker_id].append(str(assignment.id))
-    for worker_id, assignment_ids in by_worker.items():
-        # One message per worker and round: its consumer builds all the assigns in one go.
-        events.send_on_commit(*events.assign_notice(worker_id, assignment_ids))
+    # Built here, from the rows just written: the worker's connection only relays them.
+    rank0 = {placement.task.id: (placement.task, placement.nodes[0][0].hostname) for placement in placements}
+    by_worker: dict[uuid.UUID, list[dict]] = defaultdict(list)
+    for assignment, message in zip(assignments, round_assign_messages(assignments, rank0), strict=True):
+        by_worker[assignment.worker_id].append(message)
+    for worker_id, messages in by_worker.items():
+        events.send_on_commit(*events.assign_notice(worker_id, messages))  # one per worker and round
     return len(placements)
 
 

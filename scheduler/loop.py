@@ -27,6 +27,7 @@ from fetchml.aio import STOP_READ_SECONDS, cancel_and_wait
 from fetchml.conf import app_settings
 from jupyter.services import scheduler_pass as jupyter_pass
 from scheduler import selectors
+from scheduler.assigns import assign_messages
 from scheduler.dispatch import any_task_may_starve, dispatch_round
 from scheduler.reservations import reservations_tick
 from scheduler.services import enforce_timeouts, expire_leases
@@ -110,8 +111,13 @@ class SchedulerLoop:
                 continue
             due.setdefault(worker_id, []).append(str(assignment_id))
             self._resent[assignment_id] = clock
-        events.send_batch_now([events.assign_notice(worker_id, ids) for worker_id, ids in due.items()])
-        return sum(len(ids) for ids in due.values())
+        notices = [
+            (worker_id, assign_messages(assignment_ids=ids, worker_id=worker_id)) for worker_id, ids in due.items()
+        ]
+        events.send_batch_now(
+            [events.assign_notice(worker_id, messages) for worker_id, messages in notices if messages]
+        )
+        return sum(len(messages) for _, messages in notices)
 
     def _wanted(self, message: dict[str, Any]) -> bool:
         """A wake-up for freed capacity is news only while tasks wait (a pass decides it again)."""
@@ -128,9 +134,11 @@ class SchedulerLoop:
         A pass costs about the same for one task as for dozens; passes back to
         back, each placing the one slot freed meanwhile, would spend the
         scheduler's CPU on overhead. An idle scheduler (last pass longer ago
-        than the gap) and one that just placed a full batch go at once.
+        than the gap), one whose last pass left nothing runnable (new work on
+        an empty queue is placed at once) and one that just placed a full
+        batch go at once.
         """
-        if self._last_placed >= app_settings.SCHEDULER_BATCH_SIZE:
+        if self._last_placed >= app_settings.SCHEDULER_BATCH_SIZE or not self.backlog:
             return
         remaining = self._pass_ended_at + app_settings.SCHEDULER_PASS_GAP_SECONDS - time.monotonic()
         if remaining > 0:

@@ -7,14 +7,6 @@ from django.db.models import Q
 from django.utils import timezone
 
 from fetchml.compiled import compiled_per_shape
-from jupyter.selectors import service_spec_for_task
-from plugins.selectors import (
-    ActiveConfigs,
-    plugin_configs,
-    plugin_env_for_task,
-    plugin_sidecars_for_task,
-    task_plugin_configs,
-)
 from scheduler.dispatch import (
     capacities,
     eligible_nodes,
@@ -29,8 +21,6 @@ from scheduler.protocol import outgoing
 from tasks.models import Task
 from tasks.states import ACTIVE_STATES, TaskStatus
 
-MASTER_PORT = 29500  # torch.distributed's default rendezvous port on the rank-0 node
-
 
 def has_runnable_tasks() -> bool:
     """Whether any task is waiting to be dispatched now (one probe of the queue's index, after every pass)."""
@@ -38,65 +28,6 @@ def has_runnable_tasks() -> bool:
 
 
 _first_runnable = compiled_per_shape(lambda *, now: runnable_tasks(now).only("id")[:1])
-
-
-def assign_messages(*, assignment_ids: list[Any], worker_id: Any) -> list[dict[str, Any]]:
-    """The `assign` messages of those assignments still live and unacknowledged on this worker.
-
-    Two queries however many (the assignments with their tasks and worker, the
-    plugin configurations), plus one per multi-node or service task.
-    """
-    assignments = list(
-        NodeAssignment.objects.select_related("task", "worker")
-        .filter(id__in=assignment_ids, worker_id=worker_id, holds_capacity=True, status=NodeAssignment.Status.ASSIGNED)
-        .order_by("created_at", "node_id")
-    )
-    fleet = plugin_configs() if assignments else []
-    return [_assign(assignment, fleet) for assignment in assignments]
-
-
-def _assign(assignment: NodeAssignment, fleet: ActiveConfigs) -> dict[str, Any]:
-    task = assignment.task
-    rank0 = assignment.worker.hostname if assignment.node_id == 0 else _rank0_hostname(assignment)
-    plugins = task_plugin_configs(task, fleet=fleet)
-    return outgoing(
-        "assign",
-        task_id=str(task.id),
-        token=str(assignment.token),
-        attempt=assignment.attempt,
-        kind=task.kind,
-        entrypoint=task.entrypoint,
-        args=task.args,
-        # Plugin variables may hold secrets (API keys): this message is never logged.
-        env={**plugin_env_for_task(task, configs=plugins), **task.env},
-        resources={
-            "cpu": assignment.cpu,
-            "memory_gb": assignment.memory_gb,
-            "gpus": assignment.gpus,
-            "gpu_indices": assignment.gpu_indices,
-        },
-        timeout_seconds=task.timeout_seconds,
-        cancel_grace_seconds=task.cancel_grace_seconds,
-        node={
-            "rank": assignment.node_id,
-            "count": task.node_count,
-            "master_addr": rank0 or "",
-            "master_port": MASTER_PORT,
-        },
-        snapshot_id=task.snapshot_id,
-        dataset_specs=task.dataset_specs,
-        datasets=task.datasets,
-        sidecars=plugin_sidecars_for_task(task, configs=plugins),
-        service=service_spec_for_task(task),
-    )
-
-
-def _rank0_hostname(assignment: NodeAssignment) -> str | None:
-    return (
-        NodeAssignment.objects.filter(task_id=assignment.task_id, attempt=assignment.attempt, node_id=0)
-        .values_list("worker__hostname", flat=True)
-        .first()
-    )
 
 
 def unacked_assignment_ids(*, worker_id: Any) -> list[Any]:

@@ -27,8 +27,10 @@ from django.utils import timezone
 from audit.services import appended_together, record
 from fetchml import events
 from fetchml.auth import Actor
+from fetchml.compiled import compiled_per_shape, compiled_update_per_shape
 from fetchml.conf import app_settings
 from fetchml.errors import Conflict
+from scheduler.counters import change_used
 from scheduler.models import NodeAssignment, Worker
 from scheduler.protocol import CAPACITY_FIELDS
 from tasks.logs import append_lines
@@ -548,22 +550,18 @@ class _Batched(_RunWrites):
         draining = False
         if self._freed:
             # The lock order: workers first (held already when the batch locked first).
-            locked = Worker.objects.select_for_update(no_key=True).filter(id=self.worker_id)
-            draining = locked.values_list("status", flat=True).first() == Worker.Status.DRAINING
+            locked = next(iter(_locked_worker(worker_id=self.worker_id)), None)
+            draining = locked is not None and locked.status == Worker.Status.DRAINING
         self.transitions.write()
         ended = {run.id for runs in self._ended.values() for run in runs}
-        live = NodeAssignment.objects.filter(holds_capacity=True)
-        # An acknowledgement not written yet is written by the later change of the same run.
-        acked_at = Coalesce(F("acked_at"), Value(self.now))
         acked = [run for run_id, run in self._acked.items() if run_id not in ended and run_id not in self._running]
-        unacked = live.filter(status=NodeAssignment.Status.ASSIGNED)
-        _updated_all(unacked, acked, status=NodeAssignment.Status.ACKED, acked_at=self.now)
+        _updated_all("acked", acked, status=NodeAssignment.Status.ACKED, now=self.now)
         running = [run for run_id, run in self._running.items() if run_id not in ended]
-        _updated_all(live, running, status=NodeAssignment.Status.RUNNING, acked_at=acked_at)
+        _updated_all("running", running, status=NodeAssignment.Status.RUNNING, now=self.now)
         for status, runs in self._ended.items():
-            _updated_all(live, runs, holds_capacity=False, status=status, ended_at=self.now, acked_at=acked_at)
+            _updated_all("ended", runs, status=status, now=self.now)
         for worker_id, freed in sorted(self._freed.items()):
-            Worker.objects.filter(id=worker_id).update(**{name: F(name) - amount for name, amount in freed.items()})
+            change_used(worker_id, {name: -amount for name, amount in freed.items()})
         if self._freed:
             if draining:
                 _offline_if_drained(self.worker_id)
@@ -571,10 +569,29 @@ class _Batched(_RunWrites):
         self._acked, self._running, self._ended, self._freed = {}, {}, {}, {}
 
 
-def _updated_all(rows: QuerySet[NodeAssignment], runs: list[NodeAssignment], **changes: Any) -> None:
-    """UPDATE these assignments, all of them or fail (one changed since it was read)."""
-    if runs and rows.filter(id__in=[run.id for run in runs]).update(**changes) != len(runs):
+def _updated_all(change: str, runs: list[NodeAssignment], *, status: str, now: datetime) -> None:
+    """UPDATE these live assignments (`change`: acked, running or ended), all of them or fail (one
+    changed since it was read)."""
+    ids = [run.id for run in runs]
+    if runs and _runs_changed(fixed={"change": change}, ids=ids, status=status, now=now) != len(runs):
         raise _RunsChanged("assignments read for a batch of reports changed before it wrote them")
+
+
+def _runs_update(*, change: str, ids: list[uuid.UUID], status: str, now: datetime) -> tuple:
+    live = NodeAssignment.objects.filter(id__in=ids, holds_capacity=True)
+    # An acknowledgement not written yet is written by the later change of the same run.
+    acked_at = Coalesce(F("acked_at"), Value(now))
+    if change == "acked":
+        return live.filter(status=NodeAssignment.Status.ASSIGNED), {"status": status, "acked_at": now}
+    if change == "running":
+        return live, {"status": status, "acked_at": acked_at}
+    return live, {"holds_capacity": False, "status": status, "ended_at": now, "acked_at": acked_at}
+
+
+_runs_changed = compiled_update_per_shape(_runs_update)
+_locked_worker = compiled_per_shape(
+    lambda *, worker_id: Worker.objects.select_for_update(no_key=True).filter(id=worker_id).only("id", "status")
+)
 
 
 _FREED = ("used_cpu", "used_memory_gb", "used_gpus", "used_batch_slots", "used_service_slots")
@@ -671,7 +688,7 @@ def _release(assignment: NodeAssignment, *, status: str) -> bool:
     if not won:
         return False
     freed = _freed_by(assignment)
-    Worker.objects.filter(id=assignment.worker_id).update(**{name: F(name) - amount for name, amount in freed.items()})
+    change_used(assignment.worker_id, {name: -amount for name, amount in freed.items()})
     _offline_if_drained(assignment.worker_id)
     events.wake_scheduler("capacity_freed")
     return True

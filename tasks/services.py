@@ -12,6 +12,7 @@ from artifacts.selectors import snapshot_readable_by
 from audit.services import record
 from fetchml import events
 from fetchml.auth import Actor
+from fetchml.compiled import compiled_update_per_shape
 from fetchml.conf import app_settings
 from fetchml.errors import Conflict, Invalid
 from fetchml.models import ApiKey
@@ -252,11 +253,16 @@ class TaskTransitions:
         for task_id, changes in self._changes.items():
             groups.setdefault((self._before[task_id], tuple(sorted(changes.items()))), []).append(task_id)
         for (before, changes), task_ids in groups.items():
-            written = Task.objects.filter(id__in=task_ids, status=before).update(**dict(changes))
+            written = _transitions_written(ids=task_ids, before=before, **dict(changes))
             if written != len(task_ids):
                 raise TasksChanged(f"{len(task_ids) - written} task(s) left {before} before the batch was written")
         self._before.clear()
         self._changes.clear()
+
+
+_transitions_written = compiled_update_per_shape(
+    lambda *, ids, before, **changes: (Task.objects.filter(id__in=ids, status=before), changes)
+)
 
 
 def task_cancel(*, task: Task, actor: Actor) -> Task:

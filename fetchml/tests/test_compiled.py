@@ -7,7 +7,7 @@ from django.contrib.auth import get_user_model
 from django.utils import timezone
 
 from conftest import requires_postgres
-from fetchml.compiled import compiled_once, compiled_per_shape
+from fetchml.compiled import compiled_once, compiled_per_shape, compiled_update_per_shape
 
 pytestmark = pytest.mark.django_db
 
@@ -80,9 +80,71 @@ def test_on_postgresql_dispatch_rounds_run_the_compiled_task_claim(monkeypatch):
         return dispatch._claim_tasks_queryset(**values)
 
     monkeypatch.setattr(dispatch, "_compiled_claim", compiled_per_shape(counted))
-    worker(batch_slots=3)
+    worker(batch_slots=100)  # the claim's LIMIT stays the batch size
     for _ in range(3):
         queued_task()
         assert dispatch.dispatch_round() == 1
 
     assert len(builds) == 1
+
+
+def _renamed(*, names: list[str], to: str, joined: datetime):
+    return get_user_model().objects.filter(username__in=names), {"first_name": to, "date_joined": joined}
+
+
+def test_an_update_compiled_per_shape_changes_the_rows_of_each_call_and_counts_them():
+    User = get_user_model()
+    for name in ("ada", "bob", "cyd"):
+        User.objects.create(username=name)
+    rename = compiled_update_per_shape(_renamed)
+    now = timezone.now()
+
+    counts = (rename(names=["ada", "bob"], to="A", joined=now), rename(names=["bob", "cyd"], to="B", joined=now))
+
+    assert counts == (2, 2)
+    assert dict(User.objects.values_list("username", "first_name")) == {"ada": "A", "bob": "B", "cyd": "B"}
+
+
+def test_an_update_with_a_value_it_cannot_mark_is_run_by_django():
+    User = get_user_model()
+    User.objects.create(username="ada", last_login=timezone.now())
+    forget = compiled_update_per_shape(
+        lambda *, names, when: (User.objects.filter(username__in=names), {"last_login": when})
+    )
+
+    assert forget(names=["ada"], when=None) == 1
+    assert User.objects.get(username="ada").last_login is None
+
+
+@requires_postgres
+def test_on_postgresql_an_update_is_built_once_per_shape():
+    User = get_user_model()
+    for name in ("ada", "bob", "cyd"):
+        User.objects.create(username=name)
+    builds = []
+
+    def build(**values):
+        builds.append(1)
+        return _renamed(**values)
+
+    rename = compiled_update_per_shape(build)
+    now = timezone.now()
+    for names in (["ada"], ["bob"], ["ada", "bob"], ["bob", "cyd"]):
+        rename(names=names, to=names[-1].upper(), joined=now)
+
+    assert len(builds) == 2
+    assert dict(User.objects.values_list("username", "first_name")) == {"ada": "BOB", "bob": "CYD", "cyd": "CYD"}
+
+
+@requires_postgres
+def test_on_postgresql_an_update_filtered_through_a_relation_is_left_to_django():
+    from fetchml.tests.factories import ApiKeyFactory
+
+    ApiKeyFactory.create(user=get_user_model().objects.create(username="ada"), name="laptop")
+    ApiKeyFactory.create(user=get_user_model().objects.create(username="bob"), name="cluster")
+    deactivate = compiled_update_per_shape(
+        lambda *, key_names: (get_user_model().objects.filter(api_keys__name__in=key_names), {"is_active": False})
+    )
+
+    assert deactivate(key_names=["laptop"]) == 1
+    assert dict(get_user_model().objects.values_list("username", "is_active")) == {"ada": False, "bob": True}

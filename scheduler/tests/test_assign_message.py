@@ -2,8 +2,8 @@
 
 import pytest
 
+from scheduler.assigns import assign_messages
 from scheduler.dispatch import dispatch_round
-from scheduler.selectors import assign_messages
 from scheduler.tests.factories import assignments_of, queued_task, worker
 
 pytestmark = pytest.mark.django_db

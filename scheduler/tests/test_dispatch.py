@@ -10,6 +10,7 @@ from django.utils import timezone
 
 from audit.models import AuditEvent
 from fetchml import events
+from scheduler import dispatch
 from scheduler.dispatch import dispatch_round
 from scheduler.models import NodeAssignment, Worker
 from scheduler.tests.factories import assignments_of, queued_task, worker
@@ -198,6 +199,21 @@ def test_no_round_without_an_active_worker():
     assert dispatch_round() == 0
 
 
+def test_claim_takes_no_more_tasks_than_the_free_slots_rounded_up_to_a_power_of_two(monkeypatch):
+    limits = []
+    claim = dispatch.claim_tasks
+    monkeypatch.setattr(
+        dispatch, "claim_tasks", lambda nodes, *, limit, now: limits.append(limit) or claim(nodes, limit=limit, now=now)
+    )
+    worker(batch_slots=3)
+    worker(batch_slots=3, used_batch_slots=1)
+    for _ in range(10):
+        queued_task()
+
+    assert dispatch_round(batch_size=16) == 5
+    assert limits == [8]
+
+
 def test_round_is_bounded_by_the_batch_size():
     worker(batch_slots=10)
     for _ in range(6):
@@ -221,4 +237,5 @@ def test_worker_group_is_told_about_its_round_of_assignments_in_one_message_afte
 
     message = async_to_sync(layer.receive)(channel)
     assert message["type"] == "worker.assign"
-    assert sorted(message["assignment_ids"]) == sorted(str(a.id) for a in NodeAssignment.objects.all())
+    tokens = [assign["token"] for assign in events.assigns_of(message)]
+    assert sorted(tokens) == sorted(str(a.token) for a in NodeAssignment.objects.all())

@@ -321,3 +321,43 @@ def test_loop_is_woken_again_after_its_channel_layer_connections_are_killed(chan
         return killed
 
     assert asyncio.run(scenario()) >= 1
+
+
+@pytest.fixture
+def pass_gaps(monkeypatch) -> list[float]:
+    """The waits `_space_passes` asks for, instead of waiting them."""
+    asked: list[float] = []
+
+    async def recorded(stop, seconds):
+        asked.append(seconds)
+
+    monkeypatch.setattr("scheduler.loop._wait", recorded)
+    return asked
+
+
+def _just_passed(*, placed: int, backlog: bool) -> SchedulerLoop:
+    loop = SchedulerLoop()
+    loop._pass_ended_at, loop._last_placed, loop.backlog = time.monotonic(), placed, backlog
+    return loop
+
+
+@override_settings(FETCHML_SCHEDULER_PASS_GAP_SECONDS=5.0)
+def test_pass_right_after_a_pass_that_left_work_waiting_waits_for_the_gap(pass_gaps):
+    asyncio.run(_just_passed(placed=1, backlog=True)._space_passes(asyncio.Event()))
+
+    [gap] = pass_gaps
+    assert 4.0 < gap <= 5.0
+
+
+@override_settings(FETCHML_SCHEDULER_PASS_GAP_SECONDS=5.0)
+def test_new_work_on_a_queue_the_last_pass_left_empty_is_dispatched_without_the_gap(pass_gaps):
+    asyncio.run(_just_passed(placed=1, backlog=False)._space_passes(asyncio.Event()))
+
+    assert pass_gaps == []
+
+
+@override_settings(FETCHML_SCHEDULER_PASS_GAP_SECONDS=5.0, FETCHML_SCHEDULER_BATCH_SIZE=4)
+def test_pass_after_a_full_batch_goes_at_once(pass_gaps):
+    asyncio.run(_just_passed(placed=4, backlog=True)._space_passes(asyncio.Event()))
+
+    assert pass_gaps == []

@@ -4,9 +4,9 @@ import pytest
 from asgiref.sync import async_to_sync
 
 from fetchml import events
+from scheduler.assigns import assign_messages
 from scheduler.dispatch import dispatch_round
 from scheduler.models import NodeAssignment, Worker
-from scheduler.selectors import assign_messages
 from scheduler.services import assignment_status
 from scheduler.tests.factories import assignments_of, queued_task, worker
 from tasks.states import TaskStatus

@@ -1,0 +1,118 @@
+"""The `assign` message: what a worker is told to run (docs/worker-protocol.md).
+
+Built in two places from the same rule (`assign_message`): by the dispatch
+round, from the rows it has just written, so the worker's connection only
+relays it; and from the database (`assign_messages`) when unacknowledged
+assignments are sent again (re-sends, a reconnecting worker). An `assign`
+carries the plugins' secrets: it is never logged, and it crosses the channel
+layer sealed (`events.assign_notice`).
+"""
+
+from typing import Any
+
+from jupyter.selectors import service_spec_for_task
+from plugins.selectors import (
+    ActiveConfigs,
+    plugin_configs,
+    plugin_env_for_task,
+    plugin_sidecars_for_task,
+    task_plugin_configs,
+)
+from scheduler.models import NodeAssignment
+from scheduler.protocol import outgoing
+from tasks.models import Task
+
+MASTER_PORT = 29500  # torch.distributed's default rendezvous port on the rank-0 node
+
+# The task fields an `assign` is built from (besides those dispatch reads anyway).
+ASSIGN_TASK_FIELDS = (
+    "entrypoint",
+    "args",
+    "env",
+    "timeout_seconds",
+    "cancel_grace_seconds",
+    "snapshot_id",
+    "datasets",
+    "dataset_specs",
+    "plugin_configs",
+)
+# Never part of an `assign`, and possibly long (an earlier attempt's last lines).
+_NOT_SENT = ("error", "output", "plugin_status")
+
+
+def assign_message(assignment: NodeAssignment, task: Task, *, master_addr: str, fleet: ActiveConfigs) -> dict:
+    """The `assign` of one node of `task`; `master_addr` is the rank-0 worker's hostname."""
+    plugins = task_plugin_configs(task, fleet=fleet)
+    return outgoing(
+        "assign",
+        task_id=str(task.id),
+        token=str(assignment.token),
+        attempt=assignment.attempt,
+        kind=task.kind,
+        entrypoint=task.entrypoint,
+        args=task.args,
+        # Plugin variables may hold secrets (API keys): this message is never logged.
+        env={**plugin_env_for_task(task, configs=plugins), **task.env},
+        resources={
+            "cpu": assignment.cpu,
+            "memory_gb": assignment.memory_gb,
+            "gpus": assignment.gpus,
+            "gpu_indices": assignment.gpu_indices,
+        },
+        timeout_seconds=task.timeout_seconds,
+        cancel_grace_seconds=task.cancel_grace_seconds,
+        node={
+            "rank": assignment.node_id,
+            "count": task.node_count,
+            "master_addr": master_addr,
+            "master_port": MASTER_PORT,
+        },
+        snapshot_id=task.snapshot_id,
+        dataset_specs=task.dataset_specs,
+        datasets=task.datasets,
+        sidecars=plugin_sidecars_for_task(task, configs=plugins),
+        service=service_spec_for_task(task),
+    )
+
+
+def round_assign_messages(assignments: list[NodeAssignment], tasks: dict[Any, tuple[Task, str]]) -> list[dict]:
+    """The `assign`s of assignments a dispatch round has just written, in their order.
+
+    `tasks` maps each task id to the task (loaded with `ASSIGN_TASK_FIELDS` at
+    least) and its rank-0 worker's hostname. One query however many: the
+    plugin configurations.
+    """
+    if not assignments:
+        return []
+    fleet = plugin_configs()
+    messages = []
+    for assignment in assignments:
+        task, master_addr = tasks[assignment.task_id]
+        messages.append(assign_message(assignment, task, master_addr=master_addr, fleet=fleet))
+    return messages
+
+
+def assign_messages(*, assignment_ids: list[Any], worker_id: Any) -> list[dict[str, Any]]:
+    """The `assign` messages of those assignments still live and unacknowledged on this worker.
+
+    Two queries however many (the assignments with their tasks and worker, the
+    plugin configurations), plus one per multi-node or service task.
+    """
+    assignments = list(
+        NodeAssignment.objects.select_related("task", "worker")
+        .defer(*(f"task__{name}" for name in _NOT_SENT))
+        .filter(id__in=assignment_ids, worker_id=worker_id, holds_capacity=True, status=NodeAssignment.Status.ASSIGNED)
+        .order_by("created_at", "node_id")
+    )
+    fleet = plugin_configs() if assignments else []
+    return [
+        assign_message(assignment, assignment.task, master_addr=_master_addr(assignment), fleet=fleet)
+        for assignment in assignments
+    ]
+
+
+def _master_addr(assignment: NodeAssignment) -> str:
+    if assignment.node_id == 0:
+        return assignment.worker.hostname
+    rank0 = NodeAssignment.objects.filter(task_id=assignment.task_id, attempt=assignment.attempt, node_id=0)
+    return rank0.values_list("worker__hostname", flat=True).first() or ""
