@@ -12,6 +12,17 @@ from fetchml.compiled import compiled_once, compiled_per_shape, compiled_update_
 pytestmark = pytest.mark.django_db
 
 
+def _counting(build):
+    """`build`, noting each call in the list returned with it."""
+    builds = []
+
+    def counted(**values):
+        builds.append(1)
+        return build(**values)
+
+    return counted, builds
+
+
 def test_a_compiled_query_is_built_once_and_sees_the_rows_of_each_run():
     User = get_user_model()
     builds = []
@@ -54,12 +65,7 @@ def test_a_query_compiled_per_shape_runs_again_with_new_values():
 
 @requires_postgres
 def test_on_postgresql_a_query_is_built_once_per_shape():
-    builds = []
-
-    def build(**values):
-        builds.append(1)
-        return _joined_by(**values)
-
+    build, builds = _counting(_joined_by)
     joined = compiled_per_shape(build)
     later = timezone.now()
     for names in (["ada"], ["bob"], ["ada", "bob"], ["cyd", "dan"]):
@@ -73,12 +79,7 @@ def test_on_postgresql_dispatch_rounds_run_the_compiled_task_claim(monkeypatch):
     from scheduler import dispatch
     from scheduler.tests.factories import queued_task, worker
 
-    builds = []
-
-    def counted(**values):
-        builds.append(1)
-        return dispatch._claim_tasks_queryset(**values)
-
+    counted, builds = _counting(dispatch._claim_tasks_queryset)
     monkeypatch.setattr(dispatch, "_compiled_claim", compiled_per_shape(counted))
     worker(batch_slots=100)  # the claim's LIMIT stays the batch size
     for _ in range(3):
@@ -121,12 +122,7 @@ def test_on_postgresql_an_update_is_built_once_per_shape():
     User = get_user_model()
     for name in ("ada", "bob", "cyd"):
         User.objects.create(username=name)
-    builds = []
-
-    def build(**values):
-        builds.append(1)
-        return _renamed(**values)
-
+    build, builds = _counting(_renamed)
     rename = compiled_update_per_shape(build)
     now = timezone.now()
     for names in (["ada"], ["bob"], ["ada", "bob"], ["bob", "cyd"]):
