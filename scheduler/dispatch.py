@@ -13,7 +13,8 @@ Every row-locking query of the scheduler lives in this module. A round:
    its nodes on distinct workers or none);
 4. writes the assignments, the workers' used_* counters (the CHECK constraint
    refuses any overcommit), the task transitions, the reservations claimed and
-   one audit append, and tells each worker's channel group after commit.
+   one audit append, builds the `assign` messages (scheduler/assigns.py) and,
+   after commit, hands them to each worker's channel group, sealed.
 
 Policies applied while matching (scheduler/policies.py, docs/scheduling.md):
 active reservations hold GPUs and a batch slot on specific workers against
