@@ -49,22 +49,7 @@ def compiled_per_shape(build: Callable[..., QuerySet]) -> Callable[..., Iterable
     or if a marker does not show in the compiled parameters (Django folded
     it into the SQL), it runs the queryset itself.
     """
-    compiled: dict[tuple, tuple[Any, str, list[tuple[str, int | None] | Any]] | None] = {}
-
-    def run(*, fixed: dict[str, Any] | None = None, **values: Any) -> Iterable[Model]:
-        fixed = fixed or {}
-        if connection.vendor != "postgresql" or not all(map(_markable, values.values())):
-            return build(**fixed, **values)
-        shape = _shape(fixed, values)
-        if shape not in compiled:
-            compiled[shape] = _compile(lambda **marked: build(**fixed, **marked), values, _select_sql)
-        if compiled[shape] is None:
-            return build(**fixed, **values)
-        model, sql, slots = compiled[shape]
-        params = [_value_for(slot, values) for slot in slots]
-        return model.objects.raw(sql, params)
-
-    return run
+    return _per_shape(build, _select_sql, _run_select, fallback=lambda queryset: queryset)
 
 
 def compiled_update_per_shape(build: Callable[..., tuple[QuerySet, dict[str, Any]]]) -> Callable[..., int]:
@@ -74,28 +59,37 @@ def compiled_update_per_shape(build: Callable[..., tuple[QuerySet, dict[str, Any
     Only an UPDATE of one table is compiled (no filter through a relation);
     anything else, and every call off PostgreSQL, runs `update()` itself.
     """
+    return _per_shape(build, _update_sql, _run_update, fallback=lambda built: built[0].update(**built[1]))
+
+
+def _per_shape(build: Callable[..., Any], to_sql: Callable, execute: Callable, *, fallback: Callable) -> Callable:
+    """`build(**values)` compiled by `to_sql` once per shape and run by `execute` on PostgreSQL;
+    `fallback(build(**values))` elsewhere, or when the values cannot be marked."""
     compiled: dict[tuple, tuple[Any, str, list[tuple[str, int | None] | Any]] | None] = {}
 
-    def updated(fixed: dict[str, Any], values: dict[str, Any]) -> int:
-        rows, changes = build(**fixed, **values)
-        return rows.update(**changes)
-
-    def run(*, fixed: dict[str, Any] | None = None, **values: Any) -> int:
+    def run(*, fixed: dict[str, Any] | None = None, **values: Any) -> Any:
         fixed = fixed or {}
-        if connection.vendor != "postgresql" or not all(map(_markable, values.values())):
-            return updated(fixed, values)
-        shape = _shape(fixed, values)
-        if shape not in compiled:
-            compiled[shape] = _compile(lambda **marked: build(**fixed, **marked), values, _update_sql)
-        if compiled[shape] is None:
-            return updated(fixed, values)
-        _, sql, slots = compiled[shape]
-        # As QuerySet.update(): an error inside an atomic block marks it for rollback.
-        with transaction.mark_for_rollback_on_error(), connection.cursor() as cursor:
-            cursor.execute(sql, [_value_for(slot, values) for slot in slots])
-            return cursor.rowcount
+        if connection.vendor == "postgresql" and all(map(_markable, values.values())):
+            shape = _shape(fixed, values)
+            if shape not in compiled:
+                compiled[shape] = _compile(lambda **marked: build(**fixed, **marked), values, to_sql)
+            if compiled[shape] is not None:
+                model, sql, slots = compiled[shape]
+                return execute(model, sql, [_value_for(slot, values) for slot in slots])
+        return fallback(build(**fixed, **values))
 
     return run
+
+
+def _run_select(model: type[Model], sql: str, params: list[Any]) -> RawQuerySet:
+    return model.objects.raw(sql, params)
+
+
+def _run_update(model: type[Model], sql: str, params: list[Any]) -> int:
+    # As QuerySet.update(): an error inside an atomic block marks it for rollback.
+    with transaction.mark_for_rollback_on_error(), connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        return cursor.rowcount
 
 
 def _shape(fixed: dict[str, Any], values: dict[str, Any]) -> tuple:
@@ -167,8 +161,9 @@ def _marker(example: Any, number: int) -> Any:
 
 
 def _markable(value: Any) -> bool:
+    # Strings include the choices' enum members (a status); ints exclude bools (True == 1).
     items = value if isinstance(value, list) else [value]
-    return all(type(item) in (int, str, uuid.UUID) or isinstance(item, datetime) for item in items)
+    return all(type(item) is int or isinstance(item, str | uuid.UUID | datetime) for item in items)
 
 
 def _hashable(value: Any) -> bool:

@@ -24,8 +24,12 @@ from tasks.models import Task
 
 MASTER_PORT = 29500  # torch.distributed's default rendezvous port on the rank-0 node
 
-# The task fields an `assign` is built from (besides those dispatch reads anyway).
+# The task fields an `assign` is built from: the round claims them, re-sends load only them
+# (the rest of the row, such as an earlier attempt's error and output, can be long).
 ASSIGN_TASK_FIELDS = (
+    "id",
+    "kind",
+    "node_count",
     "entrypoint",
     "args",
     "env",
@@ -36,8 +40,6 @@ ASSIGN_TASK_FIELDS = (
     "dataset_specs",
     "plugin_configs",
 )
-# Never part of an `assign`, and possibly long (an earlier attempt's last lines).
-_NOT_SENT = ("error", "output", "plugin_status")
 
 
 def assign_message(assignment: NodeAssignment, task: Task, *, master_addr: str, fleet: ActiveConfigs) -> dict:
@@ -100,7 +102,7 @@ def assign_messages(*, assignment_ids: list[Any], worker_id: Any) -> list[dict[s
     """
     assignments = list(
         NodeAssignment.objects.select_related("task", "worker")
-        .defer(*(f"task__{name}" for name in _NOT_SENT))
+        .only(*_ASSIGNMENT_FIELDS, "worker__hostname", *(f"task__{name}" for name in ASSIGN_TASK_FIELDS))
         .filter(id__in=assignment_ids, worker_id=worker_id, holds_capacity=True, status=NodeAssignment.Status.ASSIGNED)
         .order_by("created_at", "node_id")
     )
@@ -109,6 +111,9 @@ def assign_messages(*, assignment_ids: list[Any], worker_id: Any) -> list[dict[s
         assign_message(assignment, assignment.task, master_addr=_master_addr(assignment), fleet=fleet)
         for assignment in assignments
     ]
+
+
+_ASSIGNMENT_FIELDS = tuple(field.name for field in NodeAssignment._meta.concrete_fields)
 
 
 def _master_addr(assignment: NodeAssignment) -> str:

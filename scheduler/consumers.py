@@ -285,7 +285,8 @@ class WorkerConsumer(SocketConsumer):
         try:
             messages = events.assigns_of(event)
         except Unsealable:
-            # Sealed under another SECRET_KEY: the scheduler re-sends what stays unacknowledged.
+            # Sealed under another SECRET_KEY: re-sends would fail alike; on reconnect the
+            # worker gets its unacknowledged assignments from the database (`hello`).
             logger.error(
                 "worker %s: an assign notice could not be unsealed (is SECRET_KEY the same everywhere?)", self.worker_id
             )

@@ -18,6 +18,11 @@ def change_used(worker_id: Any, changes: dict[str, int]) -> None:
     _changed(fixed={"names": names}, worker_id=worker_id, amounts=[changes[name] for name in names])
 
 
+def give_back(worker_id: Any, freed: dict[str, int]) -> None:
+    """Subtract what ended runs held (`freed`: counter name -> amount)."""
+    change_used(worker_id, {name: -amount for name, amount in freed.items()})
+
+
 def _update(*, names: tuple[str, ...], worker_id: Any, amounts: list[int]) -> tuple:
     return Worker.objects.filter(id=worker_id), {
         name: F(name) + amount for name, amount in zip(names, amounts, strict=True)

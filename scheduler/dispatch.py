@@ -193,7 +193,7 @@ def capacities(workers: list[Worker], holds: Holds | None = None) -> list[NodeCa
 # What a round reads of a task: matching, holds, the assignment, the audit, the
 # publication, and the `assign` messages it builds. A claim is bounded by the
 # free slots (each placed task takes one), and the rest of the row is large.
-DISPATCH_FIELDS = (
+_ROUND_FIELDS = (
     "id",
     "owner_id",
     "status",
@@ -208,8 +208,8 @@ DISPATCH_FIELDS = (
     "node_count",
     "reservation_id",
     "queued_at",
-    *ASSIGN_TASK_FIELDS,
 )
+DISPATCH_FIELDS = tuple(dict.fromkeys(_ROUND_FIELDS + ASSIGN_TASK_FIELDS))
 
 
 def runnable_tasks(now: datetime) -> QuerySet[Task]:

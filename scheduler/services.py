@@ -30,7 +30,7 @@ from fetchml.auth import Actor
 from fetchml.compiled import compiled_per_shape, compiled_update_per_shape
 from fetchml.conf import app_settings
 from fetchml.errors import Conflict
-from scheduler.counters import change_used
+from scheduler.counters import give_back
 from scheduler.models import NodeAssignment, Worker
 from scheduler.protocol import CAPACITY_FIELDS
 from tasks.logs import append_lines
@@ -478,13 +478,13 @@ class _AtOnce(_RunWrites):
     """Each change written as it is made (a single report, failures, multi-node runs)."""
 
     def acknowledge(self, assignment: NodeAssignment) -> None:
-        NodeAssignment.objects.filter(id=assignment.id, status=NodeAssignment.Status.ASSIGNED).update(
-            status=NodeAssignment.Status.ACKED, acked_at=timezone.now()
+        _runs_changed(
+            fixed={"change": "acked"}, ids=[assignment.id], status=NodeAssignment.Status.ACKED, now=timezone.now()
         )
 
     def mark_running(self, assignment: NodeAssignment) -> None:
-        NodeAssignment.objects.filter(id=assignment.id).update(
-            status=NodeAssignment.Status.RUNNING, acked_at=assignment.acked_at or timezone.now()
+        _runs_changed(
+            fixed={"change": "running"}, ids=[assignment.id], status=NodeAssignment.Status.RUNNING, now=timezone.now()
         )
 
     def release(self, assignment: NodeAssignment, *, status: str) -> bool:
@@ -561,7 +561,7 @@ class _Batched(_RunWrites):
         for status, runs in self._ended.items():
             _updated_all("ended", runs, status=status, now=self.now)
         for worker_id, freed in sorted(self._freed.items()):
-            change_used(worker_id, {name: -amount for name, amount in freed.items()})
+            give_back(worker_id, freed)
         if self._freed:
             if draining:
                 _offline_if_drained(self.worker_id)
@@ -578,6 +578,7 @@ def _updated_all(change: str, runs: list[NodeAssignment], *, status: str, now: d
 
 
 def _runs_update(*, change: str, ids: list[uuid.UUID], status: str, now: datetime) -> tuple:
+    """The one rule of an assignment's progress (acked, running, ended by the worker's report)."""
     live = NodeAssignment.objects.filter(id__in=ids, holds_capacity=True)
     # An acknowledgement not written yet is written by the later change of the same run.
     acked_at = Coalesce(F("acked_at"), Value(now))
@@ -687,8 +688,7 @@ def _release(assignment: NodeAssignment, *, status: str) -> bool:
     )
     if not won:
         return False
-    freed = _freed_by(assignment)
-    change_used(assignment.worker_id, {name: -amount for name, amount in freed.items()})
+    give_back(assignment.worker_id, _freed_by(assignment))
     _offline_if_drained(assignment.worker_id)
     events.wake_scheduler("capacity_freed")
     return True

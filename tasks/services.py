@@ -222,10 +222,10 @@ class TaskTransitions:
     (locked or not), updates it in memory and records the audit event and
     the publication at once, as `task_transition` does; `write` then stores
     every moved task with one conditional UPDATE per (state before, changes)
-    group. A task moved twice
-    (preparing -> running -> completed) is written once, with both
-    transitions audited and published. Used by a worker's batch of run
-    reports, where one UPDATE per transition would cost a round trip per task.
+    group. A task moved twice (preparing -> running -> completed) is written
+    once, with both transitions audited and published. Used by a worker's
+    batch of run reports, where one UPDATE per transition would cost a round
+    trip per task.
     """
 
     def __init__(self, *, now: datetime) -> None:
@@ -260,9 +260,11 @@ class TaskTransitions:
         self._changes.clear()
 
 
-_transitions_written = compiled_update_per_shape(
-    lambda *, ids, before, **changes: (Task.objects.filter(id__in=ids, status=before), changes)
-)
+def _transitions_update(*, ids: list[uuid.UUID], before: str, **changes: Any) -> tuple:
+    return Task.objects.filter(id__in=ids, status=before), changes
+
+
+_transitions_written = compiled_update_per_shape(_transitions_update)
 
 
 def task_cancel(*, task: Task, actor: Actor) -> Task:

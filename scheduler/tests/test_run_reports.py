@@ -5,12 +5,15 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
 from audit.models import AuditEvent, ChainHead
+from conftest import requires_postgres
 from fetchml import events
-from scheduler import services
+from fetchml.compiled import compiled_update_per_shape
+from scheduler import counters, dispatch, services
 from scheduler.dispatch import dispatch_round
 from scheduler.models import Worker
 from scheduler.services import StatusOutcome, apply_run_reports
 from scheduler.tests.factories import assignments_of, queued_task, worker
+from tasks import services as task_services
 from tasks.models import Task
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -218,3 +221,31 @@ def test_a_batch_whose_runs_changed_before_it_wrote_is_applied_again_holding_its
     assert outcomes == [True, StatusOutcome(accepted=True)]
     assert Task.objects.get(id=run["task_id"]).status == "completed"
     assert AuditEvent.objects.filter(resource=f"task:{run['task_id']}", action="completed").count() == 1
+
+
+@requires_postgres
+def test_on_postgresql_rounds_and_report_batches_write_with_updates_compiled_once_per_shape(monkeypatch):
+    builds: dict[str, int] = {}
+
+    def counted(name, build):
+        def counting(**values):
+            builds[name] = builds.get(name, 0) + 1
+            return build(**values)
+
+        return compiled_update_per_shape(counting)
+
+    monkeypatch.setattr(dispatch, "_preparing", counted("preparing", dispatch._preparing_update))
+    monkeypatch.setattr(counters, "_changed", counted("counters", counters._update))
+    monkeypatch.setattr(services, "_runs_changed", counted("runs", services._runs_update))
+    monkeypatch.setattr(task_services, "_transitions_written", counted("tasks", task_services._transitions_update))
+    box = worker(batch_slots=1)
+    for _ in range(2):
+        task = queued_task()
+        assert dispatch_round() == 1
+        run = {"task_id": str(task.id), "token": str(assignments_of(task)[0].token)}
+        reports = [_report(run, "ack"), _report(run, "status", status="running")]
+        apply_run_reports(worker_id=box.id, reports=[*reports, _report(run, "status", status="completed")])
+        assert Task.objects.get(id=task.id).status == "completed"
+
+    # The second task's round and batch ran the SQL the first one's compiled (counters: taken and given back).
+    assert builds == {"preparing": 1, "counters": 2, "runs": 1, "tasks": 1}
