@@ -144,6 +144,13 @@ class SchedulerLoop:
         if remaining > 0:
             await _wait(stop, remaining)
 
+    def _pass_again(self, worked: bool) -> bool:
+        """Whether to pass again at once instead of waiting for a wake-up: when the pass changed
+        something and left runnable tasks (some may fit what is left, or what it freed). A pass that
+        emptied the queue waits: new work wakes the loop, and a pass for nothing would hold up the
+        next submission's."""
+        return worked and self.backlog
+
     async def _in_thread(self, function) -> Any:
         return await sync_to_async(function, thread_sensitive=False, executor=self._executor)()
 
@@ -165,8 +172,8 @@ class SchedulerLoop:
                     await _wait(stop, backoff)
                     backoff = min(backoff * 2, ERROR_BACKOFF_MAX)
                     continue
-                if worked:
-                    await asyncio.sleep(0)  # more may be waiting: go again, but let others run
+                if self._pass_again(worked):
+                    await asyncio.sleep(0)  # let others run first
                     continue
                 await wake.wait(stop, app_settings.SCHEDULER_INTERVAL)
         finally:

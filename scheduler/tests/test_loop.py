@@ -361,3 +361,15 @@ def test_pass_after_a_full_batch_goes_at_once(pass_gaps):
     asyncio.run(_just_passed(placed=4, backlog=True)._space_passes(asyncio.Event()))
 
     assert pass_gaps == []
+
+
+def test_pass_that_changed_something_and_left_runnable_tasks_is_followed_at_once_by_another():
+    assert _just_passed(placed=3, backlog=True)._pass_again(worked=True) is True
+
+
+def test_pass_that_emptied_the_queue_waits_for_a_wake_up_instead_of_passing_again():
+    assert _just_passed(placed=1, backlog=False)._pass_again(worked=True) is False
+
+
+def test_pass_that_changed_nothing_waits_for_a_wake_up_even_with_tasks_waiting():
+    assert _just_passed(placed=0, backlog=True)._pass_again(worked=False) is False
