@@ -268,7 +268,9 @@ def _claim_tasks_queryset(
     return (
         runnable_tasks(now)
         .only(*DISPATCH_FIELDS)
-        .select_for_update(skip_locked=True)
+        # The owner's name for the audit, without a query of its own.
+        .annotate(owner_username=F(f"owner__{get_user_model().USERNAME_FIELD}"))
+        .select_for_update(skip_locked=True, of=("self",))
         .filter(kind__in=kinds, cpu__lte=cpu, memory_gb__lte=memory_gb, gpu__lte=gpu, node_count__lte=node_count)
         .filter(Q(gpu=0) | Q(gpu_type="") | Q(gpu_type__in=gpu_types))[:limit]
     )
@@ -394,7 +396,6 @@ def _write(placements: list[Placement], now: datetime) -> int:
     if not placements:
         return 0
     _mark_preparing(placements, now)
-    owners = _usernames(sorted({placement.task.owner_id for placement in placements}))
     assignments: list[NodeAssignment] = []
     used: dict[uuid.UUID, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     audit: list[Entry] = []
@@ -424,7 +425,7 @@ def _write(placements: list[Placement], now: datetime) -> int:
         audit.append(
             Entry(
                 event_type="job_started",
-                user=owners[task.owner_id],
+                user=task.owner_username,
                 resource=f"task:{task.id}",
                 action="assign",
                 metadata={
@@ -434,7 +435,7 @@ def _write(placements: list[Placement], now: datetime) -> int:
                 },
             )
         )
-    audit.extend(_claim_reservations(placements, owners))
+    audit.extend(_claim_reservations(placements))
     insert_rows(assignments)
     for worker_id, counters in used.items():
         change_used(worker_id, counters)
@@ -449,20 +450,7 @@ def _write(placements: list[Placement], now: datetime) -> int:
     return len(placements)
 
 
-def _usernames_query(*, ids: list[int]) -> QuerySet:
-    user_model = get_user_model()
-    return user_model.objects.filter(pk__in=ids).only("pk", user_model.USERNAME_FIELD)
-
-
-_compiled_usernames = compiled_per_shape(_usernames_query)
-
-
-def _usernames(ids: list[int]) -> dict[int, str]:
-    """The placed tasks' owners' names for the audit (one query, compiled once per number of owners)."""
-    return {user.pk: user.get_username() for user in _compiled_usernames(ids=ids)}
-
-
-def _claim_reservations(placements: list[Placement], owners: dict[int, str]) -> list[Entry]:
+def _claim_reservations(placements: list[Placement]) -> list[Entry]:
     """active -> claimed for the reservations the placed tasks named (conditional UPDATE, one per reservation)."""
     entries = []
     for placement in placements:
@@ -476,7 +464,7 @@ def _claim_reservations(placements: list[Placement], owners: dict[int, str]) -> 
             entries.append(
                 Entry(
                     event_type="reservation_changed",
-                    user=owners[task.owner_id],
+                    user=task.owner_username,
                     resource=f"reservation:{task.reservation_id}",
                     action="claim",
                     metadata={"task_id": str(task.id)},

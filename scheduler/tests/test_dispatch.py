@@ -167,7 +167,7 @@ def test_multi_node_task_takes_all_its_nodes_on_distinct_workers_at_once():
     assert gang.worker_id == placed[0].worker_id
 
 
-def test_dispatch_moves_the_task_to_preparing_with_its_next_attempt_and_audits_it():
+def test_dispatch_moves_the_task_to_preparing_with_its_next_attempt_and_audits_it_as_its_owners():
     box = worker()
     task = queued_task(attempt=2)
 
@@ -179,6 +179,7 @@ def test_dispatch_moves_the_task_to_preparing_with_its_next_attempt_and_audits_i
     assert (assignment.attempt, assignment.status, assignment.holds_capacity) == (3, "assigned", True)
     event = AuditEvent.objects.get(event_type="job_started")
     assert (event.action, event.resource, event.metadata["workers"]) == ("assign", f"task:{task.id}", [box.name])
+    assert event.user_id == task.owner.username
 
 
 def test_each_assignment_gets_a_fresh_fencing_token():
