@@ -307,6 +307,70 @@ def insert_queued(owner: Any, count: int, multi_node_every: int = 0) -> None:
         )
 
 
+# CPU time (user + system) per task of each part of a system, from /proc (Linux; elsewhere nothing is
+# read): what a task costs where, a figure far steadier than wall-clock throughput on a shared machine,
+# and how many tasks/s the machine's cores could do at that cost.
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def cpu_seconds(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime
+
+
+def cpu_snapshot(parts: dict[str, list[int]]) -> dict[int, float]:
+    return {pid: cpu_seconds(pid) for pids in parts.values() for pid in pids}
+
+
+def cpu_per_task(parts: dict[str, list[int]], before: dict[int, float], tasks: int) -> dict[str, float]:
+    """ms of CPU per task of each part since `before` (a process started since counts from zero)."""
+    return {
+        part: sum(cpu_seconds(pid) - before.get(pid, 0.0) for pid in pids) * 1000 / tasks
+        for part, pids in parts.items()
+    }
+
+
+def redis_pids() -> list[int]:
+    import redis
+
+    try:
+        return [int(redis.Redis.from_url(os.environ["REDIS_URL"]).info("server")["process_id"])]
+    except Exception:
+        return []
+
+
+def system_parts(system: System) -> dict[str, list[int]]:
+    """FetchML's parts: daphne, the scheduler, the PostgreSQL backends of the scratch database, Redis,
+    and this process (the bench clients, the inserts and the progress queries)."""
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pid FROM pg_stat_activity WHERE datname = current_database()")
+        backends = [pid for (pid,) in cursor.fetchall()]
+    *servers, scheduler = system.children
+    return {
+        "daphne": [child.pid for child in servers],
+        "scheduler": [scheduler.pid],
+        "PostgreSQL": backends,
+        "Redis": redis_pids(),
+        "bench": [os.getpid()],
+    }
+
+
+def print_cpu_per_task(label: str, cost: dict[str, float]) -> None:
+    total = sum(cost.values())
+    if not total:
+        print(f"{label}: not measurable here (needs /proc)")
+        return
+    parts = ", ".join(f"{part} {ms:.2f}" for part, ms in cost.items())
+    cores = os.cpu_count() or 1
+    print(f"{label} (ms): {parts}; total {total:.2f} (at this cost {cores} cores do {cores * 1000 / total:,.0f}/s)")
+
+
 def completed_count() -> int:
     from tasks.models import Task
 
@@ -319,7 +383,10 @@ def unfinished_count() -> int:
     return Task.objects.exclude(status__in=("completed", "failed", "cancelled")).count()
 
 
-async def measure_throughput(owner: Any, count: int, multi_node_every: int = 0) -> float:
+async def measure_throughput(
+    owner: Any, count: int, multi_node_every: int = 0, system: System | None = None
+) -> tuple[float, dict[str, float]]:
+    """Tasks/s from queued to completed, and (with `system`) the CPU each of its parts spent per task."""
     from asgiref.sync import sync_to_async
 
     from fetchml import events
@@ -327,6 +394,8 @@ async def measure_throughput(owner: Any, count: int, multi_node_every: int = 0) 
     # Counted before the insert: a scheduler pass may complete the first inserted row
     # (the template the others are copied from) before the copies are in.
     base = await sync_to_async(completed_count)()
+    parts = await sync_to_async(system_parts)(system) if system else {}
+    cpu_before = cpu_snapshot(parts)
     await sync_to_async(insert_queued)(owner, count, multi_node_every)
     started = time.perf_counter()
     await sync_to_async(events.send_now)([events.WAKE_GROUP], {"type": "scheduler.wake", "reason": "bench"})
@@ -338,7 +407,10 @@ async def measure_throughput(owner: Any, count: int, multi_node_every: int = 0) 
             done, progress_at = now_done, time.perf_counter()
         elif time.perf_counter() - progress_at > 180:
             raise RuntimeError(f"no task completed for 180 s ({done:,}/{count:,} completed)")
-    return count / (time.perf_counter() - started)
+    throughput = count / (time.perf_counter() - started)
+    if system:  # with the backends that connected meanwhile
+        parts = await sync_to_async(system_parts)(system)
+    return throughput, cpu_per_task(parts, cpu_before, count)
 
 
 async def measure_latency(
@@ -480,11 +552,12 @@ async def run_mixed(args: argparse.Namespace, owner: Any, system: System, key: s
             f"{len(reservations)} active reservations ({held}; each also holds one batch slot per worker); "
             f"every {MIXED_MULTI_NODE_EVERY}th task on 2 nodes"
         )
-        results["mixed_throughput"] = await measure_throughput(owner, args.tasks, MIXED_MULTI_NODE_EVERY)
+        results["mixed_throughput"], cost = await measure_throughput(owner, args.tasks, MIXED_MULTI_NODE_EVERY, system)
         print(
             f"mixed throughput: {results['mixed_throughput']:,.1f} tasks/s "
             f"({args.tasks:,} tasks queued -> completed, {args.tasks // MIXED_MULTI_NODE_EVERY:,} of them 2-node)"
         )
+        print_cpu_per_task("mixed CPU per task", cost)
         latencies = await measure_latency(owner, 50, args.latency_tasks, arrivals, MIXED_MULTI_NODE_EVERY)
         results["mixed_latency_50"] = print_latency(
             "mixed enqueue -> assign (all nodes) at 50/s", latencies, args.latency_tasks
@@ -508,8 +581,9 @@ async def run_system(args: argparse.Namespace, env: dict[str, str]) -> dict[str,
             BenchWorker(system.worker_url(i), key, f"bench-{i}", arrivals, slots=args.slots) for i in range(WORKERS)
         ]
         async with Fleet(workers):
-            results["throughput"] = await measure_throughput(owner, args.tasks)
+            results["throughput"], cost = await measure_throughput(owner, args.tasks, system=system)
             print(f"throughput: {results['throughput']:,.1f} tasks/s ({args.tasks:,} tasks queued -> completed)")
+            print_cpu_per_task("CPU per task", cost)
             print_server_errors(workers)
             for rate in (50, 200):
                 latencies = await measure_latency(owner, rate, args.latency_tasks, arrivals)
@@ -589,7 +663,14 @@ async def run_procrastinate(args: argparse.Namespace, url: str) -> dict[str, Any
                     await asyncio.sleep(0.1)
                 await asyncio.sleep(1)  # their LISTEN connections come up right after registering
 
+                async def parts() -> dict[str, list[int]]:
+                    cursor = await watch.execute("SELECT pid FROM pg_stat_activity WHERE datname = current_database()")
+                    backends = [pid for (pid,) in await cursor.fetchall()]
+                    workers_pids = [child.pid for child in workers.children]
+                    return {"workers": workers_pids, "PostgreSQL": backends, "bench": [os.getpid()]}
+
                 jobs = args.procrastinate_jobs
+                cpu_before = cpu_snapshot(await parts())
                 await procrastinate_app.noop.batch_defer_async(*({} for _ in range(jobs)))
                 started = time.monotonic()  # the batch is committed: every job is visible
                 done_query = "SELECT count(*) FROM procrastinate_jobs WHERE task_name = 'noop' AND status = 'succeeded'"
@@ -603,6 +684,7 @@ async def run_procrastinate(args: argparse.Namespace, url: str) -> dict[str, Any
                     f"({jobs:,} no-op jobs deferred in one batch -> succeeded; {PROCRASTINATE_WORKERS} worker "
                     f"processes, concurrency {args.procrastinate_concurrency} each)"
                 )
+                print_cpu_per_task("procrastinate CPU per job", cpu_per_task(await parts(), cpu_before, jobs))
 
                 for rate in (50, 200):
                     submitted: dict[str, float] = {}
