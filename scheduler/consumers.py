@@ -40,6 +40,10 @@ CLOSE_NAME_IN_USE = 4409
 CLOSE_RECONNECT = 1012
 RUN_REPORTS = frozenset({"ack", "status", "log"})
 MAX_REPORTS_PER_BATCH = 500
+# An agent sends a run's reports a moment apart (an `ack` and the `status` after it): a connection with
+# nothing else to apply waits this long for the rest before applying a lone report, so they share one
+# transaction instead of taking the worker's row and the audit head (which a dispatch round needs) once each.
+REPORT_GATHER_SECONDS = 0.002
 DISCONNECT_DRAIN_SECONDS = 30.0
 _KEY_PARAMS = {"api_key", "apikey", "key", "x-api-key", "token"}
 
@@ -120,6 +124,8 @@ class WorkerConsumer(SocketConsumer):
     async def _handle_inbox(self) -> None:
         while self._inbox:
             if self._inbox[0]["type"] in RUN_REPORTS:
+                if len(self._inbox) == 1:
+                    await asyncio.sleep(REPORT_GATHER_SECONDS)
                 batch = []
                 while self._inbox and self._inbox[0]["type"] in RUN_REPORTS and len(batch) < MAX_REPORTS_PER_BATCH:
                     batch.append(self._inbox.popleft())

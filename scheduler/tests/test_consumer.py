@@ -1,5 +1,6 @@
 """The worker WebSocket `/ws/worker`: auth, hello/welcome, validation, assign/ack/status, fencing, cancel, logs."""
 
+import asyncio
 import json
 import uuid
 
@@ -9,6 +10,7 @@ from channels.db import database_sync_to_async
 
 from fetchml.auth import Actor
 from fetchml.tests.factories import ApiKeyFactory
+from scheduler import consumers, services
 from scheduler.dispatch import dispatch_round
 from scheduler.models import NodeAssignment, Worker
 from scheduler.services import worker_drain
@@ -485,3 +487,32 @@ def test_reports_sent_back_to_back_are_all_applied_and_answered_in_the_order_sen
     assert [a["task_id"] for a in answers] == [a["task_id"] for a in assigns]
     assert all(a["accepted"] for a in answers)
     assert set(Task.objects.values_list("status", flat=True)) == {"completed"}
+
+
+def test_reports_reaching_an_idle_connection_a_moment_apart_are_applied_in_one_batch(worker_key, monkeypatch):
+    # A wide window, so that the moment between the two reports cannot outlast it.
+    monkeypatch.setattr(consumers, "REPORT_GATHER_SECONDS", 0.5)
+    batches = []
+    apply = services.apply_run_reports
+
+    def recorded(*, worker_id, reports):
+        batches.append([report["type"] for report in reports])
+        return apply(worker_id=worker_id, reports=reports)
+
+    monkeypatch.setattr(services, "apply_run_reports", recorded)
+
+    async def scenario():
+        communicator, _ = await start_worker(worker_key, name="gpu-box-1")
+        _, assign = await _assigned(communicator)
+        run_ref = {"task_id": assign["task_id"], "token": assign["token"]}
+        await send(communicator, {"type": "ack", **run_ref})
+        await asyncio.sleep(0.05)
+        await send(communicator, {"type": "status", **run_ref, "status": "completed", "exit_code": 0})
+        answer = await receive(communicator)
+        await communicator.disconnect()
+        return answer
+
+    answer = run(scenario())
+
+    assert answer["type"] == "status_ack" and answer["accepted"]
+    assert batches == [["ack", "status"]]
