@@ -51,7 +51,8 @@ _KEY_PARAMS = {"api_key", "apikey", "key", "x-api-key", "token"}
 class WorkerConsumer(SocketConsumer):
     """Messages after `hello` are handled in arrival order by one background task, so
     the socket keeps being read meanwhile; consecutive run reports (`ack`, `status`,
-    `log`) that piled up are applied together in one transaction."""
+    `log`) that piled up are applied together in one transaction (a lone one waits
+    `REPORT_GATHER_SECONDS` for those sent with it)."""
 
     worker_id: Any = None
     api_key: ApiKey | None = None
