@@ -16,7 +16,10 @@ so the figures are the scheduler's, the channel layer's and the protocol's.
 - latency: tasks submitted with `task_submit` at 50 and 200 per second to idle
   workers, time from the submitting commit to the `assign` frame at a worker;
 - round cost: one `dispatch_round` (placing a full batch) at queue depths of
-  1k, 100k and 1M rows (bulk-inserted with INSERT ... SELECT generate_series).
+  1k, 100k and 1M rows (bulk-inserted with INSERT ... SELECT generate_series);
+- with each throughput figure, the CPU time per task of each part (daphne, the
+  scheduler, the scratch database's PostgreSQL backends, Redis, this process),
+  read from /proc (Linux only).
 
 `--mixed` adds a mixed workload on a second set of 4 bench workers (8 GPUs
 each): two active reservations (booked with `reservation_create`) hold GPUs
@@ -31,7 +34,8 @@ bench/procrastinate_app.py) on its own scratch database
 (`<name>_procrastinatebench_<pid>`): 10,000 jobs deferred in one batch to 4
 idle `procrastinate worker` processes, time until all succeeded; and
 enqueue-to-start latency at 50 and 200 jobs/s (from the return of each
-job's `defer_async`, i.e. its commit, to the first line of the job function).
+job's `defer_async`, i.e. its commit, to the first line of the job function);
+and the CPU time per job of its workers, its backends and this process.
 """
 
 from __future__ import annotations
@@ -311,6 +315,7 @@ def insert_queued(owner: Any, count: int, multi_node_every: int = 0) -> None:
 # read): what a task costs where, a figure far steadier than wall-clock throughput on a shared machine,
 # and how many tasks/s the machine's cores could do at that cost.
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+BACKENDS_SQL = "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
 
 
 def cpu_seconds(pid: int) -> float:
@@ -349,7 +354,7 @@ def system_parts(system: System) -> dict[str, list[int]]:
     from django.db import connection
 
     with connection.cursor() as cursor:
-        cursor.execute("SELECT pid FROM pg_stat_activity WHERE datname = current_database()")
+        cursor.execute(BACKENDS_SQL)
         backends = [pid for (pid,) in cursor.fetchall()]
     *servers, scheduler = system.children
     return {
@@ -664,7 +669,7 @@ async def run_procrastinate(args: argparse.Namespace, url: str) -> dict[str, Any
                 await asyncio.sleep(1)  # their LISTEN connections come up right after registering
 
                 async def parts() -> dict[str, list[int]]:
-                    cursor = await watch.execute("SELECT pid FROM pg_stat_activity WHERE datname = current_database()")
+                    cursor = await watch.execute(BACKENDS_SQL)
                     backends = [pid for (pid,) in await cursor.fetchall()]
                     workers_pids = [child.pid for child in workers.children]
                     return {"workers": workers_pids, "PostgreSQL": backends, "bench": [os.getpid()]}
