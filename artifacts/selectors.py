@@ -64,6 +64,12 @@ def snapshot_for_download(*, actor: Actor, snapshot_id: str) -> Snapshot:
     raise NotFound("Snapshot not found")
 
 
+def missing_datasets(*, user: AbstractBaseUser, names: list[str]) -> list[str]:
+    """Which of `names` are not datasets of `user` (whose namespace a task's server datasets come from)."""
+    found = set(Dataset.objects.filter(owner=user, name__in=set(names)).values_list("name", flat=True))
+    return sorted(set(names) - found)
+
+
 def dataset_list(*, actor: Actor) -> QuerySet[Dataset]:
     datasets = Dataset.objects.select_related("owner").order_by("name", "owner__username")
     return datasets if actor.is_admin else datasets.filter(owner=actor.user)

@@ -8,7 +8,7 @@ from django.contrib.auth.models import AbstractBaseUser
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from artifacts.selectors import snapshot_readable_by
+from artifacts.selectors import missing_datasets, snapshot_readable_by
 from audit.services import record
 from fetchml import events
 from fetchml.auth import Actor
@@ -17,6 +17,7 @@ from fetchml.conf import app_settings
 from fetchml.errors import Conflict, Invalid
 from fetchml.models import ApiKey
 from plugins.overrides import validate_task_plugin_configs
+from scheduler.agent.datasets import SERVER_PREFIX, parse_specs
 from scheduler.models import Reservation
 from scheduler.policies import Shape, fair_share_offset, unschedulable_reason
 from tasks.models import Experiment, IdempotencyRecord, Task
@@ -87,6 +88,30 @@ def _refuse_unknown_snapshot(owner: AbstractBaseUser, snapshot_id: str) -> None:
         )
 
 
+def _refuse_unusable_datasets(owner: AbstractBaseUser, datasets: list, dataset_specs: list) -> None:
+    # Checked here with the agent's own rule, as the snapshot is: a typo in a name or a source the
+    # agent cannot fetch would otherwise fail only at preparation, after the queue wait and every retry.
+    for field, specs, names in (("datasets", (), datasets), ("dataset_specs", dataset_specs, datasets)):
+        try:
+            parsed = parse_specs(tuple(specs), tuple(names))
+        except ValueError as exc:
+            raise Invalid(f"{field} cannot be used: {exc}", details=[{"field": field, "message": str(exc)}]) from None
+    server_names = [spec.source.removeprefix(SERVER_PREFIX) for spec in parsed if spec.source.startswith(SERVER_PREFIX)]
+    missing = missing_datasets(user=owner, names=server_names)
+    if missing:
+        listed = {entry.removeprefix(SERVER_PREFIX) for entry in datasets}
+        raise Invalid(
+            f"datasets not found: {', '.join(missing)}",
+            details=[
+                {
+                    "field": "datasets" if name in listed else "dataset_specs",
+                    "message": f"Unknown dataset {name!r}: upload it with POST /v1/datasets.",
+                }
+                for name in missing
+            ],
+        )
+
+
 def _refuse_unschedulable(fields: dict[str, Any]) -> None:
     """422 for a task no registered worker could ever run (unless `allow_unschedulable`)."""
     names = ("gpu", "gpu_type", "cpu", "memory_gb", "node_count", "kind")
@@ -116,6 +141,8 @@ def task_submit(*, owner: AbstractBaseUser, actor: Actor | None = None, **fields
     fields.pop("reservation_id", None)
     if fields.get("snapshot_id"):
         _refuse_unknown_snapshot(owner, fields["snapshot_id"])
+    if fields.get("datasets") or fields.get("dataset_specs"):
+        _refuse_unusable_datasets(owner, fields.get("datasets") or [], fields.get("dataset_specs") or [])
     if not fields.get("allow_unschedulable"):
         _refuse_unschedulable(fields)
     now = timezone.now()

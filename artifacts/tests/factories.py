@@ -6,7 +6,7 @@ import tarfile
 
 import factory
 
-from artifacts.models import Snapshot, SnapshotOwner
+from artifacts.models import Dataset, Snapshot, SnapshotOwner
 from fetchml.models import ApiKey
 from fetchml.tests.factories import ApiKeyFactory, UserFactory
 from scheduler.models import NodeAssignment
@@ -70,3 +70,15 @@ class SnapshotFactory(factory.django.DjangoModelFactory):
     def uploaded_by(snapshot, create, users, **kwargs):
         for user in users or []:
             SnapshotOwner.objects.create(snapshot=snapshot, user=user)
+
+
+class DatasetFactory(factory.django.DjangoModelFactory):
+    """A dataset row (no stored bytes) in its owner's namespace."""
+
+    class Meta:
+        model = Dataset
+
+    name = factory.Sequence(lambda n: f"dataset-{n}")
+    size = 100
+    sha256 = factory.Sequence(lambda n: hashlib.sha256(f"dataset {n}".encode()).hexdigest())
+    storage_key = factory.LazyAttribute(lambda dataset: f"datasets/{dataset.sha256[:2]}/{dataset.sha256}")

@@ -3,6 +3,7 @@
 import pytest
 from django.test import override_settings
 
+from artifacts.tests.factories import DatasetFactory
 from tasks.models import Task
 
 pytestmark = pytest.mark.django_db
@@ -80,8 +81,41 @@ def test_malformed_dataset_spec_is_refused(user_client, spec):
 
 
 def test_well_formed_dataset_spec_is_accepted(user_client):
-    spec = {"name": "d", "source": "s3://b/d", "sha256": "0123456789abcdef" * 4, "mount_path": "data/d"}
+    spec = {"name": "d", "source": "https://data.example/d", "sha256": "0123456789abcdef" * 4, "mount_path": "data/d"}
     assert submit(user_client, dataset_specs=[spec]).json()["dataset_specs"] == [spec]
+
+
+def test_dataset_the_owner_has_not_uploaded_is_refused_by_name(user_client, user):
+    DatasetFactory(owner=user, name="mnist")
+
+    response = submit(user_client, datasets=["mnist", "cifar"])
+
+    assert_invalid(response, "datasets")
+    assert "cifar" in response.json()["error"] and "mnist" not in response.json()["error"]
+
+
+def test_dataset_of_another_user_is_not_the_owners(user_client, other_user):
+    DatasetFactory(owner=other_user, name="mnist")
+
+    spec = {"name": "m", "source": "fetchml://datasets/mnist"}
+
+    assert_invalid(submit(user_client, dataset_specs=[spec]), "dataset_specs")
+
+
+def test_dataset_source_the_worker_cannot_fetch_is_refused(user_client):
+    spec = {"name": "d", "source": "s3://bucket/d"}
+
+    response = submit(user_client, dataset_specs=[spec])
+
+    assert_invalid(response, "dataset_specs")
+    assert "unsupported source" in response.json()["error"]
+
+
+def test_two_datasets_mounted_at_the_same_path_are_refused(user_client, user):
+    DatasetFactory(owner=user, name="mnist")
+    spec = {"name": "other", "source": "https://data.example/other", "mount_path": "datasets/mnist"}
+
+    assert_invalid(submit(user_client, datasets=["mnist"], dataset_specs=[spec]), "dataset_specs")
 
 
 @pytest.mark.parametrize("metadata", [{"k": 1}, {"k": None}, {"k": ["v"]}, {"": "v"}, {"k" * 129: "v"}, ["k"]])
@@ -179,13 +213,14 @@ def test_malformed_json_is_bad_request(user_client):
 
 
 @override_settings(FETCHML_MAX_LIST_ITEMS=3)
-@pytest.mark.parametrize(
-    ("field", "item"),
-    [("datasets", "d"), ("dataset_specs", {"name": "d"})],
-)
-def test_lists_longer_than_max_list_items_are_refused(user_client, field, item):
-    assert submit(user_client, **{field: [item] * 3}).status_code == 201
-    assert_invalid(submit(user_client, **{field: [item] * 4}), field, tasks_before=1)
+@pytest.mark.parametrize(("field", "item"), [("datasets", "d{}"), ("dataset_specs", {"name": "d{}"})])
+def test_lists_longer_than_max_list_items_are_refused(user_client, user, field, item):
+    names = [f"d{index}" for index in range(4)]
+    for name in names:
+        DatasetFactory(owner=user, name=name)
+    items = names if field == "datasets" else [{"name": name} for name in names]
+    assert submit(user_client, **{field: items[:3]}).status_code == 201
+    assert_invalid(submit(user_client, **{field: items}), field, tasks_before=1)
 
 
 @override_settings(FETCHML_MAX_METADATA_ENTRIES=2)

@@ -6,7 +6,7 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
-from artifacts.tests.factories import SnapshotFactory
+from artifacts.tests.factories import DatasetFactory, SnapshotFactory
 from audit.models import AuditEvent
 from conftest import KeyClient
 from scheduler.models import NodeAssignment
@@ -110,6 +110,7 @@ def test_submit_stores_every_fetchml_extension(user_client, user):
     experiment = ExperimentFactory(owner=user)
     reservation = ReservationFactory(owner=user)
     snapshot = SnapshotFactory(uploaded_by=[user])
+    DatasetFactory(owner=user, name="mnist")
     payload = {
         "job_name": "big_run-2",
         "priority": 9,
@@ -117,7 +118,9 @@ def test_submit_stores_every_fetchml_extension(user_client, user):
         "entrypoint": "train.py",
         "snapshot_id": snapshot.sha256,
         "datasets": ["mnist"],
-        "dataset_specs": [{"name": "mnist", "source": "s3://b/mnist", "sha256": "a" * 64, "mount_path": "data/m"}],
+        "dataset_specs": [
+            {"name": "mnist", "source": "https://data.example/mnist", "sha256": "a" * 64, "mount_path": "data/m"}
+        ],
         "cpu": 8,
         "memory_gb": 32,
         "gpu": 2,
