@@ -91,6 +91,7 @@ def _refuse_unknown_snapshot(owner: AbstractBaseUser, snapshot_id: str) -> None:
 def _refuse_unusable_datasets(owner: AbstractBaseUser, datasets: list, dataset_specs: list) -> None:
     # Checked here with the agent's own rule, as the snapshot is: a typo in a name or a source the
     # agent cannot fetch would otherwise fail only at preparation, after the queue wait and every retry.
+    # The list alone first, so that an error in it is reported against `datasets`.
     for field, specs, names in (("datasets", (), datasets), ("dataset_specs", dataset_specs, datasets)):
         try:
             parsed = parse_specs(tuple(specs), tuple(names))
