@@ -17,7 +17,7 @@ from fetchml.conf import app_settings
 from fetchml.errors import Conflict, Invalid
 from fetchml.models import ApiKey
 from plugins.overrides import validate_task_plugin_configs
-from scheduler.agent.datasets import SERVER_PREFIX, parse_specs
+from scheduler.agent.datasets import SERVER_PREFIX, DatasetSpec, parse_specs
 from scheduler.models import Reservation
 from scheduler.policies import Shape, fair_share_offset, unschedulable_reason
 from tasks.models import Experiment, IdempotencyRecord, Task
@@ -92,15 +92,11 @@ def _refuse_unusable_datasets(owner: AbstractBaseUser, datasets: list, dataset_s
     # Checked here with the agent's own rule, as the snapshot is: a typo in a name or a source the
     # agent cannot fetch would otherwise fail only at preparation, after the queue wait and every retry.
     # The list alone first, so that an error in it is reported against `datasets`.
-    for field, specs, names in (("datasets", (), datasets), ("dataset_specs", dataset_specs, datasets)):
-        try:
-            parsed = parse_specs(tuple(specs), tuple(names))
-        except ValueError as exc:
-            raise Invalid(f"{field} cannot be used: {exc}", details=[{"field": field, "message": str(exc)}]) from None
+    listed = {spec.name for spec in _parsed_datasets("datasets", (), datasets)}
+    parsed = _parsed_datasets("dataset_specs", dataset_specs, datasets)
     server_names = [spec.source.removeprefix(SERVER_PREFIX) for spec in parsed if spec.source.startswith(SERVER_PREFIX)]
     missing = missing_datasets(user=owner, names=server_names)
     if missing:
-        listed = {entry.removeprefix(SERVER_PREFIX) for entry in datasets}
         raise Invalid(
             f"datasets not found: {', '.join(missing)}",
             details=[
@@ -111,6 +107,13 @@ def _refuse_unusable_datasets(owner: AbstractBaseUser, datasets: list, dataset_s
                 for name in missing
             ],
         )
+
+
+def _parsed_datasets(field: str, specs: list | tuple, names: list) -> list[DatasetSpec]:
+    try:
+        return parse_specs(tuple(specs), tuple(names))
+    except ValueError as exc:
+        raise Invalid(f"{field} cannot be used: {exc}", details=[{"field": field, "message": str(exc)}]) from None
 
 
 def _refuse_unschedulable(fields: dict[str, Any]) -> None:

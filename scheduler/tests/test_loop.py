@@ -22,7 +22,7 @@ from django.utils import timezone
 from conftest import USING_POSTGRES
 from fetchml import events
 from fetchml.models import ApiKey
-from scheduler.loop import SchedulerLoop
+from scheduler.loop import SchedulerLoop, _WakeListener
 from scheduler.tests.factories import queued_task, worker
 from tasks.models import IdempotencyRecord, Task
 
@@ -373,3 +373,33 @@ def test_pass_that_emptied_the_queue_waits_for_a_wake_up_instead_of_passing_agai
 
 def test_pass_that_changed_nothing_waits_for_a_wake_up_even_with_tasks_waiting():
     assert _just_passed(placed=0, backlog=True)._pass_again(worked=False) is False
+
+
+@override_settings(FETCHML_SCHEDULER_INTERVAL=60.0)
+def test_loop_that_places_the_last_queued_task_goes_back_to_waiting_without_another_pass(channel_layer, monkeypatch):
+    passes_when_waiting: list[int] = []
+    loop = SchedulerLoop()
+    wait = _WakeListener.wait
+
+    async def recorded(listener, stop, timeout):
+        passes_when_waiting.append(loop.passes)
+        await wait(listener, stop, timeout)
+
+    monkeypatch.setattr(_WakeListener, "wait", recorded)
+
+    async def scenario():
+        stop = asyncio.Event()
+        running = asyncio.ensure_future(loop.run(stop))
+        await _until(lambda: passes_when_waiting == [1] and loop.wake.channel is not None)
+        task = await sync_to_async(queued_task)()
+        await sync_to_async(worker)()
+        await _wake(channel_layer)
+        await _until(lambda: len(passes_when_waiting) == 2)
+        stop.set()
+        await asyncio.wait_for(running, timeout=WAIT)
+        return task
+
+    task = asyncio.run(scenario())
+
+    assert _status(task) == "preparing"
+    assert passes_when_waiting == [1, 2]  # the pass that placed it, then straight back to waiting
