@@ -116,6 +116,12 @@ else:
     _db["CONN_MAX_AGE"] = env_int("FETCHML_DB_CONN_MAX_AGE", 60, minimum=0)
     _db["CONN_HEALTH_CHECKS"] = True
     _db["OPTIONS"].setdefault("connect_timeout", "5")
+    if env_bool("FETCHML_DB_PREPARED_STATEMENTS", True):
+        # Values bound by the server and each query prepared after its 5th run on a connection:
+        # the hot queries (a dispatch round, a batch of run reports) skip parsing. A pooler in
+        # transaction mode must keep prepared statements per client (PgBouncer 1.21+), or set it off.
+        _db["OPTIONS"].setdefault("server_side_binding", True)
+        _db["OPTIONS"].setdefault("prepare_threshold", 5)
 DATABASES = {"default": _db}
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 

@@ -43,6 +43,29 @@ def test_a_compiled_query_is_built_once_and_sees_the_rows_of_each_run():
     assert len(builds) == 1
 
 
+def test_rows_of_a_compiled_query_are_instances_as_the_orm_loads_them():
+    from django.db.models import F
+
+    from scheduler.tests.factories import queued_task
+    from tasks.models import Task
+
+    task = queued_task(env={"SEED": "1"}, job_name="resnet")
+    chosen = compiled_once(
+        lambda: Task.objects.only("id", "env", "queued_at").annotate(owner_name=F("owner__username"))
+    )
+
+    [row] = chosen()
+
+    assert (row.id, row.env, row.queued_at, row.owner_name) == (
+        task.id,
+        {"SEED": "1"},
+        task.queued_at,
+        task.owner.username,
+    )
+    assert "job_name" in row.get_deferred_fields()
+    assert row.job_name == "resnet"  # a field left out is loaded when read, as after only()
+
+
 def _joined_by(*, names: list[str], before: datetime):
     return get_user_model().objects.filter(username__in=names, date_joined__lt=before).order_by("username")
 
