@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from django.db import DatabaseError, transaction
+from django.contrib.auth import get_user_model
+from django.db import DatabaseError, connection, transaction
 from django.db.models import Exists, F, OuterRef, Q, QuerySet, Value
 from django.db.models.functions import Coalesce
 from django.utils import timezone
@@ -370,10 +371,32 @@ def _apply_batch(worker_id: Any, reports: list[dict[str, Any]], *, lock_first: b
 
 # What a batch reads of an assignment's task: the rest of the row (its arguments,
 # environment, plugin configurations) is large, and reports do not need it.
-_REPORT_FIELDS = (
-    *(field.name for field in NodeAssignment._meta.concrete_fields),
-    *(f"task__{name}" for name in ("status", "attempt", "node_count", "priority", "owner", "owner__username")),
-)
+_REPORT_TASK_FIELDS = ("id", "status", "attempt", "node_count", "priority", "owner")
+
+
+def _batch_runs_query(*, worker_id: uuid.UUID, task_ids: list[uuid.UUID]) -> QuerySet[NodeAssignment]:
+    return NodeAssignment.objects.filter(worker_id=worker_id, task_id__in=task_ids).order_by()
+
+
+def _batch_tasks_query(*, ids: list[uuid.UUID]) -> QuerySet[Task]:
+    owner_name = F(f"owner__{get_user_model().USERNAME_FIELD}")
+    return Task.objects.filter(id__in=ids).only(*_REPORT_TASK_FIELDS).annotate(owner_name=owner_name).order_by()
+
+
+# Every batch of reports runs both: compiled, and rows loaded without the ORM's per-query work.
+_batch_runs = compiled_per_shape(_batch_runs_query)
+_batch_tasks = compiled_per_shape(_batch_tasks_query)
+
+
+def _with_owners(tasks: list[Task]) -> list[Task]:
+    """`tasks` each holding its owner, loaded with the name only (what the audit events need),
+    as `select_related("owner").only("owner__<name>")` would."""
+    User = get_user_model()
+    names = [User._meta.pk.attname, User.USERNAME_FIELD]
+    for task in tasks:
+        owner = User.from_db(connection.alias, names, [task.owner_id, task.owner_name])
+        Task.owner.field.set_cached_value(task, owner)
+    return tasks
 
 
 class _RunsChanged(Exception):
@@ -405,23 +428,26 @@ class _ReportBatch:
         self.at_once: set[str] = set()
 
     def apply(self) -> list[RunReportOutcome]:
-        mentioned = {report["task_id"] for report in self.reports}
         if not self.lock_first:
-            self._read(NodeAssignment.objects.filter(worker_id=self.worker_id, task_id__in=mentioned))
+            self._read()
             if all(task.node_count == 1 for task in self.tasks.values()):
                 return self._apply_all()
         task_ids = sorted({report["task_id"] for report in self.reports if report["type"] == "status"})
         lock_runs_workers(task_ids=task_ids, worker_id=self.worker_id)
         list(Task.objects.select_for_update(of=("self",)).filter(id__in=task_ids).order_by("id").values_list("id"))
         # The workers and tasks are locked: the rows read now stay as they are until we commit.
-        self._read(NodeAssignment.objects.filter(worker_id=self.worker_id, task_id__in=mentioned))
+        self._read()
         return self._apply_all()
 
-    def _read(self, runs: QuerySet[NodeAssignment]) -> None:
+    def _read(self) -> None:
         """The batch's assignments on this worker, with their tasks (one copy of each task)."""
-        self.runs, self.tasks = {}, {}
-        for run in runs.select_related("task__owner").only(*_REPORT_FIELDS):
-            run.task = self.tasks.setdefault(str(run.task_id), run.task)
+        mentioned = sorted({uuid.UUID(str(report["task_id"])) for report in self.reports})
+        runs = _batch_runs(worker_id=uuid.UUID(str(self.worker_id)), task_ids=mentioned)
+        tasks = _with_owners(list(_batch_tasks(ids=sorted({run.task_id for run in runs}))) if runs else [])
+        self.tasks = {str(task.id): task for task in tasks}
+        self.runs = {}
+        for run in runs:
+            run.task = self.tasks[str(run.task_id)]
             self.runs[(str(run.task_id), str(run.token))] = run
 
     def _apply_all(self) -> list[RunReportOutcome]:

@@ -113,6 +113,21 @@ def test_a_batch_locks_the_audit_chain_head_once_for_all_its_events():
     assert AuditEvent.objects.filter(event_type="job_completed").count() == 3
 
 
+def test_a_batch_names_each_owner_in_its_audit_events_without_reading_the_users():
+    runs = _placed(3)
+
+    with CaptureQueriesContext(connection) as queries:
+        apply_run_reports(
+            worker_id=runs[0]["worker_id"],
+            reports=[_report(run, "status", status="completed", exit_code=0) for run in runs],
+        )
+
+    assert not [q["sql"] for q in queries.captured_queries if 'FROM "auth_user"' in q["sql"]]
+    owners = {str(task.id): task.owner.username for task in Task.objects.select_related("owner")}
+    completed = AuditEvent.objects.filter(event_type="job_completed")
+    assert {event.resource: event.user_id for event in completed} == {f"task:{t}": name for t, name in owners.items()}
+
+
 def test_a_completed_report_reads_its_task_once_and_locks_nothing_before_writing():
     [run] = _placed(1)
 
@@ -123,7 +138,7 @@ def test_a_completed_report_reads_its_task_once_and_locks_nothing_before_writing
 
     assert outcome == StatusOutcome(accepted=True)
     selects = [q["sql"] for q in queries.captured_queries if q["sql"].startswith("SELECT")]
-    assert len([sql for sql in selects if '"tasks_task"' in sql]) == 1  # with the assignment; then in memory
+    assert len([sql for sql in selects if '"tasks_task"' in sql]) == 1  # once for the batch; then in memory
     assert not any("FOR UPDATE" in sql for sql in selects if "audit_chainhead" not in sql)
     task = Task.objects.get(id=run["task_id"])
     assert (task.status, task.exit_code) == ("completed", 0)
