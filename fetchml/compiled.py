@@ -41,6 +41,9 @@ def compiled_per_shape(build: Callable[..., QuerySet]) -> Callable[..., Iterable
     The shape is the length of each list among the values (an `IN` list has one
     placeholder per item) and the keyword arguments given in `fixed`, passed to
     `build` as they are (a LIMIT is written into the SQL, not a parameter).
+    Every list is taken for an `IN` list, a set: it is padded to a power of two
+    by repeating its last item, so that a query has a few shapes, each compiled
+    (and prepared by PostgreSQL) once, instead of one per length.
     On PostgreSQL the query is compiled with a marker for each value, and
     later calls put their values where the markers were: ints, strings,
     aware datetimes and UUIDs, each of the type its field stores, reach
@@ -69,6 +72,7 @@ def _per_shape(build: Callable[..., Any], to_sql: Callable, execute: Callable, *
     def run(*, fixed: dict[str, Any] | None = None, **values: Any) -> Any:
         fixed = fixed or {}
         if connection.vendor == "postgresql" and all(map(_markable, values.values())):
+            values = {name: _padded(value) if isinstance(value, list) else value for name, value in values.items()}
             shape = _shape(fixed, values)
             if shape not in compiled:
                 compiled[shape] = _compile(lambda **marked: build(**fixed, **marked), values, to_sql)
@@ -146,9 +150,16 @@ def _run_update(model: type[Model], sql: str, params: list[Any]) -> int:
         return cursor.rowcount
 
 
+def _padded(items: list[Any]) -> list[Any]:
+    """`items` with its last one repeated up to a power of two (the same set of values)."""
+    if not items:
+        return items
+    return items + items[-1:] * ((1 << (len(items) - 1).bit_length()) - len(items))
+
+
 def _shape(fixed: dict[str, Any], values: dict[str, Any]) -> tuple:
-    lengths = tuple((name, len(value) if isinstance(value, list) else None) for name, value in values.items())
-    return (tuple(sorted(fixed.items())), lengths)
+    lengths = sorted((name, len(value) if isinstance(value, list) else None) for name, value in values.items())
+    return (tuple(sorted(fixed.items())), tuple(lengths))
 
 
 def _select_sql(queryset: QuerySet) -> tuple[Any, str, tuple] | None:

@@ -14,8 +14,7 @@ from scheduler.models import Worker
 
 def change_used(worker_id: Any, changes: dict[str, int]) -> None:
     """Add `changes` (counter name -> amount, negative to free) to the worker's counters."""
-    names = tuple(sorted(changes))
-    _changed(fixed={"names": names}, worker_id=worker_id, amounts=[changes[name] for name in names])
+    _changed(worker_id=worker_id, **changes)
 
 
 def give_back(worker_id: Any, freed: dict[str, int]) -> None:
@@ -23,10 +22,8 @@ def give_back(worker_id: Any, freed: dict[str, int]) -> None:
     change_used(worker_id, {name: -amount for name, amount in freed.items()})
 
 
-def _update(*, names: tuple[str, ...], worker_id: Any, amounts: list[int]) -> tuple:
-    return Worker.objects.filter(id=worker_id), {
-        name: F(name) + amount for name, amount in zip(names, amounts, strict=True)
-    }
+def _update(*, worker_id: Any, **amounts: int) -> tuple:
+    return Worker.objects.filter(id=worker_id), {name: F(name) + amount for name, amount in amounts.items()}
 
 
 _changed = compiled_update_per_shape(_update)

@@ -98,6 +98,22 @@ def test_on_postgresql_a_query_is_built_once_per_shape():
 
 
 @requires_postgres
+def test_on_postgresql_lists_up_to_the_same_power_of_two_share_one_compiled_query():
+    User = get_user_model()
+    for name in ("ada", "bob", "cyd", "dan", "eve"):
+        User.objects.create(username=name)
+    build, builds = _counting(_joined_by)
+    joined = compiled_per_shape(build)
+    later = timezone.now() + timedelta(minutes=1)
+
+    three = [user.username for user in joined(names=["ada", "bob", "cyd"], before=later)]
+    four = [user.username for user in joined(names=["bob", "cyd", "dan", "eve"], before=later)]
+
+    assert (three, four) == (["ada", "bob", "cyd"], ["bob", "cyd", "dan", "eve"])
+    assert len(builds) == 1
+
+
+@requires_postgres
 def test_on_postgresql_dispatch_rounds_run_the_compiled_task_claim(monkeypatch):
     from scheduler import dispatch
     from scheduler.tests.factories import queued_task, worker
@@ -153,6 +169,16 @@ def test_on_postgresql_an_update_is_built_once_per_shape():
 
     assert len(builds) == 2
     assert dict(User.objects.values_list("username", "first_name")) == {"ada": "BOB", "bob": "CYD", "cyd": "CYD"}
+
+
+@requires_postgres
+def test_on_postgresql_an_update_of_a_padded_list_counts_each_row_once():
+    User = get_user_model()
+    for name in ("ada", "bob", "cyd"):
+        User.objects.create(username=name)
+    rename = compiled_update_per_shape(_renamed)
+
+    assert rename(names=["ada", "bob", "cyd"], to="A", joined=timezone.now()) == 3
 
 
 @requires_postgres
