@@ -40,8 +40,11 @@ def task_group(task_id: Any) -> str:
     return f"tasks.task.{task_id}"
 
 
+_WORKER_GROUP_PREFIX = "worker."
+
+
 def worker_group(worker_id: Any) -> str:
-    return f"worker.{worker_id}"
+    return f"{_WORKER_GROUP_PREFIX}{worker_id}"
 
 
 def send_now(groups: list[str], message: dict) -> None:
@@ -102,8 +105,8 @@ def _outbox(connection: Any) -> _Outbox:
 
 async def _send_batch(layer: Any, batch: list[tuple[list[str], dict]]) -> None:
     # Each group's messages in order (one listener sees one task's changes in the
-    # order they were made), the groups concurrently: a send is a few Redis round
-    # trips, and a task change goes to three groups.
+    # order they were made), the groups concurrently (a send is a few Redis round
+    # trips, and a task change goes to three groups), those that start work first.
     by_group: dict[str, list[dict]] = {}
     for groups, message in batch:
         for group in groups:
@@ -111,7 +114,19 @@ async def _send_batch(layer: Any, batch: list[tuple[list[str], dict]]) -> None:
     by_group = {group: coalesced(messages) for group, messages in by_group.items()}
     # Bounded: each concurrent send holds a connection of the layer's pool (100 by default).
     slots = asyncio.Semaphore(CONCURRENT_GROUP_SENDS)
-    await asyncio.gather(*(_send_in_order(layer, group, messages, slots) for group, messages in by_group.items()))
+    # What holds up a task's start (the scheduler's wake-up, a worker's assigns) goes before what
+    # only informs (clients' task events): sent together, they would share the event loop.
+    for urgent in (True, False):
+        sends = [
+            _send_in_order(layer, group, messages, slots)
+            for group, messages in by_group.items()
+            if _starts_work(group) is urgent
+        ]
+        await asyncio.gather(*sends)
+
+
+def _starts_work(group: str) -> bool:
+    return group == WAKE_GROUP or group.startswith(_WORKER_GROUP_PREFIX)
 
 
 async def _send_in_order(layer: Any, group: str, messages: list[dict], slots: asyncio.Semaphore) -> None:

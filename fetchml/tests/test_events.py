@@ -159,3 +159,28 @@ def test_a_task_change_is_not_sent_to_the_tasks_own_group(user):
         [(groups, _)] = transaction.get_connection().fetchml_outbox
 
     assert groups == [events.user_group(user.pk), events.ADMINS_GROUP, events.STATUS_GROUP]
+
+
+def test_a_batch_sends_what_starts_work_before_the_clients_task_events(monkeypatch):
+    layer = get_channel_layer()
+    log: list[tuple[str, str]] = []
+    real_send = layer.group_send
+
+    async def recorded(group: str, message: dict) -> None:
+        log.append(("start", group))
+        await asyncio.sleep(0)  # lets the other sends of the batch run meanwhile, if any were started
+        await real_send(group, message)
+        log.append(("end", group))
+
+    monkeypatch.setattr(layer, "group_send", recorded)
+    clients = [events.user_group(1), events.ADMINS_GROUP, events.STATUS_GROUP]
+    worker = events.worker_group("w-1")
+    batch = [(clients, task_event(1)), ([events.WAKE_GROUP], {"type": "scheduler.wake"}), ([worker], message(2))]
+
+    async_to_sync(events._send_batch)(layer, batch)
+
+    urgent = {events.WAKE_GROUP, worker}
+    last_urgent_end = max(i for i, (what, group) in enumerate(log) if what == "end" and group in urgent)
+    first_client_start = min(i for i, (what, group) in enumerate(log) if what == "start" and group in clients)
+    assert last_urgent_end < first_client_start
+    assert {group for _, group in log} == urgent | set(clients)
