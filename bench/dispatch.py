@@ -720,6 +720,16 @@ async def run_procrastinate(args: argparse.Namespace, url: str) -> dict[str, Any
     return results
 
 
+def python_loop_seconds() -> float:
+    """Seconds this machine takes for a plain Python loop of 10^7 additions: the speed of one core,
+    to compare runs across machines and days (the same machine's speed has been seen to vary 2x)."""
+    started = time.perf_counter()
+    total = 0
+    for number in range(10_000_000):
+        total += number
+    return time.perf_counter() - started
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer tasks; round cost up to 100k rows only")
@@ -778,7 +788,8 @@ def main() -> int:
 
         call_command("migrate", verbosity=0)
         print(
-            f"machine: {os.cpu_count()} cores; PostgreSQL + Redis; {args.servers} daphne process(es); "
+            f"machine: {os.cpu_count()} cores, {python_loop_seconds():.2f} s for 10^7 Python additions; "
+            f"PostgreSQL + Redis; {args.servers} daphne process(es); "
             f"{WORKERS} bench workers x {args.slots} slots"
         )
         results = asyncio.run(run_system(args, env))
