@@ -99,16 +99,22 @@ def test_a_stale_token_in_a_batch_is_answered_stale_and_the_rest_applied():
     assert Task.objects.get(id=run["task_id"]).status == "running"
 
 
-def test_a_batch_locks_the_audit_chain_head_once_for_all_its_events():
-    runs = _placed(3)
-
+def _sql_of_completing(runs: list[dict]) -> list[str]:
+    """The statements of one batch of reports completing every run of `runs` (all on one worker)."""
     with CaptureQueriesContext(connection) as queries:
         apply_run_reports(
             worker_id=runs[0]["worker_id"],
             reports=[_report(run, "status", status="completed", exit_code=0) for run in runs],
         )
+    return [query["sql"] for query in queries.captured_queries]
 
-    head_locks = [q["sql"] for q in queries.captured_queries if ChainHead._meta.db_table in q["sql"]]
+
+def test_a_batch_locks_the_audit_chain_head_once_for_all_its_events():
+    runs = _placed(3)
+
+    statements = _sql_of_completing(runs)
+
+    head_locks = [sql for sql in statements if ChainHead._meta.db_table in sql]
     assert len([sql for sql in head_locks if sql.lstrip().startswith("SELECT")]) == 1
     assert AuditEvent.objects.filter(event_type="job_completed").count() == 3
 
@@ -116,13 +122,9 @@ def test_a_batch_locks_the_audit_chain_head_once_for_all_its_events():
 def test_a_batch_names_each_owner_in_its_audit_events_without_reading_the_users():
     runs = _placed(3)
 
-    with CaptureQueriesContext(connection) as queries:
-        apply_run_reports(
-            worker_id=runs[0]["worker_id"],
-            reports=[_report(run, "status", status="completed", exit_code=0) for run in runs],
-        )
+    statements = _sql_of_completing(runs)
 
-    assert not [q["sql"] for q in queries.captured_queries if 'FROM "auth_user"' in q["sql"]]
+    assert not [sql for sql in statements if 'FROM "auth_user"' in sql]
     owners = {str(task.id): task.owner.username for task in Task.objects.select_related("owner")}
     completed = AuditEvent.objects.filter(event_type="job_completed")
     assert {event.resource: event.user_id for event in completed} == {f"task:{t}": name for t, name in owners.items()}
