@@ -59,6 +59,8 @@ DEFAULTS: dict[str, Any] = {
     "PLUGIN_HEALTH_TIMEOUT_SECONDS": 2.0,
     "PLUGIN_HEALTH_CACHE_SECONDS": 15,
     "JUPYTER_IDLE_MINUTES": 120,
+    # processes: objects allocated between two youngest-generation garbage collections (0: Python's 700)
+    "GC_THRESHOLD": 20_000,
 }
 
 

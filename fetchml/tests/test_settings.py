@@ -237,3 +237,26 @@ def test_production_without_redis_is_flagged_by_the_deploy_checks():
     del env["REDIS_URL"]
     result = run_manage("check", "--deploy", env=env)
     assert "fetchml.W001" in deploy_check_ids(result.stdout + result.stderr)
+
+
+def _gc_threshold_of_a_process(tmp_path: Path, **env: str) -> int:
+    code = "import django, gc; django.setup(); print(gc.get_threshold()[0])"
+    clean = {
+        "PATH": os.environ.get("PATH", ""),
+        "DJANGO_SETTINGS_MODULE": "fetchml.settings",
+        "FETCHML_VAR_DIR": str(tmp_path),
+        **env,
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=PROJECT_DIR, env=clean, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    return int(result.stdout.strip().splitlines()[-1])
+
+
+def test_a_fetchml_process_collects_young_garbage_less_often_than_python_by_default(tmp_path):
+    assert _gc_threshold_of_a_process(tmp_path) == 20_000
+
+
+def test_the_garbage_collection_threshold_can_be_left_to_python(tmp_path):
+    assert _gc_threshold_of_a_process(tmp_path, FETCHML_GC_THRESHOLD="0") == 700
