@@ -41,7 +41,6 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from django.contrib.auth import get_user_model
 from django.db import transaction
 from django.db.models import F, Q, QuerySet
 from django.utils import timezone
@@ -64,6 +63,7 @@ from scheduler.policies import (
     starving_since,
 )
 from tasks.models import Task
+from tasks.selectors import owner_username
 from tasks.states import TaskStatus, sources_of
 
 logger = logging.getLogger("fetchml.scheduler.dispatch")
@@ -269,7 +269,7 @@ def _claim_tasks_queryset(
         runnable_tasks(now)
         .only(*DISPATCH_FIELDS)
         # The owner's name for the audit, without a query of its own.
-        .annotate(owner_username=F(f"owner__{get_user_model().USERNAME_FIELD}"))
+        .annotate(owner_username=owner_username())
         .select_for_update(skip_locked=True, of=("self",))
         .filter(kind__in=kinds, cpu__lte=cpu, memory_gb__lte=memory_gb, gpu__lte=gpu, node_count__lte=node_count)
         .filter(Q(gpu=0) | Q(gpu_type="") | Q(gpu_type__in=gpu_types))[:limit]

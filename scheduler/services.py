@@ -36,6 +36,7 @@ from scheduler.models import NodeAssignment, Worker
 from scheduler.protocol import CAPACITY_FIELDS
 from tasks.logs import append_lines
 from tasks.models import Task
+from tasks.selectors import owner_username
 from tasks.services import TasksChanged, TaskTransitions, task_transition
 from tasks.states import ACTIVE_STATES, TaskStatus
 
@@ -379,8 +380,8 @@ def _batch_runs_query(*, worker_id: uuid.UUID, task_ids: list[uuid.UUID]) -> Que
 
 
 def _batch_tasks_query(*, ids: list[uuid.UUID]) -> QuerySet[Task]:
-    owner_name = F(f"owner__{get_user_model().USERNAME_FIELD}")
-    return Task.objects.filter(id__in=ids).only(*_REPORT_TASK_FIELDS).annotate(owner_name=owner_name).order_by()
+    tasks = Task.objects.filter(id__in=ids).only(*_REPORT_TASK_FIELDS)
+    return tasks.annotate(owner_username=owner_username()).order_by()
 
 
 # Every batch of reports runs both: compiled, and rows loaded without the ORM's per-query work.
@@ -394,7 +395,7 @@ def _with_owners(tasks: list[Task]) -> list[Task]:
     User = get_user_model()
     names = [User._meta.pk.attname, User.USERNAME_FIELD]
     for task in tasks:
-        owner = User.from_db(connection.alias, names, [task.owner_id, task.owner_name])
+        owner = User.from_db(connection.alias, names, [task.owner_id, task.owner_username])
         Task.owner.field.set_cached_value(task, owner)
     return tasks
 

@@ -31,6 +31,16 @@ def run_manage(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
     )
 
 
+def printed_by_a_fresh_process(code: str, env: dict[str, str]) -> str:
+    """The last line `code` prints in a fresh Python process with only the given environment."""
+    clean = {"PATH": os.environ.get("PATH", ""), "DJANGO_SETTINGS_MODULE": "fetchml.settings", **env}
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=PROJECT_DIR, env=clean, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip().splitlines()[-1]
+
+
 @pytest.mark.parametrize("raw", ["maybe", "2", "tru", "enabled"])
 def test_a_bad_boolean_is_refused(monkeypatch, raw):
     monkeypatch.setenv("X_FLAG", raw)
@@ -192,12 +202,7 @@ def test_with_redis_url_the_cache_and_channel_layer_are_shared_through_redis(tmp
         "layer = s.CHANNEL_LAYERS['default']; "
         "print(json.dumps([s.CACHES['default']['BACKEND'], layer['BACKEND'], s.SECRET_KEY, layer['CONFIG']['hosts']]))"
     )
-    clean = {"PATH": os.environ.get("PATH", ""), "DJANGO_SETTINGS_MODULE": "fetchml.settings", **env}
-    result = subprocess.run(
-        [sys.executable, "-c", code], cwd=PROJECT_DIR, env=clean, capture_output=True, text=True, timeout=60
-    )
-    assert result.returncode == 0, result.stderr
-    cache_backend, layer_backend, secret_key, [host] = json.loads(result.stdout.strip().splitlines()[-1])
+    cache_backend, layer_backend, secret_key, [host] = json.loads(printed_by_a_fresh_process(code, env))
     assert cache_backend == "django.core.cache.backends.redis.RedisCache"
     assert layer_backend == "channels_redis.core.RedisChannelLayer"
     assert secret_key == key_file.read_text()
@@ -241,17 +246,7 @@ def test_production_without_redis_is_flagged_by_the_deploy_checks():
 
 def _gc_threshold_of_a_process(tmp_path: Path, **env: str) -> int:
     code = "import django, gc; django.setup(); print(gc.get_threshold()[0])"
-    clean = {
-        "PATH": os.environ.get("PATH", ""),
-        "DJANGO_SETTINGS_MODULE": "fetchml.settings",
-        "FETCHML_VAR_DIR": str(tmp_path),
-        **env,
-    }
-    result = subprocess.run(
-        [sys.executable, "-c", code], cwd=PROJECT_DIR, env=clean, capture_output=True, text=True, timeout=60
-    )
-    assert result.returncode == 0, result.stderr
-    return int(result.stdout.strip().splitlines()[-1])
+    return int(printed_by_a_fresh_process(code, {"FETCHML_VAR_DIR": str(tmp_path), **env}))
 
 
 def test_a_fetchml_process_collects_young_garbage_less_often_than_python_by_default(tmp_path):
@@ -260,3 +255,17 @@ def test_a_fetchml_process_collects_young_garbage_less_often_than_python_by_defa
 
 def test_the_garbage_collection_threshold_can_be_left_to_python(tmp_path):
     assert _gc_threshold_of_a_process(tmp_path, FETCHML_GC_THRESHOLD="0") == 700
+
+
+def _postgresql_options(**env: str) -> str:
+    code = "import django; django.setup(); from django.conf import settings; print(settings.DATABASES['default'])"
+    database = {"DATABASE_URL": "postgres://postgres@127.0.0.1:5432/fetchml_settings_only"}
+    return printed_by_a_fresh_process(code, {**database, "DJANGO_SECRET_KEY": "settings-test-only", **env})
+
+
+def test_prepared_statements_are_on_by_default_on_postgresql():
+    assert "'server_side_binding': True" in _postgresql_options()
+
+
+def test_prepared_statements_can_be_turned_off_for_a_pooler_that_cannot_keep_them():
+    assert "server_side_binding" not in _postgresql_options(FETCHML_DB_PREPARED_STATEMENTS="false")
