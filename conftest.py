@@ -21,6 +21,13 @@ def _plain_http(settings):
     settings.SECURE_SSL_REDIRECT = False
 
 
+@pytest.fixture
+def queued_until_a_round(settings):
+    """Submitted tasks wait for a dispatch round even when a worker is free: for tests of what
+    a round does with the queue it finds (by default a submission places its task at once)."""
+    settings.FETCHML_DISPATCH_ON_SUBMIT = False
+
+
 @pytest.fixture(autouse=True)
 def _clean_cache():
     """Rate-limit counters and auth-audit throttles must not leak between tests."""

@@ -14,7 +14,9 @@ so the figures are the scheduler's, the channel layer's and the protocol's.
 - throughput: N tasks inserted queued at once, time until all are completed
   (4 bench workers with 32 batch slots each, `--slots` to change it);
 - latency: tasks submitted with `task_submit` at 50 and 200 per second to idle
-  workers, time from the submitting commit to the `assign` frame at a worker;
+  workers, time from the submitting commit to the `assign` frame at a worker
+  (and from the start of the submitting call: a submission that finds a free
+  worker runs the dispatch round itself, before its commit);
 - round cost: one `dispatch_round` (placing a full batch) at queue depths of
   1k, 100k and 1M rows (bulk-inserted with INSERT ... SELECT generate_series);
 - with each throughput figure, the CPU time per task of each part (daphne, the
@@ -34,7 +36,8 @@ bench/procrastinate_app.py) on its own scratch database
 (`<name>_procrastinatebench_<pid>`): 10,000 jobs deferred in one batch to 4
 idle `procrastinate worker` processes, time until all succeeded; and
 enqueue-to-start latency at 50 and 200 jobs/s (from the return of each
-job's `defer_async`, i.e. its commit, to the first line of the job function);
+job's `defer_async`, i.e. its commit, to the first line of the job function;
+and from the start of that call);
 and the CPU time per job of its workers, its backends and this process.
 """
 
@@ -420,24 +423,32 @@ async def measure_throughput(
 
 async def measure_latency(
     owner: Any, rate: float, count: int, arrivals: dict[str, list[float]], multi_node_every: int = 0
-) -> list[float]:
-    """Submit `count` tasks at `rate`/s (each its own committed transaction); latency of each, ms.
+) -> dict[str, list[float]]:
+    """Submit `count` tasks at `rate`/s (each its own committed transaction); latency of each, ms:
+    `commit` from the submitting commit, `call` from the start of the submitting call (which
+    includes the dispatch round a submission runs while a worker is free).
 
     A task is assigned when all its nodes' `assign` frames arrived (with
     `multi_node_every` N, every N-th task has two nodes).
     """
     from asgiref.sync import sync_to_async
+    from django.db import transaction
 
     from tasks.services import task_submit
 
-    submitted: dict[str, tuple[float, int]] = {}
+    submitted: dict[str, tuple[float, float, int]] = {}  # task id -> (call, commit, nodes)
 
     def submit(nodes: int) -> None:
-        task = task_submit(owner=owner, job_name="latency", entrypoint="true", node_count=nodes)
-        submitted[str(task.id)] = (time.perf_counter(), nodes)  # after the commit: the task is visible
+        called = time.perf_counter()
+        committed: list[float] = []
+        with transaction.atomic():
+            # Registered before the submission's own hooks (its messages), so it runs first after COMMIT.
+            transaction.on_commit(lambda: committed.append(time.perf_counter()))
+            task = task_submit(owner=owner, job_name="latency", entrypoint="true", node_count=nodes)
+        submitted[str(task.id)] = (called, committed[0], nodes)
 
     def assigned(task_id: str) -> bool:
-        return len(arrivals.get(task_id, ())) >= submitted[task_id][1]
+        return len(arrivals.get(task_id, ())) >= submitted[task_id][2]
 
     started = time.perf_counter()
     for index in range(count):
@@ -449,7 +460,11 @@ async def measure_latency(
     deadline = time.perf_counter() + 60
     while not all(assigned(task_id) for task_id in submitted) and time.perf_counter() < deadline:
         await asyncio.sleep(0.02)
-    return [(max(arrivals[t]) - at) * 1000 for t, (at, _) in submitted.items() if assigned(t)]
+    done = {task_id: max(arrivals[task_id]) for task_id in submitted if assigned(task_id)}
+    return {
+        "commit": [(at - submitted[task_id][1]) * 1000 for task_id, at in done.items()],
+        "call": [(at - submitted[task_id][0]) * 1000 for task_id, at in done.items()],
+    }
 
 
 async def wait_until_idle(timeout: float = 120) -> None:
@@ -499,6 +514,13 @@ def print_latency(label: str, latencies: list[float], expected: int) -> tuple[fl
     p50, p99 = percentile(latencies, 0.5), percentile(latencies, 0.99)
     print(f"{label}: p50 {p50:.1f} ms, p99 {p99:.1f} ms ({len(latencies)}/{expected} measured)")
     return p50, p99
+
+
+def print_latencies(label: str, latencies: dict[str, list[float]], expected: int) -> tuple[float, float]:
+    """The figure from the commit (returned), then the one from the submitting call."""
+    figure = print_latency(label, latencies["commit"], expected)
+    print_latency("  from the start of the submitting call", latencies["call"], expected)
+    return figure
 
 
 def print_server_errors(workers: list[BenchWorker]) -> None:
@@ -564,7 +586,7 @@ async def run_mixed(args: argparse.Namespace, owner: Any, system: System, key: s
         )
         print_cpu_per_task("mixed CPU per task", cost)
         latencies = await measure_latency(owner, 50, args.latency_tasks, arrivals, MIXED_MULTI_NODE_EVERY)
-        results["mixed_latency_50"] = print_latency(
+        results["mixed_latency_50"] = print_latencies(
             "mixed enqueue -> assign (all nodes) at 50/s", latencies, args.latency_tasks
         )
         await wait_until_idle()
@@ -592,7 +614,7 @@ async def run_system(args: argparse.Namespace, env: dict[str, str]) -> dict[str,
             print_server_errors(workers)
             for rate in (50, 200):
                 latencies = await measure_latency(owner, rate, args.latency_tasks, arrivals)
-                results[f"latency_{rate}"] = print_latency(
+                results[f"latency_{rate}"] = print_latencies(
                     f"enqueue -> assign at {rate}/s", latencies, args.latency_tasks
                 )
             print_server_errors(workers)
@@ -692,15 +714,16 @@ async def run_procrastinate(args: argparse.Namespace, url: str) -> dict[str, Any
                 print_cpu_per_task("procrastinate CPU per job", cpu_per_task(await parts(), cpu_before, jobs))
 
                 for rate in (50, 200):
-                    submitted: dict[str, float] = {}
+                    submitted: dict[str, tuple[float, float]] = {}  # key -> (call, commit)
                     begun = time.monotonic()
                     for index in range(args.latency_tasks):
                         delay = begun + index / rate - time.monotonic()
                         if delay > 0:
                             await asyncio.sleep(delay)
                         key = f"{rate}-{index}"
+                        called = time.monotonic()
                         await procrastinate_app.stamp.defer_async(key=key)
-                        submitted[key] = time.monotonic()  # after the commit
+                        submitted[key] = (called, time.monotonic())  # the return: after the commit
                     started_at: dict[str, float] = {}
                     deadline = time.monotonic() + 60
                     while len(started_at) < len(submitted) and time.monotonic() < deadline:
@@ -710,8 +733,11 @@ async def run_procrastinate(args: argparse.Namespace, url: str) -> dict[str, Any
                                 stamp_key, _, at = line.strip().partition(" ")
                                 if stamp_key in submitted and at:
                                     started_at[stamp_key] = float(at)
-                    latencies = [(started_at[k] - at) * 1000 for k, at in submitted.items() if k in started_at]
-                    results[f"latency_{rate}"] = print_latency(
+                    latencies = {
+                        clock: [(at - submitted[key][index]) * 1000 for key, at in started_at.items()]
+                        for index, clock in enumerate(("call", "commit"))
+                    }
+                    results[f"latency_{rate}"] = print_latencies(
                         f"procrastinate enqueue -> start at {rate}/s", latencies, args.latency_tasks
                     )
     finally:

@@ -14,8 +14,10 @@ Groups:
 """
 
 import asyncio
+import contextlib
 import json
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 from asgiref.sync import async_to_sync
@@ -92,8 +94,9 @@ def _outbox(connection: Any) -> _Outbox:
     Django drops the hooks of a rolled-back transaction (or savepoint) and
     clears them when it runs them, so a missing hook means a new transaction.
     A message added inside a savepoint that is rolled back while the outer
-    transaction commits is still sent: messages carry ids only and listeners
-    re-read the database, so such a message costs a read, never a wrong state.
+    transaction commits is still sent: such a message (ids a listener re-reads)
+    costs a read, never a wrong state. A block whose messages must not outlive
+    its savepoint runs inside `unsent_if_rolled_back`.
     """
     outbox = getattr(connection, "fetchml_outbox", None)
     if outbox is None or not any(hook is outbox for _, hook, _ in connection.run_on_commit):
@@ -101,6 +104,27 @@ def _outbox(connection: Any) -> _Outbox:
         connection.fetchml_outbox = outbox
         transaction.on_commit(outbox)
     return outbox
+
+
+@contextlib.contextmanager
+def unsent_if_rolled_back() -> Iterator[None]:
+    """Drop what the block queued for the current transaction's commit if the block raises.
+
+    For a savepoint the caller rolls back and survives (the outer transaction
+    commits): without this its messages would still leave, and some (a
+    worker's `assign`) are more than ids a listener re-reads.
+    """
+    connection = transaction.get_connection()
+    if not connection.in_atomic_block:
+        yield
+        return
+    outbox = _outbox(connection)
+    kept = len(outbox)
+    try:
+        yield
+    except BaseException:
+        del outbox[kept:]
+        raise
 
 
 async def _send_batch(layer: Any, batch: list[tuple[list[str], dict]]) -> None:

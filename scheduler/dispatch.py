@@ -304,6 +304,9 @@ def match(tasks: list[Task], nodes: list[NodeCapacity], holds: Holds | None = No
     return placements
 
 
+_line_head = compiled_per_shape(lambda *, now: runnable_tasks(now).only(*DISPATCH_FIELDS)[:1])
+
+
 def any_task_may_starve(now: datetime) -> bool:
     """Whether some runnable task has waited past the starvation threshold (one index probe)."""
     return runnable_tasks(now).filter(queued_at__lte=starving_since(now)).exists()
@@ -318,7 +321,7 @@ def hold_for_starving_head(nodes: list[NodeCapacity], holds: Holds, now: datetim
     rest of the round backfills other tasks on the remaining nodes only. Aging
     brings every long-waiting task to the head eventually.
     """
-    head = runnable_tasks(now).only(*DISPATCH_FIELDS).first()
+    head = next(iter(_line_head(now=now)), None)
     if head is None or not is_starving(head, now) or pick_nodes(nodes, head, holds) is not None:
         return None
     shape = Shape(gpu=head.gpu, gpu_type=head.gpu_type, cpu=head.cpu, memory_gb=head.memory_gb, kind=head.kind)
@@ -359,6 +362,31 @@ def dispatch_round(
     if placed:
         logger.info("dispatched %d task(s) to %d worker(s)", placed, len(workers))
     return placed
+
+
+def dispatch_at_submission(*, task: Task) -> bool:
+    """A dispatch round inside the transaction that queues `task` (`FETCHML_DISPATCH_ON_SUBMIT`).
+
+    A task submitted while a worker is free starts without a trip through the
+    scheduler: its assignment commits with the submission and the `assign`
+    leaves on that commit. It is the scheduler's own round, so the dispatch
+    order holds (a free worker goes to the best runnable task, which need not
+    be this one) and it is as safe beside running schedulers as they are
+    beside each other. A round that fails is rolled back to its savepoint,
+    messages included, and logged: the submission stands, and the scheduler
+    places the task. Returns whether `task` was placed (its row in memory is
+    brought up to date).
+    """
+    try:
+        with events.unsent_if_rolled_back():
+            placed = dispatch_round()
+    except Exception:
+        logger.exception("dispatch at the submission of task %s failed; the scheduler will place it", task.id)
+        return False
+    if not placed:
+        return False
+    task.refresh_from_db()
+    return task.status != TaskStatus.QUEUED
 
 
 def _mark_preparing(placements: list[Placement], now: datetime) -> None:

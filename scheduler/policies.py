@@ -90,7 +90,12 @@ def fleet_shortfall(shape: Shape, fleet: list[FleetNode]) -> str | None:
 
 def registered_fleet() -> list[FleetNode]:
     """Every registered worker, offline ones included: they are expected back."""
-    return [FleetNode.of(worker) for worker in Worker.objects.all()]
+    return [FleetNode.of(worker) for worker in _registered_workers()]
+
+
+# Read by every submission (is the task schedulable at all?): compiled once.
+_FLEET_FIELDS = ("id", "name", "gpu_count", "gpu_type", "cpu_cores", "memory_gb", "batch_slots", "service_slots")
+_registered_workers = compiled_once(lambda: Worker.objects.only(*_FLEET_FIELDS).order_by())
 
 
 def unschedulable_reason(shape: Shape) -> str | None:

@@ -18,6 +18,7 @@ from fetchml.errors import Conflict, Invalid
 from fetchml.models import ApiKey
 from plugins.overrides import validate_task_plugin_configs
 from scheduler.agent.datasets import SERVER_PREFIX, DatasetSpec, parse_specs
+from scheduler.dispatch import dispatch_at_submission
 from scheduler.models import Reservation
 from scheduler.policies import Shape, fair_share_offset, unschedulable_reason
 from tasks.models import Experiment, IdempotencyRecord, Task
@@ -172,8 +173,15 @@ def task_submit(*, owner: AbstractBaseUser, actor: Actor | None = None, **fields
             metadata={"job_name": task.job_name, "priority": priority, "kind": task.kind},
         )
         events.task_changed(task, event="task_update")
-        events.wake_scheduler("task_submitted")
+        if not _dispatched_at_once(task):
+            events.wake_scheduler("task_submitted")
     return task
+
+
+def _dispatched_at_once(task: Task) -> bool:
+    if not app_settings.DISPATCH_ON_SUBMIT:
+        return False
+    return dispatch_at_submission(task=task)
 
 
 def task_transition(

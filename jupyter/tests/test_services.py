@@ -18,7 +18,7 @@ from scheduler.tests.factories import worker
 from tasks.models import Task
 from tasks.services import task_transition
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("queued_until_a_round")]
 
 
 @pytest.fixture

@@ -12,7 +12,10 @@ from scheduler.dispatch import dispatch_round
 from scheduler.tests.factories import UserFactory
 from scheduler.tests.ws import expect_nothing, receive, run, send, start_worker
 
-pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("channel_layer", "thread_connections")]
+pytestmark = [
+    pytest.mark.django_db(transaction=True),
+    pytest.mark.usefixtures("channel_layer", "thread_connections", "queued_until_a_round"),
+]
 
 db = database_sync_to_async
 STALE = "00000000-0000-4000-8000-000000000000"

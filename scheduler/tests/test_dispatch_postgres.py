@@ -14,13 +14,46 @@ from django.db.models import Count, Sum
 from django.utils import timezone
 
 from conftest import requires_postgres
-from scheduler.dispatch import capacities, claim_tasks_query
+from scheduler.dispatch import capacities, claim_tasks_query, dispatch_round
 from scheduler.models import NodeAssignment, Worker
 from scheduler.tests.factories import UserFactory, worker
 from tasks.models import Task
 from tasks.services import dispatch_key
 
 PROJECT = Path(settings.BASE_DIR)
+
+
+def _peer_env() -> dict[str, str]:
+    db = connection.settings_dict
+    env = {
+        **os.environ,
+        "DATABASE_URL": f"postgres://{db['USER']}@{db['HOST']}:{db['PORT'] or 5432}/{db['NAME']}",
+        "DJANGO_SECRET_KEY": "test",
+        "FETCHML_WORKER_LEASE_SECONDS": "3600",
+        "FETCHML_ASSIGN_RESEND_SECONDS": "3600",  # no agents here to acknowledge
+        "FETCHML_LOG_LEVEL": "WARNING",
+    }
+    env.pop("REDIS_URL", None)  # notifications go nowhere: no agents in this test
+    return env
+
+
+def _run_peers(*extra_args: list[str]) -> list[str]:
+    """One `dispatch_peer` process per entry of `extra_args`, started together; their outputs."""
+    start_at = str(time.time() + 3)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "scheduler.tests.dispatch_peer", start_at, "50", *args],
+            cwd=PROJECT,
+            env=_peer_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for args in extra_args
+    ]
+    outputs = [proc.communicate(timeout=70) for proc in procs]
+    assert [proc.returncode for proc in procs] == [0] * len(procs), outputs
+    return [out for out, _ in outputs]
 
 
 def _tasks(owner, count: int, **fields) -> list[Task]:
@@ -81,36 +114,18 @@ def test_three_scheduler_processes_assign_each_task_once_and_never_overcommit():
     gpu_ids = list(Task.objects.order_by("?").values_list("id", flat=True)[:120])
     Task.objects.filter(id__in=gpu_ids).update(gpu=1, gpu_type="A100")
 
-    db = connection.settings_dict
-    env = {
-        **os.environ,
-        "DATABASE_URL": f"postgres://{db['USER']}@{db['HOST']}:{db['PORT'] or 5432}/{db['NAME']}",
-        "DJANGO_SECRET_KEY": "test",
-        "FETCHML_WORKER_LEASE_SECONDS": "3600",
-        "FETCHML_ASSIGN_RESEND_SECONDS": "3600",  # no agents here to acknowledge
-        "FETCHML_LOG_LEVEL": "WARNING",
-    }
-    env.pop("REDIS_URL", None)  # notifications go nowhere: no agents in this test
-    start_at = str(time.time() + 3)
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "scheduler.tests.dispatch_peer", start_at, "50"],
-            cwd=PROJECT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for _ in range(3)
-    ]
-    outputs = [proc.communicate(timeout=70) for proc in procs]
-    assert [proc.returncode for proc in procs] == [0, 0, 0], outputs
+    _run_peers([], [], [])
 
     assert not Task.objects.filter(status="queued").exists()
     per_task = Counter(NodeAssignment.objects.values_list("task_id", flat=True))
     assert len(per_task) == 2000 and set(per_task.values()) == {1}
     assert Task.objects.filter(status="preparing", attempt=1).count() == 2000
 
+    _assert_within_capacity_and_counted()
+
+
+def _assert_within_capacity_and_counted() -> None:
+    """No worker holds more than it has, and its used_* counters match its assignments."""
     held = {
         row["worker_id"]: row
         for row in NodeAssignment.objects.values("worker_id").annotate(
@@ -131,3 +146,25 @@ def test_three_scheduler_processes_assign_each_task_once_and_never_overcommit():
             row["slots"],
         )
         assert len(gpu_indices[box.id]) == len(set(gpu_indices[box.id]))
+
+
+@requires_postgres
+@pytest.mark.django_db(transaction=True)
+def test_submissions_dispatching_beside_two_schedulers_assign_each_task_once_and_never_overcommit():
+    owner = UserFactory(username="submitter")
+    for i in range(20):
+        worker(name=f"sim-{i:02d}", cpu_cores=200, memory_gb=500, batch_slots=100)
+    _tasks(owner, 1000, cpu=2, memory_gb=4)
+
+    outputs = _run_peers([], [], ["submit", "submitter", "300"], ["submit", "submitter", "300"])
+
+    assert sum(int(out) for out in outputs[2:]) > 0  # some submissions placed tasks themselves
+    # The schedulers may have stopped before the last submissions (one that found every worker
+    # claimed by a round left its task queued): one more round here places what is left.
+    while dispatch_round():
+        pass
+    assert not Task.objects.filter(status="queued").exists()
+    per_task = Counter(NodeAssignment.objects.values_list("task_id", flat=True))
+    assert len(per_task) == 1600 and set(per_task.values()) == {1}
+    assert Task.objects.filter(status="preparing", attempt=1).count() == 1600
+    _assert_within_capacity_and_counted()

@@ -14,7 +14,7 @@ from tasks.models import Task
 from tasks.services import task_set_priority, task_submit
 from tasks.states import TaskStatus
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("queued_until_a_round")]
 
 
 def _started(*tasks: Task) -> list[bool]:
