@@ -1,12 +1,16 @@
 """A dispatch round inside the submitting transaction (FETCHML_DISPATCH_ON_SUBMIT, on by default)."""
 
 import asyncio
+import logging
 
+import psycopg
 import pytest
 from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
+from django.db import connection
 
 from audit.models import AuditEvent
+from conftest import requires_postgres
 from fetchml import events
 from scheduler import dispatch
 from scheduler.models import NodeAssignment, Worker
@@ -137,3 +141,23 @@ def test_api_submission_answers_with_the_task_already_assigned(user_client):
 
     assert response.status_code == 201, response.content
     assert response.json()["status"] == TaskStatus.PREPARING
+
+
+@requires_postgres
+@pytest.mark.django_db(transaction=True)
+def test_a_submission_passes_over_a_worker_a_scheduler_holds_instead_of_waiting(user, caplog):
+    box = worker(batch_slots=1)
+    db = connection.settings_dict
+    holder = psycopg.connect(host=db["HOST"], port=db["PORT"] or 5432, user=db["USER"], dbname=db["NAME"])
+    try:
+        # A scheduler's round in progress: the worker's row is locked until it commits.
+        holder.execute(f"SELECT id FROM {Worker._meta.db_table} WHERE id = %s FOR UPDATE", [box.id])
+        with connection.cursor() as cursor:
+            cursor.execute("SET lock_timeout = '5s'")  # were it to wait, the round would fail and log it
+
+        task = task_submit(owner=user, job_name="waits", entrypoint="true")
+    finally:
+        holder.close()
+
+    assert task.status == TaskStatus.QUEUED
+    assert not [record for record in caplog.records if record.levelno >= logging.ERROR]
