@@ -345,12 +345,16 @@ def dispatch_round(
     that no runnable task had waited past the threshold a moment ago) skips
     looking for a starving head of the line.
     """
+    return len(_placed_by_a_round(batch_size=batch_size, now=now, starvation_possible=starvation_possible))
+
+
+def _placed_by_a_round(*, batch_size: int | None, now: datetime | None, starvation_possible: bool) -> list[Placement]:
     limit = batch_size or app_settings.SCHEDULER_BATCH_SIZE
     now = now or timezone.now()
     with transaction.atomic():
         workers = claim_workers()
         if not workers:
-            return 0
+            return []
         holds = current_holds(now)
         nodes = capacities(workers, holds)
         tasks = claim_tasks(nodes, limit=min(limit, claim_bound(nodes)), now=now)
@@ -358,10 +362,10 @@ def dispatch_round(
         if head is not None:
             logger.info("holding capacity for starving task %s", head.id)
         placements = match(tasks, nodes, holds)
-        placed = _write(placements, now)
-    if placed:
-        logger.info("dispatched %d task(s) to %d worker(s)", placed, len(workers))
-    return placed
+        _write(placements, now)
+    if placements:
+        logger.info("dispatched %d task(s) to %d worker(s)", len(placements), len(workers))
+    return placements
 
 
 def dispatch_at_submission(*, task: Task) -> bool:
@@ -379,14 +383,16 @@ def dispatch_at_submission(*, task: Task) -> bool:
     """
     try:
         with events.unsent_if_rolled_back():
-            placed = dispatch_round()
+            placements = _placed_by_a_round(batch_size=None, now=None, starvation_possible=True)
     except Exception:
         logger.exception("dispatch at the submission of task %s failed; the scheduler will place it", task.id)
         return False
-    if not placed:
+    placed = next((placement.task for placement in placements if placement.task.id == task.id), None)
+    if placed is None:
         return False
-    task.refresh_from_db()
-    return task.status != TaskStatus.QUEUED
+    for name in _PREPARING_FIELDS:
+        setattr(task, name, getattr(placed, name))
+    return True
 
 
 def _mark_preparing(placements: list[Placement], now: datetime) -> None:
@@ -404,12 +410,17 @@ def _mark_preparing(placements: list[Placement], now: datetime) -> None:
             raise RuntimeError("claimed tasks changed while locked by the dispatch round")
     for placement in placements:
         task = placement.task
-        task.status, task.attempt, task.worker_id = (
+        task.status, task.attempt, task.worker_id, task.updated_at = (
             TaskStatus.PREPARING,
             task.attempt + 1,
             placement.nodes[0][0].worker_id,
+            now,
         )
         events.task_changed(task, event="task_update")
+
+
+# What `_mark_preparing` changes, in the database and on the claimed rows in memory.
+_PREPARING_FIELDS = ("status", "attempt", "worker_id", "updated_at")
 
 
 def _preparing_update(*, ids: list[uuid.UUID], worker_id: uuid.UUID, now: datetime) -> tuple:

@@ -15,6 +15,7 @@ from fetchml import events
 from scheduler import dispatch
 from scheduler.models import NodeAssignment, Worker
 from scheduler.tests.factories import assignments_of, queued_task, worker
+from tasks.models import Task
 from tasks.services import task_submit
 from tasks.states import TaskStatus
 
@@ -50,6 +51,9 @@ def test_task_submitted_while_a_worker_is_free_leaves_the_submission_assigned(us
     task = task_submit(owner=user, job_name="now", entrypoint="true")
 
     assert task.status == TaskStatus.PREPARING
+    stored = Task.objects.get(id=task.id)
+    answered = [(t.status, t.attempt, t.worker_id, t.updated_at) for t in (task, stored)]
+    assert answered[0] == answered[1]
     assert [run.worker_id for run in assignments_of(task)] == [box.id]
     assert Worker.objects.get(id=box.id).used_batch_slots == 1
     assert AuditEvent.objects.filter(resource=f"task:{task.id}", event_type="job_started", action="assign").exists()
