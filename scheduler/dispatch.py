@@ -23,6 +23,10 @@ runs only on the workers it holds; when the head of the line has waited past
 STARVATION_SECONDS and still does not fit, the nodes it could use are held for
 it and smaller tasks are backfilled only on the others.
 
+Rounds run in the scheduler loop and, with `FETCHML_DISPATCH_ON_SUBMIT`,
+inside the transaction of a submission (`dispatch_at_submission`), so a task
+submitted while a worker is free leaves assigned.
+
 Workers are claimed before tasks (the reverse of the order in the architecture
 page) so that a round without free capacity locks no task at all. On SQLite
 `select_for_update` is a no-op; the round is serialised by the database write
