@@ -5,8 +5,8 @@ running a small query (about 1 ms against 0.1 to 0.5 ms here); a dispatch
 round and a batch of run reports run a dozen each. A query is compiled on its
 first use (inside a transaction, for a locking one) and run as raw SQL
 afterwards: as it is (`compiled_once`), or with new values in the places of
-the first call's (`compiled_per_shape`, and `compiled_update_per_shape` for
-an UPDATE).
+the first call's (`compiled_per_shape`, `compiled_update_per_shape` for an
+UPDATE and `compiled_count_per_shape` for a count).
 """
 
 import uuid
@@ -62,6 +62,12 @@ def compiled_update_per_shape(build: Callable[..., tuple[QuerySet, dict[str, Any
     anything else, and every call off PostgreSQL, runs `update()` itself.
     """
     return _per_shape(build, _update_sql, _run_update, fallback=lambda built: built[0].update(**built[1]))
+
+
+def compiled_count_per_shape(build: Callable[..., QuerySet]) -> Callable[..., int]:
+    """How many rows `build(**values)`'s query has, compiled once per shape of `values` as
+    `compiled_per_shape` does (`count()` itself off PostgreSQL)."""
+    return _per_shape(build, _count_sql, _run_count, fallback=lambda queryset: queryset.count())
 
 
 def _per_shape(build: Callable[..., Any], to_sql: Callable, execute: Callable, *, fallback: Callable) -> Callable:
@@ -164,6 +170,17 @@ def _shape(fixed: dict[str, Any], values: dict[str, Any]) -> tuple:
 
 def _select_sql(queryset: QuerySet) -> tuple[Any, str, tuple] | None:
     return (queryset.model, *queryset.query.sql_with_params())
+
+
+def _count_sql(queryset: QuerySet) -> tuple[Any, str, tuple]:
+    model, sql, params = _select_sql(queryset.order_by().values("pk"))
+    return model, f"SELECT COUNT(*) FROM ({sql}) AS counted", params
+
+
+def _run_count(model: type[Model], sql: str, params: list[Any]) -> int:
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        return cursor.fetchone()[0]
 
 
 def _update_sql(built: tuple[QuerySet, dict[str, Any]]) -> tuple[Any, str, tuple] | None:

@@ -9,11 +9,12 @@ import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
 
 from django.contrib.auth.models import AbstractBaseUser
-from django.db.models import Q
+from django.db.models import QuerySet
 
-from fetchml.compiled import compiled_once
+from fetchml.compiled import compiled_count_per_shape, compiled_once
 from fetchml.conf import app_settings
 from scheduler.models import Reservation, Worker
 from tasks.models import Task
@@ -218,5 +219,12 @@ def fair_share_offset(*, owner: AbstractBaseUser, priority: int) -> float:
     step = app_settings.FAIR_SHARE_STEP
     if not step:
         return 0.0
-    queued = Task.objects.filter(owner=owner, status=TaskStatus.QUEUED).filter(Q(priority__gte=priority))
-    return step * queued.count()
+    return step * _queued_at_or_above(owner_id=owner.pk, priority=priority)
+
+
+# Counted at every submission: compiled.
+def _queued_at_or_above_query(*, owner_id: Any, priority: int) -> QuerySet[Task]:
+    return Task.objects.filter(owner_id=owner_id, status=TaskStatus.QUEUED, priority__gte=priority)
+
+
+_queued_at_or_above = compiled_count_per_shape(_queued_at_or_above_query)

@@ -7,7 +7,7 @@ from django.contrib.auth import get_user_model
 from django.utils import timezone
 
 from conftest import requires_postgres
-from fetchml.compiled import compiled_once, compiled_per_shape, compiled_update_per_shape
+from fetchml.compiled import compiled_count_per_shape, compiled_once, compiled_per_shape, compiled_update_per_shape
 
 pytestmark = pytest.mark.django_db
 
@@ -193,3 +193,27 @@ def test_on_postgresql_an_update_filtered_through_a_relation_is_left_to_django()
 
     assert deactivate(key_names=["laptop"]) == 1
     assert dict(get_user_model().objects.values_list("username", "is_active")) == {"ada": False, "bob": True}
+
+
+def test_a_count_compiled_per_shape_counts_the_rows_of_each_call():
+    User = get_user_model()
+    for name in ("ada", "bob", "cyd"):
+        User.objects.create(username=name)
+    count = compiled_count_per_shape(_joined_by)
+    later = timezone.now() + timedelta(minutes=1)
+
+    counts = [count(names=names, before=later) for names in (["ada", "bob"], ["cyd"], ["ada", "bob", "cyd"], [])]
+
+    assert counts == [2, 1, 3, 0]
+    assert count(names=["ada"], before=later - timedelta(days=1)) == 0
+
+
+@requires_postgres
+def test_on_postgresql_a_count_is_built_once_per_shape():
+    build, builds = _counting(_joined_by)
+    count = compiled_count_per_shape(build)
+    later = timezone.now()
+    for names in (["ada"], ["bob"], ["ada", "bob"], ["cyd", "dan"]):
+        count(names=names, before=later)
+
+    assert len(builds) == 2
