@@ -238,8 +238,9 @@ def _marker(example: Any, number: int) -> Any:
         return uuid.UUID(int=(0xF1 << 120) + number)
     if isinstance(example, str):
         return f"\x00marker-{number}"
-    # An int inside every integer column's range: Django leaves out a comparison it knows the answer of.
-    return 1_000_000_000 + number
+    # An int inside every integer column's range, a small integer's too (up to 32,767): Django
+    # leaves out a comparison it knows the answer of, and the query would never compile.
+    return 32_000 + number
 
 
 def _markable(value: Any) -> bool:

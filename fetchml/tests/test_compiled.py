@@ -8,6 +8,7 @@ from django.utils import timezone
 
 from conftest import requires_postgres
 from fetchml.compiled import compiled_count_per_shape, compiled_once, compiled_per_shape, compiled_update_per_shape
+from tasks.models import Task
 
 pytestmark = pytest.mark.django_db
 
@@ -217,3 +218,13 @@ def test_on_postgresql_a_count_is_built_once_per_shape():
         count(names=names, before=later)
 
     assert len(builds) == 2
+
+
+@requires_postgres
+def test_on_postgresql_a_value_compared_with_a_small_integer_column_is_marked():
+    build, builds = _counting(lambda *, priority: Task.objects.filter(priority__gte=priority))
+    count = compiled_count_per_shape(build)
+
+    counts = [count(priority=priority) for priority in (1, 5, 9)]
+
+    assert (counts, len(builds)) == ([0, 0, 0], 1)
