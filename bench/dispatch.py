@@ -14,7 +14,8 @@ so the figures are the scheduler's, the channel layer's and the protocol's.
 - throughput: N tasks inserted queued at once, time until all are completed
   (4 bench workers with 32 batch slots each, `--slots` to change it);
 - latency: tasks submitted with `task_submit` at 50 and 200 per second to idle
-  workers, time from the submitting commit to the `assign` frame at a worker
+  workers (from a process of their own, as from an API server), time from the
+  submitting commit to the `assign` frame at a worker
   (and from the start of the submitting call: a submission that finds a free
   worker runs the dispatch round itself, before its commit);
 - round cost: one `dispatch_round` (placing a full batch) at queue depths of
@@ -74,6 +75,9 @@ SERVER_ENV = {
     "FETCHML_RATE_LIMIT_POST": "1000000/m",
     "FETCHML_RATE_LIMIT_GET": "1000000/m",
 }
+
+# Unmeasured submissions a fresh submitting process makes first (see `submitter_process`).
+SUBMITTER_WARM_UP = 10
 
 # --mixed: GPU workers (so that reservations can hold part of the fleet), every 10th task on 2 nodes.
 MIXED_GPUS_PER_WORKER = 8
@@ -428,35 +432,32 @@ async def measure_latency(
     `commit` from the submitting commit, `call` from the start of the submitting call (which
     includes the dispatch round a submission runs while a worker is free).
 
-    A task is assigned when all its nodes' `assign` frames arrived (with
-    `multi_node_every` N, every N-th task has two nodes).
+    The submissions come from a process of their own, as from an API server: in this one,
+    the submitter's event loop would also be the bench workers' (its task events, sent after
+    each `assign`, would delay the workers' reading of it). A task is assigned when all its
+    nodes' `assign` frames arrived (with `multi_node_every` N, every N-th task has two nodes).
     """
-    from asgiref.sync import sync_to_async
-    from django.db import transaction
+    import multiprocessing
 
-    from tasks.services import task_submit
-
-    submitted: dict[str, tuple[float, float, int]] = {}  # task id -> (call, commit, nodes)
-
-    def submit(nodes: int) -> None:
-        called = time.perf_counter()
-        committed: list[float] = []
-        with transaction.atomic():
-            # Registered before the submission's own hooks (its messages), so it runs first after COMMIT.
-            transaction.on_commit(lambda: committed.append(time.perf_counter()))
-            task = task_submit(owner=owner, job_name="latency", entrypoint="true", node_count=nodes)
-        submitted[str(task.id)] = (called, committed[0], nodes)
+    context = multiprocessing.get_context("spawn")
+    receiving, sending = context.Pipe(duplex=False)
+    submitter = context.Process(
+        target=submitter_process, args=(sending, owner.pk, rate, count, multi_node_every), daemon=True
+    )
+    submitter.start()
+    sending.close()
+    loop = asyncio.get_running_loop()
+    try:
+        # (task id, call, commit, nodes) per submission, perf_counter: CLOCK_MONOTONIC, shared by the processes.
+        submitted = {row[0]: row[1:] for row in await loop.run_in_executor(None, _received, receiving, 120)}
+    finally:
+        submitter.join(timeout=15)
+        if submitter.is_alive():
+            submitter.kill()
 
     def assigned(task_id: str) -> bool:
         return len(arrivals.get(task_id, ())) >= submitted[task_id][2]
 
-    started = time.perf_counter()
-    for index in range(count):
-        delay = started + index / rate - time.perf_counter()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        nodes = 2 if multi_node_every and index % multi_node_every == multi_node_every - 1 else 1
-        await sync_to_async(submit)(nodes)
     deadline = time.perf_counter() + 60
     while not all(assigned(task_id) for task_id in submitted) and time.perf_counter() < deadline:
         await asyncio.sleep(0.02)
@@ -465,6 +466,55 @@ async def measure_latency(
         "commit": [(at - submitted[task_id][1]) * 1000 for task_id, at in done.items()],
         "call": [(at - submitted[task_id][0]) * 1000 for task_id, at in done.items()],
     }
+
+
+def _received(connection: Any, timeout: float) -> Any:
+    if not connection.poll(timeout):
+        raise RuntimeError(f"the submitting process sent nothing within {timeout:.0f} s")
+    return connection.recv()
+
+
+def submitter_process(connection: Any, owner_pk: Any, rate: float, count: int, multi_node_every: int) -> None:
+    """The submitting side of `measure_latency`, in a process of its own (the environment is the bench's):
+    sync submissions from an event loop's thread pool, as an ASGI server runs its views."""
+    import django
+
+    django.setup()
+    from asgiref.sync import sync_to_async
+    from django.contrib.auth import get_user_model
+    from django.db import transaction
+
+    from tasks.services import task_submit
+
+    owner = get_user_model().objects.get(pk=owner_pk)
+    submitted: list[tuple[str, float, float, int]] = []
+
+    def submit(nodes: int) -> None:
+        called = time.perf_counter()
+        committed: list[float] = []
+        with transaction.atomic():
+            # Registered before the submission's own hooks (its messages), so it runs first after COMMIT.
+            transaction.on_commit(lambda: committed.append(time.perf_counter()))
+            task = task_submit(owner=owner, job_name="latency", entrypoint="true", node_count=nodes)
+        submitted.append((str(task.id), called, committed[0], nodes))
+
+    async def submit_all() -> None:
+        # A fresh process compiles its queries and opens its connections on its first submissions.
+        for _ in range(SUBMITTER_WARM_UP):
+            await sync_to_async(submit)(1)
+            await asyncio.sleep(1 / rate)
+        del submitted[:]
+        started = time.perf_counter()
+        for index in range(count):
+            delay = started + index / rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            nodes = 2 if multi_node_every and index % multi_node_every == multi_node_every - 1 else 1
+            await sync_to_async(submit)(nodes)
+
+    asyncio.run(submit_all())
+    connection.send(submitted)
+    connection.close()
 
 
 async def wait_until_idle(timeout: float = 120) -> None:
