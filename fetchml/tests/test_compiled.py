@@ -67,14 +67,20 @@ def test_rows_of_a_compiled_query_are_instances_as_the_orm_loads_them():
     assert row.job_name == "resnet"  # a field left out is loaded when read, as after only()
 
 
+def _users(*names: str):
+    """The user model, with a user of each name."""
+    User = get_user_model()
+    for name in names:
+        User.objects.create(username=name)
+    return User
+
+
 def _joined_by(*, names: list[str], before: datetime):
     return get_user_model().objects.filter(username__in=names, date_joined__lt=before).order_by("username")
 
 
 def test_a_query_compiled_per_shape_runs_again_with_new_values():
-    User = get_user_model()
-    for name in ("ada", "bob", "cyd"):
-        User.objects.create(username=name)
+    _users("ada", "bob", "cyd")
     joined = compiled_per_shape(_joined_by)
     later = timezone.now() + timedelta(minutes=1)
 
@@ -88,12 +94,13 @@ def test_a_query_compiled_per_shape_runs_again_with_new_values():
 
 
 @requires_postgres
-def test_on_postgresql_a_query_is_built_once_per_shape():
+@pytest.mark.parametrize("compiled", [compiled_per_shape, compiled_count_per_shape])
+def test_on_postgresql_a_query_is_built_once_per_shape(compiled):
     build, builds = _counting(_joined_by)
-    joined = compiled_per_shape(build)
+    run = compiled(build)
     later = timezone.now()
     for names in (["ada"], ["bob"], ["ada", "bob"], ["cyd", "dan"]):
-        list(joined(names=names, before=later))
+        run(names=names, before=later)  # on PostgreSQL a compiled query runs when called
 
     assert len(builds) == 2  # one list of one name, one of two
 
@@ -134,9 +141,7 @@ def _renamed(*, names: list[str], to: str, joined: datetime):
 
 
 def test_an_update_compiled_per_shape_changes_the_rows_of_each_call_and_counts_them():
-    User = get_user_model()
-    for name in ("ada", "bob", "cyd"):
-        User.objects.create(username=name)
+    User = _users("ada", "bob", "cyd")
     rename = compiled_update_per_shape(_renamed)
     now = timezone.now()
 
@@ -159,9 +164,7 @@ def test_an_update_with_a_value_it_cannot_mark_is_run_by_django():
 
 @requires_postgres
 def test_on_postgresql_an_update_is_built_once_per_shape():
-    User = get_user_model()
-    for name in ("ada", "bob", "cyd"):
-        User.objects.create(username=name)
+    User = _users("ada", "bob", "cyd")
     build, builds = _counting(_renamed)
     rename = compiled_update_per_shape(build)
     now = timezone.now()
@@ -174,9 +177,7 @@ def test_on_postgresql_an_update_is_built_once_per_shape():
 
 @requires_postgres
 def test_on_postgresql_an_update_of_a_padded_list_counts_each_row_once():
-    User = get_user_model()
-    for name in ("ada", "bob", "cyd"):
-        User.objects.create(username=name)
+    _users("ada", "bob", "cyd")
     rename = compiled_update_per_shape(_renamed)
 
     assert rename(names=["ada", "bob", "cyd"], to="A", joined=timezone.now()) == 3
@@ -197,9 +198,7 @@ def test_on_postgresql_an_update_filtered_through_a_relation_is_left_to_django()
 
 
 def test_a_count_compiled_per_shape_counts_the_rows_of_each_call():
-    User = get_user_model()
-    for name in ("ada", "bob", "cyd"):
-        User.objects.create(username=name)
+    _users("ada", "bob", "cyd")
     count = compiled_count_per_shape(_joined_by)
     later = timezone.now() + timedelta(minutes=1)
 
@@ -207,17 +206,6 @@ def test_a_count_compiled_per_shape_counts_the_rows_of_each_call():
 
     assert counts == [2, 1, 3, 0]
     assert count(names=["ada"], before=later - timedelta(days=1)) == 0
-
-
-@requires_postgres
-def test_on_postgresql_a_count_is_built_once_per_shape():
-    build, builds = _counting(_joined_by)
-    count = compiled_count_per_shape(build)
-    later = timezone.now()
-    for names in (["ada"], ["bob"], ["ada", "bob"], ["cyd", "dan"]):
-        count(names=names, before=later)
-
-    assert len(builds) == 2
 
 
 @requires_postgres
