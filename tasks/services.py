@@ -130,7 +130,8 @@ def _refuse_unschedulable(fields: dict[str, Any]) -> None:
 
 
 def task_submit(*, owner: AbstractBaseUser, actor: Actor | None = None, **fields: Any) -> Task:
-    """Create a queued task from validated fields, audit it and wake the scheduler.
+    """Create a queued task from validated fields and audit it; then place it at once when a worker is
+    free (`FETCHML_DISPATCH_ON_SUBMIT`: a dispatch round in this transaction), or wake the scheduler.
 
     `experiment_id` / `reservation_id` (as sent by clients) must name the
     owner's own rows, and `plugin_configs` may only change what the plugins
