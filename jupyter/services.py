@@ -10,6 +10,7 @@ calls `scheduler_pass()`, which applies those task endings and stops idle
 services. Every status change is audited (`jupyter_changed`).
 """
 
+import functools
 import logging
 import posixpath
 from datetime import datetime, timedelta
@@ -88,7 +89,7 @@ def jupyter_start(*, actor: Actor, name: str, workspace: str = "", image: str = 
         service = JupyterService.objects.create(
             owner=actor.user, name=name, workspace=workspace, image=image or DEFAULT_IMAGE
         )
-        task = task_submit(
+        task_submit(
             owner=actor.user,
             actor=actor,
             job_name=f"jupyter-{name}"[:64],
@@ -98,11 +99,16 @@ def jupyter_start(*, actor: Actor, name: str, workspace: str = "", image: str = 
             # A service is not retried: a crash or a lost worker shows as `error`, and the owner decides.
             max_retries=0,
             cancel_grace_seconds=STOP_GRACE_SECONDS,
+            # Linked before the task can be placed: its `assign` carries the service it starts.
+            linked=functools.partial(_link, service),
         )
-        service.task = task
-        service.save(update_fields=["task"])
         _audit(service, action="start", user=actor.user, actor=actor, workspace=workspace, image=service.image)
     return service
+
+
+def _link(service: JupyterService, task: Task) -> None:
+    service.task = task
+    service.save(update_fields=["task"])
 
 
 def jupyter_stop(*, service: JupyterService, actor: Actor) -> JupyterService:

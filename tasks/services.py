@@ -1,6 +1,7 @@
 """Writes to tasks and experiments. Every state change goes through `task_transition`."""
 
 import uuid
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -129,9 +130,18 @@ def _refuse_unschedulable(fields: dict[str, Any]) -> None:
         )
 
 
-def task_submit(*, owner: AbstractBaseUser, actor: Actor | None = None, **fields: Any) -> Task:
+def task_submit(
+    *,
+    owner: AbstractBaseUser,
+    actor: Actor | None = None,
+    linked: Callable[[Task], None] | None = None,
+    **fields: Any,
+) -> Task:
     """Create a queued task from validated fields and audit it; then place it at once when a worker is
     free (`FETCHML_DISPATCH_ON_SUBMIT`: a dispatch round in this transaction), or wake the scheduler.
+
+    `linked(task)` runs in the same transaction before the task can be placed: rows that
+    its `assign` is built from (a Jupyter service's) point at it by then.
 
     `experiment_id` / `reservation_id` (as sent by clients) must name the
     owner's own rows, and `plugin_configs` may only change what the plugins
@@ -174,6 +184,8 @@ def task_submit(*, owner: AbstractBaseUser, actor: Actor | None = None, **fields
             metadata={"job_name": task.job_name, "priority": priority, "kind": task.kind},
         )
         events.task_changed(task, event="task_update")
+        if linked is not None:
+            linked(task)
         if not _dispatched_at_once(task):
             events.wake_scheduler("task_submitted")
     return task

@@ -12,6 +12,8 @@ from django.db import connection
 from audit.models import AuditEvent
 from conftest import requires_postgres
 from fetchml import events
+from fetchml.auth import Actor
+from jupyter.services import jupyter_start
 from scheduler import dispatch
 from scheduler.models import NodeAssignment, Worker
 from scheduler.tests.factories import assignments_of, queued_task, worker
@@ -126,6 +128,21 @@ def test_a_failed_round_leaves_the_submission_queued_with_nothing_of_the_round_s
     assert not AuditEvent.objects.filter(event_type="job_started").exists()
     assert _received_until_sentinel(to_worker) == []
     assert [message["reason"] for message in _received_until_sentinel(scheduler)] == ["task_submitted"]
+
+
+def test_a_jupyter_service_started_while_a_slot_is_free_is_assigned_with_its_service(
+    user, django_capture_on_commit_callbacks
+):
+    box = worker(service_slots=1)
+    to_worker = _listening(events.worker_group(box.id))
+
+    with django_capture_on_commit_callbacks(execute=True):
+        service = jupyter_start(actor=Actor(user=user, role="user"), name="nb")
+
+    (notice,) = _received_until_sentinel(to_worker)
+    (assign,) = events.assigns_of(notice)
+    assert assign["task_id"] == str(service.task_id)
+    assert assign["service"]["service_id"] == str(service.id)
 
 
 def test_with_dispatch_on_submit_off_the_task_waits_for_the_scheduler(user, settings):
