@@ -383,8 +383,10 @@ def dispatch_at_submission(*, task: Task) -> bool:
     beside each other. A round that fails is rolled back to its savepoint,
     messages included, and logged: the submission stands, and the scheduler
     places the task. Returns whether `task` was placed (its row in memory is
-    brought up to date).
+    brought up to date); False at once with the setting off.
     """
+    if not app_settings.DISPATCH_ON_SUBMIT:
+        return False
     try:
         with events.unsent_if_rolled_back():
             placements = _placed_by_a_round(batch_size=None, now=None, starvation_possible=True)
@@ -394,7 +396,8 @@ def dispatch_at_submission(*, task: Task) -> bool:
     placed = next((placement.task for placement in placements if placement.task.id == task.id), None)
     if placed is None:
         return False
-    for name in _PREPARING_FIELDS:
+    # The round's copy of the row is what the database now holds, for the fields it loaded.
+    for name in {column.attname for column in Task._meta.concrete_fields} - placed.get_deferred_fields():
         setattr(task, name, getattr(placed, name))
     return True
 
@@ -421,10 +424,6 @@ def _mark_preparing(placements: list[Placement], now: datetime) -> None:
             now,
         )
         events.task_changed(task, event="task_update")
-
-
-# What `_mark_preparing` changes, in the database and on the claimed rows in memory.
-_PREPARING_FIELDS = ("status", "attempt", "worker_id", "updated_at")
 
 
 def _preparing_update(*, ids: list[uuid.UUID], worker_id: uuid.UUID, now: datetime) -> tuple:

@@ -186,15 +186,9 @@ def task_submit(
         events.task_changed(task, event="task_update")
         if linked is not None:
             linked(task)
-        if not _dispatched_at_once(task):
+        if not dispatch_at_submission(task=task):
             events.wake_scheduler("task_submitted")
     return task
-
-
-def _dispatched_at_once(task: Task) -> bool:
-    if not app_settings.DISPATCH_ON_SUBMIT:
-        return False
-    return dispatch_at_submission(task=task)
 
 
 def task_transition(
