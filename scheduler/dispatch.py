@@ -41,11 +41,13 @@ Audit at dispatch: one `job_started` event per placed task with action
 import logging
 import uuid
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from django.db import transaction
+from django.db import connection, transaction
 from django.db.models import F, Q, QuerySet
 from django.utils import timezone
 
@@ -68,7 +70,7 @@ from scheduler.policies import (
 )
 from tasks.models import Task
 from tasks.selectors import owner_username
-from tasks.states import TaskStatus, sources_of
+from tasks.states import TaskStatus
 
 logger = logging.getLogger("fetchml.scheduler.dispatch")
 
@@ -340,6 +342,28 @@ def hold_for_starving_head(nodes: list[NodeCapacity], holds: Holds, now: datetim
     return head
 
 
+@contextmanager
+def _queue_read_in_index_order() -> Iterator[None]:
+    """Plan the enclosed reads of the queue as walks of `task_runnable_by_priority`, whatever the statistics say.
+
+    Right after a burst of submissions (and in a new database) the planner's
+    statistics, autovacuum's, can be a minute behind and put the queue at a
+    handful of rows; the claim is then planned as a read and a sort of the
+    whole queue for its LIMIT (60 to 75 ms a round at 30,000 queued tasks,
+    growing with the depth) instead of a walk of the index's first rows
+    (under 1 ms). With sorting off for these reads the walk is the only plan
+    left. PostgreSQL only, inside the round's transaction (`SET LOCAL`; a
+    rollback undoes it too).
+    """
+    if connection.vendor != "postgresql":
+        yield
+        return
+    with connection.cursor() as cursor:
+        cursor.execute("SET LOCAL enable_sort = off")
+        yield
+        cursor.execute("SET LOCAL enable_sort TO DEFAULT")
+
+
 def dispatch_round(
     *, batch_size: int | None = None, now: datetime | None = None, starvation_possible: bool = True
 ) -> int:
@@ -361,8 +385,9 @@ def _placed_by_a_round(*, batch_size: int | None, now: datetime | None, starvati
             return []
         holds = current_holds(now)
         nodes = capacities(workers, holds)
-        tasks = claim_tasks(nodes, limit=min(limit, claim_bound(nodes)), now=now)
-        head = hold_for_starving_head(nodes, holds, now) if starvation_possible else None
+        with _queue_read_in_index_order():
+            tasks = claim_tasks(nodes, limit=min(limit, claim_bound(nodes)), now=now)
+            head = hold_for_starving_head(nodes, holds, now) if starvation_possible else None
         if head is not None:
             logger.info("holding capacity for starving task %s", head.id)
         placements = match(tasks, nodes, holds)
@@ -403,18 +428,19 @@ def dispatch_at_submission(*, task: Task) -> bool:
 
 
 def _mark_preparing(placements: list[Placement], now: datetime) -> None:
-    """queued -> preparing for the whole round: one conditional UPDATE per rank-0 worker.
+    """queued -> preparing for the whole round: one UPDATE by primary key per rank-0 worker.
 
-    The same guarded UPDATE as `task_transition`, in bulk: the claimed rows are
-    locked by this transaction (the write lock on SQLite), so every one of them
-    must still be queued; anything else aborts the round.
+    The claim locked these rows as queued (the write lock on SQLite) until
+    the round commits, so no state is checked again: a check of `status`
+    would let the planner, on statistics a burst has outdated, read every
+    queued task instead of the claimed ones. A row missing aborts the round.
     """
     by_worker: dict[uuid.UUID, list[uuid.UUID]] = defaultdict(list)
     for placement in placements:
         by_worker[placement.nodes[0][0].worker_id].append(placement.task.id)
     for worker_id, task_ids in by_worker.items():
         if _preparing(ids=task_ids, worker_id=worker_id, now=now) != len(task_ids):
-            raise RuntimeError("claimed tasks changed while locked by the dispatch round")
+            raise RuntimeError("claimed tasks disappeared while locked by the dispatch round")
     for placement in placements:
         task = placement.task
         task.status, task.attempt, task.worker_id, task.updated_at = (
@@ -428,7 +454,7 @@ def _mark_preparing(placements: list[Placement], now: datetime) -> None:
 
 def _preparing_update(*, ids: list[uuid.UUID], worker_id: uuid.UUID, now: datetime) -> tuple:
     changes = {"status": TaskStatus.PREPARING, "worker_id": worker_id, "attempt": F("attempt") + 1, "updated_at": now}
-    return Task.objects.filter(id__in=ids, status__in=sources_of(TaskStatus.PREPARING)), changes
+    return Task.objects.filter(id__in=ids), changes
 
 
 _preparing = compiled_update_per_shape(_preparing_update)

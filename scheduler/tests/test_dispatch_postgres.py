@@ -5,6 +5,8 @@ import subprocess
 import sys
 import time
 from collections import Counter, defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -91,6 +93,65 @@ def test_task_claim_query_is_served_by_the_partial_index():
 
     assert "task_runnable_by_priority" in plan, plan
     assert "Seq Scan on tasks_task" not in plan, plan
+
+
+@contextmanager
+def _plans_of(statement_start: str) -> Iterator[list[str]]:
+    """The plans of the statements beginning with `statement_start` run meanwhile, each explained on
+    its own cursor right before it runs (with the settings of its transaction at that moment)."""
+    plans: list[str] = []
+
+    def explained(execute, sql, params, many, context):
+        if sql.startswith(statement_start):
+            context["cursor"].execute(f"EXPLAIN {sql}", params)
+            plans.append("\n".join(row for (row,) in context["cursor"].fetchall()))
+        return execute(sql, params, many, context)
+
+    with connection.execute_wrapper(explained):
+        yield plans
+
+
+def _queue_burst_after_statistics(owner) -> None:
+    """Statistics taken when a single task of 200 was queued, then 3,000 tasks queued at once:
+    a queue the planner believes is a handful of rows, as right after a burst."""
+    Task.objects.bulk_create(
+        [Task(owner=owner, job_name=f"done-{i}", status="completed", dispatch_key=0.0) for i in range(199)]
+    )
+    _tasks(owner, 1)
+    with connection.cursor() as cursor:
+        cursor.execute("ANALYZE tasks_task")
+    _tasks(owner, 3000)
+
+
+@requires_postgres
+@pytest.mark.django_db
+def test_a_round_claims_by_walking_the_partial_index_when_the_statistics_have_not_seen_a_burst():
+    owner = UserFactory()
+    worker(cpu_cores=64, memory_gb=256, batch_slots=8)
+    _queue_burst_after_statistics(owner)
+
+    with _plans_of("SELECT") as plans:
+        assert dispatch_round() == 8
+
+    claims = [plan for plan in plans if "LockRows" in plan and "tasks_task" in plan]
+    assert claims, plans
+    for plan in claims:
+        assert "Index Scan using task_runnable_by_priority" in plan, plan
+        assert "Sort" not in plan, plan
+
+
+@requires_postgres
+@pytest.mark.django_db
+def test_a_round_marks_its_tasks_preparing_by_primary_key_when_the_statistics_have_not_seen_a_burst():
+    owner = UserFactory()
+    worker(cpu_cores=64, memory_gb=256, batch_slots=8)
+    _queue_burst_after_statistics(owner)
+
+    with _plans_of('UPDATE "tasks_task"') as plans:
+        assert dispatch_round() == 8
+
+    assert len(plans) == 1, plans
+    assert "tasks_task_pkey" in plans[0], plans[0]
 
 
 @requires_postgres
