@@ -111,10 +111,12 @@ class NodeAssignment(models.Model):
         CANCELLED = "cancelled"
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
-    task = models.ForeignKey("tasks.Task", on_delete=models.CASCADE, related_name="node_assignments")
+    # Both foreign keys lead an index of Meta (assignment_once_per_node_attempt, assignment_worker_live):
+    # no index of their own, one less to write at every change of an assignment.
+    task = models.ForeignKey("tasks.Task", on_delete=models.CASCADE, related_name="node_assignments", db_index=False)
     attempt = models.PositiveIntegerField()
     node_id = models.PositiveIntegerField(default=0)  # rank within a multi-node job
-    worker = models.ForeignKey(Worker, on_delete=models.CASCADE, related_name="assignments")
+    worker = models.ForeignKey(Worker, on_delete=models.CASCADE, related_name="assignments", db_index=False)
     token = models.UUIDField(default=uuid.uuid4, unique=True, editable=False)
     status = models.CharField(max_length=10, choices=Status.choices, default=Status.ASSIGNED)
     # Capacity this assignment holds on its worker while `holds_capacity`.

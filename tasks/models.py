@@ -51,7 +51,9 @@ class Task(models.Model):
         CANCELLED = "cancelled"
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
-    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="tasks")
+    # Foreign keys led by an index of Meta.indexes get no index of their own: one index less
+    # to write at every change of state (task_owner_recent, task_worker_status).
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="tasks", db_index=False)
     experiment = models.ForeignKey(Experiment, null=True, blank=True, on_delete=models.SET_NULL, related_name="tasks")
     job_name = models.CharField(max_length=64)
     kind = models.CharField(max_length=10, choices=Kind.choices, default=Kind.BATCH)
@@ -92,7 +94,7 @@ class Task(models.Model):
     # Progress
     attempt = models.PositiveIntegerField(default=0)  # bumped by each dispatch; part of the fencing token
     worker = models.ForeignKey(
-        "scheduler.Worker", null=True, blank=True, on_delete=models.SET_NULL, related_name="tasks"
+        "scheduler.Worker", null=True, blank=True, on_delete=models.SET_NULL, related_name="tasks", db_index=False
     )
     created_at = models.DateTimeField(default=timezone.now)
     queued_at = models.DateTimeField(default=timezone.now)
@@ -149,7 +151,9 @@ class TaskLogLine(models.Model):
         STDERR = "stderr"
 
     id = models.BigAutoField(primary_key=True)
-    task = models.ForeignKey(Task, on_delete=models.CASCADE, related_name="log_lines")
+    task = models.ForeignKey(
+        Task, on_delete=models.CASCADE, related_name="log_lines", db_index=False
+    )  # tasklog_task_order
     attempt = models.PositiveIntegerField()
     stream = models.CharField(max_length=6, choices=Stream.choices)
     line = models.TextField()
