@@ -1,10 +1,15 @@
-"""The Redis channel layer as configured: an idle receive waits, it does not time out."""
+"""The Redis channel layer as configured: an idle receive waits; a group send delivers as channels_redis's does."""
 
 import asyncio
+import time
+import uuid
+from typing import Any
 
 import pytest
 from channels.layers import channel_layers, get_channel_layer
 from django.conf import settings
+
+from fetchml.channel_layer import RedisChannelLayer
 
 IDLE_SECONDS = 7  # longer than the layer's 5 s blocking pop, which a 5 s socket timeout cut short
 
@@ -31,3 +36,138 @@ def test_an_idle_receive_outlasts_the_layers_blocking_pop_and_then_gets_its_mess
 
     assert not failed_while_idle
     assert message == {"type": "test.message"}
+
+
+needs_redis = pytest.mark.skipif(
+    not settings.REDIS_URL, reason="needs Redis: set REDIS_URL=redis://... (CI always does)"
+)
+
+
+def _layer(**config) -> RedisChannelLayer:
+    """The configured layer class on the configured Redis, under a prefix of its own."""
+    return RedisChannelLayer(hosts=[settings.REDIS_URL], prefix=f"test-{uuid.uuid4().hex}", **config)
+
+
+def _run(scenario) -> Any:
+    return asyncio.run(asyncio.wait_for(scenario(), timeout=10))
+
+
+@needs_redis
+def test_the_configured_layer_is_the_one_with_the_shorter_group_send():
+    channel_layers.backends.clear()
+    try:
+        assert isinstance(get_channel_layer(), RedisChannelLayer)
+    finally:
+        channel_layers.backends.clear()
+
+
+@needs_redis
+def test_a_group_send_reaches_every_member_of_the_group():
+    layer = _layer()
+
+    async def scenario() -> list[dict]:
+        channels = [await layer.new_channel() for _ in range(2)]
+        for channel in channels:
+            await layer.group_add("workers", channel)
+        await layer.group_send("workers", {"type": "test.message", "n": 1})
+        received = [await layer.receive(channel) for channel in channels]
+        await layer.flush()
+        return received
+
+    assert _run(scenario) == [{"type": "test.message", "n": 1}] * 2
+
+
+@needs_redis
+def test_a_group_send_takes_two_redis_round_trips(monkeypatch):
+    from redis.asyncio.client import Pipeline, Redis
+
+    layer = _layer()
+    trips: list[str] = []
+    single, batched = Redis.execute_command, Pipeline.execute
+
+    async def counted_single(self, *args, **options):
+        if not isinstance(self, Pipeline):
+            trips.append(str(args[0]))
+        return await single(self, *args, **options)
+
+    async def counted_pipeline(self, *args, **options):
+        trips.append("pipeline")
+        return await batched(self, *args, **options)
+
+    async def scenario() -> None:
+        channel = await layer.new_channel()
+        await layer.group_add("workers", channel)
+        await layer.group_send("workers", {"type": "test.message"})  # loads the script once
+        monkeypatch.setattr(Redis, "execute_command", counted_single)
+        monkeypatch.setattr(Pipeline, "execute", counted_pipeline)
+        await layer.group_send("workers", {"type": "test.message"})
+        monkeypatch.undo()
+        await layer.flush()
+
+    _run(scenario)
+
+    assert trips == ["pipeline", "EVALSHA"]
+
+
+@needs_redis
+def test_a_member_past_the_group_expiry_gets_nothing_and_leaves_the_group():
+    layer = _layer(group_expiry=60)
+    elsewhere = RedisChannelLayer(hosts=[settings.REDIS_URL], prefix=layer.prefix)  # another process
+
+    async def scenario() -> tuple[list, int]:
+        stale, fresh = await elsewhere.new_channel(), await layer.new_channel()
+        await layer.group_add("workers", stale)
+        await layer.group_add("workers", fresh)
+        # The stale member joined long ago: its score is its joining time.
+        await layer.connection(0).zadd(layer._group_key("workers"), {stale: time.time() - 120})
+        await layer.group_send("workers", {"type": "test.message"})
+        members = await layer.connection(0).zrange(layer._group_key("workers"), 0, -1)
+        pending = await layer.connection(0).zcard(layer.prefix + stale.split("!")[0] + "!")
+        await layer.receive(fresh)
+        await layer.flush()
+        return [member.decode() for member in members], pending
+
+    members, pending_for_stale = _run(scenario)
+
+    assert len(members) == 1
+    assert pending_for_stale == 0
+
+
+@needs_redis
+def test_a_channel_at_capacity_does_not_get_the_message():
+    layer = _layer(capacity=1)
+
+    async def scenario() -> tuple[dict, bool]:
+        channel = await layer.new_channel()
+        await layer.group_add("workers", channel)
+        await layer.group_send("workers", {"type": "test.message", "n": 1})
+        await layer.group_send("workers", {"type": "test.message", "n": 2})
+        first = await layer.receive(channel)
+        second = asyncio.ensure_future(layer.receive(channel))
+        done, _ = await asyncio.wait({second}, timeout=0.5)
+        second.cancel()
+        await layer.flush()
+        return first, bool(done)
+
+    first, got_a_second = _run(scenario)
+
+    assert first == {"type": "test.message", "n": 1}
+    assert not got_a_second
+
+
+@needs_redis
+def test_a_group_send_drops_the_channels_expired_messages_first():
+    layer = _layer(capacity=1, expiry=60)
+
+    async def scenario() -> dict:
+        channel = await layer.new_channel()
+        await layer.group_add("workers", channel)
+        key = layer.prefix + channel.split("!")[0] + "!"
+        # An undelivered message from long ago fills the channel's one place.
+        await layer.connection(0).zadd(key, {b"expired": time.time() - 120})
+        await layer.group_send("workers", {"type": "test.message", "n": 1})
+        received = await layer.receive(channel)
+        await layer.flush()
+        return received
+
+    assert _run(scenario) == {"type": "test.message", "n": 1}

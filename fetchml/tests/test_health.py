@@ -30,7 +30,7 @@ def test_health_is_healthy_with_version_and_timestamp(anon_client, db):
 def test_health_is_degraded_when_the_channel_layer_is_unreachable(anon_client, db):
     broken = {
         "default": {
-            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            "BACKEND": "fetchml.channel_layer.RedisChannelLayer",
             "CONFIG": {"hosts": [f"redis://127.0.0.1:{closed_port()}/0"]},
         }
     }

@@ -204,7 +204,7 @@ def test_with_redis_url_the_cache_and_channel_layer_are_shared_through_redis(tmp
     )
     cache_backend, layer_backend, secret_key, [host] = json.loads(printed_by_a_fresh_process(code, env))
     assert cache_backend == "django.core.cache.backends.redis.RedisCache"
-    assert layer_backend == "channels_redis.core.RedisChannelLayer"
+    assert layer_backend == "fetchml.channel_layer.RedisChannelLayer"
     assert secret_key == key_file.read_text()
     # Reads must outlast the layer's 5 s blocking pop, or idle consumers are torn down.
     assert host["address"] == PRODUCTION_ENV["REDIS_URL"] and host["socket_timeout"] > 5
