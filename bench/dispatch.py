@@ -537,13 +537,9 @@ def round_cost(owner: Any, depth: int, rounds: int) -> float:
     Worker.objects.update(status=Worker.Status.OFFLINE)
     have = Task.objects.filter(status="queued").aggregate(n=Count("id"))["n"]
     if depth > have:
+        # Measured right after the burst, before autovacuum has analysed it: the round's reads
+        # of the queue must not depend on the planner's statistics (scheduler/dispatch.py).
         insert_queued(owner, depth - have)
-        # What autovacuum does within a minute of such a burst (tasks/migrations/0002):
-        # measured without it, the round would sort the whole queue on a stale estimate.
-        from django.db import connection
-
-        with connection.cursor() as cursor:
-            cursor.execute(f"ANALYZE {Task._meta.db_table}")
     worker, _ = Worker.objects.update_or_create(
         name="round-cost", defaults={"status": Worker.Status.ACTIVE, "cpu_cores": 1024, "memory_gb": 4096}
     )
