@@ -54,7 +54,10 @@ class Task(models.Model):
     # Foreign keys led by an index of Meta.indexes get no index of their own: one index less
     # to write at every change of state (task_owner_recent, task_worker_status).
     owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="tasks", db_index=False)
-    experiment = models.ForeignKey(Experiment, null=True, blank=True, on_delete=models.SET_NULL, related_name="tasks")
+    # Nullable foreign keys are indexed only where set (Meta.indexes): most tasks have none of them.
+    experiment = models.ForeignKey(
+        Experiment, null=True, blank=True, on_delete=models.SET_NULL, related_name="tasks", db_index=False
+    )
     job_name = models.CharField(max_length=64)
     kind = models.CharField(max_length=10, choices=Kind.choices, default=Kind.BATCH)
     status = models.CharField(max_length=12, choices=TaskStatus.choices, default=TaskStatus.QUEUED)
@@ -80,7 +83,7 @@ class Task(models.Model):
     gpu_type = models.CharField(max_length=64, blank=True)
     node_count = models.PositiveIntegerField(default=1)
     reservation = models.ForeignKey(
-        "scheduler.Reservation", null=True, blank=True, on_delete=models.SET_NULL, related_name="tasks"
+        "scheduler.Reservation", null=True, blank=True, on_delete=models.SET_NULL, related_name="tasks", db_index=False
     )
     allow_unschedulable = models.BooleanField(default=False)
 
@@ -104,7 +107,7 @@ class Task(models.Model):
     updated_at = models.DateTimeField(auto_now=True)
     cancel_requested_at = models.DateTimeField(null=True, blank=True)
     cancelled_by = models.ForeignKey(
-        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+", db_index=False
     )
     exit_code = models.IntegerField(null=True, blank=True)
     failure_reason = models.CharField(max_length=12, choices=FailureReason.choices, blank=True)
@@ -124,6 +127,11 @@ class Task(models.Model):
             models.Index(fields=["owner", "-created_at"], name="task_owner_recent"),
             models.Index(fields=["status", "ended_at"], name="task_status_ended"),
             models.Index(fields=["worker", "status"], name="task_worker_status"),
+            models.Index(fields=["experiment"], condition=Q(experiment__isnull=False), name="task_experiment_set"),
+            models.Index(fields=["reservation"], condition=Q(reservation__isnull=False), name="task_reservation_set"),
+            models.Index(
+                fields=["cancelled_by"], condition=Q(cancelled_by__isnull=False), name="task_cancelled_by_set"
+            ),
         ]
         constraints = [
             models.CheckConstraint(condition=Q(priority__gte=1, priority__lte=10), name="task_priority_1_10"),

@@ -36,3 +36,18 @@ def test_a_table_every_run_writes_has_no_index_another_index_leads_with(model):
     ]
 
     assert redundant == []
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("model", RUN_TABLES, ids=lambda model: model._meta.db_table)
+def test_a_nullable_foreign_key_of_a_table_every_run_writes_is_indexed_only_where_set(model):
+    nullable = {field.column for field in model._meta.concrete_fields if field.is_relation and field.null}
+    partial = {index.name for index in model._meta.indexes if index.condition is not None}
+    with connection.cursor() as cursor:
+        found = connection.introspection.get_constraints(cursor, model._meta.db_table)
+    indexes = {name: index["columns"] for name, index in found.items() if index["index"]}
+    own = {column: {name for name, columns in indexes.items() if columns == [column]} for column in nullable}
+    leading = {column: {name for name, columns in indexes.items() if columns[:1] == [column]} for column in nullable}
+
+    assert {column: names - partial for column, names in own.items()} == {column: set() for column in nullable}
+    assert all(leading.values()), leading  # a lookup by a set value still has an index
