@@ -7,7 +7,8 @@ Every row-locking query of the scheduler lives in this module. A round:
 2. claims up to `SCHEDULER_BATCH_SIZE` runnable tasks in dispatch order
    (`FOR UPDATE SKIP LOCKED`), pre-filtered to what some claimed worker could
    hold, so unplaceable tasks do not occupy the whole batch. The query is
-   served by the partial index `task_runnable_by_priority`; its cost depends
+   served by the partial index `task_runnable_by_priority`, whatever the
+   planner's statistics say (`_queue_read_in_index_order`); its cost depends
    on the batch size, not on the depth of the queue;
 3. matches greedily in that order, best fit first (a multi-node task takes all
    its nodes on distinct workers or none);
