@@ -123,15 +123,21 @@ def _queue_burst_after_statistics(owner) -> None:
     _tasks(owner, 3000)
 
 
-@requires_postgres
-@pytest.mark.django_db
-def test_a_round_claims_by_walking_the_partial_index_when_the_statistics_have_not_seen_a_burst():
+def _plans_of_a_round_after_a_burst(statement_start: str) -> list[str]:
+    """The plans of a round's statements beginning with `statement_start`, the round placing 8 tasks
+    of a burst the planner's statistics have not seen (`_queue_burst_after_statistics`)."""
     owner = UserFactory()
     worker(cpu_cores=64, memory_gb=256, batch_slots=8)
     _queue_burst_after_statistics(owner)
-
-    with _plans_of("SELECT") as plans:
+    with _plans_of(statement_start) as plans:
         assert dispatch_round() == 8
+    return plans
+
+
+@requires_postgres
+@pytest.mark.django_db
+def test_a_round_claims_by_walking_the_partial_index_when_the_statistics_have_not_seen_a_burst():
+    plans = _plans_of_a_round_after_a_burst("SELECT")
 
     claims = [plan for plan in plans if "LockRows" in plan and "tasks_task" in plan]
     assert claims, plans
@@ -143,12 +149,7 @@ def test_a_round_claims_by_walking_the_partial_index_when_the_statistics_have_no
 @requires_postgres
 @pytest.mark.django_db
 def test_a_round_marks_its_tasks_preparing_by_primary_key_when_the_statistics_have_not_seen_a_burst():
-    owner = UserFactory()
-    worker(cpu_cores=64, memory_gb=256, batch_slots=8)
-    _queue_burst_after_statistics(owner)
-
-    with _plans_of('UPDATE "tasks_task"') as plans:
-        assert dispatch_round() == 8
+    plans = _plans_of_a_round_after_a_burst('UPDATE "tasks_task"')
 
     assert len(plans) == 1, plans
     assert "tasks_task_pkey" in plans[0], plans[0]
