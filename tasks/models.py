@@ -159,9 +159,8 @@ class TaskLogLine(models.Model):
         STDERR = "stderr"
 
     id = models.BigAutoField(primary_key=True)
-    task = models.ForeignKey(
-        Task, on_delete=models.CASCADE, related_name="log_lines", db_index=False
-    )  # tasklog_task_order
+    # Led by tasklog_task_order: no index of its own.
+    task = models.ForeignKey(Task, on_delete=models.CASCADE, related_name="log_lines", db_index=False)
     attempt = models.PositiveIntegerField()
     stream = models.CharField(max_length=6, choices=Stream.choices)
     line = models.TextField()
