@@ -315,8 +315,21 @@ _line_head = compiled_per_shape(lambda *, now: runnable_tasks(now).only(*DISPATC
 
 
 def any_task_may_starve(now: datetime) -> bool:
-    """Whether some runnable task has waited past the starvation threshold (one index probe)."""
-    return runnable_tasks(now).filter(queued_at__lte=starving_since(now)).exists()
+    """Whether some runnable task has waited past the starvation threshold.
+
+    One probe of the longest-waiting queued tasks (`task_queued_since`), read
+    in that index's order whatever the statistics say: looked for among the
+    queue in dispatch order, a queue without a starving task was read whole
+    (about 100 ms at a million queued tasks, every maintenance pass).
+    """
+    with transaction.atomic(), _queue_read_in_index_order():
+        oldest = _longest_waiting(now=now)
+    return bool(oldest) and oldest[0].queued_at <= starving_since(now)
+
+
+_longest_waiting = compiled_per_shape(
+    lambda *, now: runnable_tasks(now).order_by("queued_at").only("id", "queued_at")[:1]
+)
 
 
 def hold_for_starving_head(nodes: list[NodeCapacity], holds: Holds, now: datetime) -> Task | None:

@@ -124,6 +124,8 @@ class Task(models.Model):
                 name="task_runnable_by_priority",
                 condition=Q(status="queued"),
             ),
+            # Serves the starvation check: the longest-waiting queued tasks first.
+            models.Index(fields=["queued_at"], name="task_queued_since", condition=Q(status="queued")),
             models.Index(fields=["owner", "-created_at"], name="task_owner_recent"),
             models.Index(fields=["status", "ended_at"], name="task_status_ended"),
             models.Index(fields=["worker", "status"], name="task_worker_status"),

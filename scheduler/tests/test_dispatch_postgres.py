@@ -16,7 +16,7 @@ from django.db.models import Count, Sum
 from django.utils import timezone
 
 from conftest import requires_postgres
-from scheduler.dispatch import capacities, claim_tasks_query, dispatch_round
+from scheduler.dispatch import any_task_may_starve, dispatch_round
 from scheduler.models import NodeAssignment, Worker
 from scheduler.tests.factories import UserFactory, worker
 from tasks.models import Task
@@ -76,25 +76,6 @@ def _tasks(owner, count: int, **fields) -> list[Task]:
     )
 
 
-@requires_postgres
-@pytest.mark.django_db
-def test_task_claim_query_is_served_by_the_partial_index():
-    owner = UserFactory()
-    worker(cpu_cores=64, memory_gb=256, gpu_count=8, batch_slots=8)
-    Task.objects.bulk_create(
-        [Task(owner=owner, job_name=f"done-{i}", status="completed", dispatch_key=0.0) for i in range(5000)]
-    )
-    _tasks(owner, 50)
-    with connection.cursor() as cursor:
-        cursor.execute("ANALYZE tasks_task")
-    nodes = capacities(list(Worker.objects.all()))
-
-    plan = claim_tasks_query(nodes, limit=32, now=timezone.now()).explain()
-
-    assert "task_runnable_by_priority" in plan, plan
-    assert "Seq Scan on tasks_task" not in plan, plan
-
-
 @contextmanager
 def _plans_of(statement_start: str) -> Iterator[list[str]]:
     """The plans of the statements beginning with `statement_start` run meanwhile, each explained on
@@ -134,11 +115,7 @@ def _plans_of_a_round_after_a_burst(statement_start: str) -> list[str]:
     return plans
 
 
-@requires_postgres
-@pytest.mark.django_db
-def test_a_round_claims_by_walking_the_partial_index_when_the_statistics_have_not_seen_a_burst():
-    plans = _plans_of_a_round_after_a_burst("SELECT")
-
+def _assert_claims_walk_the_partial_index(plans: list[str]) -> None:
     claims = [plan for plan in plans if "LockRows" in plan and "tasks_task" in plan]
     assert claims, plans
     for plan in claims:
@@ -148,11 +125,50 @@ def test_a_round_claims_by_walking_the_partial_index_when_the_statistics_have_no
 
 @requires_postgres
 @pytest.mark.django_db
+def test_a_round_claims_by_walking_the_partial_index_with_statistics_up_to_date():
+    owner = UserFactory()
+    worker(cpu_cores=64, memory_gb=256, gpu_count=8, batch_slots=8)
+    Task.objects.bulk_create(
+        [Task(owner=owner, job_name=f"done-{i}", status="completed", dispatch_key=0.0) for i in range(5000)]
+    )
+    _tasks(owner, 50)
+    with connection.cursor() as cursor:
+        cursor.execute("ANALYZE tasks_task")
+
+    with _plans_of("SELECT") as plans:
+        assert dispatch_round() == 8
+
+    _assert_claims_walk_the_partial_index(plans)
+
+
+@requires_postgres
+@pytest.mark.django_db
+def test_a_round_claims_by_walking_the_partial_index_when_the_statistics_have_not_seen_a_burst():
+    plans = _plans_of_a_round_after_a_burst("SELECT")
+
+    _assert_claims_walk_the_partial_index(plans)
+
+
+@requires_postgres
+@pytest.mark.django_db
 def test_a_round_marks_its_tasks_preparing_by_primary_key_when_the_statistics_have_not_seen_a_burst():
     plans = _plans_of_a_round_after_a_burst('UPDATE "tasks_task"')
 
     assert len(plans) == 1, plans
     assert "tasks_task_pkey" in plans[0], plans[0]
+
+
+@requires_postgres
+@pytest.mark.django_db
+def test_the_starvation_check_probes_the_longest_waiting_tasks_when_the_statistics_have_not_seen_a_burst():
+    _queue_burst_after_statistics(UserFactory())
+
+    with _plans_of("SELECT") as plans:
+        any_task_may_starve(timezone.now())
+
+    assert len(plans) == 1, plans
+    assert "Index Scan using task_queued_since" in plans[0], plans[0]
+    assert "Sort" not in plans[0], plans[0]
 
 
 @requires_postgres

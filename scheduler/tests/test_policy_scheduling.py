@@ -121,6 +121,15 @@ def test_a_task_may_starve_once_a_runnable_one_waited_past_the_threshold(setting
     assert any_task_may_starve(timezone.now())
 
 
+def test_a_task_waiting_out_its_back_off_does_not_make_starvation_possible(settings):
+    settings.FETCHML_STARVATION_SECONDS = 600
+    now = timezone.now()
+    queued_task(queued_at=now - timedelta(minutes=30), runnable_after=now + timedelta(minutes=1))
+    queued_task(queued_at=now - timedelta(minutes=5))
+
+    assert not any_task_may_starve(now)
+
+
 def test_small_jobs_still_pass_a_waiting_multi_node_job_before_the_threshold(settings):
     settings.FETCHML_STARVATION_SECONDS = 3600
     gang, small = _gang_and_small_job_behind_a_busy_node()
