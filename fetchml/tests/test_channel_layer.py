@@ -171,3 +171,21 @@ def test_a_group_send_drops_the_channels_expired_messages_first():
         return received
 
     assert _run(scenario) == {"type": "test.message", "n": 1}
+
+
+@needs_redis
+def test_a_group_send_still_delivers_after_redis_forgot_the_script():
+    layer = _layer()
+
+    async def scenario() -> dict:
+        channel = await layer.new_channel()
+        await layer.group_add("workers", channel)
+        await layer.group_send("workers", {"type": "test.message", "n": 1})
+        await layer.receive(channel)
+        await layer.connection(0).script_flush()  # as a restarted Redis has
+        await layer.group_send("workers", {"type": "test.message", "n": 2})
+        received = await layer.receive(channel)
+        await layer.flush()
+        return received
+
+    assert _run(scenario) == {"type": "test.message", "n": 2}
