@@ -311,6 +311,29 @@ def match(tasks: list[Task], nodes: list[NodeCapacity], holds: Holds | None = No
     return placements
 
 
+@contextmanager
+def _queue_read_in_index_order() -> Iterator[None]:
+    """Plan the enclosed reads of the queue as walks of the partial index whose order they ask for
+    (`task_runnable_by_priority`, `task_queued_since`), whatever the statistics say.
+
+    Right after a burst of submissions (and in a new database) the planner's
+    statistics, autovacuum's, can be a minute behind and put the queue at a
+    handful of rows; the claim is then planned as a read and a sort of the
+    whole queue for its LIMIT (60 to 75 ms a round at 30,000 queued tasks,
+    growing with the depth) instead of a walk of the index's first rows
+    (under 1 ms). With sorting off for these reads the walk is the only plan
+    left. PostgreSQL only, inside a transaction (`SET LOCAL`; a rollback
+    undoes it too).
+    """
+    if connection.vendor != "postgresql":
+        yield
+        return
+    with connection.cursor() as cursor:
+        cursor.execute("SET LOCAL enable_sort = off")
+        yield
+        cursor.execute("SET LOCAL enable_sort TO DEFAULT")
+
+
 _line_head = compiled_per_shape(lambda *, now: runnable_tasks(now).only(*DISPATCH_FIELDS)[:1])
 
 
@@ -354,28 +377,6 @@ def hold_for_starving_head(nodes: list[NodeCapacity], holds: Holds, now: datetim
     for node in usable[: head.node_count]:
         node.held_for = head.id
     return head
-
-
-@contextmanager
-def _queue_read_in_index_order() -> Iterator[None]:
-    """Plan the enclosed reads of the queue as walks of `task_runnable_by_priority`, whatever the statistics say.
-
-    Right after a burst of submissions (and in a new database) the planner's
-    statistics, autovacuum's, can be a minute behind and put the queue at a
-    handful of rows; the claim is then planned as a read and a sort of the
-    whole queue for its LIMIT (60 to 75 ms a round at 30,000 queued tasks,
-    growing with the depth) instead of a walk of the index's first rows
-    (under 1 ms). With sorting off for these reads the walk is the only plan
-    left. PostgreSQL only, inside the round's transaction (`SET LOCAL`; a
-    rollback undoes it too).
-    """
-    if connection.vendor != "postgresql":
-        yield
-        return
-    with connection.cursor() as cursor:
-        cursor.execute("SET LOCAL enable_sort = off")
-        yield
-        cursor.execute("SET LOCAL enable_sort TO DEFAULT")
 
 
 def dispatch_round(
