@@ -124,9 +124,11 @@ class BenchWorker:
     `arrivals[task_id]` lists the arrival times of the task's node assignments
     (one per node of a multi-node task, each node on its own worker). A
     re-sent `assign` (same token) is acknowledged again but never completed
-    twice. Like the agent, it re-sends a final `status` with each heartbeat
-    until the server answers `status_ack` (a report the server could not
-    apply gets `error` SERVER_ERROR, counted in `server_errors`); `stop`
+    twice. The answers to one frame (a `batch` of assigns) go back in one
+    `batch` frame when the server accepts those, as the agent sends what it
+    queued together. Like the agent, it re-sends a final `status` with each
+    heartbeat until the server answers `status_ack` (a report the server could
+    not apply gets `error` SERVER_ERROR, counted in `server_errors`); `stop`
     forgets the run; `drain` needs nothing from a client that runs nothing.
     """
 
@@ -159,6 +161,7 @@ class BenchWorker:
             hello = protocol.hello(name=self.name, hostname="127.0.0.1", capabilities=capabilities, running=[])
             await ws.send(protocol.encode(hello))
             welcome = protocol.decode(await ws.recv())
+            batches = "batch" in (welcome.get("features") or [])
             beat = asyncio.create_task(self._heartbeat(ws, float(welcome["heartbeat_seconds"])))
             self.ready.set()
             receiving = asyncio.ensure_future(ws.recv())
@@ -168,31 +171,39 @@ class BenchWorker:
                     done, _ = await asyncio.wait({receiving, stopping}, return_when=asyncio.FIRST_COMPLETED)
                     if stopping in done:
                         break
-                    message = protocol.decode(receiving.result())
+                    replies = []
+                    for message in protocol.decode_frame(receiving.result()):
+                        replies.extend(self._answer(message))
                     receiving = asyncio.ensure_future(ws.recv())
-                    if message["type"] in ("status_ack", "stop"):
-                        self.unacked.pop(message.get("token", ""), None)
-                        continue
-                    if message["type"] == "error":
-                        self.server_errors += message.get("code") == "SERVER_ERROR"
-                        continue
-                    if message["type"] != "assign":
-                        continue
-                    arrived = time.perf_counter()
-                    task_id, token = message["task_id"], message["token"]
-                    await ws.send(protocol.encode(protocol.ack(task_id=task_id, token=token)))
-                    if token in self.tokens:
-                        continue  # a re-sent assign: acknowledged again, run once
-                    self.tokens.add(token)
-                    self.arrivals.setdefault(task_id, []).append(arrived)
-                    final = protocol.status(task_id=task_id, token=token, status="completed", exit_code=0)
-                    self.unacked[token] = (final, time.monotonic())
-                    await ws.send(protocol.encode(final))
-                    self.completed += 1
+                    for text, _ in protocol.frames(replies, batches=batches):
+                        await ws.send(text)
             finally:
                 receiving.cancel()
                 stopping.cancel()
                 beat.cancel()
+
+    def _answer(self, message: dict[str, Any]) -> list[dict[str, Any]]:
+        """What to send back for one server message: an `assign` is acked and completed at once."""
+        from scheduler.agent import protocol
+
+        kind = message.get("type") if isinstance(message, dict) else None
+        if kind in ("status_ack", "stop"):
+            self.unacked.pop(message.get("token", ""), None)
+        elif kind == "error":
+            self.server_errors += message.get("code") == "SERVER_ERROR"
+        if kind != "assign":
+            return []
+        arrived = time.perf_counter()
+        task_id, token = message["task_id"], message["token"]
+        ack = protocol.ack(task_id=task_id, token=token)
+        if token in self.tokens:
+            return [ack]  # a re-sent assign: acknowledged again, run once
+        self.tokens.add(token)
+        self.arrivals.setdefault(task_id, []).append(arrived)
+        final = protocol.status(task_id=task_id, token=token, status="completed", exit_code=0)
+        self.unacked[token] = (final, time.monotonic())
+        self.completed += 1
+        return [ack, final]
 
     async def _heartbeat(self, ws: Any, every: float) -> None:
         from scheduler.agent import protocol

@@ -1,7 +1,8 @@
 """`/ws/worker`: the worker agents' WebSocket (protocol in docs/worker-protocol.md).
 
-Thin: parse and validate a frame, call one service in a database thread (for
-run reports, one call for all that piled up), answer. Nothing a worker sends
+Thin: parse and validate a frame (one message, or a `batch` of them), call one
+service in a database thread (for run reports, one call for all that piled up),
+answer (several answers in one `batch` frame to an agent that accepts them). Nothing a worker sends
 can crash the consumer: a bad message gets an `error`, an unexpected failure is
 logged and answered with an `error` too.
 """
@@ -28,8 +29,9 @@ from fetchml.sealing import Unsealable
 from jupyter import services as jupyter_services
 from plugins.services import WORKERS_GROUP, plugin_status_report
 from scheduler import selectors, services
+from scheduler.agent.protocol import frames
 from scheduler.assigns import assign_messages
-from scheduler.protocol import FINAL_RUN_STATES, BadMessage, error_message, outgoing, parse
+from scheduler.protocol import FEATURES, FINAL_RUN_STATES, BadMessage, error_message, outgoing, parse_frame
 
 logger = logging.getLogger("fetchml.scheduler.ws")
 
@@ -56,6 +58,7 @@ class WorkerConsumer(SocketConsumer):
 
     worker_id: Any = None
     api_key: ApiKey | None = None
+    sends_batches = False  # the agent listed "batch" in its hello
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -103,24 +106,25 @@ class WorkerConsumer(SocketConsumer):
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
         if self.api_key is None:
             return  # refused in connect(); the close is under way
-        try:
-            message = parse(text_data)
-        except BadMessage as exc:
-            logger.info("worker %s sent a bad message: %s", self.worker_id or "(no hello yet)", exc)
-            await self.send_json(error_message(exc))
-            if self.worker_id is None:
+        for message in parse_frame(text_data):
+            if isinstance(message, BadMessage):
+                logger.info("worker %s sent a bad message: %s", self.worker_id or "(no hello yet)", message)
+                await self.send_json(error_message(message))
+                if self.worker_id is None:
+                    await self.close(code=CLOSE_BAD_HELLO, reason="the first message must be a valid hello")
+                    return
+                continue
+            kind = message["type"]
+            if self.worker_id is None and kind != "hello":
+                await self.send_json(error_message(BadMessage("the first message must be hello", ref_type=kind)))
                 await self.close(code=CLOSE_BAD_HELLO, reason="the first message must be a valid hello")
-            return
-        kind = message["type"]
-        if self.worker_id is None and kind != "hello":
-            await self.send_json(error_message(BadMessage("the first message must be hello", ref_type=kind)))
-            await self.close(code=CLOSE_BAD_HELLO, reason="the first message must be a valid hello")
-        elif kind == "hello":
-            await self._guarded(kind, self._hello(message))
-        else:
-            self._inbox.append(message)
-            if self._handling is None or self._handling.done():
-                self._handling = asyncio.ensure_future(self._handle_inbox())
+                return
+            if kind == "hello":
+                await self._guarded(kind, self._hello(message))
+            else:
+                self._inbox.append(message)
+        if self._inbox and (self._handling is None or self._handling.done()):
+            self._handling = asyncio.ensure_future(self._handle_inbox())
 
     async def _handle_inbox(self) -> None:
         while self._inbox:
@@ -143,18 +147,24 @@ class WorkerConsumer(SocketConsumer):
             await self._server_error(kind)
 
     async def _server_error(self, kind: str) -> None:
-        await self.send_json(
-            outgoing("error", code="SERVER_ERROR", message="the server could not apply this message", ref_type=kind)
-        )
+        await self.send_json(_server_error(kind))
 
     async def send_json(self, message: dict[str, Any]) -> None:
+        await self._send_text(json.dumps(message), message.get("type"))
+
+    async def send_messages(self, messages: list[dict[str, Any]]) -> None:
+        """Several messages: in `batch` frames to an agent that accepts them, else one frame each."""
+        for text, count in frames(messages, batches=self.sends_batches):
+            await self._send_text(text, "batch" if count > 1 else messages[0]["type"])
+
+    async def _send_text(self, text: str, kind: str | None) -> None:
         try:
-            await self.send(text_data=json.dumps(message))
+            await self.send(text_data=text)
         except Exception as exc:
             # The socket closed under us (daphne raises on a send after close).
             # Nothing is lost: the database holds the run's state, and the agent
             # re-learns it on reconnect (hello, re-sent assigns, stale tokens).
-            logger.info("worker %s: could not send %s: %s", self.worker_id, message.get("type"), exc)
+            logger.info("worker %s: could not send %s: %s", self.worker_id, kind, exc)
 
     # --- worker -> server --------------------------------------------------------
 
@@ -175,6 +185,7 @@ class WorkerConsumer(SocketConsumer):
             await self.close(code=CLOSE_NAME_IN_USE, reason="another live connection uses this worker name")
             return
         self.worker_id = welcome.worker_id
+        self.sends_batches = "batch" in message["features"]
         await self.channel_layer.group_add(events.worker_group(self.worker_id), self.channel_name)
         await self.channel_layer.group_add(WORKERS_GROUP, self.channel_name)  # plugin configuration changes
         await self.send_json(
@@ -184,6 +195,7 @@ class WorkerConsumer(SocketConsumer):
                 heartbeat_seconds=app_settings.WORKER_HEARTBEAT_SECONDS,
                 lease_seconds=app_settings.WORKER_LEASE_SECONDS,
                 reconcile={"keep": welcome.keep, "kill": welcome.kill},
+                features=list(FEATURES),
             )
         )
         logger.info("worker %s (%s) connected", message["name"], self.worker_id)
@@ -197,15 +209,17 @@ class WorkerConsumer(SocketConsumer):
 
     async def _on_run_reports(self, reports: list[dict[str, Any]]) -> None:
         outcomes = await in_pool(services.apply_run_reports)(worker_id=self.worker_id, reports=reports)
+        answers = []
         for report, outcome in zip(reports, outcomes, strict=True):
             if outcome is None:
-                await self._server_error(report["type"])
+                answers.append(_server_error(report["type"]))
             elif outcome is False or getattr(outcome, "stale", False):
-                await self._stop(report, "stale token")
+                answers.append(_stop(report, "stale token"))
             elif report["type"] == "status" and report["status"] in FINAL_RUN_STATES:
-                await self.send_json(
+                answers.append(
                     outgoing("status_ack", task_id=report["task_id"], token=report["token"], accepted=outcome.accepted)
                 )
+        await self.send_messages(answers)
 
     async def _on_draining(self, message: dict[str, Any]) -> None:
         handed_back = await database_sync_to_async(services.worker_announced_drain)(worker_id=self.worker_id)
@@ -215,8 +229,7 @@ class WorkerConsumer(SocketConsumer):
         stale = await database_sync_to_async(services.worker_heartbeat)(
             worker_id=self.worker_id, running=message["running"]
         )
-        for run in stale:
-            await self._stop(run, "stale token")
+        await self.send_messages([_stop(run, "stale token") for run in stale])
         await self._send_pending_cancels()
 
     async def _on_plugin_status(self, message: dict[str, Any]) -> None:
@@ -269,7 +282,7 @@ class WorkerConsumer(SocketConsumer):
             await self.send_json(error_message(BadMessage(str(exc), ref_type=kind)))
 
     async def _stop(self, run: dict[str, Any], reason: str) -> None:
-        await self.send_json(outgoing("stop", task_id=run["task_id"], token=run["token"], reason=reason))
+        await self.send_json(_stop(run, reason))
 
     async def _send_assigns(self, assignment_ids: list[Any]) -> None:
         try:
@@ -278,12 +291,10 @@ class WorkerConsumer(SocketConsumer):
             # Logged, not raised: the loop re-sends unacknowledged assignments.
             logger.exception("worker %s: could not build assigns %s", self.worker_id, assignment_ids)
             return
-        for message in messages:
-            await self.send_json(message)
+        await self.send_messages(messages)
 
     async def _send_pending_cancels(self) -> None:
-        for message in await database_sync_to_async(selectors.cancel_messages)(worker_id=self.worker_id):
-            await self.send_json(message)
+        await self.send_messages(await database_sync_to_async(selectors.cancel_messages)(worker_id=self.worker_id))
 
     # --- channel layer -> worker ---------------------------------------------------
 
@@ -298,8 +309,7 @@ class WorkerConsumer(SocketConsumer):
                 "worker %s: an assign notice could not be unsealed (is SECRET_KEY the same everywhere?)", self.worker_id
             )
             return
-        for message in messages:
-            await self.send_json(message)
+        await self.send_messages(messages)
 
     async def worker_cancel(self, event: dict[str, Any]) -> None:
         await self.send_json(outgoing("cancel", task_id=event["task_id"], token=event["token"], reason=event["reason"]))
@@ -319,3 +329,11 @@ class WorkerConsumer(SocketConsumer):
     async def worker_disconnect(self, event: dict[str, Any]) -> None:
         # The lease expired while connected: reconnecting makes the agent reconcile.
         await self.close(code=CLOSE_RECONNECT, reason="lease expired; reconnect")
+
+
+def _server_error(kind: str) -> dict[str, Any]:
+    return outgoing("error", code="SERVER_ERROR", message="the server could not apply this message", ref_type=kind)
+
+
+def _stop(run: dict[str, Any], reason: str) -> dict[str, Any]:
+    return outgoing("stop", task_id=run["task_id"], token=run["token"], reason=reason)

@@ -1,14 +1,18 @@
 """Worker protocol v1 (docs/worker-protocol.md): parsing and validating incoming messages.
 
-`parse()` turns one text frame into a dict with only known, type-checked
-fields, or raises `BadMessage`; the consumer answers that with an `error`
-message and keeps the connection.
+`parse_frame()` turns one text frame into its messages (one, or those of a
+`batch`), each a dict with only known, type-checked fields or the `BadMessage`
+that refused it; the consumer answers a refusal with an `error` message and
+keeps the connection.
 """
 
 import json
 import re
 import uuid
 from typing import Any
+
+# The framing rule is the agent's (it knows no Django): one owner for both ends.
+from scheduler.agent.protocol import MAX_BATCH
 
 VERSION = 1
 MAX_TEXT = 65_536  # error/output excerpts kept on the task row
@@ -20,6 +24,9 @@ RUN_STATES = frozenset({"preparing", "running", "collecting", "completed", "fail
 FINAL_RUN_STATES = frozenset({"completed", "failed", "cancelled"})
 WORKER_FAILURE_REASONS = frozenset({"exit_code", "timeout", "preparation", "worker_lost"})
 CAPACITY_FIELDS = ("cpu_cores", "memory_gb", "gpu_count", "batch_slots", "service_slots")
+MAX_FEATURES = 32
+# What this server accepts from any agent, and sends to an agent that lists it in `hello`.
+FEATURES = ("batch",)
 
 
 class BadMessage(Exception):
@@ -89,8 +96,12 @@ def _hello(message: dict) -> dict[str, Any]:
         raise BadMessage("field 'capabilities': an object is required", ref_type=ref)
     parsed = {key: _int(capabilities.get(key, 0), f"capabilities.{key}", ref=ref) for key in CAPACITY_FIELDS}
     parsed["gpu_type"] = _str(capabilities, "gpu_type", max_length=64, ref=ref)
+    features = message.get("features", [])
+    if not isinstance(features, list) or len(features) > MAX_FEATURES or not all(isinstance(f, str) for f in features):
+        raise BadMessage(f"field 'features': a list of at most {MAX_FEATURES} names is required", ref_type=ref)
     return {
         "name": name,
+        "features": sorted(set(features) & set(FEATURES)),
         "agent_version": _str(message, "agent_version", max_length=32, ref=ref),
         "hostname": _str(message, "hostname", max_length=255, ref=ref),
         "capabilities": parsed,
@@ -194,8 +205,37 @@ _PARSERS = {
 }
 
 
-def parse(text: str | None) -> dict[str, Any]:
-    """A validated message: {"type": ..., **fields}."""
+def parse_frame(text: str | None) -> list[dict[str, Any] | BadMessage]:
+    """The messages of one text frame, in order: the frame's own, or each of a `batch`'s.
+
+    Each is a validated message ({"type": ..., **fields}) or the `BadMessage`
+    that refused it, so one bad message in a batch does not cost the others.
+    """
+    try:
+        message = _loaded(text)
+        if message.get("type") != "batch":
+            return [_validated(message)]
+        _check_version(message, "batch")
+        inner = message.get("messages")
+        if not isinstance(inner, list) or not 1 <= len(inner) <= MAX_BATCH:
+            raise BadMessage(f"field 'messages': a list of 1 to {MAX_BATCH} messages is required", ref_type="batch")
+    except BadMessage as exc:
+        return [exc]
+    return [_batched(item) for item in inner]
+
+
+def _batched(message: Any) -> dict[str, Any] | BadMessage:
+    try:
+        if not isinstance(message, dict):
+            raise BadMessage("a message is a JSON object", ref_type="batch")
+        if message.get("type") in ("batch", "hello"):
+            raise BadMessage(f"a {message['type']} is sent in a frame of its own", ref_type=message["type"])
+        return _validated(message)
+    except BadMessage as exc:
+        return exc
+
+
+def _loaded(text: str | None) -> dict[str, Any]:
     if text is None:
         raise BadMessage("binary frames are not part of the protocol")
     try:
@@ -204,15 +244,23 @@ def parse(text: str | None) -> dict[str, Any]:
         raise BadMessage("not valid JSON") from None
     if not isinstance(message, dict):
         raise BadMessage("a message is a JSON object")
+    return message
+
+
+def _validated(message: dict[str, Any]) -> dict[str, Any]:
     kind = message.get("type")
     parser = _PARSERS.get(kind) if isinstance(kind, str) else None
     if parser is None:
         raise BadMessage(f"unknown message type {kind!r}", code="UNKNOWN_TYPE", ref_type=str(kind)[:32])
+    _check_version(message, kind)
+    return {"type": kind, **parser(message)}
+
+
+def _check_version(message: dict[str, Any], kind: str) -> None:
     if message.get("version") != VERSION:
         raise BadMessage(
             f"unsupported protocol version (this server speaks {VERSION})", code="BAD_VERSION", ref_type=kind
         )
-    return {"type": kind, **parser(message)}
 
 
 def outgoing(message_type: str, **fields: Any) -> dict[str, Any]:

@@ -109,6 +109,8 @@ class _Held:
 class _Session:
     ws: ClientConnection
     heartbeat_seconds: float
+    # Messages queued together go out in one `batch` frame when the server accepts those.
+    batches: bool = False
     wake: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -284,7 +286,9 @@ class Agent:
         logger.info("connected to %s as %s (worker %s)", self.config.server_url, self.config.name, welcome.worker_id)
         for token in welcome.kill:
             self._forget(token, kill=True)
-        session = self._session = _Session(ws=ws, heartbeat_seconds=welcome.heartbeat_seconds)
+        session = self._session = _Session(
+            ws=ws, heartbeat_seconds=welcome.heartbeat_seconds, batches="batch" in welcome.features
+        )
         if self._draining:
             self._enqueue(protocol.draining())  # a restarted server must hear it again
         self._resend_finals(older_than=0.0)
@@ -314,11 +318,17 @@ class Agent:
 
     async def _send_outbox(self, session: _Session) -> None:
         while self._outbox:
-            message = self._outbox[0]
-            token = message.get("token")
-            if token is None or token in self._held:  # nothing more about forgotten runs
-                await session.ws.send(protocol.encode(message))
-            self._outbox.popleft()
+            taken = [self._outbox.popleft() for _ in range(min(len(self._outbox), protocol.MAX_BATCH))]
+            # Nothing more about forgotten runs.
+            wanted = [message for message in taken if message.get("token") is None or message["token"] in self._held]
+            sent = 0
+            try:
+                for text, count in protocol.frames(wanted, batches=session.batches):
+                    await session.ws.send(text)
+                    sent += count
+            except BaseException:
+                self._outbox.extendleft(reversed(wanted[sent:]))  # sent again on the next connection
+                raise
 
     async def _flush(self, session: _Session) -> None:
         """On the way out, send what is still queued (the draining notice above all), briefly."""
@@ -337,11 +347,13 @@ class Agent:
 
     async def _receive(self, session: _Session) -> None:
         async for raw in session.ws:
-            try:
-                message = protocol.decode(raw)
-                self._handle(message)
-            except ProtocolError as exc:
-                logger.warning("ignoring a bad message from the server: %s", exc)
+            for message in protocol.decode_frame(raw):
+                try:
+                    if isinstance(message, ProtocolError):
+                        raise message
+                    self._handle(message)
+                except ProtocolError as exc:
+                    logger.warning("ignoring a bad message from the server: %s", exc)
 
     # -- outgoing ----------------------------------------------------------------------------
 

@@ -13,6 +13,12 @@ from typing import Any
 from scheduler.agent import AGENT_VERSION
 
 VERSION = 1
+# A `batch` frame's limits: messages, and characters, well under the 1 MiB message limit of daphne and
+# of the websockets client (a message larger than that travels in a frame of its own).
+MAX_BATCH = 1_000
+MAX_BATCH_CHARACTERS = 256 * 1024
+# Sent in `hello`: the agent accepts `batch` frames (the server sends one only to an agent that lists it).
+FEATURES = ("batch",)
 FINAL_STATUSES = frozenset({"completed", "failed", "cancelled"})
 SERVER_TYPES = frozenset({"welcome", "assign", "cancel", "stop", "status_ack", "drain", "error", "config"})
 
@@ -59,6 +65,8 @@ class Welcome:
     lease_seconds: float
     keep: tuple[str, ...]
     kill: tuple[str, ...]
+    # What the server accepts from this agent; an older server lists nothing (then one message per frame).
+    features: tuple[str, ...] = ()
 
 
 def encode(message: dict[str, Any]) -> str:
@@ -66,12 +74,67 @@ def encode(message: dict[str, Any]) -> str:
     return json.dumps(message, separators=(",", ":"), ensure_ascii=False)
 
 
+def frames(messages: list[dict[str, Any]], *, batches: bool) -> list[tuple[str, int]]:
+    """Text frames carrying `messages` in order, each with how many it carries: one message per
+    frame, or (`batches`) as many per `batch` frame as its limits allow."""
+    encoded = [encode(message) for message in messages]
+    if not batches:
+        return [(text, 1) for text in encoded]
+    grouped: list[tuple[str, int]] = []
+    group: list[str] = []
+    size = 0
+    for text in encoded:
+        if group and (len(group) == MAX_BATCH or size + len(text) > MAX_BATCH_CHARACTERS):
+            grouped.append((_batch_text(group), len(group)))
+            group, size = [], 0
+        group.append(text)
+        size += len(text)
+    if group:
+        grouped.append((_batch_text(group), len(group)))
+    return grouped
+
+
+def _batch_text(encoded: list[str]) -> str:
+    if len(encoded) == 1:
+        return encoded[0]
+    return f'{{"type":"batch","version":{VERSION},"messages":[{",".join(encoded)}]}}'
+
+
 def decode(raw: str | bytes) -> dict[str, Any]:
-    """Parse one frame; raise ProtocolError unless it is a known server message of this version."""
+    """Parse a frame of one message; raise ProtocolError unless it is a known server message of this version."""
     try:
         message = json.loads(raw)
     except (TypeError, ValueError) as exc:
         raise ProtocolError(f"not JSON: {exc}") from None
+    return _checked(message)
+
+
+def decode_frame(raw: str | bytes) -> list[dict[str, Any] | ProtocolError]:
+    """The messages of one frame, in order (a `batch` holds several); a bad one is its ProtocolError."""
+    try:
+        message = json.loads(raw)
+        if not (isinstance(message, dict) and message.get("type") == "batch"):
+            return [_checked(message)]
+        if message.get("version") != VERSION:
+            raise ProtocolError(f"unsupported version {message.get('version')!r}")
+        inner = message.get("messages")
+        if not isinstance(inner, list):
+            raise ProtocolError("field 'messages': a list is required")
+    except (TypeError, ValueError) as exc:  # ProtocolError is a ValueError
+        return [exc if isinstance(exc, ProtocolError) else ProtocolError(f"not JSON: {exc}")]
+    return [_checked_or_error(item) for item in inner]
+
+
+def _checked_or_error(message: Any) -> dict[str, Any] | ProtocolError:
+    try:
+        if isinstance(message, dict) and message.get("type") == "batch":
+            raise ProtocolError("a batch inside a batch")
+        return _checked(message)
+    except ProtocolError as exc:
+        return exc
+
+
+def _checked(message: Any) -> dict[str, Any]:
     if not isinstance(message, dict):
         raise ProtocolError("not a JSON object")
     if message.get("version") != VERSION:
@@ -168,12 +231,16 @@ def parse_welcome(message: dict[str, Any]) -> Welcome:
     if not all(isinstance(t, str) for t in [*keep, *kill]):
         raise ProtocolError("field 'reconcile': lists of tokens are required")
     heartbeat = _number(message, "heartbeat_seconds", 5.0) or 5.0
+    features = message.get("features") or []
+    if not isinstance(features, list):
+        raise ProtocolError("field 'features': a list is required")
     return Welcome(
         worker_id=str(message.get("worker_id", "")),
         heartbeat_seconds=heartbeat,
         lease_seconds=_number(message, "lease_seconds", heartbeat * 6) or heartbeat * 6,
         keep=tuple(keep),
         kill=tuple(kill),
+        features=tuple(f for f in features if isinstance(f, str)),
     )
 
 
@@ -189,6 +256,7 @@ def hello(*, name: str, hostname: str, capabilities: dict[str, Any], running: li
         hostname=hostname,
         capabilities=capabilities,
         running=running,
+        features=list(FEATURES),
     )
 
 

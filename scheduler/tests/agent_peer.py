@@ -1,7 +1,8 @@
 """Test helpers for the worker agent: a real WebSocket server playing the server side of the protocol.
 
-`Peer` records every message the agent sends, answers `hello` with `welcome` (optionally with a
-reconcile list) and acknowledges final statuses unless told not to. Tests wait on what it
+`Peer` records every message the agent sends (and the types of each frame's messages), answers
+`hello` with `welcome` (optionally with a reconcile list and the features it accepts, none by
+default, as an older server) and acknowledges final statuses unless told not to. Tests wait on what it
 receives with timeouts instead of sleeping.
 """
 
@@ -38,13 +39,16 @@ class Peer:
         ack_finals: bool = True,
         kill: list[str] | None = None,
         api_key: str = API_KEY,
+        features: list[str] | None = None,
     ) -> None:
         self.port = port
         self.api_key = api_key
         self.heartbeat_seconds = heartbeat_seconds
         self.ack_finals = ack_finals
         self.kill = kill or []
+        self.features = features
         self.messages: list[dict[str, Any]] = []
+        self.frames: list[list[str]] = []  # per frame received after hello: its messages' types
         self.hellos: list[dict[str, Any]] = []
         self._queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self._connection: ServerConnection | None = None
@@ -86,18 +90,27 @@ class Peer:
                     "lease_seconds": self.heartbeat_seconds * 6,
                     "reconcile": {"keep": [], "kill": self.kill},
                 }
+                | ({"features": self.features} if self.features is not None else {})
             )
         )
         self._connection = ws
         self._connected.set()
         async for raw in ws:
-            message = json.loads(raw)
-            self.messages.append(message)
-            self._queue.put_nowait(message)
-            if self.ack_finals and message["type"] == "status" and message["status"] in FINAL:
-                await self.send(
-                    {"type": "status_ack", "task_id": message["task_id"], "token": message["token"], "accepted": True}
-                )
+            frame = json.loads(raw)
+            messages = frame["messages"] if frame["type"] == "batch" else [frame]
+            self.frames.append([message["type"] for message in messages])
+            for message in messages:
+                self.messages.append(message)
+                self._queue.put_nowait(message)
+                if self.ack_finals and message["type"] == "status" and message["status"] in FINAL:
+                    await self.send(
+                        {
+                            "type": "status_ack",
+                            "task_id": message["task_id"],
+                            "token": message["token"],
+                            "accepted": True,
+                        }
+                    )
 
     async def connected(self) -> None:
         await asyncio.wait_for(self._connected.wait(), WAIT_SECONDS)
@@ -106,6 +119,9 @@ class Peer:
         await self.connected()
         assert self._connection is not None
         await self._connection.send(json.dumps({"version": 1, **message}))
+
+    async def send_batch(self, messages: list[dict[str, Any]]) -> None:
+        await self.send({"type": "batch", "messages": [{"version": 1, **message} for message in messages]})
 
     async def next(self, where: Callable[[dict[str, Any]], bool], timeout: float = WAIT_SECONDS) -> dict[str, Any]:
         """The next received message matching `where` (earlier non-matching ones are skipped)."""
@@ -127,6 +143,14 @@ class Peer:
         return await self.next(
             lambda m: m["type"] == "status" and m["token"] == token and m["status"] in FINAL, timeout
         )
+
+    async def finals(self, *tokens: str) -> list[dict[str, Any]]:
+        """The final statuses of the runs of `tokens`, in whatever order they arrive."""
+        arrived: dict[str, dict[str, Any]] = {}
+        while len(arrived) < len(tokens):
+            message = await self.next(lambda m: m["type"] == "status" and m["token"] in tokens and m["status"] in FINAL)
+            arrived[message["token"]] = message
+        return [arrived[token] for token in tokens]
 
     def about(self, token: str) -> list[dict[str, Any]]:
         return [m for m in self.messages if m.get("token") == token]

@@ -36,6 +36,50 @@ def test_hello_reports_name_capabilities_and_address(tmp_path: Path) -> None:
     run_async(scenario())
 
 
+def test_hello_says_the_agent_accepts_batch_frames(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with Peer() as peer, running_agent(peer.url, tmp_path):
+            await peer.connected()
+            assert peer.hellos[0]["features"] == ["batch"]
+
+    run_async(scenario())
+
+
+def test_messages_queued_together_go_out_in_one_batch_frame_to_a_server_that_accepts_them(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with Peer(features=["batch"]) as peer, running_agent(peer.url, tmp_path):
+            first, second = assign(python("print(1)")), assign(python("print(2)"))
+            await peer.send_batch([first, second])
+            await peer.finals(first["token"], second["token"])
+            # Both assigns were handled before the agent sent anything: their acks share a frame.
+            assert ["ack", "ack"] in [[kind for kind in frame if kind == "ack"] for frame in peer.frames]
+
+    run_async(scenario())
+
+
+def test_a_server_that_does_not_accept_batch_frames_gets_one_message_per_frame(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with Peer() as peer, running_agent(peer.url, tmp_path):
+            first, second = assign(python("print(1)")), assign(python("print(2)"))
+            await peer.send_batch([first, second])
+            await peer.finals(first["token"], second["token"])
+            assert [len(frame) for frame in peer.frames] == [1] * len(peer.frames)
+            assert sum(1 for m in peer.messages if m["type"] == "ack") == 2
+
+    run_async(scenario())
+
+
+def test_a_bad_message_in_a_batch_frame_does_not_cost_the_others(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with Peer(features=["batch"]) as peer, running_agent(peer.url, tmp_path):
+            good = assign(python("print('ok')"))
+            await peer.send_batch([{"type": "teleport"}, assign(""), good])
+            final = await peer.final(good["token"])
+            assert final["status"] == "completed"
+
+    run_async(scenario())
+
+
 def test_heartbeats_list_the_runs_the_agent_holds(tmp_path: Path) -> None:
     gate = tmp_path / "gate"
 

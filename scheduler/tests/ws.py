@@ -41,6 +41,12 @@ async def receive(communicator: WebsocketCommunicator) -> dict[str, Any]:
     return json.loads(await communicator.receive_from(timeout=TIMEOUT))
 
 
+async def send_batch(communicator: WebsocketCommunicator, messages: list[dict[str, Any]]) -> None:
+    """One `batch` frame holding `messages` (each given version 1 unless it says otherwise)."""
+    inner = [{"version": 1, **message} for message in messages]
+    await communicator.send_to(text_data=json.dumps({"type": "batch", "version": 1, "messages": inner}))
+
+
 async def close_code(communicator: WebsocketCommunicator) -> int:
     output = await communicator.receive_output(timeout=TIMEOUT)
     while output["type"] != "websocket.close":
@@ -49,9 +55,14 @@ async def close_code(communicator: WebsocketCommunicator) -> int:
 
 
 async def start_worker(
-    raw_key: str, *, name: str = "box-1", running: list[dict] | None = None, **capabilities: Any
+    raw_key: str,
+    *,
+    name: str = "box-1",
+    running: list[dict] | None = None,
+    features: list[str] | None = None,
+    **capabilities: Any,
 ) -> tuple[WebsocketCommunicator, dict[str, Any]]:
-    """Connect and say hello; returns the communicator and the welcome."""
+    """Connect and say hello (listing `features` when given); returns the communicator and the welcome."""
     communicator = await connect(raw_key)
     await send(
         communicator,
@@ -62,7 +73,8 @@ async def start_worker(
             "hostname": "10.0.0.7",
             "capabilities": {**CAPABILITIES, **capabilities},
             "running": running or [],
-        },
+        }
+        | ({"features": features} if features is not None else {}),
     )
     welcome = await receive(communicator)
     assert welcome["type"] == "welcome", welcome
