@@ -42,13 +42,12 @@ Audit at dispatch: one `job_started` event per placed task with action
 import logging
 import uuid
 from collections import defaultdict
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from django.db import connection, transaction
+from django.db import transaction
 from django.db.models import F, Q, QuerySet
 from django.utils import timezone
 
@@ -57,6 +56,7 @@ from fetchml import events
 from fetchml.bulk import insert_rows
 from fetchml.compiled import compiled_once, compiled_per_shape, compiled_update_per_shape
 from fetchml.conf import app_settings
+from fetchml.planner import planned_without
 from scheduler.assigns import ASSIGN_TASK_FIELDS, round_assign_messages
 from scheduler.counters import change_used
 from scheduler.models import NodeAssignment, Reservation, Worker
@@ -311,27 +311,18 @@ def match(tasks: list[Task], nodes: list[NodeCapacity], holds: Holds | None = No
     return placements
 
 
-@contextmanager
-def _queue_read_in_index_order() -> Iterator[None]:
+def _queue_read_in_index_order() -> AbstractContextManager[None]:
     """Plan the enclosed reads of the queue as walks of the partial index whose order they ask for
     (`task_runnable_by_priority`, `task_queued_since`), whatever the statistics say.
 
     Right after a burst of submissions (and in a new database) the planner's
-    statistics, autovacuum's, can be a minute behind and put the queue at a
-    handful of rows; the claim is then planned as a read and a sort of the
-    whole queue for its LIMIT (60 to 75 ms a round at 30,000 queued tasks,
-    growing with the depth) instead of a walk of the index's first rows
-    (under 1 ms). With sorting off for these reads the walk is the only plan
-    left. PostgreSQL only, inside a transaction (`SET LOCAL`; a rollback
-    undoes it too).
+    statistics can put the queue at a handful of rows; the claim is then
+    planned as a read and a sort of the whole queue for its LIMIT (60 to 75 ms
+    a round at 30,000 queued tasks, growing with the depth) instead of a walk
+    of the index's first rows (under 1 ms). With sorting off for these reads
+    the walk is the only plan left.
     """
-    if connection.vendor != "postgresql":
-        yield
-        return
-    with connection.cursor() as cursor:
-        cursor.execute("SET LOCAL enable_sort = off")
-        yield
-        cursor.execute("SET LOCAL enable_sort TO DEFAULT")
+    return planned_without("sort")
 
 
 _line_head = compiled_per_shape(lambda *, now: runnable_tasks(now).only(*DISPATCH_FIELDS)[:1])

@@ -31,6 +31,7 @@ from fetchml.auth import Actor
 from fetchml.compiled import compiled_per_shape, compiled_update_per_shape
 from fetchml.conf import app_settings
 from fetchml.errors import Conflict
+from fetchml.planner import planned_without
 from scheduler.counters import give_back
 from scheduler.models import NodeAssignment, Worker
 from scheduler.protocol import CAPACITY_FIELDS
@@ -375,8 +376,11 @@ def _apply_batch(worker_id: Any, reports: list[dict[str, Any]], *, lock_first: b
 _REPORT_TASK_FIELDS = ("id", "status", "attempt", "node_count", "priority", "owner")
 
 
-def _batch_runs_query(*, worker_id: uuid.UUID, task_ids: list[uuid.UUID]) -> QuerySet[NodeAssignment]:
-    return NodeAssignment.objects.filter(worker_id=worker_id, task_id__in=task_ids).order_by()
+def _batch_runs_query(*, task_ids: list[uuid.UUID]) -> QuerySet[NodeAssignment]:
+    # By task alone (every attempt and node of a task: a few rows), the worker picked out in
+    # Python: with the worker in the WHERE, a planner whose statistics have not seen the
+    # table grow reads the worker's whole history through its index.
+    return NodeAssignment.objects.filter(task_id__in=task_ids).order_by()
 
 
 def _batch_tasks_query(*, ids: list[uuid.UUID]) -> QuerySet[Task]:
@@ -443,7 +447,9 @@ class _ReportBatch:
     def _read(self) -> None:
         """The batch's assignments on this worker, with their tasks (one copy of each task)."""
         mentioned = sorted({uuid.UUID(str(report["task_id"])) for report in self.reports})
-        runs = _batch_runs(worker_id=uuid.UUID(str(self.worker_id)), task_ids=mentioned)
+        worker_id = uuid.UUID(str(self.worker_id))
+        with planned_without("seqscan"):  # the task index is the plan, whatever the statistics say
+            runs = [run for run in _batch_runs(task_ids=mentioned) if run.worker_id == worker_id]
         tasks = _with_owners(list(_batch_tasks(ids=sorted({run.task_id for run in runs}))) if runs else [])
         self.tasks = {str(task.id): task for task in tasks}
         self.runs = {}
