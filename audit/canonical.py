@@ -31,6 +31,7 @@ HASHED_FIELDS = (
 # Floats of this size or more print in exponent form in Python but come back
 # from PostgreSQL's jsonb as plain integers; they are stored as integers.
 _EXPONENT_FORM_FROM = 1e16
+_PLAIN = frozenset({int, bool, type(None)})
 
 _encoder = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 # The escaper json.dumps itself uses when ensure_ascii=False (C implementation).
@@ -71,6 +72,10 @@ def normalise_metadata(metadata: dict[str, Any] | None) -> dict[str, Any]:
         return {}
     if not isinstance(metadata, dict):
         raise TypeError("audit metadata must be a dict")
+    if all(type(key) is str and (type(value) in _PLAIN or isinstance(value, str)) for key, value in metadata.items()):
+        # Flat text, whole numbers, booleans and nulls read back as they are: no round trip through JSON
+        # (a str subclass, such as a choice's enum member, becomes the plain string JSON would give).
+        return {key: str.__str__(value) if isinstance(value, str) else value for key, value in metadata.items()}
     try:
         plain = json.loads(json.dumps(metadata, cls=DjangoJSONEncoder, allow_nan=False))
     except ValueError as exc:

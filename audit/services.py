@@ -9,24 +9,23 @@ their transaction and group events produced together in one `record_many`
 
 import contextlib
 import functools
+import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any
 
 from django.contrib.auth.models import AbstractBaseUser
 from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
-from audit.canonical import GENESIS_HASH, event_hash, format_timestamp, normalise_metadata
+from audit.canonical import GENESIS_HASH, assemble, format_timestamp, metadata_json, normalise_metadata
 from audit.checkpoints import Checkpoint, signature_matches, signing_configured, warnings_for
 from audit.models import AuditEvent, ChainHead, EventType
 from audit.verification import VerificationResult, verify_chain
-from fetchml.bulk import RowEncoder, insert_rows
+from fetchml.bulk import insert_json_rows, insert_rows
 from fetchml.compiled import compiled_once
 
 _EVENT_TYPES = frozenset(EventType.values)
-_FIELDS = AuditEvent._meta.concrete_fields
 _LIMITS = {
     "user_id": AuditEvent._meta.get_field("user_id").max_length,
     "resource": AuditEvent._meta.get_field("resource").max_length,
@@ -104,16 +103,13 @@ def _head_update_sql() -> str:
     )
 
 
-class _AuditRowEncoder(RowEncoder):
-    # The stored text of a timestamp is the one its hash was computed over.
-    def default(self, o: Any) -> Any:
-        if isinstance(o, datetime):
-            return format_timestamp(o)
-        return super().default(o)
-
-
-def record_many(entries: list[Entry]) -> list[AuditEvent]:
+def record_many(entries: list[Entry]) -> None:
     """Append several events under one acquisition of the chain head."""
+    _append(entries)
+
+
+def _append(entries: list[Entry]) -> list[dict[str, Any]]:
+    """Append `entries`; the stored rows (column -> value)."""
     if not entries:
         return []
     if not transaction.get_connection().in_atomic_block:
@@ -121,21 +117,40 @@ def record_many(entries: list[Entry]) -> list[AuditEvent]:
     # Everything but the links is prepared before taking the lock, so the lock
     # is held only for the append itself.
     rows = [_row(entry) for entry in entries]
+    metadata_texts = [metadata_json(row["metadata"]) for row in rows]
     head = _lock_head()
     # Taken under the lock so timestamps never go backwards along the chain.
     now = timezone.now()
+    stamp = format_timestamp(now)
     sequence, prev_hash = head.sequence_num, head.event_hash
-    events = []
-    for row in rows:
+    # The hashed document holds every column but the hash, spelled as PostgreSQL reads it from
+    # JSON: with the hash added, it is the stored row as the insert below takes it there.
+    stored = []
+    for row, metadata_text in zip(rows, metadata_texts, strict=True):
         sequence += 1
-        row["sequence_num"] = sequence
-        row["timestamp"] = now
-        row["prev_hash"] = prev_hash
-        prev_hash = row["event_hash"] = event_hash(row)
-        events.append(AuditEvent(**row))
+        document = assemble(
+            row["action"],
+            row["error"],
+            row["event_type"],
+            row["ip_address"],
+            metadata_text,
+            prev_hash,
+            row["resource"],
+            sequence,
+            row["success"],
+            stamp,
+            row["user_id"],
+        )
+        row.update(sequence_num=sequence, timestamp=now, prev_hash=prev_hash)
+        prev_hash = row["event_hash"] = hashlib.sha256(document).hexdigest()
+        stored.append(f'{document.decode()[:-1]},"event_hash":"{prev_hash}"}}')
     # The events and the new head in one statement where the database allows it.
-    insert_rows(events, encoder=_AuditRowEncoder, then=(_head_update_sql(), [sequence, prev_hash]))
-    return events
+    then = (_head_update_sql(), [sequence, prev_hash])
+    if connection.vendor == "postgresql":
+        insert_json_rows(AuditEvent, stored, then=then)
+    else:
+        insert_rows([AuditEvent(**row) for row in rows], then=then)
+    return rows
 
 
 def record(
@@ -165,7 +180,7 @@ def record(
     if pending is not None:
         pending.append(entry)
         return None
-    return record_many([entry])[0]
+    return AuditEvent(**_append([entry])[0])
 
 
 @contextlib.contextmanager

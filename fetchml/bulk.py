@@ -30,12 +30,7 @@ class RowEncoder(json.JSONEncoder):
         return super().default(o)
 
 
-def insert_rows(
-    objects: list[Model],
-    *,
-    encoder: type[json.JSONEncoder] = RowEncoder,
-    then: tuple[str, list[Any]] | None = None,
-) -> None:
+def insert_rows(objects: list[Model], *, then: tuple[str, list[Any]] | None = None) -> None:
     """INSERT unsaved instances of one model (every concrete field set, primary key included).
 
     `then`: a statement (SQL, parameters) to run right after, in the same
@@ -45,15 +40,11 @@ def insert_rows(
         return
     model = type(objects[0])
     fields = model._meta.concrete_fields
+    if connection.vendor == "postgresql":
+        payload = [{f.column: getattr(obj, f.attname) for f in fields} for obj in objects]
+        _insert_recordset(model, json.dumps(payload, cls=RowEncoder, ensure_ascii=False), then)
+        return
     with connection.cursor() as cursor:
-        if connection.vendor == "postgresql":
-            payload = [{f.column: getattr(obj, f.attname) for f in fields} for obj in objects]
-            params = [json.dumps(payload, cls=encoder, ensure_ascii=False)]
-            if then is None:
-                cursor.execute(_recordset_sql(model), params)
-            else:
-                cursor.execute(f"WITH inserted AS ({_recordset_sql(model)}) {then[0]}", params + list(then[1]))
-            return
         per_chunk = max(1, _MAX_PARAMETERS // len(fields))
         for start in range(0, len(objects), per_chunk):
             chunk = objects[start : start + per_chunk]
@@ -61,6 +52,21 @@ def insert_rows(
             cursor.execute(_values_sql(model, len(chunk)), params)
         if then is not None:
             cursor.execute(*then)
+
+
+def insert_json_rows(model: type[Model], rows: list[str], *, then: tuple[str, list[Any]] | None = None) -> None:
+    """PostgreSQL only: INSERT rows given already encoded, each a JSON object of every column's
+    value as PostgreSQL parses it from JSON text (for rows whose JSON the caller has at hand)."""
+    if rows:
+        _insert_recordset(model, "[" + ",".join(rows) + "]", then)
+
+
+def _insert_recordset(model: type[Model], payload: str, then: tuple[str, list[Any]] | None) -> None:
+    with connection.cursor() as cursor:
+        if then is None:
+            cursor.execute(_recordset_sql(model), [payload])
+        else:
+            cursor.execute(f"WITH inserted AS ({_recordset_sql(model)}) {then[0]}", [payload, *then[1]])
 
 
 @functools.cache

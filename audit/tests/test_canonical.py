@@ -14,6 +14,7 @@ from audit.canonical import (
     format_timestamp,
     normalise_metadata,
 )
+from tasks.states import TaskStatus
 
 VECTOR = {
     "sequence_num": 7,
@@ -85,6 +86,21 @@ def test_metadata_is_reduced_to_what_the_database_gives_back() -> None:
         "one": 1.0,
         "n": {"1": [2, 3]},
     }
+
+
+def test_a_text_choice_in_metadata_becomes_its_plain_string() -> None:
+    normalised = normalise_metadata({"status": TaskStatus.RUNNING, "attempt": 2, "ok": True, "none": None})
+
+    assert normalised == {"status": "running", "attempt": 2, "ok": True, "none": None}
+    assert type(normalised["status"]) is str
+
+
+def test_flat_metadata_is_copied_not_shared() -> None:
+    metadata = {"status": "running"}
+
+    normalise_metadata(metadata)["status"] = "changed"
+
+    assert metadata == {"status": "running"}
 
 
 def test_metadata_that_json_cannot_spell_is_refused() -> None:

@@ -12,6 +12,7 @@ from audit.models import AuditEvent, ChainHead
 from audit.services import Entry, appended_together, record, record_many
 from audit.tests.factories import append_events
 from audit.verification import verify_chain
+from tasks.states import TaskStatus
 
 
 def _record(**kwargs) -> AuditEvent:
@@ -67,8 +68,9 @@ def test_a_batch_of_32_takes_the_chain_head_lock_once() -> None:
 @pytest.mark.django_db
 def test_events_of_one_batch_share_a_timestamp_and_stay_in_order() -> None:
     with transaction.atomic():
-        events = record_many([Entry(event_type="job_started", resource=f"task:{i}") for i in range(3)])
-    assert [e.resource for e in AuditEvent.objects.order_by("sequence_num")] == ["task:0", "task:1", "task:2"]
+        record_many([Entry(event_type="job_started", resource=f"task:{i}") for i in range(3)])
+    events = list(AuditEvent.objects.order_by("sequence_num"))
+    assert [e.resource for e in events] == ["task:0", "task:1", "task:2"]
     assert len({e.timestamp for e in events}) == 1
 
 
@@ -119,6 +121,14 @@ def test_over_long_fields_are_cut_before_hashing_so_the_row_verifies() -> None:
     _record(user="u" * 500, resource="r" * 500, action="a" * 100, ip_address="1" * 100)
     stored = AuditEvent.objects.get()
     assert (len(stored.user_id), len(stored.resource), len(stored.action)) == (150, 255, 64)
+    assert verify_chain().valid
+
+
+@pytest.mark.django_db
+def test_text_choices_and_quotes_in_fields_still_verify() -> None:
+    _record(user='o"neil', resource="task:\u2028", metadata={"status": TaskStatus.COMPLETED, "note": 'say "hi"\n'})
+    stored = AuditEvent.objects.get()
+    assert stored.metadata == {"status": "completed", "note": 'say "hi"\n'}
     assert verify_chain().valid
 
 
