@@ -5,8 +5,6 @@ import subprocess
 import sys
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -19,6 +17,7 @@ from conftest import requires_postgres
 from scheduler.dispatch import any_task_may_starve, dispatch_round
 from scheduler.models import NodeAssignment, Worker
 from scheduler.tests.factories import UserFactory, worker
+from scheduler.tests.plans import plans_of
 from tasks.models import Task
 from tasks.services import dispatch_key
 
@@ -76,22 +75,6 @@ def _tasks(owner, count: int, **fields) -> list[Task]:
     )
 
 
-@contextmanager
-def _plans_of(statement_start: str) -> Iterator[list[str]]:
-    """The plans of the statements beginning with `statement_start` run meanwhile, each explained on
-    its own cursor right before it runs (with the settings of its transaction at that moment)."""
-    plans: list[str] = []
-
-    def explained(execute, sql, params, many, context):
-        if sql.startswith(statement_start):
-            context["cursor"].execute(f"EXPLAIN {sql}", params)
-            plans.append("\n".join(row for (row,) in context["cursor"].fetchall()))
-        return execute(sql, params, many, context)
-
-    with connection.execute_wrapper(explained):
-        yield plans
-
-
 def _queue_burst_after_statistics(owner) -> None:
     """Statistics taken when a single task of 200 was queued, then 3,000 tasks queued at once:
     a queue the planner believes is a handful of rows, as right after a burst."""
@@ -110,7 +93,7 @@ def _plans_of_a_round_after_a_burst(statement_start: str) -> list[str]:
     owner = UserFactory()
     worker(cpu_cores=64, memory_gb=256, batch_slots=8)
     _queue_burst_after_statistics(owner)
-    with _plans_of(statement_start) as plans:
+    with plans_of(statement_start) as plans:
         assert dispatch_round() == 8
     return plans
 
@@ -135,7 +118,7 @@ def test_a_round_claims_by_walking_the_partial_index_with_statistics_up_to_date(
     with connection.cursor() as cursor:
         cursor.execute("ANALYZE tasks_task")
 
-    with _plans_of("SELECT") as plans:
+    with plans_of("SELECT") as plans:
         assert dispatch_round() == 8
 
     _assert_claims_walk_the_partial_index(plans)
@@ -163,7 +146,7 @@ def test_a_round_marks_its_tasks_preparing_by_primary_key_when_the_statistics_ha
 def test_the_starvation_check_probes_the_longest_waiting_tasks_when_the_statistics_have_not_seen_a_burst():
     _queue_burst_after_statistics(UserFactory())
 
-    with _plans_of("SELECT") as plans:
+    with plans_of("SELECT") as plans:
         any_task_may_starve(timezone.now())
 
     assert len(plans) == 1, plans

@@ -1,10 +1,6 @@
 """PostgreSQL-only: a batch of run reports reads its runs by task, however long its worker's history."""
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import pytest
-from django.db import connection
 from django.utils import timezone
 
 from conftest import requires_postgres
@@ -12,25 +8,10 @@ from scheduler.dispatch import dispatch_round
 from scheduler.models import NodeAssignment
 from scheduler.services import StatusOutcome, apply_run_reports
 from scheduler.tests.factories import UserFactory, assignments_of, queued_task, worker
+from scheduler.tests.plans import plans_of
 from tasks.models import Task
 
 pytestmark = [requires_postgres, pytest.mark.django_db]
-
-
-@contextmanager
-def _plans_of(statement_start: str) -> Iterator[list[str]]:
-    """The plans of the statements beginning with `statement_start` run meanwhile, each explained on
-    its own cursor right before it runs."""
-    plans: list[str] = []
-
-    def explained(execute, sql, params, many, context):
-        if sql.startswith(statement_start):
-            context["cursor"].execute(f"EXPLAIN {sql}", params)
-            plans.append("\n".join(row for (row,) in context["cursor"].fetchall()))
-        return execute(sql, params, many, context)
-
-    with connection.execute_wrapper(explained):
-        yield plans
 
 
 def _finished_runs(box, owner, count: int) -> None:
@@ -61,7 +42,7 @@ def test_a_batch_reads_its_runs_by_task_when_the_table_was_never_analyzed():
         for task_id, token in runs
     ]
 
-    with _plans_of('SELECT "scheduler_nodeassignment"') as plans:
+    with plans_of('SELECT "scheduler_nodeassignment"') as plans:
         outcomes = apply_run_reports(worker_id=box.id, reports=reports)
 
     assert outcomes == [StatusOutcome(accepted=True)] * 32
