@@ -1,7 +1,6 @@
 """`batch` frames on `/ws/worker`: several messages in one frame, both ways (docs/worker-protocol.md)."""
 
 import json
-import uuid
 
 import pytest
 from channels.db import database_sync_to_async
@@ -9,7 +8,7 @@ from channels.db import database_sync_to_async
 from scheduler.dispatch import dispatch_round
 from scheduler.protocol import MAX_BATCH
 from scheduler.tests.factories import UserFactory, queued_task
-from scheduler.tests.ws import close_code, connect, receive, run, send, send_batch, start_worker
+from scheduler.tests.ws import close_code, connect, receive, refused_then_still_answering, run, send_batch, start_worker
 from tasks.models import Task
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("channel_layer", "thread_connections")]
@@ -116,12 +115,8 @@ def test_a_message_that_cannot_travel_in_a_batch_is_refused(worker_key, messages
     async def scenario():
         communicator, _ = await start_worker(worker_key)
         inner = [m if isinstance(m, str) else {"version": 1, **m} for m in messages]
-        await communicator.send_to(text_data=json.dumps({"type": "batch", "version": 1, "messages": inner}))
-        error = await receive(communicator)
-        await send(
-            communicator, {"type": "heartbeat", "running": [{"task_id": str(uuid.uuid4()), "token": str(uuid.uuid4())}]}
-        )
-        after = await receive(communicator)  # a stop for the unknown run: the connection still answers
+        frame = json.dumps({"type": "batch", "version": 1, "messages": inner})
+        error, after = await refused_then_still_answering(communicator, frame)
         await communicator.disconnect()
         return error, after
 

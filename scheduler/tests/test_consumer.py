@@ -15,7 +15,16 @@ from scheduler.dispatch import dispatch_round
 from scheduler.models import NodeAssignment, Worker
 from scheduler.services import worker_drain
 from scheduler.tests.factories import UserFactory, queued_task
-from scheduler.tests.ws import close_code, connect, expect_nothing, receive, run, send, start_worker
+from scheduler.tests.ws import (
+    close_code,
+    connect,
+    expect_nothing,
+    receive,
+    refused_then_still_answering,
+    run,
+    send,
+    start_worker,
+)
 from tasks.models import Task, TaskLogLine
 from tasks.services import task_cancel
 
@@ -173,12 +182,7 @@ def test_first_message_that_is_not_hello_closes_with_4400(worker_key):
 def test_bad_message_gets_an_error_and_the_connection_keeps_working(worker_key, frame, code):
     async def scenario():
         communicator, _ = await start_worker(worker_key)
-        await communicator.send_to(text_data=frame)
-        error = await receive(communicator)
-        await send(
-            communicator, {"type": "heartbeat", "running": [{"task_id": str(uuid.uuid4()), "token": str(uuid.uuid4())}]}
-        )
-        after = await receive(communicator)  # a stop for the unknown run: the connection still answers
+        error, after = await refused_then_still_answering(communicator, frame)
         await communicator.disconnect()
         return error, after
 

@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import uuid
 from collections.abc import Coroutine
 from typing import Any
 
@@ -79,6 +80,16 @@ async def start_worker(
     welcome = await receive(communicator)
     assert welcome["type"] == "welcome", welcome
     return communicator, welcome
+
+
+async def refused_then_still_answering(communicator: WebsocketCommunicator, frame: str) -> tuple[dict, dict]:
+    """Send `frame`; the `error` it gets, and the answer to a heartbeat naming an unknown run
+    sent after it (a `stop`, if the connection still answers)."""
+    await communicator.send_to(text_data=frame)
+    error = await receive(communicator)
+    unknown = {"task_id": str(uuid.uuid4()), "token": str(uuid.uuid4())}
+    await send(communicator, {"type": "heartbeat", "running": [unknown]})
+    return error, await receive(communicator)
 
 
 async def expect_nothing(communicator: WebsocketCommunicator) -> None:
