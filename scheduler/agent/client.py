@@ -318,8 +318,10 @@ class Agent:
 
     async def _send_outbox(self, session: _Session) -> None:
         while self._outbox:
-            taken = [self._outbox.popleft() for _ in range(min(len(self._outbox), protocol.MAX_BATCH))]
-            # Nothing more about forgotten runs.
+            # A frame's worth at a time (one message, or a batch), so that what is about runs
+            # forgotten meanwhile is dropped when its frame is put together: nothing more about them.
+            limit = protocol.MAX_BATCH if session.batches else 1
+            taken = [self._outbox.popleft() for _ in range(min(len(self._outbox), limit))]
             wanted = [message for message in taken if message.get("token") is None or message["token"] in self._held]
             sent = 0
             try:
