@@ -161,7 +161,7 @@ class BenchWorker:
             hello = protocol.hello(name=self.name, hostname="127.0.0.1", capabilities=capabilities, running=[])
             await ws.send(protocol.encode(hello))
             welcome = protocol.decode(await ws.recv())
-            batches = "batch" in (welcome.get("features") or [])
+            batches = protocol.BATCH in (welcome.get("features") or [])
             beat = asyncio.create_task(self._heartbeat(ws, float(welcome["heartbeat_seconds"])))
             self.ready.set()
             receiving = asyncio.ensure_future(ws.recv())

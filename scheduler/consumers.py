@@ -2,9 +2,9 @@
 
 Thin: parse and validate a frame (one message, or a `batch` of them), call one
 service in a database thread (for run reports, one call for all that piled up),
-answer (several answers in one `batch` frame to an agent that accepts them). Nothing a worker sends
-can crash the consumer: a bad message gets an `error`, an unexpected failure is
-logged and answered with an `error` too.
+answer (several answers in one `batch` frame to an agent that accepts them).
+Nothing a worker sends can crash the consumer: a bad message gets an `error`,
+an unexpected failure is logged and answered with an `error` too.
 """
 
 import asyncio
@@ -29,9 +29,9 @@ from fetchml.sealing import Unsealable
 from jupyter import services as jupyter_services
 from plugins.services import WORKERS_GROUP, plugin_status_report
 from scheduler import selectors, services
-from scheduler.agent.protocol import frames
+from scheduler.agent.protocol import BATCH, FEATURES, frames
 from scheduler.assigns import assign_messages
-from scheduler.protocol import FEATURES, FINAL_RUN_STATES, BadMessage, error_message, outgoing, parse_frame
+from scheduler.protocol import FINAL_RUN_STATES, BadMessage, error_message, outgoing, parse_frame
 
 logger = logging.getLogger("fetchml.scheduler.ws")
 
@@ -154,8 +154,10 @@ class WorkerConsumer(SocketConsumer):
 
     async def send_messages(self, messages: list[dict[str, Any]]) -> None:
         """Several messages: in `batch` frames to an agent that accepts them, else one frame each."""
+        first = 0
         for text, count in frames(messages, batches=self.sends_batches):
-            await self._send_text(text, "batch" if count > 1 else messages[0]["type"])
+            await self._send_text(text, BATCH if count > 1 else messages[first]["type"])
+            first += count
 
     async def _send_text(self, text: str, kind: str | None) -> None:
         try:
@@ -185,7 +187,7 @@ class WorkerConsumer(SocketConsumer):
             await self.close(code=CLOSE_NAME_IN_USE, reason="another live connection uses this worker name")
             return
         self.worker_id = welcome.worker_id
-        self.sends_batches = "batch" in message["features"]
+        self.sends_batches = BATCH in message["features"]
         await self.channel_layer.group_add(events.worker_group(self.worker_id), self.channel_name)
         await self.channel_layer.group_add(WORKERS_GROUP, self.channel_name)  # plugin configuration changes
         await self.send_json(

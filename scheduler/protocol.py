@@ -11,8 +11,8 @@ import re
 import uuid
 from typing import Any
 
-# The framing rule is the agent's (it knows no Django): one owner for both ends.
-from scheduler.agent.protocol import MAX_BATCH
+# The framing rule and the features are the agent's (it knows no Django): one owner for both ends.
+from scheduler.agent.protocol import FEATURES, MAX_BATCH
 
 VERSION = 1
 MAX_TEXT = 65_536  # error/output excerpts kept on the task row
@@ -25,8 +25,6 @@ FINAL_RUN_STATES = frozenset({"completed", "failed", "cancelled"})
 WORKER_FAILURE_REASONS = frozenset({"exit_code", "timeout", "preparation", "worker_lost"})
 CAPACITY_FIELDS = ("cpu_cores", "memory_gb", "gpu_count", "batch_slots", "service_slots")
 MAX_FEATURES = 32
-# What this server accepts from any agent, and sends to an agent that lists it in `hello`.
-FEATURES = ("batch",)
 
 
 class BadMessage(Exception):

@@ -287,7 +287,7 @@ class Agent:
         for token in welcome.kill:
             self._forget(token, kill=True)
         session = self._session = _Session(
-            ws=ws, heartbeat_seconds=welcome.heartbeat_seconds, batches="batch" in welcome.features
+            ws=ws, heartbeat_seconds=welcome.heartbeat_seconds, batches=protocol.BATCH in welcome.features
         )
         if self._draining:
             self._enqueue(protocol.draining())  # a restarted server must hear it again
@@ -351,9 +351,7 @@ class Agent:
         async for raw in session.ws:
             for message in protocol.decode_frame(raw):
                 try:
-                    if isinstance(message, ProtocolError):
-                        raise message
-                    self._handle(message)
+                    self._handle(_valid(message))
                 except ProtocolError as exc:
                     logger.warning("ignoring a bad message from the server: %s", exc)
 
@@ -481,3 +479,10 @@ class Agent:
         if held is not None and kill:
             held.run.stop()
         self._check_drained()
+
+
+def _valid(message: dict[str, Any] | ProtocolError) -> dict[str, Any]:
+    """A message of `protocol.decode_frame`, or the error it is raised."""
+    if isinstance(message, ProtocolError):
+        raise message
+    return message

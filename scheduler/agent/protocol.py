@@ -17,8 +17,10 @@ VERSION = 1
 # of the websockets client (a message larger than that travels in a frame of its own).
 MAX_BATCH = 1_000
 MAX_BATCH_CHARACTERS = 256 * 1024
-# Sent in `hello`: the agent accepts `batch` frames (the server sends one only to an agent that lists it).
-FEATURES = ("batch",)
+# What either end of this protocol accepts beyond one message per frame, listed in `hello` and in
+# `welcome`: each end sends `batch` frames only to a peer that listed it.
+BATCH = "batch"
+FEATURES = (BATCH,)
 FINAL_STATUSES = frozenset({"completed", "failed", "cancelled"})
 SERVER_TYPES = frozenset({"welcome", "assign", "cancel", "stop", "status_ack", "drain", "error", "config"})
 
