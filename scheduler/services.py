@@ -28,7 +28,7 @@ from django.utils import timezone
 from audit.services import appended_together, record
 from fetchml import events
 from fetchml.auth import Actor
-from fetchml.compiled import compiled_per_shape, compiled_update_per_shape
+from fetchml.compiled import compiled_per_shape, compiled_update_per_shape, instance_builder
 from fetchml.conf import app_settings
 from fetchml.errors import Conflict
 from fetchml.planner import planned_without
@@ -398,8 +398,9 @@ def _with_owners(tasks: list[Task]) -> list[Task]:
     as `select_related("owner").only("owner__<name>")` would."""
     User = get_user_model()
     names = [User._meta.pk.attname, User.USERNAME_FIELD]
+    build = instance_builder(User)
     for task in tasks:
-        owner = User.from_db(connection.alias, names, [task.owner_id, task.owner_username])
+        owner = build(User, connection.alias, names, [task.owner_id, task.owner_username])
         Task.owner.field.set_cached_value(task, owner)
     return tasks
 

@@ -216,3 +216,40 @@ def test_on_postgresql_a_value_compared_with_a_small_integer_column_is_marked():
     counts = [count(priority=priority) for priority in (1, 5, 9)]
 
     assert (counts, len(builds)) == ([0, 0, 0], 1)
+
+
+def test_rows_of_a_compiled_query_are_saved_as_rows_already_in_the_database():
+    from scheduler.tests.factories import queued_task
+
+    task = queued_task(job_name="resnet")
+    chosen = compiled_once(lambda: Task.objects.only("id", "priority"))
+
+    [row] = chosen()
+    row.priority = 7
+    row.save(update_fields=["priority"])
+
+    assert row._state.adding is False
+    assert row._state.db == "default"
+    assert Task.objects.get(id=task.id).priority == 7
+    assert Task.objects.count() == 1  # an UPDATE, not an INSERT
+
+
+def test_rows_of_a_compiled_query_are_built_by_from_db_while_a_model_has_init_listeners():
+    from django.db.models.signals import post_init
+
+    from scheduler.tests.factories import queued_task
+
+    queued_task()
+    chosen = compiled_once(lambda: Task.objects.only("id", "status"))
+    initialised = []
+
+    def listener(sender, instance, **kwargs):
+        initialised.append(instance)
+
+    post_init.connect(listener, sender=Task)
+    try:
+        [row] = chosen()
+    finally:
+        post_init.disconnect(listener, sender=Task)
+
+    assert initialised == [row]
