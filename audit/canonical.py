@@ -60,6 +60,24 @@ def _stable_number(value: Any) -> Any:
     return value
 
 
+_NOT_PLAIN = object()
+
+
+def _plain_copy(value: Any) -> Any:
+    """`value` as it reads back from JSON, without the round trip, where that is plain to see: text
+    (a str subclass, such as a choice's enum member, becomes the plain string), whole numbers,
+    booleans, nulls and lists of them. `_NOT_PLAIN` for anything else."""
+    if type(value) in _PLAIN:
+        return value
+    if isinstance(value, str):
+        return str.__str__(value)
+    if type(value) is list:
+        items = [_plain_copy(item) for item in value]
+        if all(item is not _NOT_PLAIN for item in items):
+            return items
+    return _NOT_PLAIN
+
+
 def normalise_metadata(metadata: dict[str, Any] | None) -> dict[str, Any]:
     """The metadata exactly as it will read back from either database.
 
@@ -72,10 +90,10 @@ def normalise_metadata(metadata: dict[str, Any] | None) -> dict[str, Any]:
         return {}
     if not isinstance(metadata, dict):
         raise TypeError("audit metadata must be a dict")
-    if all(type(key) is str and (type(value) in _PLAIN or isinstance(value, str)) for key, value in metadata.items()):
-        # Flat text, whole numbers, booleans and nulls read back as they are: no round trip through JSON
-        # (a str subclass, such as a choice's enum member, becomes the plain string JSON would give).
-        return {key: str.__str__(value) if isinstance(value, str) else value for key, value in metadata.items()}
+    if all(type(key) is str for key in metadata):
+        plain = {key: _plain_copy(value) for key, value in metadata.items()}
+        if all(value is not _NOT_PLAIN for value in plain.values()):
+            return plain
     try:
         plain = json.loads(json.dumps(metadata, cls=DjangoJSONEncoder, allow_nan=False))
     except ValueError as exc:

@@ -128,3 +128,20 @@ def test_canonical_bytes_equal_sorted_compact_json_dumps(text: str) -> None:
 
 def test_the_canonical_document_has_exactly_the_hashed_fields() -> None:
     assert tuple(sorted(json.loads(VECTOR_BYTES))) == tuple(sorted(HASHED_FIELDS))
+
+
+def test_lists_of_plain_values_in_metadata_are_copied_as_json_reads_them() -> None:
+    metadata = {"workers": ["gpu-1", TaskStatus.RUNNING], "gpu_indices": [[0, 1], []], "attempt": 1}
+
+    normalised = normalise_metadata(metadata)
+    normalised["gpu_indices"][0].append(2)
+
+    assert normalised == {"workers": ["gpu-1", "running"], "gpu_indices": [[0, 1, 2], []], "attempt": 1}
+    assert type(normalised["workers"][1]) is str
+    assert metadata["gpu_indices"] == [[0, 1], []]
+
+
+def test_a_list_holding_a_value_json_would_change_is_normalised_through_json() -> None:
+    normalised = normalise_metadata({"values": [1, 1e20, (2, 3)], "when": [datetime(2025, 1, 2, tzinfo=UTC)]})
+
+    assert normalised == {"values": [1, 100000000000000000000, [2, 3]], "when": ["2025-01-02T00:00:00Z"]}
