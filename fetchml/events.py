@@ -221,15 +221,24 @@ def task_changed(task, *, event: str = "task_update", extra: dict | None = None)
 _ASSIGNS_PURPOSE = "fetchml.events.assigns"
 
 
-def assign_notice(worker_id: Any, assigns: list[dict]) -> tuple[list[str], dict]:
-    """(groups, message) handing a worker's connection its `assign` messages to relay, sealed."""
-    sealed = seal(json.dumps(assigns).encode(), purpose=_ASSIGNS_PURPOSE)
-    return [worker_group(worker_id)], {"type": "worker.assign", "assigns": sealed}
+def assign_notice(worker_id: Any, encoded: str, count: int) -> tuple[list[str], dict]:
+    """(groups, message) handing a worker's connection `count` `assign` messages to relay, sealed:
+    `encoded`, the JSON text of their list, as the connection sends it on."""
+    sealed = seal(encoded.encode(), purpose=_ASSIGNS_PURPOSE)
+    return [worker_group(worker_id)], {"type": "worker.assign", "assigns": sealed, "count": count}
+
+
+def encoded_assigns_of(notice: dict) -> tuple[str, int]:
+    """The JSON text of an `assign_notice`'s messages and their count (raises `Unsealable` if not
+    sealed by this deployment)."""
+    encoded = unseal(notice["assigns"], purpose=_ASSIGNS_PURPOSE).decode()
+    count = notice.get("count")
+    return encoded, len(json.loads(encoded)) if count is None else count  # None: sent before counts were
 
 
 def assigns_of(notice: dict) -> list[dict]:
-    """The `assign` messages of an `assign_notice` (raises `Unsealable` if not sealed by this deployment)."""
-    return json.loads(unseal(notice["assigns"], purpose=_ASSIGNS_PURPOSE))
+    """The `assign` messages of an `assign_notice`."""
+    return json.loads(encoded_assigns_of(notice)[0])
 
 
 # Wake-ups that only free capacity: they matter to a scheduler with work left waiting.

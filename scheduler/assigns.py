@@ -5,11 +5,13 @@ round, from the rows it has just written, so the worker's connection only
 relays it; and from the database (`assign_messages`) when unacknowledged
 assignments are sent again (re-sends, a reconnecting worker). An `assign`
 carries the plugins' secrets: it is never logged, and it crosses the channel
-layer sealed (`events.assign_notice`).
+layer sealed (`assign_notice`), already spelled as the worker's frame will
+carry it.
 """
 
 from typing import Any
 
+from fetchml import events
 from jupyter.selectors import service_spec_for_task
 from plugins.selectors import (
     ActiveConfigs,
@@ -18,6 +20,7 @@ from plugins.selectors import (
     plugin_sidecars_for_task,
     task_plugin_configs,
 )
+from scheduler.agent.protocol import encode_all
 from scheduler.models import NodeAssignment
 from scheduler.protocol import outgoing
 from tasks.models import Task
@@ -75,6 +78,11 @@ def assign_message(assignment: NodeAssignment, task: Task, *, master_addr: str, 
         sidecars=plugin_sidecars_for_task(task, configs=plugins),
         service=service_spec_for_task(task),
     )
+
+
+def assign_notice(worker_id: Any, messages: list[dict]) -> tuple[list[str], dict]:
+    """(groups, message) handing a worker's connection these `assign`s to relay as they are."""
+    return events.assign_notice(worker_id, encode_all(messages), len(messages))
 
 
 def round_assign_messages(assignments: list[NodeAssignment], tasks: dict[Any, tuple[Task, str]]) -> list[dict]:

@@ -29,7 +29,7 @@ from fetchml.sealing import Unsealable
 from jupyter import services as jupyter_services
 from plugins.services import WORKERS_GROUP, plugin_status_report
 from scheduler import selectors, services
-from scheduler.agent.protocol import BATCH, FEATURES, frames
+from scheduler.agent.protocol import BATCH, FEATURES, frames, frames_of_encoded
 from scheduler.assigns import assign_messages
 from scheduler.protocol import FINAL_RUN_STATES, BadMessage, error_message, outgoing, parse_frame
 
@@ -158,6 +158,11 @@ class WorkerConsumer(SocketConsumer):
         for text, count in frames(messages, batches=self.sends_batches):
             await self._send_text(text, BATCH if count > 1 else messages[first]["type"])
             first += count
+
+    async def _send_encoded(self, listed: str, count: int, kind: str) -> None:
+        """`send_messages` for `count` messages of one `kind` given as the JSON text of their list."""
+        for text, carried in frames_of_encoded(listed, count, batches=self.sends_batches):
+            await self._send_text(text, BATCH if carried > 1 else kind)
 
     async def _send_text(self, text: str, kind: str | None) -> None:
         try:
@@ -303,7 +308,7 @@ class WorkerConsumer(SocketConsumer):
     async def worker_assign(self, event: dict[str, Any]) -> None:
         # Built by the scheduler (a dispatch round, a re-send): relayed as they are.
         try:
-            messages = events.assigns_of(event)
+            listed, count = events.encoded_assigns_of(event)
         except Unsealable:
             # Sealed under another SECRET_KEY: re-sends would fail alike; on reconnect the
             # worker gets its unacknowledged assignments from the database (`hello`).
@@ -311,7 +316,7 @@ class WorkerConsumer(SocketConsumer):
                 "worker %s: an assign notice could not be unsealed (is SECRET_KEY the same everywhere?)", self.worker_id
             )
             return
-        await self.send_messages(messages)
+        await self._send_encoded(listed, count, "assign")
 
     async def worker_cancel(self, event: dict[str, Any]) -> None:
         await self.send_json(outgoing("cancel", task_id=event["task_id"], token=event["token"], reason=event["reason"]))

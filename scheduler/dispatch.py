@@ -57,7 +57,7 @@ from fetchml.bulk import insert_rows
 from fetchml.compiled import compiled_once, compiled_per_shape, compiled_update_per_shape
 from fetchml.conf import app_settings
 from fetchml.planner import planned_without
-from scheduler.assigns import ASSIGN_TASK_FIELDS, round_assign_messages
+from scheduler.assigns import ASSIGN_TASK_FIELDS, assign_notice, round_assign_messages
 from scheduler.counters import change_used
 from scheduler.models import NodeAssignment, Reservation, Worker
 from scheduler.policies import (
@@ -520,7 +520,7 @@ def _write(placements: list[Placement], now: datetime) -> int:
     for assignment, message in zip(assignments, round_assign_messages(assignments, rank0), strict=True):
         by_worker[assignment.worker_id].append(message)
     for worker_id, messages in by_worker.items():
-        events.send_on_commit(*events.assign_notice(worker_id, messages))  # one per worker and round
+        events.send_on_commit(*assign_notice(worker_id, messages))  # one per worker and round
     return len(placements)
 
 

@@ -27,7 +27,7 @@ from fetchml.aio import STOP_READ_SECONDS, cancel_and_wait
 from fetchml.conf import app_settings
 from jupyter.services import scheduler_pass as jupyter_pass
 from scheduler import selectors
-from scheduler.assigns import assign_messages
+from scheduler.assigns import assign_messages, assign_notice
 from scheduler.dispatch import any_task_may_starve, dispatch_round
 from scheduler.reservations import reservations_tick
 from scheduler.services import enforce_timeouts, expire_leases
@@ -114,9 +114,7 @@ class SchedulerLoop:
         notices = [
             (worker_id, assign_messages(assignment_ids=ids, worker_id=worker_id)) for worker_id, ids in due.items()
         ]
-        events.send_batch_now(
-            [events.assign_notice(worker_id, messages) for worker_id, messages in notices if messages]
-        )
+        events.send_batch_now([assign_notice(worker_id, messages) for worker_id, messages in notices if messages])
         return sum(len(messages) for _, messages in notices)
 
     def _wanted(self, message: dict[str, Any]) -> bool:

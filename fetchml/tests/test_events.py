@@ -184,3 +184,10 @@ def test_a_batch_sends_what_starts_work_before_the_clients_task_events(monkeypat
     first_client_start = min(i for i, (what, group) in enumerate(log) if what == "start" and group in clients)
     assert last_urgent_end < first_client_start
     assert {group for _, group in log} == urgent | set(clients)
+
+
+def test_an_assign_notice_without_a_count_is_counted_when_opened():
+    _, notice = events.assign_notice("w", '[{"type":"assign"},{"type":"assign"}]', 2)
+    del notice["count"]
+
+    assert events.encoded_assigns_of(notice) == ('[{"type":"assign"},{"type":"assign"}]', 2)

@@ -96,6 +96,21 @@ def frames(messages: list[dict[str, Any]], *, batches: bool) -> list[tuple[str, 
     return grouped
 
 
+def encode_all(messages: list[dict[str, Any]]) -> str:
+    """The JSON list of `messages`, each spelled as `encode` spells it (what `frames_of_encoded` takes)."""
+    return "[" + ",".join(map(encode, messages)) + "]"
+
+
+def frames_of_encoded(listed: str, count: int, *, batches: bool) -> list[tuple[str, int]]:
+    """`frames` for the `count` messages `encode_all` wrote as `listed`: the text itself wrapped, with
+    no decoding, when one frame carries them all; else decoded and framed as `frames` does."""
+    if count == 1:
+        return [(listed[1:-1], 1)]
+    if batches and count <= MAX_BATCH and len(listed) <= MAX_BATCH_CHARACTERS:
+        return [(f'{{"type":"batch","version":{VERSION},"messages":{listed}}}', count)]
+    return frames(json.loads(listed), batches=batches)
+
+
 def _batch_text(encoded: list[str]) -> str:
     if len(encoded) == 1:
         return encoded[0]

@@ -1,9 +1,12 @@
-"""How messages are put into frames (`scheduler.agent.protocol.frames`, used by the agent and the server)."""
+"""How messages are put into frames (`scheduler.agent.protocol.frames` and `frames_of_encoded`, used by the agent and
+the server)."""
 
 import json
 
+import pytest
+
 from scheduler.agent import protocol
-from scheduler.agent.protocol import MAX_BATCH, MAX_BATCH_CHARACTERS, frames
+from scheduler.agent.protocol import MAX_BATCH, MAX_BATCH_CHARACTERS, encode_all, frames, frames_of_encoded
 
 
 def _logs(count: int, line_length: int) -> list[dict]:
@@ -61,3 +64,33 @@ def test_a_batch_frame_holds_at_most_max_batch_messages():
     grouped = frames(_logs(MAX_BATCH + 1, 1), batches=True)
 
     assert [count for _, count in grouped] == [MAX_BATCH, 1]
+
+
+@pytest.mark.parametrize(
+    ("count", "line_length", "batches"),
+    [
+        (1, 10, True),
+        (5, 10, True),
+        (5, 10, False),
+        (10, MAX_BATCH_CHARACTERS // 4, True),
+        (MAX_BATCH + 1, 1, True),
+    ],
+)
+def test_messages_given_encoded_travel_in_the_frames_they_would_as_messages(count, line_length, batches):
+    messages = _logs(count, line_length)
+
+    grouped = frames_of_encoded(encode_all(messages), count, batches=batches)
+
+    assert [(json.loads(text), carried) for text, carried in grouped] == [
+        (json.loads(text), carried) for text, carried in frames(messages, batches=batches)
+    ]
+
+
+def test_messages_given_encoded_that_fit_one_frame_are_wrapped_as_they_are():
+    messages = _logs(3, 10)
+    listed = encode_all(messages)
+
+    [(text, count)] = frames_of_encoded(listed, 3, batches=True)
+
+    assert count == 3
+    assert text == '{"type":"batch","version":1,"messages":' + listed + "}"

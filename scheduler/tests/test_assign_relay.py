@@ -14,7 +14,7 @@ from fetchml.models import ApiKey
 from fetchml.sealing import Unsealable
 from fetchml.tests.factories import UserFactory
 from plugins.services import plugin_configure
-from scheduler.assigns import assign_messages
+from scheduler.assigns import assign_messages, assign_notice
 from scheduler.dispatch import dispatch_round
 from scheduler.loop import SchedulerLoop
 from scheduler.models import NodeAssignment
@@ -53,7 +53,7 @@ def test_a_rounds_assigns_cross_the_channel_layer_sealed(channel_layer):
 
 def test_an_assign_notice_sealed_under_another_secret_key_cannot_be_opened(channel_layer):
     with override_settings(SECRET_KEY="another-deployment-" + "x" * 40):
-        _, notice = events.assign_notice("w", [{"type": "assign"}])
+        _, notice = assign_notice("w", [{"type": "assign"}])
 
     with pytest.raises(Unsealable):
         events.assigns_of(notice)
@@ -117,6 +117,32 @@ def test_worker_connection_relays_the_assigns_of_a_notice(worker_key, channel_la
     assert run(scenario()) == {"type": "assign", "version": 1, "task_id": "t-1", "token": "k-1"}
 
 
+def test_worker_connection_relays_the_assigns_of_a_notice_in_one_batch_frame(worker_key, channel_layer):
+    messages = [{"type": "assign", "version": 1, "task_id": f"t-{i}", "token": f"k-{i}"} for i in range(3)]
+
+    async def scenario():
+        communicator, welcome = await start_worker(worker_key, features=["batch"])
+        await channel_layer.group_send(*_notice(welcome["worker_id"], messages))
+        relayed = json.loads(await communicator.receive_from(timeout=5))
+        await communicator.disconnect()
+        return relayed
+
+    assert run(scenario()) == {"type": "batch", "version": 1, "messages": messages}
+
+
+def test_worker_connection_relays_a_notice_one_frame_per_assign_to_an_agent_without_batches(worker_key, channel_layer):
+    messages = [{"type": "assign", "version": 1, "task_id": f"t-{i}", "token": f"k-{i}"} for i in range(3)]
+
+    async def scenario():
+        communicator, welcome = await start_worker(worker_key)
+        await channel_layer.group_send(*_notice(welcome["worker_id"], messages))
+        relayed = [json.loads(await communicator.receive_from(timeout=5)) for _ in messages]
+        await communicator.disconnect()
+        return relayed
+
+    assert run(scenario()) == messages
+
+
 def test_notice_that_cannot_be_unsealed_is_logged_and_the_connection_keeps_working(worker_key, channel_layer, caplog):
     async def scenario():
         communicator, welcome = await start_worker(worker_key)
@@ -134,5 +160,5 @@ def test_notice_that_cannot_be_unsealed_is_logged_and_the_connection_keeps_worki
 
 
 def _notice(worker_id, messages) -> tuple[str, dict]:
-    [group], message = events.assign_notice(worker_id, messages)
+    [group], message = assign_notice(worker_id, messages)
     return group, message
