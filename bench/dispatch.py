@@ -12,7 +12,9 @@ they ack and complete each assignment at once instead of running a process,
 so the figures are the scheduler's, the channel layer's and the protocol's.
 
 - throughput: N tasks inserted queued at once, time until all are completed
-  (4 bench workers with 32 batch slots each, `--slots` to change it);
+  (4 bench workers with 32 batch slots each, `--slots` to change it), as
+  the server's `status_ack`s of the last nodes' `completed` say (sent after
+  the commit; no progress query competes with the system measured);
 - latency: tasks submitted with `task_submit` at 50 and 200 per second to idle
   workers (from a process of their own, as from an API server), time from the
   submitting commit to the `assign` frame at a worker
@@ -118,6 +120,38 @@ def percentile(values: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
+class Completions:
+    """Tasks the server has recorded completed, counted from its answers: a `status_ack` accepting a
+    node's `completed` is sent after the commit that stored it, and a task is complete with its last
+    node. The bench's progress, with no query competing with the system it measures."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.changed = asyncio.Event()
+        self._nodes_left: dict[str, int] = {}
+
+    def assigned(self, task_id: str, nodes: int) -> None:
+        self._nodes_left.setdefault(task_id, nodes)
+
+    def node_completed(self, task_id: str) -> None:
+        left = self._nodes_left.pop(task_id, 1) - 1
+        if left:
+            self._nodes_left[task_id] = left
+            return
+        self.count += 1
+        self.changed.set()
+
+    async def reached(self, count: int, *, stalled_after: float) -> None:
+        """Until `count` tasks completed; raises if none completes for `stalled_after` seconds."""
+        while self.count < count:
+            self.changed.clear()
+            before = self.count
+            try:
+                await asyncio.wait_for(self.changed.wait(), timeout=stalled_after)
+            except TimeoutError:
+                raise RuntimeError(f"no task completed for {stalled_after:.0f} s ({before:,} completed)") from None
+
+
 class BenchWorker:
     """A worker-protocol client that completes each assignment at once, noting when it arrived.
 
@@ -138,14 +172,14 @@ class BenchWorker:
         key: str,
         name: str,
         arrivals: dict[str, list[float]],
+        completions: Completions,
         gpus: int = 0,
         gpu_type: str = "",
         slots: int = SLOTS_PER_WORKER,
     ) -> None:
-        self.url, self.key, self.name, self.arrivals = url, key, name, arrivals
+        self.url, self.key, self.name, self.arrivals, self.completions = url, key, name, arrivals, completions
         self.gpus, self.gpu_type, self.slots = gpus, gpu_type, slots
         self.ready = asyncio.Event()
-        self.completed = 0
         self.tokens: set[str] = set()
         self.unacked: dict[str, tuple[dict[str, Any], float]] = {}  # token -> (final status, when sent)
         self.server_errors = 0
@@ -188,7 +222,9 @@ class BenchWorker:
 
         kind = message.get("type") if isinstance(message, dict) else None
         if kind in ("status_ack", "stop"):
-            self.unacked.pop(message.get("token", ""), None)
+            settled = self.unacked.pop(message.get("token", ""), None)
+            if settled is not None and kind == "status_ack" and message.get("accepted"):
+                self.completions.node_completed(message["task_id"])
         elif kind == "error":
             self.server_errors += message.get("code") == "SERVER_ERROR"
         if kind != "assign":
@@ -200,9 +236,9 @@ class BenchWorker:
             return [ack]  # a re-sent assign: acknowledged again, run once
         self.tokens.add(token)
         self.arrivals.setdefault(task_id, []).append(arrived)
+        self.completions.assigned(task_id, message["node"]["count"])
         final = protocol.status(task_id=task_id, token=token, status="completed", exit_code=0)
         self.unacked[token] = (final, time.monotonic())
-        self.completed += 1
         return [ack, final]
 
     async def _heartbeat(self, ws: Any, every: float) -> None:
@@ -407,7 +443,7 @@ def unfinished_count() -> int:
 
 
 async def measure_throughput(
-    owner: Any, count: int, multi_node_every: int = 0, system: System | None = None
+    owner: Any, count: int, completions: Completions, multi_node_every: int = 0, system: System | None = None
 ) -> tuple[float, dict[str, float]]:
     """Tasks/s from queued to completed, and (with `system`) the CPU each of its parts spent per task."""
     from asgiref.sync import sync_to_async
@@ -416,24 +452,21 @@ async def measure_throughput(
 
     # Counted before the insert: a scheduler pass may complete the first inserted row
     # (the template the others are copied from) before the copies are in.
-    base = await sync_to_async(completed_count)()
+    base, stored_base = completions.count, await sync_to_async(completed_count)()
     parts = await sync_to_async(system_parts)(system) if system else {}
     cpu_before = cpu_snapshot(parts)
     await sync_to_async(insert_queued)(owner, count, multi_node_every)
     started = time.perf_counter()
     await sync_to_async(events.send_now)([events.WAKE_GROUP], {"type": "scheduler.wake", "reason": "bench"})
-    done, progress_at = 0, time.perf_counter()
-    while done < count:
-        await asyncio.sleep(0.05)
-        now_done = await sync_to_async(completed_count)() - base
-        if now_done > done:
-            done, progress_at = now_done, time.perf_counter()
-        elif time.perf_counter() - progress_at > 180:
-            raise RuntimeError(f"no task completed for 180 s ({done:,}/{count:,} completed)")
+    await completions.reached(base + count, stalled_after=180)
     throughput = count / (time.perf_counter() - started)
     if system:  # with the backends that connected meanwhile
         parts = await sync_to_async(system_parts)(system)
-    return throughput, cpu_per_task(parts, cpu_before, count)
+    cost = cpu_per_task(parts, cpu_before, count)
+    stored = await sync_to_async(completed_count)() - stored_base
+    if stored < count:
+        raise RuntimeError(f"the server acknowledged {count:,} completions but stored {stored:,}")
+    return throughput, cost
 
 
 async def measure_latency(
@@ -622,9 +655,16 @@ async def run_mixed(args: argparse.Namespace, owner: Any, system: System, key: s
     from asgiref.sync import sync_to_async
 
     arrivals: dict[str, list[float]] = {}
+    completions = Completions()
     workers = [
         BenchWorker(
-            system.worker_url(i), key, f"mixed-{i}", arrivals, gpus=MIXED_GPUS_PER_WORKER, gpu_type=MIXED_GPU_TYPE
+            system.worker_url(i),
+            key,
+            f"mixed-{i}",
+            arrivals,
+            completions,
+            gpus=MIXED_GPUS_PER_WORKER,
+            gpu_type=MIXED_GPU_TYPE,
         )
         for i in range(WORKERS)
     ]
@@ -636,7 +676,9 @@ async def run_mixed(args: argparse.Namespace, owner: Any, system: System, key: s
             f"{len(reservations)} active reservations ({held}; each also holds one batch slot per worker); "
             f"every {MIXED_MULTI_NODE_EVERY}th task on 2 nodes"
         )
-        results["mixed_throughput"], cost = await measure_throughput(owner, args.tasks, MIXED_MULTI_NODE_EVERY, system)
+        results["mixed_throughput"], cost = await measure_throughput(
+            owner, args.tasks, completions, MIXED_MULTI_NODE_EVERY, system
+        )
         print(
             f"mixed throughput: {results['mixed_throughput']:,.1f} tasks/s "
             f"({args.tasks:,} tasks queued -> completed, {args.tasks // MIXED_MULTI_NODE_EVERY:,} of them 2-node)"
@@ -661,11 +703,13 @@ async def run_system(args: argparse.Namespace, env: dict[str, str]) -> dict[str,
     results: dict[str, Any] = {}
     with System(env, servers=args.servers) as system:
         arrivals: dict[str, list[float]] = {}
+        completions = Completions()
         workers = [
-            BenchWorker(system.worker_url(i), key, f"bench-{i}", arrivals, slots=args.slots) for i in range(WORKERS)
+            BenchWorker(system.worker_url(i), key, f"bench-{i}", arrivals, completions, slots=args.slots)
+            for i in range(WORKERS)
         ]
         async with Fleet(workers):
-            results["throughput"], cost = await measure_throughput(owner, args.tasks, system=system)
+            results["throughput"], cost = await measure_throughput(owner, args.tasks, completions, system=system)
             print(f"throughput: {results['throughput']:,.1f} tasks/s ({args.tasks:,} tasks queued -> completed)")
             print_cpu_per_task("CPU per task", cost)
             print_server_errors(workers)
@@ -757,10 +801,17 @@ async def run_procrastinate(args: argparse.Namespace, url: str) -> dict[str, Any
                 cpu_before = cpu_snapshot(await parts())
                 await procrastinate_app.noop.batch_defer_async(*({} for _ in range(jobs)))
                 started = time.monotonic()  # the batch is committed: every job is visible
-                done_query = "SELECT count(*) FROM procrastinate_jobs WHERE task_name = 'noop' AND status = 'succeeded'"
-                while await count(done_query) < jobs:
-                    if await count("SELECT count(*) FROM procrastinate_jobs WHERE status = 'failed'"):
+                # One scan per look, as light as the watch can be: it competes with the workers.
+                progress_query = (
+                    "SELECT count(*) FILTER (WHERE status = 'succeeded'), count(*) FILTER (WHERE status = 'failed') "
+                    "FROM procrastinate_jobs WHERE task_name = 'noop'"
+                )
+                while True:
+                    succeeded, failed = await (await watch.execute(progress_query)).fetchone()
+                    if failed:
                         raise RuntimeError("a procrastinate job failed")
+                    if succeeded >= jobs:
+                        break
                     await asyncio.sleep(0.05)
                 results["throughput"] = jobs / (time.monotonic() - started)
                 print(
