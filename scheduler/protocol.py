@@ -52,10 +52,19 @@ def _str(message: dict, name: str, *, max_length: int, required: bool = False, t
     return value
 
 
+# A UUID as str(uuid.UUID(...)) spells it, as the server's own messages carry it.
+_CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
 def _uuid(message: dict, name: str, *, ref: str) -> str:
+    """The field as a UUID in its canonical spelling (checked by a pattern when already so spelled)."""
     value = message.get(name)
+    if not isinstance(value, str):
+        return _missing(name, ref)
+    if _CANONICAL_UUID.fullmatch(value):
+        return value
     try:
-        return str(uuid.UUID(value)) if isinstance(value, str) else _missing(name, ref)
+        return str(uuid.UUID(value))
     except ValueError:
         raise BadMessage(f"field '{name}': a UUID is required", ref_type=ref) from None
 
