@@ -17,9 +17,9 @@ from typing import Any
 from django.core.exceptions import EmptyResultSet, FieldDoesNotExist
 from django.db import connection, transaction
 from django.db.models import Model, QuerySet
-from django.db.models.base import ModelState
-from django.db.models.signals import post_init, pre_init
 from django.db.models.sql import Query, UpdateQuery
+
+from fetchml.instances import instance_builder
 
 
 def compiled_once(build: Callable[[], QuerySet]) -> Callable[[], list[Model]]:
@@ -147,34 +147,6 @@ class _RowShape:
                 setattr(instance, column, row[index])
             instances.append(instance)
         return instances
-
-
-def instance_builder(model: type[Model]) -> Callable[[type[Model], str, list[str], list[Any]], Model]:
-    """`Model.from_db`'s equal for `model`, called as `build(model, db, field_names, values)`: the
-    quick `_loaded` where `from_db` would do no more (no override of it, no `__init__` of the
-    model's own, nothing listening to its init signals), `from_db` itself otherwise."""
-    plain = (
-        model.from_db.__func__ is Model.from_db.__func__
-        and model.__init__ is Model.__init__
-        and not pre_init.has_listeners(model)
-        and not post_init.has_listeners(model)
-    )
-    return _loaded if plain else _loaded_by_django
-
-
-def _loaded(model: type[Model], db: str, field_names: list[str], values: list[Any]) -> Model:
-    """An instance as `Model.from_db` makes it, without `Model.__init__`'s walk over every field
-    of the model (the fields not loaded are deferred: absent from the instance's `__dict__`, as
-    `__init__` leaves them). About a tenth of the cost for a few columns of a wide table."""
-    instance = model.__new__(model)
-    state = instance._state = ModelState()
-    state.adding, state.db = False, db
-    instance.__dict__.update(zip(field_names, values, strict=True))
-    return instance
-
-
-def _loaded_by_django(model: type[Model], db: str, field_names: list[str], values: list[Any]) -> Model:
-    return model.from_db(db, field_names, values)
 
 
 _row_shapes: dict[tuple[str, type[Model], str], _RowShape] = {}

@@ -56,6 +56,7 @@ from fetchml import events
 from fetchml.bulk import insert_rows
 from fetchml.compiled import compiled_once, compiled_per_shape, compiled_update_per_shape
 from fetchml.conf import app_settings
+from fetchml.instances import unsaved
 from fetchml.planner import planned_without
 from scheduler.assigns import ASSIGN_TASK_FIELDS, assign_notice, round_assign_messages
 from scheduler.counters import change_used
@@ -478,7 +479,8 @@ def _write(placements: list[Placement], now: datetime) -> int:
         attempt = task.attempt
         for rank, (node, gpu_indices) in enumerate(placement.nodes):
             assignments.append(
-                NodeAssignment(
+                unsaved(
+                    NodeAssignment,
                     task_id=task.id,
                     attempt=attempt,
                     node_id=rank,

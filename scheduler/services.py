@@ -28,9 +28,10 @@ from django.utils import timezone
 from audit.services import appended_together, record
 from fetchml import events
 from fetchml.auth import Actor
-from fetchml.compiled import compiled_per_shape, compiled_update_per_shape, instance_builder
+from fetchml.compiled import compiled_per_shape, compiled_update_per_shape
 from fetchml.conf import app_settings
 from fetchml.errors import Conflict
+from fetchml.instances import instance_builder
 from fetchml.planner import planned_without
 from scheduler.counters import give_back
 from scheduler.models import NodeAssignment, Worker
