@@ -448,7 +448,7 @@ class _ReportBatch:
 
     def _read(self) -> None:
         """The batch's assignments on this worker, with their tasks (one copy of each task)."""
-        mentioned = sorted({uuid.UUID(str(report["task_id"])) for report in self.reports})
+        mentioned = sorted(map(uuid.UUID, {report["task_id"] for report in self.reports}))
         worker_id = uuid.UUID(str(self.worker_id))
         with planned_without("seqscan"):  # the task index is the plan, whatever the statistics say
             runs = [run for run in _batch_runs(task_ids=mentioned) if run.worker_id == worker_id]
