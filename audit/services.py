@@ -104,7 +104,12 @@ def _head_update_sql() -> str:
 
 
 def record_many(entries: list[Entry]) -> None:
-    """Append several events under one acquisition of the chain head."""
+    """Append several events under one acquisition of the chain head (inside an
+    `appended_together` block, with the block's other events when it ends)."""
+    pending = getattr(transaction.get_connection(), "fetchml_audit_pending", None)
+    if pending is not None:
+        pending.extend(entries)
+        return
     _append(entries)
 
 

@@ -74,11 +74,16 @@ def send_on_commit(groups: list[str], message: dict) -> None:
     `async_to_sync` hop: a dispatch round placing 128 tasks publishes once,
     not 256 times. A rolled-back transaction sends nothing.
     """
+    send_all_on_commit([(groups, message)])
+
+
+def send_all_on_commit(batch: list[tuple[list[str], dict]]) -> None:
+    """`send_on_commit` for several (groups, message) pairs, in order."""
     connection = transaction.get_connection()
     if not connection.in_atomic_block:
-        send_now(groups, message)
+        send_batch_now(batch)
         return
-    _outbox(connection).append((list(groups), message))
+    _outbox(connection).extend((list(groups), message) for groups, message in batch)
 
 
 class _Outbox(list):
@@ -206,6 +211,11 @@ def task_changed(task, *, event: str = "task_update", extra: dict | None = None)
     owner's group and pick its events, so a batch changing hundreds of tasks
     costs three group sends, not one per task.
     """
+    send_on_commit(*task_event(task, event=event, extra=extra))
+
+
+def task_event(task, *, event: str = "task_update", extra: dict | None = None) -> tuple[list[str], dict]:
+    """(groups, message) of `task_changed`, to send later or with others (`send_all_on_commit`)."""
     payload = {
         "type": "task.event",
         "event": event,
@@ -215,7 +225,7 @@ def task_changed(task, *, event: str = "task_update", extra: dict | None = None)
         "owner_id": task.owner_id,
         **(extra or {}),
     }
-    send_on_commit([user_group(task.owner_id), ADMINS_GROUP, STATUS_GROUP], payload)
+    return [user_group(task.owner_id), ADMINS_GROUP, STATUS_GROUP], payload
 
 
 _ASSIGNS_PURPOSE = "fetchml.events.assigns"
@@ -246,7 +256,12 @@ CAPACITY_WAKE_REASONS = frozenset({"capacity_freed", "task_completed", "task_fai
 
 
 def wake_scheduler(reason: str) -> None:
-    send_on_commit([WAKE_GROUP], {"type": "scheduler.wake", "reason": reason})
+    send_on_commit(*scheduler_wake(reason))
+
+
+def scheduler_wake(reason: str) -> tuple[list[str], dict]:
+    """(groups, message) of `wake_scheduler`."""
+    return [WAKE_GROUP], {"type": "scheduler.wake", "reason": reason}
 
 
 def status_changed(reason: str, extra: dict | None = None) -> None:

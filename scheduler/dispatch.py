@@ -448,6 +448,7 @@ def _mark_preparing(placements: list[Placement], now: datetime) -> None:
     for worker_id, task_ids in by_worker.items():
         if _preparing(ids=task_ids, worker_id=worker_id, now=now) != len(task_ids):
             raise RuntimeError("claimed tasks disappeared while locked by the dispatch round")
+    notices = []
     for placement in placements:
         task = placement.task
         task.status, task.attempt, task.worker_id, task.updated_at = (
@@ -456,7 +457,8 @@ def _mark_preparing(placements: list[Placement], now: datetime) -> None:
             placement.nodes[0][0].worker_id,
             now,
         )
-        events.task_changed(task, event="task_update")
+        notices.append(events.task_event(task, event="task_update"))
+    events.send_all_on_commit(notices)
 
 
 def _preparing_update(*, ids: list[uuid.UUID], worker_id: uuid.UUID, now: datetime) -> tuple:

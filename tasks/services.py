@@ -10,7 +10,7 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from artifacts.selectors import missing_datasets, snapshot_readable_by
-from audit.services import record
+from audit.services import Entry, record, record_many
 from fetchml import events
 from fetchml.auth import Actor
 from fetchml.compiled import compiled_update_per_shape
@@ -240,21 +240,34 @@ def _announce_transition(
     task: Task, to: str, *, user: AbstractBaseUser | str | None, audit_metadata: dict | None
 ) -> None:
     """The audit event, the publication and the scheduler wake-up of one transition (inside its transaction)."""
+    entries, notices = _announcements(task, to, user=user, audit_metadata=audit_metadata)
+    record_many(entries)
+    events.send_all_on_commit(notices)
+
+
+def _announcements(
+    task: Task, to: str, *, user: AbstractBaseUser | str | None, audit_metadata: dict | None
+) -> tuple[list[Entry], list[tuple[list[str], dict]]]:
+    """What `_announce_transition` records and sends for one transition, to record and send now or
+    with others: its audit events and its (groups, message) notices."""
+    entries = []
     event_type = _AUDITED_TRANSITIONS.get(to)
     if event_type:
-        record(
-            event_type=event_type,
-            user=user if user is not None else task.owner,
-            resource=f"task:{task.id}",
-            action=to,
-            success=to != TaskStatus.FAILED,
-            error=task.error[:1000] if to == TaskStatus.FAILED else "",
-            metadata={"status": to, "attempt": task.attempt, **(audit_metadata or {})},
+        entries.append(
+            Entry(
+                event_type=event_type,
+                user=user if user is not None else task.owner,
+                resource=f"task:{task.id}",
+                action=to,
+                success=to != TaskStatus.FAILED,
+                error=task.error[:1000] if to == TaskStatus.FAILED else "",
+                metadata={"status": to, "attempt": task.attempt, **(audit_metadata or {})},
+            )
         )
-    event = "task_complete" if to in FINAL_STATES else "task_update"
-    events.task_changed(task, event=event)
+    notices = [events.task_event(task, event="task_complete" if to in FINAL_STATES else "task_update")]
     if to in FINAL_STATES or to == TaskStatus.QUEUED:
-        events.wake_scheduler(f"task_{to}")
+        notices.append(events.scheduler_wake(f"task_{to}"))
+    return entries, notices
 
 
 class TasksChanged(Exception):
@@ -265,19 +278,23 @@ class TaskTransitions:
     """Transitions of many tasks, written together.
 
     `move` checks the state machine against the row as the caller read it
-    (locked or not), updates it in memory and records the audit event and
-    the publication at once, as `task_transition` does; `write` then stores
+    (locked or not), updates it in memory and prepares the audit events and
+    notices `task_transition` would record and send; `write` then stores
     every moved task with one conditional UPDATE per (state before, changes)
-    group. A task moved twice (preparing -> running -> completed) is written
-    once, with both transitions audited and published. Used by a worker's
-    batch of run reports, where one UPDATE per transition would cost a round
-    trip per task.
+    group, and records and sends what the moves prepared, in their order. A
+    task moved twice (preparing -> running -> completed) is written once,
+    with both transitions audited and published. Used by a worker's batch of
+    run reports, where one UPDATE per transition would cost a round trip per
+    task.
     """
 
     def __init__(self, *, now: datetime) -> None:
         self.now = now
         self._before: dict[uuid.UUID, str] = {}
         self._changes: dict[uuid.UUID, dict[str, Any]] = {}
+        # The moves' audit events and notices, recorded and sent by `write` (in the order of the moves).
+        self._entries: list[Entry] = []
+        self._notices: list[tuple[list[str], dict]] = []
 
     def move(self, task: Task, to: str, **fields: Any) -> bool:
         """Move locked `task` to `to` if the state machine allows it from where it is."""
@@ -289,7 +306,9 @@ class TaskTransitions:
         task.status, task.updated_at = to, self.now
         for name, value in fields.items():
             setattr(task, name, value)
-        _announce_transition(task, to, user=None, audit_metadata=None)
+        entries, notices = _announcements(task, to, user=None, audit_metadata=None)
+        self._entries.extend(entries)
+        self._notices.extend(notices)
         return True
 
     def write(self) -> None:
@@ -302,8 +321,11 @@ class TaskTransitions:
             written = _transitions_written(ids=task_ids, before=before, **dict(changes))
             if written != len(task_ids):
                 raise TasksChanged(f"{len(task_ids) - written} task(s) left {before} before the batch was written")
+        record_many(self._entries)
+        events.send_all_on_commit(self._notices)
         self._before.clear()
         self._changes.clear()
+        self._entries, self._notices = [], []
 
 
 def _transitions_update(*, ids: list[uuid.UUID], before: str, **changes: Any) -> tuple:

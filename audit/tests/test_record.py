@@ -168,6 +168,19 @@ def test_events_recorded_together_are_appended_once_at_the_end_in_order() -> Non
 
 
 @pytest.mark.django_db
+def test_several_events_recorded_in_a_block_join_its_others_in_order() -> None:
+    with transaction.atomic():
+        with appended_together():
+            record(event_type="file_access", resource="file:a")
+            record_many([Entry(event_type="file_access", resource=f"file:{name}") for name in ("b", "c")])
+            record(event_type="file_access", resource="file:d")
+            assert not AuditEvent.objects.exists()
+        resources = [e.resource for e in AuditEvent.objects.order_by("sequence_num")]
+    assert resources == ["file:a", "file:b", "file:c", "file:d"]
+    assert verify_chain().valid
+
+
+@pytest.mark.django_db
 def test_events_recorded_together_are_discarded_with_a_failing_block() -> None:
     with pytest.raises(RuntimeError), transaction.atomic(), appended_together():
         record(event_type="file_access", resource="file:a")

@@ -93,6 +93,24 @@ def test_a_rolled_back_savepoint_drops_messages_first_sent_inside_it(listener, h
     assert [m["number"] for m in listener()] == [2]
 
 
+def test_messages_sent_together_on_commit_leave_with_the_others_in_order(listener, hops):
+    with transaction.atomic():
+        events.send_on_commit([GROUP], message(0))
+        events.send_all_on_commit([([GROUP], message(1)), ([GROUP], message(2))])
+        events.send_on_commit([GROUP], message(3))
+        assert hops == []
+
+    assert hops == [4]
+    assert [m["number"] for m in listener()] == [0, 1, 2, 3]
+
+
+def test_messages_sent_together_outside_a_transaction_leave_at_once_in_one_hop(listener, hops):
+    events.send_all_on_commit([([GROUP], message(1)), ([GROUP], message(2))])
+
+    assert hops == [2]
+    assert [m["number"] for m in listener()] == [1, 2]
+
+
 def test_outside_a_transaction_a_message_leaves_at_once(listener, hops):
     events.send_on_commit([GROUP], message(7))
 
