@@ -9,6 +9,7 @@ the first call's (`compiled_per_shape`, `compiled_update_per_shape` for an
 UPDATE and `compiled_count_per_shape` for a count).
 """
 
+import re
 import uuid
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta
@@ -197,7 +198,8 @@ def _update_sql(built: tuple[QuerySet, dict[str, Any]]) -> tuple[Any, str, tuple
 
 
 class _Slot(tuple):
-    """Where a marker stood: (the value's name, its index in a list, or None)."""
+    """Where a marker stood: (the value's name, its index in a list, or None; `_WHOLE_LIST` for an
+    array parameter holding the whole list)."""
 
 
 def _compile(build: Callable[..., Any], values: dict[str, Any], to_sql: Callable[[Any], Any]) -> tuple | None:
@@ -220,14 +222,48 @@ def _compile(build: Callable[..., Any], values: dict[str, Any], to_sql: Callable
     slots = [markers.get(param, param) if _hashable(param) else param for param in params]
     if {slot for slot in slots if isinstance(slot, _Slot)} != set(markers.values()):
         return None
-    return model, sql, slots
+    return (model, *_lists_as_arrays(sql, slots, values))
+
+
+# A placeholder, an escaped percent sign, or a list of placeholders after IN.
+_PLACEHOLDERS = re.compile(r"%%|IN \(%s(?:, %s)*\)|%s")
+_WHOLE_LIST = -1  # the index of a slot standing for all of a list's items
+
+
+def _lists_as_arrays(sql: str, slots: list[Any], values: dict[str, Any]) -> tuple[str, list[Any]]:
+    """`IN (%s, ..., %s)` holding every item of a list value, in order, becomes `= ANY(%s)` with
+    the list as one array parameter: psycopg caches how it reads a statement only up to 50
+    parameters, and a batch's lists hold a hundred ids or more."""
+    pieces: list[str] = []
+    rewritten: list[Any] = []
+    position = index = 0
+    for match in _PLACEHOLDERS.finditer(sql):
+        text = match.group()
+        count = text.count("%s")
+        if text.startswith("IN"):
+            taken = slots[index : index + count]
+            name = taken[0][0] if isinstance(taken[0], _Slot) else None
+            if name is not None and taken == [_Slot((name, item)) for item in range(len(values[name]))]:
+                pieces.append(sql[position : match.start()] + "= ANY(%s)")
+                rewritten.append(_Slot((name, _WHOLE_LIST)))
+                position, index = match.end(), index + count
+                continue
+        pieces.append(sql[position : match.end()])
+        rewritten.extend(slots[index : index + count])
+        position, index = match.end(), index + count
+    if index != len(slots):  # placeholders that are not the parameters': leave the statement as it is
+        return sql, slots
+    pieces.append(sql[position:])
+    return "".join(pieces), rewritten
 
 
 def _value_for(slot: Any, values: dict[str, Any]) -> Any:
     if not isinstance(slot, _Slot):
         return slot
     name, index = slot
-    return values[name] if index is None else values[name][index]
+    if index is None or index == _WHOLE_LIST:
+        return values[name]
+    return values[name][index]
 
 
 _EPOCH = datetime(2001, 2, 3, 4, 5, 6, tzinfo=UTC)

@@ -253,3 +253,26 @@ def test_rows_of_a_compiled_query_are_built_by_from_db_while_a_model_has_init_li
         post_init.disconnect(listener, sender=Task)
 
     assert initialised == [row]
+
+
+@requires_postgres
+@pytest.mark.parametrize("key", ["username", "id"])
+def test_on_postgresql_a_list_travels_as_one_array_parameter(key):
+    from django.db import connection
+
+    User = _users("ada", "bob", "cyd", "dan", "eve")
+    chosen = {user.username: getattr(user, key) for user in User.objects.filter(username__in=["bob", "dan", "eve"])}
+    run = compiled_per_shape(lambda *, keys: User.objects.filter(**{f"{key}__in": keys}).order_by("username"))
+    statements = []
+
+    def capture(execute, sql, params, many, context):
+        statements.append((sql, params))
+        return execute(sql, params, many, context)
+
+    with connection.execute_wrapper(capture):
+        found = [user.username for user in run(keys=list(chosen.values()))]
+
+    assert found == ["bob", "dan", "eve"]
+    [(sql, params)] = statements
+    assert "= ANY(" in sql and " IN (" not in sql
+    assert len(params) == 1
