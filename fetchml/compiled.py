@@ -243,7 +243,8 @@ def _lists_as_arrays(sql: str, slots: list[Any], values: dict[str, Any]) -> tupl
         if text.startswith("IN"):
             taken = slots[index : index + count]
             name = taken[0][0] if isinstance(taken[0], _Slot) else None
-            if name is not None and taken == [_Slot((name, item)) for item in range(len(values[name]))]:
+            whole = name is not None and isinstance(values[name], list)
+            if whole and taken == [_Slot((name, item)) for item in range(len(values[name]))]:
                 pieces.append(sql[position : match.start()] + "= ANY(%s)")
                 rewritten.append(_Slot((name, _WHOLE_LIST)))
                 position, index = match.end(), index + count

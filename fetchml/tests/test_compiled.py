@@ -276,3 +276,13 @@ def test_on_postgresql_a_list_travels_as_one_array_parameter(key):
     [(sql, params)] = statements
     assert "= ANY(" in sql and " IN (" not in sql
     assert len(params) == 1
+
+
+@requires_postgres
+def test_on_postgresql_a_single_value_matched_with_in_stays_a_parameter_of_its_own():
+    User = _users("ada", "bob")
+    ids = dict(User.objects.values_list("username", "id"))
+    run = compiled_per_shape(lambda *, key: User.objects.filter(id__in=[key]))
+
+    assert [user.username for user in run(key=ids["bob"])] == ["bob"]
+    assert [user.username for user in run(key=ids["ada"])] == ["ada"]
