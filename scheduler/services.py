@@ -377,11 +377,30 @@ def _apply_batch(worker_id: Any, reports: list[dict[str, Any]], *, lock_first: b
 _REPORT_TASK_FIELDS = ("id", "status", "attempt", "node_count", "priority", "owner")
 
 
+# What a batch reads of an assignment: not its GPU indices (JSON to decode) nor its times but
+# the acknowledgement's (a report sets the end time, never reads it).
+_REPORT_RUN_FIELDS = (
+    "id",
+    "task_id",
+    "attempt",
+    "node_id",
+    "worker_id",
+    "token",
+    "status",
+    "holds_capacity",
+    "slot_kind",
+    "cpu",
+    "memory_gb",
+    "gpus",
+    "acked_at",
+)
+
+
 def _batch_runs_query(*, task_ids: list[uuid.UUID]) -> QuerySet[NodeAssignment]:
     # By task alone (every attempt and node of a task: a few rows), the worker picked out in
     # Python: with the worker in the WHERE, a planner whose statistics have not seen the
     # table grow reads the worker's whole history through its index.
-    return NodeAssignment.objects.filter(task_id__in=task_ids).order_by()
+    return NodeAssignment.objects.filter(task_id__in=task_ids).only(*_REPORT_RUN_FIELDS).order_by()
 
 
 def _batch_tasks_query(*, ids: list[uuid.UUID]) -> QuerySet[Task]:
