@@ -452,6 +452,7 @@ class _ReportBatch:
         # Tasks changed by a report applied at once: their rows in memory are stale,
         # so their later reports are applied at once too.
         self.at_once: set[str] = set()
+        self.locked = False  # whether the rows were read holding the workers' and tasks' locks
 
     def apply(self) -> list[RunReportOutcome]:
         if not self.lock_first:
@@ -463,6 +464,7 @@ class _ReportBatch:
         list(Task.objects.select_for_update(of=("self",)).filter(id__in=task_ids).order_by("id").values_list("id"))
         # The workers and tasks are locked: the rows read now stay as they are until we commit.
         self._read()
+        self.locked = True
         return self._apply_all()
 
     def _read(self) -> None:
@@ -494,7 +496,12 @@ class _ReportBatch:
             return STALE
         if report["task_id"] in self.at_once or not self.writes.can_apply(task, report["status"]):
             self.writes.write()
+            first = report["task_id"] not in self.at_once
             self.at_once.add(report["task_id"])
+            if first and self.locked and report["status"] not in _ENDED_BY_FAILURE:
+                # Read under the locks and brought up to date by the write: current, and holding
+                # all that progress and completion use (a failure needs the whole row, to retry).
+                return _apply_status(task, run, report, _AT_ONCE)
             fields = {name: report[name] for name in ("task_id", "token", *_STATUS_FIELDS)}
             return assignment_status(worker_id=self.worker_id, **fields, workers_locked=True)
         return _apply_status(task, run, report, self.writes)

@@ -10,7 +10,7 @@ from fetchml import events
 from fetchml.compiled import compiled_update_per_shape
 from scheduler import counters, dispatch, services
 from scheduler.dispatch import dispatch_round
-from scheduler.models import Worker
+from scheduler.models import NodeAssignment, Worker
 from scheduler.services import StatusOutcome, apply_run_reports
 from scheduler.tests.factories import assignments_of, queued_task, worker
 from tasks import services as task_services
@@ -266,3 +266,76 @@ def test_on_postgresql_rounds_and_report_batches_write_with_updates_compiled_onc
 
     # The second task's round and batch ran the SQL the first one's compiled (counters: taken and given back).
     assert builds == {"preparing": 1, "counters": 2, "runs": 1, "tasks": 1}
+
+
+def _gang_and_single() -> tuple[list[dict], dict]:
+    """A 2-node task on workers node-0 and node-1 and a single-node task beside it on node-0; the run
+    references (with worker_id) of the gang's nodes, by rank, and of the single-node run."""
+    first, second = worker(name="node-0", batch_slots=2), worker(name="node-1", batch_slots=1)
+    gang, single = queued_task(node_count=2), queued_task()
+    assert dispatch_round() == 2
+    nodes = [
+        {"task_id": str(gang.id), "token": str(run.token), "worker_id": run.worker_id} for run in assignments_of(gang)
+    ]
+    assert [node["worker_id"] for node in nodes] == [first.id, second.id]
+    [run] = assignments_of(single)
+    return nodes, {"task_id": str(single.id), "token": str(run.token), "worker_id": first.id}
+
+
+def _progress_and_completion(run: dict) -> list[dict]:
+    return [
+        _report(run, "ack"),
+        _report(run, "status", status="running"),
+        _report(run, "status", status="completed", exit_code=0),
+    ]
+
+
+def test_a_multi_node_task_reported_in_batches_completes_with_its_last_node():
+    (rank0, rank1), single = _gang_and_single()
+
+    first = apply_run_reports(
+        worker_id=rank0["worker_id"], reports=_progress_and_completion(rank0) + _progress_and_completion(single)
+    )
+    assert Task.objects.get(id=rank0["task_id"]).status == "running"
+    second = apply_run_reports(worker_id=rank1["worker_id"], reports=_progress_and_completion(rank1))
+
+    accepted = StatusOutcome(accepted=True)
+    assert first == [True, accepted, accepted] * 2
+    assert second == [True, accepted, accepted]
+    assert {task.status for task in Task.objects.all()} == {"completed"}
+    assert not Worker.objects.filter(used_batch_slots__gt=0).exists()
+    events_of_gang = AuditEvent.objects.filter(resource=f"task:{rank0['task_id']}").order_by("sequence_num")
+    assert [(event.event_type, event.action) for event in events_of_gang] == [
+        ("job_started", "assign"),
+        ("job_started", "running"),
+        ("job_completed", "completed"),
+    ]
+
+
+def test_a_multi_node_runs_completion_in_a_batch_uses_the_rows_the_batch_read():
+    (rank0, _), single = _gang_and_single()
+    reports = [_report(rank0, "ack"), _report(rank0, "status", status="completed", exit_code=0)]
+
+    with CaptureQueriesContext(connection) as queries:
+        outcomes = apply_run_reports(worker_id=rank0["worker_id"], reports=reports + _progress_and_completion(single))
+
+    assert outcomes == [
+        True,
+        StatusOutcome(accepted=True),
+        True,
+        StatusOutcome(accepted=True),
+        StatusOutcome(accepted=True),
+    ]
+    whole_rows = [q["sql"] for q in queries.captured_queries if '"tasks_task"."entrypoint"' in q["sql"]]
+    assert whole_rows == []  # the batch's own read of its tasks serves the report applied at once
+
+
+def test_a_repeated_completion_of_a_multi_node_run_in_one_batch_is_acknowledged_again():
+    (rank0, _), _ = _gang_and_single()
+    completed = _report(rank0, "status", status="completed", exit_code=0)
+
+    outcomes = apply_run_reports(worker_id=rank0["worker_id"], reports=[completed, completed])
+
+    assert outcomes == [StatusOutcome(accepted=True), StatusOutcome(accepted=True)]
+    assert NodeAssignment.objects.get(token=rank0["token"]).holds_capacity is False
+    assert Task.objects.get(id=rank0["task_id"]).status == "preparing"  # until its other node reports
