@@ -106,11 +106,16 @@ def _head_update_sql() -> str:
 def record_many(entries: list[Entry]) -> None:
     """Append several events under one acquisition of the chain head (inside an
     `appended_together` block, with the block's other events when it ends)."""
-    pending = getattr(transaction.get_connection(), "fetchml_audit_pending", None)
+    pending = _pending_events()
     if pending is not None:
         pending.extend(entries)
         return
     _append(entries)
+
+
+def _pending_events() -> list[Entry] | None:
+    """The events the open `appended_together` block of this transaction collects, if any."""
+    return getattr(transaction.get_connection(), "fetchml_audit_pending", None)
 
 
 def _append(entries: list[Entry]) -> list[dict[str, Any]]:
@@ -181,7 +186,7 @@ def record(
         error=error,
         metadata=metadata or {},
     )
-    pending = getattr(transaction.get_connection(), "fetchml_audit_pending", None)
+    pending = _pending_events()
     if pending is not None:
         pending.append(entry)
         return None
@@ -200,10 +205,10 @@ def appended_together() -> Iterator[None]:
     rolled-back savepoint would still be appended). An exception discards the
     events with the transaction. Nested uses join the outermost.
     """
-    conn = transaction.get_connection()
-    if getattr(conn, "fetchml_audit_pending", None) is not None:
+    if _pending_events() is not None:
         yield
         return
+    conn = transaction.get_connection()
     if not conn.in_atomic_block:
         raise RuntimeError("audit events must be recorded inside the transaction of the change")
     pending: list[Entry] = []

@@ -494,11 +494,11 @@ class _ReportBatch:
         task = self.tasks.get(report["task_id"])
         if task is None or run is None:
             return STALE
-        if report["task_id"] in self.at_once or not self.writes.can_apply(task, report["status"]):
+        stale = report["task_id"] in self.at_once
+        if stale or not self.writes.can_apply(task, report["status"]):
             self.writes.write()
-            first = report["task_id"] not in self.at_once
             self.at_once.add(report["task_id"])
-            if first and self.locked and report["status"] not in _ENDED_BY_FAILURE:
+            if not stale and self.locked and report["status"] not in _ENDED_BY_FAILURE:
                 # Read under the locks and brought up to date by the write: current, and holding
                 # all that progress and completion use (a failure needs the whole row, to retry).
                 return _apply_status(task, run, report, _AT_ONCE)

@@ -107,14 +107,17 @@ def frames_of_encoded(listed: str, count: int, *, batches: bool) -> list[tuple[s
     if count == 1:
         return [(listed[1:-1], 1)]
     if batches and count <= MAX_BATCH and len(listed) <= MAX_BATCH_CHARACTERS:
-        return [(f'{{"type":"batch","version":{VERSION},"messages":{listed}}}', count)]
+        return [(_batch_frame(listed), count)]
     return frames(json.loads(listed), batches=batches)
 
 
 def _batch_text(encoded: list[str]) -> str:
-    if len(encoded) == 1:
-        return encoded[0]
-    return f'{{"type":"batch","version":{VERSION},"messages":[{",".join(encoded)}]}}'
+    return encoded[0] if len(encoded) == 1 else _batch_frame(f"[{','.join(encoded)}]")
+
+
+def _batch_frame(listed: str) -> str:
+    """The `batch` frame around messages given as the JSON text of their list."""
+    return f'{{"type":"batch","version":{VERSION},"messages":{listed}}}'
 
 
 def decode(raw: str | bytes) -> dict[str, Any]:
