@@ -52,7 +52,7 @@ class SchedulerLoop:
         self._housekept_at = float("-inf")  # monotonic time of the last housekeeping
         self._maintained_at = float("-inf")  # monotonic time of the last maintenance pass
         self.wake: _WakeListener | None = None  # while running
-        self._pass_ended_at = float("-inf")  # monotonic time the last pass ended
+        self._pass_started_at = float("-inf")  # monotonic time the last pass started
         self._last_placed = 0  # tasks the last pass placed
         # Whether the last pass left runnable tasks behind: only then is freed capacity news.
         self.backlog = True
@@ -131,14 +131,18 @@ class SchedulerLoop:
 
         A pass costs about the same for one task as for dozens; passes back to
         back, each placing the one slot freed meanwhile, would spend the
-        scheduler's CPU on overhead. An idle scheduler (last pass longer ago
-        than the gap), one whose last pass left nothing runnable (new work on
-        an empty queue is placed at once) and one that just placed a full
-        batch go at once.
+        scheduler's CPU on overhead. So passes start at most one gap apart. The
+        gap counts from the last pass's start, not its end: a pass that took
+        longer than the gap has let capacity gather already, and waiting on
+        top of it would leave the scheduler idle while workers wait (under
+        load a pass placing a few dozen tasks takes about two gaps). An idle
+        scheduler (last pass longer ago than the gap), one whose last pass left
+        nothing runnable (new work on an empty queue is placed at once) and
+        one that just placed a full batch go at once.
         """
         if self._last_placed >= app_settings.SCHEDULER_BATCH_SIZE or not self.backlog:
             return
-        remaining = self._pass_ended_at + app_settings.SCHEDULER_PASS_GAP_SECONDS - time.monotonic()
+        remaining = self._pass_started_at + app_settings.SCHEDULER_PASS_GAP_SECONDS - time.monotonic()
         if remaining > 0:
             await _wait(stop, remaining)
 
@@ -160,9 +164,9 @@ class SchedulerLoop:
         try:
             while not stop.is_set():
                 await self._space_passes(stop)
+                self._pass_started_at = time.monotonic()
                 try:
                     worked = await self._in_thread(partial(self.run_once, maintenance=self._maintenance_due()))
-                    self._pass_ended_at = time.monotonic()
                     backoff = ERROR_BACKOFF_MIN
                 except Exception:
                     logger.exception("scheduler pass failed; retrying in %.1f s", backoff)

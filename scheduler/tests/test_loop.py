@@ -335,9 +335,10 @@ def pass_gaps(monkeypatch) -> list[float]:
     return asked
 
 
-def _just_passed(*, placed: int, backlog: bool) -> SchedulerLoop:
+def _just_passed(*, placed: int, backlog: bool, took: float = 0.0) -> SchedulerLoop:
+    """A loop whose last pass ended just now after `took` seconds."""
     loop = SchedulerLoop()
-    loop._pass_ended_at, loop._last_placed, loop.backlog = time.monotonic(), placed, backlog
+    loop._pass_started_at, loop._last_placed, loop.backlog = time.monotonic() - took, placed, backlog
     return loop
 
 
@@ -347,6 +348,21 @@ def test_pass_right_after_a_pass_that_left_work_waiting_waits_for_the_gap(pass_g
 
     [gap] = pass_gaps
     assert 4.0 < gap <= 5.0
+
+
+@override_settings(FETCHML_SCHEDULER_PASS_GAP_SECONDS=5.0)
+def test_pass_after_a_pass_that_took_longer_than_the_gap_goes_at_once(pass_gaps):
+    asyncio.run(_just_passed(placed=1, backlog=True, took=6.0)._space_passes(asyncio.Event()))
+
+    assert pass_gaps == []
+
+
+@override_settings(FETCHML_SCHEDULER_PASS_GAP_SECONDS=5.0)
+def test_pass_after_a_pass_shorter_than_the_gap_waits_only_for_the_rest_of_it(pass_gaps):
+    asyncio.run(_just_passed(placed=1, backlog=True, took=3.0)._space_passes(asyncio.Event()))
+
+    [gap] = pass_gaps
+    assert 1.0 < gap <= 2.0
 
 
 @override_settings(FETCHML_SCHEDULER_PASS_GAP_SECONDS=5.0)
@@ -361,6 +377,27 @@ def test_pass_after_a_full_batch_goes_at_once(pass_gaps):
     asyncio.run(_just_passed(placed=4, backlog=True)._space_passes(asyncio.Event()))
 
     assert pass_gaps == []
+
+
+@override_settings(FETCHML_SCHEDULER_INTERVAL=60.0)
+def test_loop_counts_the_gap_from_when_its_last_pass_started(monkeypatch):
+    began: list[float] = []
+    run_once = SchedulerLoop.run_once
+
+    def noted(self, **kwargs):
+        began.append(time.monotonic())
+        return run_once(self, **kwargs)
+
+    monkeypatch.setattr(SchedulerLoop, "run_once", noted)
+
+    async def scenario():
+        loop, stop, running = await _running_loop()
+        stop.set()
+        await asyncio.wait_for(running, timeout=WAIT)
+        return loop._pass_started_at
+
+    started = asyncio.run(scenario())
+    assert started <= began[-1] < started + 1.0
 
 
 def test_pass_that_changed_something_and_left_runnable_tasks_is_followed_at_once_by_another():
