@@ -198,12 +198,13 @@ def appended_together() -> Iterator[None]:
     """Collect the events `record`ed inside and append them in one go on leaving.
 
     For a transaction that records events from many calls (a batch of run
-    reports): the chain head is then locked once, at the end, instead of from
-    the first event until the commit, so concurrent batches wait for each
-    other only for the append itself. Enter it inside that transaction, and
-    with no savepoint inside that may roll back on its own (the events of a
-    rolled-back savepoint would still be appended). An exception discards the
-    events with the transaction. Nested uses join the outermost.
+    reports, a submission and the dispatch round inside it): the chain head
+    is then locked once, at the end, instead of from the first event until
+    the commit, so concurrent writers wait for each other only for the
+    append itself. Enter it inside that transaction; a savepoint inside it
+    that may roll back on its own runs in `unrecorded_if_rolled_back` (else
+    its events would still be appended). An exception discards the events
+    with the transaction. Nested uses join the outermost.
     """
     if _pending_events() is not None:
         yield
@@ -218,6 +219,27 @@ def appended_together() -> Iterator[None]:
     finally:
         conn.fetchml_audit_pending = None
     record_many(pending)
+
+
+@contextlib.contextmanager
+def unrecorded_if_rolled_back() -> Iterator[None]:
+    """Drop the events the block added to an open `appended_together` block if the block raises.
+
+    For a savepoint the caller rolls back and survives (the outer transaction
+    commits): without this its events would still be appended when the
+    `appended_together` block ends. Outside such a block the events are
+    appended at once, in the savepoint, and roll back with it.
+    """
+    pending = _pending_events()
+    if pending is None:
+        yield
+        return
+    kept = len(pending)
+    try:
+        yield
+    except BaseException:
+        del pending[kept:]
+        raise
 
 
 def audit_verify(

@@ -51,7 +51,7 @@ from django.db import transaction
 from django.db.models import F, Q, QuerySet
 from django.utils import timezone
 
-from audit.services import Entry, record_many
+from audit.services import Entry, record_many, unrecorded_if_rolled_back
 from fetchml import events
 from fetchml.bulk import insert_rows
 from fetchml.compiled import compiled_once, compiled_per_shape, compiled_update_per_shape
@@ -413,14 +413,14 @@ def dispatch_at_submission(*, task: Task) -> bool:
     order holds (a free worker goes to the best runnable task, which need not
     be this one) and it is as safe beside running schedulers as they are
     beside each other. A round that fails is rolled back to its savepoint,
-    messages included, and logged: the submission stands, and the scheduler
+    messages and audit events included, and logged: the submission stands, and the scheduler
     places the task. Returns whether `task` was placed (its row in memory is
     brought up to date); False at once with the setting off.
     """
     if not app_settings.DISPATCH_ON_SUBMIT:
         return False
     try:
-        with events.unsent_if_rolled_back():
+        with events.unsent_if_rolled_back(), unrecorded_if_rolled_back():
             placements = _placed_by_a_round(batch_size=None, now=None, starvation_possible=True)
     except Exception:
         logger.exception("dispatch at the submission of task %s failed; the scheduler will place it", task.id)

@@ -10,7 +10,7 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from artifacts.selectors import missing_datasets, snapshot_readable_by
-from audit.services import Entry, record, record_many
+from audit.services import Entry, appended_together, record, record_many
 from fetchml import events
 from fetchml.auth import Actor
 from fetchml.compiled import compiled_update_per_shape
@@ -165,7 +165,9 @@ def task_submit(
     priority = fields.pop("priority", 5)
     fields.setdefault("max_retries", app_settings.DEFAULT_MAX_RETRIES)
     fields.setdefault("cancel_grace_seconds", app_settings.CANCEL_GRACE_SECONDS)
-    with transaction.atomic():
+    # The submission's event and the round's are appended together at the end: the audit
+    # chain's head is locked for that append, not through the round as well.
+    with transaction.atomic(), appended_together():
         task = Task.objects.create(
             owner=owner,
             priority=priority,

@@ -1,5 +1,6 @@
 """Appending: gap-free sequence, links, one lock per batch, same transaction as the change."""
 
+import contextlib
 import itertools
 
 import pytest
@@ -9,7 +10,7 @@ from django.test.utils import CaptureQueriesContext
 
 from audit.canonical import GENESIS_HASH, HASHED_FIELDS, event_hash
 from audit.models import AuditEvent, ChainHead
-from audit.services import Entry, appended_together, record, record_many
+from audit.services import Entry, appended_together, record, record_many, unrecorded_if_rolled_back
 from audit.tests.factories import append_events
 from audit.verification import verify_chain
 from tasks.states import TaskStatus
@@ -189,6 +190,31 @@ def test_events_recorded_together_are_discarded_with_a_failing_block() -> None:
     assert not AuditEvent.objects.exists()
     _record(resource="file:b")  # and recording works normally afterwards
     assert AuditEvent.objects.get().sequence_num == 1
+
+
+@pytest.mark.django_db
+def test_events_of_a_savepoint_rolled_back_inside_a_block_are_not_appended() -> None:
+    with transaction.atomic(), appended_together():
+        record(event_type="file_access", resource="file:kept")
+        with contextlib.suppress(RuntimeError), transaction.atomic(), unrecorded_if_rolled_back():
+            record(event_type="file_access", resource="file:dropped")
+            raise RuntimeError("the savepoint's change failed")
+        record(event_type="file_access", resource="file:after")
+
+    assert [e.resource for e in AuditEvent.objects.order_by("sequence_num")] == ["file:kept", "file:after"]
+    assert verify_chain().valid
+
+
+@pytest.mark.django_db
+def test_events_of_a_savepoint_rolled_back_outside_a_block_roll_back_with_it() -> None:
+    with transaction.atomic():
+        with contextlib.suppress(RuntimeError), transaction.atomic(), unrecorded_if_rolled_back():
+            record(event_type="file_access", resource="file:dropped")
+            raise RuntimeError("the savepoint's change failed")
+        record(event_type="file_access", resource="file:kept")
+
+    assert [e.resource for e in AuditEvent.objects.order_by("sequence_num")] == ["file:kept"]
+    assert verify_chain().valid
 
 
 @pytest.mark.django_db(transaction=True)

@@ -8,8 +8,11 @@ import pytest
 from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 from django.db import connection
+from django.test.utils import CaptureQueriesContext
 
 from audit.models import AuditEvent
+from audit.tests.factories import append_events
+from audit.verification import verify_chain
 from conftest import requires_postgres
 from fetchml import events
 from fetchml.auth import Actor
@@ -101,6 +104,24 @@ def test_a_free_worker_goes_to_the_best_runnable_task_not_to_the_one_submitted(u
 
     urgent.refresh_from_db()
     assert (urgent.status, submitted.status) == (TaskStatus.PREPARING, TaskStatus.QUEUED)
+
+
+def test_the_submissions_event_and_the_rounds_are_appended_under_one_lock_of_the_chain_head(user):
+    worker(batch_slots=1)
+    append_events(1)  # the chain's head exists (the first append of a database creates it)
+
+    with CaptureQueriesContext(connection) as queries:
+        task = task_submit(owner=user, job_name="now", entrypoint="true")
+
+    # Read FOR UPDATE on PostgreSQL; on SQLite the write lock taken at BEGIN covers it.
+    head_reads = [query for query in queries if query["sql"].startswith("SELECT") and "audit_chainhead" in query["sql"]]
+    assert len(head_reads) == 1
+    events_of_task = AuditEvent.objects.filter(resource=f"task:{task.id}").order_by("sequence_num")
+    assert [(event.event_type, event.action) for event in events_of_task] == [
+        ("job_queued", "submit"),
+        ("job_started", "assign"),
+    ]
+    assert verify_chain().valid
 
 
 def test_a_failed_round_leaves_the_submission_queued_with_nothing_of_the_round_sent(
