@@ -20,7 +20,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from django.contrib.auth import get_user_model
-from django.db import DatabaseError, connection, transaction
+from django.db import DatabaseError, IntegrityError, connection, transaction
 from django.db.models import Exists, F, OuterRef, Q, QuerySet, Value
 from django.db.models.functions import Coalesce
 from django.utils import timezone
@@ -33,7 +33,7 @@ from fetchml.conf import app_settings
 from fetchml.errors import Conflict
 from fetchml.instances import instance_builder
 from fetchml.planner import planned_without
-from scheduler.counters import give_back
+from scheduler.counters import give_back, give_back_reading_status
 from scheduler.models import NodeAssignment, Worker
 from scheduler.protocol import CAPACITY_FIELDS
 from tasks.logs import append_lines
@@ -608,11 +608,18 @@ class _Batched(_RunWrites):
         return self.transitions.move(task, to, **fields)
 
     def write(self) -> None:
-        draining = False
-        if self._freed:
-            # The lock order: workers first (held already when the batch locked first).
-            locked = next(iter(_locked_worker(worker_id=self.worker_id)), None)
-            draining = locked is not None and locked.status == Worker.Status.DRAINING
+        freed_any, draining = bool(self._freed), False
+        if freed_any:
+            # The lock order: workers first (held already when the batch locked first). The
+            # reporting worker's row is locked by giving back what its ended runs held; a write
+            # below that finds a run changed rolls it back with the rest of the batch.
+            reporting = uuid.UUID(str(self.worker_id))
+            freed = self._freed.pop(reporting, dict.fromkeys(_FREED, 0))
+            try:
+                status = give_back_reading_status(reporting, freed)
+            except IntegrityError as exc:  # below zero: a run ended meanwhile gave its share back
+                raise _RunsChanged("a run of the batch gave its capacity back before the batch did") from exc
+            draining = status == Worker.Status.DRAINING
         self.transitions.write()
         ended = {run.id for runs in self._ended.values() for run in runs}
         acked = [run for run_id, run in self._acked.items() if run_id not in ended and run_id not in self._running]
@@ -623,7 +630,7 @@ class _Batched(_RunWrites):
             _updated_all("ended", runs, status=status, now=self.now)
         for worker_id, freed in sorted(self._freed.items()):
             give_back(worker_id, freed)
-        if self._freed:
+        if freed_any:
             if draining:
                 _offline_if_drained(self.worker_id)
             events.wake_scheduler("capacity_freed")
@@ -651,9 +658,6 @@ def _runs_update(*, change: str, ids: list[uuid.UUID], status: str, now: datetim
 
 
 _runs_changed = compiled_update_per_shape(_runs_update)
-_locked_worker = compiled_per_shape(
-    lambda *, worker_id: Worker.objects.select_for_update(no_key=True).filter(id=worker_id).only("id", "status")
-)
 
 
 _FREED = ("used_cpu", "used_memory_gb", "used_gpus", "used_batch_slots", "used_service_slots")

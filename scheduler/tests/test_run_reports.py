@@ -240,6 +240,47 @@ def test_a_batch_whose_runs_changed_before_it_wrote_is_applied_again_holding_its
     assert AuditEvent.objects.filter(resource=f"task:{run['task_id']}", action="completed").count() == 1
 
 
+def test_a_batch_whose_run_gave_its_capacity_back_meanwhile_is_applied_again_holding_its_locks(monkeypatch):
+    [run] = _placed(1)
+    [assignment] = assignments_of(Task.objects.get(id=run["task_id"]))
+    modes = []
+    real_init = services._ReportBatch.__init__
+    real_write = services._Batched.write
+
+    def recording_init(batch, *args, **kwargs):
+        real_init(batch, *args, **kwargs)
+        modes.append(batch.lock_first)
+
+    def ended_meanwhile_then_written(batch):
+        if len(modes) == 1:  # between the unlocked read and the write, the run is taken away
+            assert services.end_run(assignment_id=assignment.id, reason="worker_lost", error="lease expired")
+        real_write(batch)
+
+    monkeypatch.setattr(services._ReportBatch, "__init__", recording_init)
+    monkeypatch.setattr(services._Batched, "write", ended_meanwhile_then_written)
+
+    outcomes = apply_run_reports(worker_id=run["worker_id"], reports=_ack_and_complete([run]))
+
+    # Giving the slot back a second time would take the counter below zero: the batch (the taking
+    # away included, in its transaction here) rolls back and is applied again with its locks.
+    assert modes == [False, True]
+    assert outcomes == [True, StatusOutcome(accepted=True)]
+    assert Task.objects.get(id=run["task_id"]).status == "completed"
+    assert Worker.objects.get(id=run["worker_id"]).used_batch_slots == 0
+
+
+def test_a_batch_that_ends_a_draining_workers_last_run_takes_the_worker_offline():
+    runs = _placed(2)
+    Worker.objects.filter(id=runs[0]["worker_id"]).update(status=Worker.Status.DRAINING)
+
+    apply_run_reports(worker_id=runs[0]["worker_id"], reports=_ack_and_complete(runs[:1]))
+    assert Worker.objects.get(id=runs[0]["worker_id"]).status == Worker.Status.DRAINING  # a run left
+
+    apply_run_reports(worker_id=runs[0]["worker_id"], reports=_ack_and_complete(runs[1:]))
+    box = Worker.objects.get(id=runs[0]["worker_id"])
+    assert (box.status, box.used_batch_slots) == (Worker.Status.OFFLINE, 0)
+
+
 @requires_postgres
 def test_on_postgresql_rounds_and_report_batches_write_with_updates_compiled_once_per_shape(monkeypatch):
     builds: dict[str, int] = {}
@@ -264,8 +305,9 @@ def test_on_postgresql_rounds_and_report_batches_write_with_updates_compiled_onc
         apply_run_reports(worker_id=box.id, reports=[*reports, _report(run, "status", status="completed")])
         assert Task.objects.get(id=task.id).status == "completed"
 
-    # The second task's round and batch ran the SQL the first one's compiled (counters: taken and given back).
-    assert builds == {"preparing": 1, "counters": 2, "runs": 1, "tasks": 1}
+    # The second task's round and batch ran the SQL the first one's compiled (counters: taken; the
+    # batch gives them back with the statement that locks the worker, `give_back_reading_status`).
+    assert builds == {"preparing": 1, "counters": 1, "runs": 1, "tasks": 1}
 
 
 def _gang_and_single() -> tuple[list[dict], dict]:
