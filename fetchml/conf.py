@@ -30,7 +30,7 @@ DEFAULTS: dict[str, Any] = {
     "SCHEDULER_BATCH_SIZE": 32,
     # a dispatch round inside the submitting transaction: a task that fits a free worker starts at once
     "DISPATCH_ON_SUBMIT": True,
-    # least time between dispatch passes while work keeps coming (an idle scheduler goes at once)
+    # least time between the starts of two dispatch passes while work keeps coming (an idle scheduler goes at once)
     "SCHEDULER_PASS_GAP_SECONDS": 0.01,
     "WORKER_LEASE_SECONDS": 30.0,
     "WORKER_HEARTBEAT_SECONDS": 5.0,
