@@ -214,8 +214,9 @@ def test_reports_after_a_failure_applied_at_once_see_its_changes():
     assert Worker.objects.get(id=first["worker_id"]).used_batch_slots == 0
 
 
-def test_a_batch_whose_runs_changed_before_it_wrote_is_applied_again_holding_its_locks(monkeypatch):
-    [run] = _placed(1)
+def _applied_with_a_change_before_the_first_write(monkeypatch, run: dict, change) -> tuple[list[bool], list]:
+    """`run`'s ack and completion applied as a batch, `change()` run where its first attempt (read
+    without locks) starts writing; each attempt's `lock_first`, and the outcomes."""
     modes = []
     real_init = services._ReportBatch.__init__
     real_write = services._Batched.write
@@ -224,15 +225,24 @@ def test_a_batch_whose_runs_changed_before_it_wrote_is_applied_again_holding_its
         real_init(batch, *args, **kwargs)
         modes.append(batch.lock_first)
 
-    def conflicting_write(batch):
-        if len(modes) == 1:  # the first attempt, read without locks, finds its run changed
-            raise services._RunsChanged("changed meanwhile")
+    def changed_then_written(batch):
+        if len(modes) == 1:
+            change()
         real_write(batch)
 
     monkeypatch.setattr(services._ReportBatch, "__init__", recording_init)
-    monkeypatch.setattr(services._Batched, "write", conflicting_write)
-
+    monkeypatch.setattr(services._Batched, "write", changed_then_written)
     outcomes = apply_run_reports(worker_id=run["worker_id"], reports=_ack_and_complete([run]))
+    return modes, outcomes
+
+
+def test_a_batch_whose_runs_changed_before_it_wrote_is_applied_again_holding_its_locks(monkeypatch):
+    [run] = _placed(1)
+
+    def changed():
+        raise services._RunsChanged("changed meanwhile")
+
+    modes, outcomes = _applied_with_a_change_before_the_first_write(monkeypatch, run, changed)
 
     assert modes == [False, True]
     assert outcomes == [True, StatusOutcome(accepted=True)]
@@ -243,23 +253,11 @@ def test_a_batch_whose_runs_changed_before_it_wrote_is_applied_again_holding_its
 def test_a_batch_whose_run_gave_its_capacity_back_meanwhile_is_applied_again_holding_its_locks(monkeypatch):
     [run] = _placed(1)
     [assignment] = assignments_of(Task.objects.get(id=run["task_id"]))
-    modes = []
-    real_init = services._ReportBatch.__init__
-    real_write = services._Batched.write
 
-    def recording_init(batch, *args, **kwargs):
-        real_init(batch, *args, **kwargs)
-        modes.append(batch.lock_first)
+    def taken_away():
+        assert services.end_run(assignment_id=assignment.id, reason="worker_lost", error="lease expired")
 
-    def ended_meanwhile_then_written(batch):
-        if len(modes) == 1:  # between the unlocked read and the write, the run is taken away
-            assert services.end_run(assignment_id=assignment.id, reason="worker_lost", error="lease expired")
-        real_write(batch)
-
-    monkeypatch.setattr(services._ReportBatch, "__init__", recording_init)
-    monkeypatch.setattr(services._Batched, "write", ended_meanwhile_then_written)
-
-    outcomes = apply_run_reports(worker_id=run["worker_id"], reports=_ack_and_complete([run]))
+    modes, outcomes = _applied_with_a_change_before_the_first_write(monkeypatch, run, taken_away)
 
     # Giving the slot back a second time would take the counter below zero: the batch (the taking
     # away included, in its transaction here) rolls back and is applied again with its locks.
