@@ -1,7 +1,9 @@
 """A worker's `used_*` counters: the one way they change (dispatch adds, ended runs give back).
 
-The CHECK constraints on Worker refuse any overcommit; the UPDATE is compiled
-once per set of counters (a round and a batch of reports each run it).
+The CHECK constraints on Worker refuse any overcommit (and any counter below
+zero); the UPDATE is compiled once per set of counters (every round runs it).
+A batch of reports gives back with `give_back_reading_status`, the same
+change as the statement that locks the worker and reads its status.
 """
 
 import functools

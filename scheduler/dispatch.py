@@ -413,9 +413,9 @@ def dispatch_at_submission(*, task: Task) -> bool:
     order holds (a free worker goes to the best runnable task, which need not
     be this one) and it is as safe beside running schedulers as they are
     beside each other. A round that fails is rolled back to its savepoint,
-    messages and audit events included, and logged: the submission stands, and the scheduler
-    places the task. Returns whether `task` was placed (its row in memory is
-    brought up to date); False at once with the setting off.
+    messages and audit events included, and logged: the submission stands,
+    and the scheduler places the task. Returns whether `task` was placed (its
+    row in memory is brought up to date); False at once with the setting off.
     """
     if not app_settings.DISPATCH_ON_SUBMIT:
         return False
