@@ -445,10 +445,10 @@ class _ReportBatch:
     """
 
     def __init__(self, worker_id: Any, reports: list[dict[str, Any]], *, lock_first: bool) -> None:
-        self.worker_id = worker_id
+        self.worker_id = uuid.UUID(str(worker_id))  # as the rows read carry it
         self.reports = reports
         self.lock_first = lock_first or any(report.get("status") in _ENDED_BY_FAILURE for report in reports)
-        self.writes = _Batched(worker_id)
+        self.writes = _Batched(self.worker_id)
         # Tasks changed by a report applied at once: their rows in memory are stale,
         # so their later reports are applied at once too.
         self.at_once: set[str] = set()
@@ -470,9 +470,8 @@ class _ReportBatch:
     def _read(self) -> None:
         """The batch's assignments on this worker, with their tasks (one copy of each task)."""
         mentioned = sorted(map(uuid.UUID, {report["task_id"] for report in self.reports}))
-        worker_id = uuid.UUID(str(self.worker_id))
         with planned_without("seqscan"):  # the task index is the plan, whatever the statistics say
-            runs = [run for run in _batch_runs(task_ids=mentioned) if run.worker_id == worker_id]
+            runs = [run for run in _batch_runs(task_ids=mentioned) if run.worker_id == self.worker_id]
         tasks = _with_owners(list(_batch_tasks(ids=sorted({run.task_id for run in runs}))) if runs else [])
         self.tasks = {str(task.id): task for task in tasks}
         self.runs = {}
@@ -570,7 +569,7 @@ class _Batched(_RunWrites):
     kind of change at most; one that ends in the batch is written once.
     """
 
-    def __init__(self, worker_id: Any) -> None:
+    def __init__(self, worker_id: uuid.UUID) -> None:
         self.worker_id = worker_id
         self.now = timezone.now()
         self.transitions = TaskTransitions(now=self.now)
@@ -613,10 +612,9 @@ class _Batched(_RunWrites):
             # The lock order: workers first (held already when the batch locked first). The
             # reporting worker's row is locked by giving back what its ended runs held; a write
             # below that finds a run changed rolls it back with the rest of the batch.
-            reporting = uuid.UUID(str(self.worker_id))
-            freed = self._freed.pop(reporting, dict.fromkeys(_FREED, 0))
+            reporting_freed = self._freed.pop(self.worker_id, dict.fromkeys(_FREED, 0))
             try:
-                status = give_back_reading_status(reporting, freed)
+                status = give_back_reading_status(self.worker_id, reporting_freed)
             except IntegrityError as exc:  # below zero: a run ended meanwhile gave its share back
                 raise _RunsChanged("a run of the batch gave its capacity back before the batch did") from exc
             draining = status == Worker.Status.DRAINING
