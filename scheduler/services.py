@@ -32,7 +32,7 @@ from fetchml.compiled import compiled_per_shape, compiled_update_per_shape
 from fetchml.conf import app_settings
 from fetchml.errors import Conflict
 from fetchml.instances import instance_builder
-from fetchml.planner import planned_without
+from fetchml.planner import checked_not_searched, planned_without
 from scheduler.counters import give_back, give_back_reading_status
 from scheduler.models import NodeAssignment, Worker
 from scheduler.protocol import CAPACITY_FIELDS
@@ -365,7 +365,9 @@ def apply_run_reports(*, worker_id: Any, reports: list[dict[str, Any]]) -> list[
 
 
 def _apply_batch(worker_id: Any, reports: list[dict[str, Any]], *, lock_first: bool) -> list[RunReportOutcome]:
-    with transaction.atomic(), appended_together():
+    # Every statement of a batch finds its rows by key, on every plan: no scan of a whole table
+    # that statistics (or a plan cached while it was small) take for a few rows.
+    with transaction.atomic(), appended_together(), planned_without("seqscan"):
         outcomes = _ReportBatch(worker_id, reports, lock_first=lock_first).apply()
         if transaction.get_rollback():  # an error swallowed below left the transaction doomed
             raise DatabaseError("the batch was marked for rollback")
@@ -470,8 +472,7 @@ class _ReportBatch:
     def _read(self) -> None:
         """The batch's assignments on this worker, with their tasks (one copy of each task)."""
         mentioned = sorted(map(uuid.UUID, {report["task_id"] for report in self.reports}))
-        with planned_without("seqscan"):  # the task index is the plan, whatever the statistics say
-            runs = [run for run in _batch_runs(task_ids=mentioned) if run.worker_id == self.worker_id]
+        runs = [run for run in _batch_runs(task_ids=mentioned) if run.worker_id == self.worker_id]
         tasks = _with_owners(list(_batch_tasks(ids=sorted({run.task_id for run in runs}))) if runs else [])
         self.tasks = {str(task.id): task for task in tasks}
         self.runs = {}
@@ -645,7 +646,7 @@ def _updated_all(change: str, runs: list[NodeAssignment], *, status: str, now: d
 
 def _runs_update(*, change: str, ids: list[uuid.UUID], status: str, now: datetime) -> tuple:
     """The one rule of an assignment's progress (acked, running, ended by the worker's report)."""
-    live = NodeAssignment.objects.filter(id__in=ids, holds_capacity=True)
+    live = NodeAssignment.objects.filter(checked_not_searched(Q(holds_capacity=True)), id__in=ids)
     # An acknowledgement not written yet is written by the later change of the same run.
     acked_at = Coalesce(F("acked_at"), Value(now))
     if change == "acked":

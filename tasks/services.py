@@ -7,6 +7,7 @@ from typing import Any
 
 from django.contrib.auth.models import AbstractBaseUser
 from django.db import IntegrityError, transaction
+from django.db.models import Q
 from django.utils import timezone
 
 from artifacts.selectors import missing_datasets, snapshot_readable_by
@@ -17,6 +18,7 @@ from fetchml.compiled import compiled_update_per_shape
 from fetchml.conf import app_settings
 from fetchml.errors import Conflict, Invalid
 from fetchml.models import ApiKey
+from fetchml.planner import checked_not_searched
 from plugins.overrides import validate_task_plugin_configs
 from scheduler.agent.datasets import SERVER_PREFIX, DatasetSpec, parse_specs
 from scheduler.dispatch import dispatch_at_submission
@@ -331,7 +333,7 @@ class TaskTransitions:
 
 
 def _transitions_update(*, ids: list[uuid.UUID], before: str, **changes: Any) -> tuple:
-    return Task.objects.filter(id__in=ids, status=before), changes
+    return Task.objects.filter(checked_not_searched(Q(status=before)), id__in=ids), changes
 
 
 _transitions_written = compiled_update_per_shape(_transitions_update)

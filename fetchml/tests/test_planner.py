@@ -1,10 +1,14 @@
-"""`planned_without`: plan methods off around a read, back on after it."""
+"""`planned_without`: plan methods off around a statement, back on after it; `checked_not_searched`:
+a condition that selects what it selects, kept out of the search."""
 
 import pytest
 from django.db import connection, transaction
+from django.db.models import Q
 
 from conftest import requires_postgres
-from fetchml.planner import planned_without
+from fetchml.planner import checked_not_searched, planned_without
+from tasks.models import Task
+from tasks.tests.factories import TaskFactory
 
 pytestmark = pytest.mark.django_db
 
@@ -36,3 +40,21 @@ def test_plan_methods_come_back_with_a_rollback():
 def test_an_unknown_plan_method_is_refused():
     with pytest.raises(ValueError, match="unknown plan methods"):
         planned_without("hashjoin").__enter__()
+
+
+def test_a_condition_checked_not_searched_selects_the_rows_the_condition_selects():
+    TaskFactory.create_batch(2, status="queued")
+    running = TaskFactory.create_batch(3, status="running")
+
+    checked = Task.objects.filter(checked_not_searched(Q(status="running")))
+
+    assert set(checked.values_list("id", flat=True)) == {task.id for task in running}
+
+
+def test_a_boolean_column_checked_not_searched_selects_the_rows_where_it_is_true():
+    allowed = TaskFactory.create_batch(2, allow_unschedulable=True)
+    TaskFactory.create_batch(3, allow_unschedulable=False)
+
+    checked = Task.objects.filter(checked_not_searched(Q(allow_unschedulable=True)))
+
+    assert set(checked.values_list("id", flat=True)) == {task.id for task in allowed}
