@@ -126,6 +126,8 @@ class Task(models.Model):
             ),
             # Serves the starvation check: the longest-waiting queued tasks first.
             models.Index(fields=["queued_at"], name="task_queued_since", condition=Q(status="queued")),
+            # Serves the fair-share count at every submission: the owner's queued tasks at a priority or above.
+            models.Index(fields=["owner", "priority"], name="task_queued_by_owner", condition=Q(status="queued")),
             models.Index(fields=["owner", "-created_at"], name="task_owner_recent"),
             models.Index(fields=["status", "ended_at"], name="task_status_ended"),
             models.Index(fields=["worker", "status"], name="task_worker_status"),

@@ -16,6 +16,7 @@ from django.utils import timezone
 from conftest import requires_postgres
 from scheduler.dispatch import any_task_may_starve, dispatch_round
 from scheduler.models import NodeAssignment, Worker
+from scheduler.policies import fair_share_offset
 from scheduler.tests.factories import UserFactory, worker
 from scheduler.tests.plans import plans_of
 from tasks.models import Task
@@ -152,6 +153,32 @@ def test_the_starvation_check_probes_the_longest_waiting_tasks_when_the_statisti
     assert len(plans) == 1, plans
     assert "Index Scan using task_queued_since" in plans[0], plans[0]
     assert "Sort" not in plans[0], plans[0]
+
+
+@requires_postgres
+@pytest.mark.django_db
+@pytest.mark.parametrize("analyzed", [True, False], ids=["statistics up to date", "never analyzed"])
+def test_the_fair_share_count_reads_only_the_owners_queued_tasks_however_long_their_history(analyzed):
+    # Counted at every submission: reading the owner's whole history, or everyone's queue,
+    # would make each submission slower the longer the lab has used the system.
+    owner, others = UserFactory(), UserFactory()
+    for user, done in ((owner, 2000), (others, 8000)):
+        Task.objects.bulk_create(
+            [Task(owner=user, job_name=f"done-{i}", status="completed", dispatch_key=0.0) for i in range(done)]
+        )
+    _tasks(others, 2000)
+    _tasks(owner, 20)
+    if analyzed:
+        with connection.cursor() as cursor:
+            cursor.execute("ANALYZE tasks_task")
+
+    with plans_of("SELECT COUNT") as plans:
+        offset = fair_share_offset(owner=owner, priority=6)
+
+    assert offset == pytest.approx(10 * settings.FETCHML_FAIR_SHARE_STEP)
+    assert len(plans) == 1, plans
+    assert "task_queued_by_owner" in plans[0], plans[0]
+    assert "task_owner_recent" not in plans[0] and "task_queued_since" not in plans[0], plans[0]
 
 
 @requires_postgres
