@@ -30,14 +30,14 @@ def _finished_runs(box, owner, count: int) -> None:
 
 def _live_runs_elsewhere(owner, count: int) -> None:
     """`count` tasks preparing on another worker, each with its live run."""
-    elsewhere = worker(name="elsewhere", cpu_cores=4096, memory_gb=4096, batch_slots=count)
+    elsewhere = worker(name="elsewhere", cpu_cores=4096, memory_gb=4096, batch_slots=count, used_batch_slots=count)
     tasks = Task.objects.bulk_create(
         [Task(owner=owner, job_name=f"busy-{i}", status="preparing", dispatch_key=0.0) for i in range(count)]
     )
     NodeAssignment.objects.bulk_create([NodeAssignment(task=task, attempt=1, worker=elsewhere) for task in tasks])
 
 
-def _completions_of_dispatched(owner, box, count: int) -> list[dict]:
+def _completions_of_dispatched(owner, count: int) -> list[dict]:
     tasks = [queued_task(owner=owner) for _ in range(count)]
     assert dispatch_round() == count
     return [
@@ -53,7 +53,7 @@ def test_a_batch_reads_its_runs_by_task_when_the_table_was_never_analyzed():
     owner = UserFactory()
     box = worker(cpu_cores=256, memory_gb=256, batch_slots=32)
     _finished_runs(box, owner, 5000)
-    reports = _completions_of_dispatched(owner, box, 32)
+    reports = _completions_of_dispatched(owner, 32)
 
     with plans_of('SELECT "scheduler_nodeassignment"') as plans:
         outcomes = apply_run_reports(worker_id=box.id, reports=reports)
@@ -74,7 +74,7 @@ def test_a_batch_writes_its_tasks_and_runs_by_primary_key_when_the_statistics_ha
     with connection.cursor() as cursor:
         cursor.execute("ANALYZE tasks_task; ANALYZE scheduler_nodeassignment")
     _live_runs_elsewhere(owner, 3000)
-    reports = _completions_of_dispatched(owner, box, 32)
+    reports = _completions_of_dispatched(owner, 32)
 
     with plans_of(f'UPDATE "{table}"') as plans:
         outcomes = apply_run_reports(worker_id=box.id, reports=reports)
