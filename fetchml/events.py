@@ -134,24 +134,31 @@ def unsent_if_rolled_back() -> Iterator[None]:
 
 async def _send_batch(layer: Any, batch: list[tuple[list[str], dict]]) -> None:
     # Each group's messages in order (one listener sees one task's changes in the
-    # order they were made), the groups concurrently (a send is a few Redis round
-    # trips, and a task change goes to three groups), those that start work first.
+    # order they were made). What starts work (the scheduler's wake-up, a worker's
+    # assigns) leaves before what only informs (clients' task events): sent
+    # together, the latter's share of the work would delay the former.
     by_group: dict[str, list[dict]] = {}
     for groups, message in batch:
         for group in groups:
             by_group.setdefault(group, []).append(message)
     by_group = {group: coalesced(messages) for group, messages in by_group.items()}
-    # Bounded: each concurrent send holds a connection of the layer's pool (100 by default).
-    slots = asyncio.Semaphore(CONCURRENT_GROUP_SENDS)
-    # What holds up a task's start (the scheduler's wake-up, a worker's assigns) goes before what
-    # only informs (clients' task events): sent together, they would share the event loop.
     for urgent in (True, False):
-        sends = [
-            _send_in_order(layer, group, messages, slots)
-            for group, messages in by_group.items()
-            if _starts_work(group) is urgent
-        ]
-        await asyncio.gather(*sends)
+        sends = {group: messages for group, messages in by_group.items() if _starts_work(group) is urgent}
+        if sends:
+            await _send_to_groups(layer, sends)
+
+
+async def _send_to_groups(layer: Any, sends: dict[str, list[dict]]) -> None:
+    if hasattr(layer, "group_send_all"):
+        # The Redis layer: all of them in two round trips, not two a group (fetchml/channel_layer.py).
+        try:
+            await layer.group_send_all([(group, message) for group, messages in sends.items() for message in messages])
+        except Exception:
+            logger.warning("channel layer send to %s failed", ", ".join(sends), exc_info=True)
+        return
+    # Other layers: the groups concurrently, bounded (each send may hold a connection of a pool).
+    slots = asyncio.Semaphore(CONCURRENT_GROUP_SENDS)
+    await asyncio.gather(*(_send_in_order(layer, group, messages, slots) for group, messages in sends.items()))
 
 
 def _starts_work(group: str) -> bool:

@@ -1,4 +1,5 @@
-"""The Redis channel layer as configured: an idle receive waits; a group send delivers as channels_redis's does."""
+"""The Redis channel layer as configured: an idle receive waits; a group send delivers as channels_redis's does,
+and so does each send of a `group_send_all`, all of them in two round trips."""
 
 import asyncio
 import time
@@ -77,11 +78,10 @@ def test_a_group_send_reaches_every_member_of_the_group():
     assert _run(scenario) == [{"type": "test.message", "n": 1}] * 2
 
 
-@needs_redis
-def test_a_group_send_takes_two_redis_round_trips(monkeypatch):
+def _counting_round_trips(monkeypatch) -> tuple[list[str], Any]:
+    """The Redis round trips made while counting (a command, or "pipeline"), and how to start counting."""
     from redis.asyncio.client import Pipeline, Redis
 
-    layer = _layer()
     trips: list[str] = []
     single, batched = Redis.execute_command, Pipeline.execute
 
@@ -94,12 +94,23 @@ def test_a_group_send_takes_two_redis_round_trips(monkeypatch):
         trips.append("pipeline")
         return await batched(self, *args, **options)
 
+    def start() -> None:
+        monkeypatch.setattr(Redis, "execute_command", counted_single)
+        monkeypatch.setattr(Pipeline, "execute", counted_pipeline)
+
+    return trips, start
+
+
+@needs_redis
+def test_a_group_send_takes_two_redis_round_trips(monkeypatch):
+    layer = _layer()
+    trips, start_counting = _counting_round_trips(monkeypatch)
+
     async def scenario() -> None:
         channel = await layer.new_channel()
         await layer.group_add("workers", channel)
         await layer.group_send("workers", {"type": "test.message"})  # loads the script once
-        monkeypatch.setattr(Redis, "execute_command", counted_single)
-        monkeypatch.setattr(Pipeline, "execute", counted_pipeline)
+        start_counting()
         await layer.group_send("workers", {"type": "test.message"})
         monkeypatch.undo()
         await layer.flush()
@@ -107,6 +118,69 @@ def test_a_group_send_takes_two_redis_round_trips(monkeypatch):
     _run(scenario)
 
     assert trips == ["pipeline", "EVALSHA"]
+
+
+@needs_redis
+def test_sends_to_several_groups_reach_each_groups_members_in_two_redis_round_trips(monkeypatch):
+    layer = _layer()
+    trips, start_counting = _counting_round_trips(monkeypatch)
+
+    async def scenario() -> list[dict]:
+        first, second, loader = await layer.new_channel(), await layer.new_channel(), await layer.new_channel()
+        await layer.group_add("owners", first)
+        await layer.group_add("admins", second)
+        await layer.group_add("loaders", loader)
+        await layer.group_send("loaders", {"type": "test.message", "n": 0})  # loads the script once
+        start_counting()
+        sends = [("owners", {"type": "test.message", "n": 1}), ("admins", {"type": "test.message", "n": 2})]
+        await layer.group_send_all([*sends, ("nobody", {"type": "test.message", "n": 3})])
+        monkeypatch.undo()
+        received = [await layer.receive(first), await layer.receive(second)]
+        await layer.flush()
+        return received
+
+    received = _run(scenario)
+
+    assert received == [{"type": "test.message", "n": 1}, {"type": "test.message", "n": 2}]
+    assert trips == ["pipeline", "EVALSHA"]
+
+
+@needs_redis
+def test_a_channel_in_several_groups_gets_their_messages_in_the_order_they_were_sent():
+    layer = _layer()
+
+    async def scenario() -> list[int]:
+        channel = await layer.new_channel()
+        for group in ("owners", "admins", "status"):
+            await layer.group_add(group, channel)
+        groups = ["owners", "admins", "status"] * 4
+        await layer.group_send_all([(group, {"type": "test.message", "n": n}) for n, group in enumerate(groups)])
+        received = [(await layer.receive(channel))["n"] for _ in groups]
+        await layer.flush()
+        return received
+
+    assert _run(scenario) == list(range(12))
+
+
+@needs_redis
+def test_sends_past_a_channels_capacity_in_one_go_are_not_delivered():
+    layer = _layer(capacity=2)
+
+    async def scenario() -> tuple[list[int], bool]:
+        channel = await layer.new_channel()
+        await layer.group_add("workers", channel)
+        await layer.group_send_all([("workers", {"type": "test.message", "n": n}) for n in range(3)])
+        received = [(await layer.receive(channel))["n"] for _ in range(2)]
+        third = asyncio.ensure_future(layer.receive(channel))
+        done, _ = await asyncio.wait({third}, timeout=0.5)
+        third.cancel()
+        await layer.flush()
+        return received, bool(done)
+
+    received, got_a_third = _run(scenario)
+
+    assert received == [0, 1]
+    assert not got_a_third
 
 
 @needs_redis

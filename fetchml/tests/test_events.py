@@ -182,15 +182,22 @@ def test_a_task_change_is_not_sent_to_the_tasks_own_group(user):
 def test_a_batch_sends_what_starts_work_before_the_clients_task_events(monkeypatch):
     layer = get_channel_layer()
     log: list[tuple[str, str]] = []
-    real_send = layer.group_send
 
-    async def recorded(group: str, message: dict) -> None:
-        log.append(("start", group))
-        await asyncio.sleep(0)  # lets the other sends of the batch run meanwhile, if any were started
-        await real_send(group, message)
-        log.append(("end", group))
+    def recording(send, groups_of):
+        async def recorded(*args) -> None:
+            groups = groups_of(*args)
+            log.extend(("start", group) for group in groups)
+            await asyncio.sleep(0)  # lets the other sends of the batch run meanwhile, if any were started
+            await send(*args)
+            log.extend(("end", group) for group in groups)
 
-    monkeypatch.setattr(layer, "group_send", recorded)
+        return recorded
+
+    # One send per group (the in-memory layer), or all of a kind of group in one (the Redis layer).
+    monkeypatch.setattr(layer, "group_send", recording(layer.group_send, lambda group, message: [group]))
+    if hasattr(layer, "group_send_all"):
+        all_groups = recording(layer.group_send_all, lambda sends: [group for group, _ in sends])
+        monkeypatch.setattr(layer, "group_send_all", all_groups)
     clients = [events.user_group(1), events.ADMINS_GROUP, events.STATUS_GROUP]
     worker = events.worker_group("w-1")
     batch = [(clients, task_event(1)), ([events.WAKE_GROUP], {"type": "scheduler.wake"}), ([worker], message(2))]
