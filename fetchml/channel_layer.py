@@ -87,12 +87,13 @@ class RedisChannelLayer(UpstreamRedisChannelLayer):
         by_connection: dict[int, list[str]] = {}
         for group in sorted(groups):
             by_connection.setdefault(self.consistent_hash(group), []).append(group)
+        joined_before = int(time.time()) - self.group_expiry
         members: dict[str, list[str]] = {}
         for index, grouped in by_connection.items():
             pipe = self.connection(index).pipeline(transaction=False)
             for group in grouped:
                 key = self._group_key(group)
-                pipe.zremrangebyscore(key, min=0, max=int(time.time()) - self.group_expiry)
+                pipe.zremrangebyscore(key, min=0, max=joined_before)
                 pipe.zrange(key, 0, -1)
             replies = await pipe.execute()
             for group, names in zip(grouped, replies[1::2], strict=True):
