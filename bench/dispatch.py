@@ -1,7 +1,7 @@
 """Benchmark of dispatch through the real system: throughput, enqueue-to-assignment latency, round cost.
 
     DATABASE_URL=postgres://... REDIS_URL=redis://... python bench/dispatch.py [--quick] [--mixed]
-        [--compare procrastinate] [--slots N] [--servers N]
+        [--compare procrastinate] [--pairs N] [--slots N] [--servers N]
 
 Runs a live daphne server (`--servers N`: N of them, the bench workers spread
 over them) and a `manage.py scheduler` process against a scratch
@@ -14,7 +14,10 @@ so the figures are the scheduler's, the channel layer's and the protocol's.
 - throughput: N tasks inserted queued at once, time until all are completed
   (4 bench workers with 32 batch slots each, `--slots` to change it), as
   the server's `status_ack`s of the last nodes' `completed` say (sent after
-  the commit; no progress query competes with the system measured);
+  the commit; no progress query competes with the system measured); after
+  an unmeasured warm-up of 1,000 tasks, measured `--pairs` times (3; 1 with
+  `--quick`), the median being the figure; the scratch database is analysed
+  inside the measured time, as autovacuum would after such a burst;
 - latency: tasks submitted with `task_submit` at 50 and 200 per second to idle
   workers (from a process of their own, as from an API server), time from the
   submitting commit to the `assign` frame at a worker
@@ -36,8 +39,11 @@ reported `completed`). It prints throughput and enqueue-to-assign latency at
 `--compare procrastinate` runs the same no-op workload through procrastinate
 (`pip install -r requirements/bench.txt`; app and tasks in
 bench/procrastinate_app.py) on its own scratch database
-(`<name>_procrastinatebench_<pid>`): 10,000 jobs deferred in one batch to 4
-idle `procrastinate worker` processes, time until all succeeded; and
+(`<name>_procrastinatebench_<pid>`), up at the same time as FetchML's system:
+10,000 jobs deferred in one batch to 4 idle `procrastinate worker`
+processes, time until all succeeded (warmed up and analysed alike, and
+measured in turns with FetchML's throughput, each pair giving a ratio and
+the median ratio the figure); and
 enqueue-to-start latency at 50 and 200 jobs/s (from the return of each
 job's `defer_async`, i.e. its commit, to the first line of the job function;
 and from the start of that call);
@@ -48,6 +54,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import importlib.util
 import os
 import signal
@@ -86,6 +93,10 @@ MIXED_GPUS_PER_WORKER = 8
 MIXED_GPU_TYPE = "BENCH"
 MIXED_MULTI_NODE_EVERY = 10
 MIXED_RESERVATIONS = ({"gpu_count": 4, "node_count": 1}, {"gpu_count": 8, "node_count": 2})
+
+# Unmeasured tasks (jobs) each system runs before its throughput is measured: a server's first
+# statements compile and plan its queries, open its connections and fill its caches.
+WARM_UP_TASKS = 1_000
 
 # --compare procrastinate
 PROCRASTINATE_WORKERS = 4
@@ -442,6 +453,17 @@ def unfinished_count() -> int:
     return Task.objects.exclude(status__in=("completed", "failed", "cancelled")).count()
 
 
+def analyze() -> None:
+    """The scratch database's tables analysed, inside the measured time (for procrastinate too), as a
+    production server's autovacuum would soon after a burst of inserts: this machine's PostgreSQL may
+    run without it (CI's configuration), and procrastinate's fetch, planned on a table never analysed,
+    scans its queue: 4.5 ms of PostgreSQL's CPU a job instead of 1 (measured)."""
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute("ANALYZE")
+
+
 async def measure_throughput(
     owner: Any, count: int, completions: Completions, multi_node_every: int = 0, system: System | None = None
 ) -> tuple[float, dict[str, float]]:
@@ -458,6 +480,7 @@ async def measure_throughput(
     await sync_to_async(insert_queued)(owner, count, multi_node_every)
     started = time.perf_counter()
     await sync_to_async(events.send_now)([events.WAKE_GROUP], {"type": "scheduler.wake", "reason": "bench"})
+    await sync_to_async(analyze)()
     await completions.reached(base + count, stalled_after=180)
     throughput = count / (time.perf_counter() - started)
     if system:  # with the backends that connected meanwhile
@@ -692,39 +715,73 @@ async def run_mixed(args: argparse.Namespace, owner: Any, system: System, key: s
         print_server_errors(workers)
 
 
-async def run_system(args: argparse.Namespace, env: dict[str, str]) -> dict[str, Any]:
-    from asgiref.sync import sync_to_async
+class FetchmlSide:
+    """FetchML's system (daphne, the scheduler) and its 4 bench workers, up for an `async with`."""
 
-    from fetchml.services import apikey_create, user_get_or_create
+    def __init__(self, args: argparse.Namespace, env: dict[str, str]) -> None:
+        self.args, self.env = args, env
+        self.stack = contextlib.AsyncExitStack()
+        self.arrivals: dict[str, list[float]] = {}
+        self.completions = Completions()
 
-    owner = await sync_to_async(user_get_or_create)(username="bench")
-    agent = await sync_to_async(user_get_or_create)(username="bench-workers")
-    _, key = await sync_to_async(apikey_create)(user=agent, role="worker", name="bench")
-    results: dict[str, Any] = {}
-    with System(env, servers=args.servers) as system:
-        arrivals: dict[str, list[float]] = {}
-        completions = Completions()
-        workers = [
-            BenchWorker(system.worker_url(i), key, f"bench-{i}", arrivals, completions, slots=args.slots)
-            for i in range(WORKERS)
-        ]
-        async with Fleet(workers):
-            results["throughput"], cost = await measure_throughput(owner, args.tasks, completions, system=system)
-            print(f"throughput: {results['throughput']:,.1f} tasks/s ({args.tasks:,} tasks queued -> completed)")
-            print_cpu_per_task("CPU per task", cost)
-            print_server_errors(workers)
-            for rate in (50, 200):
-                latencies = await measure_latency(owner, rate, args.latency_tasks, arrivals)
-                results[f"latency_{rate}"] = print_latencies(
-                    f"enqueue -> assign at {rate}/s", latencies, args.latency_tasks
+    async def __aenter__(self) -> FetchmlSide:
+        from asgiref.sync import sync_to_async
+
+        from fetchml.services import apikey_create, user_get_or_create
+
+        self.owner = await sync_to_async(user_get_or_create)(username="bench")
+        agent = await sync_to_async(user_get_or_create)(username="bench-workers")
+        _, self.key = await sync_to_async(apikey_create)(user=agent, role="worker", name="bench")
+        await self.stack.__aenter__()
+        try:
+            self.system = self.stack.enter_context(System(self.env, servers=self.args.servers))
+            self.workers = [
+                BenchWorker(
+                    self.system.worker_url(i),
+                    self.key,
+                    f"bench-{i}",
+                    self.arrivals,
+                    self.completions,
+                    slots=self.args.slots,
                 )
-            print_server_errors(workers)
-            if args.mixed:
-                await wait_until_idle()
-                await sync_to_async(drain_workers)([worker.name for worker in workers])
-        if args.mixed:
-            await run_mixed(args, owner, system, key, results)
-    return results
+                for i in range(WORKERS)
+            ]
+            self.fleet = Fleet(self.workers)
+            await self.stack.enter_async_context(self.fleet)
+        except BaseException:
+            await self.stack.aclose()
+            raise
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stack.aclose()
+
+    async def warm_up(self) -> None:
+        await measure_throughput(self.owner, WARM_UP_TASKS, self.completions)
+
+    async def throughput(self) -> float:
+        throughput, cost = await measure_throughput(self.owner, self.args.tasks, self.completions, system=self.system)
+        print(f"throughput: {throughput:,.1f} tasks/s ({self.args.tasks:,} tasks queued -> completed)")
+        print_cpu_per_task("CPU per task", cost)
+        print_server_errors(self.workers)
+        return throughput
+
+    async def latencies(self, results: dict[str, Any]) -> None:
+        for rate in (50, 200):
+            latencies = await measure_latency(self.owner, rate, self.args.latency_tasks, self.arrivals)
+            results[f"latency_{rate}"] = print_latencies(
+                f"enqueue -> assign at {rate}/s", latencies, self.args.latency_tasks
+            )
+        print_server_errors(self.workers)
+
+    async def mixed(self, results: dict[str, Any]) -> None:
+        """The --mixed workload, on other workers: the throughput workers are drained and leave first."""
+        from asgiref.sync import sync_to_async
+
+        await wait_until_idle()
+        await sync_to_async(drain_workers)([worker.name for worker in self.workers])
+        await self.fleet.__aexit__()
+        await run_mixed(self.args, self.owner, self.system, self.key, results)
 
 
 # --- procrastinate ---------------------------------------------------------------
@@ -752,105 +809,177 @@ class ProcrastinateWorkers:
         stop_children(self.children)
 
 
-async def run_procrastinate(args: argparse.Namespace, url: str) -> dict[str, Any]:
-    import logging
+class ProcrastinateSide:
+    """procrastinate on its own scratch database with its 4 worker processes, up for an `async with`."""
 
-    import psycopg
+    def __init__(self, args: argparse.Namespace, url: str) -> None:
+        self.args, self.url = args, url
+        self.stack = contextlib.AsyncExitStack()
 
-    scratch_url, drop = scratch_postgres(url, "procrastinatebench")
-    handle, stamps = tempfile.mkstemp(prefix="fetchml-procrastinate-stamps-")
-    os.close(handle)
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(BENCH_DIR), os.environ.get("PYTHONPATH", "")])),
-        "FETCHML_BENCH_PROCRASTINATE_DSN": scratch_url,
-        "FETCHML_BENCH_PROCRASTINATE_STAMPS": stamps,
-    }
-    os.environ.update({k: env[k] for k in ("FETCHML_BENCH_PROCRASTINATE_DSN", "FETCHML_BENCH_PROCRASTINATE_STAMPS")})
-    sys.path.insert(0, str(BENCH_DIR))
-    import procrastinate_app
+    async def __aenter__(self) -> ProcrastinateSide:
+        await self.stack.__aenter__()
+        try:
+            await self._start()
+        except BaseException:
+            await self.stack.aclose()
+            raise
+        return self
 
-    logging.getLogger("procrastinate").setLevel(logging.WARNING)  # one INFO line per deferred job otherwise
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stack.aclose()
+
+    async def _start(self) -> None:
+        import logging
+
+        import psycopg
+
+        scratch_url, drop = scratch_postgres(self.url, "procrastinatebench")
+        self.stack.callback(drop)
+        handle, self.stamps = tempfile.mkstemp(prefix="fetchml-procrastinate-stamps-")
+        os.close(handle)
+        self.stack.callback(os.unlink, self.stamps)
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(BENCH_DIR), os.environ.get("PYTHONPATH", "")])),
+            "FETCHML_BENCH_PROCRASTINATE_DSN": scratch_url,
+            "FETCHML_BENCH_PROCRASTINATE_STAMPS": self.stamps,
+        }
+        os.environ.update(
+            {k: env[k] for k in ("FETCHML_BENCH_PROCRASTINATE_DSN", "FETCHML_BENCH_PROCRASTINATE_STAMPS")}
+        )
+        sys.path.insert(0, str(BENCH_DIR))
+        import procrastinate_app
+
+        logging.getLogger("procrastinate").setLevel(logging.WARNING)  # one INFO line per deferred job otherwise
+        self.app = procrastinate_app
+        await self.stack.enter_async_context(procrastinate_app.app.open_async())
+        self.watch = await self.stack.enter_async_context(
+            await psycopg.AsyncConnection.connect(scratch_url, autocommit=True)
+        )
+        await procrastinate_app.app.schema_manager.apply_schema_async()
+        self.workers = self.stack.enter_context(
+            ProcrastinateWorkers(env, PROCRASTINATE_WORKERS, self.args.procrastinate_concurrency)
+        )
+        deadline = time.monotonic() + 60
+        while await self._count("SELECT count(*) FROM procrastinate_workers") < PROCRASTINATE_WORKERS:
+            if time.monotonic() > deadline or any(c.poll() is not None for c in self.workers.children):
+                raise RuntimeError("the procrastinate workers did not start")
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(1)  # their LISTEN connections come up right after registering
+
+    async def _count(self, query: str) -> int:
+        cursor = await self.watch.execute(query)
+        return (await cursor.fetchone())[0]
+
+    async def _parts(self) -> dict[str, list[int]]:
+        cursor = await self.watch.execute(BACKENDS_SQL)
+        backends = [pid for (pid,) in await cursor.fetchall()]
+        workers_pids = [child.pid for child in self.workers.children]
+        return {"workers": workers_pids, "PostgreSQL": backends, "bench": [os.getpid()]}
+
+    async def warm_up(self) -> None:
+        await self._drain(WARM_UP_TASKS)
+
+    async def throughput(self) -> float:
+        jobs = self.args.procrastinate_jobs
+        cpu_before = cpu_snapshot(await self._parts())
+        throughput = jobs / await self._drain(jobs)
+        print(
+            f"procrastinate throughput: {throughput:,.1f} jobs/s "
+            f"({jobs:,} no-op jobs deferred in one batch -> succeeded; {PROCRASTINATE_WORKERS} worker "
+            f"processes, concurrency {self.args.procrastinate_concurrency} each)"
+        )
+        print_cpu_per_task("procrastinate CPU per job", cpu_per_task(await self._parts(), cpu_before, jobs))
+        return throughput
+
+    async def _drain(self, jobs: int) -> float:
+        """Seconds from the commit deferring `jobs` no-op jobs until all of them succeeded."""
+        # Only this batch's rows are counted (by key): earlier measurements' jobs are in the same table.
+        after = await self._count("SELECT coalesce(max(id), 0) FROM procrastinate_jobs")
+        await self.app.noop.batch_defer_async(*({} for _ in range(jobs)))
+        started = time.monotonic()  # the batch is committed: every job is visible
+        await self.watch.execute("ANALYZE")  # as FetchML's `measure_throughput` does (see `analyze`)
+        # One scan per look, as light as the watch can be: it competes with the workers.
+        progress_query = (
+            "SELECT count(*) FILTER (WHERE status = 'succeeded'), count(*) FILTER (WHERE status = 'failed') "
+            "FROM procrastinate_jobs WHERE id > %s AND task_name = 'noop'"
+        )
+        while True:
+            succeeded, failed = await (await self.watch.execute(progress_query, [after])).fetchone()
+            if failed:
+                raise RuntimeError("a procrastinate job failed")
+            if succeeded >= jobs:
+                break
+            await asyncio.sleep(0.05)
+        return time.monotonic() - started
+
+    async def latencies(self, results: dict[str, Any]) -> None:
+        for rate in (50, 200):
+            submitted: dict[str, tuple[float, float]] = {}  # key -> (call, commit)
+            begun = time.monotonic()
+            for index in range(self.args.latency_tasks):
+                delay = begun + index / rate - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                key = f"{rate}-{index}"
+                called = time.monotonic()
+                await self.app.stamp.defer_async(key=key)
+                submitted[key] = (called, time.monotonic())  # the return: after the commit
+            started_at: dict[str, float] = {}
+            deadline = time.monotonic() + 60
+            while len(started_at) < len(submitted) and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+                with open(self.stamps, encoding="utf-8") as lines:
+                    for line in lines:
+                        stamp_key, _, at = line.strip().partition(" ")
+                        if stamp_key in submitted and at:
+                            started_at[stamp_key] = float(at)
+            latencies = {
+                clock: [(at - submitted[key][index]) * 1000 for key, at in started_at.items()]
+                for index, clock in enumerate(("call", "commit"))
+            }
+            results[f"latency_{rate}"] = print_latencies(
+                f"procrastinate enqueue -> start at {rate}/s", latencies, self.args.latency_tasks
+            )
+
+
+async def run_both(args: argparse.Namespace, env: dict[str, str], url: str) -> dict[str, Any]:
+    """FetchML's figures, and with --compare procrastinate's beside them: both systems are up together
+    and their throughputs measured in turns (`--pairs`), so that a change of the machine's speed
+    (seen here within minutes) touches both figures of a pair alike."""
     results: dict[str, Any] = {}
-    try:
-        async with (
-            procrastinate_app.app.open_async(),
-            await psycopg.AsyncConnection.connect(scratch_url, autocommit=True) as watch,
-        ):
-            await procrastinate_app.app.schema_manager.apply_schema_async()
-
-            async def count(query: str) -> int:
-                cursor = await watch.execute(query)
-                return (await cursor.fetchone())[0]
-
-            with ProcrastinateWorkers(env, PROCRASTINATE_WORKERS, args.procrastinate_concurrency) as workers:
-                deadline = time.monotonic() + 60
-                while await count("SELECT count(*) FROM procrastinate_workers") < PROCRASTINATE_WORKERS:
-                    if time.monotonic() > deadline or any(c.poll() is not None for c in workers.children):
-                        raise RuntimeError("the procrastinate workers did not start")
-                    await asyncio.sleep(0.1)
-                await asyncio.sleep(1)  # their LISTEN connections come up right after registering
-
-                async def parts() -> dict[str, list[int]]:
-                    cursor = await watch.execute(BACKENDS_SQL)
-                    backends = [pid for (pid,) in await cursor.fetchall()]
-                    workers_pids = [child.pid for child in workers.children]
-                    return {"workers": workers_pids, "PostgreSQL": backends, "bench": [os.getpid()]}
-
-                jobs = args.procrastinate_jobs
-                cpu_before = cpu_snapshot(await parts())
-                await procrastinate_app.noop.batch_defer_async(*({} for _ in range(jobs)))
-                started = time.monotonic()  # the batch is committed: every job is visible
-                # One scan per look, as light as the watch can be: it competes with the workers.
-                progress_query = (
-                    "SELECT count(*) FILTER (WHERE status = 'succeeded'), count(*) FILTER (WHERE status = 'failed') "
-                    "FROM procrastinate_jobs WHERE task_name = 'noop'"
-                )
-                while True:
-                    succeeded, failed = await (await watch.execute(progress_query)).fetchone()
-                    if failed:
-                        raise RuntimeError("a procrastinate job failed")
-                    if succeeded >= jobs:
-                        break
-                    await asyncio.sleep(0.05)
-                results["throughput"] = jobs / (time.monotonic() - started)
-                print(
-                    f"procrastinate throughput: {results['throughput']:,.1f} jobs/s "
-                    f"({jobs:,} no-op jobs deferred in one batch -> succeeded; {PROCRASTINATE_WORKERS} worker "
-                    f"processes, concurrency {args.procrastinate_concurrency} each)"
-                )
-                print_cpu_per_task("procrastinate CPU per job", cpu_per_task(await parts(), cpu_before, jobs))
-
-                for rate in (50, 200):
-                    submitted: dict[str, tuple[float, float]] = {}  # key -> (call, commit)
-                    begun = time.monotonic()
-                    for index in range(args.latency_tasks):
-                        delay = begun + index / rate - time.monotonic()
-                        if delay > 0:
-                            await asyncio.sleep(delay)
-                        key = f"{rate}-{index}"
-                        called = time.monotonic()
-                        await procrastinate_app.stamp.defer_async(key=key)
-                        submitted[key] = (called, time.monotonic())  # the return: after the commit
-                    started_at: dict[str, float] = {}
-                    deadline = time.monotonic() + 60
-                    while len(started_at) < len(submitted) and time.monotonic() < deadline:
-                        await asyncio.sleep(0.05)
-                        with open(stamps, encoding="utf-8") as lines:
-                            for line in lines:
-                                stamp_key, _, at = line.strip().partition(" ")
-                                if stamp_key in submitted and at:
-                                    started_at[stamp_key] = float(at)
-                    latencies = {
-                        clock: [(at - submitted[key][index]) * 1000 for key, at in started_at.items()]
-                        for index, clock in enumerate(("call", "commit"))
-                    }
-                    results[f"latency_{rate}"] = print_latencies(
-                        f"procrastinate enqueue -> start at {rate}/s", latencies, args.latency_tasks
-                    )
-    finally:
-        drop()
-        os.unlink(stamps)
+    async with contextlib.AsyncExitStack() as stack:
+        ours = await stack.enter_async_context(FetchmlSide(args, env))
+        theirs = await stack.enter_async_context(ProcrastinateSide(args, url)) if args.compare else None
+        for side in (ours, theirs) if theirs else (ours,):
+            await side.warm_up()
+        figures: list[float] = []
+        ratios: list[float] = []
+        for pair in range(args.pairs):
+            if args.pairs > 1:
+                print(f"pair {pair + 1} of {args.pairs} ({python_loop_seconds():.2f} s for 10^7 Python additions):")
+            figures.append(await ours.throughput())
+            if theirs:
+                ratios.append(figures[-1] / await theirs.throughput())
+                print(f"  ratio of this pair: {ratios[-1]:.3f}")
+        results["throughput"] = statistics.median(figures)
+        if ratios:
+            results["ratio"] = statistics.median(ratios)
+            listed = ", ".join(f"{ratio:.2f}" for ratio in ratios)
+            print(
+                f"throughput FetchML / procrastinate: {results['ratio']:.3f} "
+                f"(the median of {len(ratios)} pair(s): {listed}; {args.tasks:,} tasks vs "
+                f"{args.procrastinate_jobs:,} jobs each)"
+            )
+        elif args.pairs > 1:
+            print(f"throughput, the median of {args.pairs} runs: {results['throughput']:,.1f} tasks/s")
+        await ours.latencies(results)
+        if theirs:
+            theirs_results: dict[str, Any] = {}
+            await theirs.latencies(theirs_results)
+            results["procrastinate"] = theirs_results
+        if args.mixed:
+            await ours.mixed(results)
     return results
 
 
@@ -896,7 +1025,15 @@ def main() -> int:
         metavar="N",
         help="daphne processes the bench workers connect to, spread evenly (default: 1)",
     )
+    parser.add_argument(
+        "--pairs",
+        type=int,
+        metavar="N",
+        help="throughput measured N times, in turns with procrastinate's under --compare; the median is the "
+        "figure (default: 3, 1 with --quick)",
+    )
     args = parser.parse_args()
+    args.pairs = args.pairs or (1 if args.quick else 3)
     args.tasks = 2_000 if args.quick else 10_000
     args.latency_tasks = 200 if args.quick else 1_000
     args.procrastinate_jobs = PROCRASTINATE_JOBS
@@ -926,15 +1063,7 @@ def main() -> int:
             f"PostgreSQL + Redis; {args.servers} daphne process(es); "
             f"{WORKERS} bench workers x {args.slots} slots"
         )
-        results = asyncio.run(run_system(args, env))
-        if args.compare == "procrastinate":
-            theirs = asyncio.run(run_procrastinate(args, url))
-            ratio = results["throughput"] / theirs["throughput"]
-            print(
-                f"throughput FetchML / procrastinate: {ratio:.3f} "
-                f"({results['throughput']:,.1f} tasks/s over {args.tasks:,} tasks vs "
-                f"{theirs['throughput']:,.1f} jobs/s over {args.procrastinate_jobs:,} jobs)"
-            )
+        results = asyncio.run(run_both(args, env, url))
         from fetchml.services import user_get_or_create
 
         owner = user_get_or_create(username="bench")
