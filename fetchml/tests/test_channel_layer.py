@@ -61,6 +61,23 @@ async def _another_arrives(layer: RedisChannelLayer, channel: str, within: float
     return bool(done)
 
 
+@pytest.fixture(params=["on an event loop", "blocking"])
+def send_all(request):
+    """A combined group send as an event loop makes it (`group_send_all`), or as synchronous code
+    does (`group_send_all_blocking`, from a thread of its own)."""
+    if request.param == "blocking":
+
+        async def send(layer: RedisChannelLayer, sends: list[tuple[str, dict]]) -> None:
+            await asyncio.to_thread(layer.group_send_all_blocking, sends)
+
+    else:
+
+        async def send(layer: RedisChannelLayer, sends: list[tuple[str, dict]]) -> None:
+            await layer.group_send_all(sends)
+
+    return send
+
+
 @needs_redis
 def test_the_configured_layer_is_the_one_with_the_shorter_group_send():
     channel_layers.backends.clear()
@@ -71,14 +88,14 @@ def test_the_configured_layer_is_the_one_with_the_shorter_group_send():
 
 
 @needs_redis
-def test_a_group_send_reaches_every_member_of_the_group():
+def test_a_group_send_reaches_every_member_of_the_group(send_all):
     layer = _layer()
 
     async def scenario() -> list[dict]:
         channels = [await layer.new_channel() for _ in range(2)]
         for channel in channels:
             await layer.group_add("workers", channel)
-        await layer.group_send("workers", {"type": "test.message", "n": 1})
+        await send_all(layer, [("workers", {"type": "test.message", "n": 1})])
         received = [await layer.receive(channel) for channel in channels]
         await layer.flush()
         return received
@@ -154,7 +171,7 @@ def test_sends_to_several_groups_reach_each_groups_members_in_two_redis_round_tr
 
 
 @needs_redis
-def test_a_channel_in_several_groups_gets_their_messages_in_the_order_they_were_sent():
+def test_a_channel_in_several_groups_gets_their_messages_in_the_order_they_were_sent(send_all):
     layer = _layer()
 
     async def scenario() -> list[int]:
@@ -162,7 +179,7 @@ def test_a_channel_in_several_groups_gets_their_messages_in_the_order_they_were_
         for group in ("owners", "admins", "status"):
             await layer.group_add(group, channel)
         groups = ["owners", "admins", "status"] * 4
-        await layer.group_send_all([(group, {"type": "test.message", "n": n}) for n, group in enumerate(groups)])
+        await send_all(layer, [(group, {"type": "test.message", "n": n}) for n, group in enumerate(groups)])
         received = [(await layer.receive(channel))["n"] for _ in groups]
         await layer.flush()
         return received
@@ -171,13 +188,13 @@ def test_a_channel_in_several_groups_gets_their_messages_in_the_order_they_were_
 
 
 @needs_redis
-def test_sends_past_a_channels_capacity_in_one_go_are_not_delivered():
+def test_sends_past_a_channels_capacity_in_one_go_are_not_delivered(send_all):
     layer = _layer(capacity=2)
 
     async def scenario() -> tuple[list[int], bool]:
         channel = await layer.new_channel()
         await layer.group_add("workers", channel)
-        await layer.group_send_all([("workers", {"type": "test.message", "n": n}) for n in range(3)])
+        await send_all(layer, [("workers", {"type": "test.message", "n": n}) for n in range(3)])
         received = [(await layer.receive(channel))["n"] for _ in range(2)]
         got_a_third = await _another_arrives(layer, channel)
         await layer.flush()
@@ -190,7 +207,7 @@ def test_sends_past_a_channels_capacity_in_one_go_are_not_delivered():
 
 
 @needs_redis
-def test_a_member_past_the_group_expiry_gets_nothing_and_leaves_the_group():
+def test_a_member_past_the_group_expiry_gets_nothing_and_leaves_the_group(send_all):
     layer = _layer(group_expiry=60)
     elsewhere = RedisChannelLayer(hosts=[settings.REDIS_URL], prefix=layer.prefix)  # another process
 
@@ -200,7 +217,7 @@ def test_a_member_past_the_group_expiry_gets_nothing_and_leaves_the_group():
         await layer.group_add("workers", fresh)
         # The stale member joined long ago: its score is its joining time.
         await layer.connection(0).zadd(layer._group_key("workers"), {stale: time.time() - 120})
-        await layer.group_send("workers", {"type": "test.message"})
+        await send_all(layer, [("workers", {"type": "test.message"})])
         members = await layer.connection(0).zrange(layer._group_key("workers"), 0, -1)
         pending = await layer.connection(0).zcard(layer.prefix + stale.split("!")[0] + "!")
         await layer.receive(fresh)
@@ -214,14 +231,14 @@ def test_a_member_past_the_group_expiry_gets_nothing_and_leaves_the_group():
 
 
 @needs_redis
-def test_a_channel_at_capacity_does_not_get_the_message():
+def test_a_channel_at_capacity_does_not_get_the_message(send_all):
     layer = _layer(capacity=1)
 
     async def scenario() -> tuple[dict, bool]:
         channel = await layer.new_channel()
         await layer.group_add("workers", channel)
-        await layer.group_send("workers", {"type": "test.message", "n": 1})
-        await layer.group_send("workers", {"type": "test.message", "n": 2})
+        await send_all(layer, [("workers", {"type": "test.message", "n": 1})])
+        await send_all(layer, [("workers", {"type": "test.message", "n": 2})])
         first = await layer.receive(channel)
         got_a_second = await _another_arrives(layer, channel)
         await layer.flush()
@@ -234,7 +251,7 @@ def test_a_channel_at_capacity_does_not_get_the_message():
 
 
 @needs_redis
-def test_a_group_send_drops_the_channels_expired_messages_first():
+def test_a_group_send_drops_the_channels_expired_messages_first(send_all):
     layer = _layer(capacity=1, expiry=60)
 
     async def scenario() -> dict:
@@ -243,7 +260,7 @@ def test_a_group_send_drops_the_channels_expired_messages_first():
         key = layer.prefix + channel.split("!")[0] + "!"
         # An undelivered message from long ago fills the channel's one place.
         await layer.connection(0).zadd(key, {b"expired": time.time() - 120})
-        await layer.group_send("workers", {"type": "test.message", "n": 1})
+        await send_all(layer, [("workers", {"type": "test.message", "n": 1})])
         received = await layer.receive(channel)
         await layer.flush()
         return received
@@ -252,18 +269,107 @@ def test_a_group_send_drops_the_channels_expired_messages_first():
 
 
 @needs_redis
-def test_a_group_send_still_delivers_after_redis_forgot_the_script():
+def test_a_group_send_still_delivers_after_redis_forgot_the_script(send_all):
     layer = _layer()
 
     async def scenario() -> dict:
         channel = await layer.new_channel()
         await layer.group_add("workers", channel)
-        await layer.group_send("workers", {"type": "test.message", "n": 1})
+        await send_all(layer, [("workers", {"type": "test.message", "n": 1})])
         await layer.receive(channel)
         await layer.connection(0).script_flush()  # as a restarted Redis has
-        await layer.group_send("workers", {"type": "test.message", "n": 2})
+        await send_all(layer, [("workers", {"type": "test.message", "n": 2})])
         received = await layer.receive(channel)
         await layer.flush()
         return received
 
     assert _run(scenario) == {"type": "test.message", "n": 2}
+
+
+def _counting_blocking_round_trips(monkeypatch) -> tuple[list[str], Any]:
+    """`_counting_round_trips` for the blocking clients."""
+    from redis.client import Pipeline, Redis
+
+    trips: list[str] = []
+    single, batched = Redis.execute_command, Pipeline.execute
+
+    def counted_single(self, *args, **options):
+        if not isinstance(self, Pipeline):
+            trips.append(str(args[0]))
+        return single(self, *args, **options)
+
+    def counted_pipeline(self, *args, **options):
+        trips.append("pipeline")
+        return batched(self, *args, **options)
+
+    def start() -> None:
+        monkeypatch.setattr(Redis, "execute_command", counted_single)
+        monkeypatch.setattr(Pipeline, "execute", counted_pipeline)
+
+    return trips, start
+
+
+@needs_redis
+def test_a_blocking_send_to_several_groups_takes_two_redis_round_trips(monkeypatch):
+    layer = _layer()
+    trips, start_counting = _counting_blocking_round_trips(monkeypatch)
+
+    async def scenario() -> list[dict]:
+        first, second = await layer.new_channel(), await layer.new_channel()
+        await layer.group_add("owners", first)
+        await layer.group_add("admins", second)
+        sends = [("owners", {"type": "test.message", "n": 1}), ("admins", {"type": "test.message", "n": 2})]
+        await asyncio.to_thread(layer.group_send_all_blocking, sends[:1])  # loads the script once
+        await layer.receive(first)
+        start_counting()
+        await asyncio.to_thread(layer.group_send_all_blocking, [*sends, ("nobody", {"type": "test.message"})])
+        monkeypatch.undo()
+        received = [await layer.receive(first), await layer.receive(second)]
+        await layer.flush()
+        return received
+
+    received = _run(scenario)
+
+    assert received == [{"type": "test.message", "n": 1}, {"type": "test.message", "n": 2}]
+    assert trips == ["pipeline", "EVALSHA"]
+
+
+def _cut(client_id: int) -> None:
+    """Close a Redis client's connection from the server's side, as a restart of Redis would."""
+    import redis
+
+    with redis.Redis.from_url(settings.REDIS_URL) as admin:
+        assert admin.client_kill_filter(_id=client_id) == 1
+
+
+@needs_redis
+def test_a_blocking_send_delivers_after_its_connection_was_cut():
+    layer = _layer()
+
+    async def scenario() -> dict:
+        channel = await layer.new_channel()
+        await layer.group_add("workers", channel)
+        await asyncio.to_thread(layer.group_send_all_blocking, [("workers", {"type": "test.message", "n": 1})])
+        await layer.receive(channel)
+        # The pool's one connection, the one the next send takes.
+        await asyncio.to_thread(_cut, await asyncio.to_thread(layer._blocking_client(0).client_id))
+        await asyncio.to_thread(layer.group_send_all_blocking, [("workers", {"type": "test.message", "n": 2})])
+        received = await layer.receive(channel)
+        await layer.flush()
+        return received
+
+    assert _run(scenario) == {"type": "test.message", "n": 2}
+
+
+@needs_redis
+def test_closing_the_layers_pools_closes_its_blocking_connections():
+    layer = _layer()
+
+    async def scenario() -> tuple[bool, bool]:
+        await asyncio.to_thread(layer.group_send_all_blocking, [("workers", {"type": "test.message"})])
+        [connection] = layer._blocking_client(0).connection_pool._available_connections
+        was_open = connection._sock is not None
+        await layer.close_pools()
+        return was_open, connection._sock is None
+
+    assert _run(scenario) == (True, True)

@@ -5,6 +5,7 @@ import asyncio
 import pytest
 from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
+from django.conf import settings
 from django.db import transaction
 
 from fetchml import events
@@ -39,21 +40,16 @@ def listener():
 
 
 @pytest.fixture
-def hops(monkeypatch) -> list[int]:
-    """How many `async_to_sync` hops publishing took, with the batch size of each."""
+def publications(monkeypatch) -> list[int]:
+    """The size of each batch published, one publication per `send_batch_now`."""
     counted: list[int] = []
-    real = events.async_to_sync
+    real = events._publish
 
-    def counting(function):
-        wrapped = real(function)
+    def counting(layer, batch):
+        counted.append(len(batch))
+        return real(layer, batch)
 
-        def call(layer, batch):
-            counted.append(len(batch))
-            return wrapped(layer, batch)
-
-        return call
-
-    monkeypatch.setattr(events, "async_to_sync", counting)
+    monkeypatch.setattr(events, "_publish", counting)
     return counted
 
 
@@ -61,17 +57,17 @@ def message(number: int) -> dict:
     return {"type": "test.event", "number": number}
 
 
-def test_a_transaction_publishes_its_messages_in_one_hop_in_order(listener, hops):
+def test_a_transaction_publishes_its_messages_at_once_in_order(listener, publications):
     with transaction.atomic():
         for number in range(5):
             events.send_on_commit([GROUP], message(number))
-        assert hops == []  # nothing leaves before the commit
+        assert publications == []  # nothing leaves before the commit
 
-    assert hops == [5]
+    assert publications == [5]
     assert [m["number"] for m in listener()] == [0, 1, 2, 3, 4]
 
 
-def test_a_rolled_back_transaction_publishes_nothing_and_the_next_one_its_own(listener, hops):
+def test_a_rolled_back_transaction_publishes_nothing_and_the_next_one_its_own(listener, publications):
     with pytest.raises(RuntimeError), transaction.atomic():
         events.send_on_commit([GROUP], message(1))
         raise RuntimeError("roll back")
@@ -79,11 +75,11 @@ def test_a_rolled_back_transaction_publishes_nothing_and_the_next_one_its_own(li
     with transaction.atomic():
         events.send_on_commit([GROUP], message(2))
 
-    assert hops == [1]
+    assert publications == [1]
     assert [m["number"] for m in listener()] == [2]
 
 
-def test_a_rolled_back_savepoint_drops_messages_first_sent_inside_it(listener, hops):
+def test_a_rolled_back_savepoint_drops_messages_first_sent_inside_it(listener, publications):
     with transaction.atomic():
         with pytest.raises(RuntimeError), transaction.atomic():
             events.send_on_commit([GROUP], message(1))
@@ -93,32 +89,32 @@ def test_a_rolled_back_savepoint_drops_messages_first_sent_inside_it(listener, h
     assert [m["number"] for m in listener()] == [2]
 
 
-def test_messages_sent_together_on_commit_leave_with_the_others_in_order(listener, hops):
+def test_messages_sent_together_on_commit_leave_with_the_others_in_order(listener, publications):
     with transaction.atomic():
         events.send_on_commit([GROUP], message(0))
         events.send_all_on_commit([([GROUP], message(1)), ([GROUP], message(2))])
         events.send_on_commit([GROUP], message(3))
-        assert hops == []
+        assert publications == []
 
-    assert hops == [4]
+    assert publications == [4]
     assert [m["number"] for m in listener()] == [0, 1, 2, 3]
 
 
-def test_messages_sent_together_outside_a_transaction_leave_at_once_in_one_hop(listener, hops):
+def test_messages_sent_together_outside_a_transaction_leave_at_once_together(listener, publications):
     events.send_all_on_commit([([GROUP], message(1)), ([GROUP], message(2))])
 
-    assert hops == [2]
+    assert publications == [2]
     assert [m["number"] for m in listener()] == [1, 2]
 
 
-def test_outside_a_transaction_a_message_leaves_at_once(listener, hops):
+def test_outside_a_transaction_a_message_leaves_at_once(listener, publications):
     events.send_on_commit([GROUP], message(7))
 
-    assert hops == [1]
+    assert publications == [1]
     assert [m["number"] for m in listener()] == [7]
 
 
-def test_each_group_gets_its_messages_in_order_when_a_batch_spans_groups(listener, hops):
+def test_each_group_gets_its_messages_in_order_when_a_batch_spans_groups(listener, publications):
     layer = get_channel_layer()
     other = async_to_sync(layer.new_channel)()
     async_to_sync(layer.group_add)("tests.events.other", other)
@@ -139,7 +135,7 @@ def task_event(number: int) -> dict:
     return {"type": "task.event", "event": "task_update", "task_id": str(number), "status": "running"}
 
 
-def test_task_changes_of_one_transaction_reach_a_group_as_one_message_in_order(listener, hops):
+def test_task_changes_of_one_transaction_reach_a_group_as_one_message_in_order(listener, publications):
     with transaction.atomic():
         events.send_on_commit([GROUP], message(0))
         for number in range(1, 4):
@@ -154,7 +150,7 @@ def test_task_changes_of_one_transaction_reach_a_group_as_one_message_in_order(l
     assert events.task_events_of(received[3]) == [received[3]]
 
 
-def test_a_transaction_wakes_the_scheduler_once(listener, hops):
+def test_a_transaction_wakes_the_scheduler_once(listener, publications):
     with transaction.atomic():
         for reason in ("capacity_freed", "task_completed", "capacity_freed"):
             events.send_on_commit([GROUP], {"type": "scheduler.wake", "reason": reason})
@@ -162,7 +158,7 @@ def test_a_transaction_wakes_the_scheduler_once(listener, hops):
     assert listener() == [{"type": "scheduler.wake", "reason": "capacity_freed"}]
 
 
-def test_a_transactions_one_wake_up_says_new_work_if_any_of_its_wake_ups_did(listener, hops):
+def test_a_transactions_one_wake_up_says_new_work_if_any_of_its_wake_ups_did(listener, publications):
     with transaction.atomic():
         for reason in ("capacity_freed", "task_queued", "task_failed"):
             events.send_on_commit([GROUP], {"type": "scheduler.wake", "reason": reason})
@@ -193,22 +189,45 @@ def test_a_batch_sends_what_starts_work_before_the_clients_task_events(monkeypat
 
         return recorded
 
-    # One send per group (the in-memory layer), or all of a kind of group in one (the Redis layer).
+    def recording_blocking(send):
+        def recorded(sends) -> None:
+            log.extend(("start", group) for group, _ in sends)
+            send(sends)
+            log.extend(("end", group) for group, _ in sends)
+
+        return recorded
+
+    # One send per group (the in-memory layer), or all of a kind of group in one (the Redis layer,
+    # from this thread, or from an event loop where it cannot send from the thread).
     monkeypatch.setattr(layer, "group_send", recording(layer.group_send, lambda group, message: [group]))
     if hasattr(layer, "group_send_all"):
         all_groups = recording(layer.group_send_all, lambda sends: [group for group, _ in sends])
         monkeypatch.setattr(layer, "group_send_all", all_groups)
+        monkeypatch.setattr(layer, "group_send_all_blocking", recording_blocking(layer.group_send_all_blocking))
     clients = [events.user_group(1), events.ADMINS_GROUP, events.STATUS_GROUP]
     worker = events.worker_group("w-1")
     batch = [(clients, task_event(1)), ([events.WAKE_GROUP], {"type": "scheduler.wake"}), ([worker], message(2))]
 
-    async_to_sync(events._send_batch)(layer, batch)
+    events.send_batch_now(batch)
 
     urgent = {events.WAKE_GROUP, worker}
     last_urgent_end = max(i for i, (what, group) in enumerate(log) if what == "end" and group in urgent)
     first_client_start = min(i for i, (what, group) in enumerate(log) if what == "start" and group in clients)
     assert last_urgent_end < first_client_start
     assert {group for _, group in log} == urgent | set(clients)
+
+
+@pytest.mark.skipif(not settings.REDIS_URL, reason="needs Redis: set REDIS_URL=redis://... (CI always does)")
+def test_on_the_redis_layer_a_publication_leaves_from_the_publishing_thread(listener, monkeypatch):
+    def no_hop(function):
+        raise AssertionError("handed to an event loop")
+
+    monkeypatch.setattr(events, "async_to_sync", no_hop)
+    with transaction.atomic():
+        events.send_on_commit([GROUP], message(1))
+        events.send_on_commit([events.WAKE_GROUP], {"type": "scheduler.wake", "reason": "test"})
+
+    assert [m["number"] for m in listener()] == [1]
 
 
 def test_an_assign_notice_without_a_count_is_counted_when_opened():
