@@ -62,7 +62,7 @@ class RedisChannelLayer(UpstreamRedisChannelLayer):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._blocking_clients: dict[int, redis.Redis] = {}
+        self._blocking_clients: dict[int, tuple[redis.Redis, Any]] = {}  # host index -> (client, script)
         self._blocking_clients_lock = threading.Lock()
 
     @property
@@ -91,33 +91,33 @@ class RedisChannelLayer(UpstreamRedisChannelLayer):
 
     def group_send_all_blocking(self, sends: list[tuple[str, dict[str, Any]]]) -> None:
         """`group_send_all` from synchronous code, waiting on Redis in the calling thread (only where
-        `sends_blocking`; never on a thread that runs an event loop, which it would hold up)."""
+        `sends_blocking`; a thread that runs an event loop would be held up by it)."""
         members: dict[str, list[str]] = {}
         for index, grouped in self._groups_by_connection(sends).items():
-            pipe = self._member_reads(self._blocking_client(index).pipeline(transaction=False), grouped)
-            members |= _members_from(grouped, pipe.execute())
+            client, _ = self._blocking_client(index)
+            members |= _members_from(grouped, self._member_reads(client.pipeline(transaction=False), grouped).execute())
         for index, delivered in self._deliveries(sends, members).items():
-            client = self._blocking_client(index)
+            client, deliver = self._blocking_client(index)
             keys, args = self._deliver_arguments(delivered)
-            _note_over_capacity(client.fetchml_deliver(keys=keys, args=args, client=client), delivered, sends)
+            _note_over_capacity(deliver(keys=keys, args=args, client=client), delivered, sends)
 
     async def close_pools(self) -> None:
         await super().close_pools()
         with self._blocking_clients_lock:
             clients, self._blocking_clients = self._blocking_clients, {}
-        for client in clients.values():
+        for client, _ in clients.values():
             client.connection_pool.disconnect()
 
-    def _blocking_client(self, index: int) -> redis.Redis:
-        """The blocking client of host `index`, made on first use (thread-safe: its pool is)."""
+    def _blocking_client(self, index: int) -> tuple[redis.Redis, Any]:
+        """The blocking client of host `index` and the delivery script on it, made on first use
+        (thread-safe, as the client's pool is)."""
         with self._blocking_clients_lock:
-            client = self._blocking_clients.get(index)
-            if client is None:
+            made = self._blocking_clients.get(index)
+            if made is None:
                 host = dict(self.hosts[index])
                 client = redis.Redis(connection_pool=redis.ConnectionPool.from_url(host.pop("address"), **host))
-                client.fetchml_deliver = client.register_script(_DELIVER)
-                self._blocking_clients[index] = client
-            return client
+                made = self._blocking_clients[index] = (client, client.register_script(_DELIVER))
+            return made
 
     def _groups_by_connection(self, sends: list[tuple[str, dict[str, Any]]]) -> dict[int, list[str]]:
         for group, _ in sends:

@@ -352,7 +352,7 @@ def test_a_blocking_send_delivers_after_its_connection_was_cut():
         await asyncio.to_thread(layer.group_send_all_blocking, [("workers", {"type": "test.message", "n": 1})])
         await layer.receive(channel)
         # The pool's one connection, the one the next send takes.
-        await asyncio.to_thread(_cut, await asyncio.to_thread(layer._blocking_client(0).client_id))
+        await asyncio.to_thread(_cut, await asyncio.to_thread(layer._blocking_client(0)[0].client_id))
         await asyncio.to_thread(layer.group_send_all_blocking, [("workers", {"type": "test.message", "n": 2})])
         received = await layer.receive(channel)
         await layer.flush()
@@ -367,7 +367,7 @@ def test_closing_the_layers_pools_closes_its_blocking_connections():
 
     async def scenario() -> tuple[bool, bool]:
         await asyncio.to_thread(layer.group_send_all_blocking, [("workers", {"type": "test.message"})])
-        [connection] = layer._blocking_client(0).connection_pool._available_connections
+        [connection] = layer._blocking_client(0)[0].connection_pool._available_connections
         was_open = connection._sock is not None
         await layer.close_pools()
         return was_open, connection._sock is None
