@@ -52,6 +52,7 @@ and the CPU time per job of its workers, its backends and this process.
 
 from __future__ import annotations
 
+import abc
 import argparse
 import asyncio
 import contextlib
@@ -66,7 +67,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
@@ -715,39 +716,18 @@ async def run_mixed(args: argparse.Namespace, owner: Any, system: System, key: s
         print_server_errors(workers)
 
 
-class FetchmlSide:
-    """FetchML's system (daphne, the scheduler) and its 4 bench workers, up for an `async with`."""
+class Side(abc.ABC):
+    """A system under measurement, up for the duration of an `async with`: what `_start` enters on
+    `self.stack` is undone on leaving, or at once if starting fails."""
 
-    def __init__(self, args: argparse.Namespace, env: dict[str, str]) -> None:
-        self.args, self.env = args, env
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
         self.stack = contextlib.AsyncExitStack()
-        self.arrivals: dict[str, list[float]] = {}
-        self.completions = Completions()
 
-    async def __aenter__(self) -> FetchmlSide:
-        from asgiref.sync import sync_to_async
-
-        from fetchml.services import apikey_create, user_get_or_create
-
-        self.owner = await sync_to_async(user_get_or_create)(username="bench")
-        agent = await sync_to_async(user_get_or_create)(username="bench-workers")
-        _, self.key = await sync_to_async(apikey_create)(user=agent, role="worker", name="bench")
+    async def __aenter__(self) -> Self:
         await self.stack.__aenter__()
         try:
-            self.system = self.stack.enter_context(System(self.env, servers=self.args.servers))
-            self.workers = [
-                BenchWorker(
-                    self.system.worker_url(i),
-                    self.key,
-                    f"bench-{i}",
-                    self.arrivals,
-                    self.completions,
-                    slots=self.args.slots,
-                )
-                for i in range(WORKERS)
-            ]
-            self.fleet = Fleet(self.workers)
-            await self.stack.enter_async_context(self.fleet)
+            await self._start()
         except BaseException:
             await self.stack.aclose()
             raise
@@ -755,6 +735,42 @@ class FetchmlSide:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.stack.aclose()
+
+    @abc.abstractmethod
+    async def _start(self) -> None: ...
+
+
+class FetchmlSide(Side):
+    """FetchML's system (daphne, the scheduler) and its 4 bench workers."""
+
+    def __init__(self, args: argparse.Namespace, env: dict[str, str]) -> None:
+        super().__init__(args)
+        self.env = env
+        self.arrivals: dict[str, list[float]] = {}
+        self.completions = Completions()
+
+    async def _start(self) -> None:
+        from asgiref.sync import sync_to_async
+
+        from fetchml.services import apikey_create, user_get_or_create
+
+        self.owner = await sync_to_async(user_get_or_create)(username="bench")
+        agent = await sync_to_async(user_get_or_create)(username="bench-workers")
+        _, self.key = await sync_to_async(apikey_create)(user=agent, role="worker", name="bench")
+        self.system = self.stack.enter_context(System(self.env, servers=self.args.servers))
+        self.workers = [
+            BenchWorker(
+                self.system.worker_url(i),
+                self.key,
+                f"bench-{i}",
+                self.arrivals,
+                self.completions,
+                slots=self.args.slots,
+            )
+            for i in range(WORKERS)
+        ]
+        self.fleet = Fleet(self.workers)
+        await self.stack.enter_async_context(self.fleet)
 
     async def warm_up(self) -> None:
         await measure_throughput(self.owner, WARM_UP_TASKS, self.completions)
@@ -809,24 +825,12 @@ class ProcrastinateWorkers:
         stop_children(self.children)
 
 
-class ProcrastinateSide:
-    """procrastinate on its own scratch database with its 4 worker processes, up for an `async with`."""
+class ProcrastinateSide(Side):
+    """procrastinate on its own scratch database with its 4 worker processes."""
 
     def __init__(self, args: argparse.Namespace, url: str) -> None:
-        self.args, self.url = args, url
-        self.stack = contextlib.AsyncExitStack()
-
-    async def __aenter__(self) -> ProcrastinateSide:
-        await self.stack.__aenter__()
-        try:
-            await self._start()
-        except BaseException:
-            await self.stack.aclose()
-            raise
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.stack.aclose()
+        super().__init__(args)
+        self.url = url
 
     async def _start(self) -> None:
         import logging

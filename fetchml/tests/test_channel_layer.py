@@ -75,6 +75,7 @@ def send_all(request):
         async def send(layer: RedisChannelLayer, sends: list[tuple[str, dict]]) -> None:
             await layer.group_send_all(sends)
 
+    send.blocking = request.param == "blocking"
     return send
 
 
@@ -103,21 +104,26 @@ def test_a_group_send_reaches_every_member_of_the_group(send_all):
     assert _run(scenario) == [{"type": "test.message", "n": 1}] * 2
 
 
-def _counting_round_trips(monkeypatch) -> tuple[list[str], Any]:
-    """The Redis round trips made while counting (a command, or "pipeline"), and how to start counting."""
-    from redis.asyncio.client import Pipeline, Redis
+def _counting_round_trips(monkeypatch, *, blocking: bool = False) -> tuple[list[str], Any]:
+    """The Redis round trips made while counting (a command, or "pipeline"), and how to start counting;
+    those of the event loop's clients, or of the blocking ones."""
+    if blocking:
+        from redis.client import Pipeline, Redis
+    else:
+        from redis.asyncio.client import Pipeline, Redis
 
     trips: list[str] = []
     single, batched = Redis.execute_command, Pipeline.execute
 
-    async def counted_single(self, *args, **options):
+    # Counted when called; what they return (an awaitable, for the event loop's clients) is the original's.
+    def counted_single(self, *args, **options):
         if not isinstance(self, Pipeline):
             trips.append(str(args[0]))
-        return await single(self, *args, **options)
+        return single(self, *args, **options)
 
-    async def counted_pipeline(self, *args, **options):
+    def counted_pipeline(self, *args, **options):
         trips.append("pipeline")
-        return await batched(self, *args, **options)
+        return batched(self, *args, **options)
 
     def start() -> None:
         monkeypatch.setattr(Redis, "execute_command", counted_single)
@@ -146,19 +152,19 @@ def test_a_group_send_takes_two_redis_round_trips(monkeypatch):
 
 
 @needs_redis
-def test_sends_to_several_groups_reach_each_groups_members_in_two_redis_round_trips(monkeypatch):
+def test_sends_to_several_groups_reach_each_groups_members_in_two_redis_round_trips(monkeypatch, send_all):
     layer = _layer()
-    trips, start_counting = _counting_round_trips(monkeypatch)
+    trips, start_counting = _counting_round_trips(monkeypatch, blocking=send_all.blocking)
 
     async def scenario() -> list[dict]:
         first, second, loader = await layer.new_channel(), await layer.new_channel(), await layer.new_channel()
         await layer.group_add("owners", first)
         await layer.group_add("admins", second)
         await layer.group_add("loaders", loader)
-        await layer.group_send("loaders", {"type": "test.message", "n": 0})  # loads the script once
+        await send_all(layer, [("loaders", {"type": "test.message", "n": 0})])  # loads the script once
         start_counting()
         sends = [("owners", {"type": "test.message", "n": 1}), ("admins", {"type": "test.message", "n": 2})]
-        await layer.group_send_all([*sends, ("nobody", {"type": "test.message", "n": 3})])
+        await send_all(layer, [*sends, ("nobody", {"type": "test.message", "n": 3})])
         monkeypatch.undo()
         received = [await layer.receive(first), await layer.receive(second)]
         await layer.flush()
@@ -284,54 +290,6 @@ def test_a_group_send_still_delivers_after_redis_forgot_the_script(send_all):
         return received
 
     assert _run(scenario) == {"type": "test.message", "n": 2}
-
-
-def _counting_blocking_round_trips(monkeypatch) -> tuple[list[str], Any]:
-    """`_counting_round_trips` for the blocking clients."""
-    from redis.client import Pipeline, Redis
-
-    trips: list[str] = []
-    single, batched = Redis.execute_command, Pipeline.execute
-
-    def counted_single(self, *args, **options):
-        if not isinstance(self, Pipeline):
-            trips.append(str(args[0]))
-        return single(self, *args, **options)
-
-    def counted_pipeline(self, *args, **options):
-        trips.append("pipeline")
-        return batched(self, *args, **options)
-
-    def start() -> None:
-        monkeypatch.setattr(Redis, "execute_command", counted_single)
-        monkeypatch.setattr(Pipeline, "execute", counted_pipeline)
-
-    return trips, start
-
-
-@needs_redis
-def test_a_blocking_send_to_several_groups_takes_two_redis_round_trips(monkeypatch):
-    layer = _layer()
-    trips, start_counting = _counting_blocking_round_trips(monkeypatch)
-
-    async def scenario() -> list[dict]:
-        first, second = await layer.new_channel(), await layer.new_channel()
-        await layer.group_add("owners", first)
-        await layer.group_add("admins", second)
-        sends = [("owners", {"type": "test.message", "n": 1}), ("admins", {"type": "test.message", "n": 2})]
-        await asyncio.to_thread(layer.group_send_all_blocking, sends[:1])  # loads the script once
-        await layer.receive(first)
-        start_counting()
-        await asyncio.to_thread(layer.group_send_all_blocking, [*sends, ("nobody", {"type": "test.message"})])
-        monkeypatch.undo()
-        received = [await layer.receive(first), await layer.receive(second)]
-        await layer.flush()
-        return received
-
-    received = _run(scenario)
-
-    assert received == [{"type": "test.message", "n": 1}, {"type": "test.message", "n": 2}]
-    assert trips == ["pipeline", "EVALSHA"]
 
 
 def _cut(client_id: int) -> None:
