@@ -796,7 +796,7 @@ class FetchmlSide(Side):
 
         await wait_until_idle()
         await sync_to_async(drain_workers)([worker.name for worker in self.workers])
-        await self.fleet.__aexit__()
+        await self.fleet.__aexit__()  # leaving the stack later finds it stopped already
         await run_mixed(self.args, self.owner, self.system, self.key, results)
 
 

@@ -331,3 +331,11 @@ def test_closing_the_layers_pools_closes_its_blocking_connections():
         return was_open, connection._sock is None
 
     assert _run(scenario) == (True, True)
+
+
+def test_only_a_layer_whose_hosts_are_addresses_sends_from_a_blocking_thread():
+    by_address = RedisChannelLayer(hosts=["redis://127.0.0.1:6379/0"])
+    by_sentinel = RedisChannelLayer(hosts=[{"sentinels": [("127.0.0.1", 26379)], "master_name": "fetchml"}])
+
+    assert by_address.sends_blocking
+    assert not by_sentinel.sends_blocking
