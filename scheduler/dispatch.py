@@ -229,10 +229,30 @@ def runnable_tasks(now: datetime) -> QuerySet[Task]:
     )
 
 
+# What matching reads of a worker (`NodeCapacity.of`). A round reads every free worker, so the
+# rest of the row (its times above all, parsed one by one) would be paid per worker and round.
+CAPACITY_FIELDS = (
+    "id",
+    "name",
+    "hostname",
+    "gpu_type",
+    "gpu_count",
+    "cpu_cores",
+    "memory_gb",
+    "batch_slots",
+    "service_slots",
+    "used_gpus",
+    "used_cpu",
+    "used_memory_gb",
+    "used_batch_slots",
+    "used_service_slots",
+)
+
+
 def _claimable_workers() -> QuerySet[Worker]:
     free_slot = Q(used_batch_slots__lt=F("batch_slots")) | Q(used_service_slots__lt=F("service_slots"))
     claimed = Worker.objects.select_for_update(skip_locked=True).filter(free_slot, status=Worker.Status.ACTIVE)
-    return claimed.order_by("name")
+    return claimed.only(*CAPACITY_FIELDS).order_by("name")
 
 
 _claim_workers_query = compiled_once(_claimable_workers)

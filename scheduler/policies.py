@@ -12,7 +12,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from django.contrib.auth.models import AbstractBaseUser
-from django.db.models import QuerySet
+from django.db.models import Q, QuerySet
 
 from fetchml.compiled import compiled_count_per_shape, compiled_once
 from fetchml.conf import app_settings
@@ -70,6 +70,29 @@ def node_could_ever_hold(node: FleetNode, shape: Shape) -> bool:
     )
 
 
+def _workers_that_could_ever_hold(
+    *, kind: str, gpu: int, cpu: int, memory_gb: int, gpu_type: str | None = None
+) -> QuerySet[Worker]:
+    """`node_could_ever_hold` as a filter on workers (a `gpu_type` only when GPUs of a type are
+    asked for), for counting them in the database; tests check that the two agree."""
+    slots = "service_slots" if kind == Task.Kind.SERVICE else "batch_slots"
+    fits = Q(gpu_count__gte=gpu, cpu_cores__gte=cpu, memory_gb__gte=memory_gb, **{f"{slots}__gt": 0})
+    if gpu_type is not None:
+        fits &= Q(gpu_type=gpu_type)
+    return Worker.objects.filter(fits)
+
+
+_count_workers_that_could_ever_hold = compiled_count_per_shape(_workers_that_could_ever_hold)
+
+
+def workers_that_could_ever_hold(shape: Shape) -> int:
+    """How many registered workers could, when empty, run one node of `shape`."""
+    typed = {"gpu_type": shape.gpu_type} if shape.gpu and shape.gpu_type else {}
+    return _count_workers_that_could_ever_hold(
+        fixed={"kind": shape.kind}, gpu=shape.gpu, cpu=shape.cpu, memory_gb=shape.memory_gb, **typed
+    )
+
+
 def fleet_shortfall(shape: Shape, fleet: list[FleetNode]) -> str | None:
     """Why no set of `fleet` nodes could ever run `shape`, or None if one could."""
     fitting = sum(1 for node in fleet if node_could_ever_hold(node, shape))
@@ -94,13 +117,19 @@ def registered_fleet() -> list[FleetNode]:
     return [FleetNode.of(worker) for worker in _registered_workers()]
 
 
-# Read by every submission (is the task schedulable at all?): compiled once.
+# Read to bind reservations and to explain a refused submission: compiled once.
 _FLEET_FIELDS = ("id", "name", "gpu_count", "gpu_type", "cpu_cores", "memory_gb", "batch_slots", "service_slots")
 _registered_workers = compiled_once(lambda: Worker.objects.only(*_FLEET_FIELDS).order_by())
 
 
 def unschedulable_reason(shape: Shape) -> str | None:
-    """Why no registered worker could ever run `shape`; None if one could, or if no worker is registered yet."""
+    """Why no registered worker could ever run `shape`; None if one could, or if no worker is registered yet.
+
+    Asked at every submission: answered by counting in the database, so its cost does not
+    grow with the fleet; only a refusal reads the fleet, to say what is missing.
+    """
+    if workers_that_could_ever_hold(shape) >= shape.node_count:
+        return None
     fleet = registered_fleet()
     if not fleet:
         return None  # a fresh installation: accept work before the first worker says hello

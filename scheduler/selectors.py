@@ -8,6 +8,7 @@ from django.utils import timezone
 
 from fetchml.compiled import compiled_per_shape
 from scheduler.dispatch import (
+    CAPACITY_FIELDS,
     capacities,
     eligible_nodes,
     hold_for_starving_head,
@@ -87,7 +88,7 @@ def pending_reason(task: Task, *, now: datetime | None = None) -> str:
     now = now or timezone.now()
     if task.runnable_after is not None and task.runnable_after > now:
         return f"waiting for retry back-off until {task.runnable_after.isoformat()}"
-    workers = list(Worker.objects.filter(status=Worker.Status.ACTIVE))
+    workers = list(Worker.objects.filter(status=Worker.Status.ACTIVE).only(*CAPACITY_FIELDS))
     if not workers:
         return "no active worker is connected"
     # The round's own view: capacity held by reservations and for a starving head of the line.

@@ -1,0 +1,73 @@
+"""What a submission and a dispatch round read of the fleet: their cost must not grow with idle workers' rows."""
+
+import pytest
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
+
+from scheduler.dispatch import CAPACITY_FIELDS, dispatch_round
+from scheduler.models import Worker
+from scheduler.policies import (
+    Shape,
+    node_could_ever_hold,
+    registered_fleet,
+    unschedulable_reason,
+    workers_that_could_ever_hold,
+)
+from scheduler.tests.factories import queued_task, worker
+from tasks.models import Task
+
+pytestmark = pytest.mark.django_db
+
+SHAPES = [
+    Shape(),
+    Shape(cpu=8),
+    Shape(cpu=9),
+    Shape(memory_gb=64),
+    Shape(gpu=2),
+    Shape(gpu=4, gpu_type="A100"),
+    Shape(gpu=1, gpu_type="H100"),
+    Shape(gpu=0, gpu_type="H100"),  # a type without GPUs asks for nothing
+    Shape(kind=Task.Kind.SERVICE),
+    Shape(kind=Task.Kind.SERVICE, gpu=2, gpu_type="A100"),
+]
+
+
+def _mixed_fleet() -> None:
+    worker(name="cpu-small", cpu_cores=4, memory_gb=16, batch_slots=2)
+    worker(name="cpu-large", cpu_cores=8, memory_gb=64, batch_slots=1, service_slots=1)
+    worker(name="a100", cpu_cores=32, memory_gb=256, gpu_count=4, gpu_type="A100", batch_slots=4)
+    worker(name="a100-svc", cpu_cores=16, memory_gb=128, gpu_count=2, gpu_type="A100", batch_slots=0, service_slots=2)
+    worker(name="h100-off", gpu_count=8, gpu_type="H100", status=Worker.Status.OFFLINE)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=repr)
+def test_the_database_count_of_workers_that_could_hold_a_shape_follows_the_matching_rule(shape):
+    _mixed_fleet()
+
+    by_rule = sum(node_could_ever_hold(node, shape) for node in registered_fleet())
+
+    assert workers_that_could_ever_hold(shape) == by_rule
+
+
+def test_checking_that_a_submission_could_ever_run_reads_no_worker_row():
+    for index in range(3):
+        worker(name=f"box-{index}", gpu_count=2, gpu_type="A100")
+
+    with CaptureQueriesContext(connection) as queries:
+        assert unschedulable_reason(Shape(gpu=2, gpu_type="A100", node_count=3)) is None
+
+    assert len(queries) == 1
+    assert queries[0]["sql"].startswith("SELECT COUNT(*)")
+
+
+def test_a_round_reads_of_the_workers_it_claims_only_what_matching_needs():
+    worker(name="box", batch_slots=2)
+    queued_task()
+
+    with CaptureQueriesContext(connection) as queries:
+        assert dispatch_round() == 1
+
+    claim = next(query["sql"] for query in queries if query["sql"].startswith('SELECT "scheduler_worker"'))
+    selected = claim.split(" FROM ")[0]
+    columns = {field.column for field in Worker._meta.concrete_fields if f'"{field.column}"' in selected}
+    assert columns == set(CAPACITY_FIELDS)
