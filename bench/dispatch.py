@@ -25,6 +25,8 @@ so the figures are the scheduler's, the channel layer's and the protocol's.
   worker runs the dispatch round itself, before its commit);
 - round cost: one `dispatch_round` (placing a full batch) at queue depths of
   1k, 100k and 1M rows (bulk-inserted with INSERT ... SELECT generate_series);
+- submission cost: one `task_submit` placed at once by its own round, with 1,
+  100 and 1,000 idle workers registered (median of 200, in this process);
 - with each throughput figure, the CPU time per task of each part (daphne, the
   scheduler, the scratch database's PostgreSQL backends, Redis, this process),
   read from /proc (Linux only).
@@ -98,6 +100,9 @@ MIXED_RESERVATIONS = ({"gpu_count": 4, "node_count": 1}, {"gpu_count": 8, "node_
 # Unmeasured tasks (jobs) each system runs before its throughput is measured: a server's first
 # statements compile and plan its queries, open its connections and fill its caches.
 WARM_UP_TASKS = 1_000
+
+# Idle workers registered while the cost of a submission is measured.
+FLEET_SIZES = (1, 100, 1_000)
 
 # --compare procrastinate
 PROCRASTINATE_WORKERS = 4
@@ -621,6 +626,29 @@ def round_cost(owner: Any, depth: int, rounds: int) -> float:
     return statistics.median(timings)
 
 
+def submission_cost(owner: Any, idle_workers: int, submissions: int) -> float:
+    """Median ms of one `task_submit` placed at once by its own round, with `idle_workers` workers free."""
+    from scheduler.models import Worker
+    from tasks.services import task_submit
+
+    Worker.objects.update(status=Worker.Status.OFFLINE)
+    have = Worker.objects.filter(name__startswith="idle-").count()
+    Worker.objects.bulk_create(
+        Worker(name=f"idle-{index:05}", cpu_cores=8, memory_gb=32, batch_slots=1_000_000)
+        for index in range(have, idle_workers)
+    )
+    Worker.objects.filter(name__in=[f"idle-{index:05}" for index in range(idle_workers)]).update(
+        status=Worker.Status.ACTIVE
+    )
+    timings = []
+    for _ in range(submissions):
+        started = time.perf_counter()
+        task = task_submit(owner=owner, job_name="submission-cost", entrypoint="true")
+        timings.append((time.perf_counter() - started) * 1000)
+        assert task.status == "preparing", task.status
+    return statistics.median(timings)
+
+
 def print_latency(label: str, latencies: list[float], expected: int) -> tuple[float, float]:
     if not latencies:
         print(f"{label}: nothing arrived within 60 s (0/{expected})")
@@ -1075,6 +1103,10 @@ def main() -> int:
             cost = round_cost(owner, depth, rounds=5)
             results[f"round_{depth}"] = cost
             print(f"dispatch round (128 placed) at queue depth {depth:>9,}: {cost:.1f} ms")
+        for idle in FLEET_SIZES:
+            cost = submission_cost(owner, idle, submissions=200)
+            results[f"submission_{idle}"] = cost
+            print(f"submission placed by its own round, {idle:>5,} idle worker(s) registered: {cost:.1f} ms")
     finally:
         drop()
         var_dir.cleanup()
