@@ -41,6 +41,7 @@ Audit at dispatch: one `job_started` event per placed task with action
 
 import logging
 import uuid
+from bisect import insort
 from collections import defaultdict
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -162,7 +163,9 @@ def _fit_key(node: NodeCapacity, task: Task) -> tuple:
 
 
 def eligible_nodes(nodes: list[NodeCapacity], task: Task, holds: Holds | None = None) -> list[NodeCapacity]:
-    """The nodes `task` may use at all: those holding its reservation while that is active; none while it waits."""
+    """The nodes `task` may use at all: those holding its reservation while that is active; none while it waits.
+
+    `nodes` itself (the same list) when its reservation narrows nothing."""
     if holds is None or task.reservation_id is None:
         return nodes
     if task.reservation_id in holds.waiting:
@@ -178,6 +181,61 @@ def pick_nodes(nodes: list[NodeCapacity], task: Task, holds: Holds | None = None
     if len(fitting) < task.node_count:
         return None
     return sorted(fitting, key=lambda node: _fit_key(node, task))[: task.node_count]
+
+
+def _alike_key(node: NodeCapacity) -> tuple:
+    # All that `shortfall` and `_fit_key` read of a node but its name: nodes with the same key
+    # answer every task alike, and of those the first by name fits best.
+    held = tuple(sorted(node.held.items())) if node.held else ()
+    return (
+        node.gpu_type,
+        len(node.gpu_indices),
+        node.cpu,
+        node.memory_gb,
+        node.batch_slots,
+        node.service_slots,
+        node.held_for,
+        held,
+    )
+
+
+def _by_name(node: NodeCapacity) -> str:
+    return node.name
+
+
+class NodesAlike:
+    """A round's nodes grouped by free capacity (`_alike_key`), each group in name order.
+
+    `pick` asks `shortfall` once per group, not once per node, and chooses
+    what `pick_nodes` would (tests compare the two): a round of 32 tasks over
+    1,000 idle workers alike asks 32 x 1 questions instead of 32 x 1,000.
+    """
+
+    def __init__(self, nodes: list[NodeCapacity]) -> None:
+        self.groups: dict[tuple, list[NodeCapacity]] = defaultdict(list)
+        for node in sorted(nodes, key=_by_name):
+            self.groups[_alike_key(node)].append(node)
+
+    def pick(self, task: Task) -> list[NodeCapacity] | None:
+        """`task.node_count` distinct nodes that can each hold one node of it, the best fitting; or None."""
+        fitting = [group for group in self.groups.values() if shortfall(group[0], task) is None]
+        if sum(len(group) for group in fitting) < task.node_count:
+            return None
+        # A group's best are its first by name; the best of all are among the groups' best.
+        candidates = [node for group in fitting for node in group[: task.node_count]]
+        return sorted(candidates, key=lambda node: _fit_key(node, task))[: task.node_count]
+
+    def take(self, task: Task, picked: list[NodeCapacity]) -> list[tuple[NodeCapacity, list[int]]]:
+        """Each picked node takes one node of `task` (`NodeCapacity.take`) and joins its new group."""
+        taken = []
+        for node in picked:
+            group = self.groups[_alike_key(node)]
+            del group[next(index for index, member in enumerate(group) if member is node)]
+            if not group:
+                del self.groups[_alike_key(node)]
+            taken.append((node, node.take(task)))
+            insort(self.groups[_alike_key(node)], node, key=_by_name)
+        return taken
 
 
 def capacities(workers: list[Worker], holds: Holds | None = None) -> list[NodeCapacity]:
@@ -320,15 +378,19 @@ def match(tasks: list[Task], nodes: list[NodeCapacity], holds: Holds | None = No
     the round (the task's own assignments now hold that capacity).
     """
     placements = []
+    alike = NodesAlike(nodes)
     for task in tasks:
-        picked = pick_nodes(nodes, task, holds)
+        eligible = eligible_nodes(nodes, task, holds)
+        # A task on its reservation may use only the few nodes that hold it: those are scanned.
+        picked = alike.pick(task) if eligible is nodes else pick_nodes(eligible, task)
         if picked is None:
             continue
-        placements.append(Placement(task=task, nodes=[(node, node.take(task)) for node in picked]))
+        placements.append(Placement(task=task, nodes=alike.take(task, picked)))
         if holds is not None and task.reservation_id in holds.active:
             holds.active.discard(task.reservation_id)
             for node in nodes:
                 node.held.pop(task.reservation_id, None)
+            alike = NodesAlike(nodes)  # the nodes that held it are alike with others now
     return placements
 
 

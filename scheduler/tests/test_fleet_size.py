@@ -1,10 +1,13 @@
 """What a submission and a dispatch round read of the fleet: their cost must not grow with idle workers' rows."""
 
+import random
+import uuid
+
 import pytest
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
-from scheduler.dispatch import CAPACITY_FIELDS, dispatch_round
+from scheduler.dispatch import CAPACITY_FIELDS, NodeCapacity, NodesAlike, dispatch_round, pick_nodes
 from scheduler.models import Worker
 from scheduler.policies import (
     Shape,
@@ -71,3 +74,57 @@ def test_a_round_reads_of_the_workers_it_claims_only_what_matching_needs():
     selected = claim.split(" FROM ")[0]
     columns = {field.column for field in Worker._meta.concrete_fields if f'"{field.column}"' in selected}
     assert columns == set(CAPACITY_FIELDS)
+
+
+# --- matching a round over many workers ---------------------------------------------------------
+
+RESERVATIONS = [uuid.uuid4() for _ in range(3)]
+
+
+def _random_node(rng: random.Random, index: int) -> NodeCapacity:
+    gpus = rng.choice([0, 0, 2, 4, 8])
+    node = NodeCapacity(
+        worker_id=uuid.uuid4(),
+        name=f"w{rng.randrange(1000):03}-{index}",  # names in no particular order of creation
+        hostname="",
+        gpu_type=rng.choice(["A100", "H100"]) if gpus else "",
+        cpu=rng.choice([4, 8, 8, 16]),
+        memory_gb=rng.choice([16, 32, 32, 64]),
+        gpu_indices=list(range(gpus)),
+        batch_slots=rng.choice([1, 2, 4]),
+        service_slots=rng.choice([0, 0, 1]),
+    )
+    if gpus and rng.random() < 0.2:
+        node.held = {rng.choice(RESERVATIONS): rng.choice([1, 2])}
+    return node
+
+
+def _random_task(rng: random.Random) -> Task:
+    gpu = rng.choice([0, 0, 0, 1, 2, 4])
+    return Task(
+        id=uuid.uuid4(),
+        kind=rng.choice([Task.Kind.BATCH, Task.Kind.BATCH, Task.Kind.BATCH, Task.Kind.SERVICE]),
+        gpu=gpu,
+        gpu_type=rng.choice(["", "A100", "H100"]) if gpu else "",
+        cpu=rng.choice([0, 1, 4, 8]),
+        memory_gb=rng.choice([0, 8, 32]),
+        node_count=rng.choice([1, 1, 1, 2, 3]),
+        reservation_id=rng.choice([None, None, None, *RESERVATIONS]),
+    )
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_nodes_grouped_alike_pick_what_a_scan_of_every_node_picks(seed):
+    rng = random.Random(seed)
+    nodes = [_random_node(rng, index) for index in range(rng.randint(1, 60))]
+    if rng.random() < 0.3:
+        rng.choice(nodes).held_for = uuid.uuid4()  # held for a starving task none of these is
+    alike = NodesAlike(nodes)
+
+    for _ in range(80):
+        task = _random_task(rng)
+        picked = alike.pick(task)
+        expected = pick_nodes(nodes, task)
+        assert [node.name for node in picked or []] == [node.name for node in expected or []]
+        if picked:
+            alike.take(task, picked)
