@@ -25,8 +25,10 @@ so the figures are the scheduler's, the channel layer's and the protocol's.
   worker runs the dispatch round itself, before its commit);
 - round cost: one `dispatch_round` (placing a full batch) at queue depths of
   1k, 100k and 1M rows (bulk-inserted with INSERT ... SELECT generate_series);
-- submission cost: one `task_submit` placed at once by its own round, with 1,
-  100 and 1,000 idle workers registered (median of 200, in this process);
+- fleet size: one `task_submit` placed at once by its own round (median of
+  200) and one `dispatch_round` placing 32 tasks (median of 20), in this
+  process, with 1, 100 and 1,000 idle workers, on the emptied queue before
+  the round costs at depth fill it;
 - with each throughput figure, the CPU time per task of each part (daphne, the
   scheduler, the scratch database's PostgreSQL backends, Redis, this process),
   read from /proc (Linux only).
@@ -626,10 +628,9 @@ def round_cost(owner: Any, depth: int, rounds: int) -> float:
     return statistics.median(timings)
 
 
-def submission_cost(owner: Any, idle_workers: int, submissions: int) -> float:
-    """Median ms of one `task_submit` placed at once by its own round, with `idle_workers` workers free."""
+def idle_fleet(idle_workers: int) -> None:
+    """Exactly `idle_workers` active workers, alike and with room for any number of tasks."""
     from scheduler.models import Worker
-    from tasks.services import task_submit
 
     Worker.objects.update(status=Worker.Status.OFFLINE)
     have = Worker.objects.filter(name__startswith="idle-").count()
@@ -640,12 +641,34 @@ def submission_cost(owner: Any, idle_workers: int, submissions: int) -> float:
     Worker.objects.filter(name__in=[f"idle-{index:05}" for index in range(idle_workers)]).update(
         status=Worker.Status.ACTIVE
     )
+
+
+def submission_cost(owner: Any, idle_workers: int, submissions: int) -> float:
+    """Median ms of one `task_submit` placed at once by its own round, with `idle_workers` workers free."""
+    from tasks.services import task_submit
+
+    idle_fleet(idle_workers)
     timings = []
     for _ in range(submissions):
         started = time.perf_counter()
         task = task_submit(owner=owner, job_name="submission-cost", entrypoint="true")
         timings.append((time.perf_counter() - started) * 1000)
         assert task.status == "preparing", task.status
+    return statistics.median(timings)
+
+
+def fleet_round_cost(owner: Any, idle_workers: int, rounds: int) -> float:
+    """Median ms of one `dispatch_round` placing 32 queued tasks, with `idle_workers` workers free."""
+    from scheduler.dispatch import dispatch_round
+
+    idle_fleet(idle_workers)
+    timings = []
+    for _ in range(rounds):
+        insert_queued(owner, 32)
+        started = time.perf_counter()
+        placed = dispatch_round(batch_size=32)
+        timings.append((time.perf_counter() - started) * 1000)
+        assert placed == 32, placed
     return statistics.median(timings)
 
 
@@ -1099,14 +1122,18 @@ def main() -> int:
         from fetchml.services import user_get_or_create
 
         owner = user_get_or_create(username="bench")
+        # Before the deep queues: a round places the best runnable task, which must be the one submitted.
+        for idle in FLEET_SIZES:
+            cost = submission_cost(owner, idle, submissions=200)
+            results[f"submission_{idle}"] = cost
+            print(f"submission placed by its own round, {idle:>5,} idle worker(s): {cost:.1f} ms")
+            cost = fleet_round_cost(owner, idle, rounds=20)
+            results[f"fleet_round_{idle}"] = cost
+            print(f"dispatch round (32 placed),         {idle:>5,} idle worker(s): {cost:.1f} ms")
         for depth in depths:
             cost = round_cost(owner, depth, rounds=5)
             results[f"round_{depth}"] = cost
             print(f"dispatch round (128 placed) at queue depth {depth:>9,}: {cost:.1f} ms")
-        for idle in FLEET_SIZES:
-            cost = submission_cost(owner, idle, submissions=200)
-            results[f"submission_{idle}"] = cost
-            print(f"submission placed by its own round, {idle:>5,} idle worker(s) registered: {cost:.1f} ms")
     finally:
         drop()
         var_dir.cleanup()
