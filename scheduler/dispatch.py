@@ -11,7 +11,8 @@ Every row-locking query of the scheduler lives in this module. A round:
    planner's statistics say (`_queue_read_in_index_order`); its cost depends
    on the batch size, not on the depth of the queue;
 3. matches greedily in that order, best fit first (a multi-node task takes all
-   its nodes on distinct workers or none);
+   its nodes on distinct workers or none), trying each task against one
+   worker of each group of workers alike (`NodesAlike`), not against every one;
 4. writes the assignments, the workers' used_* counters (the CHECK constraint
    refuses any overcommit), the task transitions, the reservations claimed and
    one audit append, builds the `assign` messages (scheduler/assigns.py) and,
