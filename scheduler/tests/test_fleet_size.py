@@ -78,13 +78,13 @@ def test_a_round_reads_of_the_workers_it_claims_only_what_matching_needs():
 
 # --- matching a round over many workers ---------------------------------------------------------
 
-RESERVATIONS = [uuid.uuid4() for _ in range(3)]
+RESERVATIONS = [uuid.UUID(int=number) for number in (1, 2, 3)]
 
 
 def _random_node(rng: random.Random, index: int) -> NodeCapacity:
     gpus = rng.choice([0, 0, 2, 4, 8])
     node = NodeCapacity(
-        worker_id=uuid.uuid4(),
+        worker_id=uuid.UUID(int=rng.getrandbits(128)),
         name=f"w{rng.randrange(1000):03}-{index}",  # names in no particular order of creation
         hostname="",
         gpu_type=rng.choice(["A100", "H100"]) if gpus else "",
@@ -102,7 +102,7 @@ def _random_node(rng: random.Random, index: int) -> NodeCapacity:
 def _random_task(rng: random.Random) -> Task:
     gpu = rng.choice([0, 0, 0, 1, 2, 4])
     return Task(
-        id=uuid.uuid4(),
+        id=uuid.UUID(int=rng.getrandbits(128)),
         kind=rng.choice([Task.Kind.BATCH, Task.Kind.BATCH, Task.Kind.BATCH, Task.Kind.SERVICE]),
         gpu=gpu,
         gpu_type=rng.choice(["", "A100", "H100"]) if gpu else "",
@@ -118,7 +118,7 @@ def test_nodes_grouped_alike_pick_what_a_scan_of_every_node_picks(seed):
     rng = random.Random(seed)
     nodes = [_random_node(rng, index) for index in range(rng.randint(1, 60))]
     if rng.random() < 0.3:
-        rng.choice(nodes).held_for = uuid.uuid4()  # held for a starving task none of these is
+        rng.choice(nodes).held_for = uuid.UUID(int=rng.getrandbits(128))  # for a starving task none of these is
     alike = NodesAlike(nodes)
 
     for _ in range(80):
