@@ -212,8 +212,11 @@ def current_holds(now: datetime) -> Holds:
     holds = Holds(active={r.id for r in active}, waiting=waiting)
     if not active:
         return holds
-    fleet = [FleetNode.of(worker) for worker in Worker.objects.filter(status=Worker.Status.ACTIVE)]
-    placed, _ = place_reservations(active, fleet)
+    # A worker with fewer GPUs than the smallest reservation holds none (`node_could_ever_hold`):
+    # not read, so a round's cost does not grow with the CPU-only part of the fleet.
+    smallest = min(reservation.gpu_count for reservation in active)
+    workers = Worker.objects.filter(status=Worker.Status.ACTIVE, gpu_count__gte=smallest).only(*_FLEET_FIELDS)
+    placed, _ = place_reservations(active, [FleetNode.of(worker) for worker in workers])
     gpus = {r.id: r.gpu_count for r in active}
     for reservation_id, worker_ids in placed.items():
         for worker_id in worker_ids:

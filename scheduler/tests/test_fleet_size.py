@@ -6,11 +6,14 @@ import uuid
 import pytest
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
+from django.utils import timezone
 
 from scheduler.dispatch import CAPACITY_FIELDS, NodeCapacity, NodesAlike, dispatch_round, pick_nodes
 from scheduler.models import Worker
 from scheduler.policies import (
+    FleetNode,
     Shape,
+    current_holds,
     node_could_ever_hold,
     registered_fleet,
     unschedulable_reason,
@@ -18,6 +21,7 @@ from scheduler.policies import (
 )
 from scheduler.tests.factories import queued_task, worker
 from tasks.models import Task
+from tasks.tests.factories import ReservationFactory
 
 pytestmark = pytest.mark.django_db
 
@@ -74,6 +78,22 @@ def test_a_round_reads_of_the_workers_it_claims_only_what_matching_needs():
     selected = claim.split(" FROM ")[0]
     columns = {field.column for field in Worker._meta.concrete_fields if f'"{field.column}"' in selected}
     assert columns == set(CAPACITY_FIELDS)
+
+
+def test_binding_active_reservations_reads_only_workers_with_gpus_enough_for_one(monkeypatch):
+    for index in range(5):
+        worker(name=f"cpu-{index}")
+    worker(name="one-gpu", gpu_count=1, gpu_type="A100")
+    big = worker(name="eight-gpus", gpu_count=8, gpu_type="A100")
+    reservation = ReservationFactory(gpu_count=4, gpu_type="A100")
+    built = []
+    of = FleetNode.of.__func__
+    monkeypatch.setattr(FleetNode, "of", classmethod(lambda cls, w: built.append(w.name) or of(cls, w)))
+
+    holds = current_holds(timezone.now())
+
+    assert holds.by_worker == {big.id: {reservation.id: 4}}
+    assert built == ["eight-gpus"]
 
 
 # --- matching a round over many workers ---------------------------------------------------------
