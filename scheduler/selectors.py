@@ -81,8 +81,11 @@ def _need(task: Task) -> str:
     return ", ".join(parts)
 
 
-def pending_reason(task: Task, *, now: datetime | None = None) -> str:
-    """A sentence saying why a queued task has not started, from the dispatcher's own matching rule."""
+def pending_reason(task: Task, *, now: datetime | None = None, position: int | None = None) -> str:
+    """A sentence saying why a queued task has not started, from the dispatcher's own matching rule.
+
+    `position`: its `queue_position` at `now`, if the caller has it already (it is counted otherwise).
+    """
     if task.status != TaskStatus.QUEUED:
         return ""
     now = now or timezone.now()
@@ -111,7 +114,8 @@ def pending_reason(task: Task, *, now: datetime | None = None) -> str:
         if missing and set(missing) == {"gpu_type"}:
             return f"no active worker has GPUs of type {task.gpu_type}"
         return f"no {nodes_text} with {_need(task)}"
-    position = queue_position(task, now=now)
+    if position is None:
+        position = queue_position(task, now=now)
     if position:
         return f"behind {position} higher-priority task(s)"
     return "waiting for the next scheduling round"

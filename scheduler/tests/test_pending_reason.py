@@ -3,6 +3,8 @@
 from datetime import timedelta
 
 import pytest
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from scheduler.dispatch import dispatch_round
@@ -101,3 +103,16 @@ def test_workers_held_for_a_starving_multi_node_job(settings):
     small = queued_task(queued_at=timezone.now() - timedelta(minutes=5))
 
     assert pending_reason(small) == f"the workers it could use are held for task {gang.id}, which has waited longest"
+
+
+def test_a_queued_tasks_detail_counts_the_queue_ahead_of_it_once(user_client, user):
+    worker()
+    for _ in range(3):
+        queued_task(priority=9)
+    task = queued_task(priority=2, owner=user)
+
+    with CaptureQueriesContext(connection) as queries:
+        body = user_client.get(f"/v1/tasks/{task.id}").json()
+
+    assert (body["queue_position"], body["pending_reason"]) == (3, "behind 3 higher-priority task(s)")
+    assert sum('"dispatch_key" >' in query["sql"] for query in queries) == 1

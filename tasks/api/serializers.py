@@ -199,15 +199,22 @@ class TaskDetailSerializer(TaskSerializer):
         help_text="Why a queued task has not started, e.g. 'no worker with 4 free GPU(s) of type A100'; '' otherwise"
     )
 
-    @extend_schema_field(OpenApiTypes.INT)
-    def get_queue_position(self, task: Task) -> int | None:
+    def _queue_position(self, task: Task) -> int | None:
+        # Both fields need it, and it counts the queue ahead of the task: counted once.
         if task.status != TaskStatus.QUEUED:
             return None
-        return scheduler_selectors.queue_position(task, now=self._now())
+        positions = self.context.setdefault("queue_positions", {})
+        if task.id not in positions:
+            positions[task.id] = scheduler_selectors.queue_position(task, now=self._now())
+        return positions[task.id]
+
+    @extend_schema_field(OpenApiTypes.INT)
+    def get_queue_position(self, task: Task) -> int | None:
+        return self._queue_position(task)
 
     @extend_schema_field(OpenApiTypes.STR)
     def get_pending_reason(self, task: Task) -> str:
-        return scheduler_selectors.pending_reason(task, now=self._now())
+        return scheduler_selectors.pending_reason(task, now=self._now(), position=self._queue_position(task))
 
 
 class TaskListQuerySerializer(serializers.Serializer):
