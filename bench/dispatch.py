@@ -103,7 +103,7 @@ MIXED_RESERVATIONS = ({"gpu_count": 4, "node_count": 1}, {"gpu_count": 8, "node_
 # statements compile and plan its queries, open its connections and fill its caches.
 WARM_UP_TASKS = 1_000
 
-# Idle workers registered while the cost of a submission is measured.
+# Idle workers registered while the cost of a submission and of a round is measured.
 FLEET_SIZES = (1, 100, 1_000)
 
 # --compare procrastinate
