@@ -8,6 +8,7 @@ from rest_framework import serializers
 from audit.canonical import format_timestamp
 from audit.checkpoints import SIGNATURE_ALGORITHM, Checkpoint, CheckpointError, check_signature
 from audit.models import AuditEvent, EventType
+from fetchml.paging import offset_field
 
 _HEX64 = r"^[0-9a-f]{64}$"
 
@@ -58,7 +59,7 @@ class AuditEventQuerySerializer(serializers.Serializer):
     event_type = serializers.ChoiceField(choices=EventType.choices, required=False, help_text="Filter by event type")
     user_id = serializers.CharField(required=False, max_length=150, help_text="Filter by user (username)")
     limit = serializers.IntegerField(required=False, default=100, min_value=1, max_value=1000)
-    offset = serializers.IntegerField(required=False, default=0, min_value=0)
+    offset = offset_field()
 
     def get_fields(self) -> dict[str, serializers.Field]:
         # `from` is a Python keyword, so it cannot be declared as an attribute.

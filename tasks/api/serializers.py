@@ -9,6 +9,7 @@ from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from fetchml.conf import app_settings
+from fetchml.paging import offset_field
 from scheduler import selectors as scheduler_selectors
 from tasks.api.fields import (
     BoundedDictField,
@@ -224,7 +225,7 @@ class TaskListQuerySerializer(serializers.Serializer):
     node_count = serializers.IntegerField(min_value=1, max_value=MAX_NODE_COUNT, required=False)
     reservation_id = serializers.UUIDField(required=False)
     limit = serializers.IntegerField(min_value=1, default=50, help_text="1..FETCHML_MAX_PAGE_SIZE (1000)")
-    offset = serializers.IntegerField(min_value=0, max_value=2**31 - 1, default=0)
+    offset = offset_field()
 
     def validate_limit(self, value: int) -> int:
         if value > (ceiling := app_settings.MAX_PAGE_SIZE):
@@ -267,7 +268,7 @@ class ExperimentSerializer(serializers.Serializer):
 
 class ExperimentListQuerySerializer(serializers.Serializer):
     limit = serializers.IntegerField(min_value=1, required=False, help_text="Defaults to FETCHML_MAX_PAGE_SIZE")
-    offset = serializers.IntegerField(min_value=0, max_value=2**31 - 1, default=0)
+    offset = offset_field()
 
     def validate_limit(self, value: int) -> int:
         if value > (ceiling := app_settings.MAX_PAGE_SIZE):
