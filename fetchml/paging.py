@@ -1,6 +1,4 @@
-"""The paging query parameters every list endpoint shares."""
-
-from typing import Any
+"""`offset`, the paging query parameter every list endpoint shares (their `limit`s differ in default)."""
 
 from rest_framework import serializers
 
@@ -9,6 +7,6 @@ from rest_framework import serializers
 MAX_OFFSET = 2**31 - 1
 
 
-def offset_field(**kwargs: Any) -> serializers.IntegerField:
+def offset_field() -> serializers.IntegerField:
     """`offset`: rows skipped before the page, 0 to MAX_OFFSET."""
-    return serializers.IntegerField(min_value=0, max_value=MAX_OFFSET, default=0, **kwargs)
+    return serializers.IntegerField(min_value=0, max_value=MAX_OFFSET, default=0)
