@@ -37,6 +37,10 @@ def _error(description: str) -> OpenApiResponse:
     return OpenApiResponse(ErrorResponseSerializer, description=description)
 
 
+# A dataset's reads name it by query parameters (`owner`, a worker's `task_id`): a bad one is a 422.
+BAD_DATASET_QUERY = _error("Invalid `owner` or `task_id`, or a worker key without `task_id`")
+
+
 def _download_responses(what: str) -> dict[Any, Any]:
     return {
         (200, "application/octet-stream"): OpenApiResponse(OpenApiTypes.BINARY, description=f"The {what}"),
@@ -176,7 +180,9 @@ class DatasetDetailView(APIView):
         return [IsHumanOrWorker()] if self.request.method == "GET" else [IsHumanUser()]
 
     @extend_schema(
-        summary="Dataset metadata", parameters=[DatasetReadQuerySerializer], responses={200: DatasetSerializer}
+        summary="Dataset metadata",
+        parameters=[DatasetReadQuerySerializer],
+        responses={200: DatasetSerializer, 422: BAD_DATASET_QUERY},
     )
     def get(self, request: Request, name: str) -> Response:
         query = _query(DatasetReadQuerySerializer, request)
@@ -188,7 +194,9 @@ class DatasetDetailView(APIView):
         )
         return Response(DatasetSerializer(dataset).data)
 
-    @extend_schema(summary="Delete dataset", parameters=[DatasetReadQuerySerializer], responses={204: None})
+    @extend_schema(
+        summary="Delete dataset", parameters=[DatasetReadQuerySerializer], responses={204: None, 422: BAD_DATASET_QUERY}
+    )
     def delete(self, request: Request, name: str) -> Response:
         query = _query(DatasetReadQuerySerializer, request)
         actor = actor_from_request(request)
@@ -207,7 +215,7 @@ class DatasetContentView(APIView):
             "their worker that references fetchml://datasets/<name>. Audited as file_access."
         ),
         parameters=[DatasetReadQuerySerializer, RANGE],
-        responses=_download_responses("dataset"),
+        responses={**_download_responses("dataset"), 422: BAD_DATASET_QUERY},
     )
     def get(self, request: Request, name: str) -> HttpResponseBase:
         query = _query(DatasetReadQuerySerializer, request)

@@ -94,3 +94,16 @@ def test_generated_schema_is_valid_openapi_without_errors_or_warnings():
     validate_schema(schema)
     assert not errors, errors
     assert not warnings, warnings
+
+
+def test_a_task_details_queue_position_is_documented_as_null_unless_queued(schema):
+    # A running task's detail answers null: a client validating against the schema must accept it.
+    assert schema["components"]["schemas"]["TaskDetail"]["properties"]["queue_position"]["nullable"] is True
+
+
+@pytest.mark.parametrize(
+    ("path", "method"),
+    [("/v1/datasets/{name}", "get"), ("/v1/datasets/{name}", "delete"), ("/v1/datasets/{name}/content", "get")],
+)
+def test_a_dataset_reads_bad_query_parameters_are_documented_as_422(schema, path, method):
+    assert error_schema_of(schema["paths"][path][method], "422") == ERROR_REF

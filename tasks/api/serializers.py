@@ -209,7 +209,7 @@ class TaskDetailSerializer(TaskSerializer):
             positions[task.id] = scheduler_selectors.queue_position(task, now=self._now())
         return positions[task.id]
 
-    @extend_schema_field(OpenApiTypes.INT)
+    @extend_schema_field(serializers.IntegerField(allow_null=True))
     def get_queue_position(self, task: Task) -> int | None:
         return self._queue_position(task)
 
