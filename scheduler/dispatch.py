@@ -93,7 +93,7 @@ class NodeCapacity:
     batch_slots: int
     service_slots: int
     taken: list[tuple[str, int]] = field(default_factory=list)
-    total: FleetNode | None = None
+    worker: Worker | None = field(default=None, repr=False, compare=False)
     # reservation id -> GPUs it holds here (each also holds one batch slot)
     held: dict[uuid.UUID, int] = field(default_factory=dict)
     held_for: uuid.UUID | None = None  # a starving head-of-line task
@@ -112,8 +112,14 @@ class NodeCapacity:
             gpu_indices=free,
             batch_slots=worker.batch_slots - worker.used_batch_slots,
             service_slots=worker.service_slots - worker.used_service_slots,
-            total=FleetNode.of(worker),
+            worker=worker,
         )
+
+    @property
+    def total(self) -> FleetNode | None:
+        """What the worker could hold when empty; asked only for a starving head of the line, so
+        not made for every free worker of every round."""
+        return FleetNode.of(self.worker) if self.worker is not None else None
 
     def slots(self, kind: str) -> int:
         return self.service_slots if kind == Task.Kind.SERVICE else self.batch_slots

@@ -96,6 +96,19 @@ def test_binding_active_reservations_reads_only_workers_with_gpus_enough_for_one
     assert built == ["eight-gpus"]
 
 
+def test_a_round_without_a_starving_task_builds_no_worker_totals(monkeypatch):
+    for index in range(3):
+        worker(name=f"box-{index}")
+    queued_task()
+    built = []
+    of = FleetNode.of.__func__
+    monkeypatch.setattr(FleetNode, "of", classmethod(lambda cls, w: built.append(w.name) or of(cls, w)))
+
+    assert dispatch_round() == 1
+
+    assert built == []
+
+
 # --- matching a round over many workers ---------------------------------------------------------
 
 RESERVATIONS = [uuid.UUID(int=number) for number in (1, 2, 3)]
