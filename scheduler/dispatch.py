@@ -64,6 +64,7 @@ from scheduler.assigns import ASSIGN_TASK_FIELDS, assign_notice, round_assign_me
 from scheduler.counters import change_used
 from scheduler.models import NodeAssignment, Reservation, Worker
 from scheduler.policies import (
+    FLEET_FIELDS,
     FleetNode,
     Holds,
     Shape,
@@ -236,10 +237,11 @@ class NodesAlike:
         """Each picked node takes one node of `task` (`NodeCapacity.take`) and joins its new group."""
         taken = []
         for node in picked:
-            group = self.groups[_alike_key(node)]
+            key = _alike_key(node)
+            group = self.groups[key]
             del group[next(index for index, member in enumerate(group) if member is node)]
             if not group:
-                del self.groups[_alike_key(node)]
+                del self.groups[key]
             taken.append((node, node.take(task)))
             insort(self.groups[_alike_key(node)], node, key=_by_name)
         return taken
@@ -294,18 +296,12 @@ def runnable_tasks(now: datetime) -> QuerySet[Task]:
     )
 
 
-# What matching reads of a worker (`NodeCapacity.of`). A round reads every free worker, so the
-# rest of the row (its times above all, parsed one by one) would be paid per worker and round.
+# What matching reads of a worker (`NodeCapacity.of`): its totals and what is in use. A round reads
+# every free worker, so the rest of the row (its times above all, parsed one by one) would be paid
+# per worker and round.
 CAPACITY_FIELDS = (
-    "id",
-    "name",
+    *FLEET_FIELDS,
     "hostname",
-    "gpu_type",
-    "gpu_count",
-    "cpu_cores",
-    "memory_gb",
-    "batch_slots",
-    "service_slots",
     "used_gpus",
     "used_cpu",
     "used_memory_gb",
@@ -452,7 +448,7 @@ def hold_for_starving_head(nodes: list[NodeCapacity], holds: Holds, now: datetim
     usable = [
         node
         for node in eligible_nodes(nodes, head, holds)
-        if node.total is not None and node_could_ever_hold(node.total, shape)
+        if (total := node.total) is not None and node_could_ever_hold(total, shape)
     ]
     usable.sort(key=lambda node: (-len(node.gpu_indices), -node.cpu, -node.memory_gb, node.name))
     for node in usable[: head.node_count]:

@@ -117,9 +117,10 @@ def registered_fleet() -> list[FleetNode]:
     return [FleetNode.of(worker) for worker in _registered_workers()]
 
 
+# What `FleetNode.of` reads of a worker: every read it is made from loads at least these.
+FLEET_FIELDS = ("id", "name", "gpu_count", "gpu_type", "cpu_cores", "memory_gb", "batch_slots", "service_slots")
 # Read to bind reservations and to explain a refused submission: compiled once.
-_FLEET_FIELDS = ("id", "name", "gpu_count", "gpu_type", "cpu_cores", "memory_gb", "batch_slots", "service_slots")
-_registered_workers = compiled_once(lambda: Worker.objects.only(*_FLEET_FIELDS).order_by())
+_registered_workers = compiled_once(lambda: Worker.objects.only(*FLEET_FIELDS).order_by())
 
 
 def unschedulable_reason(shape: Shape) -> str | None:
@@ -215,7 +216,7 @@ def current_holds(now: datetime) -> Holds:
     # A worker with fewer GPUs than the smallest reservation holds none (`node_could_ever_hold`):
     # not read, so a round's cost does not grow with the CPU-only part of the fleet.
     smallest = min(reservation.gpu_count for reservation in active)
-    workers = Worker.objects.filter(status=Worker.Status.ACTIVE, gpu_count__gte=smallest).only(*_FLEET_FIELDS)
+    workers = Worker.objects.filter(status=Worker.Status.ACTIVE, gpu_count__gte=smallest).only(*FLEET_FIELDS)
     placed, _ = place_reservations(active, [FleetNode.of(worker) for worker in workers])
     gpus = {r.id: r.gpu_count for r in active}
     for reservation_id, worker_ids in placed.items():

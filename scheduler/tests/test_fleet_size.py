@@ -80,33 +80,36 @@ def test_a_round_reads_of_the_workers_it_claims_only_what_matching_needs():
     assert columns == set(CAPACITY_FIELDS)
 
 
-def test_binding_active_reservations_reads_only_workers_with_gpus_enough_for_one(monkeypatch):
+@pytest.fixture
+def fleet_nodes_made(monkeypatch) -> list[str]:
+    """The names of the workers whose totals (`FleetNode.of`) are made while the test runs."""
+    made: list[str] = []
+    of = FleetNode.of.__func__
+    monkeypatch.setattr(FleetNode, "of", classmethod(lambda cls, worker: made.append(worker.name) or of(cls, worker)))
+    return made
+
+
+def test_binding_active_reservations_reads_only_workers_with_gpus_enough_for_one(fleet_nodes_made):
     for index in range(5):
         worker(name=f"cpu-{index}")
     worker(name="one-gpu", gpu_count=1, gpu_type="A100")
     big = worker(name="eight-gpus", gpu_count=8, gpu_type="A100")
     reservation = ReservationFactory(gpu_count=4, gpu_type="A100")
-    built = []
-    of = FleetNode.of.__func__
-    monkeypatch.setattr(FleetNode, "of", classmethod(lambda cls, w: built.append(w.name) or of(cls, w)))
 
     holds = current_holds(timezone.now())
 
     assert holds.by_worker == {big.id: {reservation.id: 4}}
-    assert built == ["eight-gpus"]
+    assert fleet_nodes_made == ["eight-gpus"]
 
 
-def test_a_round_without_a_starving_task_builds_no_worker_totals(monkeypatch):
+def test_a_round_without_a_starving_task_builds_no_worker_totals(fleet_nodes_made):
     for index in range(3):
         worker(name=f"box-{index}")
     queued_task()
-    built = []
-    of = FleetNode.of.__func__
-    monkeypatch.setattr(FleetNode, "of", classmethod(lambda cls, w: built.append(w.name) or of(cls, w)))
 
     assert dispatch_round() == 1
 
-    assert built == []
+    assert fleet_nodes_made == []
 
 
 # --- matching a round over many workers ---------------------------------------------------------
