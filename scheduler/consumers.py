@@ -29,7 +29,7 @@ from fetchml.sealing import Unsealable
 from jupyter import services as jupyter_services
 from plugins.services import WORKERS_GROUP, plugin_status_report
 from scheduler import selectors, services
-from scheduler.agent.protocol import BATCH, FEATURES, frames, frames_of_encoded
+from scheduler.agent.protocol import BATCH, FEATURES, LOG_ACK, frames, frames_of_encoded
 from scheduler.assigns import assign_messages
 from scheduler.protocol import FINAL_RUN_STATES, BadMessage, error_message, outgoing, parse_frame
 
@@ -59,6 +59,7 @@ class WorkerConsumer(SocketConsumer):
     worker_id: Any = None
     api_key: ApiKey | None = None
     sends_batches = False  # the agent listed "batch" in its hello
+    acks_logs = False  # the agent listed "log_ack": it holds each counted `log` until acknowledged
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -193,6 +194,7 @@ class WorkerConsumer(SocketConsumer):
             return
         self.worker_id = welcome.worker_id
         self.sends_batches = BATCH in message["features"]
+        self.acks_logs = LOG_ACK in message["features"]
         await self.channel_layer.group_add(events.worker_group(self.worker_id), self.channel_name)
         await self.channel_layer.group_add(WORKERS_GROUP, self.channel_name)  # plugin configuration changes
         await self.send_json(
@@ -226,6 +228,8 @@ class WorkerConsumer(SocketConsumer):
                 answers.append(
                     outgoing("status_ack", task_id=report["task_id"], token=report["token"], accepted=outcome.accepted)
                 )
+            elif report["type"] == "log" and report["seq"] is not None and self.acks_logs:
+                answers.append(outgoing("log_ack", task_id=report["task_id"], token=report["token"], seq=report["seq"]))
         await self.send_messages(answers)
 
     async def _on_draining(self, message: dict[str, Any]) -> None:

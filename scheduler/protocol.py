@@ -17,6 +17,7 @@ from scheduler.agent.protocol import FEATURES, MAX_BATCH
 VERSION = 1
 MAX_TEXT = 65_536  # error/output excerpts kept on the task row
 MAX_LOG_LINES = 1_000
+MAX_LOG_SEQ = 2**31 - 1  # a line's place in its node's output (a 32-bit column)
 MAX_RUNNING = 10_000
 MAX_CAPACITY = 1_000_000
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -151,10 +152,15 @@ def _log(message: dict) -> dict[str, Any]:
             isinstance(line, dict) and line.get("stream") in ("stdout", "stderr") and isinstance(line.get("line"), str)
         ):
             raise BadMessage("field 'lines': items are {stream: stdout|stderr, line: string}", ref_type=ref)
+    seq = message.get("seq")
+    if seq is not None:
+        # The last line's place must fit the column too.
+        seq = _int(seq, "seq", ref=ref, maximum=MAX_LOG_SEQ - len(lines) + 1)
     return {
         "task_id": _uuid(message, "task_id", ref=ref),
         "token": _uuid(message, "token", ref=ref),
         "lines": [{"stream": line["stream"], "line": line["line"]} for line in lines],
+        "seq": seq,
     }
 
 

@@ -276,9 +276,11 @@ def assignment_is_live(*, worker_id: Any, task_id: str, token: str) -> bool:
     return assignment is not None and assignment.holds_capacity
 
 
-def assignment_log(*, worker_id: Any, task_id: str, token: str, lines: list[dict[str, str]]) -> bool:
+def assignment_log(
+    *, worker_id: Any, task_id: str, token: str, lines: list[dict[str, str]], seq: int | None = None
+) -> bool:
     """Store a batch of log lines of a run; False (stale) if the server took the run away."""
-    report = {"type": "log", "task_id": task_id, "token": token, "lines": lines}
+    report = {"type": "log", "task_id": task_id, "token": token, "lines": lines, "seq": seq}
     return apply_run_reports(worker_id=worker_id, reports=[report])[0]
 
 
@@ -490,7 +492,7 @@ class _ReportBatch:
         if report["type"] == "ack":
             return self._ack(run)
         if report["type"] == "log":
-            return self._log(run, report["lines"])
+            return self._log(run, report["lines"], report.get("seq"))
         task = self.tasks.get(report["task_id"])
         if task is None or run is None:
             return STALE
@@ -512,10 +514,11 @@ class _ReportBatch:
         self.writes.acknowledge(run)
         return True
 
-    def _log(self, run: NodeAssignment | None, lines: list[dict[str, str]]) -> bool:
+    def _log(self, run: NodeAssignment | None, lines: list[dict[str, str]], seq: int | None) -> bool:
+        # Lines of a run that ended on its own report are still its lines (sent again after a failure).
         if run is None or run.status == NodeAssignment.Status.LOST:
             return False
-        append_lines(task_id=run.task_id, attempt=run.attempt, lines=lines)
+        append_lines(task_id=run.task_id, attempt=run.attempt, node_id=run.node_id, first_seq=seq, lines=lines)
         return True
 
 

@@ -3,7 +3,10 @@
 Lines live in TaskLogLine (one row per line), never on the Task row, so a long
 run does not rewrite a growing text column. Ids are the order: one task's lines
 arrive over one worker connection at a time and are appended in order, so
-"lines with id > N" is a correct resume point for readers.
+"lines with id > N" is a correct resume point for readers. A batch the agent
+had to send again (the server failed to store it, or its answer was lost) is
+stored when it arrives, after lines sent later, and only once; each line's
+`seq` is its place in its node's output.
 """
 
 from collections.abc import Iterable
@@ -35,18 +38,36 @@ def _validated(lines: Iterable[dict[str, Any]]) -> list[tuple[str, str]]:
     return rows
 
 
-def append_lines(*, task_id: Any, attempt: int, lines: list[dict[str, Any]]) -> int:
+def append_lines(
+    *, task_id: Any, attempt: int, lines: list[dict[str, Any]], node_id: int = 0, first_seq: int | None = None
+) -> int:
     """Store a batch of lines of one attempt; publish their ids to the task's group after commit.
 
-    Returns how many lines were stored. The caller (the worker consumer) has
+    With `first_seq` (the place of the first line in the node's output, as
+    the agent counts), lines already stored at their place are skipped: a
+    batch sent again because its answer was lost is stored once. Returns
+    how many lines were stored. The caller (the worker consumer) has
     already checked that the sender holds the task's current assignment.
     """
     rows = _validated(lines)
+    places: list[int | None] = [None] * len(rows)
+    if rows and first_seq is not None:
+        places = list(range(first_seq, first_seq + len(rows)))
+        stored = set(
+            TaskLogLine.objects.filter(
+                task_id=task_id, attempt=attempt, node_id=node_id, seq__gte=places[0], seq__lte=places[-1]
+            ).values_list("seq", flat=True)
+        )
+        kept = [(place, row) for place, row in zip(places, rows, strict=True) if place not in stored]
+        places, rows = [place for place, _ in kept], [row for _, row in kept]
     if not rows:
         return 0
     with transaction.atomic():
         created = TaskLogLine.objects.bulk_create(
-            [TaskLogLine(task_id=task_id, attempt=attempt, stream=stream, line=text) for stream, text in rows]
+            [
+                TaskLogLine(task_id=task_id, attempt=attempt, node_id=node_id, seq=place, stream=stream, line=text)
+                for place, (stream, text) in zip(places, rows, strict=True)
+            ]
         )
         # PostgreSQL and SQLite >= 3.35 return the new ids from the bulk INSERT.
         ids = [line.id for line in created]
@@ -80,5 +101,7 @@ def serialize_line(line: TaskLogLine) -> dict[str, Any]:
         "stream": line.stream,
         "line": line.line,
         "attempt": line.attempt,
+        "node": line.node_id,
+        "seq": line.seq,
         "created_at": line.created_at.isoformat(),
     }

@@ -166,12 +166,23 @@ class TaskLogLine(models.Model):
     # Led by tasklog_task_order: no index of its own.
     task = models.ForeignKey(Task, on_delete=models.CASCADE, related_name="log_lines", db_index=False)
     attempt = models.PositiveIntegerField()
+    node_id = models.PositiveIntegerField(default=0)  # rank within a multi-node job
+    # The line's place in its node's output, counted by the agent: a batch the agent sends
+    # again (its first answer lost) is stored once. Null for lines sent without one.
+    seq = models.PositiveIntegerField(null=True, blank=True)
     stream = models.CharField(max_length=6, choices=Stream.choices)
     line = models.TextField()
     created_at = models.DateTimeField(default=timezone.now)
 
     class Meta:
         indexes = [models.Index(fields=["task", "id"], name="tasklog_task_order")]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["task", "attempt", "node_id", "seq"],
+                condition=models.Q(seq__isnull=False),
+                name="tasklog_line_once",
+            )
+        ]
 
 
 class IdempotencyRecord(models.Model):

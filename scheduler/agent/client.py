@@ -40,6 +40,8 @@ logger = logging.getLogger(__name__)
 
 AUTH_CLOSE_CODES = frozenset({4401, 4403})
 OUTBOX_LIMIT = 10_000
+# `log` messages of one run held until the server acknowledges them (each up to 200 lines).
+UNACKED_LOGS_LIMIT = 1_000
 EXIT_OK, EXIT_UNREPORTED, EXIT_REFUSED = 0, 1, 2
 
 
@@ -94,11 +96,18 @@ class Backoff:
 
 @dataclass
 class _Held:
-    """A run the agent is responsible for, until its final status is acknowledged."""
+    """A run the agent is responsible for, until its final status and its log lines are acknowledged."""
 
     run: Run
     final: dict[str, Any] | None = None
     final_sent_at: float | None = None
+    final_acked: bool = False
+    # Its `log` messages the server has not acknowledged, by `seq`: each with when it was last sent.
+    logs: dict[int, tuple[dict[str, Any], float]] = field(default_factory=dict)
+
+    @property
+    def settled(self) -> bool:
+        return self.final_acked and not self.logs
 
     def summary(self) -> dict[str, str]:
         status = self.final["status"] if self.final else "running"
@@ -123,6 +132,7 @@ class Agent:
         self._run_tasks: set[asyncio.Task[None]] = set()
         self._outbox: deque[dict[str, Any]] = deque()
         self._session: _Session | None = None
+        self._log_acks = True  # the server acknowledges `log` messages (its `welcome` says)
         self._draining = False
         self._forced = False
         self._give_up: asyncio.TimerHandle | None = None
@@ -284,14 +294,22 @@ class Agent:
         self.worker_id = welcome.worker_id
         self._backoff.reset()
         logger.info("connected to %s as %s (worker %s)", self.config.server_url, self.config.name, welcome.worker_id)
+        self._log_acks = protocol.LOG_ACK in welcome.features
         for token in welcome.kill:
-            self._forget(token, kill=True)
+            held = self._held.get(token)
+            # A run that ended is settled by its re-sent final status (and logs), which the server answers.
+            if held is None or held.final is None:
+                self._forget(token, kill=True)
+        if not self._log_acks:
+            for held in list(self._held.values()):
+                held.logs.clear()
+                self._forget_if_settled(held)
         session = self._session = _Session(
             ws=ws, heartbeat_seconds=welcome.heartbeat_seconds, batches=protocol.BATCH in welcome.features
         )
         if self._draining:
             self._enqueue(protocol.draining())  # a restarted server must hear it again
-        self._resend_finals(older_than=0.0)
+        self._resend_unacknowledged(older_than=0.0)
         session.wake.set()
         tasks = [
             asyncio.create_task(self._receive(session)),
@@ -344,7 +362,7 @@ class Agent:
         while True:
             running = [{"task_id": h.run.task_id, "token": h.run.token} for h in self._held.values()]
             self._enqueue(protocol.heartbeat(running=running))
-            self._resend_finals(older_than=session.heartbeat_seconds)
+            self._resend_unacknowledged(older_than=session.heartbeat_seconds)
             await asyncio.sleep(session.heartbeat_seconds)
 
     async def _receive(self, session: _Session) -> None:
@@ -365,10 +383,27 @@ class Agent:
         if self._session is not None:
             self._session.wake.set()
 
-    def _resend_finals(self, *, older_than: float) -> None:
+    def _emit(self, message: dict[str, Any]) -> None:
+        """A run's message: queued, and a `log` also held until the server acknowledges it."""
+        held = self._held.get(message.get("token", ""))
+        if message["type"] == "log" and held is not None and self._log_acks:
+            if len(held.logs) >= UNACKED_LOGS_LIMIT:
+                del held.logs[min(held.logs)]
+                logger.warning("task %s: too many log messages unacknowledged; dropped the oldest", held.run.task_id)
+            held.logs[message["seq"]] = (message, time.monotonic())
+        self._enqueue(message)
+
+    def _resend_unacknowledged(self, *, older_than: float) -> None:
+        """Send again the final statuses and `log` messages not acknowledged within `older_than` seconds."""
         now = time.monotonic()
         for held in self._held.values():
-            if held.final is not None and (held.final_sent_at is None or now - held.final_sent_at >= older_than):
+            for seq, (message, sent_at) in sorted(held.logs.items()):
+                if now - sent_at >= older_than:
+                    held.logs[seq] = (message, now)
+                    self._enqueue(message)
+            if held.final is None or held.final_acked:
+                continue
+            if held.final_sent_at is None or now - held.final_sent_at >= older_than:
                 held.final_sent_at = now
                 self._enqueue(held.final)
 
@@ -396,7 +431,14 @@ class Agent:
             if held is not None and held.final is not None:
                 if message.get("accepted") is False:
                     logger.warning("server refused the final status of task %s", held.run.task_id)
-                self._forget(token, kill=False)
+                held.final_acked = True
+                self._forget_if_settled(held)
+        elif kind == "log_ack":
+            token, seq = protocol.log_ack_of(message)
+            held = self._held.get(token)
+            if held is not None:
+                held.logs.pop(seq, None)
+                self._forget_if_settled(held)
         elif kind == "drain":
             self.drain()
         elif kind == "config":
@@ -441,7 +483,7 @@ class Agent:
         run = Run(
             assignment,
             work_root=self.config.work_root,
-            emit=self._enqueue,
+            emit=self._emit,
             base_env=self.config.base_env,
             files=self.files,
             launcher=self.launcher,
@@ -473,6 +515,10 @@ class Agent:
         held.final = final
         held.final_sent_at = time.monotonic()
         self._enqueue(final)
+
+    def _forget_if_settled(self, held: _Held) -> None:
+        if held.settled:
+            self._forget(held.run.token, kill=False)
 
     def _forget(self, token: str, *, kill: bool) -> None:
         held = self._held.pop(token, None)

@@ -20,9 +20,12 @@ MAX_BATCH_CHARACTERS = 256 * 1024
 # What either end of this protocol accepts beyond one message per frame, listed in `hello` and in
 # `welcome`: each end sends `batch` frames only to a peer that listed it.
 BATCH = "batch"
-FEATURES = (BATCH,)
+# `log` messages carry `seq`, and the server answers each it stored with `log_ack`: the agent
+# holds a batch of lines until then and sends it again, the server storing it once.
+LOG_ACK = "log_ack"
+FEATURES = (BATCH, LOG_ACK)
 FINAL_STATUSES = frozenset({"completed", "failed", "cancelled"})
-SERVER_TYPES = frozenset({"welcome", "assign", "cancel", "stop", "status_ack", "drain", "error", "config"})
+SERVER_TYPES = frozenset({"welcome", "assign", "cancel", "stop", "status_ack", "log_ack", "drain", "error", "config"})
 
 
 class ProtocolError(ValueError):
@@ -192,6 +195,11 @@ def token_of(message: dict[str, Any]) -> tuple[str, str]:
     return _str(message, "task_id"), _str(message, "token")
 
 
+def log_ack_of(message: dict[str, Any]) -> tuple[str, int]:
+    """(token, seq) of a `log_ack`."""
+    return _str(message, "token"), _int(message, "seq", -1)
+
+
 def parse_assign(message: dict[str, Any]) -> Assignment:
     task_id, token = token_of(message)
     env = message.get("env") or {}
@@ -288,8 +296,9 @@ def status(*, task_id: str, token: str, status: str, **details: Any) -> dict[str
     return _message("status", task_id=task_id, token=token, status=status, **details)
 
 
-def log(*, task_id: str, token: str, lines: list[dict[str, str]]) -> dict[str, Any]:
-    return _message("log", task_id=task_id, token=token, lines=lines)
+def log(*, task_id: str, token: str, lines: list[dict[str, str]], seq: int) -> dict[str, Any]:
+    """`seq`: the place of the first line in the run's output (0 for its first line)."""
+    return _message("log", task_id=task_id, token=token, lines=lines, seq=seq)
 
 
 def plugin_status(*, task_id: str, token: str, name: str, status: str, url: str = "") -> dict[str, Any]:

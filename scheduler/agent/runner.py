@@ -157,6 +157,7 @@ class Run:
         self._tails: dict[str, deque[str]] = {"stdout": deque(maxlen=TAIL_LINES), "stderr": deque(maxlen=TAIL_LINES)}
         self._log_lines: list[dict[str, str]] = []
         self._log_bytes = 0
+        self._log_seq = 0  # the place of the next line sent in the run's output
 
     @property
     def task_id(self) -> str:
@@ -486,7 +487,8 @@ class Run:
 
     def _flush_logs(self) -> None:
         if self._log_lines and not self._silenced:
-            self._emit(protocol.log(task_id=self.task_id, token=self.token, lines=self._log_lines))
+            self._emit(protocol.log(task_id=self.task_id, token=self.token, lines=self._log_lines, seq=self._log_seq))
+            self._log_seq += len(self._log_lines)
         self._log_lines, self._log_bytes = [], 0
 
     async def _flush_periodically(self) -> None:

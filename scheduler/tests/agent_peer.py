@@ -2,7 +2,8 @@
 
 `Peer` records every message the agent sends (and the types of each frame's messages), answers
 `hello` with `welcome` (optionally with a reconcile list and the features it accepts, none by
-default, as an older server) and acknowledges final statuses unless told not to. Tests wait on what it
+default, as an older server) and acknowledges final statuses unless told not to, and `log`
+messages when it lists `log_ack` and is not told otherwise. Tests wait on what it
 receives with timeouts instead of sleeping.
 """
 
@@ -37,6 +38,7 @@ class Peer:
         port: int = 0,
         heartbeat_seconds: float = 5.0,
         ack_finals: bool = True,
+        ack_logs: bool = True,
         kill: list[str] | None = None,
         api_key: str = API_KEY,
         features: list[str] | None = None,
@@ -45,6 +47,7 @@ class Peer:
         self.api_key = api_key
         self.heartbeat_seconds = heartbeat_seconds
         self.ack_finals = ack_finals
+        self.ack_logs = ack_logs and "log_ack" in (features or [])
         self.kill = kill or []
         self.features = features
         self.messages: list[dict[str, Any]] = []
@@ -111,6 +114,13 @@ class Peer:
                             "accepted": True,
                         }
                     )
+                if self.ack_logs and message["type"] == "log":
+                    await self.ack_log(message)
+
+    async def ack_log(self, message: dict[str, Any]) -> None:
+        await self.send(
+            {"type": "log_ack", "task_id": message["task_id"], "token": message["token"], "seq": message["seq"]}
+        )
 
     async def connected(self) -> None:
         await asyncio.wait_for(self._connected.wait(), WAIT_SECONDS)

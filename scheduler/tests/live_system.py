@@ -38,6 +38,7 @@ T = TypeVar("T")
 WAIT_SECONDS = 30.0
 STOP_SECONDS = 10.0
 SCHEDULER_APPLICATION_NAME = "fetchml-e2e-scheduler"
+SERVER_APPLICATION_NAME = "fetchml-e2e-server"
 FINAL_STATES = frozenset({"completed", "failed", "cancelled"})
 
 # Short enough that lease expiry and retries happen within a test, long enough
@@ -200,7 +201,9 @@ class LiveSystem:
         else:
             command = self._manage("serve", "--host", HOST, "--port", str(self.port))
             command += ["--workers", str(self.serve_workers)]
-        self.server = _Child(command, env=self.env, label="server")
+        self.server = _Child(
+            command, env={**self.env, "DATABASE_URL": self._labelled(SERVER_APPLICATION_NAME)}, label="server"
+        )
         wait_until(self._answers, timeout=60, what=f"the server on port {self.port} to answer /health")
 
     def _answers(self) -> bool:
@@ -222,10 +225,14 @@ class LiveSystem:
         self.server = None
 
     def start_scheduler(self) -> None:
-        url = self.database_url
-        if url.startswith(("postgres://", "postgresql://")):
-            url = with_application_name(url, SCHEDULER_APPLICATION_NAME)
-        self.scheduler = _Child(self._manage("scheduler"), env={**self.env, "DATABASE_URL": url}, label="scheduler")
+        env = {**self.env, "DATABASE_URL": self._labelled(SCHEDULER_APPLICATION_NAME)}
+        self.scheduler = _Child(self._manage("scheduler"), env=env, label="scheduler")
+
+    def _labelled(self, name: str) -> str:
+        """The database URL, its PostgreSQL connections labelled `name` (so a test can find and kill them)."""
+        if self.database_url.startswith(("postgres://", "postgresql://")):
+            return with_application_name(self.database_url, name)
+        return self.database_url
 
     def start_worker(self, name: str, *, key: str, slots: int = 1, wait: bool = True) -> _Child:
         """A real `manage.py worker` agent; with `wait`, returns once it said hello (its Worker row is active)."""

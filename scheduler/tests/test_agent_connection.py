@@ -36,11 +36,11 @@ def test_hello_reports_name_capabilities_and_address(tmp_path: Path) -> None:
     run_async(scenario())
 
 
-def test_hello_says_the_agent_accepts_batch_frames(tmp_path: Path) -> None:
+def test_hello_says_the_agent_accepts_batch_frames_and_acknowledges_logs(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with Peer() as peer, running_agent(peer.url, tmp_path):
             await peer.connected()
-            assert peer.hellos[0]["features"] == ["batch"]
+            assert peer.hellos[0]["features"] == ["batch", "log_ack"]
 
     run_async(scenario())
 

@@ -11,7 +11,7 @@ from scheduler.agent.protocol import MAX_BATCH, MAX_BATCH_CHARACTERS, encode_all
 
 def _logs(count: int, line_length: int) -> list[dict]:
     line = {"stream": "stdout", "line": "x" * line_length}
-    return [protocol.log(task_id=f"t{i}", token=f"k{i}", lines=[line]) for i in range(count)]
+    return [protocol.log(task_id=f"t{i}", token=f"k{i}", lines=[line], seq=0) for i in range(count)]
 
 
 def _carried(text: str) -> list[dict]:

@@ -35,7 +35,7 @@ def test_welcome_lists_the_features_the_server_accepts(worker_key):
         await communicator.disconnect()
         return welcome
 
-    assert run(scenario())["features"] == ["batch"]
+    assert run(scenario())["features"] == ["batch", "log_ack"]
 
 
 def test_a_rounds_assigns_reach_an_agent_that_accepts_batches_in_one_frame(worker_key):

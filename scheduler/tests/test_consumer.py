@@ -458,6 +458,91 @@ def test_log_lines_are_stored_for_the_current_attempt(worker_key):
     assert stored == [(1, "stdout", "epoch 1"), (1, "stderr", "warning")]
 
 
+def _log(assign: dict, *texts: str, seq: int | None = None) -> dict:
+    lines = [{"stream": "stdout", "line": text} for text in texts]
+    return {"type": "log", "task_id": assign["task_id"], "token": assign["token"], "lines": lines} | (
+        {"seq": seq} if seq is not None else {}
+    )
+
+
+def test_a_counted_log_message_is_acknowledged_to_an_agent_that_asked(worker_key):
+    async def scenario():
+        communicator, _ = await start_worker(worker_key, features=["log_ack"])
+        task, assign = await _assigned(communicator)
+        await send(communicator, _log(assign, "epoch 1", "epoch 2", seq=0))
+        answer = await receive(communicator)
+        await communicator.disconnect()
+        return task, assign, answer
+
+    task, assign, answer = run(scenario())
+
+    assert answer == {"type": "log_ack", "version": 1, "task_id": assign["task_id"], "token": assign["token"], "seq": 0}
+    stored = TaskLogLine.objects.filter(task=task).order_by("id").values_list("seq", "line")
+    assert list(stored) == [(0, "epoch 1"), (1, "epoch 2")]
+
+
+def test_a_log_message_sent_again_is_acknowledged_again_and_stored_once(worker_key):
+    async def scenario():
+        communicator, _ = await start_worker(worker_key, features=["log_ack"])
+        task, assign = await _assigned(communicator)
+        answers = []
+        for _ in range(2):
+            await send(communicator, _log(assign, "epoch 1", seq=0))
+            answers.append(await receive(communicator))
+        await communicator.disconnect()
+        return task, answers
+
+    task, answers = run(scenario())
+
+    assert [answer["type"] for answer in answers] == ["log_ack", "log_ack"]
+    assert list(TaskLogLine.objects.filter(task=task).values_list("line", flat=True)) == ["epoch 1"]
+
+
+def test_an_agent_that_did_not_ask_gets_no_log_ack(worker_key):
+    async def scenario():
+        communicator, _ = await start_worker(worker_key, features=["batch"])
+        _, assign = await _assigned(communicator)
+        await send(communicator, _log(assign, "epoch 1", seq=0))
+        await expect_nothing(communicator)
+        await communicator.disconnect()
+
+    run(scenario())
+
+
+def test_lines_of_a_run_that_ended_on_its_own_report_are_still_stored(worker_key):
+    async def scenario():
+        communicator, _ = await start_worker(worker_key, features=["log_ack"])
+        task, assign = await _assigned(communicator)
+        final = {"type": "status", "task_id": assign["task_id"], "token": assign["token"], "status": "completed"}
+        await send(communicator, final)
+        assert (await receive(communicator))["type"] == "status_ack"
+        await send(communicator, _log(assign, "late line", seq=0))
+        answer = await receive(communicator)
+        await communicator.disconnect()
+        return task, answer
+
+    task, answer = run(scenario())
+
+    assert answer["type"] == "log_ack"
+    assert list(TaskLogLine.objects.filter(task=task).values_list("line", flat=True)) == ["late line"]
+
+
+@pytest.mark.parametrize("seq", [-1, True, "0", 2**31 - 1])
+def test_a_log_message_with_a_bad_seq_is_refused_and_stores_nothing(worker_key, seq):
+    async def scenario():
+        communicator, _ = await start_worker(worker_key, features=["log_ack"])
+        task, assign = await _assigned(communicator)
+        await send(communicator, _log(assign, "a", "b", seq=seq))
+        answer = await receive(communicator)
+        await communicator.disconnect()
+        return task, answer
+
+    task, answer = run(scenario())
+
+    assert (answer["type"], answer["code"], answer["ref_type"]) == ("error", "BAD_MESSAGE", "log")
+    assert not TaskLogLine.objects.filter(task=task).exists()
+
+
 def test_drain_is_delivered_to_the_worker(worker_key, admin_user):
     async def scenario():
         communicator, welcome = await start_worker(worker_key)

@@ -14,7 +14,13 @@ from conftest import requires_postgres
 from fetchml.testing import database_url_for
 from fetchml.tests.factories import ApiKeyFactory, UserFactory
 from scheduler.models import NodeAssignment, Worker
-from scheduler.tests.live_system import SCHEDULER_APPLICATION_NAME, LiveSystem, python_command, wait_until
+from scheduler.tests.live_system import (
+    SCHEDULER_APPLICATION_NAME,
+    SERVER_APPLICATION_NAME,
+    LiveSystem,
+    python_command,
+    wait_until,
+)
 from tasks.models import Task
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
@@ -69,13 +75,55 @@ def test_runs_survive_a_crash_and_restart_of_the_server(tmp_path: Path, owner_ke
         assert list(NodeAssignment.objects.filter(task_id=task["id"]).values_list("status", flat=True)) == ["finished"]
 
 
-def _terminate_scheduler_backends() -> int:
+def _terminate_backends(application_name: str) -> int:
     with connection.cursor() as cursor:
         cursor.execute(
             "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = %s",
-            [SCHEDULER_APPLICATION_NAME],
+            [application_name],
         )
         return cursor.fetchone()[0]
+
+
+@requires_postgres
+def test_runs_finishing_while_the_server_loses_its_database_connections_complete_once(
+    tmp_path: Path, owner_key: str, agent_key: str
+) -> None:
+    gate = tmp_path / "gate"
+    # Staggered ends, so that reports keep arriving while the connections are being killed.
+    code = (
+        "import os, sys, time\n"
+        f"while not os.path.exists({str(gate)!r}): time.sleep(0.02)\n"
+        "print('begin', sys.argv[1])\ntime.sleep(float(sys.argv[1]))\nprint('done', sys.argv[1])"
+    )
+    with LiveSystem(tmp_path=tmp_path, database_url=database_url_for(connection)) as system:
+        system.start_worker("a", key=agent_key, slots=6)
+        system.start_worker("b", key=agent_key, slots=6)
+        delays = [f"{0.1 * i:.1f}" for i in range(12)]
+        tasks = [system.submit(owner_key, entrypoint=python_command(code), args=delay) for delay in delays]
+        for task in tasks:
+            system.wait_for_task(owner_key, task["id"], lambda t: t["status"] == "running")
+
+        gate.touch()
+        terminated = []
+        try:
+            for _ in range(100):  # about two seconds: through every run's end
+                terminated.append(_terminate_backends(SERVER_APPLICATION_NAME))
+                time.sleep(0.02)
+        finally:
+            connections.close_all()
+        done = [system.wait_for_status(owner_key, task["id"], "completed") for task in tasks]
+        # Every line reaches the log API once, though some batches had to be sent again.
+        logs = [system.request("GET", f"/v1/tasks/{task['id']}/logs", key=owner_key)[1]["lines"] for task in tasks]
+
+    assert sum(terminated) > 0, "no server connection was terminated"
+    assert [task["output"].split() for task in done] == [["begin", delay, "done", delay] for delay in delays]
+    assert [sorted((line["seq"], line["line"]) for line in lines) for lines in logs] == [
+        [(0, f"begin {delay}"), (1, f"done {delay}")] for delay in delays
+    ]
+    assert [(task["attempt"], task["retry_count"]) for task in done] == [(1, 0)] * len(tasks)
+    for task in done:
+        assert list(NodeAssignment.objects.filter(task_id=task["id"]).values_list("status", flat=True)) == ["finished"]
+    assert not Worker.objects.exclude(used_batch_slots=0).exists()
 
 
 def _placement_violations() -> list[str]:
@@ -110,7 +158,7 @@ def test_scheduler_losing_its_database_connections_mid_dispatch_places_each_task
         def kill_repeatedly() -> None:
             try:
                 while not stop.is_set() and len(terminated) < 12:
-                    terminated.append(_terminate_scheduler_backends())
+                    terminated.append(_terminate_backends(SCHEDULER_APPLICATION_NAME))
                     violations.extend(_placement_violations())
                     stop.wait(0.15)
             finally:

@@ -8,7 +8,9 @@ this operation is described here rather than in the generated schema:
   larger id (paging; `Last-Event-ID` does the same for a reconnecting SSE client);
   `follow` (true|false).
 - without follow: 200 `{"task_id", "status", "lines": [{"id", "stream", "line",
-  "attempt", "created_at"}], "has_more", "next_after_id"}`, at most 10000 lines.
+  "attempt", "node", "seq", "created_at"}], "has_more", "next_after_id"}`, at
+  most 10000 lines, in the order stored (`seq`: the line's place in its node's
+  output, which a batch the agent had to send again keeps).
 - with follow: `text/event-stream`; `event: status` (data `{task_id, status,
   priority, timestamp}`) first and on every change, `event: log` (id = line id,
   data = one line as above) for stored then new lines, and `event: end` (data

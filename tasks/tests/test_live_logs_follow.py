@@ -98,6 +98,8 @@ async def test_log_events_carry_the_line_id_as_event_id(client, task):
         "stream": "stdout",
         "line": "one",
         "attempt": 1,
+        "node": 0,
+        "seq": None,
         "created_at": stored.created_at.isoformat(),
     }
 

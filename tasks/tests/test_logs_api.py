@@ -27,7 +27,7 @@ def test_owner_gets_all_stored_lines_in_order(user_client, task):
     assert response.status_code == 200
     body = response.json()
     assert [line["line"] for line in body["lines"]] == [f"line {n}" for n in range(5)]
-    assert set(body["lines"][0]) == {"id", "stream", "line", "attempt", "created_at"}
+    assert set(body["lines"][0]) == {"id", "stream", "line", "attempt", "node", "seq", "created_at"}
     assert body["task_id"] == str(task.id)
     assert body["status"] == "queued"
     assert body["has_more"] is False

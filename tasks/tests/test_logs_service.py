@@ -6,6 +6,7 @@ import pytest
 from asgiref.sync import async_to_sync
 from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
+from django.db import IntegrityError
 
 from fetchml import events
 from fetchml.errors import Invalid
@@ -99,3 +100,41 @@ def test_append_publishes_the_new_line_ids_to_the_task_group_after_commit(user):
 
     ids = list(TaskLogLine.objects.filter(task=task).order_by("id").values_list("id", flat=True))
     assert message == {"type": "task.log", "task_id": str(task.id), "attempt": 1, "ids": ids}
+
+
+def test_lines_sent_with_their_place_are_stored_at_it(task):
+    append_lines(task_id=task.id, attempt=1, node_id=1, first_seq=200, lines=_lines("a", "b"))
+
+    rows = TaskLogLine.objects.filter(task=task).order_by("id").values_list("node_id", "seq", "line")
+    assert list(rows) == [(1, 200, "a"), (1, 201, "b")]
+
+
+def test_a_batch_sent_again_is_stored_once(task):
+    assert append_lines(task_id=task.id, attempt=1, first_seq=0, lines=_lines("a", "b")) == 2
+
+    assert append_lines(task_id=task.id, attempt=1, first_seq=0, lines=_lines("a", "b")) == 0
+    assert list(TaskLogLine.objects.filter(task=task).values_list("line", flat=True)) == ["a", "b"]
+
+
+def test_a_batch_overlapping_stored_lines_stores_only_the_missing_ones(task):
+    append_lines(task_id=task.id, attempt=1, first_seq=0, lines=_lines("a", "b"))
+    append_lines(task_id=task.id, attempt=1, first_seq=3, lines=_lines("d"))
+
+    assert append_lines(task_id=task.id, attempt=1, first_seq=1, lines=_lines("b", "c", "d", "e")) == 2
+    rows = TaskLogLine.objects.filter(task=task).order_by("seq").values_list("seq", "line")
+    assert list(rows) == [(0, "a"), (1, "b"), (2, "c"), (3, "d"), (4, "e")]
+
+
+def test_the_same_place_on_another_node_or_attempt_is_another_line(task):
+    append_lines(task_id=task.id, attempt=1, node_id=0, first_seq=0, lines=_lines("rank 0"))
+    append_lines(task_id=task.id, attempt=1, node_id=1, first_seq=0, lines=_lines("rank 1"))
+    append_lines(task_id=task.id, attempt=2, node_id=0, first_seq=0, lines=_lines("retry"))
+
+    assert sorted(TaskLogLine.objects.filter(task=task).values_list("line", flat=True)) == ["rank 0", "rank 1", "retry"]
+
+
+def test_the_database_refuses_a_second_line_at_the_same_place(task):
+    append_lines(task_id=task.id, attempt=1, first_seq=0, lines=_lines("a"))
+
+    with pytest.raises(IntegrityError):
+        TaskLogLine.objects.create(task=task, attempt=1, node_id=0, seq=0, stream="stdout", line="again")
