@@ -90,7 +90,11 @@ def _runs(message: dict, *, ref: str) -> list[dict[str, str]]:
     for item in runs:
         if not isinstance(item, dict):
             raise BadMessage("field 'running': a list of {task_id, token} is required", ref_type=ref)
-        parsed.append({"task_id": _uuid(item, "task_id", ref=ref), "token": _uuid(item, "token", ref=ref)})
+        status = item.get("status", "")
+        if status and status not in RUN_STATES:
+            raise BadMessage(f"field 'running': a run's status is one of {', '.join(sorted(RUN_STATES))}", ref_type=ref)
+        run = {"task_id": _uuid(item, "task_id", ref=ref), "token": _uuid(item, "token", ref=ref)}
+        parsed.append(run | {"status": status} if status else run)
     return parsed
 
 

@@ -146,6 +146,8 @@ def worker_hello(
             end_run(
                 assignment_id=assignment.id, reason=Task.FailureReason.WORKER_LOST, error="run missing on reconnect"
             )
+    kept = [run for run in running if run["token"] in keep]
+    _catch_up_progress(worker.id, kept, _run_states(worker.id, kept))
     return Welcome(worker_id=worker.id, keep=keep, kill=kill, draining=worker.status == Worker.Status.DRAINING)
 
 
@@ -157,14 +159,50 @@ def worker_disconnected(*, worker_id: Any, channel_name: str) -> None:
 
 
 def worker_heartbeat(*, worker_id: Any, running: list[dict[str, str]]) -> list[dict[str, str]]:
-    """Extend the lease; returns the reported runs the agent must `stop` (stale tokens)."""
+    """Extend the lease; returns the reported runs the agent must `stop` (stale tokens).
+
+    Progress the agent reports for a run and the server has not recorded (its
+    `running` status was lost) is applied, as its `status` would have been.
+    """
     Worker.objects.filter(id=worker_id).update(last_heartbeat=timezone.now())
-    tokens = [run["token"] for run in running]
-    known = NodeAssignment.objects.filter(worker_id=worker_id, token__in=tokens).exclude(
-        status=NodeAssignment.Status.LOST
+    known = _run_states(worker_id, running)
+    _catch_up_progress(worker_id, running, known)
+    return [run for run in running if run["token"] not in known]
+
+
+# What a progress report carries of the fields of a final one.
+_NO_OUTCOME = {"exit_code": None, "failure_reason": "", "error": "", "output": ""}
+# How far along a run is, for the states an agent reports while it runs.
+_PROGRESS_ORDER = {TaskStatus.PREPARING: 0, TaskStatus.RUNNING: 1, TaskStatus.COLLECTING: 2}
+
+
+def _run_states(worker_id: Any, runs: list[dict[str, str]]) -> dict[str, tuple[str, str, bool]]:
+    """token -> (assignment status, task status, holds capacity) of the reported runs the server
+    still knows on this worker (not lost)."""
+    rows = (
+        NodeAssignment.objects.filter(worker_id=worker_id, token__in=[run["token"] for run in runs])
+        .exclude(status=NodeAssignment.Status.LOST)
+        .values_list("token", "status", "task__status", "holds_capacity")
     )
-    current = {str(token) for token in known.values_list("token", flat=True)}
-    return [run for run in running if run["token"] not in current]
+    return {str(token): (status, task_status, live) for token, status, task_status, live in rows}
+
+
+def _catch_up_progress(worker_id: Any, runs: list[dict[str, str]], known: dict[str, tuple[str, str, bool]]) -> None:
+    """Apply the progress (`running`, `collecting`) reported for live runs that the server is behind on."""
+    reports = []
+    for run in runs:
+        reported = run.get("status", "")
+        if reported not in (TaskStatus.RUNNING, TaskStatus.COLLECTING) or run["token"] not in known:
+            continue
+        assignment_status, task_status, live = known[run["token"]]
+        behind = assignment_status != NodeAssignment.Status.RUNNING or (
+            task_status in _PROGRESS_ORDER and _PROGRESS_ORDER[task_status] < _PROGRESS_ORDER[reported]
+        )
+        if live and behind:
+            reports.append({"type": "status", **run, **_NO_OUTCOME})
+    if reports:
+        logger.info("worker %s: %d run(s) further along than recorded; catching up", worker_id, len(reports))
+        apply_run_reports(worker_id=worker_id, reports=reports)
 
 
 def worker_drain(*, worker: Worker, actor: Actor) -> Worker:

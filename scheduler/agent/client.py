@@ -110,7 +110,7 @@ class _Held:
         return self.final_acked and not self.logs
 
     def summary(self) -> dict[str, str]:
-        status = self.final["status"] if self.final else "running"
+        status = self.final["status"] if self.final else self.run.progress
         return {"task_id": self.run.task_id, "token": self.run.token, "status": status}
 
 
@@ -360,8 +360,7 @@ class Agent:
 
     async def _heartbeat(self, session: _Session) -> None:
         while True:
-            running = [{"task_id": h.run.task_id, "token": h.run.token} for h in self._held.values()]
-            self._enqueue(protocol.heartbeat(running=running))
+            self._enqueue(protocol.heartbeat(running=self.held_runs()))
             self._resend_unacknowledged(older_than=session.heartbeat_seconds)
             await asyncio.sleep(session.heartbeat_seconds)
 

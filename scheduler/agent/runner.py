@@ -154,6 +154,8 @@ class Run:
         self._interrupt = asyncio.Event()
         self._kill_now = asyncio.Event()
         self._silenced = False
+        # The last progress state reported (heartbeats repeat it, in case that report was lost).
+        self.progress = "preparing"
         self._tails: dict[str, deque[str]] = {"stdout": deque(maxlen=TAIL_LINES), "stderr": deque(maxlen=TAIL_LINES)}
         self._log_lines: list[dict[str, str]] = []
         self._log_bytes = 0
@@ -474,6 +476,7 @@ class Run:
 
     def _status(self, status: str) -> None:
         if not self._silenced:
+            self.progress = status
             self._emit(protocol.status(task_id=self.task_id, token=self.token, status=status))
 
     def _on_line(self, stream: str, line: str) -> None:

@@ -80,15 +80,16 @@ def test_a_bad_message_in_a_batch_frame_does_not_cost_the_others(tmp_path: Path)
     run_async(scenario())
 
 
-def test_heartbeats_list_the_runs_the_agent_holds(tmp_path: Path) -> None:
+def test_heartbeats_list_the_runs_the_agent_holds_with_their_progress(tmp_path: Path) -> None:
     gate = tmp_path / "gate"
 
     async def scenario() -> None:
         async with Peer(heartbeat_seconds=0.1) as peer, running_agent(peer.url, tmp_path / "work"):
             message = assign(gated(gate))
             await peer.send(message)
+            await peer.status(message["token"], "running")
             beat = await peer.next(lambda m: m["type"] == "heartbeat" and m["running"])
-            assert beat["running"] == [{"task_id": message["task_id"], "token": message["token"]}]
+            assert beat["running"] == [{"task_id": message["task_id"], "token": message["token"], "status": "running"}]
             gate.touch()
             await peer.final(message["token"])
             await peer.next(lambda m: m["type"] == "heartbeat" and m["running"] == [])

@@ -349,6 +349,76 @@ def test_reconnect_keeps_runs_still_assigned_and_kills_the_others(worker_key):
     assert task.status == "running"
 
 
+def test_a_heartbeat_reporting_a_run_further_along_than_recorded_moves_its_task(worker_key):
+    async def scenario():
+        communicator, _ = await start_worker(worker_key)
+        task, assign = await _assigned(communicator)
+        run_ref = {"task_id": assign["task_id"], "token": assign["token"]}
+        await send(communicator, {"type": "ack", **run_ref})
+        # The `running` status never arrived; the heartbeat says where the run is.
+        await send(communicator, {"type": "heartbeat", "running": [{**run_ref, "status": "running"}]})
+        await expect_nothing(communicator)
+        await communicator.disconnect()
+        return task
+
+    task = run(scenario())
+
+    task.refresh_from_db()
+    assert task.status == "running"
+    assert task.started_at is not None
+    assert NodeAssignment.objects.get(task=task).status == "running"
+
+
+def test_a_heartbeat_repeating_recorded_progress_changes_nothing(worker_key):
+    async def scenario():
+        communicator, _ = await start_worker(worker_key)
+        task, assign = await _assigned(communicator)
+        run_ref = {"task_id": assign["task_id"], "token": assign["token"]}
+        await send(communicator, {"type": "status", **run_ref, "status": "collecting"})
+        await send(communicator, {"type": "heartbeat", "running": [{**run_ref, "status": "running"}]})
+        await expect_nothing(communicator)
+        await communicator.disconnect()
+        return task
+
+    task = run(scenario())
+
+    task.refresh_from_db()
+    assert task.status == "collecting"
+
+
+def test_a_reconnecting_agent_reporting_a_run_further_along_moves_its_task(worker_key):
+    async def scenario():
+        communicator, _ = await start_worker(worker_key)
+        task, assign = await _assigned(communicator)
+        run_ref = {"task_id": assign["task_id"], "token": assign["token"]}
+        await send(communicator, {"type": "ack", **run_ref})
+        await expect_nothing(communicator)
+        await communicator.disconnect()
+        again, welcome = await start_worker(worker_key, running=[{**run_ref, "status": "collecting"}])
+        await again.disconnect()
+        return task, assign, welcome
+
+    task, assign, welcome = run(scenario())
+
+    task.refresh_from_db()
+    assert welcome["reconcile"]["keep"] == [assign["token"]]
+    assert task.status == "collecting"
+
+
+def test_a_heartbeat_with_a_bad_run_status_is_refused(worker_key):
+    async def scenario():
+        communicator, _ = await start_worker(worker_key)
+        run_ref = {"task_id": str(uuid.uuid4()), "token": str(uuid.uuid4()), "status": "sleeping"}
+        await send(communicator, {"type": "heartbeat", "running": [run_ref]})
+        answer = await receive(communicator)
+        await communicator.disconnect()
+        return answer
+
+    answer = run(scenario())
+
+    assert (answer["type"], answer["code"], answer["ref_type"]) == ("error", "BAD_MESSAGE", "heartbeat")
+
+
 def test_acknowledged_run_missing_after_reconnect_is_lost_and_requeued(worker_key):
     async def scenario():
         communicator, _ = await start_worker(worker_key)
