@@ -107,7 +107,13 @@ class WorkerConsumer(SocketConsumer):
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
         if self.api_key is None:
             return  # refused in connect(); the close is under way
-        for message in parse_frame(text_data):
+        try:
+            messages = parse_frame(text_data)
+        except Exception:  # a hole in the validation must not end the connection
+            logger.exception("worker %s: reading a frame failed", self.worker_id or "(no hello yet)")
+            await self._server_error("frame")
+            return
+        for message in messages:
             if isinstance(message, BadMessage):
                 logger.info("worker %s sent a bad message: %s", self.worker_id or "(no hello yet)", message)
                 await self.send_json(error_message(message))

@@ -82,6 +82,15 @@ def _int(value: Any, name: str, *, ref: str, minimum: int | None = 0, maximum: i
     return value
 
 
+def _one_of(value: Any, allowed: frozenset[str], name: str, *, ref: str, required: bool = True) -> str:
+    """`value` if it is one of `allowed` (or, when not `required`, empty or absent)."""
+    if not required and value in (None, ""):
+        return ""
+    if not isinstance(value, str) or value not in allowed:  # a list or an object is no name, nor hashable
+        raise BadMessage(f"field '{name}': one of {', '.join(sorted(allowed))}", ref_type=ref)
+    return value
+
+
 def _runs(message: dict, *, ref: str) -> list[dict[str, str]]:
     runs = message.get("running", [])
     if not isinstance(runs, list) or len(runs) > MAX_RUNNING:
@@ -90,9 +99,7 @@ def _runs(message: dict, *, ref: str) -> list[dict[str, str]]:
     for item in runs:
         if not isinstance(item, dict):
             raise BadMessage("field 'running': a list of {task_id, token} is required", ref_type=ref)
-        status = item.get("status", "")
-        if status and status not in RUN_STATES:
-            raise BadMessage(f"field 'running': a run's status is one of {', '.join(sorted(RUN_STATES))}", ref_type=ref)
+        status = _one_of(item.get("status"), RUN_STATES, "running.status", ref=ref, required=False)
         run = {"task_id": _uuid(item, "task_id", ref=ref), "token": _uuid(item, "token", ref=ref)}
         parsed.append(run | {"status": status} if status else run)
     return parsed
@@ -127,15 +134,11 @@ def _ack(message: dict) -> dict[str, Any]:
 
 def _status(message: dict) -> dict[str, Any]:
     ref = "status"
-    status = message.get("status")
-    if status not in RUN_STATES:
-        raise BadMessage(f"field 'status': one of {', '.join(sorted(RUN_STATES))}", ref_type=ref)
+    status = _one_of(message.get("status"), RUN_STATES, "status", ref=ref)
     exit_code = message.get("exit_code")
     if exit_code is not None:
         exit_code = _int(exit_code, "exit_code", ref=ref, minimum=-(2**31), maximum=2**31 - 1)
-    reason = message.get("failure_reason") or ""
-    if reason and reason not in WORKER_FAILURE_REASONS:
-        raise BadMessage(f"field 'failure_reason': one of {', '.join(sorted(WORKER_FAILURE_REASONS))}", ref_type=ref)
+    reason = _one_of(message.get("failure_reason"), WORKER_FAILURE_REASONS, "failure_reason", ref=ref, required=False)
     return {
         **_ack(message),
         "status": status,
@@ -179,9 +182,7 @@ MAX_SERVICE_TOKEN = 256
 
 def _plugin_status(message: dict) -> dict[str, Any]:
     ref = "plugin_status"
-    status = message.get("status")
-    if status not in PLUGIN_STATES:
-        raise BadMessage(f"field 'status': one of {', '.join(sorted(PLUGIN_STATES))}", ref_type=ref)
+    status = _one_of(message.get("status"), PLUGIN_STATES, "status", ref=ref)
     return {
         **_ack(message),
         "name": _str(message, "name", max_length=128, required=True, ref=ref),

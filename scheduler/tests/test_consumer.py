@@ -192,6 +192,28 @@ def test_bad_message_gets_an_error_and_the_connection_keeps_working(worker_key, 
     assert after["type"] == "stop"
 
 
+def test_a_frame_the_validation_fails_on_gets_a_server_error_and_the_connection_keeps_working(worker_key, monkeypatch):
+    real_parse = consumers.parse_frame
+
+    def parse(text):
+        if '"poison"' in text:
+            raise TypeError("a hole in the validation")
+        return real_parse(text)
+
+    monkeypatch.setattr(consumers, "parse_frame", parse)
+
+    async def scenario():
+        communicator, _ = await start_worker(worker_key)
+        error, after = await refused_then_still_answering(communicator, json.dumps({"type": "poison"}))
+        await communicator.disconnect()
+        return error, after
+
+    error, after = run(scenario())
+
+    assert (error["type"], error["code"], error["ref_type"]) == ("error", "SERVER_ERROR", "frame")
+    assert after["type"] == "stop"
+
+
 def test_assign_is_delivered_to_the_worker_after_dispatch(worker_key):
     async def scenario():
         communicator, _ = await start_worker(worker_key)

@@ -34,3 +34,30 @@ def test_an_id_that_is_no_uuid_is_refused(value):
 
     assert isinstance(refused, BadMessage)
     assert "field 'task_id': a UUID is required" in str(refused)
+
+
+_RUN = {"task_id": str(uuid.uuid4()), "token": str(uuid.uuid4())}
+_NAMED_VALUES = [
+    ("status", {"type": "status", **_RUN}, "status"),
+    ("status", {"type": "status", **_RUN, "status": "failed"}, "failure_reason"),
+    ("plugin_status", {"type": "plugin_status", **_RUN, "name": "tensorboard"}, "status"),
+]
+
+
+@pytest.mark.parametrize("value", [[], ["running"], {}, {"running": 1}, 1, True])
+@pytest.mark.parametrize(("kind", "message", "field"), _NAMED_VALUES)
+def test_a_named_value_that_is_not_a_name_is_refused(kind, message, field, value):
+    [refused] = parse_frame(json.dumps({"version": 1, **message, field: value}))
+
+    assert isinstance(refused, BadMessage)
+    assert (refused.ref_type, str(refused).split(":")[0]) == (kind, f"field '{field}'")
+
+
+@pytest.mark.parametrize("value", [[], {}, 1, "sleeping"])
+def test_a_heartbeat_run_whose_status_is_not_a_run_state_is_refused(value):
+    beat = {"type": "heartbeat", "version": 1, "running": [{**_RUN, "status": value}]}
+
+    [refused] = parse_frame(json.dumps(beat))
+
+    assert isinstance(refused, BadMessage)
+    assert str(refused).startswith("field 'running.status': one of")
