@@ -10,7 +10,6 @@ import logging
 from dataclasses import dataclass
 
 from django.contrib.auth.models import AbstractBaseUser
-from django.core.cache import cache
 from django.db import transaction
 from django.utils import timezone
 from rest_framework import authentication, exceptions
@@ -18,7 +17,13 @@ from rest_framework import authentication, exceptions
 from fetchml import apikeys
 from fetchml.conf import app_settings
 from fetchml.models import ApiKey
-from fetchml.ratelimits import auth_failures_exceeded, count_api_key_request, count_auth_failure, seconds_until_reset
+from fetchml.ratelimits import (
+    auth_failures_exceeded,
+    count_api_key_request,
+    count_auth_failure,
+    first_use_in,
+    seconds_until_reset,
+)
 
 logger = logging.getLogger("fetchml.auth")
 HEADER = "HTTP_X_API_KEY"
@@ -97,7 +102,7 @@ def authenticate_raw_key(raw: str | None, ip: str | None) -> ApiKey:
     # Successful use is audited (and last_used_at written) at most once per
     # interval per key, so a busy client does not balloon the chain.
     interval = app_settings.AUDIT_AUTH_SUCCESS_INTERVAL_SECONDS
-    if cache.add(f"fetchml:auth-ok:{key.id}", 1, timeout=interval):
+    if first_use_in(interval, key_id=key.id):
         ApiKey.objects.filter(pk=key.pk).update(last_used_at=timezone.now())
         _record_auth(success=True, key=key, ip=ip)
     return key

@@ -15,6 +15,12 @@ does).
 reports, a dispatch round: task events to three groups, a wake-up, the
 workers' assigns) in those two round trips, not two per group.
 
+A receive outlives a cut connection (Redis restarted, a proxy between): it
+tries again on a new connection for up to `RECEIVE_RETRY_SECONDS`, so a
+consumer waiting for its next message is not torn down with it. Nothing is
+lost by that: channels_redis keeps a message popped but not yet handed over
+in a backup queue that the next receive puts back first.
+
 `group_send_all_blocking` is the same send for synchronous code (what a
 transaction publishes after its commit), on blocking connections of its
 own: without it every such send is handed to an event loop and waited for
@@ -22,6 +28,7 @@ own: without it every such send is handed to an event loop and waited for
 (measured). The two share everything but the waiting on Redis.
 """
 
+import asyncio
 import logging
 import threading
 import time
@@ -52,6 +59,9 @@ end
 return over_capacity
 """
 
+RECEIVE_RETRY_SECONDS = 30.0
+RECEIVE_RETRY_MAX_DELAY = 1.0
+
 # Apart enough to keep their order as Redis stores scores (doubles: about 0.25 microseconds apart
 # at today's times), close enough not to pass a message sent a moment later.
 _SCORE_STEP = 1e-6
@@ -70,6 +80,19 @@ class RedisChannelLayer(UpstreamRedisChannelLayer):
         """Whether `group_send_all_blocking` can reach every host (each given by an address; a
         Sentinel host is reached through the event loop's connections only)."""
         return all("address" in host for host in self.hosts)
+
+    async def receive_single(self, channel: str) -> Any:
+        deadline = time.monotonic() + RECEIVE_RETRY_SECONDS
+        delay = 0.05
+        while True:
+            try:
+                return await super().receive_single(channel)
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                if time.monotonic() + delay > deadline:
+                    raise
+                logger.warning("receive on %s lost its connection (%s); again in %.2f s", channel, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RECEIVE_RETRY_MAX_DELAY)
 
     async def group_send(self, group: str, message: dict[str, Any]) -> None:
         await self.group_send_all([(group, message)])

@@ -6,16 +6,27 @@ counters (a user with several machines gets a budget per key). Logged-in
 sessions are limited per user. Failed authentications are limited per client
 IP, more strictly, against key guessing. The counters live in the default
 cache, which is Redis (shared by all processes) when REDIS_URL is set.
+
+When that cache cannot be reached (Redis restarting), nothing is counted and
+the request goes on, with a warning: a rate limit guards the service against
+overload, and refusing every request while Redis is away would be the outage
+it guards against. Key guessing stays hopeless without it (keys carry 256
+random bits).
 """
 
+import logging
 import time
 from dataclasses import dataclass
 from types import SimpleNamespace
 
+from django.core.cache import cache
 from django_ratelimit.core import get_usage
+from redis import RedisError
 from rest_framework.throttling import BaseThrottle
 
 from fetchml.conf import app_settings
+
+logger = logging.getLogger("fetchml.ratelimits")
 
 _SAFE = {"GET", "HEAD", "OPTIONS"}
 
@@ -31,7 +42,11 @@ class Usage:
 def _usage(group: str, identity: str, rate: str, *, increment: bool) -> Usage | None:
     # django-ratelimit only reads the method from the request; the key is ours.
     shim = SimpleNamespace(method="GET", META={})
-    usage = get_usage(shim, group=group, key=lambda _g, _r: identity, rate=rate, increment=increment)
+    try:
+        usage = get_usage(shim, group=group, key=lambda _g, _r: identity, rate=rate, increment=increment)
+    except RedisError as exc:
+        logger.warning("%s not counted: the cache is unreachable (%s)", group, exc)
+        return None
     if usage is None:
         return None
     return Usage(
@@ -66,6 +81,16 @@ def auth_failures_exceeded(ip: str | None) -> int | None:
 
 def count_auth_failure(ip: str | None) -> None:
     _usage("fetchml.auth-failure", ip or "unknown", app_settings.RATE_LIMIT_AUTH_FAILURES, increment=True)
+
+
+def first_use_in(interval: int, *, key_id: object) -> bool:
+    """Whether this is the key's first successful use in `interval` seconds (so it is audited);
+    True as well when the cache cannot say (an extra audit event beats a missing one)."""
+    try:
+        return bool(cache.add(f"fetchml:auth-ok:{key_id}", 1, timeout=interval))
+    except RedisError as exc:
+        logger.warning("successful key use audited without its interval: the cache is unreachable (%s)", exc)
+        return True
 
 
 def seconds_until_reset(usage: Usage) -> int:

@@ -339,3 +339,36 @@ def test_only_a_layer_whose_hosts_are_addresses_sends_from_a_blocking_thread():
 
     assert by_address.sends_blocking
     assert not by_sentinel.sends_blocking
+
+
+def _receiving_client_ids() -> list[int]:
+    """The connections of this database blocked in a receive's pop."""
+    import redis
+
+    with redis.Redis.from_url(settings.REDIS_URL) as admin:
+        db = str(admin.connection_pool.connection_kwargs.get("db", 0))
+        return [client["id"] for client in admin.client_list() if (client["cmd"], client["db"]) == ("bzpopmin", db)]
+
+
+@needs_redis
+def test_a_waiting_receive_whose_connection_is_cut_still_gets_the_next_message(caplog):
+    layer = _layer()
+
+    async def scenario() -> dict:
+        channel = await layer.new_channel()
+        receiving = asyncio.ensure_future(layer.receive(channel))
+        waiting = []
+        while not waiting:  # the receive's blocking pop is under way
+            await asyncio.sleep(0.01)
+            waiting = await asyncio.to_thread(_receiving_client_ids)
+        for client_id in waiting:
+            await asyncio.to_thread(_cut, client_id)
+        await asyncio.sleep(0.1)
+        assert not receiving.done(), receiving
+        await layer.send(channel, {"type": "test.message", "n": 1})
+        received = await asyncio.wait_for(receiving, timeout=5)
+        await layer.flush()
+        return received
+
+    assert _run(scenario) == {"type": "test.message", "n": 1}
+    assert "lost its connection" in caplog.text  # the receive's own connection was the one cut

@@ -134,3 +134,38 @@ def test_successful_requests_do_not_count_as_auth_failures(user_client):
     for _ in range(3):
         assert user_client.get(ENDPOINT).status_code == 200
     assert KeyClient(BAD_KEY).get(ENDPOINT).status_code == 401
+
+
+@pytest.fixture
+def unreachable_cache():
+    """The shared cache is a Redis that no longer answers: a port nothing listens on."""
+    from fetchml.testing import HOST, free_port
+
+    location = f"redis://{HOST}:{free_port()}/0"
+    with override_settings(
+        CACHES={"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": location}}
+    ):
+        yield
+
+
+def test_requests_go_on_uncounted_while_the_shared_cache_is_unreachable(user_client, unreachable_cache):
+    response = user_client.get(ENDPOINT)
+
+    assert response.status_code == 200
+    assert "X-RateLimit-Limit" not in response
+
+
+def test_a_bad_key_is_still_refused_while_the_shared_cache_is_unreachable(db, unreachable_cache):
+    response = KeyClient(BAD_KEY).get(ENDPOINT)
+
+    assert response.status_code == 401
+    assert response.json()["code"] == "UNAUTHORIZED"
+
+
+def test_each_successful_key_use_is_audited_while_the_shared_cache_is_unreachable(user_client, unreachable_cache):
+    from audit.models import AuditEvent
+
+    for _ in range(2):
+        assert user_client.get(ENDPOINT).status_code == 200
+
+    assert AuditEvent.objects.filter(event_type="auth_attempt", success=True).count() == 2

@@ -181,3 +181,54 @@ def test_scheduler_losing_its_database_connections_mid_dispatch_places_each_task
         runs = list(NodeAssignment.objects.filter(task_id=task["id"]).values_list("attempt", "status"))
         assert runs == [(task["attempt"], "finished")], (task["id"], runs)
     assert not Worker.objects.exclude(used_batch_slots=0).exists()
+
+
+def _cut_redis_connections(client_name: str) -> int:
+    """Close every Redis connection named `client_name` from the server's side, as a restart of Redis would."""
+    import redis
+
+    with redis.Redis.from_url(os.environ["REDIS_URL"]) as admin:
+        return sum(
+            admin.client_kill_filter(_id=client["id"])
+            for client in admin.client_list()
+            if client["name"] == client_name
+        )
+
+
+@requires_postgres
+@pytest.mark.skipif(not os.environ.get("REDIS_URL"), reason="needs REDIS_URL: the channel layer is what is cut")
+def test_tasks_submitted_while_the_channel_layer_connections_are_cut_each_run_once(
+    tmp_path: Path, owner_key: str, agent_key: str
+) -> None:
+    name = "fetchml-e2e-layer"
+    redis_url = os.environ["REDIS_URL"] + ("&" if "?" in os.environ["REDIS_URL"] else "?") + f"client_name={name}"
+    system = LiveSystem(
+        tmp_path=tmp_path,
+        database_url=database_url_for(connection),
+        separate_scheduler=True,
+        env={"REDIS_URL": redis_url},
+    )
+    with system:
+        system.start_worker("a", key=agent_key, slots=3)
+        system.start_worker("b", key=agent_key, slots=3)
+        cut, stop = [], threading.Event()
+
+        def cut_repeatedly() -> None:
+            while not stop.is_set():
+                cut.append(_cut_redis_connections(name))
+                stop.wait(0.1)
+
+        cutter = threading.Thread(target=cut_repeatedly)
+        cutter.start()
+        try:
+            tasks = [system.submit(owner_key, entrypoint="sleep 0.1") for _ in range(40)]
+        finally:
+            stop.set()
+            cutter.join()
+        done = [system.wait_for_status(owner_key, task["id"], "completed", timeout=60) for task in tasks]
+
+    assert sum(cut) > 0, "no channel-layer connection was cut"
+    for task in done:
+        runs = list(NodeAssignment.objects.filter(task_id=task["id"]).values_list("attempt", "status"))
+        assert runs == [(task["attempt"], "finished")], (task["id"], runs)
+    assert not Worker.objects.exclude(used_batch_slots=0).exists()
