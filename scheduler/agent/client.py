@@ -215,7 +215,8 @@ class Agent:
 
     def _give_up_reporting(self) -> None:
         if self._held:
-            logger.error("exiting with %d run(s) whose outcome the server has not acknowledged", len(self._held))
+            unsettled = len(self._held)
+            logger.error("exiting with %d run(s) whose outcome or log lines the server has not acknowledged", unsettled)
             self._exit_code = EXIT_UNREPORTED
         self._finished.set()
 
