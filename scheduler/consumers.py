@@ -194,11 +194,14 @@ class WorkerConsumer(SocketConsumer):
             capabilities=message["capabilities"],
             channel_name=self.channel_name,
             running=message["running"],
+            instance=message["instance"],
         )
         if welcome.conflict:
             await self.close(code=CLOSE_NAME_IN_USE, reason="another live connection uses this worker name")
             return
         self.worker_id = welcome.worker_id
+        if welcome.superseded:
+            await self._retire(welcome.superseded)
         self.sends_batches = BATCH in message["features"]
         self.acks_logs = LOG_ACK in message["features"]
         await self.channel_layer.group_add(events.worker_group(self.worker_id), self.channel_name)
@@ -221,6 +224,12 @@ class WorkerConsumer(SocketConsumer):
         await self._send_pending_cancels()
         if welcome.draining:
             await self.send_json(outgoing("drain"))
+
+    async def _retire(self, old_channel: str) -> None:
+        """The replaced connection gets nothing more for this worker, and is closed if it still lives."""
+        await self.channel_layer.group_discard(events.worker_group(self.worker_id), old_channel)
+        await self.channel_layer.group_discard(WORKERS_GROUP, old_channel)
+        await self.channel_layer.send(old_channel, {"type": "worker.superseded"})
 
     async def _on_run_reports(self, reports: list[dict[str, Any]]) -> None:
         outcomes = await in_pool(services.apply_run_reports)(worker_id=self.worker_id, reports=reports)
@@ -346,6 +355,10 @@ class WorkerConsumer(SocketConsumer):
     async def worker_disconnect(self, event: dict[str, Any]) -> None:
         # The lease expired while connected: reconnecting makes the agent reconcile.
         await self.close(code=CLOSE_RECONNECT, reason="lease expired; reconnect")
+
+    async def worker_superseded(self, event: dict[str, Any]) -> None:
+        # The same agent said hello on a newer connection: this one is a leftover.
+        await self.close(code=CLOSE_RECONNECT, reason="replaced by a newer connection of this agent")
 
 
 def _server_error(kind: str) -> dict[str, Any]:

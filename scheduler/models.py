@@ -21,6 +21,9 @@ class Worker(models.Model):
     hostname = models.CharField(max_length=255, blank=True)  # rank-0 address for multi-node jobs
     api_key = models.ForeignKey("fetchml.ApiKey", null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
     channel_name = models.CharField(max_length=255, blank=True)  # current WebSocket connection
+    # The agent process behind that connection (its `hello.instance`): the same agent coming back
+    # on a new connection replaces its old one at once, a second agent under the name does not.
+    agent_instance = models.CharField(max_length=64, blank=True)
 
     # Capacity as reported in `hello`
     cpu_cores = models.PositiveIntegerField(default=0)

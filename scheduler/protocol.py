@@ -123,6 +123,7 @@ def _hello(message: dict) -> dict[str, Any]:
         "features": sorted(set(features) & set(FEATURES)),
         "agent_version": _str(message, "agent_version", max_length=32, ref=ref),
         "hostname": _str(message, "hostname", max_length=255, ref=ref),
+        "instance": _str(message, "instance", max_length=64, ref=ref),
         "capabilities": parsed,
         "running": _runs(message, ref=ref),
     }

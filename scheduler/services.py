@@ -59,6 +59,7 @@ class Welcome:
     kill: list[str] = field(default_factory=list)
     conflict: bool = False
     draining: bool = False
+    superseded: str = ""  # the channel of the connection this one replaces
 
 
 @dataclass
@@ -93,11 +94,15 @@ def worker_hello(
     capabilities: dict[str, Any],
     channel_name: str,
     running: list[dict[str, str]],
+    instance: str = "",
 ) -> Welcome:
     """Register (or re-register) a worker by name and reconcile the runs it still has.
 
     Reported runs the server still assigns to this worker are kept; all others
     are killed. Acknowledged runs the agent no longer has are lost (re-queued).
+    A name held by another live connection is refused, unless that connection
+    was the same agent's (`instance`): an agent has one connection at a time,
+    so its old one is dead (a server that crashed under it) and is replaced.
     """
     now = timezone.now()
     # A live connection heartbeats every interval; one silent for a few intervals
@@ -107,9 +112,10 @@ def worker_hello(
     live_window = timedelta(seconds=min(app_settings.WORKER_LEASE_SECONDS, silent_for))
     with transaction.atomic():
         worker, created = Worker.objects.select_for_update().get_or_create(name=name)
+        superseded = worker.channel_name if worker.channel_name != channel_name else ""
         if (
-            worker.channel_name
-            and worker.channel_name != channel_name
+            superseded
+            and not (instance and instance == worker.agent_instance)
             and worker.last_heartbeat is not None
             and worker.last_heartbeat > now - live_window
         ):
@@ -124,6 +130,7 @@ def worker_hello(
         worker.hostname = hostname
         worker.api_key_id = api_key_id
         worker.channel_name = channel_name
+        worker.agent_instance = instance
         worker.connected_at = now
         worker.last_heartbeat = now
         worker.save()
@@ -148,7 +155,8 @@ def worker_hello(
             )
     kept = [run for run in running if run["token"] in keep]
     _catch_up_progress(worker.id, kept, _run_states(worker.id, kept))
-    return Welcome(worker_id=worker.id, keep=keep, kill=kill, draining=worker.status == Worker.Status.DRAINING)
+    draining = worker.status == Worker.Status.DRAINING
+    return Welcome(worker_id=worker.id, keep=keep, kill=kill, draining=draining, superseded=superseded)
 
 
 def worker_disconnected(*, worker_id: Any, channel_name: str) -> None:

@@ -18,6 +18,7 @@ import asyncio
 import logging
 import random
 import time
+import uuid
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -127,6 +128,7 @@ class Agent:
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
         self.worker_id: str | None = None
+        self.instance = uuid.uuid4().hex  # this process, in every hello: its reconnects replace its old connection
         self._held: dict[str, _Held] = {}
         # Every run's supervising task, also of runs already forgotten but still being killed.
         self._run_tasks: set[asyncio.Task[None]] = set()
@@ -283,6 +285,7 @@ class Agent:
             protocol.encode(
                 protocol.hello(
                     name=self.config.name,
+                    instance=self.instance,
                     hostname=address,
                     capabilities=self.config.capacity.as_capabilities(),
                     running=self.held_runs(),

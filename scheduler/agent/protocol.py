@@ -276,10 +276,13 @@ def _message(type_: str, **fields: Any) -> dict[str, Any]:
     return {"type": type_, "version": VERSION, **fields}
 
 
-def hello(*, name: str, hostname: str, capabilities: dict[str, Any], running: list[dict[str, str]]) -> dict[str, Any]:
+def hello(
+    *, name: str, instance: str, hostname: str, capabilities: dict[str, Any], running: list[dict[str, str]]
+) -> dict[str, Any]:
     return _message(
         "hello",
         name=name,
+        instance=instance,
         agent_version=AGENT_VERSION,
         hostname=hostname,
         capabilities=capabilities,

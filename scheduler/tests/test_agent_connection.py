@@ -316,6 +316,22 @@ def test_agent_retries_until_the_server_appears(tmp_path: Path) -> None:
     run_async(scenario())
 
 
+def test_hello_names_the_agent_process_the_same_across_reconnects(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with Peer() as first, running_agent(first.url, tmp_path):
+            await first.connected()
+            port = first.port
+            await first.close()
+            async with Peer(port=port) as second:
+                await second.connected()
+                assert second.hellos[0]["instance"] == first.hellos[0]["instance"]
+        async with Peer() as other, running_agent(other.url, tmp_path / "other"):
+            await other.connected()
+            assert other.hellos[0]["instance"] != first.hellos[0]["instance"]
+
+    run_async(scenario())
+
+
 def test_backoff_grows_with_jitter_up_to_the_cap() -> None:
     backoff = Backoff(initial=0.5, maximum=10.0)
     delays = [backoff.next_delay() for _ in range(10)]

@@ -144,6 +144,36 @@ def test_second_live_connection_with_the_same_name_is_closed_with_4409(worker_ke
     assert run(scenario()) == 4409
 
 
+def test_another_agent_under_a_live_connections_name_is_closed_with_4409(worker_key):
+    async def scenario():
+        first, _ = await start_worker(worker_key, name="twin", instance="agent-a")
+        second = await connect(worker_key)
+        await send(second, {"type": "hello", "name": "twin", "capabilities": {}, "instance": "agent-b"})
+        code = await close_code(second)
+        await first.disconnect()
+        return code
+
+    assert run(scenario()) == 4409
+
+
+def test_the_same_agent_on_a_new_connection_replaces_its_old_one(worker_key):
+    async def scenario():
+        # The old connection's consumer still lives (as on a server the agent lost touch with).
+        old, _ = await start_worker(worker_key, name="box-1", instance="agent-a")
+        new, welcome = await start_worker(worker_key, name="box-1", instance="agent-a")
+        old_closed_with = await close_code(old)
+        task, assign = await _assigned(new)
+        await new.disconnect()
+        return welcome, old_closed_with, task, assign
+
+    welcome, old_closed_with, task, assign = run(scenario())
+
+    assert welcome["type"] == "welcome"
+    assert old_closed_with == 1012
+    assert assign["task_id"] == str(task.id)
+    assert Worker.objects.get(name="box-1").agent_instance == "agent-a"
+
+
 def test_first_message_that_is_not_hello_closes_with_4400(worker_key):
     async def scenario():
         communicator = await connect(worker_key)

@@ -61,9 +61,11 @@ async def start_worker(
     name: str = "box-1",
     running: list[dict] | None = None,
     features: list[str] | None = None,
+    instance: str | None = None,
     **capabilities: Any,
 ) -> tuple[WebsocketCommunicator, dict[str, Any]]:
-    """Connect and say hello (listing `features` when given); returns the communicator and the welcome."""
+    """Connect and say hello (listing `features`, naming the agent `instance`, when given); returns
+    the communicator and the welcome."""
     communicator = await connect(raw_key)
     await send(
         communicator,
@@ -75,7 +77,8 @@ async def start_worker(
             "capabilities": {**CAPABILITIES, **capabilities},
             "running": running or [],
         }
-        | ({"features": features} if features is not None else {}),
+        | ({"features": features} if features is not None else {})
+        | ({"instance": instance} if instance is not None else {}),
     )
     welcome = await receive(communicator)
     assert welcome["type"] == "welcome", welcome
