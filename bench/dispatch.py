@@ -69,6 +69,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Self
@@ -211,7 +212,9 @@ class BenchWorker:
         async with connect(self.url, additional_headers={"X-API-Key": self.key}, max_queue=None) as ws:
             capabilities = {"cpu_cores": 64, "memory_gb": 256, "gpu_count": self.gpus, "gpu_type": self.gpu_type}
             capabilities |= {"batch_slots": self.slots, "service_slots": 0}
-            hello = protocol.hello(name=self.name, hostname="127.0.0.1", capabilities=capabilities, running=[])
+            hello = protocol.hello(
+                name=self.name, instance=uuid.uuid4().hex, hostname="127.0.0.1", capabilities=capabilities, running=[]
+            )
             await ws.send(protocol.encode(hello))
             welcome = protocol.decode(await ws.recv())
             batches = protocol.BATCH in (welcome.get("features") or [])
