@@ -132,25 +132,19 @@ def test_reconnect_with_the_same_name_is_the_same_worker(worker_key):
     assert Worker.objects.filter(name="box-7").count() == 1
 
 
-def test_second_live_connection_with_the_same_name_is_closed_with_4409(worker_key):
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [(None, None), ("agent-a", "agent-b"), (None, "agent-a")],
+    ids=["no-instances", "other-agent", "unrecorded-instance"],
+)
+def test_a_second_live_connection_with_the_same_name_from_another_agent_is_closed_with_4409(worker_key, first, second):
     async def scenario():
-        first, _ = await start_worker(worker_key, name="twin")
-        second = await connect(worker_key)
-        await send(second, {"type": "hello", "name": "twin", "capabilities": {}})
-        code = await close_code(second)
-        await first.disconnect()
-        return code
-
-    assert run(scenario()) == 4409
-
-
-def test_another_agent_under_a_live_connections_name_is_closed_with_4409(worker_key):
-    async def scenario():
-        first, _ = await start_worker(worker_key, name="twin", instance="agent-a")
-        second = await connect(worker_key)
-        await send(second, {"type": "hello", "name": "twin", "capabilities": {}, "instance": "agent-b"})
-        code = await close_code(second)
-        await first.disconnect()
+        live, _ = await start_worker(worker_key, name="twin", instance=first)
+        twin = await connect(worker_key)
+        hello = {"type": "hello", "name": "twin", "capabilities": {}}
+        await send(twin, hello | ({"instance": second} if second else {}))
+        code = await close_code(twin)
+        await live.disconnect()
         return code
 
     assert run(scenario()) == 4409
