@@ -249,7 +249,9 @@ class WorkerConsumer(SocketConsumer):
 
     async def _on_draining(self, message: dict[str, Any]) -> None:
         handed_back = await database_sync_to_async(services.worker_announced_drain)(worker_id=self.worker_id)
-        logger.info("worker %s is draining; %d unacknowledged run(s) back in the queue", self.worker_id, handed_back)
+        # The agent repeats `draining` with its heartbeats: only news is worth a line.
+        log = logger.info if handed_back else logger.debug
+        log("worker %s is draining; %d unacknowledged run(s) back in the queue", self.worker_id, handed_back)
 
     async def _on_heartbeat(self, message: dict[str, Any]) -> None:
         stale = await database_sync_to_async(services.worker_heartbeat)(

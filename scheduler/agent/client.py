@@ -365,6 +365,10 @@ class Agent:
     async def _heartbeat(self, session: _Session) -> None:
         while True:
             self._enqueue(protocol.heartbeat(running=self.held_runs()))
+            if self._draining:
+                # Said again with every heartbeat: a `draining` the server failed to apply would
+                # leave it assigning runs this agent will not take.
+                self._enqueue(protocol.draining())
             self._resend_unacknowledged(older_than=session.heartbeat_seconds)
             await asyncio.sleep(session.heartbeat_seconds)
 

@@ -257,6 +257,24 @@ def test_draining_agent_says_so_again_after_a_reconnect(tmp_path: Path) -> None:
     run_async(scenario())
 
 
+def test_a_draining_agent_says_so_again_with_every_heartbeat(tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
+
+    async def scenario() -> None:
+        async with Peer(heartbeat_seconds=0.1) as peer, running_agent(peer.url, tmp_path / "work") as agent:
+            message = assign(gated(gate))
+            await peer.send(message)
+            await peer.status(message["token"], "running")
+            agent.drain()
+            for _ in range(3):  # the first at once, then one beside each heartbeat
+                await peer.next(lambda m: m["type"] == "draining")
+                await peer.next(lambda m: m["type"] == "heartbeat")
+            gate.touch()
+            assert (await peer.final(message["token"]))["status"] == "completed"
+
+    run_async(scenario())
+
+
 def test_forced_shutdown_kills_runs_and_reports_them_as_worker_lost(tmp_path: Path) -> None:
     code = "import os, signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nprint(os.getpid())\ntime.sleep(300)"
 
