@@ -123,6 +123,20 @@ def test_ready_after_a_stop_request_does_not_revive_the_service(actor):
     assert (service.status, service.token_sealed) == ("stopping", "")
 
 
+def test_ready_said_again_changes_nothing(actor):
+    service = _running(actor)
+
+    assert not jupyter_ready(task_id=service.task_id, url="http://10.0.0.7:8888/", service_token="tok")
+
+    again = JupyterService.objects.get(id=service.id)
+    assert (again.status, again.token_sealed, again.last_activity_at) == (
+        "running",
+        service.token_sealed,
+        service.last_activity_at,
+    )
+    assert AuditEvent.objects.filter(event_type="jupyter_changed", action="running").count() == 1
+
+
 def test_ready_with_a_url_that_is_not_http_is_refused(actor):
     from fetchml.errors import Invalid
 

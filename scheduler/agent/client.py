@@ -43,6 +43,10 @@ AUTH_CLOSE_CODES = frozenset({4401, 4403})
 OUTBOX_LIMIT = 10_000
 # `log` messages of one run held until the server acknowledges them (each up to 200 lines).
 UNACKED_LOGS_LIMIT = 1_000
+# A running run's standing state (its sidecars' last `plugin_status`, its service's `service_ready`)
+# is said again every `AgentConfig.standing_report_seconds` and after each reconnect: nothing
+# answers those, and one the server failed to apply would otherwise stand wrong until it changed.
+STANDING_REPORTS = frozenset({"plugin_status", "service_ready"})
 EXIT_OK, EXIT_UNREPORTED, EXIT_REFUSED = 0, 1, 2
 
 
@@ -63,6 +67,7 @@ class AgentConfig:
     backoff_initial: float = 0.5
     backoff_max: float = 10.0
     shutdown_report_seconds: float = 5.0
+    standing_report_seconds: float = 30.0
     base_env: dict[str, str] | None = None
     # Files (docs/files-protocol.md). files_url defaults to the server's http(s) address.
     files_url: str | None = None
@@ -105,6 +110,9 @@ class _Held:
     final_acked: bool = False
     # Its `log` messages the server has not acknowledged, by `seq`: each with when it was last sent.
     logs: dict[int, tuple[dict[str, Any], float]] = field(default_factory=dict)
+    # The last standing report of each kind and plugin, and when they were last sent.
+    standing: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+    standing_sent_at: float = 0.0
 
     @property
     def settled(self) -> bool:
@@ -313,7 +321,7 @@ class Agent:
         )
         if self._draining:
             self._enqueue(protocol.draining())  # a restarted server must hear it again
-        self._resend_unacknowledged(older_than=0.0)
+        self._resend_unacknowledged(older_than=0.0, standing_older_than=0.0)
         session.wake.set()
         tasks = [
             asyncio.create_task(self._receive(session)),
@@ -369,7 +377,9 @@ class Agent:
                 # Said again with every heartbeat: a `draining` the server failed to apply would
                 # leave it assigning runs this agent will not take.
                 self._enqueue(protocol.draining())
-            self._resend_unacknowledged(older_than=session.heartbeat_seconds)
+            self._resend_unacknowledged(
+                older_than=session.heartbeat_seconds, standing_older_than=self.config.standing_report_seconds
+            )
             await asyncio.sleep(session.heartbeat_seconds)
 
     async def _receive(self, session: _Session) -> None:
@@ -391,19 +401,29 @@ class Agent:
             self._session.wake.set()
 
     def _emit(self, message: dict[str, Any]) -> None:
-        """A run's message: queued, and a `log` also held until the server acknowledges it."""
+        """A run's message: queued; a `log` also held until the server acknowledges it, a standing
+        report kept to be said again."""
         held = self._held.get(message.get("token", ""))
         if message["type"] == "log" and held is not None and self._log_acks:
             if len(held.logs) >= UNACKED_LOGS_LIMIT:
                 del held.logs[min(held.logs)]
                 logger.warning("task %s: too many log messages unacknowledged; dropped the oldest", held.run.task_id)
             held.logs[message["seq"]] = (message, time.monotonic())
+        elif message["type"] in STANDING_REPORTS and held is not None:
+            held.standing[(message["type"], message.get("name", ""))] = message
+            held.standing_sent_at = time.monotonic()
         self._enqueue(message)
 
-    def _resend_unacknowledged(self, *, older_than: float) -> None:
-        """Send again the final statuses and `log` messages not acknowledged within `older_than` seconds."""
+    def _resend_unacknowledged(self, *, older_than: float, standing_older_than: float) -> None:
+        """Send again the final statuses and `log` messages not acknowledged within `older_than`
+        seconds, and the standing reports of running runs last sent `standing_older_than` ago."""
         now = time.monotonic()
         for held in self._held.values():
+            # Only while it runs: about an ended run the server takes nothing but its outcome and lines.
+            if held.final is None and held.standing and now - held.standing_sent_at >= standing_older_than:
+                held.standing_sent_at = now
+                for message in held.standing.values():
+                    self._enqueue(message)
             for seq, (message, sent_at) in sorted(held.logs.items()):
                 if now - sent_at >= older_than:
                     held.logs[seq] = (message, now)

@@ -65,6 +65,21 @@ def test_jupyter_serves_with_the_token_then_stops_with_its_run(tmp_path: Path) -
     run_async(scenario(), timeout=120)
 
 
+def test_jupyter_readiness_is_said_again_while_it_serves(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        peer = Peer(heartbeat_seconds=0.2)
+        async with peer, running_agent(peer.url, tmp_path / "work", standing_report_seconds=0.3):
+            message = assign("jupyter server", kind="service", service=_service(), timeout_seconds=0)
+            await peer.send(message)
+            ready = await peer.next(lambda m: m["type"] == "service_ready", timeout=JUPYTER_WAIT)
+            # A `service_ready` the server failed to apply would otherwise leave the service starting.
+            assert await peer.next(lambda m: m["type"] == "service_ready") == ready
+            await peer.send({"type": "cancel", "task_id": message["task_id"], "token": message["token"]})
+            assert (await peer.final(message["token"], timeout=JUPYTER_WAIT))["status"] == "cancelled"
+
+    run_async(scenario(), timeout=120)
+
+
 def test_service_with_a_workspace_leaving_the_work_directory_fails_in_preparation(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with Peer() as peer, running_agent(peer.url, tmp_path / "work"):

@@ -165,3 +165,40 @@ def test_sidecar_process_group_is_killed_when_the_agent_stops(tmp_path: Path) ->
     pid = run_async(scenario())
     asyncio.run(until(lambda: process_gone(pid), what="the sidecar to be gone"))
     assert not os.path.exists(f"/proc/{pid}/cmdline") or process_gone(pid)
+
+
+def test_the_last_plugin_status_is_said_again_while_the_run_goes_on_and_not_after(tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
+
+    async def scenario() -> None:
+        peer = Peer(heartbeat_seconds=0.05)
+        async with peer, running_agent(peer.url, tmp_path / "work", standing_report_seconds=0.2):
+            message = assign(gated(gate), sidecars=[HTTP_SIDECAR])
+            await peer.send(message)
+            healthy = await peer.next(_plugin_status("httpside", "healthy"))
+            assert await peer.next(_plugin_status("httpside", "healthy")) == healthy  # said again, unchanged
+
+            gate.touch()
+            await peer.final(message["token"])
+            said = len([m for m in peer.about(message["token"]) if m["type"] == "plugin_status"])
+            await asyncio.sleep(0.5)  # past two more intervals of standing reports
+            assert len([m for m in peer.about(message["token"]) if m["type"] == "plugin_status"]) == said
+
+    run_async(scenario())
+
+
+def test_the_last_plugin_status_is_said_again_after_a_reconnect(tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
+
+    async def scenario() -> None:
+        async with Peer() as first, running_agent(first.url, tmp_path / "work"):
+            message = assign(gated(gate), sidecars=[HTTP_SIDECAR])
+            await first.send(message)
+            healthy = await first.next(_plugin_status("httpside", "healthy"))
+            await first.close()  # the server restarts, maybe without having applied it
+            async with Peer(port=first.port) as second:
+                assert await second.next(_plugin_status("httpside", "healthy")) == healthy
+                gate.touch()
+                await second.final(message["token"])
+
+    run_async(scenario())
