@@ -181,7 +181,8 @@ def test_the_last_plugin_status_is_said_again_while_the_run_goes_on_and_not_afte
             gate.touch()
             await peer.final(message["token"])
             said = len([m for m in peer.about(message["token"]) if m["type"] == "plugin_status"])
-            await asyncio.sleep(0.5)  # past two more intervals of standing reports
+            for _ in range(8):  # heartbeats, which say standing reports again: past two of their intervals
+                await peer.next(lambda m: m["type"] == "heartbeat")
             assert len([m for m in peer.about(message["token"]) if m["type"] == "plugin_status"]) == said
 
     run_async(scenario())

@@ -395,40 +395,37 @@ def test_reconnect_keeps_runs_still_assigned_and_kills_the_others(worker_key):
     assert task.status == "running"
 
 
-def test_a_heartbeat_reporting_a_run_further_along_than_recorded_moves_its_task(worker_key):
+def _task_after_a_heartbeat(worker_key: str, *, first: dict, reported: str) -> Task:
+    """A task assigned to a worker that sent `first` about the run (an ack, a status), then a
+    heartbeat saying the run is `reported`."""
+
     async def scenario():
         communicator, _ = await start_worker(worker_key)
         task, assign = await _assigned(communicator)
         run_ref = {"task_id": assign["task_id"], "token": assign["token"]}
-        await send(communicator, {"type": "ack", **run_ref})
-        # The `running` status never arrived; the heartbeat says where the run is.
-        await send(communicator, {"type": "heartbeat", "running": [{**run_ref, "status": "running"}]})
+        await send(communicator, {**first, **run_ref})
+        await send(communicator, {"type": "heartbeat", "running": [{**run_ref, "status": reported}]})
         await expect_nothing(communicator)
         await communicator.disconnect()
         return task
 
     task = run(scenario())
-
     task.refresh_from_db()
+    return task
+
+
+def test_a_heartbeat_reporting_a_run_further_along_than_recorded_moves_its_task(worker_key):
+    # The `running` status never arrived; the heartbeat says where the run is.
+    task = _task_after_a_heartbeat(worker_key, first={"type": "ack"}, reported="running")
+
     assert task.status == "running"
     assert task.started_at is not None
     assert NodeAssignment.objects.get(task=task).status == "running"
 
 
 def test_a_heartbeat_repeating_recorded_progress_changes_nothing(worker_key):
-    async def scenario():
-        communicator, _ = await start_worker(worker_key)
-        task, assign = await _assigned(communicator)
-        run_ref = {"task_id": assign["task_id"], "token": assign["token"]}
-        await send(communicator, {"type": "status", **run_ref, "status": "collecting"})
-        await send(communicator, {"type": "heartbeat", "running": [{**run_ref, "status": "running"}]})
-        await expect_nothing(communicator)
-        await communicator.disconnect()
-        return task
+    task = _task_after_a_heartbeat(worker_key, first={"type": "status", "status": "collecting"}, reported="running")
 
-    task = run(scenario())
-
-    task.refresh_from_db()
     assert task.status == "collecting"
 
 
