@@ -15,11 +15,13 @@ does).
 reports, a dispatch round: task events to three groups, a wake-up, the
 workers' assigns) in those two round trips, not two per group.
 
-A receive outlives a cut connection (Redis restarted, a proxy between): it
-tries again on a new connection for up to `RECEIVE_RETRY_SECONDS`, so a
-consumer waiting for its next message is not torn down with it. Nothing is
-lost by that: channels_redis keeps a message popped but not yet handed over
-in a backup queue that the next receive puts back first.
+A receive, and joining or leaving a group, outlive a cut connection (Redis
+restarted, a proxy between): each tries again on a new connection for up to
+`RECONNECT_SECONDS`, so a consumer waiting for its next message, or
+subscribing a client to a task, is not torn down with it. Nothing is lost or
+doubled by that: channels_redis keeps a message popped but not yet handed
+over in a backup queue that the next receive puts back first, and a group
+member added or removed twice is added or removed once.
 
 `group_send_all_blocking` is the same send for synchronous code (what a
 transaction publishes after its commit), on blocking connections of its
@@ -32,12 +34,14 @@ import asyncio
 import logging
 import threading
 import time
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import redis
 from channels_redis.core import RedisChannelLayer as UpstreamRedisChannelLayer
 
 logger = logging.getLogger("fetchml.channel_layer")
+T = TypeVar("T")
 
 # KEYS: the channels' keys on one connection, in delivery order (a key may come again); ARGV: a
 # message per key, a capacity per key, a score per key (messages leave a channel lowest score first),
@@ -59,8 +63,8 @@ end
 return over_capacity
 """
 
-RECEIVE_RETRY_SECONDS = 30.0
-RECEIVE_RETRY_MAX_DELAY = 1.0
+RECONNECT_SECONDS = 30.0
+RECONNECT_MAX_DELAY = 1.0
 
 # Apart enough to keep their order as Redis stores scores (doubles: about 0.25 microseconds apart
 # at today's times), close enough not to pass a message sent a moment later.
@@ -82,17 +86,19 @@ class RedisChannelLayer(UpstreamRedisChannelLayer):
         return all("address" in host for host in self.hosts)
 
     async def receive_single(self, channel: str) -> Any:
-        deadline = time.monotonic() + RECEIVE_RETRY_SECONDS
-        delay = 0.05
-        while True:
-            try:
-                return await super().receive_single(channel)
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
-                if time.monotonic() + delay > deadline:
-                    raise
-                logger.warning("receive on %s lost its connection (%s); again in %.2f s", channel, exc, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, RECEIVE_RETRY_MAX_DELAY)
+        return await _reconnecting(
+            f"receive on {channel}", lambda: super(RedisChannelLayer, self).receive_single(channel)
+        )
+
+    async def group_add(self, group: str, channel: str) -> None:
+        await _reconnecting(
+            f"adding {channel} to {group}", lambda: super(RedisChannelLayer, self).group_add(group, channel)
+        )
+
+    async def group_discard(self, group: str, channel: str) -> None:
+        await _reconnecting(
+            f"removing {channel} from {group}", lambda: super(RedisChannelLayer, self).group_discard(group, channel)
+        )
 
     async def group_send(self, group: str, message: dict[str, Any]) -> None:
         await self.group_send_all([(group, message)])
@@ -183,6 +189,22 @@ class RedisChannelLayer(UpstreamRedisChannelLayer):
         args += [now + position * _SCORE_STEP for position in range(len(delivered))]
         args += [self.expiry, int(now) - int(self.expiry)]
         return keys, args
+
+
+async def _reconnecting(what: str, call: Callable[[], Awaitable[T]]) -> T:
+    """`call()`, made again on a new connection while Redis cannot be reached, for up to
+    `RECONNECT_SECONDS` (only for what is safe to repeat)."""
+    deadline = time.monotonic() + RECONNECT_SECONDS
+    delay = 0.05
+    while True:
+        try:
+            return await call()
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            if time.monotonic() + delay > deadline:
+                raise
+            logger.warning("%s lost its connection (%s); again in %.2f s", what, exc, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RECONNECT_MAX_DELAY)
 
 
 def _members_from(groups: list[str], replies: list[Any]) -> dict[str, list[str]]:

@@ -5,12 +5,14 @@ import asyncio
 import time
 import uuid
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 from channels.layers import channel_layers, get_channel_layer
 from django.conf import settings
 
 from fetchml.channel_layer import RedisChannelLayer
+from fetchml.testing import free_port
 
 IDLE_SECONDS = 7  # longer than the layer's 5 s blocking pop, which a 5 s socket timeout cut short
 
@@ -372,3 +374,74 @@ def test_a_waiting_receive_whose_connection_is_cut_still_gets_the_next_message(c
 
     assert _run(scenario) == {"type": "test.message", "n": 1}
     assert "lost its connection" in caplog.text  # the receive's own connection was the one cut
+
+
+class _Gate:
+    """A TCP forwarder in front of Redis that can be shut (its connections cut, new ones refused) and
+    opened again on the same port: Redis out of reach for a while, as behind a restarting proxy."""
+
+    def __init__(self) -> None:
+        target = urlsplit(settings.REDIS_URL)
+        self.target = (target.hostname or "127.0.0.1", target.port or 6379)
+        self.db = target.path
+        self.port = free_port()
+        self.server: asyncio.Server | None = None
+        self.writers: list[asyncio.StreamWriter] = []
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}{self.db}"
+
+    async def open(self) -> None:
+        self.server = await asyncio.start_server(self._forward, "127.0.0.1", self.port)
+
+    async def shut(self) -> None:
+        self.server.close()
+        for writer in self.writers:
+            writer.close()
+        self.writers = []
+
+    async def _forward(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        upstream_reader, upstream_writer = await asyncio.open_connection(*self.target)
+        self.writers += [writer, upstream_writer]
+        await asyncio.gather(_pipe(reader, upstream_writer), _pipe(upstream_reader, writer))
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+    except (ConnectionError, OSError):
+        pass
+    finally:
+        writer.close()
+
+
+@needs_redis
+@pytest.mark.parametrize("joining", [True, False], ids=["group_add", "group_discard"])
+def test_a_group_change_while_redis_is_out_of_reach_is_made_once_it_is_back(caplog, joining):
+    gate = _Gate()
+
+    async def scenario() -> bool:
+        await gate.open()
+        layer = RedisChannelLayer(hosts=[gate.url], prefix=f"test-{uuid.uuid4().hex}")
+        channel = await layer.new_channel()
+        if not joining:
+            await layer.group_add("watchers", channel)
+        await gate.shut()
+        change = layer.group_add if joining else layer.group_discard
+        changing = asyncio.ensure_future(change("watchers", channel))
+        while "lost its connection" not in caplog.text:  # the change failed at least once
+            await asyncio.sleep(0.01)
+        assert not changing.done(), changing
+        await gate.open()
+        await asyncio.wait_for(changing, timeout=5)
+        await layer.group_send("watchers", {"type": "test.message"})
+        arrived = await _another_arrives(layer, channel)
+        await layer.flush()
+        await layer.close_pools()
+        await gate.shut()
+        return arrived
+
+    assert _run(scenario) is joining
