@@ -43,10 +43,11 @@ AUTH_CLOSE_CODES = frozenset({4401, 4403})
 OUTBOX_LIMIT = 10_000
 # `log` messages of one run held until the server acknowledges them (each up to 200 lines).
 UNACKED_LOGS_LIMIT = 1_000
-# A running run's standing state (its sidecars' last `plugin_status`, its service's `service_ready`)
-# is said again every `AgentConfig.standing_report_seconds` and after each reconnect: nothing
-# answers those, and one the server failed to apply would otherwise stand wrong until it changed.
-STANDING_REPORTS = frozenset({"plugin_status", "service_ready"})
+# A running run's standing state (its sidecars' last `plugin_status`, its service's `service_ready`
+# and last `service_activity`) is said again every `AgentConfig.standing_report_seconds` and after
+# each reconnect: nothing answers those, and one the server failed to apply would otherwise stand
+# wrong until it changed (a lost activity would stop a Jupyter service as idle too early).
+STANDING_REPORTS = frozenset({"plugin_status", "service_ready", "service_activity"})
 EXIT_OK, EXIT_UNREPORTED, EXIT_REFUSED = 0, 1, 2
 
 

@@ -184,12 +184,12 @@ class JupyterWatch:
         task_id: str,
         token: str,
         emit: Emit,
-        activity_seconds: float = ACTIVITY_POLL_SECONDS,
+        activity_seconds: float | None = None,
     ) -> None:
         self._prepared = prepared
         self._task_id, self._token = task_id, token
         self._emit = emit
-        self._activity_seconds = activity_seconds
+        self._activity_seconds = ACTIVITY_POLL_SECONDS if activity_seconds is None else activity_seconds
         self._watch: asyncio.Task[None] | None = None
         self.ready = False
 

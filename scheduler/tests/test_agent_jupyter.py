@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from scheduler.agent import services
 from scheduler.agent.services import ServiceLauncher, ServiceSpec, jupyter_command, parse_service, workspace_dir
 from scheduler.tests.agent_peer import Peer, assign, process_gone, run_async, running_agent, until
 
@@ -74,6 +75,24 @@ def test_jupyter_readiness_is_said_again_while_it_serves(tmp_path: Path) -> None
             ready = await peer.next(lambda m: m["type"] == "service_ready", timeout=JUPYTER_WAIT)
             # A `service_ready` the server failed to apply would otherwise leave the service starting.
             assert await peer.next(lambda m: m["type"] == "service_ready") == ready
+            await peer.send({"type": "cancel", "task_id": message["task_id"], "token": message["token"]})
+            assert (await peer.final(message["token"], timeout=JUPYTER_WAIT))["status"] == "cancelled"
+
+    run_async(scenario(), timeout=120)
+
+
+def test_jupyter_activity_is_said_again_while_it_serves(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(services, "ACTIVITY_POLL_SECONDS", 0.2)
+
+    async def scenario() -> None:
+        peer = Peer(heartbeat_seconds=0.2)
+        async with peer, running_agent(peer.url, tmp_path / "work", standing_report_seconds=0.3):
+            message = assign("jupyter server", kind="service", service=_service(), timeout_seconds=0)
+            await peer.send(message)
+            activity = await peer.next(lambda m: m["type"] == "service_activity", timeout=JUPYTER_WAIT)
+            # Unchanged (the agent's own status polls are not activity), yet said again: one the
+            # server failed to apply would make an idle stop come early.
+            assert await peer.next(lambda m: m["type"] == "service_activity") == activity
             await peer.send({"type": "cancel", "task_id": message["task_id"], "token": message["token"]})
             assert (await peer.final(message["token"], timeout=JUPYTER_WAIT))["status"] == "cancelled"
 
