@@ -48,6 +48,8 @@ DEFAULTS: dict[str, Any] = {
     "FAIR_SHARE_STEP": 0.1,
     # live updates: seconds between SSE heartbeat comments (each also re-checks the database)
     "SSE_HEARTBEAT_SECONDS": 15.0,
+    # live updates: seconds between a /ws connection's re-reads of the tasks it told about
+    "WS_RECHECK_SECONDS": 15.0,
     # audit
     "AUDIT_SIGNING_KEY": "",
     "AUDIT_AUTH_SUCCESS_INTERVAL_SECONDS": 60,

@@ -9,24 +9,37 @@ only (picked from their owners' groups), and also their new log lines
 (`task_log`, from each task's group); unsubscribing from the last one widens
 it again. Only ids travel over the channel layer; what is sent is reloaded
 from the database, one query for each batch of changes.
+
+The channel layer may lose a message (Redis away, a full in-memory queue),
+and a client may subscribe after its task changed; the database is the
+record. So `subscribed` is followed by the task's current state, and every
+FETCHML_WS_RECHECK_SECONDS the connection re-reads the tasks it told about
+that had not ended (and its subscriptions, with their lines after the last
+one sent) and tells what changed unseen. A change older than the state
+already told is not told after it: a client never sees a task go back.
 """
 
+import asyncio
 import json
 import logging
 import uuid
+from collections import OrderedDict
 from typing import Any
 from urllib.parse import parse_qsl
 
+import django.db
 from channels.consumer import get_handler_name
 from channels.db import database_sync_to_async
 from django.utils import timezone
 from rest_framework import exceptions as drf_exceptions
 
 from fetchml import events
+from fetchml.aio import cancel_and_wait
 from fetchml.auth import Actor, authenticate_raw_key
+from fetchml.conf import app_settings
 from fetchml.consumers import SocketConsumer
 from fetchml.errors import NotFound
-from tasks.logs import serialize_line
+from tasks.logs import CATCH_UP_CHUNK, serialize_line
 from tasks.models import Task, TaskLogLine
 from tasks.selectors import task_get_for_actor
 from tasks.states import FINAL_STATES
@@ -39,6 +52,11 @@ CLOSE_FORBIDDEN = 4403
 CLOSE_RATE_LIMITED = 4429
 
 MAX_SUBSCRIPTIONS = 100
+# Tasks whose last told state a connection remembers (the oldest forgotten first): an admin's
+# connection hears of every task, and only those told about are re-checked.
+MAX_REMEMBERED = 10_000
+# A zero interval would spin; the setting parser only guarantees >= 0.
+MIN_RECHECK_SECONDS = 0.05
 _QUERY_KEY_NAMES = frozenset({"api_key", "apikey", "key", "x-api-key", "x_api_key", "token"})
 _TASK_EVENTS = frozenset({"task_update", "task_complete"})
 
@@ -88,9 +106,19 @@ def _owner_of_visible(actor: Actor, task_id: uuid.UUID) -> Any | None:
         return None
 
 
-def _lines(task_id: str, ids: list[int]) -> list[dict[str, Any]]:
-    rows = TaskLogLine.objects.filter(task_id=task_id, id__in=ids).order_by("id")
+def _lines_after(task_id: str, after_id: int) -> list[dict[str, Any]]:
+    """A chunk of the task's lines after `after_id`, in id order (the resume rule of tasks.logs)."""
+    rows = TaskLogLine.objects.filter(task_id=task_id, id__gt=after_id).order_by("id")[:CATCH_UP_CHUNK]
     return [serialize_line(line) for line in rows]
+
+
+def _last_line_id(task_id: uuid.UUID) -> int:
+    return TaskLogLine.objects.filter(task_id=task_id).order_by("-id").values_list("id", flat=True).first() or 0
+
+
+def _statuses(task_ids: list[str]) -> dict[str, str]:
+    rows = Task.objects.filter(id__in=task_ids).values_list("id", "status")
+    return {str(task_id): status for task_id, status in rows}
 
 
 class ClientConsumer(SocketConsumer):
@@ -101,6 +129,12 @@ class ClientConsumer(SocketConsumer):
     async def connect(self) -> None:
         self.subscriptions = {}
         self.joined: set[str] = set()
+        self.told: OrderedDict[str, str] = OrderedDict()  # task id -> the last status told, newest last
+        self.lines_told: dict[str, int] = {}  # subscribed task id -> the id of its last line told
+        # Event handlers, subscriptions and re-checks read and tell one at a time, so that what
+        # `told` says is what the client was sent.
+        self.telling = asyncio.Lock()
+        self.rechecks: asyncio.Task | None = None
         query = dict(parse_qsl(self.scope.get("query_string", b"").decode("latin1")))
         if _QUERY_KEY_NAMES & {name.lower() for name in query}:
             logger.info("refused /ws: API key in the query string")
@@ -127,8 +161,11 @@ class ClientConsumer(SocketConsumer):
         self.home_group = events.ADMINS_GROUP if self.actor.is_admin else events.user_group(self.actor.user.pk)
         await self._join_groups()
         await self.accept()
+        self.rechecks = asyncio.create_task(self._recheck_forever())
 
     async def disconnect(self, code: int) -> None:
+        if getattr(self, "rechecks", None) is not None:
+            await cancel_and_wait(self.rechecks)
         for group in self.joined if hasattr(self, "joined") else ():
             await self.channel_layer.group_discard(group, self.channel_name)
 
@@ -159,7 +196,11 @@ class ClientConsumer(SocketConsumer):
         if handler_name is None or not hasattr(self, handler_name):
             logger.debug("ignoring channel message %s", message.get("type"))
             return
-        await super().dispatch(message)
+        try:
+            await super().dispatch(message)
+        except django.db.Error:  # any failure of the database, closed connections included
+            # The next re-check tells what this message would have; the connection stays.
+            logger.warning("could not read what a %s message is about", message.get("type"), exc_info=True)
 
     # --- from the client -------------------------------------------------
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
@@ -175,14 +216,19 @@ class ClientConsumer(SocketConsumer):
             await self._error('Messages are JSON objects with a "type"')
             return
         kind = message["type"]
-        if kind == "ping":
-            await self._send({"type": "pong", "timestamp": timezone.now().isoformat()})
-        elif kind == "subscribe":
-            await self._subscribe(message.get("task_id"))
-        elif kind == "unsubscribe":
-            await self._unsubscribe(message.get("task_id"))
-        else:
-            await self._error(f"Unknown message type {kind[:64]!r}")
+        try:
+            if kind == "ping":
+                await self._send({"type": "pong", "timestamp": timezone.now().isoformat()})
+            elif kind == "subscribe":
+                await self._subscribe(message.get("task_id"))
+            elif kind == "unsubscribe":
+                await self._unsubscribe(message.get("task_id"))
+            else:
+                await self._error(f"Unknown message type {kind[:64]!r}")
+        except django.db.Error:  # any failure of the database, closed connections included
+            logger.warning("could not answer a /ws %s message", kind[:64], exc_info=True)
+            about = {"task_id": message["task_id"]} if isinstance(message.get("task_id"), str) else {}
+            await self._error("The database is unavailable; try again", code="SERVICE_UNAVAILABLE", **about)
 
     async def _subscribe(self, raw_id: Any) -> None:
         task_id = _task_id(raw_id)
@@ -194,13 +240,24 @@ class ClientConsumer(SocketConsumer):
             await self._error("Task not found", code="NOT_FOUND", task_id=str(task_id))
             return
         key = str(task_id)
-        if key not in self.subscriptions:
-            if len(self.subscriptions) >= MAX_SUBSCRIPTIONS:
-                await self._error(f"At most {MAX_SUBSCRIPTIONS} subscriptions per connection", code="CONFLICT")
-                return
-            self.subscriptions[key] = owner
-            await self._join_groups()
-        await self._send({"type": "subscribed", "task_id": key})
+        async with self.telling:
+            if key not in self.subscriptions:
+                if len(self.subscriptions) >= MAX_SUBSCRIPTIONS:
+                    await self._error(f"At most {MAX_SUBSCRIPTIONS} subscriptions per connection", code="CONFLICT")
+                    return
+                self.subscriptions[key] = owner
+                await self._join_groups()  # before the reads below: nothing published after them is missed
+                try:
+                    self.lines_told[key] = await database_sync_to_async(_last_line_id)(task_id)
+                except django.db.Error:  # any failure of the database, closed connections included
+                    del self.subscriptions[key]
+                    await self._join_groups()
+                    raise
+            await self._send({"type": "subscribed", "task_id": key})
+            # Should this read fail, the subscription stands and the next re-check tells the state.
+            snapshot = (await database_sync_to_async(task_snapshots)([key])).get(key)
+            if snapshot is not None:
+                await self._tell(snapshot)
 
     async def _unsubscribe(self, raw_id: Any) -> None:
         task_id = _task_id(raw_id)
@@ -208,8 +265,10 @@ class ClientConsumer(SocketConsumer):
         if key is None or key not in self.subscriptions:
             await self._error("Not subscribed to that task", code="NOT_FOUND")
             return
-        del self.subscriptions[key]
-        await self._join_groups()
+        async with self.telling:
+            del self.subscriptions[key]
+            self.lines_told.pop(key, None)
+            await self._join_groups()
         await self._send({"type": "unsubscribed", "task_id": key})
 
     # --- from the channel layer --------------------------------------------
@@ -220,27 +279,77 @@ class ClientConsumer(SocketConsumer):
         wanted = [event for event in events.task_events_of(message) if self._wants(event)]
         if not wanted:
             return
-        snapshots = await database_sync_to_async(task_snapshots)([event["task_id"] for event in wanted])
-        for event in wanted:
-            snapshot = snapshots.get(event["task_id"])
-            if snapshot is None:
-                continue
-            # The event's own status and priority: a client sees each transition,
-            # even when the row has moved on by the time it is reloaded.
-            snapshot = {**snapshot, "status": event.get("status", snapshot["status"])}
-            snapshot["priority"] = event.get("priority", snapshot["priority"])
-            kind = event.get("event")
-            if kind not in _TASK_EVENTS:
-                kind = "task_complete" if snapshot["status"] in FINAL_STATES else "task_update"
-            await self._send({"type": kind, "task": snapshot, "timestamp": timezone.now().isoformat()})
+        async with self.telling:
+            snapshots = await database_sync_to_async(task_snapshots)([event["task_id"] for event in wanted])
+            for event in wanted:
+                snapshot = snapshots.get(event["task_id"])
+                if snapshot is None:
+                    continue
+                # The event's own status and priority: a client sees each transition,
+                # even when the row has moved on by the time it is reloaded...
+                status = event.get("status", snapshot["status"])
+                if self.told.get(snapshot["id"]) == snapshot["status"] != status:
+                    continue  # ...but not one older than the current state it was already told
+                await self._tell(
+                    {**snapshot, "status": status, "priority": event.get("priority", snapshot["priority"])},
+                    kind=event.get("event"),
+                )
 
     async def task_log(self, message: dict) -> None:
         task_id = message.get("task_id")
         if task_id not in self.subscriptions:
             return
-        lines = await database_sync_to_async(_lines)(task_id, list(message.get("ids") or []))
-        if lines:
-            await self._send({"type": "task_log", "task_id": task_id, "lines": lines})
+        async with self.telling:
+            # Every line after the last one told, not only this message's: an earlier message may be lost.
+            await self._tell_lines(task_id)
+
+    # --- re-checks ------------------------------------------------------------
+    async def _recheck_forever(self) -> None:
+        while True:
+            await asyncio.sleep(max(app_settings.WS_RECHECK_SECONDS, MIN_RECHECK_SECONDS))
+            try:
+                await self._recheck()
+            except Exception:  # the loop outlives any failure: the next re-check catches up
+                logger.warning("re-check of a /ws connection failed; trying again later", exc_info=True)
+
+    async def _recheck(self) -> None:
+        """Tell what changed unseen: the state of each task told about that had not ended, and of
+        each subscription, and the subscriptions' lines after the last one told."""
+        async with self.telling:
+            unended = [task_id for task_id, status in self.told.items() if status not in FINAL_STATES]
+            watched = list(dict.fromkeys([*unended, *self.subscriptions]))
+            if watched:
+                current = await database_sync_to_async(_statuses)(watched)
+                for task_id in watched:
+                    if task_id not in current and task_id not in self.subscriptions:
+                        self.told.pop(task_id, None)  # deleted: nothing more to tell
+                changed = [task_id for task_id, status in current.items() if self.told.get(task_id) != status]
+                if changed:
+                    snapshots = await database_sync_to_async(task_snapshots)(changed)
+                    for task_id in changed:
+                        if task_id in snapshots:
+                            await self._tell(snapshots[task_id])
+            for task_id in list(self.subscriptions):
+                await self._tell_lines(task_id)
+
+    # --- to the client ------------------------------------------------------
+    async def _tell(self, snapshot: dict[str, Any], *, kind: str | None = None) -> None:
+        if kind not in _TASK_EVENTS:
+            kind = "task_complete" if snapshot["status"] in FINAL_STATES else "task_update"
+        self.told[snapshot["id"]] = snapshot["status"]
+        self.told.move_to_end(snapshot["id"])
+        while len(self.told) > MAX_REMEMBERED:
+            self.told.popitem(last=False)
+        await self._send({"type": kind, "task": snapshot, "timestamp": timezone.now().isoformat()})
+
+    async def _tell_lines(self, task_id: str) -> None:
+        while task_id in self.lines_told:
+            lines = await database_sync_to_async(_lines_after)(task_id, self.lines_told[task_id])
+            if lines:
+                self.lines_told[task_id] = lines[-1]["id"]
+                await self._send({"type": "task_log", "task_id": task_id, "lines": lines})
+            if len(lines) < CATCH_UP_CHUNK:
+                return
 
     def _wants(self, event: dict) -> bool:
         if not isinstance(event.get("task_id"), str):

@@ -1,9 +1,12 @@
 """Task log lines: appended in batches by the worker consumer, read by the logs API.
 
 Lines live in TaskLogLine (one row per line), never on the Task row, so a long
-run does not rewrite a growing text column. Ids are the order: one task's lines
-arrive over one worker connection at a time and are appended in order, so
-"lines with id > N" is a correct resume point for readers. A batch the agent
+run does not rewrite a growing text column. Ids are the order: a single-node
+task's lines arrive over one worker connection at a time and are appended in
+order, so "lines with id > N" is a correct resume point for readers. (The
+nodes of a multi-node task append from their own connections: on PostgreSQL
+one node's batch can commit just after another's with higher ids, and a
+follower reading in that moment passes it by; the stored log has it.) A batch the agent
 had to send again (the server failed to store it, or its answer was lost) is
 stored when it arrives, after lines sent later, and only once; each line's
 `seq` is its place in its node's output.
@@ -21,6 +24,8 @@ from tasks.models import Task, TaskLogLine
 # A runaway process printing one endless line must not fill the database.
 MAX_LINE_CHARS = 16_384
 MAX_TAIL = 10_000
+# Lines read per query while a follower catches up, so a long log never sits in memory at once.
+CATCH_UP_CHUNK = 1000
 _STREAMS = frozenset(TaskLogLine.Stream.values)
 
 

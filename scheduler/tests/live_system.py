@@ -19,11 +19,13 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import queue
 import shlex
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -56,6 +58,7 @@ DEFAULT_ENV = {
     "FETCHML_RATE_LIMIT_POST": "100000/m",
     "FETCHML_RATE_LIMIT_GET": "100000/m",
     "FETCHML_RATE_LIMIT_OTHER": "100000/m",
+    "FETCHML_WS_RECHECK_SECONDS": "0.5",
 }
 
 
@@ -139,6 +142,74 @@ class _Child:
         self.stop()
         self._closed_output = self.output()
         self.log.close()
+
+
+class ClientWatch:
+    """A client on the server's /ws, as a dashboard or CLI would be: a thread keeps every message."""
+
+    DONE = ("task_complete", "completed")
+
+    def __init__(self, url: str, key: str, *, outputs: Callable[[], str]) -> None:
+        from websockets.sync.client import connect
+
+        self.outputs = outputs
+
+        self.socket = connect(url, additional_headers={"X-API-Key": key}, open_timeout=15)
+        self.messages: list[dict[str, Any]] = []
+        self.answers: queue.Queue[dict[str, Any]] = queue.Queue()  # what requests were answered with
+        self.closed: str | None = None
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        from websockets.exceptions import ConnectionClosed
+
+        try:
+            for raw in self.socket:
+                message = json.loads(raw)
+                self.messages.append(message)
+                if message.get("type") in ("subscribed", "error"):
+                    self.answers.put(message)
+            self.closed = f"closed: {self.socket.close_code} {self.socket.close_reason}"
+        except ConnectionClosed as exc:
+            self.closed = f"closed: {exc}"
+
+    def subscribe(self, task_id: str, *, timeout: float = WAIT_SECONDS) -> None:
+        """Subscribe and wait for the answer, asking again while the server says it is unavailable."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self.socket.send(json.dumps({"type": "subscribe", "task_id": task_id}))
+            answer = self.answers.get(timeout=max(deadline - time.monotonic(), 0))
+            if answer["type"] == "subscribed":
+                return
+            if answer.get("code") != "SERVICE_UNAVAILABLE" or time.monotonic() > deadline:
+                raise AssertionError(f"subscribing to {task_id} was answered {answer}")
+
+    def told(self, task_id: str) -> list[tuple[str, str]]:
+        """(message type, status) of each state this client was told of the task, in order."""
+        return [
+            (message["type"], message["task"]["status"])
+            for message in list(self.messages)
+            if message.get("type") in ("task_update", "task_complete") and message["task"]["id"] == task_id
+        ]
+
+    def wait_for_completions(self, task_ids: list[str], *, timeout: float = WAIT_SECONDS) -> None:
+        """Wait until the last state told of each task is its completion; fails if the connection closes."""
+
+        def all_told() -> bool:
+            if self.closed:
+                raise AssertionError(f"the /ws connection was {self.closed}")
+            return all(self.told(task_id)[-1:] == [self.DONE] for task_id in task_ids)
+
+        try:
+            wait_until(all_told, timeout=timeout, what="the /ws client to be told every completion")
+        except AssertionError as exc:
+            untold = {task_id: self.told(task_id) for task_id in task_ids if self.told(task_id)[-1:] != [self.DONE]}
+            raise AssertionError(f"{exc}; untold: {untold}\n{self.outputs()}") from None
+
+    def close(self) -> None:
+        self.socket.close()
+        self._reader.join(timeout=STOP_SECONDS)
 
 
 class LiveSystem:
@@ -289,6 +360,10 @@ class LiveSystem:
             connection.close()
         content_type = response.getheader("Content-Type") or ""
         return response.status, json.loads(raw) if raw and content_type.startswith("application/json") else raw
+
+    def watch(self, key: str) -> ClientWatch:
+        """A client connected to /ws with `key` (close it when done)."""
+        return ClientWatch(f"ws://{HOST}:{self.port}/ws", key, outputs=self.outputs)
 
     def submit(self, key: str, **fields: Any) -> dict[str, Any]:
         status, body = self.request("POST", "/v1/tasks", key=key, body={"job_name": "e2e", **fields})

@@ -102,6 +102,9 @@ def test_runs_finishing_while_the_server_loses_its_database_connections_complete
         tasks = [system.submit(owner_key, entrypoint=python_command(code), args=delay) for delay in delays]
         for task in tasks:
             system.wait_for_task(owner_key, task["id"], lambda t: t["status"] == "running")
+        watch = system.watch(owner_key)  # a client told of each run's end, as the runs end
+        for task in tasks:
+            watch.subscribe(task["id"])
 
         gate.touch()
         terminated = []
@@ -112,6 +115,10 @@ def test_runs_finishing_while_the_server_loses_its_database_connections_complete
         finally:
             connections.close_all()
         done = [system.wait_for_status(owner_key, task["id"], "completed") for task in tasks]
+        try:
+            watch.wait_for_completions([task["id"] for task in tasks])
+        finally:
+            watch.close()
         # Every line reaches the log API once, though some batches had to be sent again.
         logs = [system.request("GET", f"/v1/tasks/{task['id']}/logs", key=owner_key)[1]["lines"] for task in tasks]
 
@@ -218,14 +225,23 @@ def test_tasks_submitted_while_the_channel_layer_connections_are_cut_each_run_on
                 cut.append(_cut_redis_connections(name))
                 stop.wait(0.1)
 
+        # A client watching its tasks, as a CLI waiting for them would: told of each one's end.
+        watch = system.watch(owner_key)
         cutter = threading.Thread(target=cut_repeatedly)
         cutter.start()
         try:
-            tasks = [system.submit(owner_key, entrypoint="sleep 0.1") for _ in range(40)]
+            tasks = []
+            for _ in range(40):
+                tasks.append(system.submit(owner_key, entrypoint="sleep 0.1"))
+                watch.subscribe(tasks[-1]["id"])
         finally:
             stop.set()
             cutter.join()
         done = [system.wait_for_status(owner_key, task["id"], "completed", timeout=60) for task in tasks]
+        try:
+            watch.wait_for_completions([task["id"] for task in tasks])
+        finally:
+            watch.close()
 
     assert sum(cut) > 0, "no channel-layer connection was cut"
     for task in done:

@@ -33,13 +33,11 @@ from django.views.decorators.http import require_safe
 from fetchml import events
 from fetchml.errors import ApplicationError
 from fetchml.sse import authenticate_stream, error_response_for, event_stream, sse_frame, sse_response
-from tasks.logs import MAX_TAIL, log_lines, serialize_line
+from tasks.logs import CATCH_UP_CHUNK, MAX_TAIL, log_lines, serialize_line
 from tasks.models import Task
 from tasks.selectors import task_get_for_actor
 from tasks.states import FINAL_STATES
 
-# Lines read per query while catching up, so a long log never sits in memory at once.
-CATCH_UP_CHUNK = 1000
 _BOOLEANS = {"true": True, "1": True, "false": False, "0": False}
 
 

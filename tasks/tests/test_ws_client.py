@@ -12,12 +12,15 @@ from asgiref.sync import sync_to_async
 from channels.layers import get_channel_layer
 from channels.testing import WebsocketCommunicator
 from django.db import transaction
+from django.test import override_settings
+from django.utils import timezone
 
 from fetchml.asgi import application
 from fetchml.testing import run_async
 from fetchml.tests.factories import ApiKeyFactory
 from tasks.consumers import CLOSE_FORBIDDEN, CLOSE_UNAUTHENTICATED
 from tasks.logs import append_lines
+from tasks.models import Task, TaskLogLine
 from tasks.services import task_submit, task_transition
 from tasks.states import TaskStatus
 
@@ -73,6 +76,23 @@ async def _receive(socket: WebsocketCommunicator) -> dict:
 async def _ask(socket: WebsocketCommunicator, message: dict) -> dict:
     await socket.send_json_to(message)
     return await _receive(socket)
+
+
+async def _subscribe(socket: WebsocketCommunicator, task) -> tuple[dict, dict]:
+    """Subscribe to `task`: the `subscribed` answer and the task's current state that follows it."""
+    reply = await _ask(socket, {"type": "subscribe", "task_id": str(task.id)})
+    assert reply["type"] == "subscribed", reply
+    return reply, await _receive(socket)
+
+
+def _changed_unannounced(task, status: str) -> None:
+    """Change the task's row as a transition would, with no message published: a lost one."""
+    ended = timezone.now() if status in (TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED) else None
+    Task.objects.filter(id=task.id).update(status=status, ended_at=ended)
+
+
+def _lines_unannounced(task, *texts: str) -> None:
+    TaskLogLine.objects.bulk_create([TaskLogLine(task_id=task.id, attempt=1, stream="stdout", line=t) for t in texts])
 
 
 # --- authentication -----------------------------------------------------
@@ -239,15 +259,18 @@ async def test_subscribing_to_own_task_narrows_the_stream_to_it(alice_key, user,
     other = await sync_to_async(task_submit)(owner=user, job_name="second")
     socket = await _open(alice_key)
     try:
-        assert await _ask(socket, {"type": "subscribe", "task_id": str(alice_task.id)}) == {
-            "type": "subscribed",
-            "task_id": str(alice_task.id),
-        }
+        reply, state = await _subscribe(socket, alice_task)
         await _move(other, TaskStatus.PREPARING)
         await _move(alice_task, TaskStatus.PREPARING)  # the marker
         first = await _receive(socket)
     finally:
         await socket.disconnect()
+    assert reply == {"type": "subscribed", "task_id": str(alice_task.id)}
+    assert (state["type"], state["task"]["id"], state["task"]["status"]) == (
+        "task_update",
+        str(alice_task.id),
+        "queued",
+    )
     assert first["task"]["id"] == str(alice_task.id)
 
 
@@ -255,7 +278,7 @@ async def test_subscribing_to_own_task_narrows_the_stream_to_it(alice_key, user,
 async def test_subscribed_task_also_streams_its_new_log_lines(alice_key, alice_task):
     socket = await _open(alice_key)
     try:
-        await _ask(socket, {"type": "subscribe", "task_id": str(alice_task.id)})
+        await _subscribe(socket, alice_task)
         lines = [{"stream": "stdout", "line": "epoch 1"}, {"stream": "stderr", "line": "warn"}]
         await sync_to_async(append_lines)(task_id=alice_task.id, attempt=1, lines=lines)
         message = await _receive(socket)
@@ -271,7 +294,7 @@ async def test_unsubscribing_from_the_last_task_widens_the_stream_again(alice_ke
     other = await sync_to_async(task_submit)(owner=user, job_name="second")
     socket = await _open(alice_key)
     try:
-        await _ask(socket, {"type": "subscribe", "task_id": str(alice_task.id)})
+        await _subscribe(socket, alice_task)
         reply = await _ask(socket, {"type": "unsubscribe", "task_id": str(alice_task.id)})
         await _move(other, TaskStatus.PREPARING)
         message = await _receive(socket)
@@ -300,7 +323,7 @@ async def test_subscribing_to_another_users_task_is_an_error(bob_key, alice_task
 async def test_admin_may_subscribe_to_any_task(admin_key, alice_task):
     socket = await _open(admin_key)
     try:
-        reply = await _ask(socket, {"type": "subscribe", "task_id": str(alice_task.id)})
+        reply, _ = await _subscribe(socket, alice_task)
         await _move(alice_task, TaskStatus.PREPARING)
         message = await _receive(socket)
     finally:
@@ -314,7 +337,7 @@ async def test_admin_subscribed_to_a_users_task_gets_only_that_task(admin_key, u
     other = await sync_to_async(task_submit)(owner=user, job_name="second")
     socket = await _open(admin_key)
     try:
-        await _ask(socket, {"type": "subscribe", "task_id": str(alice_task.id)})
+        await _subscribe(socket, alice_task)
         await _move(other, TaskStatus.PREPARING)
         await _move(alice_task, TaskStatus.CANCELLED)  # the marker
         first = await _receive(socket)
@@ -331,6 +354,136 @@ async def test_unsubscribing_from_a_task_not_subscribed_is_an_error(alice_key, a
     finally:
         await socket.disconnect()
     assert reply["type"] == "error"
+
+
+# --- the state now, and what the channel layer lost --------------------------
+
+
+@run_async
+async def test_subscribing_to_a_task_that_already_ended_tells_its_final_state(alice_key, alice_task):
+    await _move(alice_task, TaskStatus.CANCELLED)
+    socket = await _open(alice_key)
+    try:
+        _, state = await _subscribe(socket, alice_task)
+    finally:
+        await socket.disconnect()
+    assert (state["type"], state["task"]["id"], state["task"]["status"]) == (
+        "task_complete",
+        str(alice_task.id),
+        "cancelled",
+    )
+
+
+@run_async
+@override_settings(FETCHML_WS_RECHECK_SECONDS=0.05)
+async def test_a_change_of_a_task_told_about_whose_message_was_lost_is_told_by_a_recheck(alice_key, alice_task):
+    socket = await _open(alice_key)
+    try:
+        await _move(alice_task, TaskStatus.PREPARING)
+        told = await _receive(socket)
+        await sync_to_async(_changed_unannounced)(alice_task, TaskStatus.CANCELLED)
+        caught_up = await _receive(socket)
+    finally:
+        await socket.disconnect()
+    assert told["task"]["status"] == "preparing"
+    assert (caught_up["type"], caught_up["task"]["id"], caught_up["task"]["status"]) == (
+        "task_complete",
+        str(alice_task.id),
+        "cancelled",
+    )
+
+
+@run_async
+@override_settings(FETCHML_WS_RECHECK_SECONDS=0.05)
+async def test_a_subscribed_tasks_change_whose_message_was_lost_is_told_by_a_recheck(alice_key, alice_task):
+    socket = await _open(alice_key)
+    try:
+        _, state = await _subscribe(socket, alice_task)
+        await sync_to_async(_changed_unannounced)(alice_task, TaskStatus.PREPARING)
+        caught_up = await _receive(socket)
+    finally:
+        await socket.disconnect()
+    assert state["task"]["status"] == "queued"
+    assert (caught_up["type"], caught_up["task"]["status"]) == ("task_update", "preparing")
+
+
+@run_async
+@override_settings(FETCHML_WS_RECHECK_SECONDS=0.05)
+async def test_an_ended_task_is_told_once_however_many_rechecks_follow(alice_key, user, alice_task):
+    other = await sync_to_async(task_submit)(owner=user, job_name="second")
+    socket = await _open(alice_key)
+    try:
+        await _move(alice_task, TaskStatus.CANCELLED)
+        ended = await _receive(socket)
+        for _ in range(3):  # a few rechecks' worth: each would have told it again
+            await _ask(socket, {"type": "ping"})
+        await _move(other, TaskStatus.PREPARING)  # the marker
+        first = await _receive(socket)
+    finally:
+        await socket.disconnect()
+    assert ended["type"] == "task_complete"
+    assert first["task"]["id"] == str(other.id)
+
+
+@run_async
+async def test_a_change_older_than_the_state_told_is_not_told_after_it(alice_key, user, alice_task):
+    other = await sync_to_async(task_submit)(owner=user, job_name="second")
+    await _move(alice_task, TaskStatus.PREPARING)
+    await _move(alice_task, TaskStatus.RUNNING)
+    socket = await _open(alice_key)
+    try:
+        _, state = await _subscribe(socket, alice_task)
+        await _subscribe(socket, other)
+        # A message about the earlier transition, arriving late.
+        late = {"type": "task.event", "event": "task_update", "task_id": str(alice_task.id), "status": "preparing"}
+        await get_channel_layer().group_send(f"tasks.user.{user.pk}", {**late, "priority": 5, "owner_id": user.pk})
+        await _move(other, TaskStatus.PREPARING)  # the marker
+        first = await _receive(socket)
+    finally:
+        await socket.disconnect()
+    assert state["task"]["status"] == "running"
+    assert (first["task"]["id"], first["task"]["status"]) == (str(other.id), "preparing")
+
+
+@run_async
+async def test_log_lines_whose_message_was_lost_come_with_the_next_lines(alice_key, alice_task):
+    socket = await _open(alice_key)
+    try:
+        await _subscribe(socket, alice_task)
+        await sync_to_async(_lines_unannounced)(alice_task, "epoch 1", "epoch 2")
+        await sync_to_async(append_lines)(
+            task_id=alice_task.id, attempt=1, lines=[{"stream": "stdout", "line": "epoch 3"}]
+        )
+        message = await _receive(socket)
+    finally:
+        await socket.disconnect()
+    assert [line["line"] for line in message["lines"]] == ["epoch 1", "epoch 2", "epoch 3"]
+
+
+@run_async
+@override_settings(FETCHML_WS_RECHECK_SECONDS=0.05)
+async def test_log_lines_never_announced_are_sent_by_a_recheck(alice_key, alice_task):
+    socket = await _open(alice_key)
+    try:
+        await _subscribe(socket, alice_task)
+        await sync_to_async(_lines_unannounced)(alice_task, "epoch 1")
+        message = await _receive(socket)
+    finally:
+        await socket.disconnect()
+    assert (message["type"], [line["line"] for line in message["lines"]]) == ("task_log", ["epoch 1"])
+
+
+@run_async
+async def test_lines_stored_before_the_subscription_are_not_sent(alice_key, alice_task):
+    await sync_to_async(_lines_unannounced)(alice_task, "old")
+    socket = await _open(alice_key)
+    try:
+        await _subscribe(socket, alice_task)
+        await sync_to_async(append_lines)(task_id=alice_task.id, attempt=1, lines=[{"stream": "stdout", "line": "new"}])
+        message = await _receive(socket)
+    finally:
+        await socket.disconnect()
+    assert [line["line"] for line in message["lines"]] == ["new"]
 
 
 # --- malformed input ----------------------------------------------------
@@ -404,7 +557,7 @@ async def test_disconnect_leaves_every_joined_group(alice_key, alice_task, monke
     monkeypatch.setattr(layer, "group_add", add)
     monkeypatch.setattr(layer, "group_discard", discard)
     socket = await _open(alice_key)
-    await _ask(socket, {"type": "subscribe", "task_id": str(alice_task.id)})
+    await _subscribe(socket, alice_task)
     await socket.disconnect()
 
     assert len({group for group, _ in joined}) == 2
