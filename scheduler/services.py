@@ -511,7 +511,13 @@ class _ReportBatch:
                 return self._apply_all()
         task_ids = sorted({report["task_id"] for report in self.reports if report["type"] == "status"})
         lock_runs_workers(task_ids=task_ids, worker_id=self.worker_id)
-        list(Task.objects.select_for_update(of=("self",)).filter(id__in=task_ids).order_by("id").values_list("id"))
+        # The tasks of log lines too: the nodes of a multi-node task append from their own
+        # connections, and under the task's lock their lines' ids follow their commits, so that
+        # "lines after id N" (tasks.logs) passes none by.
+        locked = {report["task_id"] for report in self.reports if report["type"] in ("status", "log")}
+        list(
+            Task.objects.select_for_update(of=("self",)).filter(id__in=sorted(locked)).order_by("id").values_list("id")
+        )
         # The workers and tasks are locked: the rows read now stay as they are until we commit.
         self._read()
         self.locked = True

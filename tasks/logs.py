@@ -3,10 +3,9 @@
 Lines live in TaskLogLine (one row per line), never on the Task row, so a long
 run does not rewrite a growing text column. Ids are the order: a single-node
 task's lines arrive over one worker connection at a time and are appended in
-order, so "lines with id > N" is a correct resume point for readers. (The
-nodes of a multi-node task append from their own connections: on PostgreSQL
-one node's batch can commit just after another's with higher ids, and a
-follower reading in that moment passes it by; the stored log has it.) A batch the agent
+order, and the nodes of a multi-node task append holding the task's row lock
+(scheduler.services), so ids follow commits and "lines with id > N" is a
+correct resume point for readers. A batch the agent
 had to send again (the server failed to store it, or its answer was lost) is
 stored when it arrives, after lines sent later, and only once; each line's
 `seq` is its place in its node's output.

@@ -6,14 +6,14 @@ import time
 
 import psycopg
 import pytest
-from django.db import connection, connections
+from django.db import connection, connections, transaction
 
 from conftest import requires_postgres
 from scheduler import services
 from scheduler.dispatch import dispatch_round
 from scheduler.services import STALE, StatusOutcome, apply_run_reports, assignment_status, end_run
 from scheduler.tests.factories import assignments_of, queued_task, worker
-from tasks.models import Task
+from tasks.models import Task, TaskLogLine
 from tasks.states import TaskStatus
 
 pytestmark = [requires_postgres, pytest.mark.django_db(transaction=True)]
@@ -173,3 +173,60 @@ def test_a_round_claims_the_worker_while_a_batch_of_its_reports_is_being_read(mo
     assert Task.objects.get(id=second.id).status == TaskStatus.PREPARING
     box.refresh_from_db()
     assert box.used_batch_slots == 1
+
+
+def _log_report(assignment, line: str, seq: int) -> dict:
+    lines = [{"stream": "stdout", "line": line}]
+    return {
+        "type": "log",
+        "task_id": str(assignment.task_id),
+        "token": str(assignment.token),
+        "lines": lines,
+        "seq": seq,
+    }
+
+
+def test_a_nodes_log_lines_wait_for_another_nodes_uncommitted_lines_of_the_same_task():
+    for name in ("a", "b"):
+        worker(name=name, batch_slots=1)
+    gang = queued_task(node_count=2)
+    assert dispatch_round() == 1
+    first, second = sorted(assignments_of(gang), key=lambda a: a.node_id)
+    monitor = psycopg.connect(**connection.get_connection_params(), autocommit=True)
+    stored, release = threading.Event(), threading.Event()
+    failures: list[BaseException] = []
+
+    def append(assignment, line: str, *, hold: bool) -> None:
+        try:
+            # Held open after storing its lines: a commit that comes late.
+            with transaction.atomic():
+                assert apply_run_reports(worker_id=assignment.worker_id, reports=[_log_report(assignment, line, 0)])
+                if hold:
+                    stored.set()
+                    release.wait(WAIT_SECONDS)
+        except BaseException as exc:
+            failures.append(exc)
+        finally:
+            connections.close_all()
+
+    slow = threading.Thread(target=append, args=(first, "from rank 0"), kwargs={"hold": True})
+    slow.start()
+    try:
+        assert stored.wait(WAIT_SECONDS), failures
+        quick = threading.Thread(target=append, args=(second, "from rank 1"), kwargs={"hold": False})
+        quick.start()
+        deadline = time.monotonic() + WAIT_SECONDS
+        while _backends_waiting_on_a_lock(monitor) == 0:
+            # Committed while rank 0's lines were not: a follower past them would never see those.
+            assert quick.is_alive(), "rank 1's lines were committed before rank 0's, which have lower ids"
+            assert time.monotonic() < deadline, "rank 1's append never waited"
+            time.sleep(0.01)
+    finally:
+        release.set()
+        slow.join()
+        monitor.close()
+    quick.join()
+
+    assert failures == []
+    lines = TaskLogLine.objects.filter(task_id=gang.id).order_by("id")
+    assert [(line.node_id, line.line) for line in lines] == [(0, "from rank 0"), (1, "from rank 1")]
