@@ -57,6 +57,8 @@ MAX_SUBSCRIPTIONS = 100
 MAX_REMEMBERED = 10_000
 # A zero interval would spin; the setting parser only guarantees >= 0.
 MIN_RECHECK_SECONDS = 0.05
+# Task ids per query: within the parameter limit of every SQLite (999 before 3.32).
+IDS_PER_QUERY = 500
 _QUERY_KEY_NAMES = frozenset({"api_key", "apikey", "key", "x-api-key", "x_api_key", "token"})
 _TASK_EVENTS = frozenset({"task_update", "task_complete"})
 
@@ -74,9 +76,16 @@ def task_snapshot(task_id: str) -> dict[str, Any] | None:
 
 
 def task_snapshots(task_ids: list[str]) -> dict[str, dict[str, Any]]:
-    """`task_snapshot` of several tasks in one query, by task id (missing ones left out)."""
-    tasks = Task.objects.select_related("owner").filter(id__in=set(task_ids))
-    return {str(task.id): _snapshot(task) for task in tasks}
+    """`task_snapshot` of several tasks, by task id (missing ones left out): a query per `IDS_PER_QUERY`."""
+    snapshots = {}
+    for ids in _in_chunks(task_ids):
+        snapshots |= {str(task.id): _snapshot(task) for task in Task.objects.select_related("owner").filter(id__in=ids)}
+    return snapshots
+
+
+def _in_chunks(task_ids: list[str]) -> list[list[str]]:
+    unique = list(dict.fromkeys(task_ids))
+    return [unique[start : start + IDS_PER_QUERY] for start in range(0, len(unique), IDS_PER_QUERY)]
 
 
 def _snapshot(task: Task) -> dict[str, Any]:
@@ -117,8 +126,11 @@ def _last_line_id(task_id: uuid.UUID) -> int:
 
 
 def _statuses(task_ids: list[str]) -> dict[str, str]:
-    rows = Task.objects.filter(id__in=task_ids).values_list("id", "status")
-    return {str(task_id): status for task_id, status in rows}
+    statuses = {}
+    for ids in _in_chunks(task_ids):
+        rows = Task.objects.filter(id__in=ids).values_list("id", "status")
+        statuses |= {str(task_id): status for task_id, status in rows}
+    return statuses
 
 
 class ClientConsumer(SocketConsumer):

@@ -66,22 +66,8 @@ def test_jupyter_serves_with_the_token_then_stops_with_its_run(tmp_path: Path) -
     run_async(scenario(), timeout=120)
 
 
-def test_jupyter_readiness_is_said_again_while_it_serves(tmp_path: Path) -> None:
-    async def scenario() -> None:
-        peer = Peer(heartbeat_seconds=0.2)
-        async with peer, running_agent(peer.url, tmp_path / "work", standing_report_seconds=0.3):
-            message = assign("jupyter server", kind="service", service=_service(), timeout_seconds=0)
-            await peer.send(message)
-            ready = await peer.next(lambda m: m["type"] == "service_ready", timeout=JUPYTER_WAIT)
-            # A `service_ready` the server failed to apply would otherwise leave the service starting.
-            assert await peer.next(lambda m: m["type"] == "service_ready") == ready
-            await peer.send({"type": "cancel", "task_id": message["task_id"], "token": message["token"]})
-            assert (await peer.final(message["token"], timeout=JUPYTER_WAIT))["status"] == "cancelled"
-
-    run_async(scenario(), timeout=120)
-
-
-def test_jupyter_activity_is_said_again_while_it_serves(tmp_path: Path, monkeypatch) -> None:
+@pytest.mark.parametrize("kind", ["service_ready", "service_activity"])
+def test_jupyter_standing_reports_are_said_again_while_it_serves(tmp_path: Path, monkeypatch, kind: str) -> None:
     monkeypatch.setattr(services, "ACTIVITY_POLL_SECONDS", 0.2)
 
     async def scenario() -> None:
@@ -89,10 +75,10 @@ def test_jupyter_activity_is_said_again_while_it_serves(tmp_path: Path, monkeypa
         async with peer, running_agent(peer.url, tmp_path / "work", standing_report_seconds=0.3):
             message = assign("jupyter server", kind="service", service=_service(), timeout_seconds=0)
             await peer.send(message)
-            activity = await peer.next(lambda m: m["type"] == "service_activity", timeout=JUPYTER_WAIT)
-            # Unchanged (the agent's own status polls are not activity), yet said again: one the
-            # server failed to apply would make an idle stop come early.
-            assert await peer.next(lambda m: m["type"] == "service_activity") == activity
+            report = await peer.next(lambda m: m["type"] == kind, timeout=JUPYTER_WAIT)
+            # Unchanged (the agent's own status polls are not activity), yet said again: one the server
+            # failed to apply would leave the service starting, or make its idle stop come early.
+            assert await peer.next(lambda m: m["type"] == kind) == report
             await peer.send({"type": "cancel", "task_id": message["task_id"], "token": message["token"]})
             assert (await peer.final(message["token"], timeout=JUPYTER_WAIT))["status"] == "cancelled"
 

@@ -18,6 +18,7 @@ from django.utils import timezone
 from fetchml.asgi import application
 from fetchml.testing import run_async
 from fetchml.tests.factories import ApiKeyFactory
+from tasks import consumers
 from tasks.consumers import CLOSE_FORBIDDEN, CLOSE_UNAUTHENTICATED
 from tasks.logs import append_lines
 from tasks.models import Task, TaskLogLine
@@ -83,6 +84,11 @@ async def _subscribe(socket: WebsocketCommunicator, task) -> tuple[dict, dict]:
     reply = await _ask(socket, {"type": "subscribe", "task_id": str(task.id)})
     assert reply["type"] == "subscribed", reply
     return reply, await _receive(socket)
+
+
+def _state(message: dict) -> tuple[str, str, str]:
+    """(type, task id, status) of a task message."""
+    return message["type"], message["task"]["id"], message["task"]["status"]
 
 
 def _changed_unannounced(task, status: str) -> None:
@@ -266,11 +272,7 @@ async def test_subscribing_to_own_task_narrows_the_stream_to_it(alice_key, user,
     finally:
         await socket.disconnect()
     assert reply == {"type": "subscribed", "task_id": str(alice_task.id)}
-    assert (state["type"], state["task"]["id"], state["task"]["status"]) == (
-        "task_update",
-        str(alice_task.id),
-        "queued",
-    )
+    assert _state(state) == ("task_update", str(alice_task.id), "queued")
     assert first["task"]["id"] == str(alice_task.id)
 
 
@@ -367,11 +369,7 @@ async def test_subscribing_to_a_task_that_already_ended_tells_its_final_state(al
         _, state = await _subscribe(socket, alice_task)
     finally:
         await socket.disconnect()
-    assert (state["type"], state["task"]["id"], state["task"]["status"]) == (
-        "task_complete",
-        str(alice_task.id),
-        "cancelled",
-    )
+    assert _state(state) == ("task_complete", str(alice_task.id), "cancelled")
 
 
 @run_async
@@ -386,11 +384,7 @@ async def test_a_change_of_a_task_told_about_whose_message_was_lost_is_told_by_a
     finally:
         await socket.disconnect()
     assert told["task"]["status"] == "preparing"
-    assert (caught_up["type"], caught_up["task"]["id"], caught_up["task"]["status"]) == (
-        "task_complete",
-        str(alice_task.id),
-        "cancelled",
-    )
+    assert _state(caught_up) == ("task_complete", str(alice_task.id), "cancelled")
 
 
 @run_async
@@ -484,6 +478,13 @@ async def test_lines_stored_before_the_subscription_are_not_sent(alice_key, alic
     finally:
         await socket.disconnect()
     assert [line["line"] for line in message["lines"]] == ["new"]
+
+
+def test_snapshots_of_more_tasks_than_one_query_takes_are_all_read(user, monkeypatch):
+    monkeypatch.setattr(consumers, "IDS_PER_QUERY", 2)
+    ids = [str(task_submit(owner=user, job_name=f"job-{n}").id) for n in range(5)]
+
+    assert sorted(consumers.task_snapshots([*ids, ids[0]])) == sorted(ids)
 
 
 # --- malformed input ----------------------------------------------------
