@@ -39,7 +39,8 @@ CLOSE_BAD_KEY = 4401
 CLOSE_NOT_WORKER = 4403
 CLOSE_BAD_HELLO = 4400
 CLOSE_NAME_IN_USE = 4409
-CLOSE_RECONNECT = 1012
+# 1012 (service restart) says it best, but daphne (autobahn) closes only with 1000 or 3000-4999.
+CLOSE_RECONNECT = 4012
 RUN_REPORTS = frozenset({"ack", "status", "log"})
 MAX_REPORTS_PER_BATCH = 500
 # An agent sends a run's reports a moment apart (an `ack` and the `status` after it): a connection with

@@ -163,7 +163,7 @@ def test_the_same_agent_on_a_new_connection_replaces_its_old_one(worker_key):
     welcome, old_closed_with, task, assign = run(scenario())
 
     assert welcome["type"] == "welcome"
-    assert old_closed_with == 1012
+    assert old_closed_with == 4012
     assert assign["task_id"] == str(task.id)
     assert Worker.objects.get(name="box-1").agent_instance == "agent-a"
 

@@ -98,8 +98,11 @@ def test_late_completion_of_a_frozen_worker_is_refused_after_its_run_was_reassig
         assert frozen.wait_exit() == 0
         late = frozen.output()
         final = system.task(owner_key, task["id"])
+        server_output = system.server.output()
 
     assert f"task {task['id']} finished: completed" in late  # it did try to report its run
+    assert "received 4012" in late  # told to reconnect when its lease expired
+    assert "Exception inside application" not in server_output
     assert final == done  # the late report changed nothing
     assert (final["worker_id"], final["attempt"], final["retry_count"]) == (b_id, 2, 1)
     assert Path(final["output"]).parts[-3:] == ("work-b", task["id"], "2")
