@@ -49,10 +49,18 @@ UNACKED_LOGS_LIMIT = 1_000
 # wrong until it changed (a lost activity would stop a Jupyter service as idle too early).
 STANDING_REPORTS = frozenset({"plugin_status", "service_ready", "service_activity"})
 EXIT_OK, EXIT_UNREPORTED, EXIT_REFUSED = 0, 1, 2
+# A server that stops answering (frozen, starved of CPU, a dead network path) is left for a new
+# connection, through the load balancer to another copy, before the worker's lease runs out and
+# its runs are taken away: a ping every heartbeat, with a third of the lease to answer.
+LEASE_SHARE_TO_ANSWER = 1 / 3
 
 
 class CredentialsRefused(Exception):
     """The server will not accept this key; retrying cannot help."""
+
+
+class ServerUnresponsive(TimeoutError):
+    """The server did not answer a ping in time: the connection is given up and made again."""
 
 
 @dataclass
@@ -64,7 +72,6 @@ class AgentConfig:
     work_root: Path
     connect_timeout: float = 10.0
     close_timeout: float = 5.0
-    ping_interval: float = 20.0
     backoff_initial: float = 0.5
     backoff_max: float = 10.0
     shutdown_report_seconds: float = 5.0
@@ -128,6 +135,7 @@ class _Held:
 class _Session:
     ws: ClientConnection
     heartbeat_seconds: float
+    answer_seconds: float  # how long the server has to answer a ping
     # Messages queued together go out in one `batch` frame when the server accepts those.
     batches: bool = False
     wake: asyncio.Event = field(default_factory=asyncio.Event)
@@ -270,8 +278,7 @@ class Agent:
                 additional_headers={"X-API-Key": self.config.api_key},
                 open_timeout=self.config.connect_timeout,
                 close_timeout=self.config.close_timeout,
-                ping_interval=self.config.ping_interval,
-                ping_timeout=self.config.ping_interval,
+                ping_interval=None,  # pings once welcomed, timed by the lease (`_liveness`)
             ) as ws:
                 try:
                     await self._serve(ws)
@@ -318,7 +325,10 @@ class Agent:
                 held.logs.clear()
                 self._forget_if_settled(held)
         session = self._session = _Session(
-            ws=ws, heartbeat_seconds=welcome.heartbeat_seconds, batches=protocol.BATCH in welcome.features
+            ws=ws,
+            heartbeat_seconds=welcome.heartbeat_seconds,
+            answer_seconds=welcome.lease_seconds * LEASE_SHARE_TO_ANSWER,
+            batches=protocol.BATCH in welcome.features,
         )
         if self._draining:
             self._enqueue(protocol.draining())  # a restarted server must hear it again
@@ -328,6 +338,7 @@ class Agent:
             asyncio.create_task(self._receive(session)),
             asyncio.create_task(self._send(session)),
             asyncio.create_task(self._heartbeat(session)),
+            asyncio.create_task(self._liveness(session)),
             asyncio.create_task(self._finished.wait()),
         ]
         try:
@@ -382,6 +393,19 @@ class Agent:
                 older_than=session.heartbeat_seconds, standing_older_than=self.config.standing_report_seconds
             )
             await asyncio.sleep(session.heartbeat_seconds)
+
+    async def _liveness(self, session: _Session) -> None:
+        """Ping the server every heartbeat; end the connection if it does not answer in time."""
+        while True:
+            await asyncio.sleep(session.heartbeat_seconds)
+            try:
+                # The ping's own send too: a server that stopped reading leaves it waiting for room.
+                async with asyncio.timeout(session.answer_seconds):
+                    await (await session.ws.ping())
+            except TimeoutError:
+                raise ServerUnresponsive(
+                    f"the server did not answer a ping within {session.answer_seconds:g} s"
+                ) from None
 
     async def _receive(self, session: _Session) -> None:
         async for raw in session.ws:

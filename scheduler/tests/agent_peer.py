@@ -57,6 +57,7 @@ class Peer:
         self._connection: ServerConnection | None = None
         self._connected = asyncio.Event()
         self._server: Server | None = None
+        self._frozen: list[ServerConnection] = []
 
     @property
     def url(self) -> str:
@@ -72,6 +73,8 @@ class Peer:
 
     async def close(self) -> None:
         """Stop listening and drop the connection, as a server that goes away would."""
+        for connection in self._frozen:  # no close handshake from a frozen server
+            connection.transport.abort()
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
@@ -116,6 +119,12 @@ class Peer:
                     )
                 if self.ack_logs and message["type"] == "log":
                     await self.ack_log(message)
+
+    def freeze(self) -> None:
+        """Stop reading the current connection, as a server process that froze would: pings go unanswered."""
+        assert self._connection is not None
+        self._connection.transport.pause_reading()
+        self._frozen.append(self._connection)
 
     async def ack_log(self, message: dict[str, Any]) -> None:
         await self.send(

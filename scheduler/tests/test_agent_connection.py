@@ -350,6 +350,26 @@ def test_hello_names_the_agent_process_the_same_across_reconnects(tmp_path: Path
     run_async(scenario())
 
 
+def test_a_server_that_stops_answering_is_left_for_a_new_connection_before_the_lease_runs_out(
+    tmp_path: Path, caplog
+) -> None:
+    async def scenario() -> None:
+        # A lease of 6 heartbeats (1.2 s): the agent must be back within it, its run still going.
+        peer = Peer(heartbeat_seconds=0.2)
+        async with peer, running_agent(peer.url, tmp_path, close_timeout=0.2):
+            message = assign(gated(tmp_path / "gate"))
+            await peer.send(message)
+            await peer.status(message["token"], "running")
+            peer.freeze()
+            await until(lambda: len(peer.hellos) == 2, what="the agent to connect again")
+            assert [run["token"] for run in peer.hellos[1]["running"]] == [message["token"]]
+            (tmp_path / "gate").touch()
+            assert (await peer.final(message["token"]))["status"] == "completed"
+
+    run_async(scenario())
+    assert "did not answer a ping within 0.4 s" in caplog.text  # a third of the lease
+
+
 def test_backoff_grows_with_jitter_up_to_the_cap() -> None:
     backoff = Backoff(initial=0.5, maximum=10.0)
     delays = [backoff.next_delay() for _ in range(10)]

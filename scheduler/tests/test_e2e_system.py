@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import threading
 import time
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 from django.db import connection, connections, transaction
 
+from audit.models import AuditEvent
 from conftest import requires_postgres
 from fetchml.testing import database_url_for
 from fetchml.tests.factories import ApiKeyFactory, UserFactory
@@ -131,6 +133,43 @@ def test_runs_finishing_while_the_server_loses_its_database_connections_complete
     for task in done:
         assert list(NodeAssignment.objects.filter(task_id=task["id"]).values_list("status", flat=True)) == ["finished"]
     assert not Worker.objects.exclude(used_batch_slots=0).exists()
+
+
+@requires_postgres
+@pytest.mark.skipif(not os.environ.get("REDIS_URL"), reason="a separate scheduler process needs REDIS_URL")
+def test_runs_on_a_server_frozen_past_the_lease_are_retried_and_complete_once(
+    tmp_path: Path, owner_key: str, agent_key: str
+) -> None:
+    gate = tmp_path / "gate"
+    code = f"import os, time\nwhile not os.path.exists({str(gate)!r}): time.sleep(0.02)\nprint('done')"
+    system = LiveSystem(
+        tmp_path=tmp_path,
+        database_url=database_url_for(connection),
+        separate_scheduler=True,
+        env={"FETCHML_WORKER_LEASE_SECONDS": "3"},
+    )
+    with system:
+        system.start_worker("a", key=agent_key, slots=2)
+        system.start_worker("b", key=agent_key, slots=2)
+        tasks = [system.submit(owner_key, entrypoint=python_command(code)) for _ in range(4)]
+        for task in tasks:
+            system.wait_for_task(owner_key, task["id"], lambda t: t["status"] == "running")
+        system.server.signal(signal.SIGSTOP)
+        try:
+            # Nobody hears the workers: the scheduler takes their runs away when the lease runs out.
+            wait_until(lambda: not Worker.objects.filter(status=Worker.Status.ACTIVE).exists(), what="the lease")
+        finally:
+            system.server.signal(signal.SIGCONT)
+        gate.touch()  # the first runs end too, and report to a server that took them away
+        done = [system.wait_for_status(owner_key, task["id"], "completed", timeout=60) for task in tasks]
+        server_output = system.server.output()
+
+    for task in done:
+        runs = list(NodeAssignment.objects.filter(task_id=task["id"]).values_list("attempt", "status"))
+        assert runs == [(1, "lost"), (2, "finished")], (task["id"], runs)
+    assert AuditEvent.objects.filter(event_type="job_completed").count() == len(tasks)
+    assert not Worker.objects.exclude(used_batch_slots=0).exists()
+    assert "Exception inside application" not in server_output
 
 
 def _placement_violations() -> list[str]:
