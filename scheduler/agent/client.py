@@ -475,7 +475,10 @@ class Agent:
                 held.run.cancel()
         elif kind == "stop":
             task_id, token = protocol.token_of(message)
-            logger.info("stopping task %s (token %s): %s", task_id, token, message.get("reason", ""))
+            # The server answers each report of a run it took away (a backlog of them after a
+            # freeze): said once, for the run this agent still held.
+            said = logger.info if token in self._held else logger.debug
+            said("stopping task %s (token %s): %s", task_id, token, message.get("reason", ""))
             self._forget(token, kill=True)
         elif kind == "status_ack":
             _, token = protocol.token_of(message)

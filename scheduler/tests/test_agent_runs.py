@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shlex
 import time
 from pathlib import Path
 
-from scheduler.tests.agent_peer import Peer, assign, process_gone, python, run_async, running_agent, until
+from scheduler.tests.agent_peer import Peer, assign, gated, process_gone, python, run_async, running_agent, until
 
 
 def test_successful_run_reports_lifecycle_logs_and_stdout_tail(tmp_path: Path) -> None:
@@ -273,6 +274,24 @@ def test_timeout_terminates_the_group_and_fails_with_timeout(tmp_path: Path) -> 
             assert final["error"].startswith("timed out after 0.5 s")
 
     run_async(scenario())
+
+
+def test_stops_repeated_for_a_run_are_logged_once(tmp_path: Path, caplog) -> None:
+    async def scenario() -> None:
+        async with Peer() as peer, running_agent(peer.url, tmp_path) as agent:
+            message = assign(gated(tmp_path / "gate"))
+            await peer.send(message)
+            await peer.status(message["token"], "running")
+            stop = {"type": "stop", "task_id": message["task_id"], "token": message["token"], "reason": "stale token"}
+            for _ in range(3):
+                await peer.send(stop)
+            await until(lambda: agent.held_runs() == [], what="the run to be forgotten")
+            await peer.send({"type": "drain"})  # the marker: handled after the stops
+            await until(lambda: agent.draining, what="the drain")
+
+    caplog.set_level(logging.INFO, logger="scheduler.agent.client")
+    run_async(scenario())
+    assert caplog.text.count("stopping task") == 1
 
 
 def test_stop_kills_at_once_and_says_nothing_more_about_the_run(tmp_path: Path) -> None:
