@@ -16,12 +16,15 @@ reports, a dispatch round: task events to three groups, a wake-up, the
 workers' assigns) in those two round trips, not two per group.
 
 A receive, and joining or leaving a group, outlive a cut connection (Redis
-restarted, a proxy between): each tries again on a new connection for up to
-`RECONNECT_SECONDS`, so a consumer waiting for its next message, or
-subscribing a client to a task, is not torn down with it. Nothing is lost or
-doubled by that: channels_redis keeps a message popped but not yet handed
-over in a backup queue that the next receive puts back first, and a group
-member added or removed twice is added or removed once.
+restarted, a proxy between): each tries again on a new connection, so a
+consumer waiting for its next message, or subscribing a client to a task, is
+not torn down with it. A receive tries for as long as Redis is away: its
+consumer's socket goes on without Redis (a worker's heartbeats and reports
+reach the database), so an outage of any length does not cost a worker its
+lease; joining or leaving a group gives up after `RECONNECT_SECONDS`. Nothing
+is lost or doubled by trying again: channels_redis keeps a message popped but
+not yet handed over in a backup queue that the next receive puts back first,
+and a group member added or removed twice is added or removed once.
 
 `group_send_all_blocking` is the same send for synchronous code (what a
 transaction publishes after its commit), on blocking connections of its
@@ -32,6 +35,7 @@ own: without it every such send is handed to an event loop and waited for
 
 import asyncio
 import logging
+import random
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -64,7 +68,7 @@ return over_capacity
 """
 
 RECONNECT_SECONDS = 30.0
-RECONNECT_MAX_DELAY = 1.0
+RECONNECT_MAX_DELAY = 2.0
 
 # Apart enough to keep their order as Redis stores scores (doubles: about 0.25 microseconds apart
 # at today's times), close enough not to pass a message sent a moment later.
@@ -87,17 +91,21 @@ class RedisChannelLayer(UpstreamRedisChannelLayer):
 
     async def receive_single(self, channel: str) -> Any:
         return await _reconnecting(
-            f"receive on {channel}", lambda: super(RedisChannelLayer, self).receive_single(channel)
+            f"receive on {channel}", lambda: super(RedisChannelLayer, self).receive_single(channel), give_up_after=None
         )
 
     async def group_add(self, group: str, channel: str) -> None:
         await _reconnecting(
-            f"adding {channel} to {group}", lambda: super(RedisChannelLayer, self).group_add(group, channel)
+            f"adding {channel} to {group}",
+            lambda: super(RedisChannelLayer, self).group_add(group, channel),
+            give_up_after=RECONNECT_SECONDS,
         )
 
     async def group_discard(self, group: str, channel: str) -> None:
         await _reconnecting(
-            f"removing {channel} from {group}", lambda: super(RedisChannelLayer, self).group_discard(group, channel)
+            f"removing {channel} from {group}",
+            lambda: super(RedisChannelLayer, self).group_discard(group, channel),
+            give_up_after=RECONNECT_SECONDS,
         )
 
     async def group_send(self, group: str, message: dict[str, Any]) -> None:
@@ -191,20 +199,28 @@ class RedisChannelLayer(UpstreamRedisChannelLayer):
         return keys, args
 
 
-async def _reconnecting(what: str, call: Callable[[], Awaitable[T]]) -> T:
+async def _reconnecting(what: str, call: Callable[[], Awaitable[T]], *, give_up_after: float | None) -> T:
     """`call()`, made again on a new connection while Redis cannot be reached, for up to
-    `RECONNECT_SECONDS` (only for what is safe to repeat)."""
-    deadline = time.monotonic() + RECONNECT_SECONDS
-    delay = 0.05
+    `give_up_after` seconds (None: until it can be; only for what is safe to repeat). The
+    delays grow to `RECONNECT_MAX_DELAY`, with jitter: many consumers do not come back at once."""
+    started = time.monotonic()
+    delay, failures = 0.05, 0
     while True:
         try:
-            return await call()
+            result = await call()
         except (redis.ConnectionError, redis.TimeoutError) as exc:
-            if time.monotonic() + delay > deadline:
+            if give_up_after is not None and time.monotonic() + delay > started + give_up_after:
                 raise
-            logger.warning("%s lost its connection (%s); again in %.2f s", what, exc, delay)
-            await asyncio.sleep(delay)
+            # Once per outage at warning: a thousand consumers retrying would drown the log.
+            said = logger.warning if failures == 0 else logger.debug
+            said("%s lost its connection (%s); trying again", what, exc)
+            failures += 1
+            await asyncio.sleep(delay * random.uniform(0.5, 1.0))
             delay = min(delay * 2, RECONNECT_MAX_DELAY)
+            continue
+        if failures:
+            logger.info("%s is back after %.1f s", what, time.monotonic() - started)
+        return result
 
 
 def _members_from(groups: list[str], replies: list[Any]) -> dict[str, list[str]]:

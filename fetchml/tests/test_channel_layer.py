@@ -2,15 +2,18 @@
 and so does each send of a `group_send_all`, all of them in two round trips."""
 
 import asyncio
+import logging
 import time
 import uuid
 from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
+import redis
 from channels.layers import channel_layers, get_channel_layer
 from django.conf import settings
 
+from fetchml import channel_layer
 from fetchml.channel_layer import RedisChannelLayer
 from fetchml.testing import free_port
 
@@ -445,3 +448,48 @@ def test_a_group_change_while_redis_is_out_of_reach_is_made_once_it_is_back(capl
         return arrived
 
     assert _run(scenario) is joining
+
+
+@needs_redis
+def test_a_receive_waits_out_a_redis_outage_of_any_length(caplog, monkeypatch):
+    monkeypatch.setattr(channel_layer, "RECONNECT_SECONDS", 0.2)  # what a group change would give up after
+    caplog.set_level(logging.DEBUG, logger="fetchml.channel_layer")
+    gate = _Gate()
+
+    async def scenario() -> dict:
+        await gate.open()
+        layer = RedisChannelLayer(hosts=[gate.url], prefix=f"test-{uuid.uuid4().hex}")
+        channel = await layer.new_channel()
+        await gate.shut()
+        receiving = asyncio.ensure_future(layer.receive(channel))
+        # Five failed tries: 0.05 + 0.1 + 0.2 + 0.4 s of back-off at most, past the group changes' bound.
+        while caplog.text.count("lost its connection") < 5:
+            await asyncio.sleep(0.01)
+        assert not receiving.done(), receiving
+        await gate.open()
+        await layer.send(channel, {"type": "test.message"})
+        received = await asyncio.wait_for(receiving, timeout=5)
+        await layer.flush()
+        await layer.close_pools()
+        await gate.shut()
+        return received
+
+    assert _run(scenario) == {"type": "test.message"}
+    assert "is back after" in caplog.text
+
+
+@needs_redis
+def test_a_group_change_gives_up_when_redis_stays_away(monkeypatch):
+    monkeypatch.setattr(channel_layer, "RECONNECT_SECONDS", 0.2)
+    gate = _Gate()
+
+    async def scenario() -> None:
+        await gate.open()
+        layer = RedisChannelLayer(hosts=[gate.url], prefix=f"test-{uuid.uuid4().hex}")
+        channel = await layer.new_channel()
+        await gate.shut()
+        with pytest.raises(redis.ConnectionError):
+            await layer.group_add("watchers", channel)
+        await layer.close_pools()
+
+    _run(scenario)
