@@ -21,12 +21,13 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 from asgiref.sync import async_to_sync
 from django.conf import settings
@@ -285,3 +286,84 @@ class KeyAsyncClient(AsyncClient):
 
     def generic(self, method: str, path: str, *args: Any, headers: dict | None = None, **kwargs: Any) -> Any:
         return super().generic(method, path, *args, headers={"X-API-Key": self.raw_key, **(headers or {})}, **kwargs)
+
+
+class TcpGate:
+    """A TCP forwarder to a service (Redis, say) that can be shut, its connections cut and new ones
+    refused, and opened again on the same port: the service out of reach for a while, as behind a
+    restarting proxy. Its methods are coroutines of the event loop it serves in; `ThreadedGate`
+    runs one in a thread of its own for synchronous tests."""
+
+    def __init__(self, url: str) -> None:
+        target = urlsplit(url)
+        self.target = (target.hostname or HOST, target.port)
+        self.scheme, self.path = target.scheme, target.path
+        self.port = free_port()
+        self.server: asyncio.Server | None = None
+        self.writers: list[asyncio.StreamWriter] = []
+
+    @property
+    def url(self) -> str:
+        """The target's URL, through the gate."""
+        return f"{self.scheme}://{HOST}:{self.port}{self.path}"
+
+    async def open(self) -> None:
+        self.server = await asyncio.start_server(self._forward, HOST, self.port)
+
+    async def shut(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            self.server = None
+        for writer in self.writers:
+            writer.close()
+        self.writers = []
+
+    async def _forward(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            upstream_reader, upstream_writer = await asyncio.open_connection(*self.target)
+        except OSError:
+            writer.close()
+            return
+        self.writers += [writer, upstream_writer]
+        await asyncio.gather(_pipe(reader, upstream_writer), _pipe(upstream_reader, writer))
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+    except OSError:  # the other side was cut
+        pass
+    finally:
+        writer.close()
+
+
+class ThreadedGate:
+    """A `TcpGate` serving from an event loop in a thread of its own, driven from synchronous code."""
+
+    def __init__(self, url: str) -> None:
+        self.gate = TcpGate(url)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+
+    @property
+    def url(self) -> str:
+        return self.gate.url
+
+    def open(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.gate.open(), self._loop).result(timeout=10)
+
+    def shut(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.gate.shut(), self._loop).result(timeout=10)
+
+    def __enter__(self) -> Self:
+        self.open()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.shut()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+        self._loop.close()

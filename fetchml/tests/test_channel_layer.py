@@ -6,7 +6,6 @@ import logging
 import time
 import uuid
 from typing import Any
-from urllib.parse import urlsplit
 
 import pytest
 import redis
@@ -15,7 +14,7 @@ from django.conf import settings
 
 from fetchml import channel_layer
 from fetchml.channel_layer import RedisChannelLayer
-from fetchml.testing import free_port
+from fetchml.testing import TcpGate
 
 IDLE_SECONDS = 7  # longer than the layer's 5 s blocking pop, which a 5 s socket timeout cut short
 
@@ -379,52 +378,10 @@ def test_a_waiting_receive_whose_connection_is_cut_still_gets_the_next_message(c
     assert "lost its connection" in caplog.text  # the receive's own connection was the one cut
 
 
-class _Gate:
-    """A TCP forwarder in front of Redis that can be shut (its connections cut, new ones refused) and
-    opened again on the same port: Redis out of reach for a while, as behind a restarting proxy."""
-
-    def __init__(self) -> None:
-        target = urlsplit(settings.REDIS_URL)
-        self.target = (target.hostname or "127.0.0.1", target.port or 6379)
-        self.db = target.path
-        self.port = free_port()
-        self.server: asyncio.Server | None = None
-        self.writers: list[asyncio.StreamWriter] = []
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}{self.db}"
-
-    async def open(self) -> None:
-        self.server = await asyncio.start_server(self._forward, "127.0.0.1", self.port)
-
-    async def shut(self) -> None:
-        self.server.close()
-        for writer in self.writers:
-            writer.close()
-        self.writers = []
-
-    async def _forward(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        upstream_reader, upstream_writer = await asyncio.open_connection(*self.target)
-        self.writers += [writer, upstream_writer]
-        await asyncio.gather(_pipe(reader, upstream_writer), _pipe(upstream_reader, writer))
-
-
-async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    try:
-        while data := await reader.read(65536):
-            writer.write(data)
-            await writer.drain()
-    except (ConnectionError, OSError):
-        pass
-    finally:
-        writer.close()
-
-
 @needs_redis
 @pytest.mark.parametrize("joining", [True, False], ids=["group_add", "group_discard"])
 def test_a_group_change_while_redis_is_out_of_reach_is_made_once_it_is_back(caplog, joining):
-    gate = _Gate()
+    gate = TcpGate(settings.REDIS_URL)
 
     async def scenario() -> bool:
         await gate.open()
@@ -454,7 +411,7 @@ def test_a_group_change_while_redis_is_out_of_reach_is_made_once_it_is_back(capl
 def test_a_receive_waits_out_a_redis_outage_of_any_length(caplog, monkeypatch):
     monkeypatch.setattr(channel_layer, "RECONNECT_SECONDS", 0.2)  # what a group change would give up after
     caplog.set_level(logging.DEBUG, logger="fetchml.channel_layer")
-    gate = _Gate()
+    gate = TcpGate(settings.REDIS_URL)
 
     async def scenario() -> dict:
         await gate.open()
@@ -481,7 +438,7 @@ def test_a_receive_waits_out_a_redis_outage_of_any_length(caplog, monkeypatch):
 @needs_redis
 def test_a_group_change_gives_up_when_redis_stays_away(monkeypatch):
     monkeypatch.setattr(channel_layer, "RECONNECT_SECONDS", 0.2)
-    gate = _Gate()
+    gate = TcpGate(settings.REDIS_URL)
 
     async def scenario() -> None:
         await gate.open()

@@ -13,7 +13,7 @@ from django.db import connection, connections, transaction
 
 from audit.models import AuditEvent
 from conftest import requires_postgres
-from fetchml.testing import database_url_for
+from fetchml.testing import ThreadedGate, database_url_for
 from fetchml.tests.factories import ApiKeyFactory, UserFactory
 from scheduler.models import NodeAssignment, Worker
 from scheduler.tests.live_system import (
@@ -227,6 +227,43 @@ def test_scheduler_losing_its_database_connections_mid_dispatch_places_each_task
         runs = list(NodeAssignment.objects.filter(task_id=task["id"]).values_list("attempt", "status"))
         assert runs == [(task["attempt"], "finished")], (task["id"], runs)
     assert not Worker.objects.exclude(used_batch_slots=0).exists()
+
+
+@requires_postgres
+@pytest.mark.skipif(not os.environ.get("REDIS_URL"), reason="needs REDIS_URL: the channel layer is what goes away")
+def test_runs_go_on_while_redis_is_out_of_reach_for_longer_than_the_lease(
+    tmp_path: Path, owner_key: str, agent_key: str
+) -> None:
+    gate_file = tmp_path / "gate"
+    code = f"import os, time\nwhile not os.path.exists({str(gate_file)!r}): time.sleep(0.02)\nprint('done')"
+    lease = 3.0
+    with ThreadedGate(os.environ["REDIS_URL"]) as redis_gate:
+        system = LiveSystem(
+            tmp_path=tmp_path,
+            database_url=database_url_for(connection),
+            separate_scheduler=True,
+            env={"REDIS_URL": redis_gate.url, "FETCHML_WORKER_LEASE_SECONDS": str(lease)},
+        )
+        with system:
+            system.start_worker("a", key=agent_key, slots=2)
+            system.start_worker("b", key=agent_key, slots=2)
+            tasks = [system.submit(owner_key, entrypoint=python_command(code)) for _ in range(4)]
+            for task in tasks:
+                system.wait_for_task(owner_key, task["id"], lambda t: t["status"] == "running")
+            redis_gate.shut()
+            try:
+                gone_at = time.monotonic()
+                while time.monotonic() < gone_at + 2 * lease:  # the scheduler checks the leases meanwhile
+                    assert Worker.objects.filter(status=Worker.Status.ACTIVE).count() == 2, system.outputs()
+                    time.sleep(0.2)
+            finally:
+                redis_gate.open()
+            gate_file.touch()
+            done = [system.wait_for_status(owner_key, task["id"], "completed") for task in tasks]
+
+    assert [(task["attempt"], task["retry_count"]) for task in done] == [(1, 0)] * len(tasks)
+    for task in done:
+        assert list(NodeAssignment.objects.filter(task_id=task["id"]).values_list("status", flat=True)) == ["finished"]
 
 
 def _cut_redis_connections(client_name: str) -> int:
