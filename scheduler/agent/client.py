@@ -396,16 +396,21 @@ class Agent:
 
     async def _liveness(self, session: _Session) -> None:
         """Ping the server every heartbeat; end the connection if it does not answer in time."""
+        unanswered = ServerUnresponsive(f"the server did not answer a ping within {session.answer_seconds:g} s")
         while True:
             await asyncio.sleep(session.heartbeat_seconds)
+            deadline = asyncio.get_running_loop().time() + session.answer_seconds
             try:
                 # The ping's own send too: a server that stopped reading leaves it waiting for room.
-                async with asyncio.timeout(session.answer_seconds):
-                    await (await session.ws.ping())
+                async with asyncio.timeout_at(deadline):
+                    pong = await session.ws.ping()
             except TimeoutError:
-                raise ServerUnresponsive(
-                    f"the server did not answer a ping within {session.answer_seconds:g} s"
-                ) from None
+                raise unanswered from None
+            # Judged by the pong itself, not by which came first: after this process was stopped
+            # and resumed, the answer already waiting and the expired timer are handled together.
+            answered, _ = await asyncio.wait({pong}, timeout=max(deadline - asyncio.get_running_loop().time(), 0))
+            if not answered:
+                raise unanswered
 
     async def _receive(self, session: _Session) -> None:
         async for raw in session.ws:
