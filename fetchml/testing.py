@@ -27,7 +27,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, urlsplit, urlunsplit
 
 from asgiref.sync import async_to_sync
 from django.conf import settings
@@ -295,17 +295,18 @@ class TcpGate:
     runs one in a thread of its own for synchronous tests."""
 
     def __init__(self, url: str) -> None:
-        target = urlsplit(url)
-        self.target = (target.hostname or HOST, target.port)
-        self.scheme, self.path = target.scheme, target.path
+        self._target_url = urlsplit(url)
+        self.target = (self._target_url.hostname or HOST, self._target_url.port)
         self.port = free_port()
         self.server: asyncio.Server | None = None
         self.writers: list[asyncio.StreamWriter] = []
 
     @property
     def url(self) -> str:
-        """The target's URL, through the gate."""
-        return f"{self.scheme}://{HOST}:{self.port}{self.path}"
+        """The target's URL (credentials, path and query kept), through the gate."""
+        credentials, _, _ = self._target_url.netloc.rpartition("@")
+        netloc = f"{credentials}@{HOST}:{self.port}" if credentials else f"{HOST}:{self.port}"
+        return urlunsplit(self._target_url._replace(netloc=netloc))
 
     async def open(self) -> None:
         self.server = await asyncio.start_server(self._forward, HOST, self.port)

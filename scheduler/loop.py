@@ -57,6 +57,7 @@ class SchedulerLoop:
         # Whether the last pass left runnable tasks behind: only then is freed capacity news.
         self.backlog = True
         self.starvation_possible = True  # as of the last maintenance pass
+        self._failed_at = float("-inf")  # monotonic time a pass last failed
 
     # --- one pass (sync) ---------------------------------------------------------
 
@@ -71,7 +72,8 @@ class SchedulerLoop:
         worked = False
         if maintenance:
             self._maintained_at = time.monotonic()
-            worked = expire_leases() > 0
+            if self._heard_for_a_lease():
+                worked = expire_leases() > 0
             worked = enforce_timeouts() > 0 or worked
             worked = reservations_tick() > 0 or worked  # expired reservations release their capacity
             worked = jupyter_pass() > 0 or worked  # after the leases: services of lost workers end in `error`
@@ -83,6 +85,17 @@ class SchedulerLoop:
         self.backlog = selectors.has_runnable_tasks()
         self.passes += 1
         return placed > 0 or worked
+
+    def pass_failed(self) -> None:
+        """A pass failed (the database out of reach, most likely): `run` tells it here."""
+        self._failed_at = time.monotonic()
+
+    def _heard_for_a_lease(self) -> bool:
+        """Whether passes have succeeded for a whole lease. While the database was out of reach no
+        heartbeat could be stored either: a worker silent through an outage is not thereby lost,
+        and its runs (hours of training, say) are not taken away until it has had a lease to be
+        heard again."""
+        return time.monotonic() - self._failed_at >= app_settings.WORKER_LEASE_SECONDS
 
     def _maintenance_due(self) -> bool:
         # Wake-ups (a submitted task, a freed slot) come far more often than leases or
@@ -170,6 +183,7 @@ class SchedulerLoop:
                     backoff = ERROR_BACKOFF_MIN
                 except Exception:
                     logger.exception("scheduler pass failed; retrying in %.1f s", backoff)
+                    self.pass_failed()
                     await self._in_thread(self._close_connection)
                     await _wait(stop, backoff)
                     backoff = min(backoff * 2, ERROR_BACKOFF_MAX)

@@ -266,6 +266,35 @@ def test_runs_go_on_while_redis_is_out_of_reach_for_longer_than_the_lease(
         assert list(NodeAssignment.objects.filter(task_id=task["id"]).values_list("status", flat=True)) == ["finished"]
 
 
+@requires_postgres
+def test_runs_go_on_while_the_database_is_out_of_reach_for_longer_than_the_lease(
+    tmp_path: Path, owner_key: str, agent_key: str
+) -> None:
+    gate_file = tmp_path / "gate"
+    code = f"import os, time\nwhile not os.path.exists({str(gate_file)!r}): time.sleep(0.02)\nprint('done')"
+    lease = 3.0
+    with ThreadedGate(database_url_for(connection)) as database_gate:
+        system = LiveSystem(
+            tmp_path=tmp_path, database_url=database_gate.url, env={"FETCHML_WORKER_LEASE_SECONDS": str(lease)}
+        )
+        with system:
+            system.start_worker("a", key=agent_key, slots=2)
+            system.start_worker("b", key=agent_key, slots=2)
+            tasks = [system.submit(owner_key, entrypoint=python_command(code)) for _ in range(4)]
+            for task in tasks:
+                system.wait_for_task(owner_key, task["id"], lambda t: t["status"] == "running")
+            database_gate.shut()
+            time.sleep(2 * lease)  # the outage: no heartbeat can be recorded
+            database_gate.open()
+            gate_file.touch()
+            done = [system.wait_for_status(owner_key, task["id"], "completed", timeout=60) for task in tasks]
+
+    # Silent to a scheduler that could not hear them either, the workers kept their leases and runs.
+    assert [(task["attempt"], task["retry_count"]) for task in done] == [(1, 0)] * len(tasks)
+    for task in done:
+        assert list(NodeAssignment.objects.filter(task_id=task["id"]).values_list("status", flat=True)) == ["finished"]
+
+
 def _cut_redis_connections(client_name: str) -> int:
     """Close every Redis connection named `client_name` from the server's side, as a restart of Redis would."""
     import redis

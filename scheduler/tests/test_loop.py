@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.db import connection
+from django.db import OperationalError, connection
 from django.test import override_settings
 from django.utils import timezone
 
@@ -212,6 +212,45 @@ def test_a_pass_without_maintenance_dispatches_but_leaves_leases_for_the_next_ma
     loop.run_once()
     silent.refresh_from_db()
     assert silent.status == "offline"
+
+
+def test_a_silent_worker_keeps_its_lease_for_a_lease_after_a_pass_failed():
+    silent = worker(last_heartbeat=timezone.now() - timedelta(hours=1))
+    loop = SchedulerLoop()
+    loop.pass_failed()  # the database out of reach: no heartbeat could be stored either
+
+    loop.run_once()
+    silent.refresh_from_db()
+    assert silent.status == "active"
+
+    with override_settings(FETCHML_WORKER_LEASE_SECONDS=0):  # a lease has gone by since
+        loop.run_once()
+    silent.refresh_from_db()
+    assert silent.status == "offline"
+
+
+@override_settings(FETCHML_SCHEDULER_INTERVAL=0.05)
+def test_a_pass_that_fails_holds_the_leases_back(monkeypatch):
+    silent = worker(last_heartbeat=timezone.now() - timedelta(hours=1))
+    run_once, failures = SchedulerLoop.run_once, []
+
+    def fails_once(self, **options):
+        if not failures:
+            failures.append(1)
+            raise OperationalError("the database is out of reach")
+        return run_once(self, **options)
+
+    monkeypatch.setattr(SchedulerLoop, "run_once", fails_once)
+
+    async def scenario():
+        loop, stop, running = await _running_loop()
+        await _until(lambda: loop.passes >= 3)  # maintenance passes (the interval is shorter than theirs)...
+        stop.set()
+        await asyncio.wait_for(running, timeout=WAIT)
+
+    asyncio.run(scenario())
+    silent.refresh_from_db()
+    assert silent.status == "active"  # ...that left the silent worker its lease
 
 
 class _GatedLoop(SchedulerLoop):
