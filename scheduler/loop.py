@@ -74,7 +74,7 @@ class SchedulerLoop:
             self._maintained_at = time.monotonic()
             if self._heard_for_a_lease():
                 worked = expire_leases() > 0
-            worked = enforce_timeouts() > 0 or worked
+                worked = enforce_timeouts() > 0 or worked  # the agent's final report gets its lease too
             worked = reservations_tick() > 0 or worked  # expired reservations release their capacity
             worked = jupyter_pass() > 0 or worked  # after the leases: services of lost workers end in `error`
             self._resend_unacked()
@@ -92,9 +92,9 @@ class SchedulerLoop:
 
     def _heard_for_a_lease(self) -> bool:
         """Whether passes have succeeded for a whole lease. While the database was out of reach no
-        heartbeat could be stored either: a worker silent through an outage is not thereby lost,
-        and its runs (hours of training, say) are not taken away until it has had a lease to be
-        heard again."""
+        heartbeat or report could be stored either: a worker silent through an outage is not
+        thereby lost, nor is a run whose end it could not report overdue, and runs (hours of
+        training, say) are not taken away until their workers have had a lease to be heard again."""
         return time.monotonic() - self._failed_at >= app_settings.WORKER_LEASE_SECONDS
 
     def _maintenance_due(self) -> bool:

@@ -5,12 +5,14 @@ from datetime import datetime
 from django.utils import timezone
 
 from fetchml.tests.factories import UserFactory
+from scheduler.dispatch import dispatch_round
 from scheduler.models import NodeAssignment, Worker
+from scheduler.services import assignment_status
 from tasks.models import Task
 from tasks.services import dispatch_key
 from tasks.tests.factories import TaskFactory, WorkerFactory
 
-__all__ = ["TaskFactory", "UserFactory", "WorkerFactory", "assignments_of", "queued_task", "worker"]
+__all__ = ["TaskFactory", "UserFactory", "WorkerFactory", "assignments_of", "queued_task", "run_started", "worker"]
 
 
 def queued_task(*, priority: int = 5, queued_at: datetime | None = None, **fields) -> Task:
@@ -33,3 +35,13 @@ def worker(**fields) -> Worker:
 
 def assignments_of(task: Task) -> list[NodeAssignment]:
     return list(NodeAssignment.objects.filter(task=task).order_by("attempt", "node_id"))
+
+
+def run_started(task: Task) -> NodeAssignment:
+    """Dispatch `task` and report it running; returns its assignment."""
+    dispatch_round()
+    assignment = assignments_of(task)[-1]
+    assert assignment_status(
+        worker_id=assignment.worker_id, task_id=str(task.id), token=str(assignment.token), status="running"
+    ).accepted
+    return assignment

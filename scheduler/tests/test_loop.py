@@ -23,7 +23,7 @@ from conftest import USING_POSTGRES
 from fetchml import events
 from fetchml.models import ApiKey
 from scheduler.loop import SchedulerLoop, _WakeListener
-from scheduler.tests.factories import queued_task, worker
+from scheduler.tests.factories import queued_task, run_started, worker
 from tasks.models import IdempotencyRecord, Task
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("channel_layer", "thread_connections")]
@@ -227,6 +227,23 @@ def test_a_silent_worker_keeps_its_lease_for_a_lease_after_a_pass_failed():
         loop.run_once()
     silent.refresh_from_db()
     assert silent.status == "offline"
+
+
+@override_settings(FETCHML_TIMEOUT_MARGIN_SECONDS=60.0)
+def test_a_run_past_its_timeout_is_left_to_report_for_a_lease_after_a_pass_failed():
+    worker(last_heartbeat=timezone.now() + timedelta(hours=1))  # heard from throughout, whatever the lease
+    task = queued_task(timeout_seconds=30)
+    run_started(task)
+    Task.objects.filter(id=task.id).update(started_at=timezone.now() - timedelta(seconds=91))
+    loop = SchedulerLoop()
+    loop.pass_failed()  # the agent's report of its end may be waiting for the database too
+
+    loop.run_once()
+    assert _status(task) == "running"
+
+    with override_settings(FETCHML_WORKER_LEASE_SECONDS=0):
+        loop.run_once()
+    assert _status(task) == "failed"
 
 
 @override_settings(FETCHML_SCHEDULER_INTERVAL=0.05)

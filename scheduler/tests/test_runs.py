@@ -19,23 +19,13 @@ from scheduler.services import (
     retry_backoff_seconds,
     worker_drain,
 )
-from scheduler.tests.factories import assignments_of, queued_task, worker
+from scheduler.tests.factories import assignments_of, queued_task, run_started, worker
 from tasks.models import Task
 from tasks.states import TaskStatus
 
 pytestmark = pytest.mark.django_db
 
 BACKOFF = {"FETCHML_RETRY_BACKOFF_BASE_SECONDS": 10.0, "FETCHML_RETRY_BACKOFF_MAX_SECONDS": 600.0}
-
-
-def _running(task: Task, box: Worker | None = None) -> NodeAssignment:
-    """Dispatch `task` and report it running; returns its assignment."""
-    dispatch_round()
-    assignment = assignments_of(task)[-1]
-    assert assignment_status(
-        worker_id=assignment.worker_id, task_id=str(task.id), token=str(assignment.token), status="running"
-    ).accepted
-    return assignment
 
 
 def _report(assignment: NodeAssignment, status: str, **fields):
@@ -56,7 +46,7 @@ def _silence(box: Worker, seconds: float = 3600) -> None:
 def test_lease_expiry_requeues_the_run_with_a_retry_and_back_off():
     box = worker(cpu_cores=8)
     task = queued_task(cpu=4)
-    assignment = _running(task)
+    assignment = run_started(task)
     _silence(box)
     before = timezone.now()
 
@@ -76,7 +66,7 @@ def test_requeued_task_keeps_its_place_in_the_aging_order():
     task = queued_task(queued_at=timezone.now() - timedelta(hours=1))
     key = task.dispatch_key
     box = Worker.objects.get()
-    _running(task)
+    run_started(task)
     _silence(box)
 
     expire_leases()
@@ -88,7 +78,7 @@ def test_requeued_task_keeps_its_place_in_the_aging_order():
 def test_lease_expiry_with_retries_exhausted_fails_the_task_as_worker_lost():
     box = worker()
     task = queued_task(max_retries=1, retry_count=1)
-    _running(task)
+    run_started(task)
     _silence(box)
 
     expire_leases()
@@ -100,7 +90,7 @@ def test_lease_expiry_with_retries_exhausted_fails_the_task_as_worker_lost():
 def test_worker_with_a_fresh_heartbeat_keeps_its_lease():
     box = worker()
     task = queued_task()
-    _running(task)
+    run_started(task)
     _silence(box, seconds=1)
 
     assert expire_leases() == 0
@@ -112,7 +102,7 @@ def test_worker_with_a_fresh_heartbeat_keeps_its_lease():
 def test_retried_task_is_dispatched_again_with_a_new_attempt_and_token():
     first_box = worker(name="first")
     task = queued_task()
-    first = _running(task)
+    first = run_started(task)
     _silence(first_box)
     expire_leases()
     Task.objects.filter(id=task.id).update(runnable_after=timezone.now() - timedelta(seconds=1))
@@ -129,7 +119,7 @@ def test_retried_task_is_dispatched_again_with_a_new_attempt_and_token():
 def test_exit_code_failure_is_not_retried_by_default():
     worker()
     task = queued_task()
-    assignment = _running(task)
+    assignment = run_started(task)
 
     assert _report(assignment, "failed", exit_code=3, failure_reason="exit_code", error="Traceback").accepted
 
@@ -142,7 +132,7 @@ def test_exit_code_failure_is_not_retried_by_default():
 def test_exit_code_failure_is_retried_when_the_task_asks_for_it():
     worker()
     task = queued_task(retry_on_exit_code=True)
-    assignment = _running(task)
+    assignment = run_started(task)
 
     _report(assignment, "failed", exit_code=3, failure_reason="exit_code")
 
@@ -166,7 +156,7 @@ def test_preparation_failure_is_retried():
 def test_timeout_failure_is_not_retried():
     worker()
     task = queued_task(retry_on_exit_code=True)
-    assignment = _running(task)
+    assignment = run_started(task)
 
     _report(assignment, "failed", exit_code=-9, failure_reason="timeout")
 
@@ -177,7 +167,7 @@ def test_timeout_failure_is_not_retried():
 def test_cancelled_report_without_a_cancel_request_is_retried_as_worker_lost():
     worker()
     task = queued_task()
-    assignment = _running(task)
+    assignment = run_started(task)
 
     _report(assignment, "cancelled")
 
@@ -227,7 +217,7 @@ def test_multi_node_task_completes_when_its_last_node_completes():
 def test_report_for_a_lost_run_is_stale():
     box = worker()
     task = queued_task()
-    assignment = _running(task)
+    assignment = run_started(task)
     _silence(box)
     expire_leases()
 
@@ -240,7 +230,7 @@ def test_report_for_a_lost_run_is_stale():
 def test_drain_stops_new_work_and_is_audited(admin_user):
     box = worker(batch_slots=2)
     running = queued_task()
-    _running(running)
+    run_started(running)
     queued = queued_task()
 
     drained = worker_drain(worker=box, actor=Actor(user=admin_user, role="admin"))
@@ -256,7 +246,7 @@ def test_drain_stops_new_work_and_is_audited(admin_user):
 def test_draining_worker_goes_offline_when_its_last_run_ends(admin_user):
     box = worker()
     task = queued_task()
-    assignment = _running(task)
+    assignment = run_started(task)
     worker_drain(worker=box, actor=Actor(user=admin_user, role="admin"))
 
     _report(assignment, "completed", exit_code=0)
@@ -282,7 +272,7 @@ def test_draining_an_offline_worker_is_a_conflict(admin_user):
 def test_run_past_its_timeout_plus_margin_is_failed_by_the_server():
     worker()
     task = queued_task(timeout_seconds=30)
-    assignment = _running(task)
+    assignment = run_started(task)
     Task.objects.filter(id=task.id).update(started_at=timezone.now() - timedelta(seconds=91))
 
     assert enforce_timeouts() == 1
@@ -297,7 +287,7 @@ def test_run_past_its_timeout_plus_margin_is_failed_by_the_server():
 def test_run_within_its_timeout_margin_is_left_alone():
     worker()
     task = queued_task(timeout_seconds=30)
-    _running(task)
+    run_started(task)
     Task.objects.filter(id=task.id).update(started_at=timezone.now() - timedelta(seconds=80))
 
     assert enforce_timeouts() == 0
@@ -308,7 +298,7 @@ def test_run_within_its_timeout_margin_is_left_alone():
 def test_worker_lost_reported_by_the_agent_is_retried():
     worker()
     task = queued_task()
-    assignment = _running(task)
+    assignment = run_started(task)
 
     assert _report(assignment, "failed", exit_code=137, failure_reason="worker_lost").accepted
 
@@ -336,7 +326,7 @@ def test_first_ack_marks_the_assignment_acked_and_a_repeated_ack_keeps_its_time(
 def test_ack_of_an_ended_run_is_not_live():
     worker()
     task = queued_task()
-    assignment = _running(task)
+    assignment = run_started(task)
     assert _report(assignment, "completed", exit_code=0).accepted
 
     assert not assignment_ack(worker_id=assignment.worker_id, task_id=str(task.id), token=str(assignment.token))
