@@ -378,15 +378,20 @@ def test_a_waiting_receive_whose_connection_is_cut_still_gets_the_next_message(c
     assert "lost its connection" in caplog.text  # the receive's own connection was the one cut
 
 
+async def _layer_behind(gate: TcpGate) -> tuple[RedisChannelLayer, str]:
+    """A layer reaching Redis through `gate` (opened for it), and a channel of its own."""
+    await gate.open()
+    layer = RedisChannelLayer(hosts=[gate.url], prefix=f"test-{uuid.uuid4().hex}")
+    return layer, await layer.new_channel()
+
+
 @needs_redis
 @pytest.mark.parametrize("joining", [True, False], ids=["group_add", "group_discard"])
 def test_a_group_change_while_redis_is_out_of_reach_is_made_once_it_is_back(caplog, joining):
     gate = TcpGate(settings.REDIS_URL)
 
     async def scenario() -> bool:
-        await gate.open()
-        layer = RedisChannelLayer(hosts=[gate.url], prefix=f"test-{uuid.uuid4().hex}")
-        channel = await layer.new_channel()
+        layer, channel = await _layer_behind(gate)
         if not joining:
             await layer.group_add("watchers", channel)
         await gate.shut()
@@ -414,9 +419,7 @@ def test_a_receive_waits_out_a_redis_outage_of_any_length(caplog, monkeypatch):
     gate = TcpGate(settings.REDIS_URL)
 
     async def scenario() -> dict:
-        await gate.open()
-        layer = RedisChannelLayer(hosts=[gate.url], prefix=f"test-{uuid.uuid4().hex}")
-        channel = await layer.new_channel()
+        layer, channel = await _layer_behind(gate)
         await gate.shut()
         receiving = asyncio.ensure_future(layer.receive(channel))
         # Five failed tries: 0.05 + 0.1 + 0.2 + 0.4 s of back-off at most, past the group changes' bound.
@@ -441,9 +444,7 @@ def test_a_group_change_gives_up_when_redis_stays_away(monkeypatch):
     gate = TcpGate(settings.REDIS_URL)
 
     async def scenario() -> None:
-        await gate.open()
-        layer = RedisChannelLayer(hosts=[gate.url], prefix=f"test-{uuid.uuid4().hex}")
-        channel = await layer.new_channel()
+        layer, channel = await _layer_behind(gate)
         await gate.shut()
         with pytest.raises(redis.ConnectionError):
             await layer.group_add("watchers", channel)

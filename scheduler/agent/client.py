@@ -114,6 +114,7 @@ class _Held:
 
     run: Run
     final: dict[str, Any] | None = None
+    ended_at: float = 0.0  # when the final status was made
     final_sent_at: float | None = None
     final_acked: bool = False
     # Its `log` messages the server has not acknowledged, by `seq`: each with when it was last sent.
@@ -152,6 +153,10 @@ class Agent:
         self._outbox: deque[dict[str, Any]] = deque()
         self._session: _Session | None = None
         self._log_acks = True  # the server acknowledges `log` messages (its `welcome` says)
+        # How long a run's final status waits for its earlier `log` messages to be acknowledged: a
+        # lease, as the last `welcome` gave it. Past it the final goes anyway, so that a server
+        # failing to store lines does not hold up the end for longer than it would a lost worker.
+        self._final_hold_seconds = 30.0
         self._draining = False
         self._forced = False
         self._give_up: asyncio.TimerHandle | None = None
@@ -315,6 +320,7 @@ class Agent:
         self._backoff.reset()
         logger.info("connected to %s as %s (worker %s)", self.config.server_url, self.config.name, welcome.worker_id)
         self._log_acks = protocol.LOG_ACK in welcome.features
+        self._final_hold_seconds = welcome.lease_seconds
         for token in welcome.kill:
             held = self._held.get(token)
             # A run that ended is settled by its re-sent final status (and logs), which the server answers.
@@ -458,11 +464,21 @@ class Agent:
                 if now - sent_at >= older_than:
                     held.logs[seq] = (message, now)
                     self._enqueue(message)
-            if held.final is None or held.final_acked:
-                continue
-            if held.final_sent_at is None or now - held.final_sent_at >= older_than:
-                held.final_sent_at = now
-                self._enqueue(held.final)
+            self._send_final_when_due(held, older_than=older_than)
+
+    def _send_final_when_due(self, held: _Held, *, older_than: float = 0.0) -> None:
+        """Send the run's final status, unless it was sent less than `older_than` seconds ago or
+        earlier `log` messages still wait for their acknowledgement: the server records the end
+        once every line before it is stored, so that whoever reads or follows the log of an ended
+        run has all of it. Held back for `_final_hold_seconds` at most."""
+        if held.final is None or held.final_acked:
+            return
+        now = time.monotonic()
+        if held.logs and now - held.ended_at < self._final_hold_seconds:
+            return
+        if held.final_sent_at is None or now - held.final_sent_at >= older_than:
+            held.final_sent_at = now
+            self._enqueue(held.final)
 
     # -- incoming ----------------------------------------------------------------------------
 
@@ -498,6 +514,7 @@ class Agent:
             held = self._held.get(token)
             if held is not None:
                 held.logs.pop(seq, None)
+                self._send_final_when_due(held, older_than=float("inf"))
                 self._forget_if_settled(held)
         elif kind == "drain":
             self.drain()
@@ -572,9 +589,8 @@ class Agent:
             self._forget(held.run.token, kill=False)
             return
         logger.info("task %s finished: %s", held.run.task_id, final["status"])
-        held.final = final
-        held.final_sent_at = time.monotonic()
-        self._enqueue(final)
+        held.final, held.ended_at = final, time.monotonic()
+        self._send_final_when_due(held)
 
     def _forget_if_settled(self, held: _Held) -> None:
         if held.settled:

@@ -13,6 +13,11 @@ def _logs(peer: Peer, token: str) -> list[dict]:
     return [m for m in peer.about(token) if m["type"] == "log"]
 
 
+def _distinct(logs: list[dict]) -> list[dict]:
+    """The `log` messages, each once (those sent again left out)."""
+    return sorted({m["seq"]: m for m in logs}.values(), key=lambda m: m["seq"])
+
+
 def test_log_messages_carry_the_place_of_their_first_line(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with Peer(features=LOG_ACKS) as peer, running_agent(peer.url, tmp_path) as agent:
@@ -50,15 +55,49 @@ def test_an_unacknowledged_log_message_is_sent_again_and_holds_the_run_until_ack
     run_async(scenario())
 
 
+FINAL = {"completed", "failed", "cancelled"}
+
+
+def test_the_final_status_waits_for_the_earlier_log_lines_to_be_acknowledged(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        peer = Peer(heartbeat_seconds=0.1, features=LOG_ACKS, ack_logs=False)
+        async with peer, running_agent(peer.url, tmp_path):
+            message = assign(python("print('the only line')"))
+            token = message["token"]
+            await peer.send(message)
+            log = await peer.next(lambda m: m["type"] == "log" and m["token"] == token)
+            # The agent knows the run ended (its heartbeat says so)...
+            ended = {"task_id": message["task_id"], "token": token, "status": "completed"}
+            await peer.next(lambda m: m["type"] == "heartbeat" and ended in m["running"])
+            # ...and says nothing of the end while the line may still be missing on the server.
+            assert not [m for m in peer.about(token) if m["type"] == "status" and m["status"] in FINAL]
+            await peer.ack_log(log)
+            assert (await peer.final(token))["status"] == "completed"
+
+    run_async(scenario())
+
+
+def test_the_final_status_goes_a_lease_after_the_end_even_if_the_lines_are_never_acknowledged(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        peer = Peer(heartbeat_seconds=0.1, features=LOG_ACKS, ack_logs=False)
+        async with peer, running_agent(peer.url, tmp_path):
+            message = assign(python("print('the only line')"))
+            await peer.send(message)
+            assert (await peer.final(message["token"]))["status"] == "completed"
+
+    run_async(scenario())
+
+
 def test_unacknowledged_log_messages_of_a_finished_run_are_sent_again_after_a_reconnect(tmp_path: Path) -> None:
     async def scenario() -> None:
-        first = Peer(features=LOG_ACKS, ack_logs=False)
+        # A short lease (6 heartbeats): the final goes after it, its lines still unacknowledged.
+        first = Peer(heartbeat_seconds=0.1, features=LOG_ACKS, ack_logs=False)
         async with first, running_agent(first.url, tmp_path) as agent:
             message = assign(python("print('epoch 1')\nprint('epoch 2')"))
             token = message["token"]
             await first.send(message)
             await first.final(token)
-            lines = [line["line"] for m in _logs(first, token) for line in m["lines"]]
+            lines = [line["line"] for m in _distinct(_logs(first, token)) for line in m["lines"]]
             assert lines == ["epoch 1", "epoch 2"]
             port = first.port
             await first.close()
@@ -68,7 +107,7 @@ def test_unacknowledged_log_messages_of_a_finished_run_are_sent_again_after_a_re
                 await until(lambda: agent.held_runs() == [], what="the run to be settled by the new server")
                 again = [line["line"] for m in _logs(second, token) for line in m["lines"]]
                 assert again == lines
-                assert [m["seq"] for m in _logs(second, token)] == [m["seq"] for m in _logs(first, token)]
+                assert [m["seq"] for m in _logs(second, token)] == [m["seq"] for m in _distinct(_logs(first, token))]
 
     run_async(scenario())
 

@@ -38,6 +38,25 @@ def agent_key(db) -> str:
     return ApiKeyFactory.raw(user=UserFactory(username="e2e-agent"), role="worker")
 
 
+def _gated_command(gate: Path, output: str = "done") -> str:
+    """A run that waits until `gate` exists, then prints `output`."""
+    return python_command(
+        f"import os, time\nwhile not os.path.exists({str(gate)!r}): time.sleep(0.02)\nprint({output!r})"
+    )
+
+
+def _running_gated_tasks(
+    system: LiveSystem, owner_key: str, agent_key: str, gate: Path, *, count: int, output: str = "done"
+) -> list[dict]:
+    """Two workers of two slots each, running `count` tasks that wait for `gate`."""
+    system.start_worker("a", key=agent_key, slots=2)
+    system.start_worker("b", key=agent_key, slots=2)
+    tasks = [system.submit(owner_key, entrypoint=_gated_command(gate, output)) for _ in range(count)]
+    for task in tasks:
+        system.wait_for_task(owner_key, task["id"], lambda t: t["status"] == "running")
+    return tasks
+
+
 def test_serve_with_one_local_worker_runs_a_submitted_task(tmp_path: Path, owner_key: str) -> None:
     with LiveSystem(tmp_path=tmp_path, database_url=database_url_for(connection), serve_workers=1) as system:
         task = system.submit(owner_key, entrypoint=python_command("print('hello from make run')"))
@@ -51,13 +70,8 @@ def test_serve_with_one_local_worker_runs_a_submitted_task(tmp_path: Path, owner
 @requires_postgres
 def test_runs_survive_a_crash_and_restart_of_the_server(tmp_path: Path, owner_key: str, agent_key: str) -> None:
     gate = tmp_path / "gate"
-    code = f"import os, time\nwhile not os.path.exists({str(gate)!r}): time.sleep(0.02)\nprint('survived')"
     with LiveSystem(tmp_path=tmp_path, database_url=database_url_for(connection)) as system:
-        system.start_worker("a", key=agent_key, slots=2)
-        system.start_worker("b", key=agent_key, slots=2)
-        tasks = [system.submit(owner_key, entrypoint=python_command(code)) for _ in range(3)]
-        for task in tasks:
-            system.wait_for_task(owner_key, task["id"], lambda t: t["status"] == "running")
+        tasks = _running_gated_tasks(system, owner_key, agent_key, gate, count=3, output="survived")
 
         system.kill_server()
         crashed_at = time.time()
@@ -66,7 +80,7 @@ def test_runs_survive_a_crash_and_restart_of_the_server(tmp_path: Path, owner_ke
             lambda: all(w.connected_at.timestamp() > crashed_at for w in Worker.objects.all()),
             what="both workers to reconnect",
         )
-        after = system.submit(owner_key, entrypoint=python_command(code))
+        after = system.submit(owner_key, entrypoint=_gated_command(gate, "survived"))
         gate.touch()
         done = [system.wait_for_status(owner_key, task["id"], "completed") for task in [*tasks, after]]
 
@@ -141,7 +155,6 @@ def test_runs_on_a_server_frozen_past_the_lease_are_retried_and_complete_once(
     tmp_path: Path, owner_key: str, agent_key: str
 ) -> None:
     gate = tmp_path / "gate"
-    code = f"import os, time\nwhile not os.path.exists({str(gate)!r}): time.sleep(0.02)\nprint('done')"
     system = LiveSystem(
         tmp_path=tmp_path,
         database_url=database_url_for(connection),
@@ -149,11 +162,7 @@ def test_runs_on_a_server_frozen_past_the_lease_are_retried_and_complete_once(
         env={"FETCHML_WORKER_LEASE_SECONDS": "3"},
     )
     with system:
-        system.start_worker("a", key=agent_key, slots=2)
-        system.start_worker("b", key=agent_key, slots=2)
-        tasks = [system.submit(owner_key, entrypoint=python_command(code)) for _ in range(4)]
-        for task in tasks:
-            system.wait_for_task(owner_key, task["id"], lambda t: t["status"] == "running")
+        tasks = _running_gated_tasks(system, owner_key, agent_key, gate, count=4)
         system.server.signal(signal.SIGSTOP)
         try:
             # Nobody hears the workers: the scheduler takes their runs away when the lease runs out.
@@ -235,7 +244,6 @@ def test_runs_go_on_while_redis_is_out_of_reach_for_longer_than_the_lease(
     tmp_path: Path, owner_key: str, agent_key: str
 ) -> None:
     gate_file = tmp_path / "gate"
-    code = f"import os, time\nwhile not os.path.exists({str(gate_file)!r}): time.sleep(0.02)\nprint('done')"
     lease = 3.0
     with ThreadedGate(os.environ["REDIS_URL"]) as redis_gate:
         system = LiveSystem(
@@ -245,11 +253,7 @@ def test_runs_go_on_while_redis_is_out_of_reach_for_longer_than_the_lease(
             env={"REDIS_URL": redis_gate.url, "FETCHML_WORKER_LEASE_SECONDS": str(lease)},
         )
         with system:
-            system.start_worker("a", key=agent_key, slots=2)
-            system.start_worker("b", key=agent_key, slots=2)
-            tasks = [system.submit(owner_key, entrypoint=python_command(code)) for _ in range(4)]
-            for task in tasks:
-                system.wait_for_task(owner_key, task["id"], lambda t: t["status"] == "running")
+            tasks = _running_gated_tasks(system, owner_key, agent_key, gate_file, count=4)
             redis_gate.shut()
             try:
                 gone_at = time.monotonic()
@@ -271,18 +275,13 @@ def test_runs_go_on_while_the_database_is_out_of_reach_for_longer_than_the_lease
     tmp_path: Path, owner_key: str, agent_key: str
 ) -> None:
     gate_file = tmp_path / "gate"
-    code = f"import os, time\nwhile not os.path.exists({str(gate_file)!r}): time.sleep(0.02)\nprint('done')"
     lease = 3.0
     with ThreadedGate(database_url_for(connection)) as database_gate:
         system = LiveSystem(
             tmp_path=tmp_path, database_url=database_gate.url, env={"FETCHML_WORKER_LEASE_SECONDS": str(lease)}
         )
         with system:
-            system.start_worker("a", key=agent_key, slots=2)
-            system.start_worker("b", key=agent_key, slots=2)
-            tasks = [system.submit(owner_key, entrypoint=python_command(code)) for _ in range(4)]
-            for task in tasks:
-                system.wait_for_task(owner_key, task["id"], lambda t: t["status"] == "running")
+            tasks = _running_gated_tasks(system, owner_key, agent_key, gate_file, count=4)
             database_gate.shut()
             time.sleep(2 * lease)  # the outage: no heartbeat can be recorded
             database_gate.open()

@@ -403,20 +403,25 @@ async def test_a_subscribed_tasks_change_whose_message_was_lost_is_told_by_a_rec
 
 @run_async
 @override_settings(FETCHML_WS_RECHECK_SECONDS=0.05)
-async def test_an_ended_task_is_told_once_however_many_rechecks_follow(alice_key, user, alice_task):
+async def test_a_recheck_tells_only_what_changed_since_it_was_told(alice_key, user, alice_task):
     other = await sync_to_async(task_submit)(owner=user, job_name="second")
     socket = await _open(alice_key)
     try:
         await _move(alice_task, TaskStatus.CANCELLED)
-        ended = await _receive(socket)
-        for _ in range(3):  # a few rechecks' worth: each would have told it again
-            await _ask(socket, {"type": "ping"})
-        await _move(other, TaskStatus.PREPARING)  # the marker
-        first = await _receive(socket)
+        await _move(other, TaskStatus.PREPARING)
+        told = [await _receive(socket), await _receive(socket)]
+        # Two rechecks, each shown by the change of the other task it catches up on.
+        for status in (TaskStatus.RUNNING, TaskStatus.COMPLETED):
+            await sync_to_async(_changed_unannounced)(other, status)
+            told.append(await _receive(socket))
     finally:
         await socket.disconnect()
-    assert ended["type"] == "task_complete"
-    assert first["task"]["id"] == str(other.id)
+    assert [(_state(message)[1], _state(message)[2]) for message in told] == [
+        (str(alice_task.id), "cancelled"),
+        (str(other.id), "preparing"),
+        (str(other.id), "running"),
+        (str(other.id), "completed"),
+    ]
 
 
 @run_async
