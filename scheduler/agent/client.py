@@ -381,7 +381,12 @@ class Agent:
                 raise
 
     async def _flush(self, session: _Session) -> None:
-        """On the way out, send what is still queued (the draining notice above all), briefly."""
+        """On the way out, send what is still queued (the draining notice above all), briefly;
+        final statuses held back for their lines go too: an end told beats an end lost."""
+        for held in self._held.values():
+            if held.final is not None and held.final_sent_at is None:
+                held.final_sent_at = time.monotonic()
+                self._enqueue(held.final)
         try:
             async with asyncio.timeout(self.config.close_timeout):
                 await self._send_outbox(session)

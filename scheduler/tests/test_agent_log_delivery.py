@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
-from scheduler.tests.agent_peer import Peer, assign, python, run_async, running_agent, until
+from scheduler.agent.client import Agent
+from scheduler.tests.agent_peer import Peer, agent_config, assign, python, run_async, running_agent, until
 
 LOG_ACKS = ["batch", "log_ack"]
 
@@ -84,6 +86,27 @@ def test_the_final_status_goes_a_lease_after_the_end_even_if_the_lines_are_never
             message = assign(python("print('the only line')"))
             await peer.send(message)
             assert (await peer.final(message["token"]))["status"] == "completed"
+
+    run_async(scenario())
+
+
+def test_a_forced_shutdown_sends_a_final_status_held_back_for_its_lines(tmp_path: Path) -> None:
+    code = "import os, signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nprint(os.getpid())\ntime.sleep(300)"
+
+    async def scenario() -> None:
+        async with Peer(features=LOG_ACKS, ack_logs=False) as peer:
+            agent = Agent(agent_config(peer.url, tmp_path))
+            serving = asyncio.create_task(agent.run())
+            message = assign(python(code), cancel_grace_seconds=60)
+            await peer.send(message)
+            await peer.next(lambda m: m["type"] == "log")  # never acknowledged
+
+            agent.drain()
+            agent.shutdown()
+
+            await asyncio.wait_for(serving, 15)
+            final = await peer.final(message["token"])
+            assert (final["status"], final["failure_reason"]) == ("failed", "worker_lost")
 
     run_async(scenario())
 
