@@ -22,12 +22,13 @@ from typing import Any
 from django.contrib.auth import get_user_model
 from django.db import DatabaseError, IntegrityError, connection, transaction
 from django.db.models import Exists, F, OuterRef, Q, QuerySet, Value
-from django.db.models.functions import Coalesce
+from django.db.models.functions import Coalesce, Now
 from django.utils import timezone
 
 from audit.services import appended_together, record
 from fetchml import events
 from fetchml.auth import Actor
+from fetchml.clock import database_now
 from fetchml.compiled import compiled_per_shape, compiled_update_per_shape
 from fetchml.conf import app_settings
 from fetchml.errors import Conflict
@@ -105,6 +106,7 @@ def worker_hello(
     so its old one is dead (a server that crashed under it) and is replaced.
     """
     now = timezone.now()
+    heard_now = database_now()  # heartbeats are stamped on the database's clock (fetchml/clock.py)
     # A live connection heartbeats every interval; one silent for a few intervals
     # is the stale record of a server that crashed, not a twin agent. (Waiting for
     # the whole lease would let the lease expire the runs the agent comes back with.)
@@ -117,7 +119,7 @@ def worker_hello(
             superseded
             and not (instance and instance == worker.agent_instance)
             and worker.last_heartbeat is not None
-            and worker.last_heartbeat > now - live_window
+            and worker.last_heartbeat > heard_now - live_window
         ):
             return Welcome(worker_id=None, conflict=True)
         changed = created or any(getattr(worker, key) != value for key, value in capabilities.items())
@@ -132,7 +134,7 @@ def worker_hello(
         worker.channel_name = channel_name
         worker.agent_instance = instance
         worker.connected_at = now
-        worker.last_heartbeat = now
+        worker.last_heartbeat = Now()
         worker.save()
         if changed:
             record(
@@ -172,7 +174,7 @@ def worker_heartbeat(*, worker_id: Any, running: list[dict[str, str]]) -> list[d
     Progress the agent reports for a run and the server has not recorded (its
     `running` status was lost) is applied, as its `status` would have been.
     """
-    Worker.objects.filter(id=worker_id).update(last_heartbeat=timezone.now())
+    Worker.objects.filter(id=worker_id).update(last_heartbeat=Now())  # the database's clock (fetchml/clock.py)
     known = _run_states(worker_id, running)
     _catch_up_progress(worker_id, running, known)
     return [run for run in running if run["token"] not in known]
@@ -907,9 +909,10 @@ def end_run(*, assignment_id: Any, reason: str, error: str) -> bool:
 
 
 def expire_leases(*, now: datetime | None = None) -> int:
-    """Workers silent for longer than the lease go offline; their runs are lost and re-queued."""
-    now = now or timezone.now()
-    cutoff = now - timedelta(seconds=app_settings.WORKER_LEASE_SECONDS)
+    """Workers silent for longer than the lease go offline; their runs are lost and re-queued.
+
+    Read on the database's clock, on which heartbeats are stamped (fetchml/clock.py)."""
+    cutoff = (now or database_now()) - timedelta(seconds=app_settings.WORKER_LEASE_SECONDS)
     silent = Q(last_heartbeat__lt=cutoff) | Q(last_heartbeat__isnull=True)
     expired = 0
     for worker_id, name in Worker.objects.filter(silent, status__in=_LIVE_WORKER_STATES).values_list("id", "name"):

@@ -18,6 +18,7 @@ from scheduler.services import (
     expire_leases,
     retry_backoff_seconds,
     worker_drain,
+    worker_heartbeat,
 )
 from scheduler.tests.factories import assignments_of, queued_task, run_started, worker
 from tasks.models import Task
@@ -73,6 +74,29 @@ def test_requeued_task_keeps_its_place_in_the_aging_order():
 
     task.refresh_from_db()
     assert task.dispatch_key == key and task.queued_at < timezone.now() - timedelta(minutes=59)
+
+
+# Far past any lease: heartbeats and leases read on host clocks this far apart would disagree.
+SKEW = timedelta(hours=1)
+
+
+def test_a_scheduler_whose_clock_runs_ahead_expires_no_worker_that_heartbeats(monkeypatch):
+    box = worker()
+    worker_heartbeat(worker_id=box.id, running=[])
+    ahead = timezone.now() + SKEW
+    monkeypatch.setattr(timezone, "now", lambda: ahead)
+
+    assert expire_leases() == 0
+
+
+def test_heartbeats_heard_by_a_server_whose_clock_runs_behind_keep_the_lease(monkeypatch):
+    box = worker()
+    behind = timezone.now() - SKEW
+    with monkeypatch.context() as skewed:
+        skewed.setattr(timezone, "now", lambda: behind)
+        worker_heartbeat(worker_id=box.id, running=[])
+
+    assert expire_leases() == 0
 
 
 def test_lease_expiry_with_retries_exhausted_fails_the_task_as_worker_lost():
