@@ -39,7 +39,7 @@ from fetchml.auth import Actor, authenticate_raw_key
 from fetchml.conf import app_settings
 from fetchml.consumers import SocketConsumer
 from fetchml.errors import NotFound
-from tasks.logs import CATCH_UP_CHUNK, serialize_line
+from tasks.logs import CATCH_UP_CHUNK, log_lines, serialize_line
 from tasks.models import Task, TaskLogLine
 from tasks.selectors import task_get_for_actor
 from tasks.states import FINAL_STATES
@@ -116,9 +116,9 @@ def _owner_of_visible(actor: Actor, task_id: uuid.UUID) -> Any | None:
 
 
 def _lines_after(task_id: str, after_id: int) -> list[dict[str, Any]]:
-    """A chunk of the task's lines after `after_id`, in id order (the resume rule of tasks.logs)."""
-    rows = TaskLogLine.objects.filter(task_id=task_id, id__gt=after_id).order_by("id")[:CATCH_UP_CHUNK]
-    return [serialize_line(line) for line in rows]
+    """A chunk of the task's lines after `after_id`, read as the log follow reads them."""
+    lines = log_lines(task=Task(id=uuid.UUID(task_id)), after_id=after_id, limit=CATCH_UP_CHUNK)
+    return [serialize_line(line) for line in lines]
 
 
 def _last_line_id(task_id: uuid.UUID) -> int:
