@@ -11,6 +11,7 @@ from typing import Any
 
 from django.core.exceptions import PermissionDenied, RequestDataTooBig
 from django.core.exceptions import ValidationError as DjangoValidationError
+from django.db import InterfaceError, OperationalError
 from django.http import Http404, JsonResponse
 from rest_framework import exceptions as drf_exceptions
 from rest_framework.response import Response
@@ -19,6 +20,8 @@ from rest_framework.views import set_rollback
 from fetchml.tracing import current_trace_id
 
 logger = logging.getLogger("fetchml.errors")
+
+DATABASE_RETRY_AFTER_SECONDS = 1
 
 
 class ApplicationError(Exception):
@@ -165,6 +168,11 @@ def _error_for(exc: Exception, context: dict) -> Response:
         status = exc.status_code
         message = exc.detail if isinstance(exc.detail, str) else "Request failed"
         return Response(error_body(str(message), code_for_status(status)), status=status)
+    if isinstance(exc, OperationalError | InterfaceError):
+        # Out of reach, restarting, or a lock or write wait given up on: a retry soon may succeed.
+        logger.warning("database unavailable: %s", exc)
+        body = error_body("The database is unavailable; try again shortly", "SERVICE_UNAVAILABLE")
+        return Response(body, status=503, headers={"Retry-After": str(DATABASE_RETRY_AFTER_SECONDS)})
     # The details go to the log (with the trace id), never to the client.
     logger.exception("unhandled error in %s", context.get("view").__class__.__name__ if context else "?")
     return Response(error_body("An internal error occurred", "INTERNAL_ERROR"), status=500)

@@ -1,5 +1,6 @@
 """A test-only URLconf: small views that exercise the plumbing before the real API exists."""
 
+from django.db import OperationalError
 from django.http import HttpRequest, HttpResponse
 from django.urls import include, path
 from drf_spectacular.utils import extend_schema
@@ -55,6 +56,12 @@ class BoomView(APIView):
         raise RuntimeError(SECRET_MESSAGE)
 
 
+class DatabaseDownView(APIView):
+    @extend_schema(responses={200: dict})
+    def get(self, request: Request) -> Response:
+        raise OperationalError(f"connection to server at 10.0.0.5 failed: {SECRET_MESSAGE}")
+
+
 def plain_boom(request: HttpRequest) -> HttpResponse:
     raise RuntimeError(SECRET_MESSAGE)
 
@@ -63,6 +70,7 @@ urlpatterns = [
     path("v1/test/echo", EchoView.as_view()),
     path("v1/test/admin-only", AdminOnlyView.as_view()),
     path("v1/test/boom", BoomView.as_view()),
+    path("v1/test/database-down", DatabaseDownView.as_view()),
     path("test/plain-boom", plain_boom),
     path("", include("fetchml.urls")),
 ]
