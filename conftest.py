@@ -7,6 +7,8 @@ from django.core.cache import cache
 from rest_framework.test import APIClient
 
 from fetchml.dbpool import close_pool_connections
+from fetchml.ratelimits import cache_breaker
+from fetchml.testing import IsolatedNetwork
 from fetchml.tests.factories import ApiKeyFactory, UserFactory
 
 USING_POSTGRES = os.environ.get("DATABASE_URL", "").startswith(("postgres://", "postgresql://"))
@@ -30,9 +32,11 @@ def queued_until_a_round(settings):
 
 @pytest.fixture(autouse=True)
 def _clean_cache():
-    """Rate-limit counters and auth-audit throttles must not leak between tests."""
+    """Rate-limit counters, auth-audit throttles and a cache failure must not leak between tests."""
     cache.clear()
+    cache_breaker.reset()
     yield
+    cache_breaker.reset()
     cache.clear()
 
 
@@ -41,6 +45,17 @@ def _pool_connections():
     """Connections the database thread pool opened must not outlive the test (nor keep its database)."""
     yield
     close_pool_connections()
+
+
+@pytest.fixture
+def isolated_network():
+    """An `IsolatedNetwork` (fetchml.testing), removed after the test; the test skips, saying why,
+    where one cannot be made (not root)."""
+    network, why_not = IsolatedNetwork.make()
+    if network is None:
+        pytest.skip(why_not)
+    yield network
+    network.close()
 
 
 class KeyClient(APIClient):

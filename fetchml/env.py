@@ -93,3 +93,28 @@ def parse_database_url(url: str) -> dict:
         name = unquote(parts.path)[1:]
         return {"ENGINE": "django.db.backends.sqlite3", "NAME": name or ":memory:"}
     raise ImproperlyConfigured(f"DATABASE_URL scheme {parts.scheme!r} is not supported")
+
+
+def bound_postgres_waits(options: dict, *, network_seconds: int, stalled_transaction_seconds: int) -> None:
+    """Bound, in a PostgreSQL connection's `options`, what a silent peer can cost; values the
+    DATABASE_URL gives are kept.
+
+    The network: a query whose packets go unanswered fails after `network_seconds`
+    (`tcp_user_timeout`), and an idle connection is probed so that a dead one is found as fast
+    (keepalives); left to the kernel, a database host that died or a partition hangs each
+    connection for about a quarter of an hour of retransmissions. The server: a session that
+    holds a transaction open with no statement for `stalled_transaction_seconds` (its process
+    frozen, or on a host that vanished) is ended, and the row locks it held (a worker's, a
+    task's) are released for the other processes (0: never).
+    """
+    idle = max(1, network_seconds // 3)
+    interval = max(1, network_seconds // 6)
+    options.setdefault("keepalives", "1")
+    options.setdefault("keepalives_idle", str(idle))
+    options.setdefault("keepalives_interval", str(interval))
+    options.setdefault("keepalives_count", str(max(1, (network_seconds - idle) // interval)))
+    options.setdefault("tcp_user_timeout", str(network_seconds * 1000))
+    given = options.get("options", "")
+    if stalled_transaction_seconds and "idle_in_transaction_session_timeout" not in given:
+        flag = f"-c idle_in_transaction_session_timeout={stalled_transaction_seconds * 1000}"
+        options["options"] = f"{given} {flag}".strip()

@@ -7,11 +7,13 @@ sessions are limited per user. Failed authentications are limited per client
 IP, more strictly, against key guessing. The counters live in the default
 cache, which is Redis (shared by all processes) when REDIS_URL is set.
 
-When that cache cannot be reached (Redis restarting), nothing is counted and
-the request goes on, with a warning: a rate limit guards the service against
-overload, and refusing every request while Redis is away would be the outage
-it guards against. Key guessing stays hopeless without it (keys carry 256
-random bits).
+When that cache cannot be reached (Redis restarting) or does not answer within
+its socket time-out (settings), nothing is counted and the request goes on,
+with a warning: a rate limit guards the service against overload, and
+refusing every request while Redis is away would be the outage it guards
+against. Key guessing stays hopeless without it (keys carry 256 random bits).
+After a failure the process leaves the cache alone for `CACHE_RETRY_SECONDS`,
+so that a silent Redis costs one request a time-out, not every request.
 """
 
 import logging
@@ -30,6 +32,28 @@ logger = logging.getLogger("fetchml.ratelimits")
 
 _SAFE = {"GET", "HEAD", "OPTIONS"}
 
+CACHE_RETRY_SECONDS = 5.0
+
+
+class _CacheBreaker:
+    """Whether the cache is worth asking: not for a while after it failed."""
+
+    def __init__(self) -> None:
+        self.failed_until = float("-inf")  # monotonic time
+
+    def worth_asking(self) -> bool:
+        return time.monotonic() >= self.failed_until
+
+    def failed(self, what: str, exc: Exception) -> None:
+        self.failed_until = time.monotonic() + CACHE_RETRY_SECONDS
+        logger.warning("%s: the cache is unreachable (%s); left alone for %.0f s", what, exc, CACHE_RETRY_SECONDS)
+
+    def reset(self) -> None:
+        self.failed_until = float("-inf")
+
+
+cache_breaker = _CacheBreaker()
+
 
 @dataclass(frozen=True)
 class Usage:
@@ -42,10 +66,12 @@ class Usage:
 def _usage(group: str, identity: str, rate: str, *, increment: bool) -> Usage | None:
     # django-ratelimit only reads the method from the request; the key is ours.
     shim = SimpleNamespace(method="GET", META={})
+    if not cache_breaker.worth_asking():
+        return None
     try:
         usage = get_usage(shim, group=group, key=lambda _g, _r: identity, rate=rate, increment=increment)
     except RedisError as exc:
-        logger.warning("%s not counted: the cache is unreachable (%s)", group, exc)
+        cache_breaker.failed(f"{group} not counted", exc)
         return None
     if usage is None:
         return None
@@ -86,10 +112,12 @@ def count_auth_failure(ip: str | None) -> None:
 def first_use_in(interval: int, *, key_id: object) -> bool:
     """Whether this is the key's first successful use in `interval` seconds (so it is audited);
     True as well when the cache cannot say (an extra audit event beats a missing one)."""
+    if not cache_breaker.worth_asking():
+        return True
     try:
         return bool(cache.add(f"fetchml:auth-ok:{key_id}", 1, timeout=interval))
     except RedisError as exc:
-        logger.warning("successful key use audited without its interval: the cache is unreachable (%s)", exc)
+        cache_breaker.failed("successful key use audited without its interval", exc)
         return True
 
 

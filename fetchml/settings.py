@@ -12,7 +12,7 @@ from pathlib import Path
 from django.core.exceptions import ImproperlyConfigured
 
 from fetchml.conf import settings_from_env
-from fetchml.env import env_bool, env_float, env_int, env_list, env_str, parse_database_url
+from fetchml.env import bound_postgres_waits, env_bool, env_float, env_int, env_list, env_str, parse_database_url
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(env_str("FETCHML_VAR_DIR", str(BASE_DIR / "var")))
@@ -116,6 +116,11 @@ else:
     _db["CONN_MAX_AGE"] = env_int("FETCHML_DB_CONN_MAX_AGE", 60, minimum=0)
     _db["CONN_HEALTH_CHECKS"] = True
     _db["OPTIONS"].setdefault("connect_timeout", "5")
+    bound_postgres_waits(
+        _db["OPTIONS"],
+        network_seconds=env_int("FETCHML_DB_NETWORK_TIMEOUT_SECONDS", 15, minimum=1),
+        stalled_transaction_seconds=env_int("FETCHML_DB_STALLED_TRANSACTION_SECONDS", 15, minimum=0),
+    )
     if env_bool("FETCHML_DB_PREPARED_STATEMENTS", True):
         # Values bound by the server and each query prepared after its 5th run on a connection:
         # the hot queries (a dispatch round, a batch of run reports) skip parsing. A pooler in
@@ -127,7 +132,15 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # --- cache and channel layer ---------------------------------------------
 if REDIS_URL:
-    CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL}}
+    CACHES = {
+        "default": {
+            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "LOCATION": REDIS_URL,
+            # redis-py waits forever by default: a silent Redis would hang every request on its
+            # rate-limit counter. A counter answers in well under a millisecond.
+            "OPTIONS": {"socket_timeout": 2, "socket_connect_timeout": 2},
+        }
+    }
     CHANNEL_LAYERS = {
         "default": {
             "BACKEND": "fetchml.channel_layer.RedisChannelLayer",  # channels_redis's, fewer round trips

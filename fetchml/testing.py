@@ -36,10 +36,10 @@ from django.test import AsyncClient
 HOST = "127.0.0.1"
 
 
-def free_port() -> int:
-    """A port nobody listens on right now (the OS picks it)."""
+def free_port(host: str = HOST) -> int:
+    """A port nobody listens on right now on `host` (the OS picks it)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
+        sock.bind((host, 0))
         return sock.getsockname()[1]
 
 
@@ -69,12 +69,14 @@ class LiveServer:
         env: dict[str, str] | None = None,
         startup_timeout: float = 60.0,
         stop_timeout: float = 10.0,
+        network: "IsolatedNetwork | None" = None,
     ) -> None:
         self.database_url = database_url
         self.extra_env = env or {}
         self.startup_timeout = startup_timeout
         self.stop_timeout = stop_timeout
-        self.host = HOST
+        self.network = network  # run inside it, at its address, when given
+        self.host = network.address if network else HOST
         self.port = 0
         self._process: subprocess.Popen | None = None
         self._log: Any = None
@@ -102,6 +104,8 @@ class LiveServer:
             **self.extra_env,
         }
         command = [sys.executable, "-m", "daphne", "-b", self.host, "-p", str(self.port), "fetchml.asgi:application"]
+        if self.network is not None:
+            command = self.network.command(command)
         # A file, not a pipe: a chatty server never blocks on it. Closed in stop().
         self._log = tempfile.TemporaryFile()  # noqa: SIM115
         self._process = subprocess.Popen(
@@ -291,13 +295,17 @@ class KeyAsyncClient(AsyncClient):
 class TcpGate:
     """A TCP forwarder to a service (Redis, say) that can be shut, its connections cut and new ones
     refused, and opened again on the same port: the service out of reach for a while, as behind a
-    restarting proxy. Its methods are coroutines of the event loop it serves in; `ThreadedGate`
-    runs one in a thread of its own for synchronous tests."""
+    restarting proxy. It listens on `host` (an `IsolatedNetwork`'s `service_address`, say). Its
+    methods are coroutines of the event loop it serves in; `ThreadedGate` runs one in a thread of
+    its own for synchronous tests."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, host: str = HOST) -> None:
         self._target_url = urlsplit(url)
         self.target = (self._target_url.hostname or HOST, self._target_url.port)
-        self.port = free_port()
+        self.host = host
+        self.port = free_port(host)
+        self.muted = False
+        self.swallowed = 0  # bytes dropped while muted
         self.server: asyncio.Server | None = None
         self.writers: list[asyncio.StreamWriter] = []
 
@@ -305,11 +313,12 @@ class TcpGate:
     def url(self) -> str:
         """The target's URL (credentials, path and query kept), through the gate."""
         credentials, _, _ = self._target_url.netloc.rpartition("@")
-        netloc = f"{credentials}@{HOST}:{self.port}" if credentials else f"{HOST}:{self.port}"
+        address = f"{self.host}:{self.port}"
+        netloc = f"{credentials}@{address}" if credentials else address
         return urlunsplit(self._target_url._replace(netloc=netloc))
 
     async def open(self) -> None:
-        self.server = await asyncio.start_server(self._forward, HOST, self.port)
+        self.server = await asyncio.start_server(self._forward, self.host, self.port)
 
     async def shut(self) -> None:
         if self.server is not None:
@@ -319,6 +328,11 @@ class TcpGate:
             writer.close()
         self.writers = []
 
+    def mute(self, muted: bool = True) -> None:
+        """From now on drop every byte both ways, connections kept open and new ones accepted: a
+        service gone silent (a frozen process) rather than away. `mute(False)` forwards again."""
+        self.muted = muted
+
     async def _forward(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             upstream_reader, upstream_writer = await asyncio.open_connection(*self.target)
@@ -326,25 +340,27 @@ class TcpGate:
             writer.close()
             return
         self.writers += [writer, upstream_writer]
-        await asyncio.gather(_pipe(reader, upstream_writer), _pipe(upstream_reader, writer))
+        await asyncio.gather(self._pipe(reader, upstream_writer), self._pipe(upstream_reader, writer))
 
-
-async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    try:
-        while data := await reader.read(65536):
-            writer.write(data)
-            await writer.drain()
-    except OSError:  # the other side was cut
-        pass
-    finally:
-        writer.close()
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                if self.muted:
+                    self.swallowed += len(data)
+                    continue
+                writer.write(data)
+                await writer.drain()
+        except OSError:  # the other side was cut
+            pass
+        finally:
+            writer.close()
 
 
 class ThreadedGate:
     """A `TcpGate` serving from an event loop in a thread of its own, driven from synchronous code."""
 
-    def __init__(self, url: str) -> None:
-        self.gate = TcpGate(url)
+    def __init__(self, url: str, *, host: str = HOST) -> None:
+        self.gate = TcpGate(url, host=host)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._thread.start()
@@ -359,6 +375,13 @@ class ThreadedGate:
     def shut(self) -> None:
         asyncio.run_coroutine_threadsafe(self.gate.shut(), self._loop).result(timeout=10)
 
+    def mute(self, muted: bool = True) -> None:
+        self.gate.mute(muted)  # a flag the forwarding reads at each chunk
+
+    @property
+    def swallowed(self) -> int:
+        return self.gate.swallowed
+
     def __enter__(self) -> Self:
         self.open()
         return self
@@ -368,3 +391,80 @@ class ThreadedGate:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=10)
         self._loop.close()
+
+
+class IsolatedNetwork:
+    """A network namespace whose processes reach this machine over one veth link only.
+
+    The machine's side of the link has two addresses: `host_address`, from which the test
+    reaches processes inside (at `address`), and `service_address`, where a test puts services
+    for them (a `ThreadedGate` to PostgreSQL bound there). `silence()` makes every packet for
+    them from `service_address` vanish without a word (a blackhole route on the machine's side:
+    no reset, no ICMP), so that a connection opened before goes unanswered and a new one gets no
+    reply to its SYN, as with a database host that died or a network partition; `restore()`
+    lifts it. `command()` wraps a command line to run inside. Needs root:
+    `IsolatedNetwork.make()` says why it cannot be made here (the test skips with that reason).
+    """
+
+    _made = 0
+
+    def __init__(self) -> None:
+        IsolatedNetwork._made += 1
+        serial = f"{os.getpid()}{IsolatedNetwork._made % 100}"
+        self.name = f"fetchml-{serial}"
+        self._host_link, self._inner_link = f"fml{serial}h", f"fml{serial}n"
+        # A /29 of its own per test process and namespace. Inside, traffic to the services leaves
+        # from an address of its own, so that silencing it leaves the test's own traffic alone.
+        subnet = f"10.{20 + os.getpid() % 200}.{IsolatedNetwork._made % 256}"
+        self.host_address, self.address, self.service_address = f"{subnet}.1", f"{subnet}.2", f"{subnet}.5"
+        self._service_client_address = f"{subnet}.3"
+
+    @classmethod
+    def make(cls) -> "tuple[IsolatedNetwork | None, str]":
+        """(a network ready to use, "") or (None, why it cannot be made here)."""
+        if os.geteuid() != 0:
+            return None, "making a network namespace needs root"
+        network = cls()
+        try:
+            network._create()
+        except (OSError, subprocess.CalledProcessError) as exc:
+            network.close()
+            return None, f"cannot make a network namespace here: {exc}"
+        return network, ""
+
+    def _ip(self, *args: str, inside: bool = False) -> None:
+        command = ["ip", *args]
+        subprocess.run(self.command(command) if inside else command, check=True, capture_output=True, timeout=10)
+
+    def _create(self) -> None:
+        self._ip("netns", "add", self.name)
+        self._ip("link", "add", self._host_link, "type", "veth", "peer", "name", self._inner_link)
+        self._ip("link", "set", self._inner_link, "netns", self.name)
+        self._ip("addr", "add", f"{self.host_address}/29", "dev", self._host_link)
+        self._ip("addr", "add", f"{self.service_address}/29", "dev", self._host_link)
+        self._ip("link", "set", self._host_link, "up")
+        self._ip("addr", "add", f"{self.address}/29", "dev", self._inner_link, inside=True)
+        self._ip("addr", "add", f"{self._service_client_address}/29", "dev", self._inner_link, inside=True)
+        self._ip("link", "set", self._inner_link, "up", inside=True)
+        self._ip("link", "set", "lo", "up", inside=True)
+        to_services = ["route", "add", f"{self.service_address}/32", "dev", self._inner_link]
+        self._ip(*to_services, "src", self._service_client_address, inside=True)
+
+    def command(self, command: list[str]) -> list[str]:
+        return ["ip", "netns", "exec", self.name, *command]
+
+    def silence(self) -> None:
+        self._ip("route", "add", "blackhole", f"{self._service_client_address}/32")
+
+    def restore(self) -> None:
+        self._ip("route", "del", "blackhole", f"{self._service_client_address}/32")
+
+    def close(self) -> None:
+        """Remove the namespace (its end of the link with it), the machine's end and a silence
+        left in place; stop what runs inside first."""
+        for command in (
+            ["ip", "netns", "del", self.name],
+            ["ip", "link", "del", self._host_link],
+            ["ip", "route", "del", "blackhole", f"{self._service_client_address}/32"],
+        ):
+            subprocess.run(command, capture_output=True, timeout=10)

@@ -1,5 +1,7 @@
 """Rate limits per verified API key and method class; failed authentications per client IP."""
 
+import contextlib
+import signal
 import time
 
 import pytest
@@ -8,6 +10,7 @@ from django.test import override_settings
 
 from conftest import KeyClient
 from fetchml.ratelimits import consume_request
+from fetchml.testing import ThreadedGate
 from fetchml.tests.factories import ApiKeyFactory, UserFactory
 
 pytestmark = [pytest.mark.urls("fetchml.tests.urls"), pytest.mark.django_db]
@@ -169,3 +172,51 @@ def test_each_successful_key_use_is_audited_while_the_shared_cache_is_unreachabl
         assert user_client.get(ENDPOINT).status_code == 200
 
     assert AuditEvent.objects.filter(event_type="auth_attempt", success=True).count() == 2
+
+
+@pytest.fixture
+def silent_cache(settings):
+    """The shared cache, with the project's options, is a Redis that went silent: the connection
+    stays open and nothing comes back (`ThreadedGate.mute`)."""
+    if not settings.REDIS_URL:
+        pytest.skip("needs Redis: set REDIS_URL=redis://... (CI always does)")
+    with (
+        ThreadedGate(settings.REDIS_URL) as gate,
+        override_settings(CACHES={"default": {**settings.CACHES["default"], "LOCATION": gate.url}}),
+    ):
+        gate.mute()
+        yield gate
+
+
+def test_requests_go_on_uncounted_while_the_shared_cache_is_silent(user_client, silent_cache):
+    with _deadline(30, "the request waited on the silent cache"):
+        response = user_client.get(ENDPOINT)
+
+    assert response.status_code == 200
+    assert "X-RateLimit-Limit" not in response
+
+
+def test_after_the_silent_cache_failed_a_request_the_next_ones_leave_it_alone(user_client, silent_cache):
+    with _deadline(30, "the request waited on the silent cache"):
+        user_client.get(ENDPOINT)
+    asked = silent_cache.swallowed
+
+    assert user_client.get(ENDPOINT).status_code == 200
+    assert silent_cache.swallowed == asked
+
+
+@contextlib.contextmanager
+def _deadline(seconds: int, what: str):
+    """Fail (instead of hanging the run) if the block takes longer than `seconds`: an alarm
+    interrupts the wait on the socket."""
+
+    def expired(signum, frame):
+        raise AssertionError(f"{what} for {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)

@@ -269,3 +269,10 @@ def test_prepared_statements_are_on_by_default_on_postgresql():
 
 def test_prepared_statements_can_be_turned_off_for_a_pooler_that_cannot_keep_them():
     assert "server_side_binding" not in _postgresql_options(FETCHML_DB_PREPARED_STATEMENTS="false")
+
+
+def test_a_postgresql_connection_bounds_its_waits_on_the_network_and_on_stalled_transactions():
+    options = _postgresql_options(FETCHML_DB_NETWORK_TIMEOUT_SECONDS="9", FETCHML_DB_STALLED_TRANSACTION_SECONDS="4")
+    assert "'tcp_user_timeout': '9000'" in options
+    assert "'keepalives': '1'" in options
+    assert "idle_in_transaction_session_timeout=4000" in options

@@ -1,0 +1,100 @@
+"""A scheduler whose database falls silent (its host gone, a partition) notices within a bound,
+places work again once it answers, and stops on SIGTERM meanwhile.
+
+The silence is real: the scheduler runs in a network namespace and reaches PostgreSQL through
+a gate whose replies a blackhole route makes vanish (`fetchml.testing.IsolatedNetwork`). Left to
+the kernel, a query on such a connection waits about a quarter of an hour.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+from django.conf import settings
+from django.db import connection
+
+from conftest import requires_postgres
+from fetchml.testing import ThreadedGate, database_url_for
+from scheduler.tests.factories import assignments_of, queued_task, worker
+from scheduler.tests.live_system import DEFAULT_ENV, wait_until
+
+PASS_FAILED = "scheduler pass failed"
+
+pytestmark = [requires_postgres, pytest.mark.django_db(transaction=True)]
+
+
+@pytest.fixture
+def scheduler_behind(isolated_network):
+    """Start `manage.py scheduler` in the namespace, its database reached through `gate_url`;
+    yields a function doing that, which returns (process, output reader). Stopped after the test."""
+    started: list[tuple[subprocess.Popen, object]] = []
+
+    def start(gate_url: str) -> tuple[subprocess.Popen, object]:
+        log = tempfile.TemporaryFile()  # noqa: SIM115 (closed below)
+        env = {
+            **os.environ,
+            **DEFAULT_ENV,
+            "DATABASE_URL": f"{gate_url}?connect_timeout=2",  # libpq's shortest
+            "REDIS_URL": "",  # nothing on this machine's loopback is reachable from the namespace
+            "FETCHML_DB_NETWORK_TIMEOUT_SECONDS": "2",
+            "FETCHML_WORKER_LEASE_SECONDS": "600",  # the worker rows here have no agent to heartbeat
+        }
+        command = isolated_network.command([sys.executable, "manage.py", "scheduler"])
+        process = subprocess.Popen(command, cwd=settings.BASE_DIR, env=env, stdout=log, stderr=subprocess.STDOUT)
+        started.append((process, log))
+
+        def output() -> str:
+            log.seek(0)
+            return log.read().decode(errors="replace")
+
+        return process, output
+
+    yield start
+    for process, log in started:
+        process.kill()
+        process.wait(timeout=10)
+        log.close()
+
+
+def test_a_scheduler_whose_database_falls_silent_fails_its_pass_within_a_bound_and_places_work_once_it_answers(
+    isolated_network, scheduler_behind
+):
+    worker(batch_slots=2)
+    first = queued_task()
+    with ThreadedGate(database_url_for(connection), host=isolated_network.service_address) as gate:
+        process, output = scheduler_behind(gate.url)
+        wait_until(lambda: assignments_of(first), what="the first task to be placed")
+
+        isolated_network.silence()
+        silent_since = time.monotonic()
+        second = queued_task()
+        wait_until(lambda: PASS_FAILED in output(), timeout=60, what=f"'{PASS_FAILED}' in:\n{output()}")
+        noticed_after = time.monotonic() - silent_since
+        # The network bound (2 s) and a connect time-out (2 s), with room for a busy machine.
+        assert noticed_after < 15, f"noticed after {noticed_after:.1f} s"
+        assert not assignments_of(second)
+
+        isolated_network.restore()
+        wait_until(lambda: assignments_of(second), timeout=60, what=f"the second task to be placed:\n{output()}")
+        assert process.poll() is None
+
+
+def test_a_scheduler_whose_database_is_silent_stops_on_sigterm(isolated_network, scheduler_behind):
+    worker()
+    task = queued_task()
+    with ThreadedGate(database_url_for(connection), host=isolated_network.service_address) as gate:
+        process, output = scheduler_behind(gate.url)
+        wait_until(lambda: assignments_of(task), what="the task to be placed")
+        isolated_network.silence()
+        time.sleep(0.5)  # a pass or two (0.25 s apart) is under way against the silent database
+        process.send_signal(signal.SIGTERM)
+        try:
+            code = process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"the scheduler did not stop within 30 s:\n{output()}") from None
+        assert code == 0, output()
+        assert "scheduler loop stopped" in output()
