@@ -10,10 +10,12 @@ an unexpected failure is logged and answered with an `error` too.
 import asyncio
 import json
 import logging
+import time
 from collections import deque
 from typing import Any
 from urllib.parse import parse_qs
 
+import django.db
 from channels.db import database_sync_to_async
 from django.utils.dateparse import parse_datetime
 from rest_framework.exceptions import AuthenticationFailed, Throttled
@@ -29,7 +31,7 @@ from fetchml.sealing import Unsealable
 from jupyter import services as jupyter_services
 from plugins.services import WORKERS_GROUP, plugin_status_report
 from scheduler import selectors, services
-from scheduler.agent.protocol import BATCH, FEATURES, LOG_ACK, frames, frames_of_encoded
+from scheduler.agent.protocol import BATCH, FEATURES, LEASE_SHARE_TO_RECONNECT, LOG_ACK, frames, frames_of_encoded
 from scheduler.assigns import assign_messages
 from scheduler.protocol import FINAL_RUN_STATES, BadMessage, error_message, outgoing, parse_frame
 
@@ -66,6 +68,7 @@ class WorkerConsumer(SocketConsumer):
         super().__init__(*args, **kwargs)
         self._inbox: deque[dict[str, Any]] = deque()
         self._handling: asyncio.Task | None = None
+        self._lease_extended_at = time.monotonic()  # by the hello, then by each heartbeat stored
 
     # --- connection ------------------------------------------------------------
 
@@ -100,9 +103,13 @@ class WorkerConsumer(SocketConsumer):
         if self.worker_id is not None:
             await self.channel_layer.group_discard(events.worker_group(self.worker_id), self.channel_name)
             await self.channel_layer.group_discard(WORKERS_GROUP, self.channel_name)
-            await database_sync_to_async(services.worker_disconnected)(
-                worker_id=self.worker_id, channel_name=self.channel_name
-            )
+            try:
+                await database_sync_to_async(services.worker_disconnected)(
+                    worker_id=self.worker_id, channel_name=self.channel_name
+                )
+            except django.db.Error as exc:
+                # Its next hello (here or on another copy) replaces the connection; else the lease decides.
+                logger.warning("worker %s: its disconnect could not be recorded: %s", self.worker_id, exc)
             logger.info("worker %s disconnected (code %s)", self.worker_id, code)
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
@@ -201,6 +208,7 @@ class WorkerConsumer(SocketConsumer):
             await self.close(code=CLOSE_NAME_IN_USE, reason="another live connection uses this worker name")
             return
         self.worker_id = welcome.worker_id
+        self._lease_extended_at = time.monotonic()
         if welcome.superseded:
             await self._retire(welcome.superseded)
         self.sends_batches = BATCH in message["features"]
@@ -255,9 +263,20 @@ class WorkerConsumer(SocketConsumer):
         log("worker %s is draining; %d unacknowledged run(s) back in the queue", self.worker_id, handed_back)
 
     async def _on_heartbeat(self, message: dict[str, Any]) -> None:
-        stale = await database_sync_to_async(services.worker_heartbeat)(
-            worker_id=self.worker_id, running=message["running"]
-        )
+        try:
+            stale = await database_sync_to_async(services.worker_heartbeat)(
+                worker_id=self.worker_id, running=message["running"]
+            )
+        except django.db.Error:
+            unstored = time.monotonic() - self._lease_extended_at
+            if unstored < app_settings.WORKER_LEASE_SECONDS * LEASE_SHARE_TO_RECONNECT:
+                raise
+            # This process cannot keep the worker's lease (its database out of reach): the agent
+            # reconnects, through the load balancer to a copy that can, before the lease runs out.
+            logger.warning("worker %s: no heartbeat stored for %.1f s; told to reconnect", self.worker_id, unstored)
+            await self.close(code=CLOSE_RECONNECT, reason="this server cannot store heartbeats; reconnect")
+            return
+        self._lease_extended_at = time.monotonic()
         await self.send_messages([_stop(run, "stale token") for run in stale])
         await self._send_pending_cancels()
 

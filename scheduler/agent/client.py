@@ -49,10 +49,6 @@ UNACKED_LOGS_LIMIT = 1_000
 # wrong until it changed (a lost activity would stop a Jupyter service as idle too early).
 STANDING_REPORTS = frozenset({"plugin_status", "service_ready", "service_activity"})
 EXIT_OK, EXIT_UNREPORTED, EXIT_REFUSED = 0, 1, 2
-# A server that stops answering (frozen, starved of CPU, a dead network path) is left for a new
-# connection, through the load balancer to another copy, before the worker's lease runs out and
-# its runs are taken away: a ping every heartbeat, with a third of the lease to answer.
-LEASE_SHARE_TO_ANSWER = 1 / 3
 
 
 class CredentialsRefused(Exception):
@@ -333,7 +329,8 @@ class Agent:
         session = self._session = _Session(
             ws=ws,
             heartbeat_seconds=welcome.heartbeat_seconds,
-            answer_seconds=welcome.lease_seconds * LEASE_SHARE_TO_ANSWER,
+            # A server that stops answering (frozen, starved of CPU, a dead network path) is left.
+            answer_seconds=welcome.lease_seconds * protocol.LEASE_SHARE_TO_RECONNECT,
             batches=protocol.BATCH in welcome.features,
         )
         if self._draining:

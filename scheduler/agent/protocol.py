@@ -25,6 +25,11 @@ BATCH = "batch"
 LOG_ACK = "log_ack"
 FEATURES = (BATCH, LOG_ACK)
 FINAL_STATUSES = frozenset({"completed", "failed", "cancelled"})
+# A connection that can no longer keep the worker's lease (the server does not answer the agent's
+# pings, or cannot store its heartbeats) is given up after this share of the lease: time is left
+# to be heard through a new connection, to another copy behind the load balancer, before the lease
+# runs out and the worker's runs are taken away.
+LEASE_SHARE_TO_RECONNECT = 1 / 3
 SERVER_TYPES = frozenset({"welcome", "assign", "cancel", "stop", "status_ack", "log_ack", "drain", "error", "config"})
 
 

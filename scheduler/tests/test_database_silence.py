@@ -1,11 +1,13 @@
 """A scheduler whose database falls silent (its host gone, a partition) notices within a bound,
-places work again once it answers, and stops on SIGTERM meanwhile.
+places work again once it answers, and stops on SIGTERM meanwhile; a server that cannot store a
+worker's heartbeats sends it elsewhere before its lease runs out.
 
 The silence is real: the scheduler runs in a network namespace and reaches PostgreSQL through
 a gate whose replies a blackhole route makes vanish (`fetchml.testing.IsolatedNetwork`). Left to
 the kernel, a query on such a connection waits about a quarter of an hour.
 """
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -16,9 +18,16 @@ import time
 import pytest
 from django.conf import settings
 from django.db import connection
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
 
 from conftest import requires_postgres
-from fetchml.testing import ThreadedGate, database_url_for
+from fetchml.testing import LiveServer, ThreadedGate, database_url_for
+from scheduler.agent import protocol
+from scheduler.agent.capacity import Capacity
+from scheduler.agent.protocol import LEASE_SHARE_TO_RECONNECT
+from scheduler.consumers import CLOSE_RECONNECT
+from scheduler.tests.agent_peer import run_async
 from scheduler.tests.factories import assignments_of, queued_task, worker
 from scheduler.tests.live_system import DEFAULT_ENV, wait_until
 
@@ -98,3 +107,60 @@ def test_a_scheduler_whose_database_is_silent_stops_on_sigterm(isolated_network,
             raise AssertionError(f"the scheduler did not stop within 30 s:\n{output()}") from None
         assert code == 0, output()
         assert "scheduler loop stopped" in output()
+
+
+def test_a_server_that_cannot_store_heartbeats_tells_its_worker_to_reconnect_before_the_lease_runs_out(
+    isolated_network, worker_key
+):
+    lease = 12.0
+    env = {
+        "REDIS_URL": "",
+        "ALLOWED_HOSTS": "*",  # asked for at the namespace's address
+        "FETCHML_DB_NETWORK_TIMEOUT_SECONDS": "2",
+        "FETCHML_WORKER_LEASE_SECONDS": str(lease),
+    }
+    with (
+        ThreadedGate(database_url_for(connection), host=isolated_network.service_address) as gate,
+        LiveServer(database_url=f"{gate.url}?connect_timeout=2", env=env, network=isolated_network) as server,
+    ):
+        code, after = run_async(_heartbeat_until_closed(server, worker_key, isolated_network), timeout=60)
+        assert "no heartbeat stored for" in server.output()
+    assert code == CLOSE_RECONNECT
+    # Told at the first heartbeat that failed (each waits out the 2 s network bound or a 2 s
+    # connect time-out) once none had been stored for a third of the lease: before it ran out.
+    assert lease * LEASE_SHARE_TO_RECONNECT <= after < lease, f"told after {after:.1f} s"
+
+
+async def _heartbeat_until_closed(server: LiveServer, key: str, network) -> tuple[int, float]:
+    """Say hello, then heartbeat every 0.2 s; silence the database after the welcome. Returns the
+    close code, and how long after the silence the connection was closed."""
+    url = f"ws://{server.host}:{server.port}/ws/worker"
+    async with connect(url, additional_headers={"X-API-Key": key}, ping_interval=None) as ws:
+        capacity = Capacity(cpu_cores=2, memory_gb=2, gpu_count=0, gpu_type="", batch_slots=1, service_slots=0)
+        await ws.send(
+            protocol.encode(
+                protocol.hello(
+                    name="cut-off", instance="1", hostname="", capabilities=capacity.as_capabilities(), running=[]
+                )
+            )
+        )
+        assert protocol.decode(await ws.recv())["type"] == "welcome"
+        network.silence()
+        silent_since = time.monotonic()
+
+        async def heartbeats() -> None:
+            while True:
+                await ws.send(protocol.encode(protocol.heartbeat(running=[])))
+                await asyncio.sleep(0.2)
+
+        beating = asyncio.ensure_future(heartbeats())
+        try:
+            async with asyncio.timeout(45):
+                async for _ in ws:  # `error` answers to the heartbeats that failed
+                    pass
+        except ConnectionClosed:
+            pass
+        finally:
+            beating.cancel()
+        code = ws.close_code
+    return code, time.monotonic() - silent_since
