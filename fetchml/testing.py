@@ -1,4 +1,5 @@
-"""Test helpers for every app: a live ASGI server in a child process, and an SSE parser.
+"""Test helpers for every app: a live ASGI server in a child process, an SSE parser, TCP gates
+that cut or mute a service, and a network namespace whose link to a service can fall silent.
 
 `LiveServer` runs daphne on `fetchml.asgi:application` against the test
 database, for end-to-end tests over real HTTP and WebSockets:
@@ -308,6 +309,7 @@ class TcpGate:
         self.swallowed = 0  # bytes dropped while muted
         self.server: asyncio.Server | None = None
         self.writers: list[asyncio.StreamWriter] = []
+        self.forwarding: set[asyncio.Task] = set()
 
     @property
     def url(self) -> str:
@@ -327,6 +329,11 @@ class TcpGate:
         for writer in self.writers:
             writer.close()
         self.writers = []
+        # Each connection's forwarding ends with it: none is left pending when the loop stops.
+        forwarding, self.forwarding = self.forwarding, set()
+        for task in forwarding:
+            task.cancel()
+        await asyncio.gather(*forwarding, return_exceptions=True)
 
     def mute(self, muted: bool = True) -> None:
         """From now on drop every byte both ways, connections kept open and new ones accepted: a
@@ -334,6 +341,10 @@ class TcpGate:
         self.muted = muted
 
     async def _forward(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self.forwarding.add(task)
+        task.add_done_callback(self.forwarding.discard)
         try:
             upstream_reader, upstream_writer = await asyncio.open_connection(*self.target)
         except OSError:
@@ -406,6 +417,9 @@ class IsolatedNetwork:
     `IsolatedNetwork.make()` says why it cannot be made here (the test skips with that reason).
     """
 
+    # What a process inside needs: it reaches nothing on this machine's loopback (Redis included,
+    # so its channel layer and cache stay in memory), and it is asked for at the namespace's address.
+    PROCESS_ENV = {"REDIS_URL": "", "ALLOWED_HOSTS": "*"}
     _made = 0
 
     def __init__(self) -> None:

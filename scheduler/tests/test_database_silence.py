@@ -47,8 +47,8 @@ def scheduler_behind(isolated_network):
         env = {
             **os.environ,
             **DEFAULT_ENV,
+            **isolated_network.PROCESS_ENV,
             "DATABASE_URL": f"{gate_url}?connect_timeout=2",  # libpq's shortest
-            "REDIS_URL": "",  # nothing on this machine's loopback is reachable from the namespace
             "FETCHML_DB_NETWORK_TIMEOUT_SECONDS": "2",
             "FETCHML_WORKER_LEASE_SECONDS": "600",  # the worker rows here have no agent to heartbeat
         }
@@ -114,8 +114,7 @@ def test_a_server_that_cannot_store_heartbeats_tells_its_worker_to_reconnect_bef
 ):
     lease = 12.0
     env = {
-        "REDIS_URL": "",
-        "ALLOWED_HOSTS": "*",  # asked for at the namespace's address
+        **isolated_network.PROCESS_ENV,
         "FETCHML_DB_NETWORK_TIMEOUT_SECONDS": "2",
         "FETCHML_WORKER_LEASE_SECONDS": str(lease),
     }
