@@ -57,7 +57,9 @@ class SchedulerLoop:
         # Whether the last pass left runnable tasks behind: only then is freed capacity news.
         self.backlog = True
         self.starvation_possible = True  # as of the last maintenance pass
-        self._failed_at = float("-inf")  # monotonic time a pass last failed
+        # Monotonic start of the first pass of the current run of passes that succeeded (None right
+        # after a failure; from the start of time before any).
+        self._succeeding_since: float | None = float("-inf")
 
     # --- one pass (sync) ---------------------------------------------------------
 
@@ -68,6 +70,7 @@ class SchedulerLoop:
 
         Returns whether the pass changed anything.
         """
+        started = time.monotonic()
         close_old_connections()
         worked = False
         if maintenance:
@@ -84,18 +87,23 @@ class SchedulerLoop:
         placed = self._last_placed = dispatch_round(starvation_possible=self.starvation_possible)
         self.backlog = selectors.has_runnable_tasks()
         self.passes += 1
+        if self._succeeding_since is None:
+            self._succeeding_since = started
         return placed > 0 or worked
 
     def pass_failed(self) -> None:
         """A pass failed (the database out of reach, most likely): `run` tells it here."""
-        self._failed_at = time.monotonic()
+        self._succeeding_since = None
 
     def _heard_for_a_lease(self) -> bool:
         """Whether passes have succeeded for a whole lease. While the database was out of reach no
         heartbeat or report could be stored either: a worker silent through an outage is not
         thereby lost, nor is a run whose end it could not report overdue, and runs (hours of
-        training, say) are not taken away until their workers have had a lease to be heard again."""
-        return time.monotonic() - self._failed_at >= app_settings.WORKER_LEASE_SECONDS
+        training, say) are not taken away until their workers have had a lease to be heard again.
+        Counted from the first pass that succeeded, not from the last that failed: the loop's own
+        back-off after failures (up to ERROR_BACKOFF_MAX) must not use up the workers' lease."""
+        since = self._succeeding_since
+        return since is not None and time.monotonic() - since >= app_settings.WORKER_LEASE_SECONDS
 
     def _maintenance_due(self) -> bool:
         # Wake-ups (a submitted task, a freed slot) come far more often than leases or

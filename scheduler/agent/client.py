@@ -314,6 +314,10 @@ class Agent:
             welcome = protocol.parse_welcome(protocol.decode(await ws.recv()))
         self.worker_id = welcome.worker_id
         self._backoff.reset()
+        # Out of touch (the server restarting, its database out of reach), the agent tries again at
+        # least every third of the lease: heard within a lease of the system coming back, it keeps
+        # the lease and its runs (the scheduler waits that long after an outage of its own).
+        self._backoff.maximum = min(self.config.backoff_max, welcome.lease_seconds * protocol.LEASE_SHARE_TO_RECONNECT)
         logger.info("connected to %s as %s (worker %s)", self.config.server_url, self.config.name, welcome.worker_id)
         self._log_acks = protocol.LOG_ACK in welcome.features
         self._final_hold_seconds = welcome.lease_seconds

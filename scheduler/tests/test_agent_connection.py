@@ -378,3 +378,18 @@ def test_backoff_grows_with_jitter_up_to_the_cap() -> None:
     assert all(5.0 <= d <= 10.0 for d in delays[6:])
     backoff.reset()
     assert backoff.next_delay() <= 0.5
+
+
+def test_out_of_touch_the_agent_tries_again_at_least_every_third_of_the_lease(tmp_path: Path, caplog) -> None:
+    async def scenario() -> None:
+        peer = Peer(heartbeat_seconds=0.25)  # a lease of 1.5 s
+        async with peer, running_agent(peer.url, tmp_path, backoff_initial=0.25, backoff_max=10.0) as agent:
+            await peer.connected()
+            await peer.close()  # the server is gone: attempt after attempt is refused
+            await until(lambda: agent.failed_attempts >= 4, what="four refused attempts")
+
+    caplog.set_level(logging.INFO, logger="scheduler.agent")
+    run_async(scenario())
+    delays = [float(r.getMessage().split()[2]) for r in caplog.records if r.getMessage().startswith("reconnecting in")]
+    assert len(delays) >= 4
+    assert max(delays) <= 0.5, delays  # uncapped, the fourth would wait 1 to 2 s

@@ -229,6 +229,19 @@ def test_a_silent_worker_keeps_its_lease_for_a_lease_after_a_pass_failed():
     assert silent.status == "offline"
 
 
+@override_settings(FETCHML_WORKER_LEASE_SECONDS=2.0)
+def test_a_silent_worker_keeps_its_lease_for_a_lease_after_the_first_pass_that_succeeds():
+    silent = worker(last_heartbeat=timezone.now() - timedelta(hours=1))
+    loop = SchedulerLoop()
+    loop.pass_failed()
+    time.sleep(2.1)  # the loop's back-off after failures outlasted a lease: the workers had none yet
+
+    loop.run_once()  # the first pass that reaches the database again
+    loop.run_once()
+    silent.refresh_from_db()
+    assert silent.status == "active"
+
+
 @override_settings(FETCHML_TIMEOUT_MARGIN_SECONDS=60.0)
 def test_a_run_past_its_timeout_is_left_to_report_for_a_lease_after_a_pass_failed():
     worker(last_heartbeat=timezone.now() + timedelta(hours=1))  # heard from throughout, whatever the lease
