@@ -157,6 +157,10 @@ class WorkerConsumer(SocketConsumer):
     async def _guarded(self, kind: str, handling: Any) -> None:
         try:
             await handling
+        except django.db.Error as exc:
+            # The database out of reach: every message of every worker fails alike until it is back.
+            logger.warning("worker %s: handling %s failed: database unavailable (%s)", self.worker_id, kind, exc)
+            await self._server_error(kind)
         except Exception:
             logger.exception("worker %s: handling %s failed", self.worker_id, kind)
             await self._server_error(kind)
