@@ -69,6 +69,10 @@ return over_capacity
 
 RECONNECT_SECONDS = 30.0
 RECONNECT_MAX_DELAY = 2.0
+# A publication from synchronous code (a transaction's messages, after its commit) is best effort:
+# the database is the record and every listener re-reads it. A Redis that stops answering costs it
+# this long, not the 15 s a receive's socket waits (settings), which a submission would wait too.
+PUBLISH_TIMEOUT_SECONDS = 2.0
 
 # Apart enough to keep their order as Redis stores scores (doubles: about 0.25 microseconds apart
 # at today's times), close enough not to pass a message sent a moment later.
@@ -151,7 +155,10 @@ class RedisChannelLayer(UpstreamRedisChannelLayer):
         with self._blocking_clients_lock:
             made = self._blocking_clients.get(index)
             if made is None:
-                host = dict(self.hosts[index])
+                host = dict(self.hosts[index]) | {
+                    "socket_timeout": PUBLISH_TIMEOUT_SECONDS,
+                    "socket_connect_timeout": PUBLISH_TIMEOUT_SECONDS,
+                }
                 client = redis.Redis(connection_pool=redis.ConnectionPool.from_url(host.pop("address"), **host))
                 made = self._blocking_clients[index] = (client, client.register_script(_DELIVER))
             return made

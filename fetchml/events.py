@@ -71,8 +71,13 @@ def send_batch_now(batch: list[tuple[list[str], dict]]) -> None:
 def _publish(layer: Any, batch: list[tuple[list[str], dict]]) -> None:
     if getattr(layer, "sends_blocking", False):
         for sends in _by_kind(batch):
-            with _failure_logged(sends):
+            try:
                 layer.group_send_all_blocking(_flattened(sends))
+            except Exception:
+                # Redis out of reach or silent: the rest of the publication would wait out the same
+                # failure. Dropped: listeners re-read the database, unacknowledged assigns are sent again.
+                logger.warning("channel layer send to %s failed; publication dropped", ", ".join(sends), exc_info=True)
+                return
         return
     async_to_sync(_send_batch)(layer, batch)
 

@@ -1,6 +1,8 @@
 """Publishing after commit: one batch per transaction, nothing from a rollback."""
 
 import asyncio
+import time
+import uuid
 
 import pytest
 from asgiref.sync import async_to_sync
@@ -9,6 +11,8 @@ from django.conf import settings
 from django.db import transaction
 
 from fetchml import events
+from fetchml.channel_layer import PUBLISH_TIMEOUT_SECONDS, RedisChannelLayer
+from fetchml.testing import ThreadedGate
 from tasks.tests.factories import TaskFactory
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -235,3 +239,21 @@ def test_an_assign_notice_without_a_count_is_counted_when_opened():
     del notice["count"]
 
     assert events.encoded_assigns_of(notice) == ('[{"type":"assign"},{"type":"assign"}]', 2)
+
+
+@pytest.mark.skipif(not settings.REDIS_URL, reason="needs Redis: set REDIS_URL=redis://... (CI always does)")
+@pytest.mark.timeout(20)  # the receive's socket time-out (15 s) for each kind would exceed it
+def test_a_publication_to_a_silent_redis_is_dropped_after_one_short_time_out(monkeypatch, caplog):
+    config = settings.CHANNEL_LAYERS["default"]["CONFIG"]
+    with ThreadedGate(settings.REDIS_URL) as gate:
+        hosts = [config["hosts"][0] | {"address": gate.url}]
+        layer = RedisChannelLayer(**(config | {"hosts": hosts, "prefix": f"test-{uuid.uuid4().hex}"}))
+        monkeypatch.setattr(events, "get_channel_layer", lambda: layer)
+        gate.mute()
+        started = time.monotonic()
+        events.send_batch_now([(["scheduler.wake"], {"type": "wake"}), (["tasks.admins"], {"type": "task_update"})])
+        took = time.monotonic() - started
+
+    assert took < 2 * PUBLISH_TIMEOUT_SECONDS + 5, f"took {took:.1f} s"
+    # What starts work failed; the clients' events were not tried against the same silence.
+    assert caplog.text.count("publication dropped") == 1

@@ -271,6 +271,33 @@ def test_runs_go_on_while_redis_is_out_of_reach_for_longer_than_the_lease(
 
 
 @requires_postgres
+@pytest.mark.skipif(not os.environ.get("REDIS_URL"), reason="needs REDIS_URL: the channel layer is what falls silent")
+def test_a_task_submitted_while_redis_is_silent_is_accepted_and_runs_once_it_answers(
+    tmp_path: Path, owner_key: str, agent_key: str
+) -> None:
+    with ThreadedGate(os.environ["REDIS_URL"]) as redis_gate:
+        system = LiveSystem(
+            tmp_path=tmp_path,
+            database_url=database_url_for(connection),
+            separate_scheduler=True,
+            env={"REDIS_URL": redis_gate.url},
+        )
+        with system:
+            system.start_worker("a", key=agent_key)
+            redis_gate.mute()  # connections stay open, nothing comes back
+            try:
+                # Answered within the client's 15 s: the publication after its commit gives up
+                # after a short time-out (the receive's own socket waits 15 s, twice for two kinds).
+                task = system.submit(owner_key, entrypoint="true")
+                assert Worker.objects.filter(status=Worker.Status.ACTIVE).count() == 1
+            finally:
+                redis_gate.mute(False)
+            done = system.wait_for_status(owner_key, task["id"], "completed", timeout=60)
+
+    assert (done["attempt"], done["retry_count"]) == (1, 0)
+
+
+@requires_postgres
 def test_runs_go_on_while_the_database_is_out_of_reach_for_longer_than_the_lease(
     tmp_path: Path, owner_key: str, agent_key: str
 ) -> None:
