@@ -283,7 +283,10 @@ def test_a_task_submitted_while_redis_is_silent_is_accepted_and_runs_once_it_ans
             env={"REDIS_URL": redis_gate.url},
         )
         with system:
-            system.start_worker("a", key=agent_key)
+            worker = system.start_worker("a", key=agent_key)
+            # Welcomed, not only registered: the welcome follows the connection's group join,
+            # which a silent Redis would hold up past the lease.
+            wait_until(lambda: "connected to" in worker.output(), what="the agent to be welcomed")
             redis_gate.mute()  # connections stay open, nothing comes back
             try:
                 # Answered within the client's 15 s: the publication after its commit gives up
