@@ -22,7 +22,7 @@ from fetchml.testing import LiveServer, ThreadedGate, database_url_for
 from fetchml.tests.factories import ApiKeyFactory
 from scheduler.models import Worker
 from scheduler.tests.factories import WorkerFactory
-from scheduler.tests.live_system import wait_until
+from scheduler.tests.live_system import wait_until, with_query
 
 # What the processes under test are given: a short network bound, and libpq's shortest connect time-out.
 NETWORK_SECONDS = 2
@@ -30,10 +30,6 @@ SHORT_WAITS = {
     "FETCHML_DB_NETWORK_TIMEOUT_SECONDS": str(NETWORK_SECONDS),
     "FETCHML_DB_STALLED_TRANSACTION_SECONDS": "1",
 }
-
-
-def with_query(url: str, query: str) -> str:
-    return f"{url}&{query}" if "?" in url else f"{url}?{query}"
 
 
 def test_a_connection_bounds_its_waits_on_a_silent_network_and_on_a_stalled_transaction():
@@ -111,7 +107,7 @@ def test_an_api_request_while_the_database_is_silent_answers_service_unavailable
     isolated_network, user
 ):
     key = ApiKeyFactory.raw(user=user, role="user")
-    database_url = with_query(database_url_for(connection), "connect_timeout=2")
+    database_url = with_query(database_url_for(connection), "connect_timeout", "2")
     env = isolated_network.PROCESS_ENV | SHORT_WAITS
     with (
         ThreadedGate(database_url, host=isolated_network.service_address) as gate,

@@ -200,10 +200,13 @@ def test_with_redis_url_the_cache_and_channel_layer_are_shared_through_redis(tmp
     code = (
         "import json, django; django.setup(); from django.conf import settings as s; "
         "layer = s.CHANNEL_LAYERS['default']; "
-        "print(json.dumps([s.CACHES['default']['BACKEND'], layer['BACKEND'], s.SECRET_KEY, layer['CONFIG']['hosts']]))"
+        "cache = s.CACHES['default']; "
+        "print(json.dumps([cache, layer['BACKEND'], s.SECRET_KEY, layer['CONFIG']['hosts']]))"
     )
-    cache_backend, layer_backend, secret_key, [host] = json.loads(printed_by_a_fresh_process(code, env))
-    assert cache_backend == "django.core.cache.backends.redis.RedisCache"
+    cache, layer_backend, secret_key, [host] = json.loads(printed_by_a_fresh_process(code, env))
+    assert cache["BACKEND"] == "django.core.cache.backends.redis.RedisCache"
+    # A silent Redis costs a request's rate-limit counter less than redis-py's own 5 s.
+    assert cache["OPTIONS"]["socket_timeout"] < 5 and cache["OPTIONS"]["socket_connect_timeout"] < 5
     assert layer_backend == "fetchml.channel_layer.RedisChannelLayer"
     assert secret_key == key_file.read_text()
     # Reads must outlast the layer's 5 s blocking pop, or idle consumers are torn down.

@@ -79,11 +79,16 @@ def python_command(code: str) -> str:
     return f"{shlex.quote(sys.executable)} -u -c {shlex.quote(code)}"
 
 
+def with_query(url: str, key: str, value: str) -> str:
+    """The same URL with `key=value` added to its query (a libpq connection parameter, say)."""
+    parts = urlsplit(url)
+    query = f"{parts.query}&{key}={value}" if parts.query else f"{key}={value}"
+    return urlunsplit((parts.scheme, parts.netloc, parts.path, query, parts.fragment))
+
+
 def with_application_name(database_url: str, name: str) -> str:
     """The same PostgreSQL URL, its connections labelled `name` in pg_stat_activity."""
-    parts = urlsplit(database_url)
-    query = f"{parts.query}&application_name={name}" if parts.query else f"application_name={name}"
-    return urlunsplit((parts.scheme, parts.netloc, parts.path, query, parts.fragment))
+    return with_query(database_url, "application_name", name)
 
 
 def stop_process(process: subprocess.Popen, *, timeout: float = STOP_SECONDS) -> int:

@@ -29,7 +29,7 @@ from scheduler.agent.protocol import LEASE_SHARE_TO_RECONNECT
 from scheduler.consumers import CLOSE_RECONNECT
 from scheduler.tests.agent_peer import run_async
 from scheduler.tests.factories import assignments_of, queued_task, worker
-from scheduler.tests.live_system import DEFAULT_ENV, wait_until
+from scheduler.tests.live_system import DEFAULT_ENV, wait_until, with_query
 
 PASS_FAILED = "scheduler pass failed"
 
@@ -48,7 +48,7 @@ def scheduler_behind(isolated_network):
             **os.environ,
             **DEFAULT_ENV,
             **isolated_network.PROCESS_ENV,
-            "DATABASE_URL": f"{gate_url}?connect_timeout=2",  # libpq's shortest
+            "DATABASE_URL": with_query(gate_url, "connect_timeout", "2"),  # libpq's shortest
             "FETCHML_DB_NETWORK_TIMEOUT_SECONDS": "2",
             "FETCHML_WORKER_LEASE_SECONDS": "600",  # the worker rows here have no agent to heartbeat
         }
@@ -122,7 +122,9 @@ def test_a_server_that_cannot_store_heartbeats_tells_its_worker_to_reconnect_bef
     }
     with (
         ThreadedGate(database_url_for(connection), host=isolated_network.service_address) as gate,
-        LiveServer(database_url=f"{gate.url}?connect_timeout=2", env=env, network=isolated_network) as server,
+        LiveServer(
+            database_url=with_query(gate.url, "connect_timeout", "2"), env=env, network=isolated_network
+        ) as server,
     ):
         code, after = run_async(_heartbeat_until_closed(server, worker_key, isolated_network), timeout=60)
         assert "no heartbeat stored for" in server.output()
