@@ -43,6 +43,8 @@ AUTH_CLOSE_CODES = frozenset({4401, 4403})
 OUTBOX_LIMIT = 10_000
 # `log` messages of one run held until the server acknowledges them (each up to 200 lines).
 UNACKED_LOGS_LIMIT = 1_000
+# Runs cancelled before they were started here, remembered so that their late `assign` starts nothing.
+CANCELLED_UNSTARTED_LIMIT = 1_000
 # A running run's standing state (its sidecars' last `plugin_status`, its service's `service_ready`
 # and last `service_activity`) is said again every `AgentConfig.standing_report_seconds` and after
 # each reconnect: nothing answers those, and one the server failed to apply would otherwise stand
@@ -144,6 +146,7 @@ class Agent:
         self.worker_id: str | None = None
         self.instance = uuid.uuid4().hex  # this process, in every hello: its reconnects replace its old connection
         self._held: dict[str, _Held] = {}
+        self._cancelled_unstarted: dict[str, None] = {}  # tokens, oldest first
         # Every run's supervising task, also of runs already forgotten but still being killed.
         self._run_tasks: set[asyncio.Task[None]] = set()
         self._outbox: deque[dict[str, Any]] = deque()
@@ -371,7 +374,7 @@ class Agent:
             # forgotten meanwhile is dropped when its frame is put together: nothing more about them.
             limit = protocol.MAX_BATCH if session.batches else 1
             taken = [self._outbox.popleft() for _ in range(min(len(self._outbox), limit))]
-            wanted = [message for message in taken if message.get("token") is None or message["token"] in self._held]
+            wanted = [message for message in taken if self._still_about(message.get("token"))]
             sent = 0
             try:
                 for text, count in protocol.frames(wanted, batches=session.batches):
@@ -380,6 +383,10 @@ class Agent:
             except BaseException:
                 self._outbox.extendleft(reversed(wanted[sent:]))  # sent again on the next connection
                 raise
+
+    def _still_about(self, token: str | None) -> bool:
+        """Whether a queued message is still to be sent: not about a run forgotten since."""
+        return token is None or token in self._held or token in self._cancelled_unstarted
 
     async def _flush(self, session: _Session) -> None:
         """On the way out, send what is still queued (the draining notice above all), briefly;
@@ -496,7 +503,7 @@ class Agent:
             task_id, token = protocol.token_of(message)
             held = self._held.get(token)
             if held is None:
-                logger.warning("cancel for task %s, token %s, which this worker does not hold", task_id, token)
+                self._cancel_unstarted(task_id, token)
             elif held.final is None:
                 logger.info("cancelling task %s: %s", task_id, message.get("reason", ""))
                 held.run.cancel()
@@ -554,8 +561,26 @@ class Agent:
                     else "",
                 )
 
+    def _cancel_unstarted(self, task_id: str, token: str) -> None:
+        """A cancel for a run this agent does not hold: its `assign` never came, was refused or is
+        still on its way (the two are sent by different processes). Nothing runs, so the run is
+        reported cancelled, which frees its slot; left unanswered, the task would stay active."""
+        if token not in self._cancelled_unstarted:
+            logger.info("task %s (token %s) cancelled before this worker started it", task_id, token)
+            self._cancelled_unstarted[token] = None
+            if len(self._cancelled_unstarted) > CANCELLED_UNSTARTED_LIMIT:
+                del self._cancelled_unstarted[next(iter(self._cancelled_unstarted))]
+        self._enqueue(
+            protocol.status(
+                task_id=task_id, token=token, status="cancelled", error="cancelled before this worker started it"
+            )
+        )
+
     def _on_assign(self, message: dict[str, Any]) -> None:
         assignment = protocol.parse_assign(message)
+        if assignment.token in self._cancelled_unstarted:
+            self._cancel_unstarted(assignment.task_id, assignment.token)
+            return
         if self._draining:
             logger.info("draining: not taking task %s", assignment.task_id)
             return

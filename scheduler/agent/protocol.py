@@ -7,6 +7,7 @@ malformed `assign` is refused with a clear log line instead of half-starting a r
 from __future__ import annotations
 
 import json
+import shlex
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +36,29 @@ SERVER_TYPES = frozenset({"welcome", "assign", "cancel", "stop", "status_ack", "
 
 class ProtocolError(ValueError):
     """An incoming message that does not follow the protocol."""
+
+
+class CommandLineError(ValueError):
+    """`entrypoint` and `args` make no command line; `field_name` says which is at fault."""
+
+    def __init__(self, field_name: str, reason: str) -> None:
+        super().__init__(f"{field_name}: {reason}")
+        self.field_name, self.reason = field_name, reason
+
+
+def command_argv(entrypoint: str, args: str) -> list[str]:
+    """A batch run's argv: `entrypoint`, then `args`, each split into words as a POSIX shell
+    would (quotes, backslashes) but run without a shell. The API checks submissions with it,
+    so a command the agent could not start is refused when it is submitted."""
+    argv: list[str] = []
+    for field_name, text in (("entrypoint", entrypoint), ("args", args)):
+        try:
+            argv += shlex.split(text)
+        except ValueError as exc:
+            raise CommandLineError(field_name, f"Cannot be split into words ({str(exc).lower()}).") from None
+    if not argv:
+        raise CommandLineError("entrypoint", "There is no command to run: entrypoint and args are both empty.")
+    return argv
 
 
 @dataclass(frozen=True)
@@ -66,6 +90,8 @@ class Assignment:
     # checked when the run starts them, so a bad one is reported rather than refusing the assignment.
     sidecars: tuple[Any, ...] = ()
     service: dict[str, Any] | None = None
+    # Why this agent cannot run it (a field it cannot read); the run then fails its preparation.
+    defect: str = ""
 
 
 @dataclass(frozen=True)
@@ -206,7 +232,29 @@ def log_ack_of(message: dict[str, Any]) -> tuple[str, int]:
 
 
 def parse_assign(message: dict[str, Any]) -> Assignment:
+    """The assignment; one whose other fields cannot be read still names its run, so that the run
+    is answered (a failed preparation) instead of holding its slot unanswered."""
     task_id, token = token_of(message)
+    try:
+        return _assignment(message, task_id, token)
+    except ProtocolError as exc:
+        attempt = message.get("attempt")
+        return Assignment(
+            task_id=task_id,
+            token=token,
+            attempt=attempt if isinstance(attempt, int) and not isinstance(attempt, bool) else 1,
+            kind="batch",
+            entrypoint="",
+            args="",
+            env={},
+            gpu_indices=(),
+            timeout_seconds=None,
+            cancel_grace_seconds=0.0,
+            defect=str(exc),
+        )
+
+
+def _assignment(message: dict[str, Any], task_id: str, token: str) -> Assignment:
     env = message.get("env") or {}
     if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
         raise ProtocolError("field 'env': an object of strings is required")
@@ -233,7 +281,7 @@ def parse_assign(message: dict[str, Any]) -> Assignment:
         token=token,
         attempt=_int(message, "attempt", 1),
         kind=_str(message, "kind", required=False) or "batch",
-        entrypoint=_str(message, "entrypoint"),
+        entrypoint=_str(message, "entrypoint", required=False),
         args=_str(message, "args", required=False),
         env=dict(env),
         gpu_indices=tuple(gpu_indices),

@@ -19,7 +19,6 @@ import contextlib
 import logging
 import os
 import re
-import shlex
 import shutil
 import signal
 import subprocess
@@ -33,7 +32,7 @@ from scheduler.agent import protocol
 from scheduler.agent.artifacts import Collected, StaleRun, UploadFailed, collect
 from scheduler.agent.datasets import DatasetFetcher, parse_specs
 from scheduler.agent.files import FileServices
-from scheduler.agent.protocol import Assignment
+from scheduler.agent.protocol import Assignment, CommandLineError, command_argv
 from scheduler.agent.services import JupyterWatch, ServiceLauncher, parse_service
 from scheduler.agent.sidecars import Companion, sidecars_for
 from scheduler.agent.snapshots import unpack_snapshot
@@ -259,12 +258,12 @@ class Run:
         a = self.assignment
         if not _SAFE_ID.match(a.task_id) or ".." in a.task_id:
             raise PreparationError(f"task id {a.task_id!r} cannot name a directory")
+        if a.defect:
+            raise PreparationError(f"this agent cannot run the assignment: {a.defect}")
         try:
-            argv = shlex.split(a.entrypoint) + shlex.split(a.args)
-        except ValueError as exc:
-            raise PreparationError(f"cannot parse the command line: {exc}") from None
-        if not argv:
-            raise PreparationError("empty command line")
+            argv = command_argv(a.entrypoint, a.args)
+        except CommandLineError as exc:
+            raise PreparationError(f"no command line: {exc}") from None
         output_dir = self.work_dir / "output"
         try:
             if self.work_dir.exists():  # a fresh directory per attempt, even if an earlier try left one

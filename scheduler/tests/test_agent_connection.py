@@ -275,6 +275,36 @@ def test_a_draining_agent_says_so_again_with_every_heartbeat(tmp_path: Path) -> 
     run_async(scenario())
 
 
+def test_cancel_of_a_run_the_agent_does_not_hold_is_answered_cancelled(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with Peer() as peer, running_agent(peer.url, tmp_path):
+            await peer.send({"type": "cancel", "task_id": "t-1", "token": "tok-1", "reason": "cancelled by alice"})
+            final = await peer.final("tok-1")
+            assert (final["task_id"], final["status"]) == ("t-1", "cancelled")
+
+    run_async(scenario())
+
+
+def test_assign_arriving_after_its_cancel_starts_nothing(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with Peer() as peer, running_agent(peer.url, tmp_path):
+            marker = tmp_path / "ran"
+            message = assign(python(f"open({str(marker)!r}, 'w').close()"))
+            token = message["token"]
+            await peer.send({"type": "cancel", "task_id": message["task_id"], "token": token, "reason": "x"})
+            await peer.final(token)
+            await peer.send(message)
+            await peer.final(token)  # answered cancelled again
+            later = assign(python("print('next')"))
+            await peer.send(later)
+            await peer.final(later["token"])
+
+            assert not marker.exists()
+            assert [m["type"] for m in peer.about(token)] == ["status", "status"]
+
+    run_async(scenario())
+
+
 def test_forced_shutdown_kills_runs_and_reports_them_as_worker_lost(tmp_path: Path) -> None:
     code = "import os, signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nprint(os.getpid())\ntime.sleep(300)"
 

@@ -94,6 +94,31 @@ def test_unbalanced_quotes_in_the_command_line_fail_as_preparation(tmp_path: Pat
     run_async(scenario())
 
 
+def test_empty_command_line_fails_as_preparation(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with Peer() as peer, running_agent(peer.url, tmp_path):
+            message = assign("")
+            await peer.send(message)
+            final = await peer.final(message["token"])
+            assert (final["status"], final["failure_reason"]) == ("failed", "preparation")
+            assert "no command to run" in final["error"]
+
+    run_async(scenario())
+
+
+def test_assign_with_a_field_the_agent_cannot_read_fails_as_preparation(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with Peer() as peer, running_agent(peer.url, tmp_path):
+            message = assign("true", env={"EPOCHS": 10})
+            await peer.send(message)
+            final = await peer.final(message["token"])
+            assert (final["status"], final["failure_reason"]) == ("failed", "preparation")
+            assert "cannot run the assignment: field 'env'" in final["error"]
+            assert "running" not in [m.get("status") for m in peer.about(message["token"])]
+
+    run_async(scenario())
+
+
 def test_command_line_is_split_without_a_shell(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with Peer() as peer, running_agent(peer.url, tmp_path):

@@ -234,7 +234,9 @@ def test_priority_change_needs_a_human_key(anon_client, worker_client, user):
 def test_task_no_registered_worker_could_run_is_refused_with_the_reason(user_client):
     worker(name="small", gpu_count=2, gpu_type="A100")
 
-    response = user_client.post("/v1/tasks", {"job_name": "huge", "gpu": 8}, format="json")
+    response = user_client.post(
+        "/v1/tasks", {"job_name": "huge", "entrypoint": "python train.py", "gpu": 8}, format="json"
+    )
 
     assert response.status_code == 422
     assert "8 GPUs per node requested; the largest registered worker has 2" in response.json()["error"]
@@ -253,7 +255,9 @@ def test_each_kind_of_impossible_request_is_named(user_client, fields, reason):
     worker(name="a", gpu_count=2, gpu_type="A100")
     worker(name="b", gpu_count=2, gpu_type="A100")
 
-    response = user_client.post("/v1/tasks", {"job_name": "x", **fields}, format="json")
+    response = user_client.post(
+        "/v1/tasks", {"job_name": "x", "entrypoint": "python train.py", **fields}, format="json"
+    )
 
     assert response.status_code == 422
     assert reason in response.json()["error"]
@@ -261,24 +265,34 @@ def test_each_kind_of_impossible_request_is_named(user_client, fields, reason):
 
 def test_allow_unschedulable_queues_it_anyway(user_client):
     worker(gpu_count=2)
-    body = {"job_name": "huge", "gpu": 8, "allow_unschedulable": True}
+    body = {"job_name": "huge", "entrypoint": "python train.py", "gpu": 8, "allow_unschedulable": True}
     assert user_client.post("/v1/tasks", body, format="json").status_code == 201
 
 
 def test_any_task_is_accepted_before_the_first_worker_registers(user_client):
     assert not Worker.objects.exists()
-    assert user_client.post("/v1/tasks", {"job_name": "early", "gpu": 8}, format="json").status_code == 201
+    assert (
+        user_client.post(
+            "/v1/tasks", {"job_name": "early", "entrypoint": "python train.py", "gpu": 8}, format="json"
+        ).status_code
+        == 201
+    )
 
 
 def test_offline_workers_still_count_as_registered_capacity(user_client):
     worker(gpu_count=8, status=Worker.Status.OFFLINE)
-    assert user_client.post("/v1/tasks", {"job_name": "x", "gpu": 8}, format="json").status_code == 201
+    assert (
+        user_client.post(
+            "/v1/tasks", {"job_name": "x", "entrypoint": "python train.py", "gpu": 8}, format="json"
+        ).status_code
+        == 201
+    )
 
 
 def test_owners_submit_with_a_reservation_named_in_the_body(user_client, user):
     worker(gpu_count=4)
     booked = user_client.post(RESERVATIONS, {"gpu_count": 4}, format="json").json()
-    body = {"job_name": "big", "gpu": 4, "reservation_id": booked["id"]}
+    body = {"job_name": "big", "entrypoint": "python train.py", "gpu": 4, "reservation_id": booked["id"]}
 
     response = user_client.post("/v1/tasks", body, format="json")
 

@@ -101,7 +101,7 @@ def test_status_stream_reports_queue_depth_and_a_drain_and_sends_heartbeats(user
             assert any(item.comment == "heartbeat" for item in _read(response, parser, 1, comments=True))
 
             # More CPU than the worker has: the task stays queued, so the depth stays 1.
-            body = '{"job_name": "train", "cpu": 1000, "allow_unschedulable": true}'
+            body = '{"job_name": "train", "entrypoint": "python train.py", "cpu": 1000, "allow_unschedulable": true}'
             assert _call(server, "POST", "/v1/tasks", key, body) == 201
             # Pushed, not only found by a heartbeat's re-read (which may come first).
             queued = _until(response, parser, lambda e: e.data["event"] == "task_update")

@@ -11,6 +11,7 @@ from rest_framework import serializers
 from fetchml.conf import app_settings
 from fetchml.paging import offset_field
 from scheduler import selectors as scheduler_selectors
+from scheduler.agent.protocol import CommandLineError, command_argv
 from tasks.api.fields import (
     BoundedDictField,
     BoundedListField,
@@ -81,7 +82,15 @@ class CreateTaskSerializer(StrictSerializer):
     job_name = StrictCharField(max_length=64)
     priority = StrictIntegerField(min_value=1, max_value=10, default=5, help_text="Higher runs sooner.")
     args = StrictCharField(max_length=16_384, required=False, allow_blank=True)
-    entrypoint = StrictCharField(max_length=4096, required=False, allow_blank=True)
+    entrypoint = StrictCharField(
+        max_length=4096,
+        required=False,
+        allow_blank=True,
+        help_text=(
+            "The command to run, e.g. `python train.py`; `args` follow it. Both are split into words as a "
+            "POSIX shell would (quotes, backslashes) and run without a shell; together they must name a command."
+        ),
+    )
     snapshot_id = StrictCharField(max_length=64, required=False, allow_blank=True)
     datasets = BoundedListField(
         max_items=setting_limit("MAX_LIST_ITEMS"), child=StrictCharField(max_length=255), required=False
@@ -116,6 +125,14 @@ class CreateTaskSerializer(StrictSerializer):
         if not re.fullmatch(JOB_NAME_REGEX, value):
             raise serializers.ValidationError("May contain only letters, digits, '_' and '-'.")
         return value
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        # The agent's own rule: a command it could not start is refused here, not on a worker.
+        try:
+            command_argv(attrs.get("entrypoint", ""), attrs.get("args", ""))
+        except CommandLineError as exc:
+            raise serializers.ValidationError({exc.field_name: exc.reason}) from None
+        return attrs
 
 
 # --- task output ------------------------------------------------------------

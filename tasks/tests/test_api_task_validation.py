@@ -10,7 +10,7 @@ pytestmark = pytest.mark.django_db
 
 
 def submit(client, **fields):
-    return client.post("/v1/tasks", {"job_name": "job", **fields}, format="json")
+    return client.post("/v1/tasks", {"job_name": "job", "entrypoint": "python train.py", **fields}, format="json")
 
 
 def assert_invalid(response, field: str, *, tasks_before: int = 0) -> None:
@@ -28,6 +28,30 @@ def assert_invalid(response, field: str, *, tasks_before: int = 0) -> None:
 )
 def test_invalid_job_name_is_refused(user_client, job_name):
     assert_invalid(submit(user_client, job_name=job_name), "job_name")
+
+
+def test_task_without_a_command_is_refused(user_client):
+    response = user_client.post("/v1/tasks", {"job_name": "job"}, format="json")
+    assert_invalid(response, "entrypoint")
+    assert "no command to run" in response.json()["details"][0]["message"]
+
+
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [
+        ({"entrypoint": 'python -c "print(1)'}, "entrypoint"),
+        ({"entrypoint": "python train.py", "args": "--name 'unclosed"}, "args"),
+        ({"entrypoint": "python train.py\\"}, "entrypoint"),
+    ],
+)
+def test_command_line_the_worker_could_not_split_is_refused(user_client, fields, field):
+    response = submit(user_client, **fields)
+    assert_invalid(response, field)
+    assert "Cannot be split into words" in response.json()["details"][0]["message"]
+
+
+def test_command_given_only_in_args_is_accepted(user_client):
+    assert submit(user_client, entrypoint="", args="python train.py").status_code == 201
 
 
 @pytest.mark.parametrize("job_name", ["a", "A-b_c-9", "x" * 64])

@@ -76,7 +76,7 @@ def test_worker_key_is_forbidden(worker_key, method, path):
 
 
 def test_submit_minimal_task_queues_it_with_defaults(user_client, user):
-    response = user_client.post("/v1/tasks", {"job_name": "train-1"}, format="json")
+    response = user_client.post("/v1/tasks", {"job_name": "train-1", "entrypoint": "python train.py"}, format="json")
     assert response.status_code == 201
     body = response.json()
     assert body["status"] == "queued"
@@ -90,7 +90,9 @@ def test_submit_minimal_task_queues_it_with_defaults(user_client, user):
 
 
 def test_submit_records_job_queued_audit_event(user_client):
-    body = user_client.post("/v1/tasks", {"job_name": "train-1", "priority": 7}, format="json").json()
+    body = user_client.post(
+        "/v1/tasks", {"job_name": "train-1", "entrypoint": "python train.py", "priority": 7}, format="json"
+    ).json()
     [event] = audit_events("job_queued", body["id"])
     assert event.user_id == "alice"
     assert event.metadata["priority"] == 7
@@ -101,7 +103,7 @@ def test_submit_is_rolled_back_when_its_audit_event_cannot_be_written(user_clien
         raise RuntimeError("audit store unavailable")
 
     monkeypatch.setattr("tasks.services.record", broken_record)
-    response = user_client.post("/v1/tasks", {"job_name": "train-1"}, format="json")
+    response = user_client.post("/v1/tasks", {"job_name": "train-1", "entrypoint": "python train.py"}, format="json")
     assert response.status_code == 500
     assert not Task.objects.exists()
 
@@ -152,15 +154,23 @@ def test_submit_stores_every_fetchml_extension(user_client, user):
 
 
 def test_higher_priority_sorts_before_an_older_lower_priority_task(user_client):
-    low = user_client.post("/v1/tasks", {"job_name": "low", "priority": 1}, format="json").json()
-    high = user_client.post("/v1/tasks", {"job_name": "high", "priority": 9}, format="json").json()
+    low = user_client.post(
+        "/v1/tasks", {"job_name": "low", "entrypoint": "python train.py", "priority": 1}, format="json"
+    ).json()
+    high = user_client.post(
+        "/v1/tasks", {"job_name": "high", "entrypoint": "python train.py", "priority": 9}, format="json"
+    ).json()
     assert Task.objects.get(id=high["id"]).dispatch_key > Task.objects.get(id=low["id"]).dispatch_key
     assert high["priority_aged"] > low["priority_aged"]
 
 
 def test_submit_with_another_users_reservation_is_invalid(user_client, other_user):
     reservation = ReservationFactory(owner=other_user)
-    response = user_client.post("/v1/tasks", {"job_name": "j", "reservation_id": str(reservation.id)}, format="json")
+    response = user_client.post(
+        "/v1/tasks",
+        {"job_name": "j", "entrypoint": "python train.py", "reservation_id": str(reservation.id)},
+        format="json",
+    )
     assert response.status_code == 422
     assert response.json()["details"][0]["field"] == "reservation_id"
     assert not Task.objects.exists()
@@ -170,18 +180,30 @@ def test_submit_with_expired_reservation_is_invalid(user_client, user):
     reservation = ReservationFactory(
         owner=user, starts_at=timezone.now() - timedelta(hours=2), expires_at=timezone.now() - timedelta(hours=1)
     )
-    response = user_client.post("/v1/tasks", {"job_name": "j", "reservation_id": str(reservation.id)}, format="json")
+    response = user_client.post(
+        "/v1/tasks",
+        {"job_name": "j", "entrypoint": "python train.py", "reservation_id": str(reservation.id)},
+        format="json",
+    )
     assert response.status_code == 422
 
 
 def test_submit_with_unknown_reservation_is_invalid(user_client):
-    response = user_client.post("/v1/tasks", {"job_name": "j", "reservation_id": str(uuid.uuid4())}, format="json")
+    response = user_client.post(
+        "/v1/tasks",
+        {"job_name": "j", "entrypoint": "python train.py", "reservation_id": str(uuid.uuid4())},
+        format="json",
+    )
     assert response.status_code == 422
 
 
 def test_submit_into_another_users_experiment_is_invalid(user_client, other_user):
     experiment = ExperimentFactory(owner=other_user)
-    response = user_client.post("/v1/tasks", {"job_name": "j", "experiment_id": str(experiment.id)}, format="json")
+    response = user_client.post(
+        "/v1/tasks",
+        {"job_name": "j", "entrypoint": "python train.py", "experiment_id": str(experiment.id)},
+        format="json",
+    )
     assert response.status_code == 422
     assert response.json()["details"][0]["field"] == "experiment_id"
 
@@ -327,7 +349,9 @@ def test_admin_can_cancel_any_users_task(admin_client_key, user, admin_user):
 
 
 def test_submit_with_a_snapshot_nobody_uploaded_is_refused_with_the_field(user_client):
-    response = user_client.post("/v1/tasks", {"job_name": "j", "snapshot_id": "f" * 64}, format="json")
+    response = user_client.post(
+        "/v1/tasks", {"job_name": "j", "entrypoint": "python train.py", "snapshot_id": "f" * 64}, format="json"
+    )
 
     assert response.status_code == 422
     assert response.json()["details"][0]["field"] == "snapshot_id"
@@ -337,7 +361,9 @@ def test_submit_with_a_snapshot_nobody_uploaded_is_refused_with_the_field(user_c
 def test_submit_with_a_snapshot_only_another_user_uploaded_is_refused(user_client, other_user):
     snapshot = SnapshotFactory(uploaded_by=[other_user])
 
-    response = user_client.post("/v1/tasks", {"job_name": "j", "snapshot_id": snapshot.sha256}, format="json")
+    response = user_client.post(
+        "/v1/tasks", {"job_name": "j", "entrypoint": "python train.py", "snapshot_id": snapshot.sha256}, format="json"
+    )
 
     assert response.status_code == 422
     assert not Task.objects.exists()

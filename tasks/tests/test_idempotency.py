@@ -18,7 +18,7 @@ from tasks.services import idempotency_prune, task_submit_idempotent
 
 pytestmark = pytest.mark.django_db
 
-BODY = {"job_name": "train", "priority": 7, "metadata": {"a": "1", "b": "2"}}
+BODY = {"job_name": "train", "entrypoint": "python train.py", "priority": 7, "metadata": {"a": "1", "b": "2"}}
 
 
 def post(client, body=BODY, key="key-1"):
@@ -49,7 +49,7 @@ def test_replay_does_not_audit_a_second_submission(user_client):
 
 def test_replay_with_keys_in_another_order_is_the_same_body(user_client):
     first = post(user_client)
-    reordered = {"metadata": {"b": "2", "a": "1"}, "priority": 7, "job_name": "train"}
+    reordered = {"metadata": {"b": "2", "a": "1"}, "priority": 7, "entrypoint": "python train.py", "job_name": "train"}
     replay = post(user_client, reordered)
     assert replay.json()["id"] == first.json()["id"]
 
@@ -89,7 +89,7 @@ def test_same_key_of_another_user_is_a_separate_task(user_client, other_client):
 
 
 def test_invalid_body_leaves_the_key_unused(user_client):
-    assert post(user_client, {"job_name": "bad name"}).status_code == 422
+    assert post(user_client, {"job_name": "bad name", "entrypoint": "python train.py"}).status_code == 422
     assert not IdempotencyRecord.objects.exists()
     assert post(user_client).status_code == 201
 
@@ -162,7 +162,9 @@ def test_concurrent_first_requests_create_one_task():
     def first() -> None:
         try:
             with transaction.atomic():
-                results["a"] = task_submit_idempotent(fields={"job_name": "a"}, **arguments)
+                results["a"] = task_submit_idempotent(
+                    fields={"job_name": "a", "entrypoint": "python train.py"}, **arguments
+                )
                 a_submitted.set()
                 assert release_a.wait(10)
         except BaseException as exc:
@@ -174,7 +176,9 @@ def test_concurrent_first_requests_create_one_task():
 
     def second() -> None:
         try:
-            results["b"] = task_submit_idempotent(fields={"job_name": "a"}, **arguments)
+            results["b"] = task_submit_idempotent(
+                fields={"job_name": "a", "entrypoint": "python train.py"}, **arguments
+            )
         except BaseException as exc:
             errors.append(exc)
         finally:
