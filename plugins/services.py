@@ -24,6 +24,7 @@ from plugins.models import PluginConfig
 from plugins.registry import get_plugin, get_plugins
 from plugins.schema import is_http_url, settings_diff, validate_settings
 from plugins.selectors import resolve
+from scheduler.agent.protocol import MAX_PLUGIN_ERROR
 from tasks.models import Task
 
 WORKERS_GROUP = "workers.all"
@@ -177,7 +178,7 @@ def plugin_disable(*, name: str, actor: Actor) -> ConfigureResult:
     return _store(plugin=plugin, actor=actor, action="disable", enabled=False, mode=None, image=None, settings=None)
 
 
-def _check_report(name: Any, status: Any, url: Any) -> list[dict[str, str]]:
+def _check_report(name: Any, status: Any, url: Any, error: Any) -> list[dict[str, str]]:
     errors = []
     if not isinstance(name, str) or name not in get_plugins():
         errors.append({"field": "name", "message": "Unknown plugin."})
@@ -187,20 +188,23 @@ def _check_report(name: Any, status: Any, url: Any) -> list[dict[str, str]]:
         errors.append({"field": "url", "message": f"Must be a string of at most {MAX_URL_LENGTH} characters."})
     elif url and not is_http_url(url):
         errors.append({"field": "url", "message": "Must be empty or an http:// or https:// URL."})
+    if not isinstance(error, str) or len(error) > MAX_PLUGIN_ERROR:
+        errors.append({"field": "error", "message": f"Must be a string of at most {MAX_PLUGIN_ERROR} characters."})
     return errors
 
 
-def plugin_status_report(*, task_id: Any, name: str, status: str, url: str = "") -> dict[str, Any]:
+def plugin_status_report(*, task_id: Any, name: str, status: str, url: str = "", error: str = "") -> dict[str, Any]:
     """Record what a worker reports about one plugin sidecar of a task: `Task.plugin_status[name]`.
 
-    A finished task accepts only `stopped` (its sidecars being torn down).
-    Clients are told when the status or URL changes, not on every re-check.
+    `error` says why a sidecar is unhealthy (empty otherwise). A finished task accepts
+    only `stopped` (its sidecars being torn down). Clients are told when the status,
+    URL or error changes, not on every re-check.
     """
     try:
         task_uuid = uuid.UUID(str(task_id))
     except ValueError:
         raise Invalid("Invalid plugin status report: task_id", details=[{"field": "task_id", "message": "Not a UUID."}])
-    _raise_if(_check_report(name, status, url))
+    _raise_if(_check_report(name, status, url, error))
     with transaction.atomic():
         task = Task.objects.select_for_update().filter(id=task_uuid).first()
         if task is None:
@@ -208,9 +212,9 @@ def plugin_status_report(*, task_id: Any, name: str, status: str, url: str = "")
         if task.is_final and status != STOPPED:
             raise Conflict(f"Task is {task.status}; only a stopped plugin can be reported")
         previous = task.plugin_status.get(name) if isinstance(task.plugin_status, dict) else None
-        entry = {"name": name, "status": status, "url": url, "last_check": timezone.now().isoformat()}
+        entry = {"name": name, "status": status, "url": url, "error": error, "last_check": timezone.now().isoformat()}
         task.plugin_status = {**(task.plugin_status or {}), name: entry}
         task.save(update_fields=["plugin_status", "updated_at"])
-        if not previous or (previous.get("status"), previous.get("url")) != (status, url):
+        if not previous or any(previous.get(key, "") != entry[key] for key in ("status", "url", "error")):
             events.task_changed(task, event="plugin_status", extra={"plugin": name, "plugin_status": status})
     return entry

@@ -287,7 +287,7 @@ class WorkerConsumer(SocketConsumer):
     async def _on_plugin_status(self, message: dict[str, Any]) -> None:
         if not await self._is_live(message):
             return
-        report = {name: message[name] for name in ("task_id", "name", "status", "url")}
+        report = {name: message[name] for name in ("task_id", "name", "status", "url", "error")}
         await self._apply(message["type"], plugin_status_report, **report)
 
     async def _on_service_ready(self, message: dict[str, Any]) -> None:

@@ -12,7 +12,7 @@ import uuid
 from typing import Any
 
 # The framing rule and the features are the agent's (it knows no Django): one owner for both ends.
-from scheduler.agent.protocol import FEATURES, MAX_BATCH
+from scheduler.agent.protocol import FEATURES, MAX_BATCH, MAX_PLUGIN_ERROR
 
 VERSION = 1
 MAX_TEXT = 65_536  # error/output excerpts kept on the task row
@@ -189,6 +189,7 @@ def _plugin_status(message: dict) -> dict[str, Any]:
         "name": _str(message, "name", max_length=128, required=True, ref=ref),
         "status": status,
         "url": _str(message, "url", max_length=MAX_URL, ref=ref),
+        "error": _str(message, "error", max_length=MAX_PLUGIN_ERROR, ref=ref),
     }
 
 

@@ -25,6 +25,8 @@ BATCH = "batch"
 # holds a batch of lines until then and sends it again, the server storing it once.
 LOG_ACK = "log_ack"
 FEATURES = (BATCH, LOG_ACK)
+# The longest `error` of a `plugin_status`: why a sidecar is unhealthy, in a line or two.
+MAX_PLUGIN_ERROR = 1_000
 FINAL_STATUSES = frozenset({"completed", "failed", "cancelled"})
 # A connection that can no longer keep the worker's lease (the server does not answer the agent's
 # pings, or cannot store its heartbeats) is given up after this share of the lease: time is left
@@ -357,8 +359,12 @@ def log(*, task_id: str, token: str, lines: list[dict[str, str]], seq: int) -> d
     return _message("log", task_id=task_id, token=token, lines=lines, seq=seq)
 
 
-def plugin_status(*, task_id: str, token: str, name: str, status: str, url: str = "") -> dict[str, Any]:
-    return _message("plugin_status", task_id=task_id, token=token, name=name, status=status, url=url)
+def plugin_status(
+    *, task_id: str, token: str, name: str, status: str, url: str = "", error: str = ""
+) -> dict[str, Any]:
+    """`error`: why a sidecar is `unhealthy`, in a line its user can act on (bounded)."""
+    details = {"error": error[:MAX_PLUGIN_ERROR]} if error else {}
+    return _message("plugin_status", task_id=task_id, token=token, name=name, status=status, url=url, **details)
 
 
 def service_ready(*, task_id: str, token: str, url: str, service_token: str) -> dict[str, Any]:

@@ -7,7 +7,8 @@ environment, its output in ``.fetchml/sidecar-<name>.log``. The agent reports
 `plugin_status`: `starting` at launch, `healthy` once `http://<host>:<port><health_path>`
 answers, `unhealthy` if it does not within the health timeout or exits early, and `stopped`
 when the run ends (SIGTERM to the group, SIGKILL after a grace period). A sidecar never fails
-its task: whatever goes wrong is reported `unhealthy`.
+its task: whatever goes wrong is reported `unhealthy`, with an `error` that says why (the
+program missing, its exit code and last line of output, no answer in time) and no URL.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ HEALTH_TIMEOUT_SECONDS = 30.0
 PROBE_TIMEOUT_SECONDS = 1.0
 PROBE_INTERVAL_SECONDS = 0.1
 STOP_GRACE_SECONDS = 5.0
+LOG_TAIL_BYTES = 4096
+LAST_LINE_CHARACTERS = 300
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 Emit = Callable[[dict[str, Any]], None]
@@ -96,6 +99,27 @@ def http_answers(url: str, *, headers: Mapping[str, str] | None = None, timeout:
         return 0
 
 
+def start_failure(program: str, exc: OSError) -> str:
+    """Why a program could not be started, said so that whoever runs the worker can mend it."""
+    if isinstance(exc, FileNotFoundError):
+        return f"{program!r} was not found on this worker (is it installed, and on the agent's PATH?)"
+    if isinstance(exc, PermissionError):
+        return f"{program!r} cannot be run on this worker: permission denied"
+    return f"could not start {program!r}: {exc.strerror or exc}"
+
+
+def last_line(path: Path, *, window: int = LOG_TAIL_BYTES) -> str:
+    """The last non-empty line a program wrote to `path` (its end only is read; bounded)."""
+    try:
+        with path.open("rb") as file:
+            file.seek(max(0, file.seek(0, os.SEEK_END) - window))
+            tail = file.read()
+    except OSError:
+        return ""
+    lines = [line.strip() for line in tail.decode("utf-8", "replace").splitlines() if line.strip()]
+    return lines[-1][:LAST_LINE_CHARACTERS] if lines else ""
+
+
 def kill_group(pid: int, sig: signal.Signals) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, sig)
@@ -140,10 +164,24 @@ class Sidecar:
         self.process: asyncio.subprocess.Process | None = None
         self._watch: asyncio.Task[None] | None = None
 
+    @property
+    def log_path(self) -> Path:
+        return self._work_dir / ".fetchml" / f"sidecar-{self.spec.name}.log"
+
     def _report(self, status: str) -> None:
         self._emit(
             protocol.plugin_status(
                 task_id=self._task_id, token=self._token, name=self.spec.name, status=status, url=self.url
+            )
+        )
+
+    def _report_unhealthy(self, error: str) -> None:
+        """Not serving: no URL to follow, and the reason instead."""
+        logger.warning("task %s: sidecar %s is unhealthy: %s", self._task_id, self.spec.name, error)
+        self.url = ""
+        self._emit(
+            protocol.plugin_status(
+                task_id=self._task_id, token=self._token, name=self.spec.name, status="unhealthy", error=error
             )
         )
 
@@ -158,7 +196,7 @@ class Sidecar:
         ]
         self._report("starting")
         try:
-            with (self._work_dir / ".fetchml" / f"sidecar-{self.spec.name}.log").open("ab") as log:
+            with self.log_path.open("ab") as log:
                 self.process = await asyncio.create_subprocess_exec(
                     *argv,
                     cwd=self._work_dir,
@@ -169,14 +207,22 @@ class Sidecar:
                     start_new_session=True,
                 )
         except OSError as exc:
-            logger.warning("task %s: sidecar %s could not start: %s", self._task_id, self.spec.name, exc)
-            self._report("unhealthy")
+            self._report_unhealthy(start_failure(argv[0], exc))
             return
         if await self._healthy():
             self._report("healthy")
             await self.process.wait()
-            logger.warning("task %s: sidecar %s exited (%s)", self._task_id, self.spec.name, self.process.returncode)
-        self._report("unhealthy")
+        if self.process.returncode is not None:
+            self._report_unhealthy(self._exited())
+        else:
+            self._report_unhealthy(f"did not answer HTTP within {self._health_timeout:g} s")
+
+    def _exited(self) -> str:
+        assert self.process is not None and self.process.returncode is not None
+        code = self.process.returncode
+        how = f"exited with signal {-code}" if code < 0 else f"exited with code {code}"
+        said = last_line(self.log_path)
+        return f"{how}: {said}" if said else how
 
     async def _healthy(self) -> bool:
         """Probe until the sidecar answers HTTP (any status below 500), exits, or the timeout passes."""
@@ -191,7 +237,6 @@ class Sidecar:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(PROBE_INTERVAL_SECONDS):
                     await self.process.wait()
-        logger.warning("task %s: sidecar %s did not become healthy", self._task_id, self.spec.name)
         return False
 
     async def stop(self) -> None:
@@ -223,7 +268,11 @@ def sidecars_for(
             logger.warning("task %s: %s", task_id, exc)
             name = item.get("name") if isinstance(item, dict) and isinstance(item.get("name"), str) else ""
             if name:
-                emit(protocol.plugin_status(task_id=task_id, token=token, name=name[:128], status="unhealthy"))
+                emit(
+                    protocol.plugin_status(
+                        task_id=task_id, token=token, name=name[:128], status="unhealthy", error=str(exc)
+                    )
+                )
             continue
         sidecars.append(
             Sidecar(

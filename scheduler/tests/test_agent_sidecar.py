@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from scheduler.agent.sidecars import Sidecar, parse_sidecar
 from scheduler.tests.agent_peer import Peer, assign, gated, process_gone, python, run_async, running_agent, until
 
 HTTP_SIDECAR = {
@@ -87,39 +88,79 @@ def test_output_dir_is_replaced_in_env_values(tmp_path: Path) -> None:
 
 
 def test_sidecar_that_cannot_start_is_unhealthy_and_the_task_still_completes(tmp_path: Path) -> None:
-    broken = {**HTTP_SIDECAR, "name": "broken", "command": [str(tmp_path / "no-such-program"), "{port}"]}
+    missing = tmp_path / "no-such-program"
+    broken = {**HTTP_SIDECAR, "name": "broken", "command": [str(missing), "{port}"]}
 
     async def scenario() -> None:
         async with Peer() as peer, running_agent(peer.url, tmp_path / "work"):
             message = assign(python("print('trained')"), sidecars=[broken])
             await peer.send(message)
-            assert (await peer.next(_plugin_status("broken", "unhealthy")))["token"] == message["token"]
+            unhealthy = await peer.next(_plugin_status("broken", "unhealthy"))
+            assert unhealthy["token"] == message["token"]
+            assert unhealthy["url"] == ""  # nothing serves there
+            assert (
+                unhealthy["error"]
+                == f"{str(missing)!r} was not found on this worker (is it installed, and on the agent's PATH?)"
+            )
             assert (await peer.final(message["token"]))["status"] == "completed"
 
     run_async(scenario())
 
 
-def test_sidecar_that_exits_before_answering_is_unhealthy(tmp_path: Path) -> None:
-    quitter = {**HTTP_SIDECAR, "name": "quitter", "command": [sys.executable, "-c", "raise SystemExit(1)"]}
+def test_sidecar_that_exits_before_answering_is_unhealthy_with_its_exit_code_and_last_words(tmp_path: Path) -> None:
+    code = "import sys; print('starting'); sys.exit('No module named tensorboard')"
+    quitter = {**HTTP_SIDECAR, "name": "quitter", "command": [sys.executable, "-c", code]}
     gate = tmp_path / "gate"
 
     async def scenario() -> None:
         async with Peer() as peer, running_agent(peer.url, tmp_path / "work"):
             message = assign(gated(gate), sidecars=[quitter])
             await peer.send(message)
-            await peer.next(_plugin_status("quitter", "unhealthy"))
+            unhealthy = await peer.next(_plugin_status("quitter", "unhealthy"))
+            assert (unhealthy["url"], unhealthy["error"]) == ("", "exited with code 1: No module named tensorboard")
             gate.touch()
             assert (await peer.final(message["token"]))["status"] == "completed"
 
     run_async(scenario())
 
 
-def test_malformed_sidecar_is_unhealthy_and_the_task_still_completes(tmp_path: Path) -> None:
+def test_sidecar_that_never_answers_is_unhealthy_once_its_health_time_is_up(tmp_path: Path) -> None:
+    mute = parse_sidecar(
+        {**HTTP_SIDECAR, "name": "mute", "command": [sys.executable, "-c", "import time; time.sleep(60)"]}
+    )
+    (tmp_path / ".fetchml").mkdir()
+    reports: list[dict] = []
+
+    async def scenario() -> None:
+        sidecar = Sidecar(
+            mute,
+            task_id="t1",
+            token="k1",
+            work_dir=tmp_path,
+            output_dir=tmp_path,
+            env=os.environ,
+            emit=reports.append,
+            host="127.0.0.1",
+            health_timeout=0.5,
+        )
+        sidecar.start()
+        try:
+            await until(lambda: any(r["status"] == "unhealthy" for r in reports), what="the unhealthy report")
+        finally:
+            await sidecar.stop()
+
+    run_async(scenario())
+    unhealthy = next(r for r in reports if r["status"] == "unhealthy")
+    assert (unhealthy["url"], unhealthy["error"]) == ("", "did not answer HTTP within 0.5 s")
+
+
+def test_malformed_sidecar_is_unhealthy_with_what_is_wrong_and_the_task_still_completes(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with Peer() as peer, running_agent(peer.url, tmp_path):
             message = assign(python("print('ok')"), sidecars=[{"name": "odd", "command": "not a list"}])
             await peer.send(message)
-            await peer.next(_plugin_status("odd", "unhealthy"))
+            unhealthy = await peer.next(_plugin_status("odd", "unhealthy"))
+            assert unhealthy["error"] == "sidecar odd: 'command' must be a non-empty list of strings"
             assert (await peer.final(message["token"]))["status"] == "completed"
 
     run_async(scenario())

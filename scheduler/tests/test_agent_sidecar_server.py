@@ -9,6 +9,7 @@ from django.test import override_settings
 
 from plugins.base import OUTPUT_DIR, PORT, BasePlugin, ResolvedConfig
 from plugins.schema import Setting
+from scheduler.agent.protocol import MAX_PLUGIN_ERROR
 from scheduler.dispatch import dispatch_round
 from scheduler.tests.factories import UserFactory, queued_task
 from scheduler.tests.ws import expect_nothing, receive, run, send, start_worker
@@ -101,6 +102,44 @@ def test_plugin_status_report_is_stored_on_the_task(worker_key, admin_client_key
     task = run(scenario())
     assert task.plugin_status["httpside"]["status"] == "healthy"
     assert task.plugin_status["httpside"]["url"] == "http://10.0.0.7:4100"
+
+
+def test_unhealthy_plugin_status_is_shown_with_its_reason_on_the_task(worker_key, admin_client_key):
+    _enable(admin_client_key)
+    reason = "'tensorboard' was not found on this worker (is it installed, and on the agent's PATH?)"
+
+    async def scenario():
+        communicator, _ = await start_worker(worker_key)
+        task, assign = await _assigned(communicator)
+        report = {"task_id": assign["task_id"], "token": assign["token"], "name": "httpside"}
+        await send(communicator, {"type": "plugin_status", **report, "status": "unhealthy", "error": reason})
+        await expect_nothing(communicator)
+        await communicator.disconnect()
+        return task
+
+    task = run(scenario())
+    shown = admin_client_key.get(f"/v1/tasks/{task.id}").json()["plugin_status"]["httpside"]
+    assert (shown["status"], shown["url"], shown["error"]) == ("unhealthy", "", reason)
+
+
+def test_plugin_status_with_an_overlong_reason_is_refused_and_the_connection_stays(worker_key, admin_client_key):
+    _enable(admin_client_key)
+
+    async def scenario():
+        communicator, _ = await start_worker(worker_key)
+        task, assign = await _assigned(communicator)
+        report = {"task_id": assign["task_id"], "token": assign["token"], "name": "httpside", "status": "unhealthy"}
+        await send(communicator, {"type": "plugin_status", **report, "error": "x" * (MAX_PLUGIN_ERROR + 1)})
+        refused = await receive(communicator)
+        await send(communicator, {"type": "heartbeat", "running": []})
+        await expect_nothing(communicator)
+        await communicator.disconnect()
+        return refused, await db(Task.objects.get)(id=task.id)
+
+    refused, task = run(scenario())
+    assert (refused["type"], refused["ref_type"]) == ("error", "plugin_status")
+    assert "error" in refused["message"]
+    assert task.plugin_status == {}
 
 
 def test_plugin_status_with_a_stale_token_gets_stop_and_is_not_stored(worker_key, admin_client_key):
