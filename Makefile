@@ -17,14 +17,19 @@ $(VENV)/.base-installed: requirements/base.txt | $(VENV)/bin/python
 	$(PY) -m pip install --quiet -r requirements/base.txt
 	touch $@
 
-$(VENV)/.dev-installed: requirements/base.txt requirements/dev.txt | $(VENV)/bin/python
-	$(PY) -m pip install --quiet -r requirements/dev.txt
+# `make run` starts a local worker too, so it installs what a worker needs (Jupyter for services).
+$(VENV)/.worker-installed: requirements/base.txt requirements/worker.txt | $(VENV)/bin/python
+	$(PY) -m pip install --quiet -r requirements/worker.txt
 	touch $(VENV)/.base-installed $@
+
+$(VENV)/.dev-installed: requirements/base.txt requirements/worker.txt requirements/dev.txt | $(VENV)/bin/python
+	$(PY) -m pip install --quiet -r requirements/dev.txt
+	touch $(VENV)/.base-installed $(VENV)/.worker-installed $@
 
 migrate: $(VENV)/.base-installed
 	$(PY) manage.py migrate --noinput
 
-run: migrate
+run: migrate $(VENV)/.worker-installed
 	$(PY) manage.py bootstrap_local
 	$(PY) manage.py serve --host $(HOST) --port $(PORT) --workers $(WORKERS)
 

@@ -11,7 +11,9 @@ Detection rules (each can be overridden by a command-line flag):
   SXM4, HBM3, NVL). "NVIDIA A100-SXM4-80GB" -> "A100", "NVIDIA H100 80GB HBM3" -> "H100",
   "NVIDIA GeForce RTX 4090" -> "RTX 4090". Machines with mixed GPU models report the first one.
 * Batch slots: one per GPU; one on a machine without GPUs (a CPU job usually wants the whole box;
-  pass ``--batch-slots`` to run several side by side). Service slots: one.
+  pass ``--batch-slots`` to run several side by side). Service slots: one when this machine can
+  serve Jupyter (its Python has ``jupyter_server``, or the ``--container-runtime`` is on PATH),
+  else none.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ import subprocess
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from scheduler.agent.services import missing_service_support
 
 logger = logging.getLogger(__name__)
 
@@ -124,8 +128,15 @@ def detect_capacity(
     gpu_type: str | None = None,
     batch_slots: int | None = None,
     service_slots: int | None = None,
+    container_runtime: str = "",
 ) -> Capacity:
     """Detect what is not given; a given value always wins."""
+    if missing := missing_service_support(container_runtime):
+        if service_slots is None:
+            logger.warning("offering no service slots: %s", missing)
+            service_slots = 0
+        elif service_slots:
+            logger.warning("--service-slots %d, but service runs will fail: %s", service_slots, missing)
     found = detect_gpus() if gpus is None or gpu_type is None else []
     if len({gpu_type_from_name(g.name) for g in found}) > 1:
         logger.warning("mixed GPU models %s; reporting the first one", sorted({g.name for g in found}))

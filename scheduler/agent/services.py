@@ -11,6 +11,10 @@ command line, which other local users can read):
   image, the workspace mounted at /home/jovyan/work and the port published on the
   agent's address.
 
+A worker that has neither (no ``jupyter_server`` module, or the runtime not on its PATH)
+offers no service slots unless told to, and a service run assigned to it anyway fails
+its preparation saying what to install.
+
 The workspace is a directory relative to the worker's work directory (created if
 missing); an absolute path or one leaving that directory fails the run (`preparation`).
 
@@ -22,10 +26,12 @@ missing); an absolute path or one leaving that directory fails the run (`prepara
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import logging
 import os
 import secrets
+import shutil
 import sys
 import urllib.error
 import urllib.request
@@ -125,6 +131,20 @@ def jupyter_command(
     ]
 
 
+def missing_service_support(runtime: str = "") -> str:
+    """Why this machine cannot serve Jupyter the way `runtime` says; empty when it can."""
+    if runtime:
+        if shutil.which(runtime) is None:
+            return f"the container runtime {runtime!r} is not on this worker's PATH"
+        return ""
+    if importlib.util.find_spec("jupyter_server") is None:
+        return (
+            f"this worker's Python ({sys.executable}) has no Jupyter server: install requirements/worker.txt "
+            "(pip install jupyter-server), or start the worker with --container-runtime podman|docker"
+        )
+    return ""
+
+
 @dataclass
 class PreparedService:
     argv: list[str]
@@ -141,6 +161,8 @@ class ServiceLauncher:
     runtime: str = ""
 
     def prepare(self, spec: ServiceSpec, *, work_root: Path, env: dict[str, str]) -> PreparedService:
+        if missing := missing_service_support(self.runtime):
+            raise ValueError(missing)
         root = workspace_dir(work_root, spec.workspace)
         try:
             root.mkdir(parents=True, exist_ok=True)

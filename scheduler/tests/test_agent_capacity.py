@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -105,3 +106,24 @@ def test_memory_is_whole_gib_rounded_down() -> None:
 
 def test_cpu_cores_are_those_this_process_may_use() -> None:
     assert detect_cpu_cores() == len(os.sched_getaffinity(0))
+
+
+@pytest.fixture
+def no_jupyter_server(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "jupyter_server", None)  # find_spec() then answers None: not importable
+
+
+@pytest.mark.usefixtures("no_nvidia_smi", "no_jupyter_server")
+def test_machine_that_cannot_serve_jupyter_offers_no_service_slot_by_default() -> None:
+    assert detect_capacity().service_slots == 0
+
+
+@pytest.mark.usefixtures("no_nvidia_smi")
+def test_container_runtime_missing_from_path_means_no_service_slot_by_default() -> None:
+    assert detect_capacity(container_runtime="podman").service_slots == 0
+
+
+@pytest.mark.usefixtures("no_nvidia_smi", "no_jupyter_server")
+def test_service_slots_flag_wins_even_where_jupyter_cannot_run(caplog: pytest.LogCaptureFixture) -> None:
+    assert detect_capacity(service_slots=2).service_slots == 2
+    assert "service runs will fail" in caplog.text

@@ -136,6 +136,41 @@ def test_container_runtime_must_be_podman_or_docker(tmp_path: Path) -> None:
         jupyter_command(port=1, bind_host="h", root_dir=tmp_path, runtime="sh", image="x")
 
 
+@pytest.fixture
+def no_jupyter_server(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "jupyter_server", None)  # find_spec() then answers None: not importable
+
+
+@pytest.fixture
+def fake_docker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "docker").write_text("#!/bin/sh\nexit 0\n")
+    (bin_dir / "docker").chmod(0o755)
+    monkeypatch.setenv("PATH", str(bin_dir))
+
+
+@pytest.mark.usefixtures("no_jupyter_server")
+def test_service_on_a_worker_without_jupyter_fails_in_preparation_saying_what_to_install(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with Peer() as peer, running_agent(peer.url, tmp_path):
+            message = assign("x", kind="service", service=_service())
+            await peer.send(message)
+            final = await peer.final(message["token"])
+            assert (final["status"], final["failure_reason"]) == ("failed", "preparation")
+            assert "has no Jupyter server: install requirements/worker.txt" in final["error"]
+
+    run_async(scenario())
+
+
+def test_prepare_refuses_a_container_runtime_missing_from_path(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))
+    spec = ServiceSpec(type="jupyter", service_id="s1", workspace="a", image="img")
+    with pytest.raises(ValueError, match="the container runtime 'podman' is not on this worker's PATH"):
+        ServiceLauncher(runtime="podman").prepare(spec, work_root=tmp_path, env={})
+
+
+@pytest.mark.usefixtures("fake_docker")
 def test_prepare_puts_a_fresh_token_in_the_environment_only(tmp_path: Path) -> None:
     launcher = ServiceLauncher(host="127.0.0.1", runtime="docker")
     spec = ServiceSpec(type="jupyter", service_id="s1", workspace="a", image="img")

@@ -80,7 +80,9 @@ class Command(BaseCommand):
         parser.add_argument("--gpus", type=_non_negative, default=None, help="GPUs to offer (default: nvidia-smi)")
         parser.add_argument("--gpu-type", default=None, help='GPU model, e.g. "A100" (default: from nvidia-smi)')
         parser.add_argument("--batch-slots", type=_non_negative, default=None, help="default: one per GPU, else 1")
-        parser.add_argument("--service-slots", type=_non_negative, default=None, help="default: 1")
+        parser.add_argument(
+            "--service-slots", type=_non_negative, default=None, help="default: 1 (0 where Jupyter cannot run)"
+        )
         parser.add_argument("--workdir", default=None, help="where runs get their directories (~/.fetchml/work)")
         parser.add_argument(
             "--dataset-cache-gb",
@@ -125,6 +127,7 @@ class Command(BaseCommand):
             gpu_type=options["gpu_type"],
             batch_slots=options["batch_slots"],
             service_slots=options["service_slots"],
+            container_runtime=options["container_runtime"],
         )
         work_root = Path(options["workdir"]).expanduser() if options["workdir"] else default_work_root()
         try:
