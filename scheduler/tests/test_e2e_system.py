@@ -57,13 +57,17 @@ def _running_gated_tasks(
     return tasks
 
 
-def test_serve_with_one_local_worker_runs_a_submitted_task(tmp_path: Path, owner_key: str) -> None:
+def test_serve_with_one_local_worker_runs_a_submitted_task_under_its_var_directory(
+    tmp_path: Path, owner_key: str
+) -> None:
     with LiveSystem(tmp_path=tmp_path, database_url=database_url_for(connection), serve_workers=1) as system:
-        task = system.submit(owner_key, entrypoint=python_command("print('hello from make run')"))
+        task = system.submit(owner_key, entrypoint=python_command("import os; print(os.environ['FETCHML_WORK_DIR'])"))
         done = system.wait_for_status(owner_key, task["id"], "completed", timeout=60)
 
-    assert done["output"] == "hello from make run"
-    assert Worker.objects.get(id=done["worker_id"]).name.endswith("-local-1")
+    worker_name = Worker.objects.get(id=done["worker_id"]).name
+    assert worker_name.endswith("-local-1")
+    # FETCHML_VAR_DIR holds the local workers' runs too: two checkouts on one machine share nothing.
+    assert Path(done["output"]).is_relative_to((tmp_path / "var" / "work" / worker_name).resolve())
     assert (tmp_path / "var" / "local-worker.key").exists()
 
 

@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
@@ -15,6 +16,23 @@ from fetchml.localkeys import ensure_local_key
 
 logger = logging.getLogger("fetchml.serve")
 WORKER_DRAIN_SECONDS = 15.0
+
+
+def local_worker_command(*, host: str, port: int, index: int) -> list[str]:
+    """`manage.py worker` for local agent `index`: its runs, caches and Jupyter workspaces live in
+    its own directory under FETCHML_VAR_DIR, so two checkouts on one machine do not share them."""
+    name = f"{socket.gethostname()}-local-{index + 1}"
+    return [
+        sys.executable,
+        str(settings.BASE_DIR / "manage.py"),
+        "worker",
+        "--server",
+        f"http://{host}:{port}",
+        "--name",
+        name,
+        "--workdir",
+        str(Path(settings.VAR_DIR) / "work" / name),
+    ]
 
 
 class Command(BaseCommand):
@@ -93,9 +111,7 @@ class Command(BaseCommand):
 
     def _start_worker(self, host: str, port: int, index: int, key: str) -> subprocess.Popen:
         env = {**os.environ, "FETCHML_WORKER_API_KEY": key}
-        name = f"{socket.gethostname()}-local-{index + 1}"
-        command = [sys.executable, str(settings.BASE_DIR / "manage.py"), "worker", "--server"]
-        command += [f"http://{host}:{port}", "--name", name]
+        command = local_worker_command(host=host, port=port, index=index)
         # Own process group: Ctrl-C in the terminal reaches only this process,
         # which then drains the workers in order.
         return subprocess.Popen(command, env=env, start_new_session=True)
