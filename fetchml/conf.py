@@ -32,6 +32,8 @@ DEFAULTS: dict[str, Any] = {
     "DISPATCH_ON_SUBMIT": True,
     # least time between the starts of two dispatch passes while work keeps coming (an idle scheduler goes at once)
     "SCHEDULER_PASS_GAP_SECONDS": 0.01,
+    # a pass still waiting on the database after this long has its connection cut (a frozen server)
+    "SCHEDULER_PASS_TIMEOUT_SECONDS": 30.0,
     "WORKER_LEASE_SECONDS": 30.0,
     "WORKER_HEARTBEAT_SECONDS": 5.0,
     "DEFAULT_MAX_RETRIES": 3,

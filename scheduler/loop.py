@@ -25,6 +25,7 @@ from django.utils import timezone
 from fetchml import events
 from fetchml.aio import STOP_READ_SECONDS, cancel_and_wait
 from fetchml.conf import app_settings
+from fetchml.dbsocket import cut_connection
 from jupyter.services import scheduler_pass as jupyter_pass
 from scheduler import selectors
 from scheduler.assigns import assign_messages, assign_notice
@@ -38,10 +39,15 @@ logger = logging.getLogger("fetchml.scheduler.loop")
 ERROR_BACKOFF_MIN = 0.5
 ERROR_BACKOFF_MAX = 30.0
 GROUP_REFRESH_SECONDS = 60.0
-# Housekeeping that need not run every pass: expired Idempotency-Key records.
+# Housekeeping that need not run every pass: expired Idempotency-Key records, at most a batch a
+# pass (a backlog, after days without a scheduler, is worked off pass by pass, each one short).
 HOUSEKEEPING_SECONDS = 600.0
+PRUNE_BATCH = 10_000
 # Leases, time-outs, reservations, Jupyter services, re-sends: checked at most this often.
 MAINTENANCE_SECONDS = 1.0
+# Asked to stop during a pass, the loop lets the pass finish for this long, then cuts its database
+# connection: a database that stopped answering must not hold up a SIGTERM.
+STOP_PASS_GRACE_SECONDS = 2.0
 
 
 class SchedulerLoop:
@@ -53,6 +59,7 @@ class SchedulerLoop:
         self._maintained_at = float("-inf")  # monotonic time of the last maintenance pass
         self.wake: _WakeListener | None = None  # while running
         self._pass_started_at = float("-inf")  # monotonic time the last pass started
+        self._pass_connection: Any = None  # the database connection of the pass thread, once it ran
         self._last_placed = 0  # tasks the last pass placed
         # Whether the last pass left runnable tasks behind: only then is freed capacity news.
         self.backlog = True
@@ -71,6 +78,7 @@ class SchedulerLoop:
         Returns whether the pass changed anything.
         """
         started = time.monotonic()
+        self._pass_connection = connections["default"]
         close_old_connections()
         worked = False
         if maintenance:
@@ -115,9 +123,11 @@ class SchedulerLoop:
         if time.monotonic() - self._housekept_at < HOUSEKEEPING_SECONDS:
             return
         self._housekept_at = time.monotonic()
-        pruned = idempotency_prune()
+        pruned = idempotency_prune(limit=PRUNE_BATCH)
         if pruned:
             logger.info("pruned %d expired idempotency record(s)", pruned)
+        if pruned >= PRUNE_BATCH:
+            self._housekept_at = float("-inf")  # more may be left: the next maintenance pass goes on
 
     def _resend_unacked(self) -> int:
         """At-least-once delivery of `assign`: re-send what the agent has not acknowledged."""
@@ -177,6 +187,31 @@ class SchedulerLoop:
     async def _in_thread(self, function) -> Any:
         return await sync_to_async(function, thread_sensitive=False, executor=self._executor)()
 
+    async def _bounded_pass(self, stop: asyncio.Event) -> bool:
+        """One pass in the loop's thread, its wait on the database bounded.
+
+        A pass still running after SCHEDULER_PASS_TIMEOUT_SECONDS, or STOP_PASS_GRACE_SECONDS
+        after `stop`, waits on a database that stopped answering with its connection open (a
+        frozen server process): the connection is cut, the pass fails as after any lost connection,
+        and the server rolls back what it had not committed.
+        """
+        started = time.monotonic()
+        deadline = started + app_settings.SCHEDULER_PASS_TIMEOUT_SECONDS
+        passing = asyncio.ensure_future(self._in_thread(partial(self.run_once, maintenance=self._maintenance_due())))
+        stopping = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait({passing, stopping}, timeout=deadline - started, return_when=asyncio.FIRST_COMPLETED)
+            if not passing.done() and stop.is_set():
+                grace = min(STOP_PASS_GRACE_SECONDS, deadline - time.monotonic())
+                await asyncio.wait({passing}, timeout=max(grace, 0.0))
+        finally:
+            stopping.cancel()
+        if not passing.done() and self._pass_connection is not None:
+            waited = time.monotonic() - started
+            logger.error("scheduler pass still running after %.1f s; cutting its database connection", waited)
+            cut_connection(self._pass_connection)
+        return await passing
+
     async def run(self, stop: asyncio.Event) -> None:
         """Run passes until `stop` is set: at once when woken, else every SCHEDULER_INTERVAL seconds."""
         logger.info("scheduler loop started")
@@ -187,7 +222,7 @@ class SchedulerLoop:
                 await self._space_passes(stop)
                 self._pass_started_at = time.monotonic()
                 try:
-                    worked = await self._in_thread(partial(self.run_once, maintenance=self._maintenance_due()))
+                    worked = await self._bounded_pass(stop)
                     backoff = ERROR_BACKOFF_MIN
                 except Exception:
                     logger.exception("scheduler pass failed; retrying in %.1f s", backoff)

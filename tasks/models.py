@@ -196,3 +196,4 @@ class IdempotencyRecord(models.Model):
 
     class Meta:
         constraints = [models.UniqueConstraint(fields=["api_key", "key"], name="idempotency_key_per_api_key")]
+        indexes = [models.Index(fields=["created_at"], name="idempotency_created")]  # the scheduler's pruning

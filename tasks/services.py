@@ -454,12 +454,14 @@ def _replayed(record: IdempotencyRecord, body_sha256: str) -> Task:
     return record.task
 
 
-def idempotency_prune(*, api_key: ApiKey | None = None) -> int:
-    """Delete records older than the TTL (of one key, or all); returns how many."""
+def idempotency_prune(*, api_key: ApiKey | None = None, limit: int | None = None) -> int:
+    """Delete records older than the TTL (of one key, or all; at most `limit` of them); returns how many."""
     cutoff = timezone.now() - timedelta(hours=app_settings.IDEMPOTENCY_TTL_HOURS)
     stale = IdempotencyRecord.objects.filter(created_at__lt=cutoff)
     if api_key is not None:
         stale = stale.filter(api_key=api_key)
+    if limit is not None:
+        stale = IdempotencyRecord.objects.filter(pk__in=stale.order_by("created_at").values("pk")[:limit])
     deleted, _ = stale.delete()
     return deleted
 

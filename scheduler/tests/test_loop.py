@@ -19,10 +19,11 @@ from django.db import OperationalError, connection
 from django.test import override_settings
 from django.utils import timezone
 
-from conftest import USING_POSTGRES
+from conftest import USING_POSTGRES, requires_postgres
 from fetchml import events
 from fetchml.models import ApiKey
-from scheduler.loop import SchedulerLoop, _WakeListener
+from scheduler import loop as scheduler_loop
+from scheduler.loop import STOP_PASS_GRACE_SECONDS, SchedulerLoop, _WakeListener
 from scheduler.tests.factories import queued_task, run_started, worker
 from tasks.models import IdempotencyRecord, Task
 
@@ -137,6 +138,76 @@ def test_loop_keeps_working_after_its_database_connection_is_dropped(channel_lay
     assert asyncio.run(scenario()) >= 1
 
 
+def _backend_pid() -> int:
+    """The PostgreSQL server process behind the calling thread's connection."""
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_backend_pid()")
+        return cursor.fetchone()[0]
+
+
+@pytest.fixture
+def freezable_database():
+    """Skips unless this process may stop PostgreSQL's server processes (a local server, run as root
+    or as the server's user), as a host whose database process hangs would."""
+    own = _backend_pid()
+    try:
+        os.kill(own, 0)
+    except (PermissionError, ProcessLookupError) as error:
+        pytest.skip(f"cannot signal the PostgreSQL server process {own} from here: {error}")
+
+
+@contextlib.contextmanager
+def _frozen(pid: int):
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+@requires_postgres
+@override_settings(FETCHML_SCHEDULER_INTERVAL=60.0, FETCHML_SCHEDULER_PASS_TIMEOUT_SECONDS=1.0)
+def test_loop_cuts_its_connection_to_a_frozen_database_process_and_dispatches_on_a_new_one(
+    channel_layer, freezable_database
+):
+    async def scenario():
+        loop, stop, running = await _running_loop()
+        backend = await sync_to_async(_backend_pid, thread_sensitive=False, executor=loop._executor)()
+        with _frozen(backend):
+            # The frozen process's host still acknowledges every packet: no network time-out fires.
+            task = await sync_to_async(queued_task)()
+            await sync_to_async(worker)()
+            await _wake(channel_layer)
+            await _until(lambda: _status(task) == "preparing")
+            new_backend = await sync_to_async(_backend_pid, thread_sensitive=False, executor=loop._executor)()
+        assert not running.done()
+        stop.set()
+        await asyncio.wait_for(running, timeout=WAIT)
+        return backend, new_backend
+
+    backend, new_backend = asyncio.run(scenario())
+    assert new_backend != backend
+
+
+@requires_postgres
+@override_settings(FETCHML_SCHEDULER_INTERVAL=60.0, FETCHML_SCHEDULER_PASS_TIMEOUT_SECONDS=600.0)
+def test_loop_asked_to_stop_during_a_pass_on_a_frozen_database_process_stops_after_the_grace(
+    channel_layer, freezable_database
+):
+    async def scenario():
+        loop, stop, running = await _running_loop()
+        backend = await sync_to_async(_backend_pid, thread_sensitive=False, executor=loop._executor)()
+        with _frozen(backend):
+            frozen_at = time.monotonic()
+            await _wake(channel_layer)
+            # A pass has begun; it cannot finish while the process it waits on is stopped.
+            await _until(lambda: loop._pass_started_at > frozen_at)
+            stop.set()
+            await asyncio.wait_for(running, timeout=STOP_PASS_GRACE_SECONDS + WAIT)
+
+    asyncio.run(scenario())
+
+
 def test_scheduler_command_exits_cleanly_on_sigterm():
     db = connection.settings_dict
     if USING_POSTGRES:
@@ -195,6 +266,20 @@ def test_a_pass_prunes_expired_idempotency_records_now_and_then(user, worker_key
     IdempotencyRecord.objects.filter(key="new").update(created_at=timezone.now() - timedelta(days=30))
     loop.run_once()  # housekeeping ran a moment ago: not again yet
     assert IdempotencyRecord.objects.filter(key="new").exists()
+
+
+def test_a_backlog_of_expired_idempotency_records_is_pruned_a_batch_per_maintenance_pass(user, worker_key, monkeypatch):
+    monkeypatch.setattr(scheduler_loop, "PRUNE_BATCH", 2)
+    key = ApiKey.objects.first()
+    for name in ("a", "b", "c"):
+        IdempotencyRecord.objects.create(api_key=key, key=name, body_sha256="0" * 64, task=queued_task(owner=user))
+    IdempotencyRecord.objects.update(created_at=timezone.now() - timedelta(days=30))
+    loop = SchedulerLoop()
+
+    loop.run_once()
+    assert IdempotencyRecord.objects.count() == 1
+    loop.run_once()  # the last pass pruned a whole batch: this one goes on
+    assert IdempotencyRecord.objects.count() == 0
 
 
 def test_a_pass_without_maintenance_dispatches_but_leaves_leases_for_the_next_maintenance_pass():
