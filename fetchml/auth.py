@@ -3,7 +3,7 @@
 Used by DRF (`ApiKeyAuthentication`), by the WebSocket consumers
 (`authenticate_raw_key`) and by SSE views, so every entry point applies the
 same rules: well-formed, known, not revoked, not expired, and failed attempts
-limited per client IP.
+limited per client IP (a valid key is never refused for another's failures).
 """
 
 import logging
@@ -84,10 +84,13 @@ def _record_auth(*, success: bool, key: ApiKey | None, ip: str | None, error: st
 
 
 def authenticate_raw_key(raw: str | None, ip: str | None) -> ApiKey:
-    """The ApiKey for a raw header value, or AuthenticationFailed/Throttled."""
-    wait = auth_failures_exceeded(ip)
-    if wait is not None:
-        raise exceptions.Throttled(wait=wait, detail="Too many failed authentication attempts")
+    """The ApiKey for a raw header value, or AuthenticationFailed/Throttled.
+
+    Only failures are limited: a valid key gets through from an address whose failures ran out
+    (one client's typos behind a shared NAT or proxy must not lock out its neighbours or the
+    workers), while a wrong key from there is refused as throttled, neither counted nor audited
+    again. Guessing stays hopeless: a key's secret carries 256 random bits.
+    """
     parts = apikeys.split(raw) if raw else None
     key = None
     if parts is not None:
@@ -109,6 +112,9 @@ def authenticate_raw_key(raw: str | None, ip: str | None) -> ApiKey:
 
 
 def _fail(reason: str, key: ApiKey | None, ip: str | None) -> None:
+    wait = auth_failures_exceeded(ip)
+    if wait is not None:
+        raise exceptions.Throttled(wait=wait, detail="Too many failed authentication attempts")
     count_auth_failure(ip)
     _record_auth(success=False, key=key, ip=ip, error=reason)
     logger.info("authentication failed: %s (ip=%s)", reason, ip)
