@@ -1,4 +1,4 @@
-"""Jupyter service endpoints: list, start, stop. Thin: parse, call one service or selector, render."""
+"""Jupyter service endpoints: list, start, get, stop. Thin: parse, call one service or selector, render."""
 
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
@@ -49,6 +49,24 @@ class JupyterServiceListView(APIView):
 class JupyterServiceDetailView(APIView):
     permission_classes = [IsHumanUser]
 
+    def _visible(self, request: Request, service_id: str):
+        actor = actor_from_request(request)
+        service = selectors.visible_services(actor).filter(id=service_id).first()
+        if service is None:
+            raise NotFound("No such Jupyter service")
+        return actor, service
+
+    @extend_schema(
+        summary="Get Jupyter service",
+        description="One service: its status, and its url and token (the token only to its owner) once running.",
+        tags=TAGS,
+        parameters=[SERVICE_ID],
+        responses={200: JupyterServiceSerializer, 404: OpenApiResponse(ErrorResponseSerializer)},
+    )
+    def get(self, request: Request, serviceId: str) -> Response:
+        actor, service = self._visible(request, serviceId)
+        return Response(service_data(service, actor))
+
     @extend_schema(
         summary="Stop Jupyter service",
         description="Cancels the service's task; the worker stops Jupyter and frees its slot.",
@@ -57,9 +75,6 @@ class JupyterServiceDetailView(APIView):
         responses={204: OpenApiResponse(description="Service stopped"), 404: OpenApiResponse(ErrorResponseSerializer)},
     )
     def delete(self, request: Request, serviceId: str) -> Response:
-        actor = actor_from_request(request)
-        service = selectors.visible_services(actor).filter(id=serviceId).first()
-        if service is None:
-            raise NotFound("No such Jupyter service")
+        actor, service = self._visible(request, serviceId)
         services.jupyter_stop(service=service, actor=actor)
         return Response(status=status.HTTP_204_NO_CONTENT)

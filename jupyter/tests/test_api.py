@@ -73,6 +73,25 @@ def test_admin_sees_the_running_service_without_its_token(user_client, admin_cli
     assert (listed["status"], listed["user_id"], listed["token"]) == ("running", "alice", None)
 
 
+def test_get_of_one_service_shows_its_url_and_token_to_its_owner_once_running(user_client):
+    body = _start(user_client)
+    assert user_client.get(f"{URL}/{body['id']}").json()["status"] == "starting"
+    _running(body["id"], token="tok-123")
+    got = user_client.get(f"{URL}/{body['id']}").json()
+    assert (got["id"], got["status"], got["url"], got["token"]) == (
+        body["id"],
+        "running",
+        "http://10.0.0.7:8888/",
+        "tok-123",
+    )
+
+
+def test_get_of_someone_elses_service_is_404(user_client, other_client):
+    body = _start(other_client)
+    response = user_client.get(f"{URL}/{body['id']}")
+    assert (response.status_code, response.json()["code"]) == (404, "NOT_FOUND")
+
+
 def test_token_is_stored_sealed(user_client):
     body = _start(user_client)
     _running(body["id"], token="tok-123")
