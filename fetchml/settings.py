@@ -12,7 +12,16 @@ from pathlib import Path
 from django.core.exceptions import ImproperlyConfigured
 
 from fetchml.conf import settings_from_env
-from fetchml.env import bound_postgres_waits, env_bool, env_float, env_int, env_list, env_str, parse_database_url
+from fetchml.env import (
+    bound_postgres_waits,
+    env_bool,
+    env_choice,
+    env_float,
+    env_int,
+    env_list,
+    env_str,
+    parse_database_url,
+)
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(env_str("FETCHML_VAR_DIR", str(BASE_DIR / "var")))
@@ -232,6 +241,7 @@ _product_settings = settings_from_env()
 globals().update(_product_settings)
 FETCHML_STORAGE_DIR = _product_settings["FETCHML_STORAGE_DIR"] or str(VAR_DIR / "storage")
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
@@ -242,7 +252,7 @@ LOGGING = {
     "handlers": {
         "console": {"class": "logging.StreamHandler", "formatter": "plain", "filters": ["trace_id"]},
     },
-    "root": {"handlers": ["console"], "level": env_str("FETCHML_LOG_LEVEL", "INFO")},
+    "root": {"handlers": ["console"], "level": env_choice("FETCHML_LOG_LEVEL", "INFO", LOG_LEVELS)},
     "loggers": {
         "django.request": {"level": "ERROR"},
         "daphne": {"level": "WARNING"},

@@ -12,7 +12,7 @@ from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 
 from fetchml.conf import app_settings, settings_from_env
-from fetchml.env import env_bool, env_float, env_int, env_list, env_str, parse_database_url
+from fetchml.env import env_bool, env_choice, env_float, env_int, env_list, env_str, parse_database_url
 
 PROJECT_DIR = Path(settings.BASE_DIR)
 PRODUCTION_ENV = {
@@ -78,6 +78,14 @@ def test_a_bad_float_is_refused(monkeypatch):
     monkeypatch.setenv("X_NUMBER", "fast")
     with pytest.raises(ImproperlyConfigured, match="X_NUMBER"):
         env_float("X_NUMBER", 1.0)
+
+
+def test_a_choice_is_read_in_any_case_and_anything_else_refused(monkeypatch):
+    monkeypatch.setenv("FETCHML_X", "debug")
+    assert env_choice("FETCHML_X", "INFO", ("DEBUG", "INFO")) == "DEBUG"
+    monkeypatch.setenv("FETCHML_X", "LOUD")
+    with pytest.raises(ImproperlyConfigured, match="FETCHML_X='LOUD' is not one of DEBUG, INFO"):
+        env_choice("FETCHML_X", "INFO", ("DEBUG", "INFO"))
 
 
 def test_lists_are_comma_separated_and_trimmed(monkeypatch):
@@ -184,6 +192,12 @@ def test_a_bad_boolean_stops_the_process_at_start_up():
     result = run_manage("check", env={"DJANGO_DEBUG": "perhaps"})
     assert result.returncode != 0
     assert "DJANGO_DEBUG='perhaps' is not a boolean" in result.stderr
+
+
+def test_a_bad_log_level_stops_the_process_at_start_up_naming_the_variable():
+    result = run_manage("check", env={"FETCHML_LOG_LEVEL": "LOUD"})
+    assert result.returncode != 0
+    assert "FETCHML_LOG_LEVEL='LOUD' is not one of DEBUG, INFO, WARNING, ERROR, CRITICAL" in result.stderr
 
 
 def test_production_requires_a_secret_key():
