@@ -62,6 +62,7 @@ INSTALLED_APPS = [
     "rest_framework",
     "django_filters",
     "drf_spectacular",
+    "drf_spectacular_sidecar",  # Swagger UI served from /static/, not a CDN
     "channels",
     "fetchml",
     "audit",
@@ -234,6 +235,16 @@ SPECTACULAR_SETTINGS = {
         "ExperimentStatusEnum": "tasks.models.Experiment.Status",
         "TaskStatusEnum": "tasks.states.TaskStatus",
     },
+    "POSTPROCESSING_HOOKS": [
+        "drf_spectacular.hooks.postprocess_schema_enums",
+        # /health, the log and SSE streams and /ws: served outside DRF.
+        "fetchml.schema.add_plain_view_operations",
+    ],
+    # /v1/docs loads Swagger UI from drf-spectacular-sidecar, so it works offline.
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    # No validator badge: it would send the schema's URL to validator.swagger.io.
+    "SWAGGER_UI_SETTINGS": {"deepLinking": True, "validatorUrl": None},
 }
 
 # --- FetchML product settings (defaults live in fetchml/conf.py) ----------

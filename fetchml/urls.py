@@ -1,7 +1,10 @@
 """Root URLs. Each app owns its API routes in `<app>/api/urls.py`."""
 
+from django.conf import settings
 from django.contrib import admin
+from django.contrib.staticfiles.views import serve as serve_static
 from django.urls import include, path
+from django.views.decorators.http import require_safe
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 from fetchml.health import health
@@ -24,6 +27,9 @@ urlpatterns = [
     path("v1/", include("artifacts.api.urls")),
     path("v1/", include("tasks.api.experiment_urls")),
     path("api-auth/", include("rest_framework.urls")),
+    # The admin's and /v1/docs' assets, found in the installed apps: daphne serves
+    # them itself (no collectstatic, no other web server, no CDN).
+    path(f"{settings.STATIC_URL.lstrip('/')}<path:path>", require_safe(serve_static), {"insecure": True}),
 ]
 
 handler400 = "fetchml.middleware.bad_request"

@@ -1,4 +1,7 @@
-"""GET /v1/schema and /v1/docs: public, valid OpenAPI 3, documenting X-API-Key and the error body."""
+"""GET /v1/schema and /v1/docs: public, valid OpenAPI 3, documenting X-API-Key and the error body;
+/v1/docs works offline (Swagger UI from this server's static files)."""
+
+import re
 
 import pytest
 from drf_spectacular.drainage import GENERATOR_STATS
@@ -8,6 +11,8 @@ from drf_spectacular.validation import validate_schema
 from fetchml.schema import ERROR_CODES
 
 ERROR_REF = {"$ref": "#/components/schemas/ErrorResponse"}
+# Load balancers probe it without a key.
+PUBLIC_OPERATIONS = {("/health", "get")}
 
 
 @pytest.fixture
@@ -42,7 +47,11 @@ def test_every_api_operation_requires_the_api_key_in_the_schema(schema):
         for method, operation in operations.items()
         if operation.get("security") != [{"ApiKeyAuth": []}]
     ]
-    assert without_key == []
+    assert set(without_key) == PUBLIC_OPERATIONS
+
+
+def test_health_is_documented_as_needing_no_key(schema):
+    assert schema["paths"]["/health"]["get"]["security"] == []
 
 
 def test_schema_documents_the_error_body(schema):
@@ -85,6 +94,27 @@ def test_swagger_ui_is_served_without_a_key(anon_client, db):
     response = anon_client.get("/v1/docs")
     assert response.status_code == 200
     assert b"swagger-ui" in response.content
+
+
+def docs_assets(html: str) -> list[str]:
+    """The URLs of the scripts, styles and icon a /v1/docs page loads."""
+    return re.findall(r'<script[^>]* src="([^"]+)"', html) + re.findall(r'<link[^>]* href="([^"]+)"', html)
+
+
+def test_docs_page_loads_nothing_from_another_host(anon_client, db):
+    html = anon_client.get("/v1/docs").content.decode()
+    assets = docs_assets(html)
+    assert len(assets) == 4, assets  # the Swagger UI bundle, its preset, its stylesheet, the icon
+    assert [url for url in assets if re.match(r"(https?:)?//", url)] == []
+    assert '"validatorUrl": null' in html  # no badge fetched from validator.swagger.io
+
+
+def test_docs_page_assets_are_served_by_fetchml(anon_client, db):
+    for url in docs_assets(anon_client.get("/v1/docs").content.decode()):
+        response = anon_client.get(url)
+        assert response.status_code == 200, url
+        assert b"".join(response.streaming_content), url
+        response.close()
 
 
 def test_generated_schema_is_valid_openapi_without_errors_or_warnings():

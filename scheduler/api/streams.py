@@ -1,4 +1,4 @@
-"""The Scheduler's SSE streams: plain async views on `fetchml.sse` (drf-spectacular does not list them).
+"""The Scheduler's SSE streams: plain async views on `fetchml.sse` (fetchml.schema adds them to /v1/schema).
 
 GET /v1/scheduler/status/stream
     `event: status`, data = the SchedulerStatus body plus `event` (what caused

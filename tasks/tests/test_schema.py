@@ -1,6 +1,9 @@
-"""GET /v1/schema documents the tasks, queue and experiments operations as the spec names them."""
+"""GET /v1/schema documents the tasks, queue and experiments operations, and the task logs, as the spec names them."""
 
 import pytest
+
+from tasks.logs import MAX_TAIL, append_lines
+from tasks.services import task_submit
 
 pytestmark = pytest.mark.django_db
 
@@ -62,3 +65,40 @@ def test_task_schema_has_every_spec_property(schema):
         "output", "entrypoint", "snapshot_id", "datasets", "cpu", "memory_gb", "gpu", "user_id", "retry_count",
         "max_retries", "plugin_status", "node_assignments", "priority_aged",
     } <= properties  # fmt: skip
+
+
+LOGS = "/v1/tasks/{taskId}/logs"
+
+
+def test_task_logs_document_their_path_and_query_parameters(schema):
+    parameters = {(p["in"], p["name"]): p for p in schema["paths"][LOGS]["get"]["parameters"]}
+    assert set(parameters) == {
+        ("path", "taskId"), ("query", "tail"), ("query", "after_id"), ("query", "follow"), ("header", "Last-Event-ID"),
+    }  # fmt: skip
+    assert parameters["path", "taskId"]["required"] is True
+    assert parameters["query", "tail"]["schema"] == {"type": "integer", "minimum": 1, "maximum": MAX_TAIL}
+    assert parameters["query", "follow"]["schema"]["type"] == "boolean"
+
+
+def test_task_logs_answer_a_log_page_or_an_event_stream(schema):
+    content = schema["paths"][LOGS]["get"]["responses"]["200"]["content"]
+    assert content["application/json"]["schema"]["$ref"].endswith("/TaskLogPage")
+    assert content["text/event-stream"]["schema"] == {"type": "string"}
+
+
+def test_task_logs_document_the_api_key_and_the_standard_errors(schema):
+    operation = schema["paths"][LOGS]["get"]
+    assert operation["security"] == [{"ApiKeyAuth": []}]
+    for status in ("400", "401", "403", "404", "429"):
+        assert ref_of(operation["responses"][status]).endswith("/ErrorResponse"), status
+    assert "Retry-After" in operation["responses"]["429"]["headers"]
+
+
+def test_documented_log_page_has_the_fields_of_a_real_one(schema, user_client, user):
+    task = task_submit(owner=user, job_name="train")
+    append_lines(task_id=task.id, attempt=1, lines=[{"stream": "stdout", "line": "epoch 1"}])
+    body = user_client.get(f"/v1/tasks/{task.id}/logs").json()
+    components = schema["components"]["schemas"]
+    assert set(components["TaskLogPage"]["properties"]) == set(body)
+    assert set(components["TaskLogLine"]["properties"]) == set(body["lines"][0])
+    assert body["lines"][0]["stream"] in components["TaskLogLine"]["properties"]["stream"]["enum"]
