@@ -10,7 +10,10 @@ django_asgi_app = get_asgi_application()
 
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 
+from fetchml import daphne_fixes  # noqa: E402
 from fetchml.routing import websocket_urlpatterns  # noqa: E402
+
+daphne_fixes.install()
 
 application = ProtocolTypeRouter(
     {

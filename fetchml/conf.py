@@ -23,6 +23,8 @@ DEFAULTS: dict[str, Any] = {
     "MAX_LIST_ITEMS": 100,
     "MAX_METADATA_ENTRIES": 64,
     "MAX_STRING_LENGTH": 4096,
+    # levels of array/object nesting in any JSON body (fetchml.jsonbody); deeper is a 400
+    "MAX_JSON_DEPTH": 64,
     "IDEMPOTENCY_TTL_HOURS": 24,
     # scheduling
     "PRIORITY_AGING_PER_HOUR": 1.0,

@@ -1,9 +1,15 @@
 """What the project's WebSocket consumers share."""
 
+import logging
 from typing import Any
 
 from channels.consumer import get_handler_name
 from channels.generic.websocket import AsyncWebsocketConsumer
+
+logger = logging.getLogger("fetchml.ws")
+
+# No WebSocket endpoint at the requested path (the 4xxx range mirrors HTTP statuses).
+CLOSE_NOT_FOUND = 4404
 
 
 class SocketConsumer(AsyncWebsocketConsumer):
@@ -22,3 +28,21 @@ class SocketConsumer(AsyncWebsocketConsumer):
         if handler is None:
             raise ValueError(f"No handler for message type {message['type']}")
         await handler(message)
+
+    async def refuse(self, code: int, reason: str) -> None:
+        """Turn the connection away with `code` and `reason`.
+
+        A close before the accept reaches the client as a bare HTTP 403 (daphne
+        answers the handshake so), without the code: the connection is accepted
+        first, then closed.
+        """
+        await self.accept()
+        await self.close(code=code, reason=reason)
+
+
+class UnknownPathConsumer(SocketConsumer):
+    """Every WebSocket path no route names: refused with 4404, where the router would raise."""
+
+    async def connect(self) -> None:
+        logger.info("refused a WebSocket to %r: no endpoint there", self.scope.get("path", "")[:200])
+        await self.refuse(CLOSE_NOT_FOUND, "no WebSocket endpoint at this path")

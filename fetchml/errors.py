@@ -12,11 +12,12 @@ from typing import Any
 from django.core.exceptions import PermissionDenied, RequestDataTooBig
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.db import InterfaceError, OperationalError
-from django.http import Http404, JsonResponse
+from django.http import Http404
 from rest_framework import exceptions as drf_exceptions
 from rest_framework.response import Response
 from rest_framework.views import set_rollback
 
+from fetchml.jsonbody import CompactJsonResponse
 from fetchml.tracing import current_trace_id
 
 logger = logging.getLogger("fetchml.errors")
@@ -99,8 +100,8 @@ def code_for_status(status: int) -> str:
     return _CODES_BY_STATUS.get(status, "INTERNAL_ERROR" if status >= 500 else "BAD_REQUEST")
 
 
-def error_response(status: int, message: str, code: str | None = None, **headers: str) -> JsonResponse:
-    response = JsonResponse(error_body(message, code or code_for_status(status)), status=status)
+def error_response(status: int, message: str, code: str | None = None, **headers: str) -> CompactJsonResponse:
+    response = CompactJsonResponse(error_body(message, code or code_for_status(status)), status=status)
     for name, value in headers.items():
         response[name.replace("_", "-")] = value
     return response
@@ -111,7 +112,7 @@ def _flatten_validation(detail: Any, prefix: str = "") -> list[dict]:
     items: list[dict] = []
     if isinstance(detail, dict):
         for key, value in detail.items():
-            name = key if key != "non_field_errors" else ""
+            name = str(key) if key != "non_field_errors" else ""
             field = f"{prefix}.{name}" if prefix and name else (prefix or name)
             items.extend(_flatten_validation(value, field))
     elif isinstance(detail, list):

@@ -6,11 +6,11 @@ import logging
 from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 from django.db import connection
-from django.http import JsonResponse
 from django.utils import timezone
 from django.views.decorators.http import require_safe
 
 import fetchml
+from fetchml.jsonbody import CompactJsonResponse
 
 logger = logging.getLogger("fetchml.health")
 
@@ -52,4 +52,4 @@ def health(request):
         "timestamp": timezone.now().isoformat(),
         "checks": {name: "ok" if ok else "unreachable" for name, ok in checks.items()},
     }
-    return JsonResponse(body, status=200 if status == "healthy" else 503)
+    return CompactJsonResponse(body, status=200 if status == "healthy" else 503)

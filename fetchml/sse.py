@@ -26,13 +26,14 @@ from typing import Any, Protocol
 from asgiref.sync import sync_to_async
 from channels.layers import get_channel_layer
 from django.core.serializers.json import DjangoJSONEncoder
-from django.http import HttpRequest, JsonResponse, StreamingHttpResponse
+from django.http import HttpRequest, StreamingHttpResponse
 from rest_framework import exceptions as drf_exceptions
 
 from fetchml.aio import cancel_and_wait
 from fetchml.auth import HEADER, Actor, authenticate_raw_key, client_ip
 from fetchml.conf import app_settings
 from fetchml.errors import ApplicationError, Forbidden, error_body
+from fetchml.jsonbody import CompactJsonResponse
 from fetchml.ratelimits import consume_request
 
 logger = logging.getLogger("fetchml.sse")
@@ -155,9 +156,9 @@ class RateLimited(ApplicationError):
         self.retry_after = retry_after
 
 
-def error_response_for(exc: ApplicationError) -> JsonResponse:
+def error_response_for(exc: ApplicationError) -> CompactJsonResponse:
     """The standard error body for a plain (non-DRF) view."""
-    response = JsonResponse(error_body(exc.message, exc.code, exc.details), status=exc.status_code)
+    response = CompactJsonResponse(error_body(exc.message, exc.code, exc.details), status=exc.status_code)
     if isinstance(exc, RateLimited) and exc.retry_after is not None:
         response["Retry-After"] = str(exc.retry_after)
     return response

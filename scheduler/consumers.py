@@ -31,18 +31,24 @@ from fetchml.sealing import Unsealable
 from jupyter import services as jupyter_services
 from plugins.services import WORKERS_GROUP, plugin_status_report
 from scheduler import selectors, services
-from scheduler.agent.protocol import BATCH, FEATURES, LEASE_SHARE_TO_RECONNECT, LOG_ACK, frames, frames_of_encoded
+from scheduler.agent.protocol import (
+    BATCH,
+    CLOSE_BAD_HELLO,
+    CLOSE_BAD_KEY,
+    CLOSE_NAME_IN_USE,
+    CLOSE_NOT_WORKER,
+    CLOSE_RECONNECT,
+    FEATURES,
+    LEASE_SHARE_TO_RECONNECT,
+    LOG_ACK,
+    frames,
+    frames_of_encoded,
+)
 from scheduler.assigns import assign_messages
 from scheduler.protocol import FINAL_RUN_STATES, BadMessage, error_message, outgoing, parse_frame
 
 logger = logging.getLogger("fetchml.scheduler.ws")
 
-CLOSE_BAD_KEY = 4401
-CLOSE_NOT_WORKER = 4403
-CLOSE_BAD_HELLO = 4400
-CLOSE_NAME_IN_USE = 4409
-# 1012 (service restart) says it best, but daphne (autobahn) closes only with 1000 or 3000-4999.
-CLOSE_RECONNECT = 4012
 RUN_REPORTS = frozenset({"ack", "status", "log"})
 MAX_REPORTS_PER_BATCH = 500
 # An agent sends a run's reports a moment apart (an `ack` and the `status` after it): a connection with
@@ -73,11 +79,9 @@ class WorkerConsumer(SocketConsumer):
     # --- connection ------------------------------------------------------------
 
     async def connect(self) -> None:
-        # Accept first so the refusal reaches the agent as a close code it can act on.
-        await self.accept()
         query = parse_qs(self.scope.get("query_string", b"").decode("latin-1"))
         if _KEY_PARAMS & {name.lower() for name in query}:
-            await self.close(code=CLOSE_BAD_KEY, reason="API keys are accepted in the X-API-Key header only")
+            await self.refuse(CLOSE_BAD_KEY, "API keys are accepted in the X-API-Key header only")
             return
         headers = dict(self.scope.get("headers", []))
         raw = headers.get(b"x-api-key", b"").decode("latin-1") or None
@@ -85,12 +89,13 @@ class WorkerConsumer(SocketConsumer):
         try:
             key = await database_sync_to_async(authenticate_raw_key)(raw, client[0])
         except (AuthenticationFailed, Throttled):
-            await self.close(code=CLOSE_BAD_KEY, reason="invalid or missing API key")
+            await self.refuse(CLOSE_BAD_KEY, "invalid or missing API key")
             return
         if key.role != ApiKey.Role.WORKER:
-            await self.close(code=CLOSE_NOT_WORKER, reason="the API key does not have the worker role")
+            await self.refuse(CLOSE_NOT_WORKER, "the API key does not have the worker role")
             return
         self.api_key = key
+        await self.accept()
 
     async def disconnect(self, code: int) -> None:
         if self._handling is not None:

@@ -6,10 +6,11 @@ that refused it; the consumer answers a refusal with an `error` message and
 keeps the connection.
 """
 
-import json
 import re
 import uuid
 from typing import Any
+
+from fetchml.jsonbody import JSONTooDeep, loads
 
 # The framing rule and the features are the agent's (it knows no Django): one owner for both ends.
 from scheduler.agent.protocol import FEATURES, MAX_BATCH, MAX_PLUGIN_ERROR
@@ -26,6 +27,9 @@ FINAL_RUN_STATES = frozenset({"completed", "failed", "cancelled"})
 WORKER_FAILURE_REASONS = frozenset({"exit_code", "timeout", "preparation", "worker_lost"})
 CAPACITY_FIELDS = ("cpu_cores", "memory_gb", "gpu_count", "batch_slots", "service_slots")
 MAX_FEATURES = 32
+# Nesting of a frame's JSON: the deepest message (a `batch` of `log`s, its lines objects) needs 5. Fixed
+# here, apart from FETCHML_MAX_JSON_DEPTH: tuning that for HTTP bodies must not refuse agents' frames.
+MAX_DEPTH = 64
 
 
 class BadMessage(Exception):
@@ -259,7 +263,9 @@ def _loaded(text: str | None) -> dict[str, Any]:
     if text is None:
         raise BadMessage("binary frames are not part of the protocol")
     try:
-        message = json.loads(text)
+        message = loads(text, max_depth=MAX_DEPTH)
+    except JSONTooDeep as exc:
+        raise BadMessage(str(exc)) from None
     except ValueError:
         raise BadMessage("not valid JSON") from None
     if not isinstance(message, dict):

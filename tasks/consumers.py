@@ -39,6 +39,7 @@ from fetchml.auth import Actor, authenticate_raw_key
 from fetchml.conf import app_settings
 from fetchml.consumers import SocketConsumer
 from fetchml.errors import NotFound
+from fetchml.jsonbody import JSONTooDeep, loads
 from tasks.logs import CATCH_UP_CHUNK, log_lines, serialize_line
 from tasks.models import Task, TaskLogLine
 from tasks.selectors import task_get_for_actor
@@ -46,7 +47,7 @@ from tasks.states import FINAL_STATES
 
 logger = logging.getLogger("fetchml.ws")
 
-# Close codes sent instead of accepting (the 4xxx range mirrors HTTP statuses).
+# Close codes of a refused connection (the 4xxx range mirrors HTTP statuses).
 CLOSE_UNAUTHENTICATED = 4401
 CLOSE_FORBIDDEN = 4403
 CLOSE_RATE_LIMITED = 4429
@@ -134,7 +135,7 @@ def _statuses(task_ids: list[str]) -> dict[str, str]:
 
 
 class ClientConsumer(SocketConsumer):
-    actor: Actor
+    actor: Actor | None = None  # set once the key is accepted
     home_group: str
     subscriptions: dict[str, Any]  # task id -> its owner's pk
 
@@ -150,26 +151,27 @@ class ClientConsumer(SocketConsumer):
         query = dict(parse_qsl(self.scope.get("query_string", b"").decode("latin1")))
         if _QUERY_KEY_NAMES & {name.lower() for name in query}:
             logger.info("refused /ws: API key in the query string")
-            await self.close(code=CLOSE_UNAUTHENTICATED)
+            await self.refuse(CLOSE_UNAUTHENTICATED, "API keys are accepted in the X-API-Key header only")
             return
         raw = _header(self.scope, b"x-api-key")
         if not raw:
-            await self.close(code=CLOSE_UNAUTHENTICATED)
+            await self.refuse(CLOSE_UNAUTHENTICATED, "an X-API-Key header is required")
             return
         ip = (self.scope.get("client") or [None])[0]
         try:
             key = await database_sync_to_async(authenticate_raw_key)(raw, ip)
         except drf_exceptions.Throttled:
-            await self.close(code=CLOSE_RATE_LIMITED)
+            await self.refuse(CLOSE_RATE_LIMITED, "too many failed authentication attempts; try again later")
             return
         except drf_exceptions.AuthenticationFailed:
-            await self.close(code=CLOSE_UNAUTHENTICATED)
+            await self.refuse(CLOSE_UNAUTHENTICATED, "invalid API key")
             return
-        self.actor = Actor(user=key.user, role=key.role, api_key_id=str(key.id), ip_address=ip)
-        if self.actor.is_worker:
+        actor = Actor(user=key.user, role=key.role, api_key_id=str(key.id), ip_address=ip)
+        if actor.is_worker:
             # Worker agents have their own endpoint and must not see users' tasks.
-            await self.close(code=CLOSE_FORBIDDEN)
+            await self.refuse(CLOSE_FORBIDDEN, "worker keys connect to /ws/worker")
             return
+        self.actor = actor
         self.home_group = events.ADMINS_GROUP if self.actor.is_admin else events.user_group(self.actor.user.pk)
         await self._join_groups()
         await self.accept()
@@ -216,11 +218,16 @@ class ClientConsumer(SocketConsumer):
 
     # --- from the client -------------------------------------------------
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
+        if self.actor is None:
+            return  # refused in connect(); the close is under way
         if text_data is None:
             await self._error("Binary frames are not supported; send JSON text")
             return
         try:
-            message = json.loads(text_data)
+            message = loads(text_data)
+        except JSONTooDeep as exc:
+            await self._error(str(exc))
+            return
         except ValueError:
             await self._error("Malformed JSON")
             return

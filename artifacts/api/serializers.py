@@ -6,6 +6,7 @@ from rest_framework import serializers
 from artifacts import validation
 from artifacts.services import ManifestEntry
 from fetchml.errors import Invalid
+from tasks.api.fields import StrictCharField, StrictIntegerField, StrictSerializer
 
 MAX_MANIFEST_ENTRIES = 10_000
 
@@ -50,10 +51,10 @@ class ArtifactSerializer(serializers.Serializer):
     attempt = serializers.IntegerField()
 
 
-class ManifestEntrySerializer(serializers.Serializer):
-    path = serializers.CharField(trim_whitespace=False)
-    size = serializers.IntegerField(min_value=0)
-    sha256 = serializers.CharField()
+class ManifestEntrySerializer(StrictSerializer):
+    path = StrictCharField()
+    size = StrictIntegerField(min_value=0)
+    sha256 = StrictCharField()
 
     def validate_path(self, value: str) -> str:
         return _as_field_error(validation.artifact_path, value)
@@ -62,7 +63,7 @@ class ManifestEntrySerializer(serializers.Serializer):
         return _as_field_error(lambda v: validation.sha256_hex(v, field="sha256"), value)
 
 
-class ArtifactCommitSerializer(serializers.Serializer):
+class ArtifactCommitSerializer(StrictSerializer):
     artifacts = ManifestEntrySerializer(many=True, max_length=MAX_MANIFEST_ENTRIES)
 
     def validate_artifacts(self, value: list[dict[str, Any]]) -> list[ManifestEntry]:

@@ -100,6 +100,46 @@ def test_manifest_not_matching_the_uploads_is_422_and_commits_nothing(agent, run
     assert not Artifact.objects.filter(complete=True).exists()
 
 
+@pytest.mark.parametrize(
+    ("entry", "field"),
+    [
+        ({"size": str(len(MODEL))}, "artifacts[0].size"),
+        ({"size": float(len(MODEL))}, "artifacts[0].size"),
+        ({"mtime": 1}, "artifacts[0].mtime"),
+    ],
+)
+def test_manifest_entry_of_the_wrong_json_type_or_with_unknown_fields_is_422(agent, run, entry, field):
+    put(agent, run, "model.bin", MODEL)
+    manifest = [{"path": "model.bin", "size": len(MODEL), "sha256": sha256(MODEL), **entry}]
+
+    response = agent.post(
+        f"/v1/tasks/{run.task_id}/artifacts/commit",
+        data={"artifacts": manifest},
+        format="json",
+        HTTP_X_FETCHML_TOKEN=str(run.token),
+    )
+
+    assert response.status_code == 422, response.content
+    assert [d["field"] for d in response.json()["details"]] == [field]
+    assert not Artifact.objects.filter(complete=True).exists()
+
+
+def test_commit_body_with_an_unknown_field_is_422(agent, run):
+    put(agent, run, "model.bin", MODEL)
+    manifest = [{"path": "model.bin", "size": len(MODEL), "sha256": sha256(MODEL)}]
+
+    response = agent.post(
+        f"/v1/tasks/{run.task_id}/artifacts/commit",
+        data={"artifacts": manifest, "skipped": []},
+        format="json",
+        HTTP_X_FETCHML_TOKEN=str(run.token),
+    )
+
+    assert response.status_code == 422, response.content
+    assert [d["field"] for d in response.json()["details"]] == ["skipped"]
+    assert not Artifact.objects.filter(complete=True).exists()
+
+
 def test_wrong_sha256_is_422_and_nothing_is_stored(agent, run, storage_dir, spool_dir):
     response = put(agent, run, "model.bin", MODEL, digest=sha256(b"something else"))
 

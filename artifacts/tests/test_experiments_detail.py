@@ -93,3 +93,16 @@ def test_invalid_or_unknown_fields_are_422(user_client, experiment, body):
 
     assert response.status_code == 422
     assert response.json()["code"] == "VALIDATION_ERROR"
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [({"name": 42}, "name"), ({"description": 1.5}, "description"), ({"commit_id": 123456}, "commit_id")],
+)
+def test_a_number_where_a_string_belongs_is_422_and_changes_nothing(user_client, experiment, body, field):
+    response = user_client.patch(url(experiment), body, format="json")
+
+    assert response.status_code == 422, response.content
+    assert [detail["field"] for detail in response.json()["details"]] == [field]
+    experiment.refresh_from_db()
+    assert (experiment.name, experiment.description, experiment.commit_id) == ("baseline", "first try", "0" * 40)

@@ -31,6 +31,21 @@ def test_unknown_url_without_a_key_is_also_not_found_in_the_standard_format(anon
     assert_error(anon_client.get("/nowhere"), 404, "NOT_FOUND")
 
 
+def compact(response) -> bytes:
+    """The body as DRF's JSONRenderer renders it: no spaces after separators."""
+    return json.dumps(response.json(), separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def test_error_bodies_made_outside_drf_are_compact_as_drf_renders_them(user_client, settings):
+    not_found = user_client.get("/v1/no-such-thing")
+    settings.DATA_UPLOAD_MAX_MEMORY_SIZE = 2048
+    too_large = user_client.generic("POST", "/v1/test/echo", "a" * 4096, content_type="application/json")
+
+    assert (not_found.status_code, too_large.status_code) == (404, 413)
+    assert not_found.content == compact(not_found)
+    assert too_large.content == compact(too_large)
+
+
 def test_method_not_allowed_on_an_api_view_is_bad_request_with_allow(user_client):
     response = user_client.put("/v1/test/echo", {"name": "x"}, format="json")
     assert_error(response, 405, "BAD_REQUEST")

@@ -1,5 +1,6 @@
 """GET /health: no key, healthy when its dependencies answer, degraded (503) when one does not."""
 
+import json
 import socket
 from datetime import datetime
 
@@ -25,6 +26,11 @@ def test_health_is_healthy_with_version_and_timestamp(anon_client, db):
     assert body["version"] == fetchml.__version__
     assert datetime.fromisoformat(body["timestamp"]).tzinfo is not None
     assert body["checks"] == {"database": "ok", "channel_layer": "ok"}
+
+
+def test_health_body_is_compact_json(anon_client, db):
+    response = anon_client.get("/health")
+    assert response.content == json.dumps(response.json(), separators=(",", ":")).encode()
 
 
 def test_health_is_degraded_when_the_channel_layer_is_unreachable(anon_client, db):

@@ -2,6 +2,7 @@
 
 from typing import Any
 
+from django.core.validators import RegexValidator
 from rest_framework import serializers
 
 from fetchml.auth import Actor
@@ -9,13 +10,18 @@ from jupyter.models import JupyterService
 from jupyter.sealing import unseal
 from jupyter.selectors import DEFAULT_IMAGE
 from jupyter.services import MAX_WORKSPACE
+from tasks.api.fields import StrictCharField, StrictSerializer
 
 
-class StartJupyterSerializer(serializers.Serializer):
-    name = serializers.RegexField(r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=64)
+def _pattern(regex: str) -> RegexValidator:
+    return RegexValidator(regex, message="This value does not match the required pattern.")
+
+
+class StartJupyterSerializer(StrictSerializer):
+    name = StrictCharField(max_length=64, validators=[_pattern(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")])
     # Checked (relative, no `..`) by jupyter.services.clean_workspace, the rule every caller gets.
-    workspace = serializers.CharField(max_length=MAX_WORKSPACE, required=False, allow_blank=True, default="")
-    image = serializers.RegexField(r"^[^\s]+$", max_length=255, required=False, default=DEFAULT_IMAGE)
+    workspace = StrictCharField(max_length=MAX_WORKSPACE, required=False, allow_blank=True, default="")
+    image = StrictCharField(max_length=255, required=False, default=DEFAULT_IMAGE, validators=[_pattern(r"^[^\s]+$")])
 
 
 class JupyterServiceSerializer(serializers.Serializer):

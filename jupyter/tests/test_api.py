@@ -48,6 +48,22 @@ def test_start_without_a_name_is_422(user_client):
     assert user_client.post(URL, {"workspace": "x"}, format="json").status_code == 422
 
 
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"name": "nb3", "image": 123}, "image"),
+        ({"name": 3}, "name"),
+        ({"name": "nb3", "workspace": 7}, "workspace"),
+        ({"name": "nb3", "bogus": 1}, "bogus"),
+    ],
+)
+def test_start_refuses_wrong_json_types_and_unknown_fields_with_422(user_client, body, field):
+    response = user_client.post(URL, body, format="json")
+    assert response.status_code == 422, response.content
+    assert [detail["field"] for detail in response.json()["details"]] == [field]
+    assert not JupyterService.objects.exists()
+
+
 def test_list_shows_own_services_only(user_client, other_client):
     mine = _start(user_client)
     _start(other_client)

@@ -39,7 +39,19 @@ from scheduler.agent.services import ServiceLauncher
 
 logger = logging.getLogger(__name__)
 
-AUTH_CLOSE_CODES = frozenset({4401, 4403})
+AUTH_CLOSE_CODES = frozenset({protocol.CLOSE_BAD_KEY, protocol.CLOSE_NOT_WORKER})
+# What each close code of the server means to whoever runs the agent (`{name}`: this agent's name).
+CLOSE_MEANINGS = {
+    protocol.CLOSE_BAD_HELLO: "the server did not accept this agent's hello: are the agent and the server one version?",
+    protocol.CLOSE_BAD_KEY: "the server refused the API key: missing, unknown, revoked or expired",
+    protocol.CLOSE_NOT_WORKER: "the API key is not a worker key: the agent needs a key with the worker role",
+    protocol.CLOSE_NOT_FOUND: "the server has no worker endpoint at this address: check --server",
+    protocol.CLOSE_NAME_IN_USE: (
+        "another worker named {name!r} is connected to this server; if it is another machine, start this one "
+        "with --name (the name defaults to the host name). Retrying: it may be this agent's own connection, left over"
+    ),
+    protocol.CLOSE_RECONNECT: "the server asked this agent to reconnect",
+}
 OUTBOX_LIMIT = 10_000
 # `log` messages of one run held until the server acknowledges them (each up to 200 lines).
 UNACKED_LOGS_LIMIT = 1_000
@@ -55,6 +67,15 @@ EXIT_OK, EXIT_UNREPORTED, EXIT_REFUSED = 0, 1, 2
 
 class CredentialsRefused(Exception):
     """The server will not accept this key; retrying cannot help."""
+
+
+def close_explained(closed: ConnectionClosed, *, name: str) -> str | None:
+    """What the server's close code means, with the reason it gave; None for a code it does not send."""
+    if closed.rcvd is None or closed.rcvd.code not in CLOSE_MEANINGS:
+        return None
+    meaning = CLOSE_MEANINGS[closed.rcvd.code].format(name=name)
+    said = f", the server said: {closed.rcvd.reason}" if closed.rcvd.reason else ""
+    return f"{meaning} (close code {closed.rcvd.code}{said})"
 
 
 class ServerUnresponsive(TimeoutError):
@@ -261,13 +282,16 @@ class Agent:
             try:
                 await self._connect_once()
             except CredentialsRefused as exc:
-                logger.error("the server refused this worker's credentials (%s); stopping", exc)
+                logger.error("%s; stopping", exc)
                 self._exit_code = EXIT_REFUSED
                 for held in self._held.values():
                     held.run.stop()
                 self._finished.set()
                 return
-            except (OSError, TimeoutError, InvalidHandshake, ConnectionClosed, ProtocolError) as exc:
+            except ConnectionClosed as exc:
+                explained = close_explained(exc, name=self.config.name)
+                logger.warning("connection to %s closed: %s", self.config.server_url, explained or exc)
+            except (OSError, TimeoutError, InvalidHandshake, ProtocolError) as exc:
                 logger.warning("connection to %s lost or refused: %s", self.config.server_url, exc)
             if self._finished.is_set():
                 return
@@ -290,11 +314,13 @@ class Agent:
                     self._session = None
         except InvalidStatus as exc:
             if exc.response.status_code in (401, 403):
-                raise CredentialsRefused(f"HTTP {exc.response.status_code}") from None
+                raise CredentialsRefused(
+                    f"the server refused this worker's credentials (HTTP {exc.response.status_code})"
+                ) from None
             raise
         except ConnectionClosed as exc:
             if exc.rcvd is not None and exc.rcvd.code in AUTH_CLOSE_CODES:
-                raise CredentialsRefused(f"close code {exc.rcvd.code}: {exc.rcvd.reason}") from None
+                raise CredentialsRefused(close_explained(exc, name=self.config.name)) from None
             raise
 
     async def _serve(self, ws: ClientConnection) -> None:

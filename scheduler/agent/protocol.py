@@ -33,6 +33,14 @@ FINAL_STATUSES = frozenset({"completed", "failed", "cancelled"})
 # to be heard through a new connection, to another copy behind the load balancer, before the lease
 # runs out and the worker's runs are taken away.
 LEASE_SHARE_TO_RECONNECT = 1 / 3
+# Close codes of /ws/worker. Beyond these, `CLOSE_NOT_FOUND` answers any path with no endpoint.
+CLOSE_BAD_HELLO = 4400
+CLOSE_BAD_KEY = 4401
+CLOSE_NOT_WORKER = 4403
+CLOSE_NOT_FOUND = 4404
+CLOSE_NAME_IN_USE = 4409
+# 1012 (service restart) says it best, but daphne (autobahn) closes only with 1000 or 3000-4999.
+CLOSE_RECONNECT = 4012
 SERVER_TYPES = frozenset({"welcome", "assign", "cancel", "stop", "status_ack", "log_ack", "drain", "error", "config"})
 
 

@@ -7,7 +7,7 @@ from rest_framework import serializers
 
 from fetchml.conf import app_settings
 from scheduler.models import Reservation, Worker
-from tasks.api.fields import StrictSerializer
+from tasks.api.fields import StrictCharField, StrictIntegerField, StrictSerializer
 
 
 class SchedulerStatusSerializer(serializers.Serializer):
@@ -86,10 +86,10 @@ class ReservationSerializer(serializers.Serializer):
 
 
 class CreateReservationSerializer(StrictSerializer):
-    gpu_count = serializers.IntegerField(min_value=1, max_value=1024)
-    gpu_type = serializers.CharField(required=False, default="", allow_blank=True, max_length=64)
-    node_count = serializers.IntegerField(required=False, default=1, min_value=1, max_value=1024)
-    expires_minutes = serializers.IntegerField(required=False, default=30, min_value=1, help_text="Window length")
+    gpu_count = StrictIntegerField(min_value=1, max_value=1024)
+    gpu_type = StrictCharField(required=False, default="", allow_blank=True, max_length=64)
+    node_count = StrictIntegerField(required=False, default=1, min_value=1, max_value=1024)
+    expires_minutes = StrictIntegerField(required=False, default=30, min_value=1, help_text="Window length")
     starts_at = serializers.DateTimeField(
         required=False, allow_null=True, default=None, help_text="Start of the window (default: now)"
     )
@@ -106,4 +106,4 @@ class ReservationListQuerySerializer(serializers.Serializer):
 
 
 class PrioritySerializer(StrictSerializer):
-    priority = serializers.IntegerField(min_value=1, max_value=10)
+    priority = StrictIntegerField(min_value=1, max_value=10)

@@ -42,8 +42,10 @@ class Peer:
         kill: list[str] | None = None,
         api_key: str = API_KEY,
         features: list[str] | None = None,
+        refuse_hello: tuple[int, str] | None = None,
     ) -> None:
         self.port = port
+        self.refuse_hello = refuse_hello  # the close code and reason that answer every hello
         self.api_key = api_key
         self.heartbeat_seconds = heartbeat_seconds
         self.ack_finals = ack_finals
@@ -86,6 +88,9 @@ class Peer:
             return
         hello = json.loads(await ws.recv())
         self.hellos.append(hello)
+        if self.refuse_hello is not None:
+            await ws.close(*self.refuse_hello)
+            return
         await ws.send(
             json.dumps(
                 {

@@ -351,6 +351,41 @@ def test_refused_credentials_stop_the_agent(tmp_path: Path) -> None:
     run_async(scenario())
 
 
+def test_refused_credentials_are_explained_when_the_agent_stops(tmp_path: Path, caplog) -> None:
+    async def scenario() -> int:
+        async with Peer(refuse_hello=(4403, "")) as peer:
+            return await asyncio.wait_for(Agent(agent_config(peer.url, tmp_path)).run(), 10)
+
+    assert run_async(scenario()) == 2
+    assert "the API key is not a worker key" in caplog.text
+    assert "(close code 4403)" in caplog.text
+
+
+def test_a_name_in_use_is_explained_with_the_name_and_retried(tmp_path: Path, caplog) -> None:
+    async def scenario() -> None:
+        async with Peer(refuse_hello=(4409, "")) as peer, running_agent(peer.url, tmp_path):
+            await until(lambda: len(peer.hellos) >= 2, what="a second attempt")
+
+    caplog.set_level(logging.INFO, logger="scheduler.agent")
+    run_async(scenario())
+    refusals = [r.getMessage() for r in caplog.records if "(close code 4409)" in r.getMessage()]
+    assert refusals, caplog.text
+    assert "another worker named 'test-box' is connected to this server" in refusals[0]
+    assert "--name" in refusals[0]
+    assert "reconnecting in" in caplog.text
+
+
+def test_the_servers_close_reason_is_logged_with_the_explanation(tmp_path: Path, caplog) -> None:
+    reason = "another live connection uses this worker name"
+
+    async def scenario() -> None:
+        async with Peer(refuse_hello=(4409, reason)) as peer, running_agent(peer.url, tmp_path):
+            await until(lambda: len(peer.hellos) >= 2, what="a second attempt")
+
+    run_async(scenario())
+    assert f"(close code 4409, the server said: {reason})" in caplog.text
+
+
 def test_agent_retries_until_the_server_appears(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with Peer() as probe:

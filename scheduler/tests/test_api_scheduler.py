@@ -167,6 +167,24 @@ def test_invalid_reservation_body_is_422(user_client, body):
     assert user_client.post(RESERVATIONS, body, format="json").status_code == 422
 
 
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"gpu_count": "1"}, "gpu_count"),
+        ({"gpu_count": 1.0}, "gpu_count"),
+        ({"gpu_count": 1, "node_count": "1"}, "node_count"),
+        ({"gpu_count": 1, "expires_minutes": 30.0}, "expires_minutes"),
+        ({"gpu_count": 1, "gpu_type": 100}, "gpu_type"),
+    ],
+)
+def test_reservation_fields_of_the_wrong_json_type_are_422(user_client, body, field):
+    worker(gpu_count=4)
+    response = user_client.post(RESERVATIONS, body, format="json")
+    assert response.status_code == 422, response.content
+    assert [detail["field"] for detail in response.json()["details"]] == [field]
+    assert not Reservation.objects.exists()
+
+
 def test_users_see_their_own_reservations_and_admins_see_all(user_client, admin_client_key, other_client):
     worker(gpu_count=8, batch_slots=4)
     mine = user_client.post(RESERVATIONS, {"gpu_count": 1}, format="json").json()
@@ -215,6 +233,18 @@ def test_someone_elses_job_priority_is_404(other_client, user):
 def test_priority_outside_one_to_ten_is_422(user_client, user, body):
     task = queued_task(owner=user)
     assert user_client.patch(_priority_url(task), body, format="json").status_code == 422
+
+
+@pytest.mark.parametrize("priority", ["9", 8.0])
+def test_priority_that_is_not_a_json_integer_is_422_as_at_submission(user_client, user, priority):
+    task = queued_task(owner=user, priority=3)
+
+    response = user_client.patch(_priority_url(task), {"priority": priority}, format="json")
+
+    assert response.status_code == 422, response.content
+    assert response.json()["details"] == [{"field": "priority", "message": "A valid integer is required."}]
+    task.refresh_from_db()
+    assert task.priority == 3
 
 
 def test_priority_of_a_finished_job_is_409(user_client, user):

@@ -17,6 +17,7 @@ from scheduler.services import worker_drain
 from scheduler.tests.factories import UserFactory, queued_task
 from scheduler.tests.ws import (
     close_code,
+    closed_with,
     connect,
     expect_nothing,
     receive,
@@ -50,6 +51,23 @@ async def _assigned(communicator, **fields) -> tuple[Task, dict]:
     message = await receive(communicator)
     assert message["type"] == "assign", message
     return task, message
+
+
+@pytest.mark.parametrize(
+    ("role", "expected"),
+    [
+        (None, (4401, "invalid or missing API key")),
+        ("user", (4403, "the API key does not have the worker role")),
+    ],
+    ids=["no-key", "user-key"],
+)
+def test_a_refused_connection_is_told_why_in_the_close_reason(user, role, expected):
+    raw = ApiKeyFactory.raw(user=user, role=role) if role else None
+
+    async def scenario():
+        return await closed_with(await connect(raw))
+
+    assert run(scenario()) == expected
 
 
 def test_connection_without_an_api_key_is_closed_with_4401():
@@ -150,6 +168,18 @@ def test_a_second_live_connection_with_the_same_name_from_another_agent_is_close
     assert run(scenario()) == 4409
 
 
+def test_a_name_in_use_is_told_in_the_close_reason(worker_key):
+    async def scenario():
+        live, _ = await start_worker(worker_key, name="twin", instance="agent-a")
+        twin = await connect(worker_key)
+        await send(twin, {"type": "hello", "name": "twin", "capabilities": {}, "instance": "agent-b"})
+        closed = await closed_with(twin)
+        await live.disconnect()
+        return closed
+
+    assert run(scenario()) == (4409, "another live connection uses this worker name")
+
+
 def test_the_same_agent_on_a_new_connection_replaces_its_old_one(worker_key):
     async def scenario():
         # The old connection's consumer still lives (as on a server the agent lost touch with).
@@ -200,8 +230,21 @@ def test_first_message_that_is_not_hello_closes_with_4400(worker_key):
             ),
             "BAD_MESSAGE",
         ),
+        ("[" * 200_000 + "]" * 200_000, "BAD_MESSAGE"),
+        ('{"type": "heartbeat", "version": 1, "running": ' + "[" * 5_000 + "]" * 5_000 + "}", "BAD_MESSAGE"),
+        ('{"type": "heartbeat", "version": 1, "running": [], "x": ' + "[" * 64 + "]" * 64 + "}", "BAD_MESSAGE"),
     ],
-    ids=["not-json", "not-object", "unknown-type", "wrong-version", "bad-field", "bad-status"],
+    ids=[
+        "not-json",
+        "not-object",
+        "unknown-type",
+        "wrong-version",
+        "bad-field",
+        "bad-status",
+        "past-the-recursion-limit",
+        "deep-field",
+        "past-the-depth-bound",
+    ],
 )
 def test_bad_message_gets_an_error_and_the_connection_keeps_working(worker_key, frame, code):
     async def scenario():

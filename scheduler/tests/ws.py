@@ -49,10 +49,15 @@ async def send_batch(communicator: WebsocketCommunicator, messages: list[dict[st
 
 
 async def close_code(communicator: WebsocketCommunicator) -> int:
+    return (await closed_with(communicator))[0]
+
+
+async def closed_with(communicator: WebsocketCommunicator) -> tuple[int, str]:
+    """The close code and reason the server ends the connection with (what it sends before skipped)."""
     output = await communicator.receive_output(timeout=TIMEOUT)
     while output["type"] != "websocket.close":
         output = await communicator.receive_output(timeout=TIMEOUT)
-    return output["code"]
+    return output["code"], output.get("reason", "")
 
 
 async def start_worker(

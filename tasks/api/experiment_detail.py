@@ -1,7 +1,6 @@
 """GET and PATCH of one experiment: parse, call tasks.experiments, render."""
 
 import uuid
-from typing import Any
 
 from drf_spectacular.utils import OpenApiResponse, extend_schema
 from rest_framework import serializers
@@ -12,6 +11,7 @@ from rest_framework.views import APIView
 from fetchml.auth import actor_from_request
 from fetchml.permissions import IsHumanUser
 from fetchml.schema import ErrorResponseSerializer
+from tasks.api.fields import StrictCharField, StrictSerializer
 from tasks.experiments import experiment_get, experiment_update
 from tasks.models import Experiment
 
@@ -27,18 +27,12 @@ class ExperimentDetailSerializer(serializers.Serializer):
     user_id = serializers.CharField(source="owner.username")
 
 
-class ExperimentUpdateSerializer(serializers.Serializer):
-    name = serializers.CharField(max_length=128, required=False, trim_whitespace=False)
-    description = serializers.CharField(max_length=10_000, required=False, allow_blank=True, trim_whitespace=False)
-    commit_id = serializers.CharField(max_length=64, required=False, allow_blank=True)
+class ExperimentUpdateSerializer(StrictSerializer):
+    name = StrictCharField(max_length=128, required=False)
+    description = StrictCharField(max_length=10_000, required=False, allow_blank=True)
+    commit_id = StrictCharField(max_length=64, required=False, allow_blank=True)
     # The model's full choice set (one enum in the schema); `deleted` is refused by the service.
     status = serializers.ChoiceField(choices=Experiment.Status.choices, required=False, help_text="active or archived")
-
-    def to_internal_value(self, data: Any) -> dict[str, Any]:
-        # A misspelt field must not look like a successful no-op edit.
-        if isinstance(data, dict) and (unknown := sorted(set(data) - set(self.fields))):
-            raise serializers.ValidationError({name[:64]: ["Unknown field."] for name in unknown[:20]})
-        return super().to_internal_value(data)
 
 
 class ExperimentDetailView(APIView):

@@ -1,8 +1,8 @@
 """GET /v1/tasks/{taskId}/logs: stored log lines as JSON, or followed live as SSE.
 
 A plain async view (not DRF): a followed stream can stay open for hours and
-must not hold a worker thread. drf-spectacular does not see plain views, so
-this operation is described here rather than in the generated schema:
+must not hold a worker thread. drf-spectacular does not see plain views, so a
+hook in fetchml/schema.py adds this operation to the served schema; in short:
 
 - query `tail` (1..10000): only the last N lines; `after_id`: only lines with a
   larger id (paging; `Last-Event-ID` does the same for a reconnecting SSE client);
@@ -26,12 +26,13 @@ from typing import Any
 
 from asgiref.sync import sync_to_async
 from channels.db import database_sync_to_async
-from django.http import HttpRequest, HttpResponseBase, JsonResponse, QueryDict
+from django.http import HttpRequest, HttpResponseBase, QueryDict
 from django.utils import timezone
 from django.views.decorators.http import require_safe
 
 from fetchml import events
 from fetchml.errors import ApplicationError
+from fetchml.jsonbody import CompactJsonResponse
 from fetchml.sse import authenticate_stream, error_response_for, event_stream, sse_frame, sse_response
 from tasks.logs import CATCH_UP_CHUNK, MAX_TAIL, log_lines, serialize_line
 from tasks.models import Task
@@ -197,7 +198,7 @@ async def task_logs(request: HttpRequest, task_id: uuid.UUID) -> HttpResponseBas
         # reads (long after) use database_sync_to_async, which drops stale ones.
         task = await sync_to_async(task_get_for_actor)(actor=actor, task_id=task_id)
         if not query.follow:
-            return JsonResponse(await sync_to_async(_log_page)(task, query))
+            return CompactJsonResponse(await sync_to_async(_log_page)(task, query))
     except ApplicationError as exc:
         return error_response_for(exc)
     source = TaskLogStream(task=task, tail=query.tail, after_id=query.after_id)

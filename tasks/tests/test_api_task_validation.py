@@ -183,6 +183,16 @@ def test_ill_typed_or_out_of_range_extension_is_refused(user_client, field, valu
     assert_invalid(submit(user_client, **{field: value}), field)
 
 
+def test_each_bad_list_item_is_named_by_its_index_from_zero(user_client):
+    response = user_client.post(
+        "/v1/tasks", {"job_name": "m", "entrypoint": "true", "datasets": [1, "a", 2]}, format="json"
+    )
+
+    assert response.status_code == 422, response.content
+    assert [detail["field"] for detail in response.json()["details"]] == ["datasets.0", "datasets.2"]
+    assert response.json()["error"] == "Validation failed: datasets.0, datasets.2"
+
+
 @pytest.mark.parametrize(
     "plugin_configs",
     [

@@ -1,5 +1,6 @@
 """GET /v1/tasks/{taskId}/logs without follow: stored lines as JSON, auth, params, errors."""
 
+import json
 import uuid
 
 import pytest
@@ -32,6 +33,15 @@ def test_owner_gets_all_stored_lines_in_order(user_client, task):
     assert body["status"] == "queued"
     assert body["has_more"] is False
     assert body["next_after_id"] == body["lines"][-1]["id"]
+
+
+def test_log_page_and_its_error_bodies_are_compact_json(user_client, task):
+    page = user_client.get(_url(task.id))
+    missing = user_client.get(_url(uuid.uuid4()))
+
+    assert (page.status_code, missing.status_code) == (200, 404)
+    for response in (page, missing):
+        assert response.content == json.dumps(response.json(), separators=(",", ":")).encode()
 
 
 def test_tail_returns_only_the_last_lines(user_client, task):

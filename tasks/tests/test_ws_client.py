@@ -19,7 +19,7 @@ from fetchml.asgi import application
 from fetchml.testing import run_async
 from fetchml.tests.factories import ApiKeyFactory
 from tasks import consumers
-from tasks.consumers import CLOSE_FORBIDDEN, CLOSE_UNAUTHENTICATED
+from tasks.consumers import CLOSE_FORBIDDEN, CLOSE_RATE_LIMITED, CLOSE_UNAUTHENTICATED
 from tasks.logs import append_lines
 from tasks.models import Task, TaskLogLine
 from tasks.services import task_submit, task_transition
@@ -104,30 +104,58 @@ def _lines_unannounced(task, *texts: str) -> None:
 # --- authentication -----------------------------------------------------
 
 
-@run_async
-async def test_connection_without_a_key_is_refused():
-    assert await _socket().connect(timeout=TIMEOUT) == (False, CLOSE_UNAUTHENTICATED)
+async def _refusal(socket: WebsocketCommunicator) -> tuple[int, str]:
+    """The close code and reason a refused connection gets: accepted, then closed (a close
+    before the accept reaches a client as a bare HTTP 403, without either)."""
+    connected, _ = await socket.connect(timeout=TIMEOUT)
+    assert connected, "refused at the handshake, with no close code"
+    closed = await socket.receive_output(timeout=TIMEOUT)
+    assert closed["type"] == "websocket.close", closed
+    return closed["code"], closed.get("reason", "")
 
 
 @run_async
-async def test_connection_with_an_unknown_key_is_refused():
-    assert await _socket("fetchml_nothing_atall").connect(timeout=TIMEOUT) == (False, CLOSE_UNAUTHENTICATED)
+async def test_connection_without_a_key_is_closed_with_4401_and_a_reason():
+    assert await _refusal(_socket()) == (CLOSE_UNAUTHENTICATED, "an X-API-Key header is required")
+
+
+@run_async
+async def test_connection_with_an_unknown_key_is_closed_with_4401_and_a_reason():
+    assert await _refusal(_socket("fetchml_nothing_atall")) == (CLOSE_UNAUTHENTICATED, "invalid API key")
 
 
 @run_async
 async def test_key_in_the_query_string_is_refused_even_with_a_valid_header(alice_key):
-    socket = _socket(alice_key, path=f"/ws?api_key={alice_key}")
-    assert await socket.connect(timeout=TIMEOUT) == (False, CLOSE_UNAUTHENTICATED)
+    code, reason = await _refusal(_socket(alice_key, path=f"/ws?api_key={alice_key}"))
+    assert (code, reason) == (CLOSE_UNAUTHENTICATED, "API keys are accepted in the X-API-Key header only")
 
 
 @run_async
 async def test_key_only_in_the_query_string_is_refused(alice_key):
-    assert await _socket(path=f"/ws?key={alice_key}").connect(timeout=TIMEOUT) == (False, CLOSE_UNAUTHENTICATED)
+    code, _ = await _refusal(_socket(path=f"/ws?key={alice_key}"))
+    assert code == CLOSE_UNAUTHENTICATED
 
 
 @run_async
-async def test_worker_key_is_refused(worker_key):
-    assert await _socket(worker_key).connect(timeout=TIMEOUT) == (False, CLOSE_FORBIDDEN)
+async def test_worker_key_is_closed_with_4403_and_a_reason(worker_key):
+    assert await _refusal(_socket(worker_key)) == (CLOSE_FORBIDDEN, "worker keys connect to /ws/worker")
+
+
+@run_async
+async def test_too_many_failed_attempts_are_closed_with_4429(settings):
+    settings.FETCHML_RATE_LIMIT_AUTH_FAILURES = "1/m"
+    first, _ = await _refusal(_socket("fetchml_nothing_atall"))
+    second, reason = await _refusal(_socket("fetchml_nothing_atall"))
+    assert (first, second) == (CLOSE_UNAUTHENTICATED, CLOSE_RATE_LIMITED)
+    assert "try again" in reason
+
+
+@run_async
+async def test_a_frame_sent_to_a_refused_connection_is_ignored():
+    socket = _socket()
+    await _refusal(socket)
+    await socket.send_to(text_data='{"type": "ping"}')
+    assert await socket.receive_nothing(timeout=0.2)
 
 
 @run_async
@@ -519,6 +547,29 @@ async def test_malformed_message_gets_an_error_and_the_connection_stays_open(ali
         await socket.disconnect()
     assert reply["type"] == "error"
     assert reply["error"]
+    assert pong["type"] == "pong"
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        "[" * 200_000 + "]" * 200_000,
+        '{"type": "subscribe", "task_id": ' + "[" * 5_000 + "]" * 5_000 + "}",
+        '{"type": "ping", "extra": ' + '{"a": ' * 65 + "1" + "}" * 65 + "}",
+    ],
+    ids=["past-the-recursion-limit", "deep-field", "past-the-depth-bound"],
+)
+@run_async
+async def test_deeply_nested_json_gets_an_error_and_the_connection_stays_open(alice_key, frame):
+    socket = await _open(alice_key)
+    try:
+        await socket.send_to(text_data=frame)
+        reply = await _receive(socket)
+        pong = await _ask(socket, {"type": "ping"})
+    finally:
+        await socket.disconnect()
+    assert (reply["type"], reply["code"]) == ("error", "BAD_REQUEST")
+    assert "nested deeper than" in reply["error"]
     assert pong["type"] == "pong"
 
 
