@@ -170,7 +170,8 @@ def _ending_of(service: JupyterService, task: Task | None) -> tuple[str, str]:
     if task.status == TaskStatus.COMPLETED:
         return Status.STOPPED, ""  # Jupyter was shut down from its own UI
     if task.failure_reason == Task.FailureReason.WORKER_LOST:
-        return Status.ERROR, f"the worker was lost: {task.error}".strip(": ")
+        # What befell the worker (lost, shut down, drained): the first line; Jupyter's output is in the log.
+        return Status.ERROR, (task.error.strip().splitlines() or ["worker lost"])[0]
     reason = task.error.strip() or task.failure_reason or "the service ended"
     return Status.ERROR, reason[-4000:]
 

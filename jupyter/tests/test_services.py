@@ -65,7 +65,7 @@ def test_service_of_a_worker_whose_lease_expired_becomes_error(actor):
     scheduler_pass()
     service.refresh_from_db()
     assert service.status == "error"
-    assert service.error.startswith("the worker was lost")
+    assert service.error == "worker lost"
     assert Worker.objects.get().used_service_slots == 0
 
 

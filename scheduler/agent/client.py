@@ -5,8 +5,9 @@ outbox; final statuses are kept per run and re-sent after every welcome and ever
 until the server acknowledges them.
 
 Stopping: `drain()` (first SIGTERM/SIGINT, or the server's `drain`) takes no new work — an
-`assign` is neither acked nor started, so the server can hand it to another worker — and
-returns from `run()` with 0 once every run has finished and its final status was acknowledged.
+`assign` is neither acked nor started, so the server can hand it to another worker — stops its
+services (they never finish), and returns from `run()` with 0 once every run has finished and
+its final status was acknowledged.
 `shutdown()` (a second signal) kills the runs at once, reports them `failed` with
 failure_reason `worker_lost`, waits a few seconds for acknowledgements and returns 0 if they
 all arrived, 1 if not. Credentials the server refuses end the agent with 2.
@@ -229,9 +230,17 @@ class Agent:
 
     def drain(self) -> None:
         if not self._draining:
-            logger.info("draining: no new work; %d run(s) to finish", len(self._held))
+            services = [held.run for held in self._held.values() if held.run.assignment.kind == "service"]
+            logger.info(
+                "draining: no new work; %d run(s) to finish, %d service(s) to stop",
+                len(self._held) - len(services),
+                len(services),
+            )
             # Tell the server, so it stops assigning and re-queues what we will not take.
             self._enqueue(protocol.draining())
+            # A service (Jupyter) never ends by itself: waiting for it would hold the drain for good.
+            for run in services:
+                run.wind_down()
         self._draining = True
         self._check_drained()
 

@@ -49,6 +49,7 @@ LOG_FLUSH_SECONDS = 0.25
 # process group can hold them) before the run is reported without the rest of its output.
 PIPE_DRAIN_SECONDS = 5.0
 KILL_WAIT_SECONDS = 10.0
+SERVICE_DRAINED = "worker drained: a draining worker stops its services"
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 RUN_DIR = ".fetchml"  # inside the work directory: the run's full logs
 LOG_ARTIFACTS = {"stdout": "logs/stdout.log", "stderr": "logs/stderr.log"}
@@ -149,7 +150,7 @@ class Run:
         self._log_files: dict[int, Any] = {}
         self._emit = emit
         self._base_env = dict(os.environ if base_env is None else base_env)
-        self._stop_reason: str | None = None  # "cancel", "stop" or "shutdown"
+        self._stop_reason: str | None = None  # "cancel", "drain", "stop" or "shutdown"
         self._interrupt = asyncio.Event()
         self._kill_now = asyncio.Event()
         self._silenced = False
@@ -178,6 +179,14 @@ class Run:
         """SIGTERM the group, SIGKILL after the grace period, report `cancelled`."""
         if self._stop_reason is None:
             self._stop_reason = "cancel"
+            self._interrupt.set()
+
+    def wind_down(self) -> None:
+        """The agent is draining and this run is a service, which never ends by itself: end it as a
+        cancel would (SIGTERM, the grace, SIGKILL) and report it `failed` (worker_lost), so that the
+        drain completes and the run shows as ended by its worker, not by its owner's code."""
+        if self._stop_reason is None:
+            self._stop_reason = "drain"
             self._interrupt.set()
 
     def stop(self) -> None:
@@ -458,6 +467,8 @@ class Run:
         details: dict[str, Any] = {} if exit_code is None else {"exit_code": exit_code}
         if self._stop_reason == "stop":
             return None
+        if self._stop_reason == "drain":
+            return self._final("failed", failure_reason="worker_lost", error=SERVICE_DRAINED, **details)
         if self._stop_reason == "shutdown":
             return self._final(
                 "failed", failure_reason="worker_lost", error=self._with_stderr("worker shut down"), **details

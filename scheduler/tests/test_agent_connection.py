@@ -223,6 +223,42 @@ def test_server_drain_refuses_new_work_and_ends_once_runs_are_reported(
         run_async(scenario())
 
 
+def test_a_draining_agent_stops_its_service_with_sigterm_and_still_lets_its_batch_run_finish(tmp_path: Path) -> None:
+    gate, stopped = tmp_path / "gate", tmp_path / "service-stopped"
+    # A service that never ends by itself and, like Jupyter, shuts down on SIGTERM.
+    service_code = (
+        "import signal, sys, time\n"
+        f"signal.signal(signal.SIGTERM, lambda *_: (open({str(stopped)!r}, 'w').close(), sys.exit(0)))\n"
+        "print('serving')\n"
+        "while True: time.sleep(0.05)"
+    )
+
+    async def scenario() -> None:
+        async with Peer() as peer:
+            agent = Agent(agent_config(peer.url, tmp_path / "work"))
+            serving = asyncio.create_task(agent.run())
+            service = assign(python(service_code), kind="service", cancel_grace_seconds=30)
+            batch = assign(gated(gate))
+            await peer.send(service)
+            await peer.send(batch)
+            # Its signal handler is set once it has said so.
+            await peer.next(lambda m: m["type"] == "log" and m["token"] == service["token"])
+
+            agent.drain()  # what the first SIGTERM does
+
+            final = await peer.final(service["token"])
+            assert not serving.done()  # the batch run goes on
+            gate.touch()
+            assert await asyncio.wait_for(serving, 15) == 0
+            assert (await peer.final(batch["token"]))["status"] == "completed"
+            return final
+
+    final = run_async(scenario())
+    assert (final["status"], final["failure_reason"]) == ("failed", "worker_lost")
+    assert final["error"].startswith("worker drained")
+    assert stopped.exists()  # ended by SIGTERM, given its grace
+
+
 def test_idle_agent_told_to_drain_says_so_before_it_exits(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with Peer() as peer:
