@@ -145,6 +145,10 @@ def _backend_pid() -> int:
         return cursor.fetchone()[0]
 
 
+async def _loop_backend_pid(loop: SchedulerLoop) -> int:
+    return await sync_to_async(_backend_pid, thread_sensitive=False, executor=loop._executor)()
+
+
 @pytest.fixture
 def freezable_database():
     """Skips unless this process may stop PostgreSQL's server processes (a local server, run as root
@@ -172,14 +176,14 @@ def test_loop_cuts_its_connection_to_a_frozen_database_process_and_dispatches_on
 ):
     async def scenario():
         loop, stop, running = await _running_loop()
-        backend = await sync_to_async(_backend_pid, thread_sensitive=False, executor=loop._executor)()
+        backend = await _loop_backend_pid(loop)
         with _frozen(backend):
             # The frozen process's host still acknowledges every packet: no network time-out fires.
             task = await sync_to_async(queued_task)()
             await sync_to_async(worker)()
             await _wake(channel_layer)
             await _until(lambda: _status(task) == "preparing")
-            new_backend = await sync_to_async(_backend_pid, thread_sensitive=False, executor=loop._executor)()
+            new_backend = await _loop_backend_pid(loop)
         assert not running.done()
         stop.set()
         await asyncio.wait_for(running, timeout=WAIT)
@@ -196,7 +200,7 @@ def test_loop_asked_to_stop_during_a_pass_on_a_frozen_database_process_stops_aft
 ):
     async def scenario():
         loop, stop, running = await _running_loop()
-        backend = await sync_to_async(_backend_pid, thread_sensitive=False, executor=loop._executor)()
+        backend = await _loop_backend_pid(loop)
         with _frozen(backend):
             frozen_at = time.monotonic()
             await _wake(channel_layer)

@@ -523,6 +523,18 @@ def test_snapshots_of_more_tasks_than_one_query_takes_are_all_read(user, monkeyp
 # --- malformed input ----------------------------------------------------
 
 
+async def _reply_then_pong(key: str, frame: str) -> tuple[dict, dict]:
+    """The answer to `frame`, then the answer to a ping on the same connection."""
+    socket = await _open(key)
+    try:
+        await socket.send_to(text_data=frame)
+        reply = await _receive(socket)
+        pong = await _ask(socket, {"type": "ping"})
+    finally:
+        await socket.disconnect()
+    return reply, pong
+
+
 @pytest.mark.parametrize(
     "frame",
     [
@@ -538,13 +550,7 @@ def test_snapshots_of_more_tasks_than_one_query_takes_are_all_read(user, monkeyp
 )
 @run_async
 async def test_malformed_message_gets_an_error_and_the_connection_stays_open(alice_key, frame):
-    socket = await _open(alice_key)
-    try:
-        await socket.send_to(text_data=frame)
-        reply = await _receive(socket)
-        pong = await _ask(socket, {"type": "ping"})
-    finally:
-        await socket.disconnect()
+    reply, pong = await _reply_then_pong(alice_key, frame)
     assert reply["type"] == "error"
     assert reply["error"]
     assert pong["type"] == "pong"
@@ -561,13 +567,7 @@ async def test_malformed_message_gets_an_error_and_the_connection_stays_open(ali
 )
 @run_async
 async def test_deeply_nested_json_gets_an_error_and_the_connection_stays_open(alice_key, frame):
-    socket = await _open(alice_key)
-    try:
-        await socket.send_to(text_data=frame)
-        reply = await _receive(socket)
-        pong = await _ask(socket, {"type": "ping"})
-    finally:
-        await socket.disconnect()
+    reply, pong = await _reply_then_pong(alice_key, frame)
     assert (reply["type"], reply["code"]) == ("error", "BAD_REQUEST")
     assert "nested deeper than" in reply["error"]
     assert pong["type"] == "pong"
