@@ -6,7 +6,7 @@ from rest_framework import serializers
 from artifacts import validation
 from artifacts.services import ManifestEntry
 from fetchml.errors import Invalid
-from tasks.api.fields import StrictCharField, StrictIntegerField, StrictSerializer
+from tasks.api.fields import StrictCharField, StrictIntegerField
 
 MAX_MANIFEST_ENTRIES = 10_000
 
@@ -51,7 +51,10 @@ class ArtifactSerializer(serializers.Serializer):
     attempt = serializers.IntegerField()
 
 
-class ManifestEntrySerializer(StrictSerializer):
+# The commit body comes from agents, which may be newer than the server: fields it does not know are
+# ignored (a field added to the protocol must not break older servers), while the ones it reads are
+# held to their JSON types.
+class ManifestEntrySerializer(serializers.Serializer):
     path = StrictCharField()
     size = StrictIntegerField(min_value=0)
     sha256 = StrictCharField()
@@ -63,7 +66,7 @@ class ManifestEntrySerializer(StrictSerializer):
         return _as_field_error(lambda v: validation.sha256_hex(v, field="sha256"), value)
 
 
-class ArtifactCommitSerializer(StrictSerializer):
+class ArtifactCommitSerializer(serializers.Serializer):
     artifacts = ManifestEntrySerializer(many=True, max_length=MAX_MANIFEST_ENTRIES)
 
     def validate_artifacts(self, value: list[dict[str, Any]]) -> list[ManifestEntry]:
