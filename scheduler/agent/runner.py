@@ -50,6 +50,21 @@ LOG_FLUSH_SECONDS = 0.25
 PIPE_DRAIN_SECONDS = 5.0
 KILL_WAIT_SECONDS = 10.0
 SERVICE_DRAINED = "worker drained: a draining worker stops its services"
+# The agent's environment passes to its tasks, but for what is the agent's or the server's alone: the
+# worker key (with it a task could connect as a worker and be sent other users' runs and plugin
+# secrets) and server secrets an agent started beside the server (`serve`) inherits.
+WITHHELD_FROM_TASKS = frozenset(
+    {
+        "FETCHML_WORKER_API_KEY",
+        "FETCHML_WORKER_API_KEY_FILE",
+        "DJANGO_SECRET_KEY",
+        "DJANGO_SECRET_KEY_FILE",
+        "DATABASE_URL",
+        "REDIS_URL",
+        "FETCHML_AUDIT_SIGNING_KEY",
+        "FETCHML_AUDIT_SIGNING_KEY_FILE",
+    }
+)
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 RUN_DIR = ".fetchml"  # inside the work directory: the run's full logs
 LOG_ARTIFACTS = {"stdout": "logs/stdout.log", "stderr": "logs/stderr.log"}
@@ -149,7 +164,8 @@ class Run:
         self._datasets: DatasetFetcher | None = None
         self._log_files: dict[int, Any] = {}
         self._emit = emit
-        self._base_env = dict(os.environ if base_env is None else base_env)
+        given = os.environ if base_env is None else base_env
+        self._base_env = {name: value for name, value in given.items() if name not in WITHHELD_FROM_TASKS}
         self._stop_reason: str | None = None  # "cancel", "drain", "stop" or "shutdown"
         self._interrupt = asyncio.Event()
         self._kill_now = asyncio.Event()

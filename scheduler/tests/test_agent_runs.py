@@ -130,6 +130,29 @@ def test_command_line_is_split_without_a_shell(tmp_path: Path) -> None:
     run_async(scenario())
 
 
+def test_a_run_never_sees_the_agents_key_nor_server_secrets_but_gets_the_rest_of_its_environment(
+    tmp_path: Path,
+) -> None:
+    agent_env = {
+        "PATH": os.environ["PATH"],
+        "FETCHML_WORKER_API_KEY": "fetchml_abc_secret",
+        "DJANGO_SECRET_KEY": "server-secret",
+        "DATABASE_URL": "postgres://fetchml:pw@db/fetchml",
+        "HF_HOME": "/data/hf",
+    }
+    code = "import os\nfor name in sorted(os.environ): print(name)"
+
+    async def scenario() -> str:
+        async with Peer() as peer, running_agent(peer.url, tmp_path, base_env=agent_env):
+            message = assign(python(code))
+            await peer.send(message)
+            return (await peer.final(message["token"]))["output"]
+
+    seen = run_async(scenario()).splitlines()
+    assert {"PATH", "HF_HOME", "FETCHML_TASK_ID"} <= set(seen)
+    assert not {"FETCHML_WORKER_API_KEY", "DJANGO_SECRET_KEY", "DATABASE_URL"} & set(seen)
+
+
 def test_run_gets_its_env_gpu_node_vars_and_a_fresh_work_directory(tmp_path: Path) -> None:
     names = [
         "FETCHML_TASK_ID",
