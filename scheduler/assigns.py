@@ -9,6 +9,7 @@ layer sealed (`assign_notice`), already spelled as the worker's frame will
 carry it.
 """
 
+import uuid
 from typing import Any
 
 from fetchml import events
@@ -25,7 +26,16 @@ from scheduler.models import NodeAssignment
 from scheduler.protocol import outgoing
 from tasks.models import Task
 
-MASTER_PORT = 29500  # torch.distributed's default rendezvous port on the rank-0 node
+# The rendezvous port on the rank-0 node: from torch.distributed's default 29500 on, one per task
+# (from its id, so every node and every re-sent `assign` agree), so that two multi-node tasks whose
+# rank 0 share a worker do not both bind 29500; they meet on one port once in MASTER_PORT_SPAN.
+MASTER_PORT_BASE = 29500
+MASTER_PORT_SPAN = 1000
+
+
+def master_port_for(task_id: uuid.UUID) -> int:
+    return MASTER_PORT_BASE + task_id.int % MASTER_PORT_SPAN
+
 
 # The task fields an `assign` is built from: the round claims them, re-sends load only them
 # (the rest of the row, such as an earlier attempt's error and output, can be long).
@@ -70,7 +80,7 @@ def assign_message(assignment: NodeAssignment, task: Task, *, master_addr: str, 
             "rank": assignment.node_id,
             "count": task.node_count,
             "master_addr": master_addr,
-            "master_port": MASTER_PORT,
+            "master_port": master_port_for(task.id),
         },
         snapshot_id=task.snapshot_id,
         dataset_specs=task.dataset_specs,

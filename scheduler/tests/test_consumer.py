@@ -11,6 +11,7 @@ from channels.db import database_sync_to_async
 from fetchml.auth import Actor
 from fetchml.tests.factories import ApiKeyFactory
 from scheduler import consumers, services
+from scheduler.assigns import master_port_for
 from scheduler.dispatch import dispatch_round
 from scheduler.models import NodeAssignment, Worker
 from scheduler.services import worker_drain
@@ -294,7 +295,12 @@ def test_assign_is_delivered_to_the_worker_after_dispatch(worker_key):
     assert message["task_id"] == str(task.id) and message["token"] == str(assignment.token)
     assert message["attempt"] == 1 and message["entrypoint"] == task.entrypoint and message["env"] == {"A": "1"}
     assert message["resources"] == {"cpu": 4, "memory_gb": 0, "gpus": 2, "gpu_indices": [0, 1]}
-    assert message["node"] == {"rank": 0, "count": 1, "master_addr": "10.0.0.7", "master_port": 29500}
+    assert message["node"] == {
+        "rank": 0,
+        "count": 1,
+        "master_addr": "10.0.0.7",
+        "master_port": master_port_for(task.id),
+    }
     assert message["timeout_seconds"] == 60
 
 

@@ -4,7 +4,7 @@ import pytest
 from asgiref.sync import async_to_sync
 
 from fetchml import events
-from scheduler.assigns import assign_messages
+from scheduler.assigns import MASTER_PORT_BASE, MASTER_PORT_SPAN, assign_messages, master_port_for
 from scheduler.dispatch import dispatch_round
 from scheduler.models import NodeAssignment, Worker
 from scheduler.services import assignment_status
@@ -65,6 +65,29 @@ def test_every_node_gets_its_rank_the_node_count_and_rank_zeros_address():
     rank0_host = hosts[placed[0].worker_id]
     assert [(n["rank"], n["count"], n["master_addr"]) for n in nodes] == [(r, 3, rank0_host) for r in range(3)]
     assert {n["master_port"] for n in nodes} == {nodes[0]["master_port"]}
+
+
+def _master_port_sent(assignment: NodeAssignment) -> int:
+    return assign_messages(assignment_ids=[assignment.id], worker_id=assignment.worker_id)[0]["node"]["master_port"]
+
+
+def test_two_multi_node_tasks_get_their_own_rendezvous_port_the_same_on_every_node_and_every_resend():
+    for i in range(4):
+        worker(name=f"node-{i}", hostname=f"10.0.0.{i}", gpu_count=1)
+    gangs = [queued_task(node_count=2, gpu=1) for _ in range(2)]
+    dispatch_round()
+
+    ports = []
+    for gang in gangs:
+        placed = assignments_of(gang)
+        sent = [assign_messages(assignment_ids=[a.id], worker_id=a.worker_id)[0]["node"]["master_port"] for a in placed]
+        again = [
+            assign_messages(assignment_ids=[a.id], worker_id=a.worker_id)[0]["node"]["master_port"] for a in placed
+        ]
+        assert len(set(sent + again)) == 1
+        ports.append(sent[0])
+    assert ports == [master_port_for(gang.id) for gang in gangs]
+    assert all(MASTER_PORT_BASE <= port < MASTER_PORT_BASE + MASTER_PORT_SPAN for port in ports)
 
 
 @pytest.mark.django_db(transaction=True)
