@@ -38,7 +38,7 @@ def apikey_create(
         )
         record(
             event_type="api_key_created",
-            user=created_by or user,
+            user=created_by or "",  # none: an operator at the console (manage.py), not the key's owner
             resource=f"api_key:{key.prefix}",
             action="create",
             metadata={"owner": user.get_username(), "role": role, "name": key.name},

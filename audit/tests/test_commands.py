@@ -117,6 +117,11 @@ def test_audit_verify_misuse_is_a_usage_error(args) -> None:
 
 
 @pytest.mark.django_db
+def test_audit_export_to_a_file_it_cannot_write_is_a_usage_error(tmp_path) -> None:
+    with pytest.raises(CommandError, match=r"cannot write .*missing/out\.jsonl: No such file or directory"):
+        call_command("audit_export", "--output", str(tmp_path / "missing" / "out.jsonl"), stdout=StringIO())
+
+
 def test_audit_checkpoint_without_a_key_refuses_to_pretend(settings) -> None:
     settings.FETCHML_AUDIT_SIGNING_KEY = ""
     with pytest.raises(CommandError, match="FETCHML_AUDIT_SIGNING_KEY is not set"):

@@ -76,10 +76,31 @@ def test_a_blank_username_is_refused():
         call_command("createapikey", " ", stdout=StringIO(), stderr=StringIO())
 
 
-def test_creation_is_audited():
+def test_creation_is_audited_as_the_consoles_not_as_the_owners():
     from audit.models import AuditEvent
 
     create_key("hank", "--name", "laptop")
     event = AuditEvent.objects.get(event_type="api_key_created")
     assert event.metadata["owner"] == "hank"
     assert event.metadata["name"] == "laptop"
+    assert event.user_id == ""  # hank did not mint his own key: an operator did, at the console
+
+
+@pytest.mark.parametrize("username", ["bad user!!", "x" * 151, ""])
+def test_a_username_the_user_model_refuses_is_a_usage_error(username):
+    with pytest.raises(CommandError, match="is not a valid username"):
+        call_command("createapikey", username, stdout=StringIO(), stderr=StringIO())
+    assert not get_user_model().objects.exists()
+
+
+def test_a_key_name_longer_than_the_column_is_refused_not_cut():
+    with pytest.raises(CommandError, match="--name must be at most 100 characters"):
+        call_command("createapikey", "ivy", "--name", "n" * 101, stdout=StringIO(), stderr=StringIO())
+    assert not ApiKey.objects.exists()
+
+
+def test_bootstrap_local_refuses_an_empty_username(settings, tmp_path):
+    settings.VAR_DIR = tmp_path
+    with pytest.raises(CommandError, match="--username '' is not a valid username"):
+        call_command("bootstrap_local", "--username", "", stdout=StringIO())
+    assert not get_user_model().objects.exists()

@@ -31,8 +31,11 @@ class Command(BaseCommand):
         if options["output"] == "-":
             self._write(sys.stdout.buffer, options["since"])
             return
-        with Path(options["output"]).open("wb") as out:
-            self._write(out, options["since"])
+        try:
+            with Path(options["output"]).open("wb") as out:
+                self._write(out, options["since"])
+        except OSError as exc:
+            raise CommandError(f"cannot write {options['output']}: {exc.strerror}") from None
 
     @staticmethod
     def _write(out: BinaryIO, since: int) -> None:

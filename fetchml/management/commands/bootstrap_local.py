@@ -6,6 +6,7 @@ from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand
 
 from fetchml.localkeys import ensure_local_key
+from fetchml.management.usernames import clean_username
 
 
 class Command(BaseCommand):
@@ -18,6 +19,7 @@ class Command(BaseCommand):
         parser.add_argument("--username", default="admin")
 
     def handle(self, *args, username: str, **options):
+        clean_username(username, argument="--username")
         password_file = Path(settings.VAR_DIR) / "admin-password"
         user_model = get_user_model()
         user = user_model.objects.filter(username=username).first()

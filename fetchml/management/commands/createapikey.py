@@ -1,8 +1,11 @@
 from django.core.management.base import BaseCommand, CommandError
 from django.db import transaction
 
+from fetchml.management.usernames import clean_username
 from fetchml.models import ApiKey
 from fetchml.services import apikey_create, user_get_or_create
+
+NAME_MAX = ApiKey._meta.get_field("name").max_length
 
 
 class Command(BaseCommand):
@@ -14,8 +17,9 @@ class Command(BaseCommand):
         parser.add_argument("--name", default="", help="a label for the key, e.g. the machine it is for")
 
     def handle(self, *args, username: str, role: str, name: str, **options):
-        if not username.strip() or len(username) > 150:
-            raise CommandError("USERNAME must be 1 to 150 characters")
+        clean_username(username, argument="USERNAME")
+        if len(name) > NAME_MAX:
+            raise CommandError(f"--name must be at most {NAME_MAX} characters")
         with transaction.atomic():
             user = user_get_or_create(username=username, is_staff=role == ApiKey.Role.ADMIN)
             if role == ApiKey.Role.ADMIN and not user.is_staff:
