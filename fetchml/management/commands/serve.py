@@ -66,7 +66,13 @@ class Command(BaseCommand):
             if workers
             else ""
         )
-        state: dict = {"scheduler_task": None, "stop": asyncio.Event(), "children": [], "stopping": False}
+        state: dict = {
+            "scheduler_task": None,
+            "stop": asyncio.Event(),
+            "children": [],
+            "stopping": False,
+            "started": False,
+        }
 
         async def shutdown() -> None:
             # Workers first, while the server still takes their last reports;
@@ -88,6 +94,7 @@ class Command(BaseCommand):
             state["shutdown"] = asyncio.ensure_future(shutdown())
 
         def start_background() -> None:
+            state["started"] = True
             loop = asyncio.get_event_loop()
             for signum in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(signum, on_signal)
@@ -107,6 +114,9 @@ class Command(BaseCommand):
         )
         self.stdout.write(f"Starting FetchML on http://{host}:{port} ...")
         server.run()
+        if not state["started"]:
+            # daphne logged why (the port taken, say) and stopped: a supervisor must see a failure.
+            raise CommandError(f"FetchML could not start: nothing is listening on {host}:{port}")
         self.stdout.write("FetchML stopped.")
 
     def _start_worker(self, host: str, port: int, index: int, key: str) -> subprocess.Popen:
