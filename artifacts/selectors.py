@@ -64,10 +64,10 @@ def snapshot_for_download(*, actor: Actor, snapshot_id: str) -> Snapshot:
     raise NotFound("Snapshot not found")
 
 
-def missing_datasets(*, user: AbstractBaseUser, names: list[str]) -> list[str]:
-    """Which of `names` are not datasets of `user` (whose namespace a task's server datasets come from)."""
-    found = set(Dataset.objects.filter(owner=user, name__in=set(names)).values_list("name", flat=True))
-    return sorted(set(names) - found)
+def dataset_digests(*, user: AbstractBaseUser, names: list[str]) -> dict[str, str]:
+    """The sha256 of each of `names` that is a dataset of `user` (whose namespace a task's server
+    datasets come from); a name missing from the answer is no dataset of theirs."""
+    return dict(Dataset.objects.filter(owner=user, name__in=set(names)).values_list("name", "sha256"))
 
 
 def dataset_list(*, actor: Actor) -> QuerySet[Dataset]:

@@ -21,6 +21,7 @@ from plugins.selectors import (
     plugin_sidecars_for_task,
     task_plugin_configs,
 )
+from scheduler.agent.datasets import SERVER_PREFIX
 from scheduler.agent.protocol import encode_all
 from scheduler.models import NodeAssignment
 from scheduler.protocol import outgoing
@@ -51,8 +52,25 @@ ASSIGN_TASK_FIELDS = (
     "snapshot_id",
     "datasets",
     "dataset_specs",
+    "dataset_digests",
     "plugin_configs",
 )
+
+
+def pinned_dataset_specs(task: Task) -> list[dict[str, Any]]:
+    """The task's datasets as specs carrying the sha256 each server dataset had at submission (the
+    agent refuses other bytes): the listed names become specs of the same default mount."""
+    digests = task.dataset_digests or {}
+
+    def pinned(spec: dict[str, Any]) -> dict[str, Any]:
+        source = spec.get("source") or SERVER_PREFIX + spec["name"]
+        name = source.removeprefix(SERVER_PREFIX) if source.startswith(SERVER_PREFIX) else None
+        if spec.get("sha256") or name not in digests:
+            return spec
+        return {**spec, "sha256": digests[name]}
+
+    listed = [{"name": entry.removeprefix(SERVER_PREFIX)} for entry in task.datasets or []]
+    return [pinned(spec) for spec in [*listed, *(task.dataset_specs or [])]]
 
 
 def assign_message(assignment: NodeAssignment, task: Task, *, master_addr: str, fleet: ActiveConfigs) -> dict:
@@ -83,8 +101,8 @@ def assign_message(assignment: NodeAssignment, task: Task, *, master_addr: str, 
             "master_port": master_port_for(task.id),
         },
         snapshot_id=task.snapshot_id,
-        dataset_specs=task.dataset_specs,
-        datasets=task.datasets,
+        dataset_specs=pinned_dataset_specs(task),
+        datasets=[],
         sidecars=plugin_sidecars_for_task(task, configs=plugins),
         service=service_spec_for_task(task),
     )

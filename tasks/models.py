@@ -73,6 +73,8 @@ class Task(models.Model):
     snapshot_id = models.CharField(max_length=64, blank=True)
     datasets = models.JSONField(default=list, blank=True)
     dataset_specs = models.JSONField(default=list, blank=True)
+    # name -> sha256 of each server dataset as of submission: the bytes every attempt must read.
+    dataset_digests = models.JSONField(default=dict, blank=True)
     metadata = models.JSONField(default=dict, blank=True)
     plugin_configs = models.JSONField(default=dict, blank=True)
 

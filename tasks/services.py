@@ -10,7 +10,7 @@ from django.db import IntegrityError, transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from artifacts.selectors import missing_datasets, snapshot_readable_by
+from artifacts.selectors import dataset_digests, snapshot_readable_by
 from audit.services import Entry, appended_together, record, record_many
 from fetchml import events
 from fetchml.auth import Actor
@@ -92,14 +92,18 @@ def _refuse_unknown_snapshot(owner: AbstractBaseUser, snapshot_id: str) -> None:
         )
 
 
-def _refuse_unusable_datasets(owner: AbstractBaseUser, datasets: list, dataset_specs: list) -> None:
+def _pinned_datasets(owner: AbstractBaseUser, datasets: list, dataset_specs: list) -> dict[str, str]:
+    """The sha256 of each server dataset the task reads, as of its submission (the task and its
+    retries read those bytes or fail: a dataset deleted and uploaded again under its name is not
+    the one submitted); 422 for datasets it cannot use."""
     # Checked here with the agent's own rule, as the snapshot is: a typo in a name or a source the
     # agent cannot fetch would otherwise fail only at preparation, after the queue wait and every retry.
     # The list alone first, so that an error in it is reported against `datasets`.
     listed = {spec.name for spec in _parsed_datasets("datasets", (), datasets)}
     parsed = _parsed_datasets("dataset_specs", dataset_specs, datasets)
     server_names = [spec.source.removeprefix(SERVER_PREFIX) for spec in parsed if spec.source.startswith(SERVER_PREFIX)]
-    missing = missing_datasets(user=owner, names=server_names)
+    digests = dataset_digests(user=owner, names=server_names)
+    missing = sorted(set(server_names) - set(digests))
     if missing:
         raise Invalid(
             f"datasets not found: {', '.join(missing)}",
@@ -111,6 +115,7 @@ def _refuse_unusable_datasets(owner: AbstractBaseUser, datasets: list, dataset_s
                 for name in missing
             ],
         )
+    return digests
 
 
 def _parsed_datasets(field: str, specs: list | tuple, names: list) -> list[DatasetSpec]:
@@ -160,7 +165,9 @@ def task_submit(
     if fields.get("snapshot_id"):
         _refuse_unknown_snapshot(owner, fields["snapshot_id"])
     if fields.get("datasets") or fields.get("dataset_specs"):
-        _refuse_unusable_datasets(owner, fields.get("datasets") or [], fields.get("dataset_specs") or [])
+        fields["dataset_digests"] = _pinned_datasets(
+            owner, fields.get("datasets") or [], fields.get("dataset_specs") or []
+        )
     if not fields.get("allow_unschedulable"):
         _refuse_unschedulable(fields)
     now = timezone.now()
