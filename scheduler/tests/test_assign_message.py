@@ -23,15 +23,16 @@ def test_assign_message_names_the_tasks_datasets_snapshot_and_command():
         entrypoint="python train.py",
         args="--epochs 3",
         snapshot_id="c0ffee" * 10 + "abcd",
-        datasets=["imagenet", "cifar10"],
+        datasets=["cifar10"],
         dataset_specs=specs,
     )
 
     message = _assign_of(task)
 
     assert message["type"] == "assign"
-    assert message["datasets"] == ["imagenet", "cifar10"]
-    assert message["dataset_specs"] == specs
+    # Every dataset goes as a spec (server ones pinned to their digest at submission: none recorded here).
+    assert message["datasets"] == []
+    assert message["dataset_specs"] == [{"name": "cifar10"}, *specs]
     assert message["snapshot_id"] == task.snapshot_id
     assert (message["entrypoint"], message["args"]) == ("python train.py", "--epochs 3")
 
