@@ -8,6 +8,7 @@ limited per client IP (a valid key is never refused for another's failures).
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 from django.contrib.auth.models import AbstractBaseUser
 from django.db import transaction
@@ -100,7 +101,7 @@ def authenticate_raw_key(raw: str | None, ip: str | None) -> ApiKey:
     if key is None or not matches:
         reason = "missing API key" if not raw else "invalid API key"
         _fail(reason, None, ip)
-    if not key.is_usable or not key.user.is_active:
+    if not _usable(key):
         _fail("revoked, expired or inactive API key", key, ip)
     # Successful use is audited (and last_used_at written) at most once per
     # interval per key, so a busy client does not balloon the chain.
@@ -109,6 +110,22 @@ def authenticate_raw_key(raw: str | None, ip: str | None) -> ApiKey:
         ApiKey.objects.filter(pk=key.pk).update(last_used_at=timezone.now())
         _record_auth(success=True, key=key, ip=ip)
     return key
+
+
+def _usable(key: ApiKey) -> bool:
+    return key.is_usable and key.user.is_active
+
+
+def api_key_usable(key_id: Any) -> bool:
+    """Whether a key accepted earlier still is (not revoked, not expired, its user active): for
+    connections that outlive their handshake, re-checked at intervals. One query, by primary key."""
+    key = (
+        ApiKey.objects.select_related("user")
+        .only("revoked_at", "expires_at", "user__is_active")
+        .filter(pk=key_id)
+        .first()
+    )
+    return key is not None and _usable(key)
 
 
 def _fail(reason: str, key: ApiKey | None, ip: str | None) -> None:

@@ -11,6 +11,8 @@ Groups:
 - `scheduler.status`: fleet/queue changes (status SSE stream)
 - `scheduler.wake`: the scheduler loops, woken by new work or freed capacity
 - `worker.<worker_id>`: one worker agent's connection
+- `api_key.<key_id>`: every live connection authenticated with that key (worker
+  and client WebSockets, SSE streams), told when the key is revoked
 """
 
 import asyncio
@@ -47,6 +49,18 @@ _WORKER_GROUP_PREFIX = "worker."
 
 def worker_group(worker_id: Any) -> str:
     return f"{_WORKER_GROUP_PREFIX}{worker_id}"
+
+
+def api_key_group(key_id: Any) -> str:
+    return f"api_key.{key_id}"
+
+
+API_KEY_REVOKED = "api_key.revoked"
+
+
+def api_key_revoked(key_id: Any) -> None:
+    """After commit, end every live connection authenticated with the key (each closes itself)."""
+    send_on_commit([api_key_group(key_id)], {"type": API_KEY_REVOKED})
 
 
 def send_now(groups: list[str], message: dict) -> None:

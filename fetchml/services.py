@@ -8,7 +8,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from audit.services import record
-from fetchml import apikeys
+from fetchml import apikeys, events
 from fetchml.errors import Conflict, Invalid
 from fetchml.models import ApiKey
 
@@ -47,6 +47,7 @@ def apikey_create(
 
 
 def apikey_revoke(*, api_key: ApiKey, revoked_by: AbstractBaseUser | None = None) -> ApiKey:
+    """Revoke `api_key`: refused from now on, and every live connection made with it is closed."""
     with transaction.atomic():
         updated = ApiKey.objects.filter(pk=api_key.pk, revoked_at__isnull=True).update(revoked_at=timezone.now())
         if not updated:
@@ -58,6 +59,7 @@ def apikey_revoke(*, api_key: ApiKey, revoked_by: AbstractBaseUser | None = None
             action="revoke",
             metadata={"owner": api_key.user.get_username()},
         )
+        events.api_key_revoked(api_key.pk)
     api_key.refresh_from_db()
     return api_key
 

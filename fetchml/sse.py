@@ -9,7 +9,9 @@ database at each beat (the channel layer may drop messages; the database is
 the record). When the source is finished, or the client goes away (the ASGI
 handler cancels the response task, which raises CancelledError into the
 iterator), the pending layer read is cancelled and awaited and the group
-memberships are discarded, so nothing outlives the stream.
+memberships are discarded, so nothing outlives the stream. A stream given the
+key it was opened with ends when that key is revoked (its group `api_key.<id>`
+is told) or found unusable at a heartbeat (expired, its user deactivated).
 
 Streaming views are plain async Django views (a DRF view is sync and would
 hold a worker thread for the whole stream); `authenticate_stream` applies the
@@ -24,13 +26,15 @@ from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
 from asgiref.sync import sync_to_async
+from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 from django.core.serializers.json import DjangoJSONEncoder
 from django.http import HttpRequest, StreamingHttpResponse
 from rest_framework import exceptions as drf_exceptions
 
+from fetchml import events
 from fetchml.aio import cancel_and_wait
-from fetchml.auth import HEADER, Actor, authenticate_raw_key, client_ip
+from fetchml.auth import HEADER, Actor, api_key_usable, authenticate_raw_key, client_ip
 from fetchml.conf import app_settings
 from fetchml.errors import ApplicationError, Forbidden, error_body
 from fetchml.jsonbody import CompactJsonResponse
@@ -77,14 +81,19 @@ def sse_frame(data: Any, *, event: str | None = None, event_id: str | int | None
 
 
 async def event_stream(
-    source: EventSource, *, groups: list[str], heartbeat_seconds: float | None = None
+    source: EventSource, *, groups: list[str], api_key_id: str | None = None, heartbeat_seconds: float | None = None
 ) -> AsyncIterator[bytes]:
-    """Frames of `source`, driven by the messages of `groups`, with heartbeats; cleans up always."""
+    """Frames of `source`, driven by the messages of `groups`, with heartbeats; cleans up always.
+
+    With `api_key_id` (the key the stream was opened with) the stream ends when that key is
+    revoked, or is found unusable (expired, its user deactivated) at a heartbeat."""
     layer = get_channel_layer()
     interval = max(heartbeat_seconds or app_settings.SSE_HEARTBEAT_SECONDS, MIN_HEARTBEAT_SECONDS)
     channel = await layer.new_channel("sse.")
     joined: list[str] = []
     receiving: asyncio.Task | None = None
+    if api_key_id is not None:
+        groups = [*groups, events.api_key_group(api_key_id)]
     try:
         for group in groups:
             await layer.group_add(group, channel)
@@ -101,11 +110,15 @@ async def event_stream(
             done, _ = await asyncio.wait({receiving}, timeout=max(next_beat - loop.time(), 0))
             if not done:
                 next_beat = loop.time() + interval
+                if api_key_id is not None and not await database_sync_to_async(api_key_usable)(api_key_id):
+                    return
                 yield HEARTBEAT
                 async for frame in source.on_heartbeat():
                     yield frame
                 continue
             message, receiving = receiving.result(), None
+            if message.get("type") == events.API_KEY_REVOKED:
+                return
             async for frame in source.on_message(message):
                 yield frame
     finally:

@@ -21,7 +21,7 @@ from django.utils.dateparse import parse_datetime
 from rest_framework.exceptions import AuthenticationFailed, Throttled
 
 from fetchml import events
-from fetchml.auth import authenticate_raw_key
+from fetchml.auth import api_key_usable, authenticate_raw_key
 from fetchml.conf import app_settings
 from fetchml.consumers import SocketConsumer
 from fetchml.dbpool import in_pool
@@ -69,6 +69,7 @@ class WorkerConsumer(SocketConsumer):
     api_key: ApiKey | None = None
     sends_batches = False  # the agent listed "batch" in its hello
     acks_logs = False  # the agent listed "log_ack": it holds each counted `log` until acknowledged
+    key_refused = False  # the key was found revoked or expired: the connection is closing
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -95,6 +96,9 @@ class WorkerConsumer(SocketConsumer):
             await self.refuse(CLOSE_NOT_WORKER, "the API key does not have the worker role")
             return
         self.api_key = key
+        # Told when the key is revoked; a revocation between the check above and this join is
+        # caught by the key's re-check at the first heartbeat.
+        await self.channel_layer.group_add(events.api_key_group(key.id), self.channel_name)
         await self.accept()
 
     async def disconnect(self, code: int) -> None:
@@ -105,6 +109,8 @@ class WorkerConsumer(SocketConsumer):
                 await asyncio.wait_for(asyncio.shield(self._handling), timeout=DISCONNECT_DRAIN_SECONDS)
             except TimeoutError:
                 logger.warning("worker %s: reports still being applied at disconnect", self.worker_id)
+        if self.api_key is not None:
+            await self.channel_layer.group_discard(events.api_key_group(self.api_key.id), self.channel_name)
         if self.worker_id is not None:
             await self.channel_layer.group_discard(events.worker_group(self.worker_id), self.channel_name)
             await self.channel_layer.group_discard(WORKERS_GROUP, self.channel_name)
@@ -118,8 +124,8 @@ class WorkerConsumer(SocketConsumer):
             logger.info("worker %s disconnected (code %s)", self.worker_id, code)
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
-        if self.api_key is None:
-            return  # refused in connect(); the close is under way
+        if self.api_key is None or self.key_refused:
+            return  # refused in connect(), or the key since; the close is under way
         try:
             messages = parse_frame(text_data)
         except Exception:  # a hole in the validation must not end the connection
@@ -273,6 +279,11 @@ class WorkerConsumer(SocketConsumer):
 
     async def _on_heartbeat(self, message: dict[str, Any]) -> None:
         try:
+            # The key's re-check, once a heartbeat: expiry and a deactivated user send no message,
+            # and the channel layer may lose a revocation's.
+            if not await in_pool(api_key_usable)(self.api_key.id):
+                await self._refuse_key("API key revoked or expired")
+                return
             stale = await database_sync_to_async(services.worker_heartbeat)(
                 worker_id=self.worker_id, running=message["running"]
             )
@@ -390,6 +401,27 @@ class WorkerConsumer(SocketConsumer):
     async def worker_superseded(self, event: dict[str, Any]) -> None:
         # The same agent said hello on a newer connection: this one is a leftover.
         await self.close(code=CLOSE_RECONNECT, reason="replaced by a newer connection of this agent")
+
+    async def api_key_revoked(self, event: dict[str, Any]) -> None:
+        await self._refuse_key("API key revoked")
+
+    async def _refuse_key(self, reason: str) -> None:
+        """The key is no longer usable: the worker goes offline (its runs re-queued) and the agent,
+        closed with 4401, stops."""
+        if self.key_refused:
+            return
+        self.key_refused = True
+        if self.worker_id is not None:
+            try:
+                lost = await database_sync_to_async(services.worker_key_refused)(
+                    worker_id=self.worker_id, channel_name=self.channel_name
+                )
+            except django.db.Error as exc:
+                # Closed all the same: the worker is heard no more, so its lease decides.
+                logger.warning("worker %s: could not be marked offline: %s", self.worker_id, exc)
+            else:
+                logger.info("worker %s: API key refused; %d run(s) back in the queue", self.worker_id, lost)
+        await self.close(code=CLOSE_BAD_KEY, reason=reason)
 
 
 def _server_error(kind: str) -> dict[str, Any]:

@@ -168,6 +168,27 @@ def worker_disconnected(*, worker_id: Any, channel_name: str) -> None:
             events.status_changed("worker_disconnected", {"worker_id": str(worker_id)})
 
 
+def worker_key_refused(*, worker_id: Any, channel_name: str) -> int:
+    """The connection's API key is no longer usable (revoked, expired, its user deactivated): the
+    agent, closed with 4401, stops and kills its runs. So the worker goes offline at once (assigned
+    nothing more) and its runs are lost and re-queued as a lapsed lease would have them, now rather
+    than a lease later. Only while `channel_name` is the worker's connection: a newer one (another
+    key, say) is left alone. Returns the runs ended."""
+    with transaction.atomic():
+        name = Worker.objects.filter(id=worker_id).values_list("name", flat=True).first()
+        if not Worker.objects.filter(id=worker_id, channel_name=channel_name, status__in=_LIVE_WORKER_STATES).update(
+            status=Worker.Status.OFFLINE, channel_name=""
+        ):
+            return 0
+        record(event_type="worker_changed", user="", resource=f"worker:{name}", action="key_refused")
+        events.status_changed("worker_offline", {"worker_id": str(worker_id)})
+    logger.warning("worker %s: its API key is no longer usable; marked offline", name)
+    # One transaction each, as in `expire_leases` (which also ends any left here by a crash).
+    live = list(NodeAssignment.objects.filter(worker_id=worker_id, holds_capacity=True).values_list("id", flat=True))
+    lost = Task.FailureReason.WORKER_LOST
+    return sum(end_run(assignment_id=run, reason=lost, error="worker lost: its API key was refused") for run in live)
+
+
 def worker_heartbeat(*, worker_id: Any, running: list[dict[str, str]]) -> list[dict[str, str]]:
     """Extend the lease; returns the reported runs the agent must `stop` (stale tokens).
 

@@ -17,6 +17,10 @@ FETCHML_WS_RECHECK_SECONDS the connection re-reads the tasks it told about
 that had not ended (and its subscriptions, with their lines after the last
 one sent) and tells what changed unseen. A change older than the state
 already told is not told after it: a client never sees a task go back.
+
+A connection ends (close code 4401) when its key is revoked (told through the
+key's group, `api_key.<id>`) or found unusable at a re-check (expired, its
+user deactivated, a revocation's message lost).
 """
 
 import asyncio
@@ -35,7 +39,7 @@ from rest_framework import exceptions as drf_exceptions
 
 from fetchml import events
 from fetchml.aio import cancel_and_wait
-from fetchml.auth import Actor, authenticate_raw_key
+from fetchml.auth import Actor, api_key_usable, authenticate_raw_key
 from fetchml.conf import app_settings
 from fetchml.consumers import SocketConsumer
 from fetchml.errors import NotFound
@@ -136,6 +140,7 @@ def _statuses(task_ids: list[str]) -> dict[str, str]:
 
 class ClientConsumer(SocketConsumer):
     actor: Actor | None = None  # set once the key is accepted
+    key_refused = False  # the key was found revoked or expired: the connection is closing
     home_group: str
     subscriptions: dict[str, Any]  # task id -> its owner's pk
 
@@ -184,11 +189,12 @@ class ClientConsumer(SocketConsumer):
             await self.channel_layer.group_discard(group, self.channel_name)
 
     def _groups(self) -> set[str]:
-        if not self.subscriptions:
-            return {self.home_group}
-        return {events.task_group(task_id) for task_id in self.subscriptions} | {
-            events.user_group(owner) for owner in self.subscriptions.values()
-        }
+        if self.subscriptions:
+            wanted = {events.task_group(task_id) for task_id in self.subscriptions}
+            wanted |= {events.user_group(owner) for owner in self.subscriptions.values()}
+        else:
+            wanted = {self.home_group}
+        return wanted | {events.api_key_group(self.actor.api_key_id)}  # told when the key is revoked
 
     async def _join_groups(self) -> None:
         """Join the groups the subscriptions need, then leave the others: a duplicate update is
@@ -218,8 +224,8 @@ class ClientConsumer(SocketConsumer):
 
     # --- from the client -------------------------------------------------
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
-        if self.actor is None:
-            return  # refused in connect(); the close is under way
+        if self.actor is None or self.key_refused:
+            return  # refused in connect(), or the key since; the close is under way
         if text_data is None:
             await self._error("Binary frames are not supported; send JSON text")
             return
@@ -322,11 +328,19 @@ class ClientConsumer(SocketConsumer):
             # Every line after the last one told, not only this message's: an earlier message may be lost.
             await self._tell_lines(task_id)
 
+    async def api_key_revoked(self, message: dict) -> None:
+        await self._close_revoked("API key revoked")
+
     # --- re-checks ------------------------------------------------------------
     async def _recheck_forever(self) -> None:
         while True:
             await asyncio.sleep(max(app_settings.WS_RECHECK_SECONDS, MIN_RECHECK_SECONDS))
             try:
+                # The key first: expiry and a deactivated user send no message, and the channel
+                # layer may lose a revocation's.
+                if not await database_sync_to_async(api_key_usable)(self.actor.api_key_id):
+                    await self._close_revoked("API key revoked or expired")
+                    return
                 await self._recheck()
             except Exception:  # the loop outlives any failure: the next re-check catches up
                 logger.warning("re-check of a /ws connection failed; trying again later", exc_info=True)
@@ -379,7 +393,16 @@ class ClientConsumer(SocketConsumer):
         return self.actor.is_admin or event.get("owner_id") == self.actor.user.pk
 
     async def _send(self, payload: dict) -> None:
+        if self.key_refused:
+            return  # closed for its key: told nothing more
         await self.send(text_data=json.dumps(payload))
+
+    async def _close_revoked(self, reason: str) -> None:
+        """The key is no longer usable: nothing more is told, and the client learns why (4401)."""
+        if self.key_refused:
+            return
+        self.key_refused = True
+        await self.close(code=CLOSE_UNAUTHENTICATED, reason=reason)
 
     async def _error(self, message: str, *, code: str = "BAD_REQUEST", **extra: Any) -> None:
         await self._send({"type": "error", "error": message, "code": code, **extra})

@@ -123,10 +123,11 @@ class JobStream:
 @require_safe
 async def status_stream(request: HttpRequest) -> HttpResponseBase:
     try:
-        await authenticate_stream(request)
+        actor = await authenticate_stream(request)
     except ApplicationError as exc:
         return error_response_for(exc)
-    return sse_response(event_stream(SchedulerStatusStream(), groups=[events.STATUS_GROUP]))
+    stream = event_stream(SchedulerStatusStream(), groups=[events.STATUS_GROUP], api_key_id=actor.api_key_id)
+    return sse_response(stream)
 
 
 @require_safe
@@ -137,4 +138,5 @@ async def job_stream(request: HttpRequest, job_id: uuid.UUID) -> HttpResponseBas
     except ApplicationError as exc:
         return error_response_for(exc)
     # The owner's group carries the job's state changes (among the owner's other tasks').
-    return sse_response(event_stream(JobStream(task=task), groups=[events.user_group(task.owner_id)]))
+    groups = [events.user_group(task.owner_id)]
+    return sse_response(event_stream(JobStream(task=task), groups=groups, api_key_id=actor.api_key_id))

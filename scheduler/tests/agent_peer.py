@@ -125,6 +125,11 @@ class Peer:
                 if self.ack_logs and message["type"] == "log":
                     await self.ack_log(message)
 
+    async def close_connection(self, code: int, reason: str) -> None:
+        """Close the current connection with `code`, as the server does to a key it stops accepting."""
+        assert self._connection is not None
+        await self._connection.close(code, reason)
+
     def freeze(self) -> None:
         """Stop reading the current connection, as a server process that froze would: pings go unanswered."""
         assert self._connection is not None

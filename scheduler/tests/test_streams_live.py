@@ -5,12 +5,14 @@ import http.client
 import uuid
 
 import pytest
+from asgiref.sync import sync_to_async
 from channels.layers import get_channel_layer
 from django.db import connection
 
 from conftest import KeyClient
-from fetchml import events
+from fetchml import apikeys, events
 from fetchml.asgi import application
+from fetchml.models import ApiKey
 from fetchml.testing import LiveServer, SSEEvent, SSEParser, database_url_for, run_async
 from fetchml.tests.factories import ApiKeyFactory
 from scheduler.tests.factories import worker
@@ -30,6 +32,11 @@ def key(user) -> str:
 @pytest.fixture
 def admin_key(admin_user) -> str:
     return ApiKeyFactory.raw(user=admin_user, role="admin")
+
+
+@sync_to_async
+def _key_id(raw: str) -> str:
+    return str(ApiKey.objects.get(prefix=apikeys.split(raw)[0]).id)
 
 
 def _read(response: http.client.HTTPResponse, parser: SSEParser, count: int, *, comments: bool = False) -> list:
@@ -184,6 +191,8 @@ async def test_client_leaving_the_status_stream_leaves_its_group(key, monkeypatc
         gone.set()
         await served
 
-    assert joined == [(events.STATUS_GROUP, joined[0][1])]
+    channel = joined[0][1]
+    # The fleet's changes, and a revocation of the stream's key.
+    assert joined == [(events.STATUS_GROUP, channel), (events.api_key_group(await _key_id(key)), channel)]
     assert left == joined
     assert len(asyncio.all_tasks()) <= tasks_before

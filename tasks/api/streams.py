@@ -204,4 +204,4 @@ async def task_logs(request: HttpRequest, task_id: uuid.UUID) -> HttpResponseBas
     source = TaskLogStream(task=task, tail=query.tail, after_id=query.after_id)
     # The task's group carries its log lines, its owner's group its state changes.
     groups = [events.task_group(task.id), events.user_group(task.owner_id)]
-    return sse_response(event_stream(source, groups=groups))
+    return sse_response(event_stream(source, groups=groups, api_key_id=actor.api_key_id))

@@ -5,11 +5,13 @@ import http.client
 import json
 
 import pytest
+from asgiref.sync import sync_to_async
 from channels.layers import get_channel_layer
 from django.db import connection
 
-from fetchml import events
+from fetchml import apikeys, events
 from fetchml.asgi import application
+from fetchml.models import ApiKey
 from fetchml.testing import LiveServer, SSEEvent, SSEParser, database_url_for, run_async
 from fetchml.tests.factories import ApiKeyFactory
 from tasks.logs import append_lines
@@ -28,6 +30,11 @@ def task(user):
 @pytest.fixture
 def key(user) -> str:
     return ApiKeyFactory.raw(user=user)
+
+
+@sync_to_async
+def _key_id(raw: str) -> str:
+    return str(ApiKey.objects.get(prefix=apikeys.split(raw)[0]).id)
 
 
 def _read_events(response: http.client.HTTPResponse, parser: SSEParser, count: int) -> list[SSEEvent]:
@@ -152,5 +159,7 @@ async def test_client_disconnect_through_the_asgi_handler_leaves_the_task_and_ow
         await served
 
     channel = joined[0][1]
-    assert joined == [(events.task_group(task.id), channel), (events.user_group(task.owner_id), channel)]
+    # The task's log lines, its owner's task changes, and a revocation of the stream's key.
+    groups = [events.task_group(task.id), events.user_group(task.owner_id), events.api_key_group(await _key_id(key))]
+    assert joined == [(group, channel) for group in groups]
     assert left == joined

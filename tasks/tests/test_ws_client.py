@@ -617,5 +617,6 @@ async def test_disconnect_leaves_every_joined_group(alice_key, alice_task, monke
     await _subscribe(socket, alice_task)
     await socket.disconnect()
 
-    assert len({group for group, _ in joined}) == 2
+    # The owner's group, the subscribed task's, and the key's (told of its revocation).
+    assert len({group for group, _ in joined}) == 3
     assert set(joined) <= set(left)

@@ -1,0 +1,159 @@
+"""The client WebSocket /ws and a key that stops being usable: revoked (told at once), expired or
+its user deactivated (found at the next re-check). The connection is closed with 4401."""
+
+from collections.abc import Callable
+from datetime import timedelta
+
+import pytest
+from asgiref.sync import sync_to_async
+from channels.testing import WebsocketCommunicator
+from django.test import override_settings
+from django.utils import timezone
+
+from fetchml.asgi import application
+from fetchml.models import ApiKey
+from fetchml.services import apikey_revoke
+from fetchml.testing import run_async
+from fetchml.tests.factories import ApiKeyFactory
+from tasks.consumers import CLOSE_UNAUTHENTICATED
+from tasks.services import task_submit, task_transition
+from tasks.states import TaskStatus
+
+pytestmark = pytest.mark.django_db(transaction=True)
+TIMEOUT = 5
+REVOKED = (CLOSE_UNAUTHENTICATED, "API key revoked")
+FOUND_UNUSABLE = (CLOSE_UNAUTHENTICATED, "API key revoked or expired")
+
+
+@pytest.fixture
+def alice_pair(user) -> tuple[ApiKey, str]:
+    return ApiKeyFactory.pair(user=user)
+
+
+def _socket(raw_key: str) -> WebsocketCommunicator:
+    return WebsocketCommunicator(application, "/ws", headers=[(b"x-api-key", raw_key.encode())])
+
+
+async def _open(raw_key: str) -> WebsocketCommunicator:
+    socket = _socket(raw_key)
+    connected, code = await socket.connect(timeout=TIMEOUT)
+    assert connected, f"refused with {code}"
+    return socket
+
+
+async def _closed_with(socket: WebsocketCommunicator) -> tuple[int, str]:
+    """The close the server ends the connection with; fails on anything sent before it."""
+    output = await socket.receive_output(timeout=TIMEOUT)
+    assert output["type"] == "websocket.close", output
+    return output["code"], output.get("reason", "")
+
+
+@sync_to_async
+def _revoke(key: ApiKey) -> None:
+    apikey_revoke(api_key=ApiKey.objects.select_related("user").get(pk=key.pk))
+
+
+def _expire(key: ApiKey) -> None:
+    ApiKey.objects.filter(pk=key.pk).update(expires_at=timezone.now() - timedelta(seconds=1))
+
+
+def _deactivate_user(key: ApiKey) -> None:
+    type(key.user).objects.filter(pk=key.user_id).update(is_active=False)
+
+
+def _revoke_unannounced(key: ApiKey) -> None:
+    """Revoked, its message lost on the way (Redis away)."""
+    ApiKey.objects.filter(pk=key.pk).update(revoked_at=timezone.now())
+
+
+@run_async
+@pytest.mark.parametrize("role", ["user", "admin"])
+async def test_revoking_its_key_closes_a_client_connection_with_4401(admin_user, role):
+    key, raw = await sync_to_async(ApiKeyFactory.pair)(user=admin_user, role=role)
+    socket = await _open(raw)
+    try:
+        await _revoke(key)
+        closed = await _closed_with(socket)
+    finally:
+        await socket.disconnect()
+    assert closed == REVOKED
+
+
+@run_async
+async def test_revoking_its_key_closes_a_connection_with_subscriptions(alice_pair, user):
+    key, raw = alice_pair
+    task = await sync_to_async(task_submit)(owner=user, job_name="watched")
+    socket = await _open(raw)
+    try:
+        await socket.send_json_to({"type": "subscribe", "task_id": str(task.id)})
+        assert (await socket.receive_json_from(timeout=TIMEOUT))["type"] == "subscribed"
+        assert (await socket.receive_json_from(timeout=TIMEOUT))["type"] == "task_update"
+        await _revoke(key)
+        closed = await _closed_with(socket)
+    finally:
+        await socket.disconnect()
+    assert closed == REVOKED
+
+
+@run_async
+async def test_a_connection_closed_for_its_key_is_told_nothing_more(alice_pair, user):
+    key, raw = alice_pair
+    task = await sync_to_async(task_submit)(owner=user, job_name="after")
+    socket = await _open(raw)
+    try:
+        await _revoke(key)
+        await _closed_with(socket)
+        await sync_to_async(task_transition)(task_id=task.id, to=TaskStatus.PREPARING)
+        await socket.send_json_to({"type": "ping"})
+        silent = await socket.receive_nothing(timeout=0.3)
+    finally:
+        await socket.disconnect()
+    assert silent
+
+
+@run_async
+@override_settings(FETCHML_WS_RECHECK_SECONDS=0.05)
+@pytest.mark.parametrize(
+    "made_unusable",
+    [_expire, _deactivate_user, _revoke_unannounced],
+    ids=["expired", "user-deactivated", "revocation-message-lost"],
+)
+async def test_a_key_found_unusable_at_a_recheck_closes_the_connection_with_4401(
+    alice_pair, made_unusable: Callable[[ApiKey], None]
+):
+    key, raw = alice_pair
+    socket = await _open(raw)
+    try:
+        await sync_to_async(made_unusable)(key)
+        closed = await _closed_with(socket)
+    finally:
+        await socket.disconnect()
+    assert closed == FOUND_UNUSABLE
+
+
+@run_async
+async def test_revoking_another_key_leaves_the_connection_open(alice_pair, other_user):
+    _key, raw = alice_pair
+    bobs = await sync_to_async(ApiKeyFactory.create)(user=other_user)
+    socket = await _open(raw)
+    try:
+        await _revoke(bobs)
+        await socket.send_json_to({"type": "ping"})
+        answer = await socket.receive_json_from(timeout=TIMEOUT)
+    finally:
+        await socket.disconnect()
+    assert answer["type"] == "pong"
+
+
+@run_async
+async def test_reconnecting_with_a_revoked_key_is_refused_with_4401(alice_pair):
+    key, raw = alice_pair
+    await _revoke(key)
+    socket = _socket(raw)
+    connected, _ = await socket.connect(timeout=TIMEOUT)
+    assert connected
+    try:
+        closed = await _closed_with(socket)
+    finally:
+        await socket.disconnect()
+    assert closed == (CLOSE_UNAUTHENTICATED, "invalid API key")
