@@ -2,17 +2,14 @@
 deactivated (found at the next heartbeat). The stream ends; opened again, it is refused with 401."""
 
 from collections.abc import Callable
-from datetime import timedelta
 
 import pytest
 from asgiref.sync import sync_to_async
 from django.test import override_settings
-from django.utils import timezone
 
 from fetchml.models import ApiKey
-from fetchml.services import apikey_revoke
 from fetchml.testing import KeyAsyncClient, SSEStream, run_async
-from fetchml.tests.factories import ApiKeyFactory
+from fetchml.tests.factories import ApiKeyFactory, deactivate_key_user, expire_key, revoke_key, revoke_key_unannounced
 from tasks.services import task_submit
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -41,22 +38,7 @@ async def _open(raw_key: str, url: str) -> SSEStream:
     return SSEStream(response.streaming_content)
 
 
-@sync_to_async
-def _revoke(key: ApiKey) -> None:
-    apikey_revoke(api_key=ApiKey.objects.select_related("user").get(pk=key.pk))
-
-
-def _expire(key: ApiKey) -> None:
-    ApiKey.objects.filter(pk=key.pk).update(expires_at=timezone.now() - timedelta(seconds=1))
-
-
-def _deactivate_user(key: ApiKey) -> None:
-    type(key.user).objects.filter(pk=key.user_id).update(is_active=False)
-
-
-def _revoke_unannounced(key: ApiKey) -> None:
-    """Revoked, its message lost on the way (Redis away)."""
-    ApiKey.objects.filter(pk=key.pk).update(revoked_at=timezone.now())
+_revoke = sync_to_async(revoke_key)
 
 
 @run_async
@@ -76,7 +58,7 @@ async def test_revoking_its_key_ends_a_stream(alice_pair, stream_url):
 @override_settings(FETCHML_SSE_HEARTBEAT_SECONDS=0.05)
 @pytest.mark.parametrize(
     "made_unusable",
-    [_expire, _deactivate_user, _revoke_unannounced],
+    [expire_key, deactivate_key_user, revoke_key_unannounced],
     ids=["expired", "user-deactivated", "revocation-message-lost"],
 )
 async def test_a_key_found_unusable_at_a_heartbeat_ends_the_stream(

@@ -14,8 +14,7 @@ from django.utils import timezone
 
 from audit.models import AuditEvent
 from fetchml.models import ApiKey
-from fetchml.services import apikey_revoke
-from fetchml.tests.factories import ApiKeyFactory
+from fetchml.tests.factories import ApiKeyFactory, deactivate_key_user, expire_key, revoke_key, revoke_key_unannounced
 from scheduler.agent.client import EXIT_REFUSED, Agent
 from scheduler.dispatch import dispatch_round
 from scheduler.models import NodeAssignment, Worker
@@ -37,9 +36,7 @@ def worker_pair() -> tuple[ApiKey, str]:
     return ApiKeyFactory.pair(user=UserFactory(username="worker-agent"), role="worker")
 
 
-@db
-def _revoke(key: ApiKey) -> None:
-    apikey_revoke(api_key=ApiKey.objects.select_related("user").get(pk=key.pk))
+_revoke = db(revoke_key)
 
 
 @db
@@ -62,19 +59,6 @@ async def _running(communicator) -> tuple[Task, dict]:
     await send(communicator, {"type": "heartbeat", "running": [{**run_ids, "status": "running"}, unknown]})
     assert (await receive(communicator))["type"] == "stop"
     return task, assign
-
-
-def _expire(key: ApiKey) -> None:
-    ApiKey.objects.filter(pk=key.pk).update(expires_at=timezone.now() - timedelta(seconds=1))
-
-
-def _deactivate_user(key: ApiKey) -> None:
-    type(key.user).objects.filter(pk=key.user_id).update(is_active=False)
-
-
-def _revoke_unannounced(key: ApiKey) -> None:
-    """Revoked, its message lost on the way (Redis away)."""
-    ApiKey.objects.filter(pk=key.pk).update(revoked_at=timezone.now())
 
 
 def test_revoking_its_key_closes_a_worker_connection_with_4401(worker_pair):
@@ -177,7 +161,7 @@ def test_reconnecting_with_a_revoked_key_is_refused_at_the_handshake(worker_pair
 
 @pytest.mark.parametrize(
     "made_unusable",
-    [_expire, _deactivate_user, _revoke_unannounced],
+    [expire_key, deactivate_key_user, revoke_key_unannounced],
     ids=["expired", "user-deactivated", "revocation-message-lost"],
 )
 def test_a_key_found_unusable_at_a_heartbeat_closes_the_connection_and_requeues_its_runs(

@@ -2,19 +2,16 @@
 its user deactivated (found at the next re-check). The connection is closed with 4401."""
 
 from collections.abc import Callable
-from datetime import timedelta
 
 import pytest
 from asgiref.sync import sync_to_async
 from channels.testing import WebsocketCommunicator
 from django.test import override_settings
-from django.utils import timezone
 
 from fetchml.asgi import application
 from fetchml.models import ApiKey
-from fetchml.services import apikey_revoke
 from fetchml.testing import run_async
-from fetchml.tests.factories import ApiKeyFactory
+from fetchml.tests.factories import ApiKeyFactory, deactivate_key_user, expire_key, revoke_key, revoke_key_unannounced
 from tasks.consumers import CLOSE_UNAUTHENTICATED
 from tasks.services import task_submit, task_transition
 from tasks.states import TaskStatus
@@ -48,22 +45,7 @@ async def _closed_with(socket: WebsocketCommunicator) -> tuple[int, str]:
     return output["code"], output.get("reason", "")
 
 
-@sync_to_async
-def _revoke(key: ApiKey) -> None:
-    apikey_revoke(api_key=ApiKey.objects.select_related("user").get(pk=key.pk))
-
-
-def _expire(key: ApiKey) -> None:
-    ApiKey.objects.filter(pk=key.pk).update(expires_at=timezone.now() - timedelta(seconds=1))
-
-
-def _deactivate_user(key: ApiKey) -> None:
-    type(key.user).objects.filter(pk=key.user_id).update(is_active=False)
-
-
-def _revoke_unannounced(key: ApiKey) -> None:
-    """Revoked, its message lost on the way (Redis away)."""
-    ApiKey.objects.filter(pk=key.pk).update(revoked_at=timezone.now())
+_revoke = sync_to_async(revoke_key)
 
 
 @run_async
@@ -115,7 +97,7 @@ async def test_a_connection_closed_for_its_key_is_told_nothing_more(alice_pair, 
 @override_settings(FETCHML_WS_RECHECK_SECONDS=0.05)
 @pytest.mark.parametrize(
     "made_unusable",
-    [_expire, _deactivate_user, _revoke_unannounced],
+    [expire_key, deactivate_key_user, revoke_key_unannounced],
     ids=["expired", "user-deactivated", "revocation-message-lost"],
 )
 async def test_a_key_found_unusable_at_a_recheck_closes_the_connection_with_4401(
