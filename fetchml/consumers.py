@@ -6,10 +6,10 @@ from typing import Any
 from channels.consumer import get_handler_name
 from channels.generic.websocket import AsyncWebsocketConsumer
 
-logger = logging.getLogger("fetchml.ws")
+# The agent knows this code too (a wrong --server): its protocol module, which imports no Django, owns it.
+from scheduler.agent.protocol import CLOSE_NOT_FOUND
 
-# No WebSocket endpoint at the requested path (the 4xxx range mirrors HTTP statuses).
-CLOSE_NOT_FOUND = 4404
+logger = logging.getLogger("fetchml.ws")
 
 
 class SocketConsumer(AsyncWebsocketConsumer):

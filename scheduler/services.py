@@ -176,17 +176,28 @@ def worker_key_refused(*, worker_id: Any, channel_name: str) -> int:
     key, say) is left alone. Returns the runs ended."""
     with transaction.atomic():
         name = Worker.objects.filter(id=worker_id).values_list("name", flat=True).first()
-        if not Worker.objects.filter(id=worker_id, channel_name=channel_name, status__in=_LIVE_WORKER_STATES).update(
-            status=Worker.Status.OFFLINE, channel_name=""
-        ):
+        if not _take_offline(worker_id, name, where=Q(channel_name=channel_name), action="key_refused"):
             return 0
-        record(event_type="worker_changed", user="", resource=f"worker:{name}", action="key_refused")
-        events.status_changed("worker_offline", {"worker_id": str(worker_id)})
     logger.warning("worker %s: its API key is no longer usable; marked offline", name)
-    # One transaction each, as in `expire_leases` (which also ends any left here by a crash).
-    live = list(NodeAssignment.objects.filter(worker_id=worker_id, holds_capacity=True).values_list("id", flat=True))
-    lost = Task.FailureReason.WORKER_LOST
-    return sum(end_run(assignment_id=run, reason=lost, error="worker lost: its API key was refused") for run in live)
+    live = NodeAssignment.objects.filter(worker_id=worker_id, holds_capacity=True)
+    return _lose_runs(live, error="worker lost: its API key was refused")
+
+
+def _take_offline(worker_id: Any, name: str, *, where: Q, action: str) -> bool:
+    """In the caller's transaction: the worker, if still live and matching `where`, goes offline,
+    audited as `action` and announced; whether it did."""
+    live = Worker.objects.filter(where, id=worker_id, status__in=_LIVE_WORKER_STATES)
+    if not live.update(status=Worker.Status.OFFLINE, channel_name=""):
+        return False
+    record(event_type="worker_changed", user="", resource=f"worker:{name}", action=action)
+    events.status_changed("worker_offline", {"worker_id": str(worker_id)})
+    return True
+
+
+def _lose_runs(assignments: QuerySet[NodeAssignment], *, error: str) -> int:
+    """End the live runs among `assignments` as lost with their worker, one transaction each."""
+    ids = list(assignments.values_list("id", flat=True))
+    return sum(end_run(assignment_id=run, reason=Task.FailureReason.WORKER_LOST, error=error) for run in ids)
 
 
 def worker_heartbeat(*, worker_id: Any, running: list[dict[str, str]]) -> list[dict[str, str]]:
@@ -938,21 +949,15 @@ def expire_leases(*, now: datetime | None = None) -> int:
     expired = 0
     for worker_id, name in Worker.objects.filter(silent, status__in=_LIVE_WORKER_STATES).values_list("id", "name"):
         with transaction.atomic():
-            if not Worker.objects.filter(silent, id=worker_id, status__in=_LIVE_WORKER_STATES).update(
-                status=Worker.Status.OFFLINE, channel_name=""
-            ):
+            if not _take_offline(worker_id, name, where=silent, action="lease_expired"):
                 continue
-            record(event_type="worker_changed", user="", resource=f"worker:{name}", action="lease_expired")
             # If the agent is still connected (a one-way partition), make it reconnect and reconcile.
             events.send_on_commit([events.worker_group(worker_id)], {"type": "worker.disconnect"})
-            events.status_changed("worker_offline", {"worker_id": str(worker_id)})
         logger.warning("worker %s missed its lease; marked offline", name)
         expired += 1
     # Live runs on offline workers, including any left by a crash between the two steps.
     orphaned = NodeAssignment.objects.filter(holds_capacity=True, worker__status=Worker.Status.OFFLINE)
-    for assignment_id in orphaned.values_list("id", flat=True):
-        expired += end_run(assignment_id=assignment_id, reason=Task.FailureReason.WORKER_LOST, error="worker lost")
-    return expired + _offline_if_drained()
+    return expired + _lose_runs(orphaned, error="worker lost") + _offline_if_drained()
 
 
 def enforce_timeouts(*, now: datetime | None = None) -> int:

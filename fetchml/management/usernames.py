@@ -7,11 +7,12 @@ from django.core.management.base import CommandError
 
 def clean_username(username: str, *, argument: str) -> str:
     """`username` if the user model accepts it, else a CommandError naming `argument`."""
-    field = get_user_model()._meta.get_field(get_user_model().USERNAME_FIELD)
+    user_model = get_user_model()
+    field = user_model._meta.get_field(user_model.USERNAME_FIELD)
     try:
-        field.run_validators(username)
-        if not username or len(username) > field.max_length:
-            raise ValidationError(f"1 to {field.max_length} characters")
+        if not username:  # the validators let an empty value pass
+            raise ValidationError("it is empty")
+        field.run_validators(username)  # the model's pattern and max_length
     except ValidationError as exc:
         raise CommandError(f"{argument} {username!r} is not a valid username: {' '.join(exc.messages)}") from None
     return username
