@@ -8,7 +8,7 @@ from rest_framework.test import APIClient
 
 from fetchml.dbpool import close_pool_connections
 from fetchml.ratelimits import cache_breaker
-from fetchml.testing import IsolatedNetwork
+from fetchml.testing import IsolatedNetwork, backend_pid
 from fetchml.tests.factories import ApiKeyFactory, UserFactory
 
 USING_POSTGRES = os.environ.get("DATABASE_URL", "").startswith(("postgres://", "postgresql://"))
@@ -106,3 +106,14 @@ def admin_client_key(admin_user) -> KeyClient:
 @pytest.fixture
 def worker_key(db) -> str:
     return ApiKeyFactory.raw(user=UserFactory(username="worker-agent"), role="worker")
+
+
+@pytest.fixture
+def freezable_database():
+    """Skips unless this process may stop PostgreSQL's server processes (a local server, run as root
+    or as the server's user), as a host whose database process hangs would."""
+    own = backend_pid()
+    try:
+        os.kill(own, 0)
+    except (PermissionError, ProcessLookupError) as error:
+        pytest.skip(f"cannot signal the PostgreSQL server process {own} from here: {error}")

@@ -9,11 +9,15 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "fetchml.settings")
 django_asgi_app = get_asgi_application()
 
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
+from django.db import connection  # noqa: E402
 
-from fetchml import daphne_fixes  # noqa: E402
+from fetchml import daphne_fixes, dbwatch  # noqa: E402
+from fetchml.conf import app_settings  # noqa: E402
 from fetchml.routing import websocket_urlpatterns  # noqa: E402
 
 daphne_fixes.install()
+if connection.vendor == "postgresql":
+    dbwatch.watch(app_settings.DB_ANSWER_TIMEOUT_SECONDS)
 
 application = ProtocolTypeRouter(
     {

@@ -36,6 +36,8 @@ DEFAULTS: dict[str, Any] = {
     "SCHEDULER_PASS_GAP_SECONDS": 0.01,
     # a pass still waiting on the database after this long has its connection cut (a frozen server)
     "SCHEDULER_PASS_TIMEOUT_SECONDS": 30.0,
+    # a statement or commit of a serving process still unanswered after this long has its connection cut (0: never)
+    "DB_ANSWER_TIMEOUT_SECONDS": 20.0,
     "WORKER_LEASE_SECONDS": 30.0,
     "WORKER_HEARTBEAT_SECONDS": 5.0,
     "DEFAULT_MAX_RETRIES": 3,

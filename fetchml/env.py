@@ -91,7 +91,7 @@ def parse_database_url(url: str) -> dict:
         except ValueError as exc:
             raise ImproperlyConfigured(f"DATABASE_URL has an invalid port: {exc}") from exc
         return {
-            "ENGINE": "django.db.backends.postgresql",
+            "ENGINE": "fetchml.backends.postgresql",
             "NAME": unquote(parts.path.lstrip("/")) or "postgres",
             "USER": unquote(parts.username or ""),
             "PASSWORD": unquote(parts.password or ""),

@@ -44,6 +44,26 @@ def free_port(host: str = HOST) -> int:
         return sock.getsockname()[1]
 
 
+def backend_pid() -> int:
+    """The PostgreSQL server process behind the calling thread's connection."""
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_backend_pid()")
+        return cursor.fetchone()[0]
+
+
+@contextlib.contextmanager
+def frozen(pid: int):
+    """The process `pid` stopped (SIGSTOP) inside the block, as a host whose process hangs would
+    leave it: its host still acknowledges every packet, so no network time-out fires."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
 def database_url_for(connection: Any) -> str:
     """A DATABASE_URL naming the database `connection` uses (the test database inside tests)."""
     config = connection.settings_dict

@@ -149,7 +149,7 @@ def test_an_unknown_app_setting_is_an_error():
 def test_postgres_database_url_is_parsed():
     parsed = parse_database_url("postgres://fetch%40ml:p%2Fss@db.internal:6543/fetch_db?sslmode=require")
     assert parsed == {
-        "ENGINE": "django.db.backends.postgresql",
+        "ENGINE": "fetchml.backends.postgresql",
         "NAME": "fetch_db",
         "USER": "fetch@ml",
         "PASSWORD": "p/ss",
@@ -162,7 +162,7 @@ def test_postgres_database_url_is_parsed():
 def test_postgresql_scheme_without_port_or_password_is_parsed():
     parsed = parse_database_url("postgresql://postgres@127.0.0.1/fetchml")
     assert (parsed["ENGINE"], parsed["NAME"], parsed["USER"], parsed["PASSWORD"], parsed["PORT"]) == (
-        "django.db.backends.postgresql",
+        "fetchml.backends.postgresql",
         "fetchml",
         "postgres",
         "",

@@ -22,6 +22,7 @@ from django.utils import timezone
 from conftest import USING_POSTGRES, requires_postgres
 from fetchml import events
 from fetchml.models import ApiKey
+from fetchml.testing import backend_pid, frozen
 from scheduler import loop as scheduler_loop
 from scheduler.loop import STOP_PASS_GRACE_SECONDS, SchedulerLoop, _WakeListener
 from scheduler.tests.factories import queued_task, run_started, worker
@@ -138,35 +139,8 @@ def test_loop_keeps_working_after_its_database_connection_is_dropped(channel_lay
     assert asyncio.run(scenario()) >= 1
 
 
-def _backend_pid() -> int:
-    """The PostgreSQL server process behind the calling thread's connection."""
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT pg_backend_pid()")
-        return cursor.fetchone()[0]
-
-
 async def _loop_backend_pid(loop: SchedulerLoop) -> int:
-    return await sync_to_async(_backend_pid, thread_sensitive=False, executor=loop._executor)()
-
-
-@pytest.fixture
-def freezable_database():
-    """Skips unless this process may stop PostgreSQL's server processes (a local server, run as root
-    or as the server's user), as a host whose database process hangs would."""
-    own = _backend_pid()
-    try:
-        os.kill(own, 0)
-    except (PermissionError, ProcessLookupError) as error:
-        pytest.skip(f"cannot signal the PostgreSQL server process {own} from here: {error}")
-
-
-@contextlib.contextmanager
-def _frozen(pid: int):
-    os.kill(pid, signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        os.kill(pid, signal.SIGCONT)
+    return await sync_to_async(backend_pid, thread_sensitive=False, executor=loop._executor)()
 
 
 @requires_postgres
@@ -177,7 +151,7 @@ def test_loop_cuts_its_connection_to_a_frozen_database_process_and_dispatches_on
     async def scenario():
         loop, stop, running = await _running_loop()
         backend = await _loop_backend_pid(loop)
-        with _frozen(backend):
+        with frozen(backend):
             # The frozen process's host still acknowledges every packet: no network time-out fires.
             task = await sync_to_async(queued_task)()
             await sync_to_async(worker)()
@@ -201,7 +175,7 @@ def test_loop_asked_to_stop_during_a_pass_on_a_frozen_database_process_stops_aft
     async def scenario():
         loop, stop, running = await _running_loop()
         backend = await _loop_backend_pid(loop)
-        with _frozen(backend):
+        with frozen(backend):
             frozen_at = time.monotonic()
             await _wake(channel_layer)
             # A pass has begun; it cannot finish while the process it waits on is stopped.

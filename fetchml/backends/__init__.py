@@ -1,0 +1,1 @@
+"""Database backends of FetchML (set by `DATABASE_URL`)."""
