@@ -1,17 +1,72 @@
-"""Reading and editing one experiment. Creating and listing live in tasks/services.py and tasks/selectors.py."""
+"""Experiments: creating, listing, reading and editing them.
+
+A name identifies an experiment among its owner's experiments that are not
+deleted (the `experiment_owner_name_unique` constraint); taking one already in
+use, by a create or a rename, is a Conflict naming `name`.
+"""
 
 import uuid
 from typing import Any
 
-from django.db import transaction
+from django.contrib.auth.models import AbstractBaseUser
+from django.db import IntegrityError, transaction
 
 from fetchml.auth import Actor
-from fetchml.errors import Invalid, NotFound
+from fetchml.conf import app_settings
+from fetchml.errors import Conflict, Invalid, NotFound
 from tasks.models import Experiment
 
 EDITABLE_FIELDS = frozenset({"name", "description", "commit_id", "status"})
 # `deleted` is not reachable by an edit: deletion, if it comes, is its own operation.
 SETTABLE_STATUSES = (Experiment.Status.ACTIVE, Experiment.Status.ARCHIVED)
+
+
+def _name_in_use(experiment: Experiment) -> bool:
+    """Whether another live experiment of the same owner has this one's name."""
+    return (
+        Experiment.objects.filter(owner_id=experiment.owner_id, name=experiment.name)
+        .exclude(status=Experiment.Status.DELETED)
+        .exclude(pk=experiment.pk)
+        .exists()
+    )
+
+
+def _name_conflict(name: str) -> Conflict:
+    return Conflict(
+        f"An experiment named {name!r} already exists",
+        details=[{"field": "name", "message": "The owner already has an experiment with this name."}],
+    )
+
+
+def _save_unique(experiment: Experiment, **save_kwargs: Any) -> None:
+    """Save, answering a name already in use with a Conflict (the constraint decides, so two racing
+    requests cannot both win); any other integrity error is left as it is."""
+    try:
+        with transaction.atomic():
+            experiment.save(**save_kwargs)
+    except IntegrityError:
+        if experiment.status != Experiment.Status.DELETED and _name_in_use(experiment):
+            raise _name_conflict(experiment.name) from None
+        raise
+
+
+def experiment_create(*, owner: AbstractBaseUser, name: str, description: str = "", commit_id: str = "") -> Experiment:
+    experiment = Experiment(owner=owner, name=name, description=description, commit_id=commit_id)
+    _save_unique(experiment, force_insert=True)
+    return experiment
+
+
+def experiment_list(
+    *, actor: Actor, status: str | None = None, limit: int | None = None, offset: int = 0
+) -> tuple[list[Experiment], int]:
+    """A page of the experiments visible to the actor (theirs, everyone's for an admin), and their total."""
+    limit = limit or app_settings.MAX_PAGE_SIZE
+    experiments = Experiment.objects.select_related("owner").order_by("-created_at", "-id")
+    if not actor.is_admin:
+        experiments = experiments.filter(owner=actor.user)
+    if status:
+        experiments = experiments.filter(status=status)
+    return list(experiments[offset : offset + limit]), experiments.count()
 
 
 def experiment_get(*, actor: Actor, experiment_id: uuid.UUID) -> Experiment:
@@ -46,5 +101,5 @@ def experiment_update(*, experiment: Experiment, actor: Actor, **changes: Any) -
             raise NotFound("Experiment not found")
         for name, value in changes.items():
             setattr(locked, name, value)
-        locked.save(update_fields=[*changes, "updated_at"])
+        _save_unique(locked, update_fields=[*changes, "updated_at"])
     return locked

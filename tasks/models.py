@@ -32,6 +32,11 @@ class Experiment(models.Model):
             models.CheckConstraint(
                 condition=Q(status__in=["active", "archived", "deleted"]), name="experiment_status_valid"
             ),
+            # A name identifies an experiment among its owner's: archived ones keep theirs (they can be
+            # unarchived), a deleted one gives it up.
+            models.UniqueConstraint(
+                fields=["owner", "name"], condition=~Q(status="deleted"), name="experiment_owner_name_unique"
+            ),
         ]
 
     def __str__(self) -> str:

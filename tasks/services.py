@@ -1,4 +1,7 @@
-"""Writes to tasks and experiments. Every state change goes through `task_transition`."""
+"""Writes to tasks; experiments have theirs in tasks/experiments.py.
+
+Every state change of a task goes through `task_transition`.
+"""
 
 import uuid
 from collections.abc import Callable
@@ -60,6 +63,12 @@ def _owned_experiment(owner: AbstractBaseUser, experiment_id: uuid.UUID) -> Expe
         raise Invalid(
             "experiment_id does not name one of your experiments",
             details=[{"field": "experiment_id", "message": "Unknown experiment."}],
+        )
+    if found.status == Experiment.Status.ARCHIVED:
+        # Archived means finished with: unarchive it (PATCH status active) to add runs to it.
+        raise Invalid(
+            "experiment_id names an archived experiment",
+            details=[{"field": "experiment_id", "message": "The experiment is archived; unarchive it first."}],
         )
     return found
 
@@ -504,8 +513,3 @@ def task_submit_idempotent(
             raise
         return _replayed(winner, body_sha256), True
     return task, False
-
-
-def experiment_create(*, owner: AbstractBaseUser, name: str, description: str = "", commit_id: str = "") -> Experiment:
-    with transaction.atomic():
-        return Experiment.objects.create(owner=owner, name=name, description=description, commit_id=commit_id)

@@ -12,6 +12,7 @@ from fetchml.auth import actor_from_request
 from fetchml.permissions import IsHumanUser
 from fetchml.schema import ErrorResponseSerializer
 from tasks.api.fields import StrictCharField, StrictSerializer
+from tasks.api.serializers import commit_id_field
 from tasks.experiments import experiment_get, experiment_update
 from tasks.models import Experiment
 
@@ -30,7 +31,7 @@ class ExperimentDetailSerializer(serializers.Serializer):
 class ExperimentUpdateSerializer(StrictSerializer):
     name = StrictCharField(max_length=128, required=False)
     description = StrictCharField(max_length=10_000, required=False, allow_blank=True)
-    commit_id = StrictCharField(max_length=64, required=False, allow_blank=True)
+    commit_id = commit_id_field()
     # The model's full choice set (one enum in the schema); `deleted` is refused by the service.
     status = serializers.ChoiceField(choices=Experiment.Status.choices, required=False, help_text="active or archived")
 
@@ -49,10 +50,15 @@ class ExperimentDetailView(APIView):
 
     @extend_schema(
         summary="Update experiment",
-        description="Rename, describe, set `commit_id`, or archive (`status`: active or archived). Owner or admin.",
+        description=(
+            "Rename, describe, set `commit_id`, or archive (`status`: active or archived). Owner or admin. "
+            "A name already used by another of the owner's experiments is a 409. "
+            "Tasks cannot be submitted into an archived experiment."
+        ),
         request=ExperimentUpdateSerializer,
         responses={
             200: ExperimentDetailSerializer,
+            409: OpenApiResponse(ErrorResponseSerializer, description="The owner has an experiment of this name"),
             422: OpenApiResponse(ErrorResponseSerializer, description="Invalid or unknown field"),
         },
     )

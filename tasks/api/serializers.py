@@ -103,7 +103,9 @@ class CreateTaskSerializer(StrictSerializer):
     gpu = StrictIntegerField(min_value=0, max_value=MAX_RESOURCE, required=False)
     metadata = _string_map(max_entries="MAX_METADATA_ENTRIES")
     # FetchML extensions
-    experiment_id = serializers.UUIDField(required=False, allow_null=True)
+    experiment_id = serializers.UUIDField(
+        required=False, allow_null=True, help_text="One of the caller's experiments, not archived"
+    )
     env = _string_map(max_entries="MAX_METADATA_ENTRIES", key_regex=ENV_NAME_REGEX)
     gpu_type = StrictCharField(max_length=64, required=False, allow_blank=True)
     node_count = StrictIntegerField(min_value=1, max_value=MAX_NODE_COUNT, required=False)
@@ -268,9 +270,15 @@ class QueueStatsSerializer(serializers.Serializer):
 # --- experiments ------------------------------------------------------------
 
 
+def commit_id_field(**kwargs: Any) -> StrictCharField:
+    """`commit_id` of an experiment (the code revision it tracks), by the same rules on create and on update."""
+    return StrictCharField(max_length=64, required=False, allow_blank=True, **kwargs)
+
+
 class CreateExperimentSerializer(StrictSerializer):
     name = StrictCharField(max_length=128)
     description = StrictCharField(max_length=10_000, required=False, allow_blank=True, default="")
+    commit_id = commit_id_field(default="")
 
 
 class ExperimentSerializer(serializers.Serializer):
@@ -284,6 +292,7 @@ class ExperimentSerializer(serializers.Serializer):
 
 
 class ExperimentListQuerySerializer(serializers.Serializer):
+    status = serializers.ChoiceField(choices=Experiment.Status.choices, required=False)
     limit = serializers.IntegerField(min_value=1, required=False, help_text="Defaults to FETCHML_MAX_PAGE_SIZE")
     offset = offset_field()
 

@@ -16,7 +16,7 @@ from fetchml.errors import ApplicationError
 from fetchml.models import ApiKey
 from fetchml.permissions import IsHumanUser
 from fetchml.schema import ErrorResponseSerializer
-from tasks import selectors, services
+from tasks import experiments, selectors, services
 from tasks.api.serializers import (
     CreateExperimentSerializer,
     CreateTaskSerializer,
@@ -42,6 +42,7 @@ UNAUTHORIZED = _error("Invalid or missing API key")
 FORBIDDEN = _error("Worker keys may not use this endpoint")
 NOT_FOUND = _error("No such task visible to the caller")
 CONFLICT = _error("The task has already finished")
+NAME_CONFLICT = _error("The owner already has an experiment with this name; `details` names `name`")
 VALIDATION = _error("Validation failed; `details` names each field")
 RATE_LIMITED = _error("Too many requests (see Retry-After)")
 
@@ -212,6 +213,7 @@ class ExperimentListCreateView(APIView):
         summary="List experiments",
         description=(
             "The caller's experiments (everyone's for an admin), newest first, as a JSON array. "
+            "`status` keeps those in one status (an unknown one is a 400); "
             "`limit` (default and maximum FETCHML_MAX_PAGE_SIZE) and `offset` page it; "
             "`X-Total-Count` carries the total."
         ),
@@ -226,26 +228,29 @@ class ExperimentListCreateView(APIView):
     )
     def get(self, request: Request) -> Response:
         query = _query(ExperimentListQuerySerializer, request)
-        experiments, total = selectors.experiment_list(
+        page, total = experiments.experiment_list(
             actor=actor_from_request(request),
+            status=query.get("status"),
             limit=query.get("limit"),
             offset=query["offset"],
         )
-        return Response(ExperimentSerializer(experiments, many=True).data, headers={"X-Total-Count": str(total)})
+        return Response(ExperimentSerializer(page, many=True).data, headers={"X-Total-Count": str(total)})
 
     @extend_schema(
         summary="Create experiment",
+        description="The name must not be in use by another of the caller's experiments (deleted ones aside).",
         request=CreateExperimentSerializer,
         responses={
             201: ExperimentSerializer,
             400: BAD_REQUEST,
             401: UNAUTHORIZED,
             403: FORBIDDEN,
+            409: NAME_CONFLICT,
             422: VALIDATION,
             429: RATE_LIMITED,
         },
     )
     def post(self, request: Request) -> Response:
         fields = _body(CreateExperimentSerializer, request)
-        experiment = services.experiment_create(owner=request.user, **fields)
+        experiment = experiments.experiment_create(owner=request.user, **fields)
         return Response(ExperimentSerializer(experiment).data, status=status.HTTP_201_CREATED)

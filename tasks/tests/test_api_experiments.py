@@ -34,7 +34,7 @@ def test_description_is_optional(user_client):
         ({"name": "x" * 129}, "name"),
         ({"name": 3}, "name"),
         ({"name": "e", "description": "x" * 10_001}, "description"),
-        ({"name": "e", "commit_id": "abc"}, "commit_id"),
+        ({"name": "e", "commit_id": "c" * 65}, "commit_id"),
     ],
 )
 def test_invalid_experiment_is_refused(user_client, payload, field):
