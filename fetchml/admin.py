@@ -6,11 +6,13 @@ prefix is stored in clear). Keys are revoked, never deleted, so the audit
 trail keeps pointing at something.
 """
 
+import re
+import uuid
 from collections.abc import Callable, Iterable
 
 from django import forms
 from django.contrib import admin, messages
-from django.db.models import Model, QuerySet
+from django.db.models import IntegerField, Model, Q, QuerySet, UUIDField
 from django.http import HttpRequest
 from django.utils import timezone
 
@@ -51,6 +53,48 @@ def apply_to_each(
         modeladmin.message_user(request, f"Done: {verb} {done} {noun}(s).", messages.SUCCESS)
 
 
+# Fewer hex digits than this are taken as words only: too many ids would share them.
+ID_PREFIX_MIN_DIGITS = 6
+_HEX = re.compile(r"[0-9a-f]+")
+_INTEGER = re.compile(r"[0-9]{1,18}")
+_UUID_GROUPS = ((0, 8), (8, 12), (12, 16), (16, 20), (20, 32))
+
+
+def uuid_prefix(term: str) -> str | None:
+    """`term` as the start of a UUID's text form (hyphens where that form has them), or None."""
+    digits = term.strip().lower().replace("-", "")
+    if not (ID_PREFIX_MIN_DIGITS <= len(digits) <= 32 and _HEX.fullmatch(digits)):
+        return None
+    return "-".join(digits[start:end] for start, end in _UUID_GROUPS if digits[start:end])
+
+
+def id_query(model: type[Model], term: str) -> Q | None:
+    """The rows whose primary key `term` names: a whole id, a UUID's first digits, or a number."""
+    term = term.strip()
+    pk = model._meta.pk
+    if isinstance(pk, UUIDField):
+        try:
+            return Q(pk=uuid.UUID(term))
+        except ValueError:
+            prefix = uuid_prefix(term)
+            return Q(pk__startswith=prefix) if prefix else None
+    if isinstance(pk, IntegerField) and _INTEGER.fullmatch(term):
+        return Q(pk=int(term))
+    return None
+
+
+class IdSearchMixin(admin.ModelAdmin):
+    """The search box also finds a row by its id, as the API, logs and audit rows print it:
+    whole, or for UUIDs its first few digits (at least ID_PREFIX_MIN_DIGITS)."""
+
+    def get_search_results(self, request: HttpRequest, queryset: QuerySet, search_term: str) -> tuple[QuerySet, bool]:
+        results, may_have_duplicates = super().get_search_results(request, queryset, search_term)
+        by_id = id_query(self.model, search_term)
+        if by_id is None:
+            return results, may_have_duplicates
+        return results | queryset.filter(by_id), may_have_duplicates
+
+
 class ReadOnlyModelAdmin(admin.ModelAdmin):
     """Lists and detail pages only: rows change through services (admin actions).
 
@@ -74,6 +118,11 @@ class ReadOnlyModelAdmin(admin.ModelAdmin):
 
     def get_readonly_fields(self, request: HttpRequest, obj: Model | None = None) -> list[str]:
         return self.get_fields(request, obj)
+
+
+# How a key is referred to elsewhere: its masked form in this console (`fetchml_<prefix>_…`),
+# a whole key, or an audit row's resource (`api_key:<prefix>`).
+_KEY_REFERENCE = re.compile(r"(?:fetchml_|api_key:)([a-z0-9]+)(?:_\S*)?")
 
 
 class ApiKeyCreationForm(forms.ModelForm):
@@ -104,10 +153,20 @@ class ApiKeyAdmin(admin.ModelAdmin):
     list_filter = ("role", "revoked_at", "expires_at")
     list_select_related = ("user",)
     search_fields = ("prefix", "name", "user__username")
+    search_help_text = "Key prefix (or the key as shown here or in audit rows), key name, or owner's username."
     ordering = ("-created_at",)
     actions = ["revoke_keys"]
     add_fields = ("user", "role", "name", "expires_at")
     shown_fields = ("masked", "user", "role", "name", "created_at", "expires_at", "revoked_at", "last_used_at")
+
+    def get_search_results(
+        self, request: HttpRequest, queryset: QuerySet[ApiKey], search_term: str
+    ) -> tuple[QuerySet[ApiKey], bool]:
+        results, may_have_duplicates = super().get_search_results(request, queryset, search_term)
+        reference = _KEY_REFERENCE.fullmatch(search_term.strip())
+        if reference is None:
+            return results, may_have_duplicates
+        return results | queryset.filter(prefix=reference.group(1)), may_have_duplicates
 
     @admin.display(description="key")
     def masked(self, key: ApiKey) -> str:

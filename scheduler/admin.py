@@ -4,16 +4,17 @@ from django.contrib import admin
 from django.db.models import QuerySet
 from django.http import HttpRequest
 
-from fetchml.admin import ReadOnlyModelAdmin, apply_to_each
+from fetchml.admin import IdSearchMixin, ReadOnlyModelAdmin, apply_to_each
 from scheduler.models import Reservation, Worker
 from scheduler.services import worker_drain
 
 
 @admin.register(Worker)
-class WorkerAdmin(ReadOnlyModelAdmin):
+class WorkerAdmin(IdSearchMixin, ReadOnlyModelAdmin):
     list_display = ("name", "status", "capacity", "used", "last_heartbeat", "version", "hostname")
     list_filter = ("status", "gpu_type")
     search_fields = ("name", "hostname")
+    search_help_text = "Worker name, hostname, or a worker id (whole or its first 6+ digits)."
     ordering = ("name",)
     hidden_fields = ("channel_name",)
     actions = ["drain_workers"]
@@ -43,9 +44,10 @@ class WorkerAdmin(ReadOnlyModelAdmin):
 
 
 @admin.register(Reservation)
-class ReservationAdmin(ReadOnlyModelAdmin):
+class ReservationAdmin(IdSearchMixin, ReadOnlyModelAdmin):
     list_display = ("id", "owner", "status", "gpu_count", "gpu_type", "node_count", "starts_at", "expires_at")
-    list_filter = ("status", "gpu_type")
+    list_filter = ("status", "gpu_type", "owner")
     list_select_related = ("owner",)
     search_fields = ("owner__username",)
+    search_help_text = "Owner's username, or a reservation id (whole or its first 6+ digits)."
     ordering = ("-created_at",)

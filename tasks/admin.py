@@ -4,7 +4,6 @@ Rows are read-only here: every change is an action that calls the same service
 the API uses, so the state machine, the audit chain and the live events apply.
 """
 
-import uuid
 from collections.abc import Callable
 
 from django import forms
@@ -13,7 +12,7 @@ from django.contrib.admin.helpers import ActionForm
 from django.db.models import QuerySet
 from django.http import HttpRequest
 
-from fetchml.admin import ReadOnlyModelAdmin, apply_to_each
+from fetchml.admin import IdSearchMixin, ReadOnlyModelAdmin, apply_to_each
 from fetchml.auth import Actor
 from scheduler.models import NodeAssignment
 from tasks import services
@@ -65,27 +64,29 @@ class NodeAssignmentInline(admin.TabularInline):
 
 
 @admin.register(Task)
-class TaskAdmin(ReadOnlyModelAdmin):
-    list_display = ("job_name", "id", "status", "priority", "owner", "worker", "kind", "created_at", "ended_at")
-    list_filter = ("status", "kind", "priority")
+class TaskAdmin(IdSearchMixin, ReadOnlyModelAdmin):
+    list_display = (
+        "job_name",
+        "id",
+        "status",
+        "failure_reason",
+        "priority",
+        "owner",
+        "worker",
+        "kind",
+        "created_at",
+        "ended_at",
+    )
+    # Owners are listed from the (small) user table, not by scanning tasks for distinct owners.
+    list_filter = ("status", "failure_reason", "kind", "priority", "owner")
     list_select_related = ("owner", "worker")
-    search_fields = ("job_name",)
-    search_help_text = "Job name, or an exact task id."
+    search_fields = ("job_name", "owner__username", "worker__name")
+    search_help_text = "Job name, owner's username, worker name, or a task id (whole or its first 6+ digits)."
     ordering = ("-created_at",)
     date_hierarchy = "created_at"
     inlines = [NodeAssignmentInline]
     action_form = TaskActionForm
     actions = ["cancel_tasks", "requeue_tasks", "set_priority"]
-
-    def get_search_results(
-        self, request: HttpRequest, queryset: QuerySet[Task], search_term: str
-    ) -> tuple[QuerySet[Task], bool]:
-        results, may_have_duplicates = super().get_search_results(request, queryset, search_term)
-        try:
-            task_id = uuid.UUID(search_term.strip())
-        except ValueError:
-            return results, may_have_duplicates
-        return results | queryset.filter(id=task_id), may_have_duplicates
 
     @admin.action(description="Cancel selected tasks", permissions=["change"])
     def cancel_tasks(self, request: HttpRequest, queryset: QuerySet[Task]) -> None:
@@ -116,9 +117,10 @@ class TaskAdmin(ReadOnlyModelAdmin):
 
 
 @admin.register(Experiment)
-class ExperimentAdmin(ReadOnlyModelAdmin):
+class ExperimentAdmin(IdSearchMixin, ReadOnlyModelAdmin):
     list_display = ("name", "id", "owner", "status", "commit_id", "created_at")
-    list_filter = ("status",)
+    list_filter = ("status", "owner")
     list_select_related = ("owner",)
-    search_fields = ("name", "owner__username")
+    search_fields = ("name", "owner__username", "^commit_id")
+    search_help_text = "Name, owner's username, start of the commit id, or an experiment id (whole or first 6+ digits)."
     ordering = ("-created_at",)

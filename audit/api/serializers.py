@@ -3,14 +3,32 @@
 from datetime import datetime
 from typing import Any
 
+from django.utils.dateparse import parse_datetime
 from rest_framework import serializers
 
-from audit.canonical import format_timestamp
+from audit.canonical import format_timestamp, is_hex_digest
 from audit.checkpoints import SIGNATURE_ALGORITHM, Checkpoint, CheckpointError, check_signature
 from audit.models import AuditEvent, EventType
 from fetchml.paging import offset_field
+from tasks.api.fields import BoundedListField, StrictCharField, StrictIntegerField, StrictSerializer, setting_limit
 
-_HEX64 = r"^[0-9a-f]{64}$"
+
+def _hex_digest(value: str) -> None:
+    # Not a regex: `$` would let a trailing newline through.
+    if not is_hex_digest(value):
+        raise serializers.ValidationError("Must be 64 lowercase hex characters.")
+
+
+class ZonedDateTimeField(serializers.DateTimeField):
+    """An ISO 8601 time that names its zone: a checkpoint's time is signed as UTC."""
+
+    default_error_messages = {"naive": "Must carry a time zone (e.g. `Z`)."}
+
+    def to_internal_value(self, value: Any) -> datetime:
+        result = super().to_internal_value(value)  # refuses non-strings and other formats
+        if isinstance(value, str) and parse_datetime(value).tzinfo is None:
+            self.fail("naive")
+        return result
 
 
 class CanonicalTimestampField(serializers.DateTimeField):
@@ -74,24 +92,53 @@ class AuditEventQuerySerializer(serializers.Serializer):
         return attrs
 
 
-class CheckpointSerializer(serializers.Serializer):
-    """A checkpoint as exported by chain-root or `manage.py audit_checkpoint`."""
+_ECHOED = "Accepted as chain-root returns it, then ignored"
 
-    sequence_num = serializers.IntegerField(min_value=0)
-    root_hash = serializers.RegexField(_HEX64, help_text="Hash of the event at sequence_num (64 hex)")
-    timestamp = serializers.DateTimeField(required=False, allow_null=True, default=None)
-    signature = serializers.RegexField(
-        _HEX64, required=False, allow_null=True, default=None, help_text=f"{SIGNATURE_ALGORITHM}, hex; omit if unsigned"
+
+class CheckpointSerializer(StrictSerializer):
+    """A checkpoint as exported by chain-root or `manage.py audit_checkpoint`.
+
+    The chain-root response is accepted as it stands: its informational fields
+    (`total_events`, `signature_algorithm`, `warnings`) are type-checked and
+    then dropped; any other field is refused.
+    """
+
+    sequence_num = StrictIntegerField(min_value=0)
+    root_hash = StrictCharField(
+        validators=[_hex_digest],
+        help_text="Hash of the event at sequence_num (64 lowercase hex)",
+    )
+    timestamp = ZonedDateTimeField(required=False, allow_null=True, default=None)
+    signature = StrictCharField(
+        validators=[_hex_digest],
+        required=False,
+        allow_null=True,
+        default=None,
+        help_text=f"{SIGNATURE_ALGORITHM}, 64 lowercase hex; omit if unsigned",
+    )
+    total_events = StrictIntegerField(min_value=0, required=False, write_only=True, help_text=_ECHOED)
+    signature_algorithm = serializers.ChoiceField(
+        choices=[SIGNATURE_ALGORITHM], required=False, allow_null=True, write_only=True, help_text=_ECHOED
+    )
+    warnings = BoundedListField(
+        max_items=setting_limit("MAX_LIST_ITEMS"),
+        child=StrictCharField(max_length=1000, allow_blank=True),
+        required=False,
+        write_only=True,
+        help_text=_ECHOED,
     )
 
     def validate(self, attrs: dict[str, Any]) -> Checkpoint:
+        fields = {name: attrs[name] for name in ("sequence_num", "root_hash", "timestamp", "signature")}
         try:
-            return check_signature(Checkpoint(**attrs))
+            return check_signature(Checkpoint(**fields))
         except CheckpointError as exc:
             raise serializers.ValidationError({"signature": str(exc)}) from exc
 
 
-class VerifyRequestSerializer(serializers.Serializer):
+class VerifyRequestSerializer(StrictSerializer):
+    """The optional body of POST /v1/audit/verify: no body (or `{}`) walks the chain alone."""
+
     checkpoint = CheckpointSerializer(
         required=False, allow_null=True, default=None, help_text="An earlier checkpoint the chain must still contain"
     )

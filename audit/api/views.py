@@ -77,7 +77,8 @@ class AuditVerifyView(APIView):
         responses={200: VerificationResultSerializer},
     )
     def post(self, request: Request) -> Response:
-        serializer = VerifyRequestSerializer(data=request.data or {})
+        # No body at all parses as {}; anything sent must be a valid object.
+        serializer = VerifyRequestSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
         checkpoint = serializer.validated_data["checkpoint"]
         actor = actor_from_request(request)

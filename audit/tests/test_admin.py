@@ -2,10 +2,13 @@
 
 import pytest
 from django.contrib.admin.sites import site
+from django.core.exceptions import PermissionDenied
+from django.db import transaction
 from django.test import Client
 from django.urls import reverse
 
 from audit.models import AuditEvent
+from audit.services import Entry, record_many
 from audit.tests.factories import append_events
 
 pytestmark = pytest.mark.django_db
@@ -55,3 +58,46 @@ def test_add_and_delete_pages_are_forbidden(superuser_client) -> None:
     delete_url = reverse("admin:audit_auditevent_delete", args=[1])
     assert superuser_client.post(delete_url, {"post": "yes"}).status_code == 403
     assert AuditEvent.objects.filter(sequence_num=1).exists()
+
+
+def test_a_forged_bulk_delete_deletes_nothing(superuser_client) -> None:
+    append_events(2)
+    url = reverse("admin:audit_auditevent_changelist")
+    response = superuser_client.post(url, {"action": "delete_selected", "_selected_action": ["1", "2"], "post": "yes"})
+    assert response.status_code in (200, 302)
+    assert AuditEvent.objects.filter(sequence_num__in=[1, 2]).count() == 2
+
+
+@pytest.mark.parametrize("write", ["save_model", "delete_model", "delete_queryset"])
+def test_the_admin_write_hooks_refuse_even_when_called_directly(rf, admin_user, write) -> None:
+    append_events(1)
+    model_admin = site._registry[AuditEvent]
+    request = rf.post("/")
+    request.user = admin_user
+    event = AuditEvent.objects.get(sequence_num=1)
+    arguments = {
+        "save_model": (request, event, None, True),
+        "delete_model": (request, event),
+        "delete_queryset": (request, AuditEvent.objects.all()),
+    }[write]
+    with pytest.raises(PermissionDenied):
+        getattr(model_admin, write)(*arguments)
+    assert AuditEvent.objects.filter(sequence_num=1).exists()
+
+
+def test_the_list_finds_an_event_by_its_sequence_number(superuser_client) -> None:
+    append_events(12, user="carol")  # resources file:data/0.csv .. file:data/11.csv
+    response = superuser_client.get(reverse("admin:audit_auditevent_changelist"), {"q": "12"})
+    assert [event.sequence_num for event in response.context["cl"].result_list] == [12]
+
+
+def test_the_list_finds_events_by_the_start_of_an_ip_address(superuser_client) -> None:
+    with transaction.atomic():
+        record_many(
+            [
+                Entry(event_type="auth_attempt", user="carol", action="authenticate", ip_address="203.0.113.9"),
+                Entry(event_type="auth_attempt", user="dave", action="authenticate", ip_address="198.51.100.7"),
+            ]
+        )
+    response = superuser_client.get(reverse("admin:audit_auditevent_changelist"), {"q": "203.0.113."})
+    assert [event.user_id for event in response.context["cl"].result_list] == ["carol"]
