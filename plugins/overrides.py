@@ -13,8 +13,11 @@ on top of the admin's configuration like this:
   and server URLs are never overridable, so a task cannot redirect tracking
   data or see another account's credentials.
 
-`validate_task_plugin_configs` refuses violations at submission (422);
-`apply_task_override` drops them (with a warning) for tasks stored earlier.
+`validate_task_plugin_configs` refuses violations at submission (422),
+and an override of a plugin the admin has not enabled unless it only turns it
+off (a client that always turns a plugin off keeps working whatever the admin
+does); `apply_task_override` drops violations (with a warning) for tasks stored
+earlier, and ignores overrides of plugins disabled since.
 """
 
 import dataclasses
@@ -49,6 +52,10 @@ def override_problems(plugin: BasePlugin, override: Any) -> list[dict[str, str]]
 
 def validate_task_plugin_configs(plugin_configs: Mapping[str, Any]) -> None:
     """Raise Invalid (422) naming every field of a task's `plugin_configs` that is not allowed."""
+    # Imported here: the selectors apply overrides with this module.
+    from plugins.selectors import plugin_configs as admin_configs
+
+    active = {plugin.name for plugin, config in admin_configs() if config.active}
     plugins = get_plugins()
     details: list[dict[str, str]] = []
     for name, override in plugin_configs.items():
@@ -56,6 +63,13 @@ def validate_task_plugin_configs(plugin_configs: Mapping[str, Any]) -> None:
         if plugin is None:
             details.append({"field": f"plugin_configs.{name}", "message": "Unknown plugin."})
             continue
+        if name not in active and not (isinstance(override, Mapping) and _wants_off(override)):
+            details.append(
+                {
+                    "field": f"plugin_configs.{name}",
+                    "message": "The plugin is disabled by the administrator; a task may only turn it off.",
+                }
+            )
         for problem in override_problems(plugin, override):
             field = f"plugin_configs.{name}" + (f".{problem['field']}" if problem["field"] else "")
             details.append({"field": field, "message": problem["message"]})

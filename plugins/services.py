@@ -7,6 +7,7 @@ message. The worker consumer forwards that to its agent as a protocol `config`
 message; new tasks get the new configuration from the selectors at dispatch.
 """
 
+import dataclasses
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -88,12 +89,16 @@ def _worker_message(plugin: BasePlugin, config: ResolvedConfig, restart_required
     }
 
 
+def _require_admin(actor: Actor) -> None:
+    if not actor.is_admin:
+        raise Forbidden("Admin role required")
+
+
 @transaction.atomic
 def _store(
     *, plugin: BasePlugin, actor: Actor, action: str, enabled: Any, mode: Any, image: Any, settings: Any
 ) -> ConfigureResult:
-    if not actor.is_admin:
-        raise Forbidden("Admin role required")
+    _require_admin(actor)
     row = PluginConfig.objects.select_for_update().filter(name=plugin.name).first()
     before = resolve(plugin, row)
     stored = dict(row.settings) if row else {}
@@ -111,32 +116,45 @@ def _store(
     )
     if active:
         _raise_if(plugin.validate(after))
+    # Compared as they apply (an empty image is the default image, a missing setting its
+    # default): putting back what a GET showed changes nothing.
+    return _save_if_changed(
+        plugin=plugin,
+        actor=actor,
+        action=action,
+        row=row,
+        before=before,
+        after=after,
+        values={"enabled": enabled, "mode": mode, "image": image, "settings": new_settings},
+    )
 
+
+def _save_if_changed(
+    *,
+    plugin: BasePlugin,
+    actor: Actor,
+    action: str,
+    row: PluginConfig | None,
+    before: ResolvedConfig,
+    after: ResolvedConfig,
+    values: dict[str, Any],
+) -> ConfigureResult:
+    """Store `values`, audit and tell the workers, when the configuration that applies changes."""
     changes = {
-        key: {"from": old, "to": new}
-        for key, old, new in (
-            ("enabled", before.enabled, enabled),
-            ("mode", before.mode, mode),
-            ("image", row.image if row else "", image),
-        )
-        if old != new
+        key: {"from": getattr(before, key), "to": getattr(after, key)}
+        for key in ("enabled", "mode", "image")
+        if getattr(before, key) != getattr(after, key)
     }
-    diff = settings_diff(plugin.settings_schema, stored, new_settings)
+    diff = settings_diff(plugin.settings_schema, before.settings, after.settings)
     if not changes and not diff:
         return ConfigureResult(plugin=plugin, config=before, changed=False, restart_required=False)
-
-    now = timezone.now()
-    row, _created = PluginConfig.objects.update_or_create(
-        name=plugin.name,
-        defaults={
-            "enabled": enabled,
-            "mode": mode,
-            "image": image,
-            "settings": new_settings,
-            "updated_at": now,
-            "updated_by": actor.user,
-        },
-    )
+    if row is None:
+        row = PluginConfig(name=plugin.name)
+    for key, value in values.items():
+        setattr(row, key, value)
+    row.updated_at = timezone.now()
+    row.updated_by = actor.user
+    row.save()
     config = resolve(plugin, row)
     record(
         event_type="plugin_configured",
@@ -172,10 +190,22 @@ def plugin_configure(
     )
 
 
+@transaction.atomic
 def plugin_disable(*, name: str, actor: Actor) -> ConfigureResult:
-    """Turn a plugin off for new tasks; its mode and settings are kept for re-enabling."""
+    """Turn a plugin off for new tasks; its mode and settings are kept for re-enabling.
+
+    Only `enabled` changes, so the stored rest is not re-validated: a plugin whose
+    stored settings a newer version no longer accepts can still be turned off.
+    Like a PUT, it is audited and told to the workers only when it changes something.
+    """
     plugin = get_plugin(name)
-    return _store(plugin=plugin, actor=actor, action="disable", enabled=False, mode=None, image=None, settings=None)
+    _require_admin(actor)
+    row = PluginConfig.objects.select_for_update().filter(name=plugin.name).first()
+    before = resolve(plugin, row)
+    after = dataclasses.replace(before, enabled=False)
+    return _save_if_changed(
+        plugin=plugin, actor=actor, action="disable", row=row, before=before, after=after, values={"enabled": False}
+    )
 
 
 def _check_report(name: Any, status: Any, url: Any, error: Any) -> list[dict[str, str]]:

@@ -62,7 +62,9 @@ class PluginUpdateSerializer(PluginSerializer):
     restart_required = serializers.BooleanField(
         help_text="The change reaches running sidecars only after they restart (new tasks get it at once)"
     )
-    changed = serializers.BooleanField(help_text="False when the request matched the stored configuration")
+    changed = serializers.BooleanField(
+        help_text="False when the configuration that applies did not change (nothing stored or audited)"
+    )
 
 
 class SidecarCountsSerializer(serializers.Serializer):

@@ -104,7 +104,9 @@ class PluginConfigView(PluginView):
             "workers are told). Fields left out keep their values; `settings` replaces the stored settings, "
             'except that a secret sent as "********" keeps its stored value. Unknown or wrongly typed '
             "settings are a 422 naming the field. `restart_required` says running sidecars keep the old "
-            "configuration until they restart. Admin only; audited as `plugin_configured`."
+            "configuration until they restart. `changed` is false when the configuration that applies is "
+            "the same as before (an empty image is the default one, a missing setting its default); then "
+            "nothing is stored, audited or sent. Admin only; audited as `plugin_configured`."
         ),
         tags=TAGS,
         parameters=[PLUGIN_NAME],
@@ -123,7 +125,9 @@ class PluginConfigView(PluginView):
         summary="Disable/unload plugin",
         description=(
             "Disable plugin for tasks dispatched from now on (running sidecars stop with their tasks). "
-            "Its mode and settings are kept, so a PUT with enabled=true turns it back on. Admin only."
+            "Only `enabled` changes: its mode and settings are kept (not re-validated), so a PUT with "
+            "enabled=true turns it back on. Like a PUT, it is audited as `plugin_configured` (action "
+            "`disable`) and told to connected workers, and only when the plugin was enabled. Admin only."
         ),
         **_DISABLE_DOC,
     )

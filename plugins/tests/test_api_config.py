@@ -244,3 +244,63 @@ def test_settings_schema_is_described_without_secret_defaults(user_client):
     assert schema["api_key"]["secret"] is True
     assert schema["run_mode"]["choices"] == ["online", "offline", "disabled"]
     assert schema["run_mode"]["overridable"] is True
+
+
+def test_putting_back_what_a_get_shows_is_not_a_change(admin_client_key):
+    admin_client_key.put("/v1/plugins/wandb/config", WANDB, format="json")
+    shown = admin_client_key.get("/v1/plugins/wandb/config").json()
+
+    response = admin_client_key.put("/v1/plugins/wandb/config", shown, format="json")
+
+    assert response.json()["changed"] is False
+    assert AuditEvent.objects.filter(event_type="plugin_configured").count() == 1
+
+
+def test_putting_back_the_defaults_of_a_never_configured_plugin_is_not_a_change(admin_client_key):
+    shown = admin_client_key.get("/v1/plugins/tensorboard/config").json()
+
+    response = admin_client_key.put("/v1/plugins/tensorboard/config", shown, format="json")
+
+    assert response.json()["changed"] is False
+    assert not PluginConfig.objects.filter(name="tensorboard").exists()
+    assert not AuditEvent.objects.filter(event_type="plugin_configured").exists()
+
+
+def test_setting_a_value_equal_to_its_default_is_not_a_change(admin_client_key):
+    admin_client_key.put("/v1/plugins/wandb/config", WANDB, format="json")
+
+    response = admin_client_key.put(
+        "/v1/plugins/wandb/config", {"settings": {**WANDB["settings"], "run_mode": "online"}}, format="json"
+    )
+
+    assert response.json()["changed"] is False
+
+
+def test_delete_of_a_plugin_already_disabled_is_not_audited(admin_client_key):
+    admin_client_key.put("/v1/plugins/wandb/config", WANDB, format="json")
+    admin_client_key.delete("/v1/plugins/wandb/config")
+
+    response = admin_client_key.delete("/v1/plugins/wandb/config")
+
+    assert response.status_code == 204
+    assert [e.action for e in AuditEvent.objects.filter(event_type="plugin_configured")] == ["configure", "disable"]
+
+
+def test_delete_of_a_never_configured_plugin_is_204_and_stores_nothing(admin_client_key):
+    assert admin_client_key.delete("/v1/plugins/mlflow/config").status_code == 204
+    assert not PluginConfig.objects.filter(name="mlflow").exists()
+    assert not AuditEvent.objects.filter(event_type="plugin_configured").exists()
+
+
+def test_delete_disables_a_plugin_whose_stored_config_no_longer_validates(admin_client_key):
+    # Stored before the plugin dropped a setting: a PUT must fix it, but turning the plugin off must not need that.
+    PluginConfig.objects.create(
+        name="wandb", enabled=True, mode="remote", settings={"api_key": "k", "retired_setting": 1}
+    )
+
+    response = admin_client_key.delete("/v1/plugins/wandb/config")
+
+    assert response.status_code == 204
+    assert PluginConfig.objects.get(name="wandb").enabled is False
+    event = AuditEvent.objects.get(event_type="plugin_configured")
+    assert (event.action, event.metadata["changes"]) == ("disable", {"enabled": {"from": True, "to": False}})

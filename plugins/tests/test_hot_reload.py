@@ -6,6 +6,7 @@ import pytest
 from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 
+from plugins.models import PluginConfig
 from plugins.selectors import plugin_env_for_task, plugin_sidecars_for_task
 from plugins.services import WORKERS_GROUP
 from plugins.tests.factories import TaskFactory
@@ -95,3 +96,23 @@ def test_wandb_env_carries_the_api_key_for_the_task(admin_client_key):
     assert env["WANDB_API_KEY"] == "k-123"
     assert env["WANDB_BASE_URL"] == "https://api.wandb.ai"
     assert (env["WANDB_MODE"], env["WANDB_PROJECT"]) == ("online", "vision")
+
+
+def test_delete_sends_the_worker_plugins_message_put_sends(admin_client_key, django_capture_on_commit_callbacks):
+    PluginConfig.objects.create(name="mlflow", enabled=True, mode="remote", settings=MLFLOW_REMOTE["settings"])
+    channel = async_to_sync(_join_workers_group)()
+    try:
+        with django_capture_on_commit_callbacks(execute=True):
+            assert admin_client_key.delete("/v1/plugins/mlflow/config").status_code == 204
+        message = async_to_sync(_receive)(channel)
+    finally:
+        async_to_sync(_leave)(channel)
+    assert message["type"] == "worker.plugins"
+    [plugin] = message["plugins"]
+    assert (plugin["name"], plugin["enabled"], plugin["mode"]) == ("mlflow", False, "disabled")
+
+
+def test_delete_that_changes_nothing_sends_no_worker_message(admin_client_key, django_capture_on_commit_callbacks):
+    with django_capture_on_commit_callbacks(execute=False) as callbacks:
+        assert admin_client_key.delete("/v1/plugins/mlflow/config").status_code == 204
+    assert callbacks == []
