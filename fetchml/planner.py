@@ -12,7 +12,7 @@ of the search (`checked_not_searched`).
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from django.db import connection
+from django.db import connection, transaction
 from django.db.models import BooleanField, Func, Q
 
 _METHODS = frozenset({"sort", "seqscan"})  # those the hot paths switch off
@@ -31,6 +31,19 @@ def planned_without(*methods: str) -> Iterator[None]:
         cursor.execute("; ".join(f"SET LOCAL enable_{method} = off" for method in methods))
         yield
         cursor.execute("; ".join(f"SET LOCAL enable_{method} TO DEFAULT" for method in methods))
+
+
+@contextmanager
+def read_planned_without(*methods: str) -> Iterator[None]:
+    """`planned_without` around a read made outside any transaction of its own: in one on
+    PostgreSQL (`SET LOCAL` lasts as long as it), in none elsewhere (a transaction on SQLite takes
+    the write lock at BEGIN, and there is no plan to steer)."""
+    if connection.vendor != "postgresql":
+        with planned_without(*methods):
+            yield
+        return
+    with transaction.atomic(), planned_without(*methods):
+        yield
 
 
 class _NotFalse(Func):

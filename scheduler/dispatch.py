@@ -67,11 +67,14 @@ from scheduler.policies import (
     FLEET_FIELDS,
     FleetNode,
     Holds,
-    Shape,
+    active_fleet,
     current_holds,
+    fleet_shortfall,
     is_starving,
     node_could_ever_hold,
     starving_since,
+    task_shape,
+    tasks_fleet_could_ever_run,
 )
 from tasks.models import Task
 from tasks.selectors import owner_username
@@ -137,9 +140,10 @@ class NodeCapacity:
         return gpus
 
 
-def _held_from(node: NodeCapacity, task: Task) -> tuple[int, int]:
-    """(GPUs, batch slots) on `node` held by reservations `task` does not name."""
-    others = [gpus for reservation_id, gpus in node.held.items() if reservation_id != task.reservation_id]
+def held_from(node: NodeCapacity, reservation_id: uuid.UUID | None) -> tuple[int, int]:
+    """(GPUs, batch slots) on `node` held by reservations other than `reservation_id` (all of them
+    for a task naming none): what the matcher keeps from a task, and the worker list shows as reserved."""
+    others = [gpus for held_id, gpus in node.held.items() if held_id != reservation_id]
     return sum(others), len(others)
 
 
@@ -150,7 +154,7 @@ def shortfall(node: NodeCapacity, task: Task) -> str | None:
     """
     if node.held_for is not None and node.held_for != task.id:
         return "held"
-    held_gpus, held_slots = _held_from(node, task)
+    held_gpus, held_slots = held_from(node, task.reservation_id)
     if task.gpu and task.gpu_type and node.gpu_type != task.gpu_type:
         return "gpu_type"
     if len(node.gpu_indices) - held_gpus < task.gpu:
@@ -432,19 +436,42 @@ _longest_waiting = compiled_per_shape(
 )
 
 
+def _starving_head(nodes: list[NodeCapacity], holds: Holds, now: datetime) -> Task | None:
+    """The head of the line to hold capacity for: starving, not placed by this round, and one the
+    active workers could run when empty.
+
+    A head they never could (queued with `allow_unschedulable`, or a gang wider than the workers
+    that could each hold a node of it) is passed over for the first task behind it they could run:
+    capacity held for it would stay idle until more workers connect, and the tasks behind it would
+    starve instead. The workers are read only once the head is found starving.
+    """
+
+    def waits_in_vain(task: Task | None) -> bool:
+        return task is not None and is_starving(task, now) and pick_nodes(nodes, task, holds) is None
+
+    head = next(iter(_line_head(now=now)), None)
+    if not waits_in_vain(head):
+        return None
+    fleet = active_fleet()
+    if fleet_shortfall(task_shape(head), fleet) is None:
+        return head
+    behind = runnable_tasks(now).filter(tasks_fleet_could_ever_run(fleet)).only(*DISPATCH_FIELDS).first()
+    return behind if waits_in_vain(behind) else None
+
+
 def hold_for_starving_head(nodes: list[NodeCapacity], holds: Holds, now: datetime) -> Task | None:
     """Anti-starvation: hold nodes for the head of the line if it has waited too long and does not fit.
 
-    The head is the first runnable task in dispatch order (one index-backed
-    row, read without a lock). Of the claimed nodes it could use when empty,
-    the `node_count` with the most free GPUs, then cores, are held for it; the
-    rest of the round backfills other tasks on the remaining nodes only. Aging
+    The head is the first runnable task in dispatch order that the active
+    workers could run (`_starving_head`, read without a lock). Of the claimed
+    nodes it could use when empty, the `node_count` with the most free GPUs,
+    then cores, are held for it; the rest of the round backfills other tasks on the remaining nodes only. Aging
     brings every long-waiting task to the head eventually.
     """
-    head = next(iter(_line_head(now=now)), None)
-    if head is None or not is_starving(head, now) or pick_nodes(nodes, head, holds) is not None:
+    head = _starving_head(nodes, holds, now)
+    if head is None:
         return None
-    shape = Shape(gpu=head.gpu, gpu_type=head.gpu_type, cpu=head.cpu, memory_gb=head.memory_gb, kind=head.kind)
+    shape = task_shape(head)
     usable = [
         node
         for node in eligible_nodes(nodes, head, holds)

@@ -9,10 +9,12 @@ import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from functools import reduce
+from operator import add, or_
 from typing import Any
 
 from django.contrib.auth.models import AbstractBaseUser
-from django.db.models import Q, QuerySet
+from django.db.models import Case, Expression, Q, QuerySet, Value, When
 
 from fetchml.compiled import compiled_count_per_shape, compiled_once
 from fetchml.conf import app_settings
@@ -93,6 +95,48 @@ def workers_that_could_ever_hold(shape: Shape) -> int:
     )
 
 
+def _task_fits(node: FleetNode) -> Q:
+    """`node_could_ever_hold(node, task)` as a condition on tasks."""
+    slots = ((Task.Kind.BATCH, node.batch_slots), (Task.Kind.SERVICE, node.service_slots))
+    kinds = [kind for kind, count in slots if count > 0]
+    fits = Q(kind__in=kinds, gpu__lte=node.gpu_count, cpu__lte=node.cpu_cores, memory_gb__lte=node.memory_gb)
+    if node.gpu_count:
+        fits &= Q(gpu=0) | Q(gpu_type="") | Q(gpu_type=node.gpu_type)
+    return fits
+
+
+def tasks_fleet_could_ever_run(fleet: list[FleetNode]) -> Q:
+    """`node_could_ever_hold` as a filter on tasks: those with `node_count` nodes of `fleet` that
+    could each hold one node of theirs (tests check that the two agree).
+
+    One condition per group of nodes alike in capacity, not per node, so its size follows the
+    kinds of workers in the fleet, not their number.
+    """
+    alike: dict[tuple, tuple[FleetNode, int]] = {}
+    for node in fleet:
+        if node.batch_slots or node.service_slots:
+            key = (
+                node.gpu_count,
+                node.gpu_type,
+                node.cpu_cores,
+                node.memory_gb,
+                node.batch_slots > 0,
+                node.service_slots > 0,
+            )
+            first, count = alike.get(key, (node, 0))
+            alike[key] = (first, count + 1)
+    if not alike:
+        return Q(pk__in=[])
+    groups = [(_task_fits(node), count) for node, count in alike.values()]
+    one_node = Q(node_count=1) & reduce(or_, (fits for fits, _ in groups))
+    if sum(count for _, count in groups) < 2:
+        return one_node
+    nodes_that_fit: Expression = reduce(
+        add, (Case(When(fits, then=Value(count)), default=Value(0)) for fits, count in groups)
+    )
+    return one_node | Q(node_count__gt=1, node_count__lte=nodes_that_fit)
+
+
 def fleet_shortfall(shape: Shape, fleet: list[FleetNode]) -> str | None:
     """Why no set of `fleet` nodes could ever run `shape`, or None if one could."""
     fitting = sum(1 for node in fleet if node_could_ever_hold(node, shape))
@@ -117,6 +161,11 @@ def registered_fleet() -> list[FleetNode]:
     return [FleetNode.of(worker) for worker in _registered_workers()]
 
 
+def active_fleet() -> list[FleetNode]:
+    """The workers taking work now: what a task can run on until others connect."""
+    return [FleetNode.of(worker) for worker in Worker.objects.filter(status=Worker.Status.ACTIVE).only(*FLEET_FIELDS)]
+
+
 # What `FleetNode.of` reads of a worker: every read it is made from loads at least these.
 FLEET_FIELDS = ("id", "name", "gpu_count", "gpu_type", "cpu_cores", "memory_gb", "batch_slots", "service_slots")
 # Read to bind reservations and to explain a refused submission: compiled once.
@@ -138,6 +187,17 @@ def unschedulable_reason(shape: Shape) -> str | None:
 
 
 # --- reservations ----------------------------------------------------------
+
+
+def task_shape(task: Task) -> Shape:
+    return Shape(
+        gpu=task.gpu,
+        gpu_type=task.gpu_type,
+        cpu=task.cpu,
+        memory_gb=task.memory_gb,
+        node_count=task.node_count,
+        kind=task.kind,
+    )
 
 
 def reservation_shape(reservation: Reservation) -> Shape:

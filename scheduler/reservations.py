@@ -7,6 +7,12 @@ greedy binding dispatch uses, `policies.place_reservations`), and only within
 the owner's RESERVATIONS_PER_USER live reservations. Bookings are serialised
 (an advisory lock on PostgreSQL, the write lock on SQLite) so two concurrent
 ones cannot both take the last capacity.
+
+Every refusal is a 422 naming the request field it is about: `starts_at` for a
+start in the past (beyond STARTS_AT_SKEW, which counts as now) or a window
+already taken, `expires_minutes` for a window length out of range,
+`gpu_count` / `gpu_type` / `node_count` for what the fleet cannot hold, no
+field for the per-user limit.
 """
 
 from datetime import datetime, timedelta
@@ -21,10 +27,19 @@ from fetchml.auth import Actor
 from fetchml.conf import app_settings
 from fetchml.errors import Conflict, Invalid
 from scheduler.models import Reservation
-from scheduler.policies import overlapping_reservations, place_reservations, registered_fleet
+from scheduler.policies import (
+    FleetNode,
+    node_could_ever_hold,
+    overlapping_reservations,
+    place_reservations,
+    registered_fleet,
+    reservation_shape,
+)
 
 LIVE_STATES = (Reservation.Status.PENDING, Reservation.Status.ACTIVE)
 _BOOKING_LOCK = 0x46524553  # any constant shared by every booking transaction
+# A `starts_at` this little in the past is a client clock running behind: taken as now.
+STARTS_AT_SKEW = timedelta(seconds=60)
 
 
 def _serialise_bookings() -> None:
@@ -33,8 +48,37 @@ def _serialise_bookings() -> None:
             cursor.execute("SELECT pg_advisory_xact_lock(%s)", [_BOOKING_LOCK])
 
 
-def _refuse(message: str, field: str = "gpu_count") -> Invalid:
+def _refuse(message: str, field: str | None) -> Invalid:
     return Invalid(message, details=[{"field": field, "message": message}])
+
+
+def _window(*, now: datetime, starts_at: datetime | None, expires_minutes: int) -> tuple[datetime, datetime]:
+    """(start, end) of the window asked for, or the refusal naming the field that is wrong."""
+    limit = app_settings.RESERVATION_MAX_MINUTES
+    if not 1 <= expires_minutes <= limit:
+        raise _refuse(f"expires_minutes must be between 1 and {limit}", "expires_minutes")
+    if starts_at is not None and starts_at < now - STARTS_AT_SKEW:
+        raise _refuse(f"starts_at {starts_at.isoformat()} is in the past; leave it out to start now", "starts_at")
+    start = starts_at if starts_at is not None and starts_at > now else now
+    return start, start + timedelta(minutes=expires_minutes)
+
+
+def _fleet_cannot_hold(candidate: Reservation, fleet: list[FleetNode]) -> Invalid:
+    """Why the registered workers could never hold `candidate`, naming the field to change."""
+    gpu_count, gpu_type, node_count = candidate.gpu_count, candidate.gpu_type, candidate.node_count
+    what = f"{gpu_count} {gpu_type + ' ' if gpu_type else ''}GPU(s) on each of {node_count} worker(s)"
+    refusal = f"the registered workers cannot hold {what}"
+    if not fleet:
+        return _refuse(f"{refusal}: no worker is registered", None)
+    typed = [node for node in fleet if not gpu_type or node.gpu_type == gpu_type]
+    if not typed:
+        return _refuse(f"{refusal}: none has GPUs of type {gpu_type}", "gpu_type")
+    shape = reservation_shape(candidate)
+    fitting = sum(1 for node in typed if node_could_ever_hold(node, shape))
+    if not fitting:
+        largest = max(node.gpu_count for node in typed)
+        return _refuse(f"{refusal}: the largest has {largest} GPU(s)", "gpu_count")
+    return _refuse(f"{refusal}: only {fitting} could hold {gpu_count} GPU(s)", "node_count")
 
 
 def reservation_create(
@@ -49,14 +93,13 @@ def reservation_create(
 ) -> Reservation:
     """Book capacity now (active) or for a future window (pending); 422 with the reason if it cannot be held."""
     now = timezone.now()
-    start = starts_at if starts_at is not None and starts_at > now else now
-    expires_at = start + timedelta(minutes=expires_minutes)
+    start, expires_at = _window(now=now, starts_at=starts_at, expires_minutes=expires_minutes)
     with transaction.atomic():
         _serialise_bookings()
         live = Reservation.objects.filter(owner=owner, status__in=LIVE_STATES, expires_at__gt=now).count()
         limit = app_settings.RESERVATIONS_PER_USER
         if live >= limit:
-            raise _refuse(f"you already have {live} live reservation(s); the limit is {limit}", "expires_minutes")
+            raise _refuse(f"you already have {live} live reservation(s); the limit is {limit}", None)
         candidate = Reservation(
             owner=owner,
             gpu_count=gpu_count,
@@ -70,12 +113,14 @@ def reservation_create(
         fleet = registered_fleet()
         _, alone = place_reservations([candidate], fleet)
         if alone:
-            what = f"{gpu_count} {gpu_type + ' ' if gpu_type else ''}GPU(s) on each of {node_count} worker(s)"
-            raise _refuse(f"the registered workers cannot hold {what}")
+            raise _fleet_cannot_hold(candidate, fleet)
         others = overlapping_reservations(starts_at=start, expires_at=expires_at)
         _, refused = place_reservations([*others, candidate], fleet)
         if refused:
-            raise _refuse("that capacity is already reserved by other reservations in this window")
+            raise _refuse(
+                "that capacity is already reserved by other reservations in this window; choose another starts_at",
+                "starts_at",
+            )
         candidate.save()
         record(
             event_type="reservation_changed",

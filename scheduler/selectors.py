@@ -1,5 +1,6 @@
 """Reads of the scheduler: what to send a worker, and "why is my job still queued?"."""
 
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -7,17 +8,27 @@ from django.db.models import Q
 from django.utils import timezone
 
 from fetchml.compiled import compiled_per_shape
+from fetchml.planner import read_planned_without
 from scheduler.dispatch import (
     CAPACITY_FIELDS,
     capacities,
     eligible_nodes,
+    held_from,
     hold_for_starving_head,
     pick_nodes,
     runnable_tasks,
     shortfall,
 )
 from scheduler.models import NodeAssignment, Reservation, Worker
-from scheduler.policies import current_holds
+from scheduler.policies import (
+    FleetNode,
+    Shape,
+    active_fleet,
+    current_holds,
+    node_could_ever_hold,
+    task_shape,
+    tasks_fleet_could_ever_run,
+)
 from scheduler.protocol import outgoing
 from tasks.models import Task
 from tasks.states import ACTIVE_STATES, TaskStatus
@@ -60,15 +71,116 @@ def cancel_messages(*, worker_id: Any) -> list[dict[str, Any]]:
     ]
 
 
+# --- what a worker has free ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WorkerAvailability:
+    """What the dispatcher would give a task naming no reservation on one worker, and what
+    active reservations hold there."""
+
+    gpus: int
+    batch_slots: int
+    service_slots: int
+    reserved_gpus: int
+    reserved_batch_slots: int
+
+
+def worker_availability(workers: list[Worker], *, now: datetime | None = None) -> dict[Any, WorkerAvailability]:
+    """Free capacity of `workers` as a dispatch round sees it: less what active reservations hold
+    on them (the round's own binding, `current_holds`, and accounting, `held_from`).
+
+    A fixed number of queries (the live reservations, the GPUs in use), whatever the fleet's size.
+    """
+    available = {}
+    for node in capacities(workers, current_holds(now or timezone.now())):
+        reserved_gpus, reserved_slots = held_from(node, None)
+        available[node.worker_id] = WorkerAvailability(
+            gpus=max(len(node.gpu_indices) - reserved_gpus, 0),
+            batch_slots=max(node.batch_slots - reserved_slots, 0),
+            service_slots=max(node.service_slots, 0),
+            reserved_gpus=reserved_gpus,
+            reserved_batch_slots=reserved_slots,
+        )
+    return available
+
+
 # --- why is my job still queued? -------------------------------------------------
 
 
+_WHOLE_QUEUE = 2**62  # a slice that leaves out nothing
+
+
 def queue_position(task: Task, *, now: datetime | None = None) -> int:
-    """How many runnable tasks the scheduler will consider before this one (0 = next)."""
+    """How many runnable tasks the scheduler will consider before this one (0 = next).
+
+    Runnable: queued, past its back-off, and with `node_count` active workers that could each
+    hold one node of it when empty; a task no active worker could ever run is passed over by every
+    round, so it is not ahead of anyone. With no active worker at all, every runnable task ahead
+    counts (the order in which they will start when one connects). Ahead: first in dispatch order,
+    `runnable_tasks`'s (dispatch key, then age), counted along the queue's partial index.
+    """
     if task.status != TaskStatus.QUEUED:
         return 0
-    ahead = Q(dispatch_key__gt=task.dispatch_key) | Q(dispatch_key=task.dispatch_key, created_at__lt=task.created_at)
-    return runnable_tasks(now or timezone.now()).filter(ahead).exclude(id=task.id).count()
+    # `dispatch_key >=` bounds the walk of the index; among equal keys the older task goes first.
+    ahead = runnable_tasks(now or timezone.now()).filter(
+        Q(dispatch_key__gt=task.dispatch_key) | Q(created_at__lt=task.created_at), dispatch_key__gte=task.dispatch_key
+    )
+    if fleet := active_fleet():
+        ahead = ahead.filter(tasks_fleet_could_ever_run(fleet))
+    # Counted as a walk of `task_runnable_by_priority` from the head of the line to this task,
+    # whatever the statistics say: the rows are counted in dispatch order (a slice keeps the order
+    # in the count's subquery), and with sorting off that walk is the only plan left. Counted
+    # without an order, after a burst the statistics had not seen, the planner read every queued
+    # task through another index of the queue.
+    with read_planned_without("sort"):
+        return ahead.values("id")[:_WHOLE_QUEUE].count()
+
+
+def _plural(count: int, unit: str) -> str:
+    return f"{count} {unit}" if count == 1 else f"{count} {unit}s"
+
+
+def _beyond_the_fleet(shape: Shape, fleet: list[FleetNode]) -> str:
+    """What no node of `fleet` has of one node of `shape`: each need that none meets alone, or else
+    all of them together."""
+    typed = bool(shape.gpu and shape.gpu_type)
+    gpus = _plural(shape.gpu, "GPU") + (f" of type {shape.gpu_type}" if typed else "")
+    of_type = [node for node in fleet if not typed or node.gpu_type == shape.gpu_type]
+    slot = f"a {shape.kind} slot"
+    lacking = []
+    if typed and not of_type:
+        lacking.append(f"GPUs of type {shape.gpu_type}")
+    elif shape.gpu > max((node.gpu_count for node in of_type), default=0):
+        lacking.append(gpus)
+    if shape.cpu > max(node.cpu_cores for node in fleet):
+        lacking.append(_plural(shape.cpu, "CPU core"))
+    if shape.memory_gb > max(node.memory_gb for node in fleet):
+        lacking.append(f"{shape.memory_gb} GB of memory")
+    if not any(node_could_ever_hold(node, Shape(kind=shape.kind)) for node in fleet):
+        lacking.append(slot)
+    if lacking:
+        return " or ".join(lacking)
+    wanted = [gpus] if shape.gpu else []
+    if shape.cpu:
+        wanted.append(_plural(shape.cpu, "CPU core"))
+    if shape.memory_gb:
+        wanted.append(f"{shape.memory_gb} GB of memory")
+    return ", ".join(wanted) + f" and {slot} at once"
+
+
+def _never_fits(task: Task, fleet: list[FleetNode]) -> str:
+    """Why the active workers could not hold `task` even if they were idle ('' if they could)."""
+    shape = task_shape(task)
+    could = sum(node_could_ever_hold(node, shape) for node in fleet)
+    if could >= task.node_count:
+        return ""
+    if could:
+        return (
+            f"only {could} active worker(s) could ever hold one of its {task.node_count} nodes; "
+            "it waits until more connect"
+        )
+    return f"no active worker has {_beyond_the_fleet(shape, fleet)}; it waits until one connects"
 
 
 def _need(task: Task) -> str:
@@ -102,6 +214,8 @@ def pending_reason(task: Task, *, now: datetime | None = None, position: int | N
     nodes = capacities(workers, holds)
     head = hold_for_starving_head(nodes, holds, now)
     if pick_nodes(nodes, task, holds) is None:
+        if never := _never_fits(task, [FleetNode.of(worker) for worker in workers]):
+            return never
         missing = [shortfall(node, task) for node in eligible_nodes(nodes, task, holds)]
         fitting = missing.count(None)
         nodes_text = f"{task.node_count} workers" if task.node_count > 1 else "worker"
@@ -117,5 +231,5 @@ def pending_reason(task: Task, *, now: datetime | None = None, position: int | N
     if position is None:
         position = queue_position(task, now=now)
     if position:
-        return f"behind {position} higher-priority task(s)"
+        return f"behind {position} runnable task(s) in dispatch order"
     return "waiting for the next scheduling round"

@@ -5,8 +5,8 @@ import pytest
 from django.db import connection, transaction
 from django.db.models import Q
 
-from conftest import requires_postgres
-from fetchml.planner import checked_not_searched, planned_without
+from conftest import USING_POSTGRES, requires_postgres
+from fetchml.planner import checked_not_searched, planned_without, read_planned_without
 from tasks.models import Task
 from tasks.tests.factories import TaskFactory
 
@@ -35,6 +35,24 @@ def test_plan_methods_come_back_with_a_rollback():
         raise RuntimeError("the transaction fails inside the block")
 
     assert _setting("enable_seqscan") == "on"
+
+
+@requires_postgres
+def test_a_read_planned_without_a_method_has_it_off_inside_and_back_after():
+    with read_planned_without("sort"):
+        inside = _setting("enable_sort")
+
+    assert (inside, _setting("enable_sort")) == ("off", "on")
+
+
+@pytest.mark.skipif(USING_POSTGRES, reason="a transaction on SQLite takes the write lock")
+def test_a_read_planned_without_a_method_opens_no_transaction_outside_postgresql():
+    before = list(connection.savepoint_ids)
+
+    with read_planned_without("sort"):
+        inside = list(connection.savepoint_ids)
+
+    assert inside == before
 
 
 def test_an_unknown_plan_method_is_refused():

@@ -9,6 +9,7 @@ from django.utils import timezone
 from fetchml.auth import Actor
 from fetchml.errors import NotFound
 from scheduler.models import NodeAssignment, Reservation, Worker
+from scheduler.selectors import worker_availability
 from tasks.models import Task
 from tasks.states import ACTIVE_STATES, TaskStatus
 
@@ -47,15 +48,23 @@ def _workers() -> QuerySet[Worker]:
     return Worker.objects.prefetch_related(Prefetch("assignments", queryset=live, to_attr="live_assignments"))
 
 
+def _with_availability(workers: list[Worker]) -> list[Worker]:
+    # What the dispatcher would give an ordinary task, reservations deducted: `worker.availability`.
+    available = worker_availability(workers)
+    for worker in workers:
+        worker.availability = available[worker.id]
+    return workers
+
+
 def worker_list() -> list[Worker]:
-    return list(_workers().order_by("name"))
+    return _with_availability(list(_workers().order_by("name")))
 
 
 def worker_get(*, worker_id: Any) -> Worker:
     worker = _workers().filter(id=worker_id).first()
     if worker is None:
         raise NotFound("Worker not found")
-    return worker
+    return _with_availability([worker])[0]
 
 
 def _visible_reservations(actor: Actor) -> QuerySet[Reservation]:

@@ -30,8 +30,13 @@ class CapabilitiesSerializer(serializers.Serializer):
 
 
 class SlotsSerializer(serializers.Serializer):
-    batch_available = serializers.IntegerField()
+    batch_available = serializers.IntegerField(
+        help_text="Batch slots a task naming no reservation could take now: free ones less those reserved"
+    )
     batch_total = serializers.IntegerField()
+    batch_reserved = serializers.IntegerField(
+        help_text="Batch slots held here by active reservations (one each), not counted as available"
+    )
     service_available = serializers.IntegerField()
     service_total = serializers.IntegerField()
 
@@ -44,6 +49,13 @@ class WorkerSerializer(serializers.Serializer):
     last_heartbeat = serializers.DateTimeField(allow_null=True)
     capabilities = serializers.SerializerMethodField()
     slots = serializers.SerializerMethodField()
+    gpus_available = serializers.IntegerField(
+        source="availability.gpus",
+        help_text="GPUs a task naming no reservation could get now: free ones less those reserved",
+    )
+    gpus_reserved = serializers.IntegerField(
+        source="availability.reserved_gpus", help_text="GPUs held here by active reservations"
+    )
     active_tasks = serializers.SerializerMethodField(help_text="IDs of the tasks holding capacity on this worker")
 
     @extend_schema_field(CapabilitiesSerializer)
@@ -57,10 +69,12 @@ class WorkerSerializer(serializers.Serializer):
 
     @extend_schema_field(SlotsSerializer)
     def get_slots(self, worker: Worker) -> dict[str, int]:
+        # `availability` is attached by the read (scheduler.selectors.worker_availability).
         return {
-            "batch_available": worker.batch_slots - worker.used_batch_slots,
+            "batch_available": worker.availability.batch_slots,
             "batch_total": worker.batch_slots,
-            "service_available": worker.service_slots - worker.used_service_slots,
+            "batch_reserved": worker.availability.reserved_batch_slots,
+            "service_available": worker.availability.service_slots,
             "service_total": worker.service_slots,
         }
 
@@ -91,7 +105,10 @@ class CreateReservationSerializer(StrictSerializer):
     node_count = StrictIntegerField(required=False, default=1, min_value=1, max_value=1024)
     expires_minutes = StrictIntegerField(required=False, default=30, min_value=1, help_text="Window length")
     starts_at = serializers.DateTimeField(
-        required=False, allow_null=True, default=None, help_text="Start of the window (default: now)"
+        required=False,
+        allow_null=True,
+        default=None,
+        help_text="Start of the window (default: now); at most 60 s in the past, taken as now",
     )
 
     def validate_expires_minutes(self, value: int) -> int:

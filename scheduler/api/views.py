@@ -138,9 +138,10 @@ class ReservationListCreateView(APIView):
         summary="Create reservation",
         description=(
             "Hold `gpu_count` GPUs (of `gpu_type`) on each of `node_count` workers for `expires_minutes`, "
-            "from now or from `starts_at`. Refused (422, with the reason) beyond FETCHML_RESERVATIONS_PER_USER "
-            "live reservations, or when the registered workers cannot hold it next to the other reservations "
-            "of that window. Tasks submitted with its `reservation_id` run on it."
+            "from now or from `starts_at` (up to 60 s in the past counts as now: clock skew). Refused (422, "
+            "with the reason and the field it is about) for a `starts_at` further in the past, beyond "
+            "FETCHML_RESERVATIONS_PER_USER live reservations, or when the registered workers cannot hold it "
+            "next to the other reservations of that window. Tasks submitted with its `reservation_id` run on it."
         ),
         request=CreateReservationSerializer,
         responses={201: ReservationSerializer, 401: UNAUTHORIZED, 403: FORBIDDEN, 422: VALIDATION},

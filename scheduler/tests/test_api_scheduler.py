@@ -76,7 +76,14 @@ def test_worker_representation_has_capabilities_slots_and_active_tasks(user_clie
     body = user_client.get(f"{WORKERS}/{box.id}").json()
     assert body["name"] == "gpu-1"
     assert body["capabilities"] == {"gpu_count": 4, "gpu_type": "A100", "cpu_cores": 8, "memory_gb": 32}
-    assert body["slots"] == {"batch_available": 1, "batch_total": 2, "service_available": 1, "service_total": 1}
+    assert body["slots"] == {
+        "batch_available": 1,
+        "batch_total": 2,
+        "batch_reserved": 0,
+        "service_available": 1,
+        "service_total": 1,
+    }
+    assert (body["gpus_available"], body["gpus_reserved"]) == (3, 0)
     assert body["active_tasks"] == [str(task.id)]
     assert body["status"] == "active"
     assert [w["id"] for w in user_client.get(WORKERS).json()] == [str(box.id)]

@@ -154,3 +154,33 @@ def test_small_job_is_backfilled_on_a_node_the_starving_job_cannot_use(settings)
 
     assert _started(gang, cpu_job, gpu_job) == [False, True, False]
     assert assignments_of(cpu_job)[0].worker.name == "cpu-only"
+
+
+def test_a_starving_gang_wider_than_the_active_workers_holds_none_of_them(settings):
+    settings.FETCHML_STARVATION_SECONDS = 60
+    worker(name="node-0", batch_slots=1)
+    worker(name="node-1", batch_slots=1)
+    too_wide = queued_task(node_count=3, queued_at=timezone.now() - timedelta(minutes=10))
+    small = queued_task(queued_at=timezone.now() - timedelta(minutes=5))
+
+    dispatch_round()
+
+    assert _started(too_wide, small) == [False, True]
+
+
+def test_the_first_starving_task_the_active_workers_could_run_gets_the_hold(settings):
+    settings.FETCHML_STARVATION_SECONDS = 60
+    worker(name="gpu-0", gpu_count=4, batch_slots=1)
+    worker(name="gpu-1", gpu_count=4, batch_slots=1)
+    worker(name="cpu-only", gpu_count=0, batch_slots=1)
+    queued_task(gpu=4, priority=10)
+    dispatch_round()  # one GPU node busy
+    too_wide = queued_task(node_count=4, queued_at=timezone.now() - timedelta(minutes=20))
+    gang = queued_task(node_count=2, gpu=4, queued_at=timezone.now() - timedelta(minutes=10))
+    cpu_job = queued_task(queued_at=timezone.now() - timedelta(minutes=5))
+    gpu_job = queued_task(gpu=1, queued_at=timezone.now() - timedelta(minutes=4))
+
+    dispatch_round()
+
+    # The free GPU node is held for the gang; the too-wide task behind which it waits holds nothing.
+    assert _started(too_wide, gang, cpu_job, gpu_job) == [False, False, True, False]

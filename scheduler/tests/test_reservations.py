@@ -161,3 +161,112 @@ def test_cancelled_reservation_releases_capacity_and_cannot_be_cancelled_twice(o
     assert _status(other) == TaskStatus.PREPARING
     with pytest.raises(Conflict):
         reservation_cancel(reservation=reservation, actor=actor)
+
+
+# --- what a refusal names ----------------------------------------------------------------
+
+
+def _refused_field(owner, **fields) -> str | None:
+    with pytest.raises(Invalid) as refused:
+        _book(owner, **fields)
+    [detail] = refused.value.details
+    return detail["field"]
+
+
+def test_start_in_the_past_beyond_the_clock_skew_is_refused_naming_starts_at(owner):
+    worker(gpu_count=4)
+
+    assert _refused_field(owner, starts_at=timezone.now() - timedelta(minutes=5)) == "starts_at"
+    assert not Reservation.objects.exists()
+
+
+def test_start_a_few_seconds_in_the_past_is_taken_as_now(owner):
+    worker(gpu_count=4)
+    before = timezone.now()
+
+    reservation = _book(owner, starts_at=before - timedelta(seconds=10), expires_minutes=30)
+
+    assert reservation.status == Reservation.Status.ACTIVE
+    assert reservation.starts_at >= before
+    assert reservation.expires_at == reservation.starts_at + timedelta(minutes=30)
+
+
+def test_too_few_workers_for_the_node_count_is_refused_naming_node_count(owner):
+    worker(gpu_count=4)
+    worker(gpu_count=4)
+
+    assert _refused_field(owner, gpu_count=4, node_count=3) == "node_count"
+
+
+def test_no_worker_with_that_many_gpus_is_refused_naming_gpu_count(owner):
+    worker(gpu_count=4)
+
+    assert _refused_field(owner, gpu_count=8) == "gpu_count"
+
+
+def test_gpu_type_no_worker_has_is_refused_naming_gpu_type(owner):
+    worker(gpu_count=4, gpu_type="A100")
+
+    assert _refused_field(owner, gpu_type="H100") == "gpu_type"
+
+
+def test_window_already_reserved_is_refused_naming_starts_at(owner):
+    worker(gpu_count=4)
+    _book(UserFactory())
+
+    assert _refused_field(owner) == "starts_at"
+
+
+def test_live_reservation_limit_is_refused_naming_no_field(owner, settings):
+    settings.FETCHML_RESERVATIONS_PER_USER = 1
+    worker(gpu_count=8, batch_slots=4)
+    _book(owner, gpu_count=1)
+
+    assert _refused_field(owner, gpu_count=1) is None
+
+
+@pytest.mark.parametrize("minutes", [0, 7 * 24 * 60 + 1])
+def test_window_length_out_of_range_is_refused_naming_expires_minutes(owner, minutes):
+    worker(gpu_count=4)
+
+    assert _refused_field(owner, expires_minutes=minutes) == "expires_minutes"
+
+
+def test_reservation_starting_in_the_past_is_422_naming_starts_at(user_client):
+    worker(gpu_count=4)
+    body = {"gpu_count": 1, "starts_at": (timezone.now() - timedelta(days=1)).isoformat()}
+
+    response = user_client.post("/v1/scheduler/reservations", body, format="json")
+
+    assert response.status_code == 422, response.content
+    assert response.json()["code"] == "VALIDATION_ERROR"
+    assert [detail["field"] for detail in response.json()["details"]] == ["starts_at"]
+
+
+def test_reservation_too_wide_for_the_fleet_is_422_naming_node_count(user_client):
+    worker(gpu_count=4)
+
+    response = user_client.post("/v1/scheduler/reservations", {"gpu_count": 1, "node_count": 2}, format="json")
+
+    assert response.status_code == 422, response.content
+    assert [detail["field"] for detail in response.json()["details"]] == ["node_count"]
+
+
+# --- an ended reservation holds nothing --------------------------------------------------
+
+
+def test_cancelled_reservation_leaves_its_window_free_for_another_booking(owner):
+    worker(gpu_count=4)
+    theirs = _book(UserFactory(), expires_minutes=60)
+    reservation_cancel(reservation=theirs, actor=Actor(user=theirs.owner, role="user"))
+
+    assert _book(owner).status == Reservation.Status.ACTIVE
+
+
+def test_cancelled_reservation_does_not_count_against_the_owners_limit(owner, settings):
+    settings.FETCHML_RESERVATIONS_PER_USER = 1
+    worker(gpu_count=4)
+    first = _book(owner)
+    reservation_cancel(reservation=first, actor=Actor(user=owner, role="user"))
+
+    assert _book(owner).status == Reservation.Status.ACTIVE

@@ -9,6 +9,7 @@ from django.utils import timezone
 from artifacts.tests.factories import DatasetFactory, SnapshotFactory
 from audit.models import AuditEvent
 from conftest import KeyClient
+from plugins.models import PluginConfig
 from scheduler.models import NodeAssignment
 from tasks.models import Task
 from tasks.states import TaskStatus
@@ -113,6 +114,7 @@ def test_submit_stores_every_fetchml_extension(user_client, user):
     reservation = ReservationFactory(owner=user)
     snapshot = SnapshotFactory(uploaded_by=[user])
     DatasetFactory(owner=user, name="mnist")
+    PluginConfig.objects.create(name="tensorboard", enabled=True, mode="sidecar")  # a task may tune enabled ones
     payload = {
         "job_name": "big_run-2",
         "priority": 9,
@@ -227,7 +229,7 @@ def test_queued_task_detail_says_where_it_is_in_the_queue_and_why(user_client, u
 
     assert ahead.status == TaskStatus.QUEUED
     assert body["queue_position"] == 1
-    assert body["pending_reason"] == "no worker with 2 free GPU(s), a free batch slot"
+    assert body["pending_reason"] == "no active worker has 2 GPUs; it waits until one connects"
 
 
 def test_started_task_detail_has_no_queue_position(user_client, user):
