@@ -1,4 +1,4 @@
-"""Experiments: creating, listing, reading and editing them.
+"""Experiments: creating, reading and editing them (the list is a shared read, in tasks/selectors.py).
 
 A name identifies an experiment among its owner's experiments that are not
 deleted (the `experiment_owner_name_unique` constraint); taking one already in
@@ -12,7 +12,6 @@ from django.contrib.auth.models import AbstractBaseUser
 from django.db import IntegrityError, transaction
 
 from fetchml.auth import Actor
-from fetchml.conf import app_settings
 from fetchml.errors import Conflict, Invalid, NotFound
 from tasks.models import Experiment
 
@@ -54,19 +53,6 @@ def experiment_create(*, owner: AbstractBaseUser, name: str, description: str = 
     experiment = Experiment(owner=owner, name=name, description=description, commit_id=commit_id)
     _save_unique(experiment, force_insert=True)
     return experiment
-
-
-def experiment_list(
-    *, actor: Actor, status: str | None = None, limit: int | None = None, offset: int = 0
-) -> tuple[list[Experiment], int]:
-    """A page of the experiments visible to the actor (theirs, everyone's for an admin), and their total."""
-    limit = limit or app_settings.MAX_PAGE_SIZE
-    experiments = Experiment.objects.select_related("owner").order_by("-created_at", "-id")
-    if not actor.is_admin:
-        experiments = experiments.filter(owner=actor.user)
-    if status:
-        experiments = experiments.filter(status=status)
-    return list(experiments[offset : offset + limit]), experiments.count()
 
 
 def experiment_get(*, actor: Actor, experiment_id: uuid.UUID) -> Experiment:

@@ -102,10 +102,19 @@ def queue_stats(*, now: datetime | None = None) -> dict[str, int]:
     return counts
 
 
-def experiment_list(*, actor: Actor, limit: int | None = None, offset: int = 0) -> tuple[list[Experiment], int]:
-    """A page of the experiments visible to the actor, and their total."""
+def experiment_list(
+    *, actor: Actor, status: str | None = None, limit: int | None = None, offset: int = 0
+) -> tuple[list[Experiment], int]:
+    """A page of the experiments visible to the actor (theirs, everyone's for an admin; deleted
+    ones are gone, as for a read of one), and their total."""
     limit = limit or app_settings.MAX_PAGE_SIZE
-    experiments = Experiment.objects.select_related("owner").order_by("-created_at", "-id")
+    experiments = (
+        Experiment.objects.select_related("owner")
+        .exclude(status=Experiment.Status.DELETED)
+        .order_by("-created_at", "-id")
+    )
     if not actor.is_admin:
         experiments = experiments.filter(owner=actor.user)
+    if status:
+        experiments = experiments.filter(status=status)
     return list(experiments[offset : offset + limit]), experiments.count()

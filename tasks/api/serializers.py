@@ -292,7 +292,9 @@ class ExperimentSerializer(serializers.Serializer):
 
 
 class ExperimentListQuerySerializer(serializers.Serializer):
-    status = serializers.ChoiceField(choices=Experiment.Status.choices, required=False)
+    status = serializers.ChoiceField(
+        choices=[Experiment.Status.ACTIVE, Experiment.Status.ARCHIVED], required=False, help_text="active or archived"
+    )
     limit = serializers.IntegerField(min_value=1, required=False, help_text="Defaults to FETCHML_MAX_PAGE_SIZE")
     offset = offset_field()
 

@@ -228,7 +228,7 @@ class ExperimentListCreateView(APIView):
     )
     def get(self, request: Request) -> Response:
         query = _query(ExperimentListQuerySerializer, request)
-        page, total = experiments.experiment_list(
+        page, total = selectors.experiment_list(
             actor=actor_from_request(request),
             status=query.get("status"),
             limit=query.get("limit"),

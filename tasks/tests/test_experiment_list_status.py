@@ -1,4 +1,4 @@
-"""GET /v1/experiments?status=..."""
+"""GET /v1/experiments?status=... and what the list leaves out."""
 
 import pytest
 
@@ -33,3 +33,17 @@ def test_unknown_status_filter_is_bad_request_naming_status(user_client):
     body = response.json()
     assert body["code"] == "BAD_REQUEST"
     assert [detail["field"] for detail in body["details"]] == ["status"]
+
+
+def test_a_deleted_experiment_is_not_listed(user_client, user):
+    kept = ExperimentFactory(owner=user)
+    ExperimentFactory(owner=user, status=Experiment.Status.DELETED)
+
+    response = user_client.get("/v1/experiments")
+
+    assert [e["id"] for e in response.json()] == [str(kept.id)]
+    assert response["X-Total-Count"] == "1"
+
+
+def test_deleted_experiments_cannot_be_listed_by_status(user_client):
+    assert user_client.get("/v1/experiments", {"status": "deleted"}).status_code == 400
