@@ -71,7 +71,9 @@ def test_the_next_statement_after_a_cut_runs_on_a_new_connection(watchdog, own_t
     assert own_thread(backend_pid) != pid
 
 
-def test_a_commit_sent_to_a_frozen_server_process_fails_and_nothing_is_stored(watchdog, freezable_database):
+def test_a_commit_sent_to_a_frozen_server_process_fails_after_the_limit(watchdog, freezable_database):
+    # Whether the commit lands is unknown, as after any connection lost at commit: the server
+    # process may read it from its socket when it resumes. The caller must not wait for good.
     key = ApiKeyFactory.create()
     updated, commit = threading.Event(), threading.Event()
     pid: list[int] = []
@@ -90,11 +92,11 @@ def test_a_commit_sent_to_a_frozen_server_process_fails_and_nothing_is_stored(wa
         renaming = pool.submit(rename_then_commit)
         assert updated.wait(WAIT)
         with frozen(pid[0]):
+            started = time.monotonic()
             commit.set()
             with pytest.raises(OperationalError):
                 renaming.result(timeout=WAIT)
-    key.refresh_from_db()
-    assert key.name != "renamed"
+            assert time.monotonic() - started < LIMIT + 5
 
 
 def test_a_statement_answered_within_the_limit_is_left_alone(watchdog, own_thread):
