@@ -1,12 +1,23 @@
-"""`manage.py serve` as a supervisor sees it: a server that cannot listen fails."""
+"""`manage.py serve` as a supervisor sees it: a server that cannot listen fails; a local agent that dies
+is started again, one drained on purpose is not."""
 
 import os
+import queue
+import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
+import pytest
 from django.conf import settings
+
+from fetchml.management.commands.serve import RESTART_FIRST_SECONDS
+from fetchml.testing import free_port
+
+WAIT = 60.0
 
 
 def test_serve_on_a_port_already_taken_exits_non_zero_saying_so(tmp_path: Path) -> None:
@@ -27,3 +38,112 @@ def test_serve_on_a_port_already_taken_exits_non_zero_saying_so(tmp_path: Path) 
     assert result.returncode != 0
     assert f"nothing is listening on 127.0.0.1:{port}" in result.stderr
     assert "Address already in use" in result.stderr
+
+
+class _Serve:
+    """`manage.py serve` with one local worker on a fresh embedded database in `var_dir`, its log read
+    line by line in a thread."""
+
+    def __init__(self, var_dir: Path) -> None:
+        self.env = {
+            "PATH": os.environ.get("PATH", ""),
+            "HOME": os.environ.get("HOME", ""),
+            "FETCHML_VAR_DIR": str(var_dir),
+            "FETCHML_LOG_LEVEL": "INFO",
+            "PYTHONUNBUFFERED": "1",
+        }
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.seen: list[str] = []
+        manage = [sys.executable, "manage.py"]
+        subprocess.run(
+            [*manage, "migrate", "--noinput"], cwd=settings.BASE_DIR, env=self.env, check=True, capture_output=True
+        )
+        self.port = free_port()
+        self.process = subprocess.Popen(
+            [*manage, "serve", "--port", str(self.port), "--workers", "1"],
+            cwd=settings.BASE_DIR,
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        for line in self.process.stdout:
+            self.lines.put(line)
+
+    def wait_for(self, text: str, *, timeout: float = WAIT) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self.lines.get(timeout=max(deadline - time.monotonic(), 0.01))
+            except queue.Empty:
+                raise AssertionError(f"no line with {text!r} in {timeout} s; seen:\n{''.join(self.seen)}") from None
+            self.seen.append(line)
+            if text in line:
+                return line
+
+    def agents(self) -> list[int]:
+        """Pids of the local agents serve runs now."""
+        found = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == self.process.pid:
+                found.append(int(stat.parent.name))
+        return found
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout=WAIT)
+        finally:
+            if self.process.poll() is None:
+                self.process.kill()
+                self.process.wait()
+            self.reader.join(timeout=WAIT)
+            self.process.stdout.close()
+
+
+@pytest.fixture
+def serve(tmp_path: Path):
+    if not Path("/proc/self/stat").exists():
+        pytest.skip("finds the local agents through /proc (Linux)")
+    running = _Serve(tmp_path)
+    yield running
+    running.stop()
+
+
+@pytest.mark.e2e
+def test_a_local_worker_that_dies_is_started_again(serve):
+    serve.wait_for("connected to ws://")
+    [agent] = serve.agents()
+
+    os.kill(agent, signal.SIGKILL)
+
+    serve.wait_for("local worker 1 died (signal 9); starting it again")
+    serve.wait_for("connected to ws://")
+    [again] = serve.agents()
+    assert again != agent
+    assert serve.stop() == 0
+    with pytest.raises(ProcessLookupError):
+        os.kill(again, 0)
+
+
+@pytest.mark.e2e
+def test_a_local_worker_drained_by_an_operator_stays_stopped(serve):
+    serve.wait_for("connected to ws://")
+    [agent] = serve.agents()
+    os.kill(agent, signal.SIGTERM)  # as the server's drain does, the agent finishes and exits 0
+
+    serve.wait_for("local worker 1 drained and stopped")
+    deadline = time.monotonic() + RESTART_FIRST_SECONDS * 3
+    while time.monotonic() < deadline:  # long enough for a restart to have begun
+        assert serve.agents() == []
+        time.sleep(0.1)
+    assert serve.stop() == 0

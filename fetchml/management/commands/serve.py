@@ -7,6 +7,9 @@ import signal
 import socket
 import subprocess
 import sys
+import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 from django.conf import settings
@@ -16,6 +19,10 @@ from fetchml.localkeys import ensure_local_key
 
 logger = logging.getLogger("fetchml.serve")
 WORKER_DRAIN_SECONDS = 15.0
+# A local agent that died is started again after this long, doubling up to the most while it keeps
+# dying young; one that ran for RESTART_RESET_SECONDS starts the back-off over.
+RESTART_FIRST_SECONDS, RESTART_MOST_SECONDS, RESTART_RESET_SECONDS = 1.0, 60.0, 60.0
+WORKER_POLL_SECONDS = 0.5
 
 
 def local_worker_command(*, host: str, port: int, index: int) -> list[str]:
@@ -103,6 +110,12 @@ class Command(BaseCommand):
 
                 state["scheduler_task"] = loop.create_task(SchedulerLoop().run(state["stop"]))
             state["children"] = [self._start_worker(host, port, index, worker_key) for index in range(workers)]
+            state["keepers"] = [
+                loop.create_task(
+                    self._keep_worker(state, index, partial(self._start_worker, host, port, index, worker_key))
+                )
+                for index in range(workers)
+            ]
             self._print_banner(host, port, workers)
 
         server = Server(
@@ -125,6 +138,39 @@ class Command(BaseCommand):
         # Own process group: Ctrl-C in the terminal reaches only this process,
         # which then drains the workers in order.
         return subprocess.Popen(command, env=env, start_new_session=True)
+
+    async def _keep_worker(self, state: dict, index: int, start: Callable[[], subprocess.Popen]) -> None:
+        """Start local agent `index` again when it dies (a crash, the OOM killer); not when it
+        stopped on purpose: drained by an operator (exit 0) or refused by the server (exit 2: its
+        key revoked, its name taken), which starting again would not mend."""
+        from scheduler.agent.client import EXIT_OK, EXIT_REFUSED
+
+        delay = RESTART_FIRST_SECONDS
+        while True:
+            child = state["children"][index]
+            started = time.monotonic()
+            # Polled: a thread blocked in wait() per agent could take every thread of the loop's
+            # default executor, which the shutdown needs.
+            while (code := child.poll()) is None:
+                await asyncio.sleep(WORKER_POLL_SECONDS)
+            if state["stopping"]:
+                return
+            if code == EXIT_OK:
+                logger.warning("local worker %d drained and stopped; restart serve to start it again", index + 1)
+                return
+            if code == EXIT_REFUSED:
+                logger.error("local worker %d was refused by the server (see its log); not started again", index + 1)
+                return
+            if time.monotonic() - started >= RESTART_RESET_SECONDS:
+                delay = RESTART_FIRST_SECONDS
+            how = f"signal {-code}" if code < 0 else f"exit code {code}"
+            logger.warning("local worker %d died (%s); starting it again in %.0f s", index + 1, how, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RESTART_MOST_SECONDS)
+            # No await between this check and the start: a stop cannot slip in and miss the new agent.
+            if state["stopping"]:
+                return
+            state["children"][index] = start()
 
     def _stop_workers(self, children: list[subprocess.Popen]) -> None:
         """SIGTERM = drain; a second SIGTERM after the grace period stops runs
