@@ -1,4 +1,4 @@
-"""Two gaps in what daphne 4 puts on the wire, filled when the ASGI application loads.
+"""Three gaps in what daphne 4 puts on the wire, filled when the ASGI application loads.
 
 - Status lines: ASGI carries only a status code and daphne takes the reason
   phrase from Twisted's table, which lacks some codes FetchML answers with (422,
@@ -9,17 +9,29 @@
   (django/daphne#374), so an agent refused with 4409 could not say why. Its
   WebSocket protocol is made to send the reason with the code, as autobahn (on
   which daphne is built) allows; every other reply keeps daphne's own handling.
+- Over-long lines: a request line or a header line longer than Twisted's limit
+  (16 KiB) had the connection dropped with no answer at all, which a client
+  reports as a network error. It is answered 414 (the request line) or 431 (a
+  header) in the one error format, then closed.
 
 Installed from `fetchml.asgi`, so only serving processes import Twisted.
 """
 
+import json
+import logging
 from http import HTTPStatus
 from typing import Any
+
+from fetchml.errors import code_for_status, error_body
+from fetchml.tracing import new_trace_id, reset_trace_id, set_trace_id
+
+logger = logging.getLogger("fetchml.http")
 
 
 def install() -> None:
     _complete_reason_phrases()
     _send_close_reasons()
+    _answer_overlong_lines()
 
 
 def _complete_reason_phrases() -> None:
@@ -44,3 +56,38 @@ def _send_close_reasons() -> None:
 
     handle_reply.sends_close_reasons = True  # type: ignore[attr-defined]
     WebSocketProtocol.handle_reply = handle_reply
+
+
+def overlong_line_answer(*, request_line: bool) -> bytes:
+    """The whole HTTP response to a line over Twisted's limit, in the one error format."""
+    status = HTTPStatus.REQUEST_URI_TOO_LONG if request_line else HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE
+    what = "The request line" if request_line else "A header line"
+    trace_id = new_trace_id()
+    token = set_trace_id(trace_id)
+    try:
+        body = error_body(f"{what} is longer than 16384 bytes", code_for_status(status))
+        logger.warning("answered %d: %s is longer than 16384 bytes", status, what.lower())
+    finally:
+        reset_trace_id(token)
+    content = json.dumps(body, separators=(",", ":")).encode()
+    head = (
+        f"HTTP/1.1 {status.value} {status.phrase}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(content)}\r\nX-Request-ID: {trace_id}\r\nConnection: close\r\n\r\n"
+    )
+    return head.encode("ascii") + content
+
+
+def _answer_overlong_lines() -> None:
+    from twisted.web.http import HTTPChannel
+
+    if getattr(HTTPChannel.lineLengthExceeded, "answers", False):
+        return
+
+    def lineLengthExceeded(self: Any, line: bytes) -> None:
+        # Twisted's own flag: set while the next line to come is a request line.
+        request_line = bool(getattr(self, "_HTTPChannel__first_line", 0))
+        self.transport.write(overlong_line_answer(request_line=request_line))
+        self.transport.loseConnection()
+
+    lineLengthExceeded.answers = True  # type: ignore[attr-defined]
+    HTTPChannel.lineLengthExceeded = lineLengthExceeded
