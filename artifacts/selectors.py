@@ -1,6 +1,7 @@
 """Who may read which bytes. Every refusal is a 404, so ids are never confirmed to outsiders."""
 
 import uuid
+from typing import Any
 
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import AbstractBaseUser
@@ -9,12 +10,28 @@ from django.db.models import F, QuerySet
 from artifacts.models import Artifact, Dataset, Snapshot
 from fetchml.auth import Actor
 from fetchml.errors import Invalid, NotFound
+from scheduler.agent.datasets import SERVER_PREFIX
 from scheduler.models import NodeAssignment
 from tasks.models import Task
 
 
 def dataset_uri(name: str) -> str:
-    return f"fetchml://datasets/{name}"
+    return f"{SERVER_PREFIX}{name}"
+
+
+def spec_dataset_name(spec: Any) -> str | None:
+    """The server dataset a `dataset_specs` entry reads, or None for another source.
+
+    The one server-side reading of an entry's source: an empty (or missing) source means
+    `fetchml://datasets/<name>` (docs/files-protocol.md), as the agent reads it. Tasks stored
+    with such entries keep them as submitted, so every reader goes through here.
+    """
+    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+        return None
+    source = spec.get("source") or dataset_uri(spec["name"])
+    if not isinstance(source, str) or not source.startswith(SERVER_PREFIX):
+        return None
+    return source.removeprefix(SERVER_PREFIX)
 
 
 def worker_live_tasks(*, actor: Actor) -> list[Task]:
@@ -40,8 +57,7 @@ def task_references_dataset(task: Task, name: str) -> bool:
     uri = dataset_uri(name)
     # `datasets` holds server dataset names; the URI form is accepted too.
     in_list = any(entry in (name, uri) for entry in task.datasets or [] if isinstance(entry, str))
-    in_specs = any(isinstance(spec, dict) and spec.get("source") == uri for spec in task.dataset_specs or [])
-    return in_list or in_specs
+    return in_list or any(spec_dataset_name(spec) == name for spec in task.dataset_specs or [])
 
 
 def snapshot_readable_by(*, user: AbstractBaseUser, snapshot_id: str) -> bool:
@@ -68,6 +84,19 @@ def dataset_digests(*, user: AbstractBaseUser, names: list[str]) -> dict[str, st
     """The sha256 of each of `names` that is a dataset of `user` (whose namespace a task's server
     datasets come from); a name missing from the answer is no dataset of theirs."""
     return dict(Dataset.objects.filter(owner=user, name__in=set(names)).values_list("name", "sha256"))
+
+
+def pinned_datasets_changed(*, task: Task) -> dict[str, str | None]:
+    """The server datasets `task` pinned at submission that no longer hold the pinned bytes: name ->
+    the digest the dataset has now, or None when it is gone. (Deleted and uploaded again under its
+    name, a dataset is not the one submitted; a retry could only fail its preparation again.)"""
+    pinned = task.dataset_digests or {}
+    if not pinned:
+        return {}
+    current = dict(
+        Dataset.objects.filter(owner_id=task.owner_id, name__in=sorted(pinned)).values_list("name", "sha256")
+    )
+    return {name: current.get(name) for name, digest in sorted(pinned.items()) if current.get(name) != digest}
 
 
 def dataset_list(*, actor: Actor) -> QuerySet[Dataset]:

@@ -12,6 +12,7 @@ carry it.
 import uuid
 from typing import Any
 
+from artifacts.selectors import spec_dataset_name
 from fetchml import events
 from jupyter.selectors import service_spec_for_task
 from plugins.selectors import (
@@ -63,8 +64,7 @@ def pinned_dataset_specs(task: Task) -> list[dict[str, Any]]:
     digests = task.dataset_digests or {}
 
     def pinned(spec: dict[str, Any]) -> dict[str, Any]:
-        source = spec.get("source") or SERVER_PREFIX + spec["name"]
-        name = source.removeprefix(SERVER_PREFIX) if source.startswith(SERVER_PREFIX) else None
+        name = spec_dataset_name(spec)
         if spec.get("sha256") or name not in digests:
             return spec
         return {**spec, "sha256": digests[name]}

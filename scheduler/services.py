@@ -25,6 +25,7 @@ from django.db.models import Exists, F, OuterRef, Q, QuerySet, Value
 from django.db.models.functions import Coalesce, Now
 from django.utils import timezone
 
+from artifacts.selectors import pinned_datasets_changed
 from audit.services import appended_together, record
 from fetchml import events
 from fetchml.auth import Actor
@@ -884,6 +885,11 @@ def fail_or_retry(
     retryable = reason in INFRASTRUCTURE_FAILURES or (
         reason == Task.FailureReason.EXIT_CODE and task.retry_on_exit_code
     )
+    # A retry reads the datasets pinned at submission again: one gone or holding other bytes
+    # would fail every retry the same way.
+    preparation_retry = retryable and reason == Task.FailureReason.PREPARATION and task.retry_count < task.max_retries
+    if preparation_retry and (changed := pinned_datasets_changed(task=task)):
+        retryable, error = False, _datasets_changed_error(changed, error)
     if retryable and task.retry_count < task.max_retries:
         retry = task.retry_count + 1
         runnable_after = now + timedelta(seconds=retry_backoff_seconds(retry))
@@ -918,6 +924,15 @@ def fail_or_retry(
         error=error,
         output=output,
     )
+
+
+def _datasets_changed_error(changed: dict[str, str | None], error: str) -> str:
+    what = "; ".join(
+        f"dataset {name} was deleted" if digest is None else f"dataset {name} was uploaded again (now sha256 {digest})"
+        for name, digest in changed.items()
+    )
+    note = f"{what} after the task was submitted: not retried; resubmitting the task pins the current dataset"
+    return f"{note}. {error}" if error else note
 
 
 def end_run(*, assignment_id: Any, reason: str, error: str) -> bool:

@@ -13,7 +13,7 @@ from django.db import IntegrityError, transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from artifacts.selectors import dataset_digests, snapshot_readable_by
+from artifacts.selectors import dataset_digests, snapshot_readable_by, spec_dataset_name
 from audit.services import Entry, appended_together, record, record_many
 from fetchml import events
 from fetchml.auth import Actor
@@ -124,7 +124,24 @@ def _pinned_datasets(owner: AbstractBaseUser, datasets: list, dataset_specs: lis
                 for name in missing
             ],
         )
+    _refuse_contradicted_digests(dataset_specs, digests)
     return digests
+
+
+def _refuse_contradicted_digests(dataset_specs: list, digests: dict[str, str]) -> None:
+    """422 for a spec whose sha256 is not the digest of the server dataset it reads: the agent would
+    fail its preparation, after the queue wait and every retry."""
+    details = [
+        {
+            "field": f"dataset_specs.{index}.sha256",
+            "message": f"Dataset {name!r} has sha256 {digests[name]}: give that digest or none.",
+        }
+        for index, spec in enumerate(dataset_specs)
+        if (name := spec_dataset_name(spec)) in digests and spec.get("sha256") and spec["sha256"] != digests[name]
+    ]
+    if details:
+        fields = ", ".join(detail["field"] for detail in details)
+        raise Invalid(f"sha256 does not match the dataset: {fields}", details=details)
 
 
 def _parsed_datasets(field: str, specs: list | tuple, names: list) -> list[DatasetSpec]:

@@ -40,10 +40,11 @@ def test_a_dataset_uploaded_again_under_its_name_after_submission_is_not_what_th
 def test_a_digest_the_submitter_gave_and_other_sources_are_sent_as_given(user):
     DatasetFactory(owner=user, name="toy.csv", sha256=DIGEST_AT_SUBMISSION)
     specs = [
-        {"name": "mine", "source": "fetchml://datasets/toy.csv", "sha256": "c" * 64},
-        {"name": "web", "source": "https://data.example/web.csv"},
+        {"name": "mine", "source": "fetchml://datasets/toy.csv", "sha256": DIGEST_AT_SUBMISSION},
+        {"name": "web", "source": "https://data.example/web.csv", "sha256": "c" * 64},
     ]
     task = task_submit(owner=user, job_name="given", entrypoint="true", dataset_specs=specs)
+    Dataset.objects.filter(owner=user, name="toy.csv").update(sha256="b" * 64)
     worker()
     dispatch_round()
 
