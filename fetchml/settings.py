@@ -258,7 +258,10 @@ LOGGING = {
     "disable_existing_loggers": False,
     "filters": {"trace_id": {"()": "fetchml.tracing.TraceIdFilter"}},
     "formatters": {
-        "plain": {"format": "%(asctime)s %(levelname)s %(name)s trace_id=%(trace_id)s %(message)s"},
+        "plain": {
+            "class": "fetchml.logformat.OneLineFormatter",
+            "format": "%(asctime)s %(levelname)s %(name)s trace_id=%(trace_id)s %(message)s",
+        },
     },
     "handlers": {
         "console": {"class": "logging.StreamHandler", "formatter": "plain", "filters": ["trace_id"]},

@@ -1,0 +1,22 @@
+"""Log lines that a client cannot forge.
+
+A request path, a header, a job or worker name goes into log messages as the
+client sent it; a newline in one (`/x%0A... ERROR forged`) would start a line
+of its own that reads like the server's. Every message is written on one line,
+its control characters escaped; a traceback keeps its lines.
+"""
+
+import logging
+
+# Every C0 control character and DEL, but the tab, as Python writes it in a string literal.
+_ESCAPES = {code: repr(chr(code))[1:-1] for code in [*range(32), 127] if code != ord("\t")}
+
+
+def one_line(message: str) -> str:
+    return message.translate(_ESCAPES)
+
+
+class OneLineFormatter(logging.Formatter):
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = one_line(record.message)
+        return super().formatMessage(record)
