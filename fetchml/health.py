@@ -7,9 +7,9 @@ from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 from django.db import connection
 from django.utils import timezone
-from django.views.decorators.http import require_safe
 
 import fetchml
+from fetchml.decorators import safe_methods_only
 from fetchml.jsonbody import CompactJsonResponse
 
 logger = logging.getLogger("fetchml.health")
@@ -42,7 +42,7 @@ def channel_layer_ok() -> bool:
         return False
 
 
-@require_safe
+@safe_methods_only
 def health(request):
     checks = {"database": database_ok(), "channel_layer": channel_layer_ok()}
     status = "healthy" if all(checks.values()) else "degraded"

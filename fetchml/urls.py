@@ -4,9 +4,9 @@ from django.conf import settings
 from django.contrib import admin
 from django.contrib.staticfiles.views import serve as serve_static
 from django.urls import include, path
-from django.views.decorators.http import require_safe
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
+from fetchml.decorators import safe_methods_only
 from fetchml.health import health
 
 urlpatterns = [
@@ -29,7 +29,7 @@ urlpatterns = [
     path("api-auth/", include("rest_framework.urls")),
     # The admin's and /v1/docs' assets, found in the installed apps: daphne serves
     # them itself (no collectstatic, no other web server, no CDN).
-    path(f"{settings.STATIC_URL.lstrip('/')}<path:path>", require_safe(serve_static), {"insecure": True}),
+    path(f"{settings.STATIC_URL.lstrip('/')}<path:path>", safe_methods_only(serve_static), {"insecure": True}),
 ]
 
 handler400 = "fetchml.middleware.bad_request"

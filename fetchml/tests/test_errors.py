@@ -58,6 +58,24 @@ def test_method_not_allowed_on_a_plain_view_is_bad_request_in_the_standard_forma
     assert "GET" in response["Allow"]
 
 
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/health",
+        "/v1/scheduler/status/stream",
+        "/v1/scheduler/jobs/6f1c0000-0000-4000-8000-000000000000/stream",
+        "/v1/tasks/6f1c0000-0000-4000-8000-000000000000/logs",
+        f"{settings.STATIC_URL}admin/css/base.css",
+    ],
+)
+@pytest.mark.parametrize("method", ["post", "put", "patch", "delete"])
+def test_another_method_on_a_read_only_plain_view_is_405_not_a_csrf_refusal(path, method):
+    # As a real client sends it: with no CSRF cookie, which a browser form would carry.
+    response = getattr(Client(enforce_csrf_checks=True), method)(path)
+    assert_error(response, 405, "BAD_REQUEST")
+    assert response["Allow"] == "GET, HEAD"
+
+
 def test_malformed_json_is_bad_request(user_client):
     response = user_client.generic("POST", "/v1/test/echo", b'{"name": ', content_type="application/json")
     assert_error(response, 400, "BAD_REQUEST")

@@ -27,9 +27,9 @@ from asgiref.sync import sync_to_async
 from channels.db import database_sync_to_async
 from django.http import HttpRequest, HttpResponseBase
 from django.utils import timezone
-from django.views.decorators.http import require_safe
 
 from fetchml import events
+from fetchml.decorators import safe_methods_only
 from fetchml.errors import ApplicationError
 from fetchml.sse import authenticate_stream, error_response_for, event_stream, sse_frame, sse_response
 from scheduler.api.reads import scheduler_status
@@ -120,7 +120,7 @@ class JobStream:
             yield frame
 
 
-@require_safe
+@safe_methods_only
 async def status_stream(request: HttpRequest) -> HttpResponseBase:
     try:
         actor = await authenticate_stream(request)
@@ -130,7 +130,7 @@ async def status_stream(request: HttpRequest) -> HttpResponseBase:
     return sse_response(stream)
 
 
-@require_safe
+@safe_methods_only
 async def job_stream(request: HttpRequest, job_id: uuid.UUID) -> HttpResponseBase:
     try:
         actor = await authenticate_stream(request)

@@ -28,9 +28,9 @@ from asgiref.sync import sync_to_async
 from channels.db import database_sync_to_async
 from django.http import HttpRequest, HttpResponseBase, QueryDict
 from django.utils import timezone
-from django.views.decorators.http import require_safe
 
 from fetchml import events
+from fetchml.decorators import safe_methods_only
 from fetchml.errors import ApplicationError
 from fetchml.jsonbody import CompactJsonResponse
 from fetchml.sse import authenticate_stream, error_response_for, event_stream, sse_frame, sse_response
@@ -189,7 +189,7 @@ class TaskLogStream:
         return sse_frame({"task_id": str(self.task.id), "status": status}, event="end")
 
 
-@require_safe
+@safe_methods_only
 async def task_logs(request: HttpRequest, task_id: uuid.UUID) -> HttpResponseBase:
     try:
         actor = await authenticate_stream(request)
