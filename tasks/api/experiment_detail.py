@@ -13,7 +13,7 @@ from fetchml.permissions import IsHumanUser
 from fetchml.schema import ErrorResponseSerializer
 from tasks.api.fields import StrictCharField, StrictSerializer
 from tasks.api.serializers import commit_id_field
-from tasks.experiments import experiment_get, experiment_update
+from tasks.experiments import SETTABLE_STATUSES, experiment_get, experiment_update
 from tasks.models import Experiment
 
 
@@ -32,8 +32,8 @@ class ExperimentUpdateSerializer(StrictSerializer):
     name = StrictCharField(max_length=128, required=False)
     description = StrictCharField(max_length=10_000, required=False, allow_blank=True)
     commit_id = commit_id_field()
-    # The model's full choice set (one enum in the schema); `deleted` is refused by the service.
-    status = serializers.ChoiceField(choices=Experiment.Status.choices, required=False, help_text="active or archived")
+    # What a client may set (`deleted` is not); the service owns the rule, the schema shows it.
+    status = serializers.ChoiceField(choices=SETTABLE_STATUSES, required=False, help_text="active or archived")
 
 
 class ExperimentDetailView(APIView):

@@ -79,3 +79,9 @@ def test_experiment_list_pages_with_limit_and_offset(user_client, user):
 @pytest.mark.parametrize("params", [{"limit": 0}, {"limit": 1001}, {"offset": -1}, {"limit": "x"}])
 def test_invalid_experiment_paging_is_bad_request(user_client, params):
     assert user_client.get("/v1/experiments", params).status_code == 400
+
+
+def test_the_schema_offers_only_the_statuses_a_client_may_set(anon_client):
+    schema = anon_client.get("/v1/schema", {"format": "json"}).json()
+
+    assert schema["components"]["schemas"]["ExperimentUpdateStatusEnum"]["enum"] == ["active", "archived"]
