@@ -55,8 +55,12 @@ class UnsatisfiableRange(Exception):
 
 
 def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
-    """(first, last) byte of a single range, None for the whole file."""
-    if header is None:
+    """(first, last) byte of a single range, None for the whole file.
+
+    A header in a unit other than bytes, or empty, is ignored (RFC 9110 14.2: a server must ignore
+    a range unit it does not understand); a byte range it cannot serve is refused.
+    """
+    if header is None or not header.strip().lower().startswith("bytes="):
         return None
     match = _RANGE.match(header.strip())
     if match is None or match[1] == match[2] == "":

@@ -321,7 +321,7 @@ def test_download_of_suffix_and_open_ranges(agent, run, user_client, header, exp
     assert response.content_bytes == expected
 
 
-@pytest.mark.parametrize("header", [f"bytes={len(MODEL)}-", "bytes=20-10", "bytes=0-1,5-6", "lines=1-2"])
+@pytest.mark.parametrize("header", [f"bytes={len(MODEL)}-", "bytes=20-10", "bytes=0-1,5-6", "bytes=x-"])
 def test_unsatisfiable_range_is_416(agent, run, user_client, header):
     upload_and_commit(agent, run, {"model.bin": MODEL})
 
@@ -330,6 +330,16 @@ def test_unsatisfiable_range_is_416(agent, run, user_client, header):
     assert response.status_code == 416
     assert response["Content-Range"] == f"bytes */{len(MODEL)}"
     assert not AuditEvent.objects.filter(event_type="file_access", action="download").exists()
+
+
+@pytest.mark.parametrize("header", ["lines=1-2", "", "  "])
+def test_a_range_in_another_unit_or_empty_is_ignored(agent, run, user_client, header):
+    upload_and_commit(agent, run, {"model.bin": MODEL})
+
+    response = download(user_client, f"/v1/tasks/{run.task_id}/artifacts/model.bin", HTTP_RANGE=header)
+
+    assert response.status_code == 200
+    assert response.content_bytes == MODEL
 
 
 def test_a_file_named_commit_is_an_ordinary_artifact(agent, run, user_client):
