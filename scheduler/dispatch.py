@@ -569,12 +569,25 @@ def _mark_preparing(placements: list[Placement], now: datetime) -> None:
             placement.nodes[0][0].worker_id,
             now,
         )
+        for name, value in _NEW_ATTEMPT.items():
+            setattr(task, name, value)
         notices.append(events.task_event(task, event="task_update"))
     events.send_all_on_commit(notices)
 
 
+# A new attempt starts with no outcome: a retried task must not show the last attempt's exit code
+# and error while it runs again (the audit chain keeps why it was retried).
+_NEW_ATTEMPT = {"exit_code": None, "failure_reason": "", "error": "", "output": ""}
+
+
 def _preparing_update(*, ids: list[uuid.UUID], worker_id: uuid.UUID, now: datetime) -> tuple:
-    changes = {"status": TaskStatus.PREPARING, "worker_id": worker_id, "attempt": F("attempt") + 1, "updated_at": now}
+    changes = {
+        "status": TaskStatus.PREPARING,
+        "worker_id": worker_id,
+        "attempt": F("attempt") + 1,
+        "updated_at": now,
+        **_NEW_ATTEMPT,
+    }
     return Task.objects.filter(id__in=ids), changes
 
 

@@ -240,3 +240,19 @@ def test_worker_group_is_told_about_its_round_of_assignments_in_one_message_afte
     assert message["type"] == "worker.assign"
     tokens = [assign["token"] for assign in events.assigns_of(message)]
     assert sorted(tokens) == sorted(str(a.token) for a in NodeAssignment.objects.all())
+
+
+def test_a_retried_task_placed_again_shows_nothing_of_its_last_attempts_outcome():
+    worker()
+    task = queued_task(retry_count=1, failure_reason="worker_lost", exit_code=137, error="worker shut down", output="x")
+
+    assert dispatch_round() == 1
+
+    task.refresh_from_db()
+    assert (task.status, task.failure_reason, task.exit_code, task.error, task.output) == (
+        TaskStatus.PREPARING,
+        "",
+        None,
+        "",
+        "",
+    )
