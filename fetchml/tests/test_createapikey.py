@@ -1,4 +1,4 @@
-"""manage.py createapikey USERNAME [--role user|admin|worker] [--name NAME]."""
+"""manage.py createapikey USERNAME [--role user|admin|worker] [--name NAME] [--expires-in-days N]."""
 
 from io import StringIO
 
@@ -104,3 +104,37 @@ def test_bootstrap_local_refuses_an_empty_username(settings, tmp_path):
     with pytest.raises(CommandError, match="--username '' is not a valid username"):
         call_command("bootstrap_local", "--username", "", stdout=StringIO())
     assert not get_user_model().objects.exists()
+
+
+def _stderr_of(*args: str) -> str:
+    err = StringIO()
+    call_command("createapikey", *args, stdout=StringIO(), stderr=err)
+    return err.getvalue()
+
+
+def test_a_key_of_another_role_on_one_account_is_pointed_out():
+    create_key("fleet", "--role", "worker")
+
+    said = _stderr_of("fleet", "--role", "user")
+
+    assert "Note: fleet also has live worker key(s); this user key acts as the same user." in said
+
+
+def test_a_second_key_of_the_same_role_is_not_pointed_out():
+    create_key("alice")
+
+    assert "Note:" not in _stderr_of("alice")
+
+
+def test_expires_in_days_sets_when_the_key_stops_working():
+    raw = create_key("alice", "--expires-in-days", "30")
+
+    key = ApiKey.objects.get(prefix=apikeys.split(raw)[0])
+    assert key.expires_at is not None
+    assert 29.9 < (key.expires_at - key.created_at).total_seconds() / 86400 <= 30
+
+
+@pytest.mark.parametrize("days", ["0", "-3"])
+def test_expires_in_days_below_one_is_a_usage_error(days):
+    with pytest.raises(CommandError, match="--expires-in-days must be 1 or more"):
+        create_key("alice", "--expires-in-days", days)

@@ -1,5 +1,8 @@
+from datetime import timedelta
+
 from django.core.management.base import BaseCommand, CommandError
 from django.db import transaction
+from django.utils import timezone
 
 from fetchml.management.usernames import clean_username
 from fetchml.models import ApiKey
@@ -15,16 +18,35 @@ class Command(BaseCommand):
         parser.add_argument("username")
         parser.add_argument("--role", choices=ApiKey.Role.values, default=ApiKey.Role.USER)
         parser.add_argument("--name", default="", help="a label for the key, e.g. the machine it is for")
+        parser.add_argument(
+            "--expires-in-days", type=int, default=None, metavar="N", help="the key stops working after N days"
+        )
 
-    def handle(self, *args, username: str, role: str, name: str, **options):
+    def handle(self, *args, username: str, role: str, name: str, expires_in_days: int | None, **options):
         clean_username(username, argument="USERNAME")
         if len(name) > NAME_MAX:
             raise CommandError(f"--name must be at most {NAME_MAX} characters")
+        if expires_in_days is not None and expires_in_days < 1:
+            raise CommandError("--expires-in-days must be 1 or more")
+        expires_at = timezone.now() + timedelta(days=expires_in_days) if expires_in_days else None
         with transaction.atomic():
             user = user_get_or_create(username=username, is_staff=role == ApiKey.Role.ADMIN)
             if role == ApiKey.Role.ADMIN and not user.is_staff:
                 user.is_staff = True
                 user.save(update_fields=["is_staff"])
-            key, raw = apikey_create(user=user, role=role, name=name)
-        self.stderr.write(f"Created {role} key {key.prefix} for {username}. Store it now; it is not shown again.")
+            other_roles = sorted(
+                set(user.api_keys.filter(revoked_at__isnull=True).exclude(role=role).values_list("role", flat=True))
+            )
+            key, raw = apikey_create(user=user, role=role, name=name, expires_at=expires_at)
+        if other_roles:
+            # One account, several roles: each key acts as this user with its own role (a user key on a
+            # worker account submits tasks as that account; an admin key sees everyone's work).
+            self.stderr.write(
+                f"Note: {username} also has live {' and '.join(other_roles)} key(s); "
+                f"this {role} key acts as the same user. Use another username to keep them apart."
+            )
+        until = f", valid until {expires_at:%Y-%m-%d %H:%M} UTC" if expires_at else ""
+        self.stderr.write(
+            f"Created {role} key {key.prefix} for {username}{until}. Store it now; it is not shown again."
+        )
         self.stdout.write(raw)
