@@ -44,6 +44,8 @@ class AuditEvent(models.Model):
             models.Index(fields=["timestamp"], name="audit_timestamp"),
             models.Index(fields=["event_type", "timestamp"], name="audit_type_time"),
             models.Index(fields=["user_id", "timestamp"], name="audit_user_time"),
+            # "Everything that happened to task X": a resource's events in chain order.
+            models.Index(fields=["resource", "sequence_num"], name="audit_resource_seq"),
         ]
 
     def __str__(self) -> str:

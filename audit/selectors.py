@@ -19,6 +19,7 @@ def audit_event_list(
     until: datetime | None = None,
     event_type: str | None = None,
     user_id: str | None = None,
+    resource: str | None = None,
 ) -> QuerySet[AuditEvent]:
     """Events in chain order; `since` and `until` are inclusive."""
     events = AuditEvent.objects.order_by("sequence_num")
@@ -30,6 +31,8 @@ def audit_event_list(
         events = events.filter(event_type=event_type)
     if user_id:
         events = events.filter(user_id=user_id)
+    if resource:
+        events = events.filter(resource=resource)
     return events
 
 

@@ -76,6 +76,9 @@ class AuditEventQuerySerializer(serializers.Serializer):
     to = serializers.DateTimeField(required=False, help_text="End timestamp (inclusive)")
     event_type = serializers.ChoiceField(choices=EventType.choices, required=False, help_text="Filter by event type")
     user_id = serializers.CharField(required=False, max_length=150, help_text="Filter by user (username)")
+    resource = serializers.CharField(
+        required=False, max_length=255, help_text="Filter by resource as events name it (task:<id>, api_key:<prefix>)"
+    )
     limit = serializers.IntegerField(required=False, default=100, min_value=1, max_value=1000)
     offset = offset_field()
 

@@ -55,6 +55,7 @@ class AuditEventListView(APIView):
             until=query.get("to"),
             event_type=query.get("event_type"),
             user_id=query.get("user_id"),
+            resource=query.get("resource"),
         )
         limit, offset = query["limit"], query["offset"]
         body = {"events": events[offset : offset + limit], "total": events.count(), "limit": limit, "offset": offset}

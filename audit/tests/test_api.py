@@ -80,6 +80,13 @@ def test_events_filter_by_event_type_and_user(admin) -> None:
     assert {(e["event_type"], e["user_id"]) for e in body["events"]} == {("job_queued", "dave")}
 
 
+def test_events_filter_by_resource(admin) -> None:
+    append_events(3, user="carol")
+    body = admin.get(EVENTS, {"resource": "file:data/1.csv"}).json()
+    assert body["total"] == 1
+    assert [e["resource"] for e in body["events"]] == ["file:data/1.csv"]
+
+
 def test_events_filter_by_time_range_inclusive(admin) -> None:
     append_events(2, user="carol")
     stamp = AuditEvent.objects.filter(user_id="carol").first().timestamp
