@@ -65,6 +65,15 @@ def snapshot_readable_by(*, user: AbstractBaseUser, snapshot_id: str) -> bool:
     return Snapshot.objects.filter(sha256=snapshot_id, owners__user=user).exists()
 
 
+def snapshot_list(*, actor: Actor, limit: int, offset: int = 0) -> tuple[list[Snapshot], int]:
+    """A page of the snapshots the actor uploaded (every snapshot for an admin), newest first, and
+    their total."""
+    snapshots = Snapshot.objects.order_by("-created_at", "sha256")
+    if not actor.is_admin:
+        snapshots = snapshots.filter(owners__user=actor.user)
+    return list(snapshots[offset : offset + limit]), snapshots.count()
+
+
 def snapshot_for_download(*, actor: Actor, snapshot_id: str) -> Snapshot:
     snapshot = Snapshot.objects.filter(sha256=snapshot_id).first()
     if snapshot is None:

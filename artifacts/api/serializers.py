@@ -6,6 +6,7 @@ from rest_framework import serializers
 from artifacts import validation
 from artifacts.services import ManifestEntry
 from fetchml.errors import Invalid
+from fetchml.paging import PageLimitField, offset_field
 from tasks.api.fields import StrictCharField, StrictIntegerField
 
 MAX_MANIFEST_ENTRIES = 10_000
@@ -16,6 +17,11 @@ class SnapshotSerializer(serializers.Serializer):
     sha256 = serializers.CharField()
     size = serializers.IntegerField()
     created_at = serializers.DateTimeField()
+
+
+class SnapshotListQuerySerializer(serializers.Serializer):
+    limit = PageLimitField(default=100)
+    offset = offset_field()
 
 
 class DatasetSerializer(serializers.Serializer):

@@ -3,7 +3,7 @@ from django.urls import path
 from artifacts.api import views
 
 urlpatterns = [
-    path("snapshots", views.SnapshotUploadView.as_view(), name="snapshot-upload"),
+    path("snapshots", views.SnapshotListUploadView.as_view(), name="snapshot-upload"),
     path("snapshots/<str:snapshot_id>", views.SnapshotDownloadView.as_view(), name="snapshot-download"),
     path("snapshots/<str:snapshot_id>/meta", views.SnapshotMetaView.as_view(), name="snapshot-meta"),
     path("datasets", views.DatasetListCreateView.as_view(), name="dataset-list"),

@@ -20,6 +20,7 @@ from artifacts.api.serializers import (
     DatasetReadQuerySerializer,
     DatasetSerializer,
     DatasetUploadQuerySerializer,
+    SnapshotListQuerySerializer,
     SnapshotSerializer,
 )
 from fetchml.auth import actor_from_request
@@ -66,9 +67,26 @@ class IsWorkerKey(BasePermission):
 # --- snapshots ---------------------------------------------------------------
 
 
-class SnapshotUploadView(APIView):
+class SnapshotListUploadView(APIView):
     permission_classes = [IsHumanUser]
     parser_classes = [RawStreamParser]
+
+    @extend_schema(
+        summary="List code snapshots",
+        description=(
+            "The snapshots the caller uploaded (every snapshot for an admin), newest first, as a JSON array; "
+            "`limit` (default 100, at most FETCHML_MAX_PAGE_SIZE) and `offset` page it, `X-Total-Count` "
+            "carries the total."
+        ),
+        parameters=[SnapshotListQuerySerializer],
+        responses={200: SnapshotSerializer(many=True), 422: _error("Invalid `limit` or `offset`")},
+    )
+    def get(self, request: Request) -> Response:
+        query = _query(SnapshotListQuerySerializer, request)
+        page, total = selectors.snapshot_list(
+            actor=actor_from_request(request), limit=query["limit"], offset=query["offset"]
+        )
+        return Response(SnapshotSerializer(page, many=True).data, headers={"X-Total-Count": str(total)})
 
     @extend_schema(
         summary="Upload code snapshot",

@@ -9,7 +9,7 @@ from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from fetchml.conf import app_settings
-from fetchml.paging import offset_field
+from fetchml.paging import PageLimitField, offset_field
 from scheduler import selectors as scheduler_selectors
 from scheduler.agent.protocol import CommandLineError, command_argv
 from tasks.api.fields import (
@@ -243,13 +243,8 @@ class TaskListQuerySerializer(serializers.Serializer):
     experiment_id = serializers.UUIDField(required=False)
     node_count = serializers.IntegerField(min_value=1, max_value=MAX_NODE_COUNT, required=False)
     reservation_id = serializers.UUIDField(required=False)
-    limit = serializers.IntegerField(min_value=1, default=50, help_text="1..FETCHML_MAX_PAGE_SIZE (1000)")
+    limit = PageLimitField(default=50)
     offset = offset_field()
-
-    def validate_limit(self, value: int) -> int:
-        if value > (ceiling := app_settings.MAX_PAGE_SIZE):
-            raise serializers.ValidationError(f"Ensure this value is less than or equal to {ceiling}.")
-        return value
 
 
 class TaskListSerializer(serializers.Serializer):
@@ -295,10 +290,5 @@ class ExperimentListQuerySerializer(serializers.Serializer):
     status = serializers.ChoiceField(
         choices=[Experiment.Status.ACTIVE, Experiment.Status.ARCHIVED], required=False, help_text="active or archived"
     )
-    limit = serializers.IntegerField(min_value=1, required=False, help_text="Defaults to FETCHML_MAX_PAGE_SIZE")
+    limit = PageLimitField(required=False, help_text="Defaults to FETCHML_MAX_PAGE_SIZE")
     offset = offset_field()
-
-    def validate_limit(self, value: int) -> int:
-        if value > (ceiling := app_settings.MAX_PAGE_SIZE):
-            raise serializers.ValidationError(f"Ensure this value is less than or equal to {ceiling}.")
-        return value
