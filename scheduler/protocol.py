@@ -3,7 +3,9 @@
 `parse_frame()` turns one text frame into its messages (one, or those of a
 `batch`), each a dict with only known, type-checked fields or the `BadMessage`
 that refused it; the consumer answers a refusal with an `error` message and
-keeps the connection.
+keeps the connection. Every string of an accepted message has its NUL characters
+replaced with U+FFFD: a task may print anything, and PostgreSQL cannot store a
+NUL in a text column.
 """
 
 import re
@@ -30,6 +32,7 @@ MAX_FEATURES = 32
 # Nesting of a frame's JSON: the deepest message (a `batch` of `log`s, its lines objects) needs 5. Fixed
 # here, apart from FETCHML_MAX_JSON_DEPTH: tuning that for HTTP bodies must not refuse agents' frames.
 MAX_DEPTH = 64
+NUL, REPLACEMENT = "\x00", "\ufffd"
 
 
 class BadMessage(Exception):
@@ -279,7 +282,19 @@ def _validated(message: dict[str, Any]) -> dict[str, Any]:
     if parser is None:
         raise BadMessage(f"unknown message type {kind!r}", code="UNKNOWN_TYPE", ref_type=str(kind)[:32])
     _check_version(message, kind)
-    return {"type": kind, **parser(message)}
+    return {"type": kind, **_without_nul(parser(message))}
+
+
+def _without_nul(value: Any) -> Any:
+    """`value` with NUL replaced in each string it holds: the one place for what every agent sends,
+    an older one included (a report that cannot be stored would leave its run stuck)."""
+    if isinstance(value, str):
+        return value.replace(NUL, REPLACEMENT) if NUL in value else value
+    if isinstance(value, dict):
+        return {key: _without_nul(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_without_nul(item) for item in value]
+    return value
 
 
 def _check_version(message: dict[str, Any], kind: str) -> None:

@@ -9,12 +9,23 @@ with the manifest of everything stored. Each request retries transient failures 
   of the manifest and reported in the final status (`skipped_artifacts`);
 * 409: the token is no longer this run's (`StaleRun`): stop, say nothing more about the run;
 * anything else, or retries exhausted: `UploadFailed`.
+
+Once a run's end is acknowledged, `RunDirs` removes its work directory (the unpacked snapshot and
+outputs, stored on the server by then), but for the few most recent and any holding files stored
+nowhere else.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import stat
+import sys
 import threading
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +33,11 @@ from typing import Any
 from scheduler.agent.files import FileServices, with_retries
 from scheduler.agent.http import HttpStatusError, TransferError, quote_path, sha256_file
 
+logger = logging.getLogger(__name__)
+
 SHA256_HEADER = "X-Content-SHA256"
+_ON_ERROR = "onexc" if sys.version_info >= (3, 12) else "onerror"  # shutil.rmtree's handler, by version
+NOT_UPLOADING = "this worker does not upload artifacts"  # --no-artifacts: said of every run, so not a warning
 
 
 class StaleRun(Exception):
@@ -152,3 +167,51 @@ async def _refusals(call: Any, what: str) -> Any:
         raise UploadFailed(f"artifact {what}: {exc}") from None
     except TransferError as exc:
         raise UploadFailed(f"artifact {what}: {exc}") from None
+
+
+class RunDirs:
+    """The work directories of finished runs: all but the `keep` most recent are removed, except
+    those holding files stored nowhere else (an upload that failed, a worker that does not upload)."""
+
+    def __init__(self, *, keep: int) -> None:
+        self.keep = keep
+        self._recent: deque[Path] = deque()
+        self._removals: set[asyncio.Task[None]] = set()
+
+    def finished(self, *, task_id: str, work_dir: Path, unstored: str) -> None:
+        """A run's end was acknowledged; `unstored` says why its directory must stay ("" if it need not)."""
+        if unstored:
+            level = logging.INFO if unstored == NOT_UPLOADING else logging.WARNING
+            logger.log(level, "task %s: keeping its work directory %s: %s", task_id, work_dir, unstored)
+            return
+        if work_dir in self._recent:
+            return
+        self._recent.append(work_dir)
+        while len(self._recent) > self.keep:
+            removal = asyncio.create_task(asyncio.to_thread(_remove, self._recent.popleft()))
+            self._removals.add(removal)
+            removal.add_done_callback(self._removals.discard)
+
+    async def wait(self) -> None:
+        """Until the removals under way are done."""
+        if self._removals:
+            await asyncio.wait(self._removals)
+
+
+def _remove(work_dir: Path) -> None:
+    """Remove a run's directory, and its task's directory when that is left empty (no other attempt)."""
+    try:
+        shutil.rmtree(work_dir, **{_ON_ERROR: _unlocked_and_again})
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        logger.warning("cannot remove the work directory %s: %s", work_dir, exc)
+        return
+    with contextlib.suppress(OSError):
+        os.rmdir(work_dir.parent)
+
+
+def _unlocked_and_again(function: Any, path: str, _: Any) -> None:
+    """What a task made read-only (a directory without write permission) is its to remove all the same."""
+    os.chmod(os.path.dirname(path), stat.S_IRWXU)
+    function(path)

@@ -30,6 +30,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 
 from scheduler.agent import files as agent_files
 from scheduler.agent import protocol
+from scheduler.agent.artifacts import RunDirs
 from scheduler.agent.cache import BlobCache
 from scheduler.agent.capacity import Capacity
 from scheduler.agent.files import FileServices
@@ -105,6 +106,8 @@ class AgentConfig:
     max_unpack_bytes: int = agent_files.DEFAULT_MAX_UNPACK_BYTES
     max_unpack_members: int = agent_files.DEFAULT_MAX_UNPACK_MEMBERS
     upload_artifacts: bool = True
+    # Finished runs' work directories kept (the most recent ones) when their files are stored on the server.
+    keep_run_dirs: int = 0
     # Service runs (Jupyter): the address services bind and are reached at (default: the agent's
     # address on its connection to the server), and an optional container runtime (podman, docker).
     service_host: str = ""
@@ -168,6 +171,7 @@ class Agent:
         self.worker_id: str | None = None
         self.instance = uuid.uuid4().hex  # this process, in every hello: its reconnects replace its old connection
         self._held: dict[str, _Held] = {}
+        self._run_dirs = RunDirs(keep=config.keep_run_dirs)
         self._cancelled_unstarted: dict[str, None] = {}  # tokens, oldest first
         # Every run's supervising task, also of runs already forgotten but still being killed.
         self._run_tasks: set[asyncio.Task[None]] = set()
@@ -283,6 +287,7 @@ class Agent:
             held.run.stop()
         if self._run_tasks:
             await asyncio.wait(self._run_tasks, timeout=self.config.shutdown_report_seconds + 10)
+        await self._run_dirs.wait()
 
     # -- connection --------------------------------------------------------------------------
 
@@ -555,6 +560,9 @@ class Agent:
             if held is not None and held.final is not None:
                 if message.get("accepted") is False:
                     logger.warning("server refused the final status of task %s", held.run.task_id)
+                if not held.final_acked:
+                    run = held.run
+                    self._run_dirs.finished(task_id=run.task_id, work_dir=run.work_dir, unstored=run.unstored)
                 held.final_acked = True
                 self._forget_if_settled(held)
         elif kind == "log_ack":

@@ -9,7 +9,9 @@ a container or cgroup could catch that.)
 Files: the snapshot is unpacked into the work directory and the datasets are linked in while
 `preparing`; the full stdout and stderr are written to ``.fetchml/stdout.log`` and
 ``.fetchml/stderr.log`` in the work directory as they arrive; in `collecting` they and the output
-directory are uploaded and committed before the final status is produced.
+directory are uploaded and committed before the final status is produced. A run ended by a cancel
+or its timeout is collected too, once its group is gone: what it saved in its grace period (a
+checkpoint) is kept. Only a forced shutdown or a `stop` skips that.
 """
 
 from __future__ import annotations
@@ -28,8 +30,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from scheduler.agent import protocol
-from scheduler.agent.artifacts import Collected, StaleRun, UploadFailed, collect
+from scheduler.agent import orphans, protocol
+from scheduler.agent.artifacts import NOT_UPLOADING, Collected, StaleRun, UploadFailed, collect
 from scheduler.agent.datasets import DatasetFetcher, parse_specs
 from scheduler.agent.files import FileServices
 from scheduler.agent.protocol import Assignment, CommandLineError, command_argv
@@ -49,6 +51,8 @@ LOG_FLUSH_SECONDS = 0.25
 # process group can hold them) before the run is reported without the rest of its output.
 PIPE_DRAIN_SECONDS = 5.0
 KILL_WAIT_SECONDS = 10.0
+# How long a cancelled or timed-out run may take to store its files before its end is reported without them.
+INTERRUPTED_COLLECT_SECONDS = 300.0
 SERVICE_DRAINED = "worker drained: a draining worker stops its services"
 # The agent's environment passes to its tasks, but for what is the agent's or the server's alone: the
 # worker key (with it a task could connect as a worker and be sent other users' runs and plugin
@@ -78,7 +82,11 @@ class PreparationError(Exception):
 
 
 class _ChildProtocol(asyncio.SubprocessProtocol):
-    """Splits the child's stdout/stderr into lines and notes when it exits and its pipes close."""
+    """Splits the child's stdout/stderr into lines and notes when it exits and its pipes close.
+
+    A line longer than MAX_LINE_BYTES is passed on as consecutive pieces of at most that many bytes,
+    cut between UTF-8 characters: joined, the pieces are the line, however the reads fell.
+    """
 
     def __init__(self, on_line: Callable[[str, str], None], on_data: Callable[[int, bytes], None]) -> None:
         loop = asyncio.get_running_loop()
@@ -87,6 +95,7 @@ class _ChildProtocol(asyncio.SubprocessProtocol):
         self._on_line = on_line
         self._on_data = on_data
         self._partial = {1: bytearray(), 2: bytearray()}
+        self._continued: set[int] = set()  # pipes whose current line was begun in pieces already
         self._open_pipes = {1, 2}
 
     def pipe_data_received(self, fd: int, data: bytes) -> None:
@@ -95,17 +104,22 @@ class _ChildProtocol(asyncio.SubprocessProtocol):
         buffer.extend(data)
         *lines, rest = buffer.split(b"\n")
         for line in lines:
-            self._line(fd, line)
+            self._complete(fd, line)
         buffer[:] = rest
-        while len(buffer) > MAX_LINE_BYTES:  # an endless line is cut into pieces rather than held
-            self._line(fd, bytes(buffer[:MAX_LINE_BYTES]))
-            del buffer[:MAX_LINE_BYTES]
+        if len(buffer) > MAX_LINE_BYTES:  # an endless line is passed on in pieces rather than held
+            start = 0
+            while len(buffer) - start > MAX_LINE_BYTES:
+                end = _piece_end(buffer, start)
+                self._line(fd, bytes(buffer[start:end]))
+                start = end
+            del buffer[:start]
+            self._continued.add(fd)
 
     def pipe_connection_lost(self, fd: int, exc: Exception | None) -> None:
         if fd not in self._open_pipes:
             return
         if self._partial[fd]:
-            self._line(fd, bytes(self._partial[fd]))
+            self._complete(fd, bytes(self._partial[fd]))
             self._partial[fd].clear()
         self._open_pipes.discard(fd)
         if not self._open_pipes and not self.pipes_closed.done():
@@ -115,13 +129,45 @@ class _ChildProtocol(asyncio.SubprocessProtocol):
         if not self.exited.done():
             self.exited.set_result(None)
 
+    def _complete(self, fd: int, raw: bytes) -> None:
+        """The end of a line (all of it, unless its first pieces went already)."""
+        continued = fd in self._continued
+        self._continued.discard(fd)
+        raw = raw.rstrip(b"\r")
+        if continued and not raw:
+            return  # the line ended right after its last piece
+        start = 0
+        while len(raw) - start > MAX_LINE_BYTES:
+            end = _piece_end(raw, start)
+            self._line(fd, raw[start:end])
+            start = end
+        self._line(fd, raw[start:])
+
     def _line(self, fd: int, raw: bytes) -> None:
-        text = raw[:MAX_LINE_BYTES].decode("utf-8", errors="replace").rstrip("\r")
+        # NUL is no character a log keeps (nor can the server's database store it).
+        text = raw.decode("utf-8", errors="replace").replace("\x00", "\ufffd")
         self._on_line("stdout" if fd == 1 else "stderr", text)
+
+
+def _piece_end(data: bytes | bytearray, start: int) -> int:
+    """Where the piece of a long line beginning at `start` ends: MAX_LINE_BYTES on, or a little
+    before so as not to cut a UTF-8 character in two (data that is no UTF-8 is cut anywhere)."""
+    end = start + MAX_LINE_BYTES
+    for back in range(4):  # a UTF-8 character has at most 3 continuation bytes (0b10xxxxxx)
+        if end - back <= start:
+            break
+        if data[end - back] & 0xC0 != 0x80:
+            return end - back
+    return end
 
 
 def _tail(lines: deque[str]) -> str:
     return "\n".join(lines)[-TAIL_CHARS:]
+
+
+def _noted(error: str, note: str) -> str:
+    """`error` and, on a line of its own, `note` (what was left out of the artifacts), within TAIL_CHARS."""
+    return f"{error}\n{note}"[-TAIL_CHARS:] if note else error
 
 
 def _describe_exit(returncode: int) -> tuple[int, str]:
@@ -176,6 +222,9 @@ class Run:
         self._log_lines: list[dict[str, str]] = []
         self._log_bytes = 0
         self._log_seq = 0  # the place of the next line sent in the run's output
+        # Why the work directory holds files stored nowhere else ("" once they were, or when there are
+        # none): the agent keeps such a directory when the run is over (artifacts.RunDirs).
+        self.unstored = ""
 
     @property
     def task_id(self) -> str:
@@ -244,18 +293,22 @@ class Run:
             return self._final_interrupted(exit_code=None)
         loop = asyncio.get_running_loop()
         try:
+            # Tied to this agent: the run's process group is killed if the agent dies (orphans.py).
+            command, lifeline = orphans.tethered(argv, cwd=self.work_dir, env=env)
             transport, child = await loop.subprocess_exec(
                 lambda: _ChildProtocol(self._on_line, self._on_data),
-                *argv,
+                *command,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 cwd=self.work_dir,
                 env=env,
                 start_new_session=True,
+                pass_fds=lifeline,
             )
         except OSError as exc:
             return self._final("failed", failure_reason="preparation", error=f"cannot start {argv[0]!r}: {exc}")
+        self.unstored = "its files were not uploaded"
         flusher = asyncio.create_task(self._flush_periodically())
         self._start_companions(env)
         try:
@@ -274,9 +327,12 @@ class Run:
         if reason is None:
             self._status("collecting")
             return await self._collect(exit_code, how)
+        if reason in ("cancel", "timeout") and not self._kill_now.is_set():
+            # What it wrote in its grace period (a checkpoint) is stored as a self-exit's files are. The
+            # run reports `running` meanwhile; a forced shutdown (kill_now) skips this, to be quick.
+            return await self._collect(exit_code, how, interrupted=reason)
         if reason == "timeout":
-            error = f"timed out after {self.assignment.timeout_seconds:g} s ({how})"
-            return self._final("failed", exit_code=exit_code, failure_reason="timeout", error=self._with_stderr(error))
+            return self._timed_out(exit_code, how)
         return self._final_interrupted(exit_code=exit_code)
 
     def _prepare(self) -> tuple[list[str], dict[str, str]]:
@@ -342,12 +398,15 @@ class Run:
         companions, self._companions = self._companions, []
         await asyncio.gather(*(companion.stop() for companion in companions), return_exceptions=True)
 
-    async def _interruptible(self, coroutine: Any) -> Any:
-        """Await `coroutine` unless cancel/stop/shutdown comes first: then abort it and return _INTERRUPTED."""
+    async def _interruptible(
+        self, coroutine: Any, *, until: asyncio.Event | None = None, timeout: float | None = None
+    ) -> Any:
+        """Await `coroutine` unless cancel/stop/shutdown (or the event `until`) comes first, or
+        `timeout` seconds pass: then abort it and return _INTERRUPTED."""
         work = asyncio.ensure_future(coroutine)
-        interrupt = asyncio.create_task(self._interrupt.wait())
+        interrupt = asyncio.create_task((until or self._interrupt).wait())
         try:
-            await asyncio.wait({work, interrupt}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({work, interrupt}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         finally:
             interrupt.cancel()
             if not work.done():
@@ -394,23 +453,41 @@ class Run:
                 logger.error("task %s: cannot write its log: %s", self.task_id, exc)
                 self._log_files.pop(fd).close()
 
-    async def _collect(self, exit_code: int, how: str) -> dict[str, Any] | None:
-        """Upload and commit the run's files, then the final status (reporting what was skipped)."""
+    async def _collect(self, exit_code: int, how: str, *, interrupted: str | None = None) -> dict[str, Any] | None:
+        """Upload and commit the run's files, then the final status (reporting what was skipped).
+
+        `interrupted` ("cancel" or "timeout"): the run was ended so. Its files are stored all the
+        same, for INTERRUPTED_COLLECT_SECONDS at most and cut short only by a forced shutdown or a
+        `stop`; its end is reported as it would be without them, an upload that failed noted in `error`.
+        """
         stdout = _tail(self._tails["stdout"])
+        if interrupted is None:
+            upload = self._interruptible(self._upload())
+        else:
+            upload = self._interruptible(self._upload(), until=self._kill_now, timeout=INTERRUPTED_COLLECT_SECONDS)
         try:
-            collected = await self._interruptible(self._upload())
+            collected = await upload
         except StaleRun as exc:
             logger.warning("task %s: the server refused its artifacts (%s); forgetting the run", self.task_id, exc)
             self._silenced = True
             return None
         except UploadFailed as exc:
+            self.unstored = f"its upload failed: {exc}"
+            if interrupted is not None:
+                return self._interrupted_end(interrupted, exit_code, how, note=f"artifacts not stored: {exc}")
             # Not the task's fault: reported as an infrastructure failure, which the server retries.
             error = self._with_stderr(f"{exc} (the process {how})")
             return self._final("failed", exit_code=exit_code, failure_reason="worker_lost", error=error, output=stdout)
         if collected is _INTERRUPTED:
-            return self._final_interrupted(exit_code=exit_code)
+            if interrupted is None or self._kill_now.is_set():
+                return self._final_interrupted(exit_code=exit_code)
+            note = f"artifacts not stored: not uploaded within {INTERRUPTED_COLLECT_SECONDS:g} s"
+            self.unstored = note
+            return self._interrupted_end(interrupted, exit_code, how, note=note)
         note = collected.note()
         extra: dict[str, Any] = {"skipped_artifacts": [s.as_dict() for s in collected.skipped]} if note else {}
+        if interrupted is not None:
+            return self._interrupted_end(interrupted, exit_code, how, note=note, **extra)
         if exit_code == 0:
             return self._final("completed", exit_code=0, output=stdout, **({"error": note} if note else {}), **extra)
         error = _tail(self._tails["stderr"]) or how
@@ -418,19 +495,30 @@ class Run:
             "failed",
             exit_code=exit_code,
             failure_reason="exit_code",
-            error=f"{error}\n{note}"[-TAIL_CHARS:] if note else error,
+            error=_noted(error, note),
             output=stdout,
             **extra,
         )
+
+    def _interrupted_end(
+        self, reason: str, exit_code: int, how: str, *, note: str, **extra: Any
+    ) -> dict[str, Any] | None:
+        if reason == "timeout":
+            return self._timed_out(exit_code, how, note=note, **extra)
+        return self._final_interrupted(exit_code=exit_code, note=note, **extra)
 
     async def _upload(self) -> Collected:
         files, a = self._files, self.assignment
         # One path namespace per attempt and the last commit wins: in a multi-node run only rank 0
         # stores artifacts (docs/worker-protocol.md).
-        if files is None or not files.upload_artifacts or a.node.rank != 0:
+        if a.node.rank != 0:
+            self.unstored = ""  # by design: its files are rank 0's to store
+            return Collected()
+        if files is None or not files.upload_artifacts:
+            self.unstored = NOT_UPLOADING
             return Collected()
         logs = {LOG_ARTIFACTS[stream]: self.work_dir / RUN_DIR / f"{stream}.log" for stream in ("stdout", "stderr")}
-        return await collect(
+        collected = await collect(
             files,
             task_id=a.task_id,
             token=a.token,
@@ -438,6 +526,8 @@ class Run:
             logs=logs,
             abort=self._abort,
         )
+        self.unstored = ""
+        return collected
 
     async def _supervise(self, child: _ChildProtocol, pgid: int) -> str | None:
         """Wait for exit, interrupt or timeout; end the group; None when the child exited by itself."""
@@ -479,8 +569,11 @@ class Run:
 
     # -- reporting -------------------------------------------------------------------------
 
-    def _final_interrupted(self, *, exit_code: int | None) -> dict[str, Any] | None:
+    def _final_interrupted(self, *, exit_code: int | None, note: str = "", **extra: Any) -> dict[str, Any] | None:
         details: dict[str, Any] = {} if exit_code is None else {"exit_code": exit_code}
+        stdout = _tail(self._tails["stdout"])
+        if stdout:
+            details["output"] = stdout
         if self._stop_reason == "stop":
             return None
         if self._stop_reason == "drain":
@@ -489,7 +582,18 @@ class Run:
             return self._final(
                 "failed", failure_reason="worker_lost", error=self._with_stderr("worker shut down"), **details
             )
-        return self._final("cancelled", **details)
+        return self._final("cancelled", **details, **({"error": note} if note else {}), **extra)
+
+    def _timed_out(self, exit_code: int, how: str, *, note: str = "", **extra: Any) -> dict[str, Any] | None:
+        error = self._with_stderr(f"timed out after {self.assignment.timeout_seconds:g} s ({how})")
+        return self._final(
+            "failed",
+            exit_code=exit_code,
+            failure_reason="timeout",
+            error=_noted(error, note),
+            output=_tail(self._tails["stdout"]),
+            **extra,
+        )
 
     def _with_stderr(self, error: str) -> str:
         stderr = _tail(self._tails["stderr"])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from fetchml.testing import database_url_for
 from fetchml.tests.factories import ApiKeyFactory, UserFactory
 from scheduler.models import NodeAssignment, Worker
 from scheduler.services import worker_drain
+from scheduler.tests.agent_peer import process_gone
 from scheduler.tests.live_system import LiveSystem, python_command, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
@@ -64,9 +64,9 @@ def test_run_of_a_killed_worker_is_retried_on_another_worker_after_the_lease(
         child_pid = int(wait_until(lambda: _read(tmp_path / "pids" / "1"), what="the run's pid"))
         system.start_worker("b", key=agent_key)
 
-        first.process.kill()  # kill -9 of the agent, then of its run (its own process group)
+        first.process.kill()  # kill -9 of the agent: its run dies with it (scheduler/agent/orphans.py)
         first.process.wait()
-        os.killpg(child_pid, signal.SIGKILL)
+        wait_until(lambda: process_gone(child_pid), timeout=5, what="the run to die with its agent")
         (tmp_path / "gate").touch()
         done = system.wait_for_status(owner_key, task["id"], "completed")
 

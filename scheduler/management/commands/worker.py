@@ -24,6 +24,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
+from scheduler.agent import orphans
 from scheduler.agent.capacity import detect_capacity
 from scheduler.agent.client import Agent, AgentConfig
 from scheduler.agent.files import DEFAULT_DATASET_CACHE_BYTES, DEFAULT_MAX_UNPACK_BYTES, GIB
@@ -102,6 +103,16 @@ class Command(BaseCommand):
             help="do not upload outputs and logs (for a server without the file API)",
         )
         parser.add_argument(
+            "--keep-run-dirs",
+            type=_non_negative,
+            default=0,
+            metavar="N",
+            help=(
+                "keep the work directories of the N most recent finished runs (default: 0). The others are removed "
+                "once the server has their outcome and files; one whose upload failed is always kept"
+            ),
+        )
+        parser.add_argument(
             "--container-runtime",
             choices=CONTAINER_RUNTIMES,
             default="",
@@ -143,11 +154,14 @@ class Command(BaseCommand):
             dataset_cache_bytes=int(options["dataset_cache_gb"] * GIB),
             max_unpack_bytes=options["max_unpack_bytes"],
             upload_artifacts=not options["no_artifacts"],
+            keep_run_dirs=options["keep_run_dirs"],
             container_runtime=options["container_runtime"],
             service_host=options["service_host"],
         )
         logger.info("worker %s offers %s; runs in %s", config.name, capacity.as_capabilities(), config.work_root)
-        code = asyncio.run(self._serve(config))
+        # Before the first hello: what an earlier agent here left running is ended (orphans.py).
+        with orphans.claimed(config.work_root):
+            code = asyncio.run(self._serve(config))
         if code:
             raise SystemExit(code)
 
