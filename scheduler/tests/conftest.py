@@ -7,6 +7,8 @@ from asgiref.sync import async_to_sync, sync_to_async
 from channels.layers import channel_layers, get_channel_layer
 from django.db import connections
 
+from fetchml.tests.factories import ApiKeyFactory, UserFactory
+
 
 @pytest.fixture
 def channel_layer():
@@ -28,3 +30,15 @@ def thread_connections():
     """
     yield
     asyncio.run(sync_to_async(connections.close_all)())
+
+
+@pytest.fixture
+def owner_key(user) -> str:
+    """A user key of `user`: what the end-to-end tests submit with."""
+    return ApiKeyFactory.raw(user=user, role="user")
+
+
+@pytest.fixture
+def agent_key(db) -> str:
+    """A worker key: what the end-to-end tests' agents connect with."""
+    return ApiKeyFactory.raw(user=UserFactory(username="e2e-agent"), role="worker")

@@ -25,7 +25,6 @@ from artifacts.models import Artifact
 from artifacts.tests.factories import live_run, tar_gz, worker_key_pair
 from audit.models import AuditEvent
 from fetchml.testing import LiveServer, database_url_for
-from fetchml.tests.factories import ApiKeyFactory
 from scheduler.models import NodeAssignment
 from scheduler.tests.agent_peer import Peer, assign, python, run_async, running_agent
 from tasks.models import Task
@@ -49,11 +48,6 @@ def live(tmp_path: Path):
     env = {"FETCHML_STORAGE_DIR": str(tmp_path / "storage"), "FETCHML_MAX_ARTIFACT_BYTES_PER_TASK": str(BUDGET)}
     with LiveServer(database_url=database_url_for(connection), env=env) as server:
         yield server
-
-
-@pytest.fixture
-def owner_key(user) -> str:
-    return ApiKeyFactory.raw(user=user)
 
 
 @pytest.fixture

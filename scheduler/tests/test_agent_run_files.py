@@ -20,7 +20,6 @@ from django.db import connection
 
 from artifacts.tests.factories import live_run, worker_key_pair
 from fetchml.testing import LiveServer, database_url_for
-from fetchml.tests.factories import ApiKeyFactory
 from scheduler.management.commands.worker import API_KEY_ENV
 from scheduler.models import NodeAssignment
 from scheduler.tests.agent_peer import Peer, assign, python, run_async, running_agent, until
@@ -91,8 +90,9 @@ async def cancelled_when_ready(peer: Peer, message: dict[str, Any]) -> dict[str,
 
 
 @pytest.mark.django_db(transaction=True)
-def test_a_cancelled_run_stores_the_checkpoint_it_writes_in_its_grace_period_and_its_logs(user, worker, live, tmp_path):
-    owner_key = ApiKeyFactory.raw(user=user)
+def test_a_cancelled_run_stores_the_checkpoint_it_writes_in_its_grace_period_and_its_logs(
+    user, owner_key, worker, live, tmp_path
+):
     run = live_run(key=worker[0], owner=user, status=TaskStatus.RUNNING)
 
     async def scenario() -> dict[str, Any]:
@@ -115,8 +115,7 @@ def test_a_cancelled_run_stores_the_checkpoint_it_writes_in_its_grace_period_and
 
 
 @pytest.mark.django_db(transaction=True)
-def test_a_timed_out_run_stores_its_checkpoint_and_fails_with_timeout(user, worker, live, tmp_path):
-    owner_key = ApiKeyFactory.raw(user=user)
+def test_a_timed_out_run_stores_its_checkpoint_and_fails_with_timeout(user, owner_key, worker, live, tmp_path):
     run = live_run(key=worker[0], owner=user, status=TaskStatus.RUNNING)
 
     async def scenario() -> dict[str, Any]:

@@ -12,7 +12,6 @@ import pytest
 from django.db import connection
 
 from fetchml.testing import database_url_for
-from fetchml.tests.factories import ApiKeyFactory, UserFactory
 from scheduler.agent import orphans
 from scheduler.tests.agent_peer import process_gone
 from scheduler.tests.live_system import LiveSystem, python_command, wait_until
@@ -22,16 +21,6 @@ pytestmark = [
     pytest.mark.django_db(transaction=True),
     pytest.mark.skipif(not sys.platform.startswith("linux"), reason="looks for processes in /proc"),
 ]
-
-
-@pytest.fixture
-def owner_key(user) -> str:
-    return ApiKeyFactory.raw(user=user, role="user")
-
-
-@pytest.fixture
-def agent_key(db) -> str:
-    return ApiKeyFactory.raw(user=UserFactory(username="e2e-agent"), role="worker")
 
 
 @pytest.fixture

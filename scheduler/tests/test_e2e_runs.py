@@ -12,21 +12,10 @@ import pytest
 from django.db import connection
 
 from fetchml.testing import database_url_for
-from fetchml.tests.factories import ApiKeyFactory, UserFactory
 from scheduler.models import NodeAssignment
 from scheduler.tests.live_system import LiveSystem, python_command, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
-
-
-@pytest.fixture
-def owner_key(user) -> str:
-    return ApiKeyFactory.raw(user=user, role="user")
-
-
-@pytest.fixture
-def agent_key(db) -> str:
-    return ApiKeyFactory.raw(user=UserFactory(username="e2e-agent"), role="worker")
 
 
 @pytest.fixture

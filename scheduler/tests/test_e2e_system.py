@@ -14,7 +14,6 @@ from django.db import connection, connections, transaction
 from audit.models import AuditEvent
 from conftest import requires_postgres
 from fetchml.testing import ThreadedGate, database_url_for
-from fetchml.tests.factories import ApiKeyFactory, UserFactory
 from scheduler.models import NodeAssignment, Worker
 from scheduler.tests.live_system import (
     SCHEDULER_APPLICATION_NAME,
@@ -26,16 +25,6 @@ from scheduler.tests.live_system import (
 from tasks.models import Task
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
-
-
-@pytest.fixture
-def owner_key(user) -> str:
-    return ApiKeyFactory.raw(user=user, role="user")
-
-
-@pytest.fixture
-def agent_key(db) -> str:
-    return ApiKeyFactory.raw(user=UserFactory(username="e2e-agent"), role="worker")
 
 
 def _gated_command(gate: Path, output: str = "done") -> str:

@@ -11,7 +11,6 @@ from django.db import connection
 from audit.models import AuditEvent
 from fetchml.auth import Actor
 from fetchml.testing import database_url_for
-from fetchml.tests.factories import ApiKeyFactory, UserFactory
 from scheduler.models import NodeAssignment, Worker
 from scheduler.services import worker_drain
 from scheduler.tests.agent_peer import process_gone
@@ -20,16 +19,6 @@ from scheduler.tests.live_system import LiveSystem, python_command, wait_until
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 
 SHORT_LEASE = {"FETCHML_WORKER_LEASE_SECONDS": "3"}
-
-
-@pytest.fixture
-def owner_key(user) -> str:
-    return ApiKeyFactory.raw(user=user, role="user")
-
-
-@pytest.fixture
-def agent_key(db) -> str:
-    return ApiKeyFactory.raw(user=UserFactory(username="e2e-agent"), role="worker")
 
 
 def gated(tmp_path: Path) -> str:
