@@ -88,17 +88,20 @@ class WorkerAvailability:
 
 def worker_availability(workers: list[Worker], *, now: datetime | None = None) -> dict[Any, WorkerAvailability]:
     """Free capacity of `workers` as a dispatch round sees it: less what active reservations hold
-    on them (the round's own binding, `current_holds`, and accounting, `held_from`).
+    on them (the round's own binding, `current_holds`, and accounting, `held_from`), and none on a
+    worker that is not active (draining, offline), which a round gives nothing.
 
     A fixed number of queries (the live reservations, the GPUs in use), whatever the fleet's size.
     """
     available = {}
+    taking_work = {worker.id for worker in workers if worker.status == Worker.Status.ACTIVE}
     for node in capacities(workers, current_holds(now or timezone.now())):
         reserved_gpus, reserved_slots = held_from(node, None)
+        active = node.worker_id in taking_work
         available[node.worker_id] = WorkerAvailability(
-            gpus=max(len(node.gpu_indices) - reserved_gpus, 0),
-            batch_slots=max(node.batch_slots - reserved_slots, 0),
-            service_slots=max(node.service_slots, 0),
+            gpus=max(len(node.gpu_indices) - reserved_gpus, 0) if active else 0,
+            batch_slots=max(node.batch_slots - reserved_slots, 0) if active else 0,
+            service_slots=max(node.service_slots, 0) if active else 0,
             reserved_gpus=reserved_gpus,
             reserved_batch_slots=reserved_slots,
         )

@@ -31,7 +31,7 @@ class CapabilitiesSerializer(serializers.Serializer):
 
 class SlotsSerializer(serializers.Serializer):
     batch_available = serializers.IntegerField(
-        help_text="Batch slots a task naming no reservation could take now: free ones less those reserved"
+        help_text="Batch slots a task naming no reservation could take now (free less reserved; 0 unless active)"
     )
     batch_total = serializers.IntegerField()
     batch_reserved = serializers.IntegerField(
@@ -51,7 +51,7 @@ class WorkerSerializer(serializers.Serializer):
     slots = serializers.SerializerMethodField()
     gpus_available = serializers.IntegerField(
         source="availability.gpus",
-        help_text="GPUs a task naming no reservation could get now: free ones less those reserved",
+        help_text="GPUs a task naming no reservation could get now (free less reserved; 0 unless active)",
     )
     gpus_reserved = serializers.IntegerField(
         source="availability.reserved_gpus", help_text="GPUs held here by active reservations"

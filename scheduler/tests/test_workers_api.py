@@ -6,7 +6,7 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
 from scheduler.dispatch import dispatch_round
-from scheduler.models import Reservation
+from scheduler.models import Reservation, Worker
 from scheduler.tests.factories import queued_task, worker
 from tasks.tests.factories import ReservationFactory
 
@@ -74,3 +74,13 @@ def test_the_worker_list_reads_as_many_queries_for_many_workers_as_for_one(user_
         user_client.get(WORKERS)
 
     assert len(many) == len(one)
+
+
+@pytest.mark.parametrize("status", [Worker.Status.DRAINING, Worker.Status.OFFLINE])
+def test_a_worker_not_taking_work_shows_nothing_available(user_client, status):
+    box = worker(gpu_count=4, batch_slots=2, service_slots=1, status=status)
+
+    body = user_client.get(f"{WORKERS}/{box.id}").json()
+
+    assert (body["gpus_available"], body["slots"]["batch_available"], body["slots"]["service_available"]) == (0, 0, 0)
+    assert (body["slots"]["batch_total"], body["slots"]["service_total"]) == (2, 1)
