@@ -223,7 +223,8 @@ def pending_reason(task: Task, *, now: datetime | None = None, position: int | N
         fitting = missing.count(None)
         nodes_text = f"{task.node_count} workers" if task.node_count > 1 else "worker"
         if fitting:
-            return f"only {fitting} of {task.node_count} workers have {_need(task)}"
+            held = "; on others it is held by active reservations" if "reserved" in missing else ""
+            return f"only {fitting} of {task.node_count} workers have {_need(task)}{held}"
         if head is not None and "held" in missing:
             return f"the workers it could use are held for task {head.id}, which has waited longest"
         if "reserved" in missing:

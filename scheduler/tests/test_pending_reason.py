@@ -59,6 +59,19 @@ def test_multi_node_task_lacking_free_workers():
     assert pending_reason(queued_task(node_count=3)) == "only 1 of 3 workers have a free batch slot"
 
 
+def test_multi_node_task_lacking_workers_says_when_a_reservation_holds_the_others():
+    worker(name="a", gpu_count=2, gpu_type="A100")
+    worker(name="b", gpu_count=2, gpu_type="A100")
+    ReservationFactory(gpu_count=2, gpu_type="A100")
+
+    reason = pending_reason(queued_task(node_count=2, gpu=1, gpu_type="A100"))
+
+    assert reason == (
+        "only 1 of 2 workers have 1 free GPU(s) of type A100, a free batch slot; "
+        "on others it is held by active reservations"
+    )
+
+
 def test_multi_node_task_needing_more_workers_than_are_active_waits_for_more():
     worker(name="a")
 
