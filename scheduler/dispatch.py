@@ -69,9 +69,9 @@ from scheduler.policies import (
     Holds,
     active_fleet,
     current_holds,
-    fleet_shortfall,
     is_starving,
     node_could_ever_hold,
+    nodes_that_could_hold,
     starving_since,
     task_shape,
     tasks_fleet_could_ever_run,
@@ -453,7 +453,7 @@ def _starving_head(nodes: list[NodeCapacity], holds: Holds, now: datetime) -> Ta
     if not waits_in_vain(head):
         return None
     fleet = active_fleet()
-    if fleet_shortfall(task_shape(head), fleet) is None:
+    if nodes_that_could_hold(task_shape(head), fleet) >= head.node_count:
         return head
     behind = runnable_tasks(now).filter(tasks_fleet_could_ever_run(fleet)).only(*DISPATCH_FIELDS).first()
     return behind if waits_in_vain(behind) else None

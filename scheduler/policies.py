@@ -137,21 +137,56 @@ def tasks_fleet_could_ever_run(fleet: list[FleetNode]) -> Q:
     return one_node | Q(node_count__gt=1, node_count__lte=nodes_that_fit)
 
 
+def nodes_that_could_hold(shape: Shape, fleet: list[FleetNode]) -> int:
+    """How many nodes of `fleet` could, when empty, run one node of `shape`."""
+    return sum(1 for node in fleet if node_could_ever_hold(node, shape))
+
+
+def fleet_lacks(shape: Shape, fleet: list[FleetNode]) -> list[str]:
+    """The needs of one node of `shape` that no node of `fleet` meets on its own, in this order:
+    "gpu_type", "gpu" (that many GPUs of its type), "cpu", "memory_gb", "slot" (of its kind). Empty
+    when each need is met somewhere, if not all on one node.
+
+    The one reading of why a fleet falls short: a refused submission, a refused reservation and a
+    task's pending reason each phrase it their own way.
+    """
+    typed = bool(shape.gpu and shape.gpu_type)
+    lacking = []
+    if typed and not any(node.gpu_type == shape.gpu_type for node in fleet):
+        lacking.append("gpu_type")
+    elif shape.gpu > largest_gpu_count(shape, fleet):
+        lacking.append("gpu")
+    if shape.cpu > max((node.cpu_cores for node in fleet), default=0):
+        lacking.append("cpu")
+    if shape.memory_gb > max((node.memory_gb for node in fleet), default=0):
+        lacking.append("memory_gb")
+    if not any(node_could_ever_hold(node, Shape(kind=shape.kind)) for node in fleet):
+        lacking.append("slot")
+    return lacking
+
+
+def largest_gpu_count(shape: Shape, fleet: list[FleetNode]) -> int:
+    """The most GPUs a node of `fleet` has of the type `shape` asks for (of any type when it names none)."""
+    typed = bool(shape.gpu and shape.gpu_type)
+    return max((node.gpu_count for node in fleet if not typed or node.gpu_type == shape.gpu_type), default=0)
+
+
 def fleet_shortfall(shape: Shape, fleet: list[FleetNode]) -> str | None:
     """Why no set of `fleet` nodes could ever run `shape`, or None if one could."""
-    fitting = sum(1 for node in fleet if node_could_ever_hold(node, shape))
+    fitting = nodes_that_could_hold(shape, fleet)
     if fitting >= shape.node_count:
         return None
-    if shape.gpu and shape.gpu_type and not any(node.gpu_type == shape.gpu_type for node in fleet):
+    lacking = fleet_lacks(shape, fleet)
+    if "gpu_type" in lacking:
         return f"no registered worker has GPUs of type {shape.gpu_type}"
-    for need, have, what in (
-        (shape.gpu, max(node.gpu_count for node in fleet), "GPUs"),
-        (shape.cpu, max(node.cpu_cores for node in fleet), "CPU cores"),
-        (shape.memory_gb, max(node.memory_gb for node in fleet), "GB of memory"),
+    for need, what, have in (
+        ("gpu", "GPUs", lambda: largest_gpu_count(shape, fleet)),
+        ("cpu", "CPU cores", lambda: max(node.cpu_cores for node in fleet)),
+        ("memory_gb", "GB of memory", lambda: max(node.memory_gb for node in fleet)),
     ):
-        if need > have:
-            return f"{need} {what} per node requested; the largest registered worker has {have}"
-    if shape.kind == Task.Kind.SERVICE and not any(node.service_slots for node in fleet):
+        if need in lacking:
+            return f"{getattr(shape, need)} {what} per node requested; the largest registered worker has {have()}"
+    if shape.kind == Task.Kind.SERVICE and "slot" in lacking:
         return "no registered worker has service slots"
     return f"{shape.node_count} nodes requested; only {fitting} registered worker(s) could hold one node each"
 

@@ -29,7 +29,9 @@ from fetchml.errors import Conflict, Invalid
 from scheduler.models import Reservation
 from scheduler.policies import (
     FleetNode,
-    node_could_ever_hold,
+    fleet_lacks,
+    largest_gpu_count,
+    nodes_that_could_hold,
     overlapping_reservations,
     place_reservations,
     registered_fleet,
@@ -70,14 +72,13 @@ def _fleet_cannot_hold(candidate: Reservation, fleet: list[FleetNode]) -> Invali
     refusal = f"the registered workers cannot hold {what}"
     if not fleet:
         return _refuse(f"{refusal}: no worker is registered", None)
-    typed = [node for node in fleet if not gpu_type or node.gpu_type == gpu_type]
-    if not typed:
-        return _refuse(f"{refusal}: none has GPUs of type {gpu_type}", "gpu_type")
     shape = reservation_shape(candidate)
-    fitting = sum(1 for node in typed if node_could_ever_hold(node, shape))
-    if not fitting:
-        largest = max(node.gpu_count for node in typed)
-        return _refuse(f"{refusal}: the largest has {largest} GPU(s)", "gpu_count")
+    lacking = fleet_lacks(shape, fleet)
+    if "gpu_type" in lacking:
+        return _refuse(f"{refusal}: none has GPUs of type {gpu_type}", "gpu_type")
+    if "gpu" in lacking:
+        return _refuse(f"{refusal}: the largest has {largest_gpu_count(shape, fleet)} GPU(s)", "gpu_count")
+    fitting = nodes_that_could_hold(shape, fleet)
     return _refuse(f"{refusal}: only {fitting} could hold {gpu_count} GPU(s)", "node_count")
 
 

@@ -25,7 +25,8 @@ from scheduler.policies import (
     Shape,
     active_fleet,
     current_holds,
-    node_could_ever_hold,
+    fleet_lacks,
+    nodes_that_could_hold,
     task_shape,
     tasks_fleet_could_ever_run,
 )
@@ -147,35 +148,24 @@ def _plural(count: int, unit: str) -> str:
 def _beyond_the_fleet(shape: Shape, fleet: list[FleetNode]) -> str:
     """What no node of `fleet` has of one node of `shape`: each need that none meets alone, or else
     all of them together."""
-    typed = bool(shape.gpu and shape.gpu_type)
-    gpus = _plural(shape.gpu, "GPU") + (f" of type {shape.gpu_type}" if typed else "")
-    of_type = [node for node in fleet if not typed or node.gpu_type == shape.gpu_type]
-    slot = f"a {shape.kind} slot"
-    lacking = []
-    if typed and not of_type:
-        lacking.append(f"GPUs of type {shape.gpu_type}")
-    elif shape.gpu > max((node.gpu_count for node in of_type), default=0):
-        lacking.append(gpus)
-    if shape.cpu > max(node.cpu_cores for node in fleet):
-        lacking.append(_plural(shape.cpu, "CPU core"))
-    if shape.memory_gb > max(node.memory_gb for node in fleet):
-        lacking.append(f"{shape.memory_gb} GB of memory")
-    if not any(node_could_ever_hold(node, Shape(kind=shape.kind)) for node in fleet):
-        lacking.append(slot)
-    if lacking:
-        return " or ".join(lacking)
-    wanted = [gpus] if shape.gpu else []
-    if shape.cpu:
-        wanted.append(_plural(shape.cpu, "CPU core"))
-    if shape.memory_gb:
-        wanted.append(f"{shape.memory_gb} GB of memory")
-    return ", ".join(wanted) + f" and {slot} at once"
+    gpus = _plural(shape.gpu, "GPU") + (f" of type {shape.gpu_type}" if shape.gpu and shape.gpu_type else "")
+    words = {
+        "gpu_type": f"GPUs of type {shape.gpu_type}",
+        "gpu": gpus,
+        "cpu": _plural(shape.cpu, "CPU core"),
+        "memory_gb": f"{shape.memory_gb} GB of memory",
+        "slot": f"a {shape.kind} slot",
+    }
+    if lacking := fleet_lacks(shape, fleet):
+        return " or ".join(words[need] for need in lacking)
+    wanted = [words[need] for need in ("gpu", "cpu", "memory_gb") if getattr(shape, need)]
+    return ", ".join(wanted) + f" and {words['slot']} at once"
 
 
 def _never_fits(task: Task, fleet: list[FleetNode]) -> str:
     """Why the active workers could not hold `task` even if they were idle ('' if they could)."""
     shape = task_shape(task)
-    could = sum(node_could_ever_hold(node, shape) for node in fleet)
+    could = nodes_that_could_hold(shape, fleet)
     if could >= task.node_count:
         return ""
     if could:

@@ -139,13 +139,17 @@ def test_small_jobs_still_pass_a_waiting_multi_node_job_before_the_threshold(set
     assert _started(gang, small) == [False, True]
 
 
-def test_small_job_is_backfilled_on_a_node_the_starving_job_cannot_use(settings):
-    settings.FETCHML_STARVATION_SECONDS = 60
+def _two_gpu_nodes_one_busy_and_a_cpu_node() -> None:
     worker(name="gpu-0", gpu_count=4, batch_slots=1)
     worker(name="gpu-1", gpu_count=4, batch_slots=1)
     worker(name="cpu-only", gpu_count=0, batch_slots=1)
     queued_task(gpu=4, priority=10)
     dispatch_round()  # one GPU node busy
+
+
+def test_small_job_is_backfilled_on_a_node_the_starving_job_cannot_use(settings):
+    settings.FETCHML_STARVATION_SECONDS = 60
+    _two_gpu_nodes_one_busy_and_a_cpu_node()
     gang = queued_task(node_count=2, gpu=4, queued_at=timezone.now() - timedelta(minutes=10))
     cpu_job = queued_task(queued_at=timezone.now() - timedelta(minutes=5))
     gpu_job = queued_task(gpu=1, queued_at=timezone.now() - timedelta(minutes=4))
@@ -170,11 +174,7 @@ def test_a_starving_gang_wider_than_the_active_workers_holds_none_of_them(settin
 
 def test_the_first_starving_task_the_active_workers_could_run_gets_the_hold(settings):
     settings.FETCHML_STARVATION_SECONDS = 60
-    worker(name="gpu-0", gpu_count=4, batch_slots=1)
-    worker(name="gpu-1", gpu_count=4, batch_slots=1)
-    worker(name="cpu-only", gpu_count=0, batch_slots=1)
-    queued_task(gpu=4, priority=10)
-    dispatch_round()  # one GPU node busy
+    _two_gpu_nodes_one_busy_and_a_cpu_node()
     too_wide = queued_task(node_count=4, queued_at=timezone.now() - timedelta(minutes=20))
     gang = queued_task(node_count=2, gpu=4, queued_at=timezone.now() - timedelta(minutes=10))
     cpu_job = queued_task(queued_at=timezone.now() - timedelta(minutes=5))
