@@ -34,6 +34,7 @@ from scheduler.agent import orphans, protocol
 from scheduler.agent.artifacts import NOT_UPLOADING, Collected, StaleRun, UploadFailed, collect
 from scheduler.agent.datasets import DatasetFetcher, parse_specs
 from scheduler.agent.files import FileServices
+from scheduler.agent.output import LineAssembler
 from scheduler.agent.protocol import Assignment, CommandLineError, command_argv
 from scheduler.agent.services import JupyterWatch, ServiceLauncher, parse_service
 from scheduler.agent.sidecars import Companion, sidecars_for
@@ -43,7 +44,6 @@ logger = logging.getLogger(__name__)
 
 TAIL_LINES = 50
 TAIL_CHARS = 8000
-MAX_LINE_BYTES = 8192
 LOG_BATCH_LINES = 200
 LOG_BATCH_BYTES = 128 * 1024
 LOG_FLUSH_SECONDS = 0.25
@@ -82,45 +82,28 @@ class PreparationError(Exception):
 
 
 class _ChildProtocol(asyncio.SubprocessProtocol):
-    """Splits the child's stdout/stderr into lines and notes when it exits and its pipes close.
-
-    A line longer than MAX_LINE_BYTES is passed on as consecutive pieces of at most that many bytes,
-    cut between UTF-8 characters: joined, the pieces are the line, however the reads fell.
-    """
+    """Turns the child's stdout/stderr into log lines (scheduler.agent.output) and notes when it
+    exits and its pipes close."""
 
     def __init__(self, on_line: Callable[[str, str], None], on_data: Callable[[int, bytes], None]) -> None:
         loop = asyncio.get_running_loop()
         self.exited: asyncio.Future[None] = loop.create_future()
         self.pipes_closed: asyncio.Future[None] = loop.create_future()
-        self._on_line = on_line
         self._on_data = on_data
-        self._partial = {1: bytearray(), 2: bytearray()}
-        self._continued: set[int] = set()  # pipes whose current line was begun in pieces already
+        self._lines = {
+            1: LineAssembler(lambda line: on_line("stdout", line)),
+            2: LineAssembler(lambda line: on_line("stderr", line)),
+        }
         self._open_pipes = {1, 2}
 
     def pipe_data_received(self, fd: int, data: bytes) -> None:
         self._on_data(fd, data)
-        buffer = self._partial[fd]
-        buffer.extend(data)
-        *lines, rest = buffer.split(b"\n")
-        for line in lines:
-            self._complete(fd, line)
-        buffer[:] = rest
-        if len(buffer) > MAX_LINE_BYTES:  # an endless line is passed on in pieces rather than held
-            start = 0
-            while len(buffer) - start > MAX_LINE_BYTES:
-                end = _piece_end(buffer, start)
-                self._line(fd, bytes(buffer[start:end]))
-                start = end
-            del buffer[:start]
-            self._continued.add(fd)
+        self._lines[fd].feed(data)
 
     def pipe_connection_lost(self, fd: int, exc: Exception | None) -> None:
         if fd not in self._open_pipes:
             return
-        if self._partial[fd]:
-            self._complete(fd, bytes(self._partial[fd]))
-            self._partial[fd].clear()
+        self._lines[fd].close()
         self._open_pipes.discard(fd)
         if not self._open_pipes and not self.pipes_closed.done():
             self.pipes_closed.set_result(None)
@@ -128,37 +111,6 @@ class _ChildProtocol(asyncio.SubprocessProtocol):
     def process_exited(self) -> None:
         if not self.exited.done():
             self.exited.set_result(None)
-
-    def _complete(self, fd: int, raw: bytes) -> None:
-        """The end of a line (all of it, unless its first pieces went already)."""
-        continued = fd in self._continued
-        self._continued.discard(fd)
-        raw = raw.rstrip(b"\r")
-        if continued and not raw:
-            return  # the line ended right after its last piece
-        start = 0
-        while len(raw) - start > MAX_LINE_BYTES:
-            end = _piece_end(raw, start)
-            self._line(fd, raw[start:end])
-            start = end
-        self._line(fd, raw[start:])
-
-    def _line(self, fd: int, raw: bytes) -> None:
-        # NUL is no character a log keeps (nor can the server's database store it).
-        text = raw.decode("utf-8", errors="replace").replace("\x00", "\ufffd")
-        self._on_line("stdout" if fd == 1 else "stderr", text)
-
-
-def _piece_end(data: bytes | bytearray, start: int) -> int:
-    """Where the piece of a long line beginning at `start` ends: MAX_LINE_BYTES on, or a little
-    before so as not to cut a UTF-8 character in two (data that is no UTF-8 is cut anywhere)."""
-    end = start + MAX_LINE_BYTES
-    for back in range(4):  # a UTF-8 character has at most 3 continuation bytes (0b10xxxxxx)
-        if end - back <= start:
-            break
-        if data[end - back] & 0xC0 != 0x80:
-            return end - back
-    return end
 
 
 def _tail(lines: deque[str]) -> str:
