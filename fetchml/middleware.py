@@ -1,10 +1,12 @@
 """Request plumbing: trace ids, body-size limit, the error format outside DRF, rate-limit headers."""
 
 import logging
+import os
 import time
 
 from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
+from django.core.handlers.asgi import ASGIRequest
 from django.http import HttpRequest, HttpResponse
 
 from fetchml.errors import code_for_status, error_response
@@ -68,6 +70,21 @@ def _is_json(response: HttpResponse) -> bool:
     return response.get("Content-Type", "").startswith("application/json")
 
 
+def _declare_chunked_length(request: HttpRequest) -> None:
+    """Give a body sent without Content-Length (chunked) the length it has.
+
+    The ASGI handler has the whole body in its spooled file before the request exists, but DRF
+    reads only as many bytes as Content-Length declares: with none it would parse an empty body.
+    """
+    if "CONTENT_LENGTH" in request.META or not isinstance(request, ASGIRequest):
+        return
+    body_file = request._stream  # the handler's spooled file, not read yet
+    size = body_file.seek(0, os.SEEK_END)
+    body_file.seek(0)
+    if size:
+        request.META["CONTENT_LENGTH"] = str(size)
+
+
 def _body_too_large(request: HttpRequest) -> bool | None:
     """True if the declared body exceeds the limit; None if Content-Length is not a number.
 
@@ -94,6 +111,7 @@ class ApiErrorMiddleware:
         self.get_response = get_response
 
     def __call__(self, request: HttpRequest) -> HttpResponse:
+        _declare_chunked_length(request)
         too_large = _body_too_large(request)
         if too_large is None:
             return error_response(400, "Invalid Content-Length header")
