@@ -20,20 +20,34 @@ from fetchml.testing import free_port
 WAIT = 60.0
 
 
+def _manage(tmp_path: Path, *arguments: str) -> subprocess.CompletedProcess:
+    """`manage.py` in the embedded layout (SQLite) with its state under `tmp_path`."""
+    env = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", ""), "FETCHML_VAR_DIR": str(tmp_path)}
+    return subprocess.run(
+        [sys.executable, "manage.py", *arguments],
+        cwd=Path(settings.BASE_DIR),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_serve_on_a_database_not_migrated_exits_non_zero_saying_to_migrate(tmp_path: Path) -> None:
+    result = _manage(tmp_path, "serve", "--port", str(free_port()), "--workers", "1")
+
+    assert result.returncode != 0
+    assert "not applied: run `python manage.py migrate` first" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_serve_on_a_port_already_taken_exits_non_zero_saying_so(tmp_path: Path) -> None:
+    assert _manage(tmp_path, "migrate", "--verbosity", "0").returncode == 0
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        env = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", ""), "FETCHML_VAR_DIR": str(tmp_path)}
-        result = subprocess.run(
-            [sys.executable, "manage.py", "serve", "--port", str(port), "--workers", "0"],
-            cwd=Path(settings.BASE_DIR),
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        result = _manage(tmp_path, "serve", "--port", str(port), "--workers", "0")
 
     assert result.returncode != 0
     assert f"nothing is listening on 127.0.0.1:{port}" in result.stderr

@@ -16,6 +16,7 @@ from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
 from fetchml.localkeys import ensure_local_key
+from fetchml.management.migrated import require_migrated
 
 logger = logging.getLogger("fetchml.serve")
 WORKER_DRAIN_SECONDS = 15.0
@@ -59,6 +60,7 @@ class Command(BaseCommand):
             raise CommandError("--workers must be 0 or more")
         if not 0 < port < 65536:
             raise CommandError("--port must be between 1 and 65535")
+        require_migrated()
         # Import here: daphne installs the Twisted asyncio reactor on import.
         from daphne.endpoints import build_endpoint_description_strings
         from daphne.server import Server
