@@ -78,7 +78,7 @@ from scheduler.policies import (
 )
 from tasks.models import Task
 from tasks.selectors import owner_username
-from tasks.states import TaskStatus
+from tasks.states import NO_OUTCOME, TaskStatus
 
 logger = logging.getLogger("fetchml.scheduler.dispatch")
 
@@ -569,15 +569,10 @@ def _mark_preparing(placements: list[Placement], now: datetime) -> None:
             placement.nodes[0][0].worker_id,
             now,
         )
-        for name, value in _NEW_ATTEMPT.items():
+        for name, value in NO_OUTCOME.items():
             setattr(task, name, value)
         notices.append(events.task_event(task, event="task_update"))
     events.send_all_on_commit(notices)
-
-
-# A new attempt starts with no outcome: a retried task must not show the last attempt's exit code
-# and error while it runs again (the audit chain keeps why it was retried).
-_NEW_ATTEMPT = {"exit_code": None, "failure_reason": "", "error": "", "output": ""}
 
 
 def _preparing_update(*, ids: list[uuid.UUID], worker_id: uuid.UUID, now: datetime) -> tuple:
@@ -586,7 +581,7 @@ def _preparing_update(*, ids: list[uuid.UUID], worker_id: uuid.UUID, now: dateti
         "worker_id": worker_id,
         "attempt": F("attempt") + 1,
         "updated_at": now,
-        **_NEW_ATTEMPT,
+        **NO_OUTCOME,
     }
     return Task.objects.filter(id__in=ids), changes
 

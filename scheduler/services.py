@@ -42,7 +42,7 @@ from tasks.logs import append_lines
 from tasks.models import Task
 from tasks.selectors import owner_username
 from tasks.services import TasksChanged, TaskTransitions, task_transition
-from tasks.states import ACTIVE_STATES, TaskStatus
+from tasks.states import ACTIVE_STATES, NO_OUTCOME, TaskStatus
 
 logger = logging.getLogger("fetchml.scheduler")
 
@@ -214,7 +214,6 @@ def worker_heartbeat(*, worker_id: Any, running: list[dict[str, str]]) -> list[d
 
 
 # What a progress report carries of the fields of a final one.
-_NO_OUTCOME = {"exit_code": None, "failure_reason": "", "error": "", "output": ""}
 # How far along a run is, for the states an agent reports while it runs.
 _PROGRESS_ORDER = {TaskStatus.PREPARING: 0, TaskStatus.RUNNING: 1, TaskStatus.COLLECTING: 2}
 
@@ -242,7 +241,7 @@ def _catch_up_progress(worker_id: Any, runs: list[dict[str, str]], known: dict[s
             task_status in _PROGRESS_ORDER and _PROGRESS_ORDER[task_status] < _PROGRESS_ORDER[reported]
         )
         if live and behind:
-            reports.append({"type": "status", **run, **_NO_OUTCOME})
+            reports.append({"type": "status", **run, **NO_OUTCOME})
     if reports:
         logger.info("worker %s: %d run(s) further along than recorded; catching up", worker_id, len(reports))
         apply_run_reports(worker_id=worker_id, reports=reports)

@@ -28,7 +28,7 @@ from scheduler.dispatch import dispatch_at_submission
 from scheduler.models import Reservation
 from scheduler.policies import Shape, fair_share_offset, unschedulable_reason
 from tasks.models import Experiment, IdempotencyRecord, Task
-from tasks.states import ACTIVE_STATES, FINAL_STATES, TaskStatus, can_transition, sources_of
+from tasks.states import ACTIVE_STATES, FINAL_STATES, NO_OUTCOME, TaskStatus, can_transition, sources_of
 
 # Audit event written for each target state (others are not audited).
 _AUDITED_TRANSITIONS = {
@@ -383,7 +383,7 @@ def task_cancel(*, task: Task, actor: Actor) -> Task:
                 user=actor.user,
                 cancelled_by=actor.user,
                 cancel_requested_at=timezone.now(),
-                failure_reason=Task.FailureReason.CANCELLED,
+                **{**NO_OUTCOME, "failure_reason": Task.FailureReason.CANCELLED},
             )
             if done:
                 return done

@@ -20,6 +20,9 @@ class TaskStatus(models.TextChoices):
 
 FINAL_STATES = frozenset({TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED})
 ACTIVE_STATES = frozenset({TaskStatus.PREPARING, TaskStatus.RUNNING, TaskStatus.COLLECTING})
+# An attempt's outcome fields, as they are before it has one: a retried task must not show the
+# last attempt's exit code and error while it waits or runs again (the audit chain keeps why).
+NO_OUTCOME = {"exit_code": None, "failure_reason": "", "error": "", "output": ""}
 
 # target state -> the states it may be reached from
 ALLOWED_FROM: dict[str, frozenset[str]] = {

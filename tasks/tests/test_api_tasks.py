@@ -306,6 +306,18 @@ def test_cancel_of_queued_task_cancels_it_at_once(user_client, user):
     assert task.ended_at is not None
 
 
+def test_cancel_of_a_task_waiting_to_retry_shows_no_outcome_of_the_attempt_before(user_client, user):
+    task = TaskFactory(
+        owner=user, attempt=1, retry_count=1, exit_code=9, error="exited with code 9", output="partial", failure_reason=""
+    )
+
+    user_client.delete(f"/v1/tasks/{task.id}")
+
+    body = user_client.get(f"/v1/tasks/{task.id}").json()
+    assert (body["status"], body["failure_reason"]) == ("cancelled", "cancelled")
+    assert (body["exit_code"], body["error"], body["output"]) == (None, "", "")
+
+
 def test_cancel_of_queued_task_records_job_cancelled(user_client, user):
     task = TaskFactory(owner=user)
     user_client.delete(f"/v1/tasks/{task.id}")
