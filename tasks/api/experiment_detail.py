@@ -12,7 +12,7 @@ from fetchml.auth import actor_from_request
 from fetchml.permissions import IsHumanUser
 from fetchml.schema import ErrorResponseSerializer
 from tasks.api.fields import StrictCharField, StrictSerializer
-from tasks.api.serializers import commit_id_field
+from tasks.api.serializers import commit_id_field, experiment_name_field
 from tasks.experiments import SETTABLE_STATUSES, experiment_get, experiment_update
 from tasks.models import Experiment
 
@@ -29,7 +29,7 @@ class ExperimentDetailSerializer(serializers.Serializer):
 
 
 class ExperimentUpdateSerializer(StrictSerializer):
-    name = StrictCharField(max_length=128, required=False)
+    name = experiment_name_field(required=False)
     description = StrictCharField(max_length=10_000, required=False, allow_blank=True)
     commit_id = commit_id_field()
     # What a client may set (`deleted` is not); the service owns the rule, the schema shows it.

@@ -270,8 +270,19 @@ def commit_id_field(**kwargs: Any) -> StrictCharField:
     return StrictCharField(max_length=64, required=False, allow_blank=True, **kwargs)
 
 
+def _no_outer_whitespace(value: str) -> None:
+    # Names are unique per owner and compared as typed: "sweep " beside "sweep" is a mistake.
+    if value != value.strip():
+        raise serializers.ValidationError("Must not begin or end with whitespace.")
+
+
+def experiment_name_field(**kwargs: Any) -> StrictCharField:
+    """`name` of an experiment, by the same rules on create and on rename."""
+    return StrictCharField(max_length=128, validators=[_no_outer_whitespace], **kwargs)
+
+
 class CreateExperimentSerializer(StrictSerializer):
-    name = StrictCharField(max_length=128)
+    name = experiment_name_field()
     description = StrictCharField(max_length=10_000, required=False, allow_blank=True, default="")
     commit_id = commit_id_field(default="")
 

@@ -308,7 +308,13 @@ def test_cancel_of_queued_task_cancels_it_at_once(user_client, user):
 
 def test_cancel_of_a_task_waiting_to_retry_shows_no_outcome_of_the_attempt_before(user_client, user):
     task = TaskFactory(
-        owner=user, attempt=1, retry_count=1, exit_code=9, error="exited with code 9", output="partial", failure_reason=""
+        owner=user,
+        attempt=1,
+        retry_count=1,
+        exit_code=9,
+        error="exited with code 9",
+        output="partial",
+        failure_reason="",
     )
 
     user_client.delete(f"/v1/tasks/{task.id}")

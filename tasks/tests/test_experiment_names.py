@@ -49,6 +49,20 @@ def test_names_differing_in_case_are_different_names(user_client, user):
     assert user_client.post("/v1/experiments", {"name": "Baseline"}, format="json").status_code == 201
 
 
+@pytest.mark.parametrize("name", ["baseline ", " baseline", "\tbaseline", "   "])
+def test_a_name_beginning_or_ending_with_whitespace_is_refused(user_client, name):
+    response = user_client.post("/v1/experiments", {"name": name}, format="json")
+
+    assert response.status_code == 422
+    assert response.json()["details"][0]["field"] == "name"
+
+
+def test_renaming_to_a_name_ending_with_whitespace_is_refused(user_client, user):
+    experiment = ExperimentFactory(owner=user, name="baseline")
+
+    assert user_client.patch(url(experiment), {"name": "baseline "}, format="json").status_code == 422
+
+
 def test_renaming_onto_a_name_already_in_use_is_conflict_and_changes_nothing(user_client, user):
     ExperimentFactory(owner=user, name="baseline")
     other = ExperimentFactory(owner=user, name="sweep", description="lr")
