@@ -134,6 +134,9 @@ class CreateTaskSerializer(StrictSerializer):
             command_argv(attrs.get("entrypoint", ""), attrs.get("args", ""))
         except CommandLineError as exc:
             raise serializers.ValidationError({exc.field_name: exc.reason}) from None
+        if attrs.get("gpu_type") and not attrs.get("gpu"):
+            # Otherwise it would run on any worker, GPU or none, as if the type had been honoured.
+            raise serializers.ValidationError({"gpu_type": "Needs gpu of 1 or more: a task without GPUs has no type."})
         return attrs
 
 

@@ -84,6 +84,13 @@ def test_zero_resource_is_accepted(user_client, field):
     assert submit(user_client, **{field: 0}).status_code == 201
 
 
+@pytest.mark.parametrize("gpu", [None, 0])
+def test_a_gpu_type_without_gpus_is_refused(user_client, gpu):
+    fields = {"gpu_type": "H100"} if gpu is None else {"gpu_type": "H100", "gpu": gpu}
+
+    assert_invalid(submit(user_client, **fields), "gpu_type")
+
+
 @pytest.mark.parametrize(
     "spec",
     [
