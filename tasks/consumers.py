@@ -286,9 +286,12 @@ class ClientConsumer(SocketConsumer):
 
     async def _unsubscribe(self, raw_id: Any) -> None:
         task_id = _task_id(raw_id)
-        key = str(task_id) if task_id else None
-        if key is None or key not in self.subscriptions:
-            await self._error("Not subscribed to that task", code="NOT_FOUND")
+        if task_id is None:
+            await self._error("task_id must be a task id", code="VALIDATION_ERROR")
+            return
+        key = str(task_id)
+        if key not in self.subscriptions:
+            await self._error("Not subscribed to that task", code="NOT_FOUND", task_id=key)
             return
         async with self.telling:
             del self.subscriptions[key]

@@ -383,7 +383,17 @@ async def test_unsubscribing_from_a_task_not_subscribed_is_an_error(alice_key, a
         reply = await _ask(socket, {"type": "unsubscribe", "task_id": str(alice_task.id)})
     finally:
         await socket.disconnect()
-    assert reply["type"] == "error"
+    assert (reply["type"], reply["code"], reply["task_id"]) == ("error", "NOT_FOUND", str(alice_task.id))
+
+
+@run_async
+async def test_unsubscribing_with_no_task_id_is_a_validation_error(alice_key):
+    socket = await _open(alice_key)
+    try:
+        reply = await _ask(socket, {"type": "unsubscribe", "task_id": "not-a-uuid"})
+    finally:
+        await socket.disconnect()
+    assert (reply["type"], reply["code"]) == ("error", "VALIDATION_ERROR")
 
 
 # --- the state now, and what the channel layer lost --------------------------
