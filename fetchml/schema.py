@@ -199,13 +199,13 @@ def _task_logs_operation() -> dict[str, Any]:
                 "in": "query",
                 "name": "tail",
                 "schema": {"type": "integer", "minimum": 1, "maximum": MAX_TAIL},
-                "description": "Only the last N lines",
+                "description": "Only the last N lines (not with after_id)",
             },
             {
                 "in": "query",
                 "name": "after_id",
                 "schema": {"type": "integer", "minimum": 0},
-                "description": "Only lines with a larger id (page on with next_after_id)",
+                "description": "Only lines with a larger id (page on with next_after_id; not with tail)",
             },
             {
                 "in": "query",

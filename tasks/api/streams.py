@@ -5,7 +5,8 @@ must not hold a worker thread. drf-spectacular does not see plain views, so a
 hook in fetchml/schema.py adds this operation to the served schema; in short:
 
 - query `tail` (1..10000): only the last N lines; `after_id`: only lines with a
-  larger id (paging; `Last-Event-ID` does the same for a reconnecting SSE client);
+  larger id (paging; `Last-Event-ID` does the same for a reconnecting SSE client,
+  and wins over `tail`); `tail` and `after_id` together are a 400;
   `follow` (true|false).
 - without follow: 200 `{"task_id", "status", "lines": [{"id", "stream", "line",
   "attempt", "node", "seq", "created_at"}], "has_more", "next_after_id"}`, at
@@ -72,6 +73,8 @@ def parse_log_query(params: QueryDict, last_event_id: str | None) -> LogQuery:
         raise _bad("follow", "must be true or false")
     tail = _int_param(params, "tail", low=1, high=MAX_TAIL)
     after_id = _int_param(params, "after_id", low=0, high=None)
+    if tail is not None and after_id is not None:
+        raise _bad("tail", "give tail (the last lines) or after_id (the lines after one), not both")
     follow = _BOOLEANS[raw_follow]
     if follow and last_event_id:
         # An EventSource reconnecting: resume after the last line it received.

@@ -55,6 +55,13 @@ def test_after_id_pages_forward(user_client, task):
     assert [line["line"] for line in body["lines"]] == ["line 3", "line 4"]
 
 
+def test_tail_and_after_id_together_are_a_bad_request(user_client, task):
+    response = user_client.get(_url(task.id), {"tail": 5, "after_id": 1})
+
+    assert response.status_code == 400
+    assert response.json()["details"][0]["field"] == "tail"
+
+
 def test_admin_may_read_anyones_logs(admin_client_key, task):
     assert admin_client_key.get(_url(task.id)).status_code == 200
 
