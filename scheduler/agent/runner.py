@@ -30,7 +30,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from scheduler.agent import orphans, protocol
+from scheduler.agent import entrypoint, orphans, protocol
 from scheduler.agent.artifacts import NOT_UPLOADING, Collected, StaleRun, UploadFailed, collect
 from scheduler.agent.datasets import DatasetFetcher, parse_specs
 from scheduler.agent.files import FileServices
@@ -238,6 +238,8 @@ class Run:
             argv, env = self._prepare()
             if await self._interruptible(self._prepare_inputs()) is _INTERRUPTED:
                 return self._final_interrupted(exit_code=None)
+            if self.assignment.service is None:
+                argv = self._entrypoint(argv)
             self._open_logs()
         except PreparationError as exc:
             return self._final("failed", failure_reason="preparation", error=str(exc))
@@ -259,7 +261,10 @@ class Run:
                 pass_fds=lifeline,
             )
         except OSError as exc:
-            return self._final("failed", failure_reason="preparation", error=f"cannot start {argv[0]!r}: {exc}")
+            bare = isinstance(exc, FileNotFoundError) and os.sep not in argv[0]
+            hint = " (neither a file of the work directory nor a command on PATH)" if bare else ""
+            error = f"cannot start {argv[0]!r}: {exc.strerror or exc}{hint}"
+            return self._final("failed", failure_reason="preparation", error=error)
         self.unstored = "its files were not uploaded"
         flusher = asyncio.create_task(self._flush_periodically())
         self._start_companions(env)
@@ -329,6 +334,12 @@ class Run:
             self._companions.append(JupyterWatch(service, task_id=a.task_id, token=a.token, emit=self._emit))
             argv, env = service.argv, service.env
         return argv, env
+
+    def _entrypoint(self, argv: list[str]) -> list[str]:
+        try:
+            return entrypoint.resolve(argv, work_dir=self.work_dir)
+        except ValueError as exc:
+            raise PreparationError(str(exc)) from None
 
     def _start_companions(self, env: dict[str, str]) -> None:
         """Plugin sidecars and the service watch start with the process (none of them can fail the run)."""

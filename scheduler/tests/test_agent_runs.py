@@ -77,6 +77,7 @@ def test_command_that_cannot_start_fails_as_preparation(tmp_path: Path) -> None:
             assert final["failure_reason"] == "preparation"
             assert "no-such-program-fetchml" in final["error"]
             assert "No such file" in final["error"]
+            assert "neither a file of the work directory nor a command on PATH" in final["error"]
             assert "running" not in [m.get("status") for m in peer.about(message["token"])]
 
     run_async(scenario())
