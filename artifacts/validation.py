@@ -6,10 +6,10 @@ import uuid
 
 from artifacts.models import ARTIFACT_PATH_MAX_BYTES
 from fetchml.errors import ApplicationError, Invalid
+from scheduler.agent.protocol import PATH_CONTROL_CHARACTERS
 
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
 DATASET_NAME = re.compile(r"^[a-zA-Z0-9_.-]{1,128}$")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def _invalid(field: str, message: str) -> Invalid:
@@ -40,7 +40,7 @@ def artifact_path(value: str) -> str:
         raise _invalid("path", "must not be empty")
     if len(value.encode("utf-8", "surrogatepass")) > ARTIFACT_PATH_MAX_BYTES:
         raise _invalid("path", f"must be at most {ARTIFACT_PATH_MAX_BYTES} bytes")
-    if _CONTROL.search(value):
+    if PATH_CONTROL_CHARACTERS.search(value):
         raise _invalid("path", "must not contain NUL or other control characters")
     if value.startswith("/"):
         raise _invalid("path", "must be relative")

@@ -1,6 +1,17 @@
-from django.urls import path
+from django.urls import path, register_converter
+from django.urls.converters import PathConverter
 
 from artifacts.api import views
+
+
+class AnyPathConverter(PathConverter):
+    """`path` that matches newlines too (`path`'s `.+` stops at one): every artifact name reaches
+    the view, so a bad one gets its 422 in the standard error format, not a bare 404."""
+
+    regex = r"[\s\S]+"
+
+
+register_converter(AnyPathConverter, "anypath")
 
 urlpatterns = [
     path("snapshots", views.SnapshotListUploadView.as_view(), name="snapshot-upload"),
@@ -17,5 +28,5 @@ urlpatterns = [
         {"path": "commit"},
         name="artifact-commit",
     ),
-    path("tasks/<uuid:taskId>/artifacts/<path:path>", views.ArtifactFileView.as_view(), name="artifact-file"),
+    path("tasks/<uuid:taskId>/artifacts/<anypath:path>", views.ArtifactFileView.as_view(), name="artifact-file"),
 ]

@@ -32,6 +32,12 @@ SHA256_HEADER = "X-Content-SHA256"
 RAW_BODY = {"application/octet-stream": OpenApiTypes.BINARY}
 RANGE = OpenApiParameter("Range", str, OpenApiParameter.HEADER, description="A single range: bytes=first-last")
 TOKEN = OpenApiParameter(TOKEN_HEADER, str, OpenApiParameter.HEADER, required=True, description="Fencing token")
+# Declared, or the schema would show the route converter's match-anything regex as a pattern.
+ARTIFACT_PATH = OpenApiParameter(
+    "path", str, OpenApiParameter.PATH, description="The file's path in the output directory, each segment URL-encoded"
+)
+# Django answers HEAD with the GET handler, so a view choosing permissions by method treats both as the read.
+READS = ("GET", "HEAD")
 
 
 def _error(description: str) -> OpenApiResponse:
@@ -195,7 +201,7 @@ class DatasetListCreateView(APIView):
 
 class DatasetDetailView(APIView):
     def get_permissions(self) -> list[BasePermission]:
-        return [IsHumanOrWorker()] if self.request.method == "GET" else [IsHumanUser()]
+        return [IsHumanOrWorker()] if self.request.method in READS else [IsHumanUser()]
 
     @extend_schema(
         summary="Dataset metadata",
@@ -270,12 +276,12 @@ class ArtifactFileView(APIView):
     parser_classes = [RawStreamParser]
 
     def get_permissions(self) -> list[BasePermission]:
-        return [IsHumanUser()] if self.request.method == "GET" else [IsWorkerKey()]
+        return [IsHumanUser()] if self.request.method in READS else [IsWorkerKey()]
 
     @extend_schema(
         summary="Download task artifact",
         description="Owner and admins only. Audited as file_access.",
-        parameters=[RANGE],
+        parameters=[ARTIFACT_PATH, RANGE],
         responses=_download_responses("artifact"),
     )
     def get(self, request: Request, taskId: uuid.UUID, path: str) -> HttpResponseBase:
@@ -298,6 +304,7 @@ class ArtifactFileView(APIView):
             "X-Content-SHA256. The attempt's files may total FETCHML_MAX_ARTIFACT_BYTES_PER_TASK."
         ),
         parameters=[
+            ARTIFACT_PATH,
             TOKEN,
             OpenApiParameter(SHA256_HEADER, str, OpenApiParameter.HEADER, required=True, description="sha256 (hex)"),
         ],

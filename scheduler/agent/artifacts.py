@@ -2,8 +2,10 @@
 
 Order (docs/files-protocol.md): ``PUT /v1/tasks/<id>/artifacts/<path>`` for each file (the logs
 first, then the output directory's regular files by path), then one ``POST .../artifacts/commit``
-with the manifest of everything stored. Each request retries transient failures (network, 429,
-5xx) with back-off for a bounded time; what the server refuses is handled per status:
+with the manifest of everything stored. Names the server refuses for their characters (not UTF-8,
+control characters) are skipped before any request, as links and special files are. Each request
+retries transient failures (network, 429, 5xx) with back-off for a bounded time; what the server
+refuses is handled per status:
 
 * 413 (over the task's budget) and 422 (a path the server does not accept): that file is left out
   of the manifest and reported in the final status (`skipped_artifacts`);
@@ -32,6 +34,7 @@ from typing import Any
 
 from scheduler.agent.files import FileServices, with_retries
 from scheduler.agent.http import HttpStatusError, TransferError, quote_path, sha256_file
+from scheduler.agent.protocol import PATH_CONTROL_CHARACTERS
 
 logger = logging.getLogger(__name__)
 
@@ -75,18 +78,46 @@ class Collected:
 
 
 def output_files(output_dir: Path) -> tuple[list[tuple[str, Path]], list[Skipped]]:
-    """Regular files under `output_dir` by relative POSIX path; links and special files are skipped."""
+    """Regular files under `output_dir` by relative POSIX path; links, special files and names the
+    server cannot take are skipped."""
     found: list[tuple[str, Path]] = []
     skipped: list[Skipped] = []
     for path in sorted(output_dir.rglob("*")):
         relative = path.relative_to(output_dir).as_posix()
-        if path.is_symlink():
+        if path.is_dir() and not path.is_symlink():
+            continue
+        unsendable = _unsendable_name(relative)
+        if unsendable:
+            skipped.append(Skipped(_shown_name(relative), unsendable))
+        elif path.is_symlink():
             skipped.append(Skipped(relative, "symbolic link"))
         elif path.is_file():
             found.append((relative, path))
-        elif not path.is_dir():
+        else:
             skipped.append(Skipped(relative, "not a regular file"))
     return found, skipped
+
+
+def _unsendable_name(relative: str) -> str:
+    """Why the server would refuse `relative` for its characters ("" if it would not).
+
+    Decided here rather than left to the upload's 422, so that a refusal arriving as anything else
+    (a route or proxy that rejects the URL) cannot fail the whole run and lose its other files.
+    """
+    try:
+        relative.encode("utf-8")
+    except UnicodeEncodeError:  # bytes the file system could not decode, held as surrogates
+        return "name is not UTF-8"
+    if PATH_CONTROL_CHARACTERS.search(relative):
+        return "name contains a control character"
+    return ""
+
+
+def _shown_name(relative: str) -> str:
+    """`relative` as printable UTF-8 for the final status: undecodable bytes and control characters
+    escaped as Python writes them (a lone surrogate could not be stored, a newline would break the line)."""
+    printable = relative.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return PATH_CONTROL_CHARACTERS.sub(lambda match: repr(match.group())[1:-1], printable)
 
 
 async def collect(

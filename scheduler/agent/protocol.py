@@ -7,6 +7,7 @@ malformed `assign` is refused with a clear log line instead of half-starting a r
 from __future__ import annotations
 
 import json
+import re
 import shlex
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +28,9 @@ LOG_ACK = "log_ack"
 FEATURES = (BATCH, LOG_ACK)
 # The longest `error` of a `plugin_status`: why a sidecar is unhealthy, in a line or two.
 MAX_PLUGIN_ERROR = 1_000
+# The characters no artifact path may hold: the server refuses them (artifacts.validation) and the
+# agent skips such files before it sends a byte.
+PATH_CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
 FINAL_STATUSES = frozenset({"completed", "failed", "cancelled"})
 # A connection that can no longer keep the worker's lease (the server does not answer the agent's
 # pings, or cannot store its heartbeats) is given up after this share of the lease: time is left
