@@ -788,6 +788,9 @@ def _progress_report(task: Task, assignment: NodeAssignment, status: str, writes
         writes.acknowledge(assignment)
         return StatusOutcome(accepted=True)
     writes.mark_running(assignment)
+    if status == TaskStatus.COLLECTING and task.node_count > 1:
+        # One node storing its files is not the task's stage: a gang runs until its last node ends.
+        status = TaskStatus.RUNNING
     if task.status == status:  # another node of the same run got there first
         return StatusOutcome(accepted=True)
     if status == TaskStatus.COLLECTING and task.status == TaskStatus.PREPARING:

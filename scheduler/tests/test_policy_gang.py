@@ -114,3 +114,29 @@ def test_one_failing_node_stops_the_other_nodes_and_fails_the_job(channel_layer)
     assert not Worker.objects.filter(used_gpus__gt=0).exists()
     stops = async_to_sync(_receive_each)(channel_layer, listener, len(others))
     assert {(stop["type"], stop["token"]) for stop in stops} == {("worker.stop", str(s.token)) for s in others}
+
+
+def _report(assignment: NodeAssignment, status: str) -> None:
+    assignment_status(
+        worker_id=assignment.worker_id, task_id=str(assignment.task_id), token=str(assignment.token), status=status
+    )
+
+
+def test_a_gang_is_running_while_one_node_collects_and_the_others_still_run():
+    for i in range(2):
+        worker(name=f"node-{i}")
+    gang = queued_task(node_count=2)
+    dispatch_round()
+    first, second = assignments_of(gang)
+    _report(first, "running")
+    _report(second, "running")
+
+    _report(first, "collecting")
+    _report(second, "running")  # a report the node sends again (a heartbeat's) is still its own
+
+    gang.refresh_from_db()
+    assert gang.status == TaskStatus.RUNNING
+    _finish(first)
+    _finish(second)
+    gang.refresh_from_db()
+    assert gang.status == TaskStatus.COMPLETED
