@@ -475,7 +475,9 @@ class Run:
         # One path namespace per attempt and the last commit wins: in a multi-node run only rank 0
         # stores artifacts (docs/worker-protocol.md).
         if a.node.rank != 0:
-            self.unstored = ""  # by design: its files are rank 0's to store
+            # By design its files are rank 0's to store; what it wrote itself stays here, not removed.
+            wrote = any((self.work_dir / "output").iterdir())
+            self.unstored = f"rank {a.node.rank} wrote output files, which only rank 0 stores" if wrote else ""
             return Collected()
         if files is None or not files.upload_artifacts:
             self.unstored = NOT_UPLOADING

@@ -210,6 +210,27 @@ def test_the_directory_of_a_run_whose_upload_failed_is_kept_and_the_worker_says_
     assert f"task {message['task_id']}: keeping its work directory {work_dir}: its upload failed" in caplog.text
 
 
+def test_the_directory_of_a_non_zero_rank_that_wrote_outputs_is_kept_as_only_rank_0_stores(tmp_path, caplog):
+    code = "import os\nopen(os.path.join(os.environ['FETCHML_OUTPUT_DIR'], 'shard-1.pt'), 'w').write('shard')"
+    message = assign(python(code), node={"rank": 1, "count": 2, "master_addr": "127.0.0.1", "master_port": 29500})
+    work_dir = tmp_path / "w" / message["task_id"] / "1"
+    caplog.set_level(logging.WARNING, logger="scheduler.agent.artifacts")
+
+    async def scenario() -> dict[str, Any]:
+        options = uploading_to(f"http://127.0.0.1:{unused_port()}", "key")
+        async with Peer(api_key="key") as peer, running_agent(peer.url, tmp_path / "w", **options):
+            await peer.send(message)
+            final = await peer.final(message["token"])
+            await until(lambda: "keeping its work directory" in caplog.text, what="the worker to say it keeps it")
+            return final
+
+    final = run_async(scenario())
+
+    assert final["status"] == "completed", final
+    assert (work_dir / "output" / "shard-1.pt").read_text() == "shard"
+    assert "rank 1 wrote output files, which only rank 0 stores" in caplog.text
+
+
 def test_a_negative_number_of_run_directories_to_keep_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(API_KEY_ENV, "key")
     with pytest.raises(CommandError, match="argument --keep-run-dirs:"):
