@@ -1,14 +1,18 @@
 """GET /health: no key, healthy when its dependencies answer, degraded (503) when one does not."""
 
+import http.client
 import json
 import socket
 from datetime import datetime
 
 import pytest
+from django.conf import settings
 from django.db import connection
 from django.test import override_settings
+from websockets.sync.client import connect
 
 import fetchml
+from fetchml.testing import LiveServer, database_url_for
 
 
 def closed_port() -> int:
@@ -77,3 +81,23 @@ def test_health_needs_no_key_and_ignores_a_bad_one(db):
 
 def test_health_answers_head(anon_client, db):
     assert anon_client.head("/health").status_code == 200
+
+
+@pytest.mark.skipif(not settings.REDIS_URL, reason="needs Redis: set REDIS_URL=redis://... (CI always does)")
+@pytest.mark.django_db(transaction=True)
+def test_health_is_healthy_on_a_server_with_a_websocket_connected(user_client):
+    # A connected consumer holds the process's receive; the check's message must reach it all the same.
+    with LiveServer(database_url=database_url_for(connection)) as server:
+        url = f"ws://{server.host}:{server.port}/ws"
+        with connect(url, additional_headers={"X-API-Key": user_client.raw_key}, open_timeout=15) as ws:
+            ws.send(json.dumps({"type": "ping"}))
+            assert json.loads(ws.recv(timeout=15))["type"] == "pong"
+            client = http.client.HTTPConnection(server.host, server.port, timeout=15)
+            try:
+                client.request("GET", "/health")
+                response = client.getresponse()
+                body = json.loads(response.read())
+            finally:
+                client.close()
+
+    assert (response.status, body["checks"]) == (200, {"database": "ok", "channel_layer": "ok"})
