@@ -26,6 +26,14 @@ is lost or doubled by trying again: channels_redis keeps a message popped but
 not yet handed over in a backup queue that the next receive puts back first,
 and a group member added or removed twice is added or removed once.
 
+The groups this process's consumers are in are kept up in Redis by the layer:
+it remembers each membership it was asked for, and puts them all back (one
+pipeline) before a receive that lost its connection waits again, and every
+`MEMBERSHIP_REFRESH_SECONDS` otherwise. So a Redis restarted empty, or a
+member past `group_expiry` (a worker connected for a day), still gets its
+group's messages; without it a connected worker was sent no work again.
+A join cut short while Redis is away (`join_group`) is completed so too.
+
 `group_send_all_blocking` is the same send for synchronous code (what a
 transaction publishes after its commit), on blocking connections of its
 own: without it every such send is handed to an event loop and waited for
@@ -35,6 +43,7 @@ own: without it every such send is handed to an event loop and waited for
 
 import asyncio
 import logging
+import math
 import random
 import threading
 import time
@@ -74,6 +83,12 @@ RECONNECT_MAX_DELAY = 2.0
 # this long, not the 15 s a receive's socket waits (settings), which a submission would wait too.
 PUBLISH_TIMEOUT_SECONDS = 2.0
 
+# How often a process puts its consumers' group memberships back in Redis without a sign that
+# Redis lost them (a restart is such a sign: the process's receive loses its connection).
+MEMBERSHIP_REFRESH_SECONDS = 60.0
+# How long a consumer's join may hold up its connection while Redis is away (`join_group`).
+JOIN_WAIT_SECONDS = 1.0
+
 # Apart enough to keep their order as Redis stores scores (doubles: about 0.25 microseconds apart
 # at today's times), close enough not to pass a message sent a moment later.
 _SCORE_STEP = 1e-6
@@ -86,6 +101,8 @@ class RedisChannelLayer(UpstreamRedisChannelLayer):
         super().__init__(*args, **kwargs)
         self._blocking_clients: dict[int, tuple[redis.Redis, Any]] = {}  # host index -> (client, script)
         self._blocking_clients_lock = threading.Lock()
+        self._memberships: set[tuple[str, str]] = set()  # (group, channel) joined from this process
+        self._memberships_refreshed_at = time.monotonic()
 
     @property
     def sends_blocking(self) -> bool:
@@ -94,23 +111,64 @@ class RedisChannelLayer(UpstreamRedisChannelLayer):
         return all("address" in host for host in self.hosts)
 
     async def receive_single(self, channel: str) -> Any:
+        # A receive that lost its connection may find Redis restarted, empty: it puts the
+        # memberships back before it waits again.
         return await _reconnecting(
-            f"receive on {channel}", lambda: super(RedisChannelLayer, self).receive_single(channel), give_up_after=None
+            f"receive on {channel}",
+            lambda: self._receive_single_joined(channel),
+            give_up_after=None,
+            on_failure=self.refresh_memberships_soon,
         )
+
+    async def _receive_single_joined(self, channel: str) -> Any:
+        if time.monotonic() - self._memberships_refreshed_at >= MEMBERSHIP_REFRESH_SECONDS:
+            await self._refresh_memberships()
+        return await super().receive_single(channel)
 
     async def group_add(self, group: str, channel: str) -> None:
-        await _reconnecting(
-            f"adding {channel} to {group}",
-            lambda: super(RedisChannelLayer, self).group_add(group, channel),
-            give_up_after=RECONNECT_SECONDS,
-        )
+        # Remembered first: a join cut short (cancelled while Redis is away) is completed by the refresh.
+        self._memberships.add((group, channel))
+        try:
+            await _reconnecting(
+                f"adding {channel} to {group}",
+                lambda: super(RedisChannelLayer, self).group_add(group, channel),
+                give_up_after=RECONNECT_SECONDS,
+            )
+        except (redis.ConnectionError, redis.TimeoutError):
+            self._memberships.discard((group, channel))  # the caller learns it failed: not joined
+            raise
 
     async def group_discard(self, group: str, channel: str) -> None:
+        self._memberships.discard((group, channel))
         await _reconnecting(
             f"removing {channel} from {group}",
             lambda: super(RedisChannelLayer, self).group_discard(group, channel),
             give_up_after=RECONNECT_SECONDS,
         )
+
+    def refresh_memberships_soon(self) -> None:
+        """Put the memberships back before the next receive (Redis may have lost some)."""
+        self._memberships_refreshed_at = -math.inf
+
+    async def _refresh_memberships(self) -> None:
+        """Put every membership of this process back in Redis (joined again: the member's time is now)."""
+        joined = sorted(self._memberships)
+        await self._pipelined(joined, lambda pipe, key, channel: _rejoin(pipe, key, channel, self.group_expiry))
+        # A member that left while its join was being made again must stay gone.
+        left = [membership for membership in joined if membership not in self._memberships]
+        await self._pipelined(left, lambda pipe, key, channel: pipe.zrem(key, channel))
+        self._memberships_refreshed_at = time.monotonic()
+
+    async def _pipelined(self, memberships: list[tuple[str, str]], queue: Callable[[Any, str, str], Any]) -> None:
+        """`queue(pipe, group key, channel)` for each membership, one pipeline per Redis connection."""
+        by_connection: dict[int, list[tuple[str, str]]] = {}
+        for group, channel in memberships:
+            by_connection.setdefault(self.consistent_hash(group), []).append((group, channel))
+        for index, pairs in by_connection.items():
+            pipe = self.connection(index).pipeline(transaction=False)
+            for group, channel in pairs:
+                queue(pipe, self._group_key(group), channel)
+            await pipe.execute()
 
     async def group_send(self, group: str, message: dict[str, Any]) -> None:
         await self.group_send_all([(group, message)])
@@ -206,10 +264,33 @@ class RedisChannelLayer(UpstreamRedisChannelLayer):
         return keys, args
 
 
-async def _reconnecting(what: str, call: Callable[[], Awaitable[T]], *, give_up_after: float | None) -> T:
+def _rejoin(pipe: Any, key: str, channel: str, group_expiry: int) -> None:
+    pipe.zadd(key, {channel: time.time()})
+    pipe.expire(key, group_expiry)
+
+
+async def join_group(layer: Any, group: str, channel: str) -> None:
+    """`group_add` that holds its caller up for JOIN_WAIT_SECONDS at most: a consumer's connection
+    goes on while Redis is away, and the layer completes the join once Redis is back."""
+    try:
+        await asyncio.wait_for(layer.group_add(group, channel), JOIN_WAIT_SECONDS)
+    except TimeoutError:
+        logger.warning("joining %s waits for Redis; the join is made once Redis is back", group)
+        if isinstance(layer, RedisChannelLayer):
+            layer.refresh_memberships_soon()
+
+
+async def _reconnecting(
+    what: str,
+    call: Callable[[], Awaitable[T]],
+    *,
+    give_up_after: float | None,
+    on_failure: Callable[[], None] | None = None,
+) -> T:
     """`call()`, made again on a new connection while Redis cannot be reached, for up to
     `give_up_after` seconds (None: until it can be; only for what is safe to repeat). The
-    delays grow to `RECONNECT_MAX_DELAY`, with jitter: many consumers do not come back at once."""
+    delays grow to `RECONNECT_MAX_DELAY`, with jitter: many consumers do not come back at once.
+    `on_failure()` is called after each failure."""
     started = time.monotonic()
     delay, failures = 0.05, 0
     while True:
@@ -222,6 +303,8 @@ async def _reconnecting(what: str, call: Callable[[], Awaitable[T]], *, give_up_
             said = logger.warning if failures == 0 else logger.debug
             said("%s lost its connection (%s); trying again", what, exc)
             failures += 1
+            if on_failure is not None:
+                on_failure()
             await asyncio.sleep(delay * random.uniform(0.5, 1.0))
             delay = min(delay * 2, RECONNECT_MAX_DELAY)
             continue

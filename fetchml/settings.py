@@ -167,7 +167,11 @@ if REDIS_URL:
     SILENCED_SYSTEM_CHECKS: list[str] = []
 else:
     CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache", "LOCATION": "fetchml"}}
-    CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+    # Members in memory die with the process, so they never need to expire; channels' default (a
+    # day) would stop telling a worker connected longer of its assignments.
+    CHANNEL_LAYERS = {
+        "default": {"BACKEND": "channels.layers.InMemoryChannelLayer", "CONFIG": {"group_expiry": 10 * 365 * 86400}}
+    }
     # The embedded mode is one process, so a local-memory cache is shared by all
     # of its requests; django-ratelimit cannot know that.
     SILENCED_SYSTEM_CHECKS = ["django_ratelimit.E003", "django_ratelimit.W001"]

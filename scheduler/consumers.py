@@ -22,6 +22,7 @@ from rest_framework.exceptions import AuthenticationFailed, Throttled
 
 from fetchml import events
 from fetchml.auth import api_key_usable, authenticate_raw_key
+from fetchml.channel_layer import join_group
 from fetchml.conf import app_settings
 from fetchml.consumers import SocketConsumer
 from fetchml.dbpool import in_pool
@@ -98,7 +99,7 @@ class WorkerConsumer(SocketConsumer):
         self.api_key = key
         # Told when the key is revoked; a revocation between the check above and this join is
         # caught by the key's re-check at the first heartbeat.
-        await self.channel_layer.group_add(events.api_key_group(key.id), self.channel_name)
+        await join_group(self.channel_layer, events.api_key_group(key.id), self.channel_name)
         await self.accept()
 
     async def disconnect(self, code: int) -> None:
@@ -228,8 +229,9 @@ class WorkerConsumer(SocketConsumer):
             await self._retire(welcome.superseded)
         self.sends_batches = BATCH in message["features"]
         self.acks_logs = LOG_ACK in message["features"]
-        await self.channel_layer.group_add(events.worker_group(self.worker_id), self.channel_name)
-        await self.channel_layer.group_add(WORKERS_GROUP, self.channel_name)  # plugin configuration changes
+        # With Redis away the worker still gets its welcome and keeps its lease; it is sent work once Redis is back.
+        await join_group(self.channel_layer, events.worker_group(self.worker_id), self.channel_name)
+        await join_group(self.channel_layer, WORKERS_GROUP, self.channel_name)  # plugin configuration changes
         await self.send_json(
             outgoing(
                 "welcome",

@@ -451,3 +451,89 @@ def test_a_group_change_gives_up_when_redis_stays_away(monkeypatch):
         await layer.close_pools()
 
     _run(scenario)
+
+
+def _forget_group(layer: RedisChannelLayer, group: str) -> None:
+    """Drop `group`'s members from Redis, as a Redis restarted without its data has."""
+    with redis.Redis.from_url(settings.REDIS_URL) as admin:
+        admin.delete(layer._group_key(group))
+
+
+def _is_member(layer: RedisChannelLayer, group: str, channel: str) -> bool:
+    with redis.Redis.from_url(settings.REDIS_URL) as admin:
+        return admin.zscore(layer._group_key(group), channel) is not None
+
+
+@needs_redis
+def test_memberships_redis_lost_while_out_of_reach_are_put_back_once_it_is_back(caplog):
+    gate = TcpGate(settings.REDIS_URL)
+
+    async def scenario() -> bool:
+        layer, channel = await _layer_behind(gate)
+        await layer.group_add("workers", channel)
+        receiving = asyncio.ensure_future(layer.receive(channel))  # a consumer waiting for its next message
+        while not await asyncio.to_thread(_receiving_client_ids):
+            await asyncio.sleep(0.01)
+        await gate.shut()
+        while "lost its connection" not in caplog.text:
+            await asyncio.sleep(0.01)
+        await asyncio.to_thread(_forget_group, layer, "workers")
+        await gate.open()
+        while not await asyncio.to_thread(_is_member, layer, "workers", channel):
+            await asyncio.sleep(0.01)
+        await layer.group_send("workers", {"type": "test.message"})
+        received = await asyncio.wait_for(receiving, timeout=5)
+        await layer.flush()
+        await layer.close_pools()
+        await gate.shut()
+        return received == {"type": "test.message"}
+
+    assert _run(scenario)
+
+
+@needs_redis
+def test_a_member_is_joined_again_before_the_group_expiry_drops_it(monkeypatch):
+    monkeypatch.setattr(channel_layer, "MEMBERSHIP_REFRESH_SECONDS", 0.0)  # put back before every receive
+    layer = _layer(group_expiry=1)
+
+    async def scenario() -> dict:
+        channel = await layer.new_channel()
+        await layer.group_add("workers", channel)
+        await asyncio.sleep(1.5)  # the join is now older than the group expiry
+        receiving = asyncio.ensure_future(layer.receive(channel))
+        while not await asyncio.to_thread(_receiving_client_ids):
+            await asyncio.sleep(0.01)
+        await layer.group_send("workers", {"type": "test.message"})
+        received = await asyncio.wait_for(receiving, timeout=5)
+        await layer.flush()
+        return received
+
+    assert _run(scenario) == {"type": "test.message"}
+
+
+@needs_redis
+def test_a_channel_that_left_its_group_is_not_put_back():
+    layer = _layer()
+
+    async def scenario() -> bool:
+        channel = await layer.new_channel()
+        await layer.group_add("workers", channel)
+        await layer.group_discard("workers", channel)
+        layer.refresh_memberships_soon()
+        await layer.group_send("workers", {"type": "test.message"})
+        arrived = await _another_arrives(layer, channel)  # its receive puts back what is due first
+        member = await asyncio.to_thread(_is_member, layer, "workers", channel)
+        await layer.flush()
+        return arrived or member
+
+    assert not _run(scenario)
+
+
+@pytest.mark.skipif(bool(settings.REDIS_URL), reason="the embedded layer is configured only without REDIS_URL")
+def test_the_embedded_layer_keeps_a_group_member_as_long_as_it_is_connected():
+    channel_layers.backends.clear()
+    try:
+        # channels' default of a day would stop telling a worker connected longer of its assignments
+        assert get_channel_layer().group_expiry >= 10 * 365 * 86400
+    finally:
+        channel_layers.backends.clear()
