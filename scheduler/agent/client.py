@@ -10,7 +10,9 @@ services (they never finish), and returns from `run()` with 0 once every run has
 its final status was acknowledged.
 `shutdown()` (a second signal) kills the runs at once, reports them `failed` with
 failure_reason `worker_lost`, waits a few seconds for acknowledgements and returns 0 if they
-all arrived, 1 if not. Credentials the server refuses end the agent with 2.
+all arrived, 1 if not. Credentials the server refuses end the agent with 2. Refused because another
+live agent holds its name, the agent kills its runs (that agent's hello ended them on the server)
+and keeps trying.
 """
 
 from __future__ import annotations
@@ -50,7 +52,8 @@ CLOSE_MEANINGS = {
     protocol.CLOSE_NOT_FOUND: "the server has no worker endpoint at this address: check --server",
     protocol.CLOSE_NAME_IN_USE: (
         "another worker named {name!r} is connected to this server; if it is another machine, start this one "
-        "with --name (the name defaults to the host name). Retrying: it may be this agent's own connection, left over"
+        "with --name (the name defaults to the host name). Retrying: the name is this agent's again once that "
+        "worker is gone"
     ),
     protocol.CLOSE_RECONNECT: "the server asked this agent to reconnect",
 }
@@ -171,7 +174,7 @@ class Agent:
         self.worker_id: str | None = None
         self.instance = uuid.uuid4().hex  # this process, in every hello: its reconnects replace its old connection
         self._held: dict[str, _Held] = {}
-        self._run_dirs = RunDirs(keep=config.keep_run_dirs)
+        self._run_dirs = RunDirs(keep=config.keep_run_dirs, name=config.name)
         self._cancelled_unstarted: dict[str, None] = {}  # tokens, oldest first
         # Every run's supervising task, also of runs already forgotten but still being killed.
         self._run_tasks: set[asyncio.Task[None]] = set()
@@ -211,6 +214,7 @@ class Agent:
 
     async def run(self) -> int:
         """Serve until drained, shut down or refused; the process exit code."""
+        self._run_dirs.adopt(self.config.work_root)
         connection = asyncio.create_task(self._connection_loop())
         finished = asyncio.create_task(self._finished.wait())
         try:
@@ -270,6 +274,18 @@ class Agent:
         """Connection attempts failed since the last welcome."""
         return self._backoff.attempts
 
+    def _yield_runs_to_namesake(self) -> None:
+        """Refused because another live agent holds this worker's name: the server answers that only
+        while it heartbeats, and its hello has ended this agent's runs there (re-queued as worker_lost,
+        or handed to it). Running on would do their work twice, beside their new attempts."""
+        for held in list(self._held.values()):
+            self._stop_run(held, f"another agent named {self.config.name!r} took this worker's runs over")
+
+    def _stop_run(self, held: _Held, why: str) -> None:
+        """Kill a run the server no longer counts as this agent's, and say nothing more about it."""
+        logger.warning("stopping task %s (token %s): %s", held.run.task_id, held.run.token, why)
+        self._forget(held.run.token, kill=True)
+
     def _give_up_reporting(self) -> None:
         if self._held:
             unsettled = len(self._held)
@@ -305,6 +321,8 @@ class Agent:
             except ConnectionClosed as exc:
                 explained = close_explained(exc, name=self.config.name)
                 logger.warning("connection to %s closed: %s", self.config.server_url, explained or exc)
+                if exc.rcvd is not None and exc.rcvd.code == protocol.CLOSE_NAME_IN_USE:
+                    self._yield_runs_to_namesake()
             except (OSError, TimeoutError, InvalidHandshake, ProtocolError) as exc:
                 logger.warning("connection to %s lost or refused: %s", self.config.server_url, exc)
             if self._finished.is_set():
@@ -367,8 +385,8 @@ class Agent:
         for token in welcome.kill:
             held = self._held.get(token)
             # A run that ended is settled by its re-sent final status (and logs), which the server answers.
-            if held is None or held.final is None:
-                self._forget(token, kill=True)
+            if held is not None and held.final is None:
+                self._stop_run(held, "the server no longer holds this run for this worker (it was re-queued or ended)")
         if not self._log_acks:
             for held in list(self._held.values()):
                 held.logs.clear()
@@ -663,6 +681,7 @@ class Agent:
             self._forget(held.run.token, kill=False)
             return
         logger.info("task %s finished: %s", held.run.task_id, final["status"])
+        self._run_dirs.ended(work_dir=held.run.work_dir, unstored=held.run.unstored)
         held.final, held.ended_at = final, time.monotonic()
         self._send_final_when_due(held)
 

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from scheduler.agent import entrypoint, orphans, protocol
-from scheduler.agent.artifacts import NOT_UPLOADING, Collected, StaleRun, UploadFailed, collect
+from scheduler.agent.artifacts import NOT_UPLOADING, RUN_FILES, Collected, StaleRun, UploadFailed, collect
 from scheduler.agent.datasets import DatasetFetcher, parse_specs
 from scheduler.agent.files import FileServices
 from scheduler.agent.output import LineAssembler
@@ -70,7 +70,6 @@ WITHHELD_FROM_TASKS = frozenset(
     }
 )
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-RUN_DIR = ".fetchml"  # inside the work directory: the run's full logs
 LOG_ARTIFACTS = {"stdout": "logs/stdout.log", "stderr": "logs/stderr.log"}
 _INTERRUPTED = object()
 
@@ -307,7 +306,7 @@ class Run:
             if self.work_dir.exists():  # a fresh directory per attempt, even if an earlier try left one
                 shutil.rmtree(self.work_dir)
             output_dir.mkdir(parents=True)
-            (self.work_dir / RUN_DIR).mkdir()
+            (self.work_dir / RUN_FILES).mkdir()
         except OSError as exc:
             raise PreparationError(f"cannot create the work directory {self.work_dir}: {exc}") from None
         # `{output_dir}` in the task's (plugin) variables is the run's output directory (plugins/base.py).
@@ -397,7 +396,7 @@ class Run:
     def _open_logs(self) -> None:
         try:
             for fd, stream in ((1, "stdout"), (2, "stderr")):
-                self._log_files[fd] = (self.work_dir / RUN_DIR / f"{stream}.log").open("wb")
+                self._log_files[fd] = (self.work_dir / RUN_FILES / f"{stream}.log").open("wb")
         except OSError as exc:
             self._close_logs()
             raise PreparationError(f"cannot create the log files: {exc}") from None
@@ -482,7 +481,7 @@ class Run:
         if files is None or not files.upload_artifacts:
             self.unstored = NOT_UPLOADING
             return Collected()
-        logs = {LOG_ARTIFACTS[stream]: self.work_dir / RUN_DIR / f"{stream}.log" for stream in ("stdout", "stderr")}
+        logs = {LOG_ARTIFACTS[stream]: self.work_dir / RUN_FILES / f"{stream}.log" for stream in ("stdout", "stderr")}
         collected = await collect(
             files,
             task_id=a.task_id,
