@@ -14,7 +14,9 @@ refuses is handled per status:
 
 Once a run's end is acknowledged, `RunDirs` removes its work directory (the unpacked snapshot and
 outputs, stored on the server by then), but for the few most recent and any holding files stored
-nowhere else.
+nowhere else. Those it keeps on purpose carry a marker in their `.fetchml/`, so that an agent
+starting later (`remove_unfinished`) removes only what an agent that stopped before finishing its
+runs left behind.
 """
 
 from __future__ import annotations
@@ -27,7 +29,9 @@ import shutil
 import stat
 import sys
 import threading
+import uuid
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +45,10 @@ logger = logging.getLogger(__name__)
 SHA256_HEADER = "X-Content-SHA256"
 _ON_ERROR = "onexc" if sys.version_info >= (3, 12) else "onerror"  # shutil.rmtree's handler, by version
 NOT_UPLOADING = "this worker does not upload artifacts"  # --no-artifacts: said of every run, so not a warning
+RUN_FILES = ".fetchml"  # a run's own files inside its work directory: its full logs, the markers below
+# Markers in a run's RUN_FILES: its directory was kept on purpose and outlives the agent that kept it.
+KEPT_MARKER = "kept"  # files stored nowhere else; holds the reason. Never removed by an agent
+RECENT_MARKER = "recent"  # one of the --keep-run-dirs most recent; holds the agent's name, whose successor adopts it
 
 
 class StaleRun(Exception):
@@ -204,20 +212,45 @@ class RunDirs:
     """The work directories of finished runs: all but the `keep` most recent are removed, except
     those holding files stored nowhere else (an upload that failed, a worker that does not upload)."""
 
-    def __init__(self, *, keep: int) -> None:
+    def __init__(self, *, keep: int, name: str = "") -> None:
         self.keep = keep
+        self.name = name  # the agent's: a restarted agent of this name takes over its most recent directories
         self._recent: deque[Path] = deque()
         self._removals: set[asyncio.Task[None]] = set()
+
+    def ended(self, *, work_dir: Path, unstored: str) -> None:
+        """A run's final status was made: a directory holding files stored nowhere else is marked
+        kept now, so that it outlives an agent that dies before the end is acknowledged."""
+        if unstored:
+            _mark(work_dir, KEPT_MARKER, unstored)
 
     def finished(self, *, task_id: str, work_dir: Path, unstored: str) -> None:
         """A run's end was acknowledged; `unstored` says why its directory must stay ("" if it need not)."""
         if unstored:
             level = logging.INFO if unstored == NOT_UPLOADING else logging.WARNING
             logger.log(level, "task %s: keeping its work directory %s: %s", task_id, work_dir, unstored)
+            _mark(work_dir, KEPT_MARKER, unstored)
             return
         if work_dir in self._recent:
             return
         self._recent.append(work_dir)
+        self._trim()
+        if work_dir in self._recent:
+            _mark(work_dir, RECENT_MARKER, self.name)
+
+    def adopt(self, work_root: Path) -> None:
+        """Count the most recent directories an earlier agent of this name kept (`RECENT_MARKER`)
+        as this agent's, oldest first: across restarts no more than `keep` stay."""
+        kept = []
+        for work_dir in run_dirs(work_root):
+            marker = work_dir / RUN_FILES / RECENT_MARKER
+            with contextlib.suppress(OSError, UnicodeDecodeError):
+                if marker.read_text() == self.name:
+                    kept.append((marker.stat().st_mtime, work_dir))
+        self._recent.extendleft(work_dir for _, work_dir in sorted(kept, reverse=True))
+        self._trim()
+
+    def _trim(self) -> None:
         while len(self._recent) > self.keep:
             removal = asyncio.create_task(asyncio.to_thread(_remove, self._recent.popleft()))
             self._removals.add(removal)
@@ -227,6 +260,67 @@ class RunDirs:
         """Until the removals under way are done."""
         if self._removals:
             await asyncio.wait(self._removals)
+
+
+def remove_unfinished(work_root: Path) -> list[Path]:
+    """Remove the run directories under `work_root` that no agent kept on purpose: those of runs an
+    agent was still running when it stopped without finishing them (killed, crashed). The server
+    has re-queued or ended those runs; their files, possibly large, would otherwise stay for good.
+    Only for an agent that knows no other live agent uses `work_root` (orphans.claimed)."""
+    removed = []
+    for work_dir in run_dirs(work_root):
+        if any((work_dir / RUN_FILES / marker).exists() for marker in (KEPT_MARKER, RECENT_MARKER)):
+            continue
+        logger.warning(
+            "removing the work directory %s: an earlier agent stopped before it finished task %s there "
+            "(the server has re-queued or ended that run)",
+            work_dir,
+            work_dir.parent.name,
+        )
+        _remove(work_dir)
+        removed.append(work_dir)
+    return removed
+
+
+def run_dirs(work_root: Path) -> Iterator[Path]:
+    """The runs' work directories under `work_root`: `<task_id>/<attempt>/` holding `RUN_FILES`,
+    never anything else kept there (the blob cache, Jupyter workspaces, the agents' lock)."""
+    for task_dir in _subdirectories(work_root):
+        if not _is_task_id(task_dir.name):
+            continue
+        for work_dir in _subdirectories(task_dir):
+            if work_dir.name.isascii() and work_dir.name.isdigit() and _is_real_dir(work_dir / RUN_FILES):
+                yield work_dir
+
+
+def _subdirectories(path: Path) -> list[Path]:
+    """Directories in `path`, not links to them: nothing outside the work root is looked into."""
+    try:
+        with os.scandir(path) as entries:
+            return [Path(entry.path) for entry in entries if entry.is_dir(follow_symlinks=False)]
+    except OSError:
+        return []
+
+
+def _is_task_id(name: str) -> bool:
+    try:
+        uuid.UUID(name)
+    except ValueError:
+        return False
+    return True
+
+
+def _is_real_dir(path: Path) -> bool:
+    return path.is_dir() and not path.is_symlink()
+
+
+def _mark(work_dir: Path, marker: str, text: str) -> None:
+    try:
+        (work_dir / RUN_FILES / marker).write_text(text)
+    except FileNotFoundError:
+        pass  # no directory left to keep (a run that failed before it was made)
+    except OSError as exc:
+        logger.warning("cannot mark the work directory %s as kept: %s", work_dir, exc)
 
 
 def _remove(work_dir: Path) -> None:

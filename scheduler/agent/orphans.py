@@ -29,6 +29,10 @@ the work directory. The environment is read from the live process, so a reused p
 never taken for a run. Each one's process group is sent SIGTERM, then SIGKILL after a short grace.
 Several agents may share a work directory (the default is one per user): each holds a shared
 lock on it for its life, and only an agent that finds no other one holding it sweeps.
+
+Left directories. The same agent, still alone in the work directory, then removes the run
+directories those runs left (`artifacts.remove_unfinished`): all but those an agent kept on
+purpose, which carry a marker.
 """
 
 from __future__ import annotations
@@ -45,6 +49,8 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+
+from scheduler.agent.artifacts import remove_unfinished
 
 logger = logging.getLogger(__name__)
 
@@ -177,7 +183,7 @@ class Leftover:
 @contextlib.contextmanager
 def claimed(work_root: Path) -> Iterator[None]:
     """Use `work_root` for as long as the block runs; first, unless another live agent uses it,
-    end the runs an earlier agent left running there (`sweep`)."""
+    end the runs an earlier agent left running there (`sweep`) and remove their directories."""
     work_root.mkdir(parents=True, exist_ok=True)
     fd = os.open(work_root / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
     try:
@@ -189,6 +195,7 @@ def claimed(work_root: Path) -> Iterator[None]:
             logger.warning("cannot lock %s (%s): runs an earlier agent left there are not looked for", work_root, exc)
         else:
             sweep(work_root)
+            remove_unfinished(work_root)  # its runs' processes are gone: their directories go too
         with contextlib.suppress(OSError):  # waits while another agent sweeps
             fcntl.flock(fd, fcntl.LOCK_SH)
         yield
