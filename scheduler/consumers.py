@@ -401,8 +401,9 @@ class WorkerConsumer(SocketConsumer):
         await self.close(code=CLOSE_RECONNECT, reason="lease expired; reconnect")
 
     async def worker_superseded(self, event: dict[str, Any]) -> None:
-        # The same agent said hello on a newer connection: this one is a leftover.
-        await self.close(code=CLOSE_RECONNECT, reason="replaced by a newer connection of this agent")
+        # The same agent said hello on a newer connection (or another agent of this name did, this
+        # one's heartbeats having stopped): this one is a leftover.
+        await self.close(code=CLOSE_RECONNECT, reason="replaced by a newer connection for this worker name")
 
     async def api_key_revoked(self, event: dict[str, Any]) -> None:
         await self._refuse_key("API key revoked")
