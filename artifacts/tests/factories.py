@@ -1,5 +1,6 @@
 """Builders for the bytes tests send and the runs that may read or write them."""
 
+import gzip
 import hashlib
 import io
 import tarfile
@@ -15,9 +16,13 @@ from tasks.tests.factories import NodeAssignmentFactory, TaskFactory, WorkerFact
 
 
 def tar_gz(files: dict[str, bytes]) -> bytes:
-    """A .tar.gz holding `files` (name -> content)."""
+    """A .tar.gz holding `files` (name -> content): the same bytes for the same files, whenever
+    made (gzip's header would otherwise hold the second it was written)."""
     buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
+    with (
+        gzip.GzipFile(fileobj=buffer, mode="wb", mtime=0) as compressed,
+        tarfile.open(fileobj=compressed, mode="w") as archive,
+    ):
         for name, content in files.items():
             info = tarfile.TarInfo(name)
             info.size = len(content)
