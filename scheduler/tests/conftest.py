@@ -1,12 +1,15 @@
 """Fixtures for the scheduler's tests."""
 
 import asyncio
+from pathlib import Path
 
 import pytest
 from asgiref.sync import async_to_sync, sync_to_async
 from channels.layers import channel_layers, get_channel_layer
-from django.db import connections
+from django.db import connection, connections
 
+from artifacts.tests.factories import worker_key_pair
+from fetchml.testing import LiveServer, database_url_for
 from fetchml.tests.factories import ApiKeyFactory, UserFactory
 
 
@@ -42,3 +45,18 @@ def owner_key(user) -> str:
 def agent_key(db) -> str:
     """A worker key: what the end-to-end tests' agents connect with."""
     return ApiKeyFactory.raw(user=UserFactory(username="e2e-agent"), role="worker")
+
+
+@pytest.fixture
+def live(tmp_path: Path):
+    """A live daphne on the test database, storing files under `tmp_path`: what agents upload to."""
+    with LiveServer(
+        database_url=database_url_for(connection), env={"FETCHML_STORAGE_DIR": str(tmp_path / "s")}
+    ) as server:
+        yield server
+
+
+@pytest.fixture
+def worker():
+    """A worker key: (the row, the raw header value)."""
+    return worker_key_pair()

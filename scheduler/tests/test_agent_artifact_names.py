@@ -13,10 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from django.db import connection
 
-from artifacts.tests.factories import live_run, worker_key_pair
-from fetchml.testing import LiveServer, database_url_for
+from artifacts.tests.factories import live_run
+from fetchml.testing import LiveServer
 from scheduler.agent.artifacts import output_files
 from scheduler.models import NodeAssignment
 from scheduler.tests.agent_peer import Peer, assign, python, run_async, running_agent
@@ -25,19 +24,6 @@ from tasks.states import TaskStatus
 pytestmark = pytest.mark.django_db(transaction=True)
 
 KEPT = ["kept.txt", "logs/stderr.log", "logs/stdout.log"]
-
-
-@pytest.fixture
-def live(tmp_path: Path):
-    with LiveServer(
-        database_url=database_url_for(connection), env={"FETCHML_STORAGE_DIR": str(tmp_path / "s")}
-    ) as server:
-        yield server
-
-
-@pytest.fixture
-def worker():
-    return worker_key_pair()
 
 
 def listing(server: LiveServer, task_id: Any, key: str) -> list[str]:

@@ -22,7 +22,7 @@ from django.conf import settings
 from django.db import connection
 
 from artifacts.models import Artifact
-from artifacts.tests.factories import live_run, tar_gz, worker_key_pair
+from artifacts.tests.factories import live_run, tar_gz
 from audit.models import AuditEvent
 from fetchml.testing import LiveServer, database_url_for
 from scheduler.models import NodeAssignment
@@ -48,11 +48,6 @@ def live(tmp_path: Path):
     env = {"FETCHML_STORAGE_DIR": str(tmp_path / "storage"), "FETCHML_MAX_ARTIFACT_BYTES_PER_TASK": str(BUDGET)}
     with LiveServer(database_url=database_url_for(connection), env=env) as server:
         yield server
-
-
-@pytest.fixture
-def worker():
-    return worker_key_pair()
 
 
 def call(server: LiveServer, method: str, path: str, key: str, body: bytes | None = None) -> tuple[int, bytes]:

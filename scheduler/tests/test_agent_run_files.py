@@ -16,10 +16,9 @@ from typing import Any
 
 import pytest
 from django.core.management import CommandError, call_command
-from django.db import connection
 
-from artifacts.tests.factories import live_run, worker_key_pair
-from fetchml.testing import LiveServer, database_url_for
+from artifacts.tests.factories import live_run
+from fetchml.testing import LiveServer
 from scheduler.management.commands.worker import API_KEY_ENV
 from scheduler.models import NodeAssignment
 from scheduler.tests.agent_peer import Peer, assign, python, run_async, running_agent, until
@@ -36,19 +35,6 @@ CHECKPOINTING = (
     "print('ready', flush=True)\n"
     "while True: time.sleep(0.05)"
 )
-
-
-@pytest.fixture
-def live(tmp_path: Path):
-    with LiveServer(
-        database_url=database_url_for(connection), env={"FETCHML_STORAGE_DIR": str(tmp_path / "s")}
-    ) as server:
-        yield server
-
-
-@pytest.fixture
-def worker():
-    return worker_key_pair()
 
 
 def get(server: LiveServer, path: str, key: str) -> tuple[int, bytes]:
@@ -188,6 +174,15 @@ def test_the_most_recent_finished_run_directories_are_kept_as_asked(user, worker
     run_async(scenario())
 
 
+async def _final_of_a_kept_run(message: dict[str, Any], work_root: Path, options: dict[str, Any], caplog) -> dict:
+    """The final status of `message`'s run, once the agent has said it keeps the run's directory."""
+    async with Peer(api_key="key") as peer, running_agent(peer.url, work_root, **options):
+        await peer.send(message)
+        final = await peer.final(message["token"])
+        await until(lambda: "keeping its work directory" in caplog.text, what="the worker to say it keeps it")
+        return final
+
+
 def test_the_directory_of_a_run_whose_upload_failed_is_kept_and_the_worker_says_so(tmp_path, caplog):
     unreachable = f"http://127.0.0.1:{unused_port()}"
     code = "import os\nopen(os.path.join(os.environ['FETCHML_OUTPUT_DIR'], 'model.txt'), 'w').write('weights')"
@@ -195,15 +190,8 @@ def test_the_directory_of_a_run_whose_upload_failed_is_kept_and_the_worker_says_
     work_dir = tmp_path / "w" / message["task_id"] / "1"
     caplog.set_level(logging.WARNING, logger="scheduler.agent.artifacts")
 
-    async def scenario() -> dict[str, Any]:
-        options = uploading_to(unreachable, "key", transfer_retry_seconds=0.5)
-        async with Peer(api_key="key") as peer, running_agent(peer.url, tmp_path / "w", **options):
-            await peer.send(message)
-            final = await peer.final(message["token"])
-            await until(lambda: "keeping its work directory" in caplog.text, what="the worker to say it keeps it")
-            return final
-
-    final = run_async(scenario())
+    options = uploading_to(unreachable, "key", transfer_retry_seconds=0.5)
+    final = run_async(_final_of_a_kept_run(message, tmp_path / "w", options, caplog))
 
     assert (final["status"], final["failure_reason"]) == ("failed", "worker_lost"), final
     assert (work_dir / "output" / "model.txt").read_text() == "weights"
@@ -216,15 +204,8 @@ def test_the_directory_of_a_non_zero_rank_that_wrote_outputs_is_kept_as_only_ran
     work_dir = tmp_path / "w" / message["task_id"] / "1"
     caplog.set_level(logging.WARNING, logger="scheduler.agent.artifacts")
 
-    async def scenario() -> dict[str, Any]:
-        options = uploading_to(f"http://127.0.0.1:{unused_port()}", "key")
-        async with Peer(api_key="key") as peer, running_agent(peer.url, tmp_path / "w", **options):
-            await peer.send(message)
-            final = await peer.final(message["token"])
-            await until(lambda: "keeping its work directory" in caplog.text, what="the worker to say it keeps it")
-            return final
-
-    final = run_async(scenario())
+    options = uploading_to(f"http://127.0.0.1:{unused_port()}", "key")
+    final = run_async(_final_of_a_kept_run(message, tmp_path / "w", options, caplog))
 
     assert final["status"] == "completed", final
     assert (work_dir / "output" / "shard-1.pt").read_text() == "shard"
