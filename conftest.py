@@ -1,9 +1,12 @@
 """Fixtures shared by every app's tests."""
 
+import asyncio
 import os
 
 import pytest
+from asgiref.sync import sync_to_async
 from django.core.cache import cache
+from django.db import connections
 from rest_framework.test import APIClient
 
 from fetchml.dbpool import close_pool_connections
@@ -66,6 +69,17 @@ class KeyClient(APIClient):
         self.raw_key = raw_key
         if raw_key:
             self.credentials(HTTP_X_API_KEY=raw_key)
+
+
+@pytest.fixture
+def thread_connections():
+    """Close the database connections that async tests open in asgiref's sync thread.
+
+    `database_sync_to_async` keeps them (CONN_MAX_AGE); left open, they stop
+    the test database from being dropped at the end of the run.
+    """
+    yield
+    asyncio.run(sync_to_async(connections.close_all)())
 
 
 @pytest.fixture

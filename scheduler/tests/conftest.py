@@ -1,12 +1,11 @@
 """Fixtures for the scheduler's tests."""
 
-import asyncio
 from pathlib import Path
 
 import pytest
-from asgiref.sync import async_to_sync, sync_to_async
+from asgiref.sync import async_to_sync
 from channels.layers import channel_layers, get_channel_layer
-from django.db import connection, connections
+from django.db import connection
 
 from artifacts.tests.factories import worker_key_pair
 from fetchml.testing import LiveServer, database_url_for
@@ -22,17 +21,6 @@ def channel_layer():
         async_to_sync(layer.flush)()
     yield layer
     channel_layers.backends.clear()
-
-
-@pytest.fixture
-def thread_connections():
-    """Close the database connections that async tests open in asgiref's sync thread.
-
-    `database_sync_to_async` keeps them (CONN_MAX_AGE); left open, they stop
-    the test database from being dropped at the end of the run.
-    """
-    yield
-    asyncio.run(sync_to_async(connections.close_all)())
 
 
 @pytest.fixture

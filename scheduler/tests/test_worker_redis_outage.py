@@ -15,6 +15,7 @@ from scheduler.tests.ws import receive, run, start_worker
 
 pytestmark = [
     pytest.mark.django_db(transaction=True),
+    pytest.mark.usefixtures("thread_connections"),
     pytest.mark.skipif(not settings.REDIS_URL, reason="needs Redis: set REDIS_URL=redis://... (CI always does)"),
 ]
 
