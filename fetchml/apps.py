@@ -15,6 +15,11 @@ class FetchmlConfig(AppConfig):
 
         install_log_record_factory()
         _tune_garbage_collection()
+        from django.core.signals import request_finished
+
+        from fetchml.requestconnections import close_request_thread_connections
+
+        request_finished.connect(close_request_thread_connections, dispatch_uid="fetchml.request_connections")
 
 
 def _tune_garbage_collection() -> None:
