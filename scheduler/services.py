@@ -213,7 +213,6 @@ def worker_heartbeat(*, worker_id: Any, running: list[dict[str, str]]) -> list[d
     return [run for run in running if run["token"] not in known]
 
 
-# What a progress report carries of the fields of a final one.
 # How far along a run is, for the states an agent reports while it runs.
 _PROGRESS_ORDER = {TaskStatus.PREPARING: 0, TaskStatus.RUNNING: 1, TaskStatus.COLLECTING: 2}
 

@@ -6,6 +6,7 @@ import io
 import tarfile
 
 import factory
+from rest_framework.test import APIClient
 
 from artifacts.models import Dataset, Snapshot, SnapshotOwner
 from fetchml.models import ApiKey
@@ -87,3 +88,32 @@ class DatasetFactory(factory.django.DjangoModelFactory):
     size = 100
     sha256 = factory.Sequence(lambda n: hashlib.sha256(f"dataset {n}".encode()).hexdigest())
     storage_key = factory.LazyAttribute(lambda dataset: f"datasets/{dataset.sha256[:2]}/{dataset.sha256}")
+
+
+# --- an agent's requests (what scheduler.agent.artifacts sends) ---------------
+
+
+def put(client: APIClient, run: NodeAssignment, path: str, data: bytes, *, token=None, digest=None):
+    return client.put(
+        f"/v1/tasks/{run.task_id}/artifacts/{path}",
+        data=data,
+        content_type="application/octet-stream",
+        HTTP_X_FETCHML_TOKEN=str(token or run.token),
+        HTTP_X_CONTENT_SHA256=digest or sha256(data),
+    )
+
+
+def commit(client: APIClient, run: NodeAssignment, files: dict[str, bytes], *, token=None):
+    manifest = [{"path": path, "size": len(data), "sha256": sha256(data)} for path, data in files.items()]
+    return client.post(
+        f"/v1/tasks/{run.task_id}/artifacts/commit",
+        data={"artifacts": manifest},
+        format="json",
+        HTTP_X_FETCHML_TOKEN=str(token or run.token),
+    )
+
+
+def upload_and_commit(client: APIClient, run: NodeAssignment, files: dict[str, bytes]) -> None:
+    for path, data in files.items():
+        assert put(client, run, path, data).status_code == 201
+    assert commit(client, run, files).status_code == 200

@@ -1,7 +1,16 @@
 import pytest
 
 from artifacts.models import Artifact
-from artifacts.tests.factories import download, live_run, sha256, stored_files, worker_key_pair
+from artifacts.tests.factories import (
+    commit,
+    download,
+    live_run,
+    put,
+    sha256,
+    stored_files,
+    upload_and_commit,
+    worker_key_pair,
+)
 from audit.models import AuditEvent
 from conftest import KeyClient
 from scheduler.models import NodeAssignment
@@ -24,32 +33,6 @@ def run(user, worker) -> NodeAssignment:
 @pytest.fixture
 def agent(worker) -> KeyClient:
     return KeyClient(worker[1])
-
-
-def put(client: KeyClient, run: NodeAssignment, path: str, data: bytes, *, token=None, digest=None):
-    return client.put(
-        f"/v1/tasks/{run.task_id}/artifacts/{path}",
-        data=data,
-        content_type="application/octet-stream",
-        HTTP_X_FETCHML_TOKEN=str(token or run.token),
-        HTTP_X_CONTENT_SHA256=digest or sha256(data),
-    )
-
-
-def commit(client: KeyClient, run: NodeAssignment, files: dict[str, bytes], *, token=None):
-    manifest = [{"path": path, "size": len(data), "sha256": sha256(data)} for path, data in files.items()]
-    return client.post(
-        f"/v1/tasks/{run.task_id}/artifacts/commit",
-        data={"artifacts": manifest},
-        format="json",
-        HTTP_X_FETCHML_TOKEN=str(token or run.token),
-    )
-
-
-def upload_and_commit(client: KeyClient, run: NodeAssignment, files: dict[str, bytes]) -> None:
-    for path, data in files.items():
-        assert put(client, run, path, data).status_code == 201
-    assert commit(client, run, files).status_code == 200
 
 
 def listed(client: KeyClient, run: NodeAssignment) -> list[tuple[str, int]]:

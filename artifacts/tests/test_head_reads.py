@@ -1,6 +1,6 @@
 """HEAD is the read its GET is: the same callers may make it, and it answers the GET's headers."""
 
-from artifacts.tests.factories import live_run, sha256, worker_key_pair
+from artifacts.tests.factories import live_run, sha256, upload_and_commit, worker_key_pair
 from conftest import KeyClient
 
 MODEL = b"weights" * 100
@@ -10,21 +10,7 @@ def stored_artifact(owner) -> str:
     """The URL of a committed artifact of a task of `owner`."""
     key, raw = worker_key_pair()
     run = live_run(key=key, owner=owner)
-    agent = KeyClient(raw)
-    headers = {"HTTP_X_FETCHML_TOKEN": str(run.token)}
-    uploaded = agent.put(
-        f"/v1/tasks/{run.task_id}/artifacts/metrics.json",
-        data=MODEL,
-        content_type="application/octet-stream",
-        HTTP_X_CONTENT_SHA256=sha256(MODEL),
-        **headers,
-    )
-    assert uploaded.status_code == 201
-    manifest = [{"path": "metrics.json", "size": len(MODEL), "sha256": sha256(MODEL)}]
-    committed = agent.post(
-        f"/v1/tasks/{run.task_id}/artifacts/commit", data={"artifacts": manifest}, format="json", **headers
-    )
-    assert committed.status_code == 200
+    upload_and_commit(KeyClient(raw), run, {"metrics.json": MODEL})
     return f"/v1/tasks/{run.task_id}/artifacts/metrics.json"
 
 

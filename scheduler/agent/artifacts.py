@@ -229,8 +229,7 @@ class RunDirs:
         if unstored:
             level = logging.INFO if unstored == NOT_UPLOADING else logging.WARNING
             logger.log(level, "task %s: keeping its work directory %s: %s", task_id, work_dir, unstored)
-            _mark(work_dir, KEPT_MARKER, unstored)
-            return
+            return  # marked kept when the run ended (`ended`)
         if work_dir in self._recent:
             return
         self._recent.append(work_dir)

@@ -112,6 +112,13 @@ class _ChildProtocol(asyncio.SubprocessProtocol):
             self.exited.set_result(None)
 
 
+def _holds_anything(directory: Path) -> bool:
+    try:
+        return any(directory.iterdir())
+    except OSError:  # the task removed it
+        return False
+
+
 def _tail(lines: deque[str]) -> str:
     return "\n".join(lines)[-TAIL_CHARS:]
 
@@ -188,6 +195,10 @@ class Run:
     @property
     def work_dir(self) -> Path:
         return self._work_root / self.assignment.task_id / str(self.assignment.attempt)
+
+    @property
+    def output_dir(self) -> Path:
+        return self.work_dir / "output"
 
     # -- requests from the agent -------------------------------------------------------------
 
@@ -301,7 +312,7 @@ class Run:
             argv = command_argv(a.entrypoint, a.args)
         except CommandLineError as exc:
             raise PreparationError(f"no command line: {exc}") from None
-        output_dir = self.work_dir / "output"
+        output_dir = self.output_dir
         try:
             if self.work_dir.exists():  # a fresh directory per attempt, even if an earlier try left one
                 shutil.rmtree(self.work_dir)
@@ -348,7 +359,7 @@ class Run:
             task_id=a.task_id,
             token=a.token,
             work_dir=self.work_dir,
-            output_dir=self.work_dir / "output",
+            output_dir=self.output_dir,
             env=env,
             emit=self._emit,
             host=self._launcher.host,
@@ -475,7 +486,7 @@ class Run:
         # stores artifacts (docs/worker-protocol.md).
         if a.node.rank != 0:
             # By design its files are rank 0's to store; what it wrote itself stays here, not removed.
-            wrote = any((self.work_dir / "output").iterdir())
+            wrote = _holds_anything(self.output_dir)
             self.unstored = f"rank {a.node.rank} wrote output files, which only rank 0 stores" if wrote else ""
             return Collected()
         if files is None or not files.upload_artifacts:
@@ -486,7 +497,7 @@ class Run:
             files,
             task_id=a.task_id,
             token=a.token,
-            output_dir=self.work_dir / "output",
+            output_dir=self.output_dir,
             logs=logs,
             abort=self._abort,
         )

@@ -62,28 +62,24 @@ def writing(name: bytes) -> str:
     )
 
 
-def test_output_named_with_a_newline_is_skipped_and_the_run_completes_with_its_other_files(
-    live, user, owner_key, worker, tmp_path
+@pytest.mark.parametrize(
+    ("name", "shown", "reason"),
+    [
+        (b"new\nline.txt", "new\\nline.txt", "name contains a control character"),
+        (b"bad\xffname.bin", "bad\\xffname.bin", "name is not UTF-8"),
+    ],
+    ids=["a newline", "not UTF-8"],
+)
+def test_an_output_the_server_cannot_name_is_skipped_and_the_run_completes_with_its_other_files(
+    live, user, owner_key, worker, tmp_path, name, shown, reason
 ):
     run = live_run(key=worker[0], owner=user, status=TaskStatus.RUNNING)
 
-    final = final_of(live, worker, run, tmp_path / "w", writing(b"new\nline.txt"))
+    final = final_of(live, worker, run, tmp_path / "w", writing(name))
 
     assert final["status"] == "completed", final
-    assert final["error"] == "artifacts skipped: new\\nline.txt (name contains a control character)"
-    assert final["skipped_artifacts"] == [{"path": "new\\nline.txt", "reason": "name contains a control character"}]
-    assert listing(live, run.task_id, owner_key) == KEPT
-
-
-def test_output_whose_name_is_not_utf8_is_skipped_and_the_run_completes_with_its_other_files(
-    live, user, owner_key, worker, tmp_path
-):
-    run = live_run(key=worker[0], owner=user, status=TaskStatus.RUNNING)
-
-    final = final_of(live, worker, run, tmp_path / "w", writing(b"bad\xffname.bin"))
-
-    assert final["status"] == "completed", final
-    assert final["error"] == "artifacts skipped: bad\\xffname.bin (name is not UTF-8)"
+    assert final["error"] == f"artifacts skipped: {shown} ({reason})"
+    assert final["skipped_artifacts"] == [{"path": shown, "reason": reason}]
     assert listing(live, run.task_id, owner_key) == KEPT
 
 
