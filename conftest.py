@@ -2,9 +2,11 @@
 
 import asyncio
 import os
+from dataclasses import dataclass, field
 
 import pytest
 from asgiref.sync import sync_to_async
+from channels.layers import get_channel_layer
 from django.core.cache import cache
 from django.db import connections
 from rest_framework.test import APIClient
@@ -80,6 +82,34 @@ def thread_connections():
     """
     yield
     asyncio.run(sync_to_async(connections.close_all)())
+
+
+@dataclass
+class GroupMoves:
+    """The (group, channel) pairs the channel layer was asked to add and to discard, in order."""
+
+    joined: list[tuple[str, str]] = field(default_factory=list)
+    left: list[tuple[str, str]] = field(default_factory=list)
+
+
+@pytest.fixture
+def group_moves(monkeypatch) -> GroupMoves:
+    """Records every group_add and group_discard of the default channel layer, passing each on."""
+    layer = get_channel_layer()
+    moves = GroupMoves()
+    real_add, real_discard = layer.group_add, layer.group_discard
+
+    async def add(group: str, channel: str) -> None:
+        moves.joined.append((group, channel))
+        await real_add(group, channel)
+
+    async def discard(group: str, channel: str) -> None:
+        moves.left.append((group, channel))
+        await real_discard(group, channel)
+
+    monkeypatch.setattr(layer, "group_add", add)
+    monkeypatch.setattr(layer, "group_discard", discard)
+    return moves
 
 
 @pytest.fixture

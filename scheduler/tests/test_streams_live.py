@@ -6,7 +6,6 @@ import uuid
 
 import pytest
 from asgiref.sync import sync_to_async
-from channels.layers import get_channel_layer
 from django.db import connection
 
 from conftest import KeyClient
@@ -138,22 +137,8 @@ def test_streams_refuse_worker_keys(user, worker_key):
 
 
 @run_async
-async def test_client_leaving_the_status_stream_leaves_its_group(key, monkeypatch, thread_connections):
-    layer = get_channel_layer()
-    joined: list[tuple[str, str]] = []
-    left: list[tuple[str, str]] = []
-    real_add, real_discard = layer.group_add, layer.group_discard
-
-    async def add(group: str, channel: str) -> None:
-        joined.append((group, channel))
-        await real_add(group, channel)
-
-    async def discard(group: str, channel: str) -> None:
-        left.append((group, channel))
-        await real_discard(group, channel)
-
-    monkeypatch.setattr(layer, "group_add", add)
-    monkeypatch.setattr(layer, "group_discard", discard)
+async def test_client_leaving_the_status_stream_leaves_its_group(key, group_moves, thread_connections):
+    joined, left = group_moves.joined, group_moves.left
     first_body, gone = asyncio.Event(), asyncio.Event()
     requested = False
 

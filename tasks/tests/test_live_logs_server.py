@@ -6,7 +6,6 @@ import json
 
 import pytest
 from asgiref.sync import sync_to_async
-from channels.layers import get_channel_layer
 from django.db import connection
 
 from fetchml import apikeys, events
@@ -105,22 +104,8 @@ def test_live_server_refuses_a_stream_without_a_key(task):
 
 
 @run_async
-async def test_client_disconnect_through_the_asgi_handler_leaves_the_task_and_owner_groups(task, key, monkeypatch):
-    layer = get_channel_layer()
-    joined: list[tuple[str, str]] = []
-    left: list[tuple[str, str]] = []
-    real_add, real_discard = layer.group_add, layer.group_discard
-
-    async def add(group: str, channel: str) -> None:
-        joined.append((group, channel))
-        await real_add(group, channel)
-
-    async def discard(group: str, channel: str) -> None:
-        left.append((group, channel))
-        await real_discard(group, channel)
-
-    monkeypatch.setattr(layer, "group_add", add)
-    monkeypatch.setattr(layer, "group_discard", discard)
+async def test_client_disconnect_through_the_asgi_handler_leaves_the_task_and_owner_groups(task, key, group_moves):
+    joined, left = group_moves.joined, group_moves.left
 
     first_body = asyncio.Event()
     gone = asyncio.Event()

@@ -607,22 +607,8 @@ async def test_unrelated_channel_messages_are_ignored(alice_key, user, alice_tas
 
 
 @run_async
-async def test_disconnect_leaves_every_joined_group(alice_key, alice_task, monkeypatch):
-    layer = get_channel_layer()
-    joined: list[tuple[str, str]] = []
-    left: list[tuple[str, str]] = []
-    real_add, real_discard = layer.group_add, layer.group_discard
-
-    async def add(group: str, channel: str) -> None:
-        joined.append((group, channel))
-        await real_add(group, channel)
-
-    async def discard(group: str, channel: str) -> None:
-        left.append((group, channel))
-        await real_discard(group, channel)
-
-    monkeypatch.setattr(layer, "group_add", add)
-    monkeypatch.setattr(layer, "group_discard", discard)
+async def test_disconnect_leaves_every_joined_group(alice_key, alice_task, group_moves):
+    joined, left = group_moves.joined, group_moves.left
     socket = await _open(alice_key)
     await _subscribe(socket, alice_task)
     await socket.disconnect()
