@@ -110,6 +110,13 @@ class RedisChannelLayer(UpstreamRedisChannelLayer):
         Sentinel host is reached through the event loop's connections only)."""
         return all("address" in host for host in self.hosts)
 
+    async def new_channel(self, prefix: str = "specific") -> str:
+        # Every channel of a process gets the one default prefix, whatever is asked: channels_redis
+        # keeps each prefix's messages in a list of its own and lets one receive at a time pop, from
+        # its own prefix's list only, so a channel of another prefix waited behind the consumers'
+        # receive (an SSE stream got its messages only at its heartbeat's re-read).
+        return await super().new_channel()
+
     async def receive_single(self, channel: str) -> Any:
         # A receive that lost its connection may find Redis restarted, empty: it puts the
         # memberships back before it waits again.

@@ -28,8 +28,6 @@ def database_ok() -> bool:
 
 async def _channel_layer_roundtrip() -> None:
     layer = get_channel_layer()
-    # The process's own prefix: its consumers' receive (one at a time per process) reads that
-    # list and hands each message to its channel; one of another prefix no receive would read.
     channel = await layer.new_channel()
     await layer.send(channel, {"type": "health.ping"})
     await asyncio.wait_for(layer.receive(channel), timeout=2)

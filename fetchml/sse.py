@@ -89,7 +89,7 @@ async def event_stream(
     revoked, or is found unusable (expired, its user deactivated) at a heartbeat."""
     layer = get_channel_layer()
     interval = max(heartbeat_seconds or app_settings.SSE_HEARTBEAT_SECONDS, MIN_HEARTBEAT_SECONDS)
-    channel = await layer.new_channel("sse.")
+    channel = await layer.new_channel()
     joined: list[str] = []
     receiving: asyncio.Task | None = None
     if api_key_id is not None:

@@ -355,6 +355,26 @@ def _receiving_client_ids() -> list[int]:
 
 
 @needs_redis
+def test_a_channel_asked_for_with_another_prefix_gets_its_message_while_another_receive_waits():
+    layer = _layer()
+
+    async def scenario() -> dict:
+        consumer = await layer.new_channel()
+        consuming = asyncio.ensure_future(layer.receive(consumer))
+        while not await asyncio.to_thread(_receiving_client_ids):  # its blocking pop is under way
+            await asyncio.sleep(0.01)
+        stream = await layer.new_channel("sse.")
+        await layer.send(stream, {"type": "test.message", "n": 1})
+        try:
+            return await asyncio.wait_for(layer.receive(stream), timeout=3)
+        finally:
+            consuming.cancel()
+            await layer.flush()
+
+    assert _run(scenario) == {"type": "test.message", "n": 1}
+
+
+@needs_redis
 def test_a_waiting_receive_whose_connection_is_cut_still_gets_the_next_message(caplog):
     layer = _layer()
 

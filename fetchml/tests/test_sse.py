@@ -3,9 +3,9 @@
 import asyncio
 from collections.abc import AsyncIterator
 
-import pytest
 from channels.layers import get_channel_layer
 
+from conftest import GroupMoves
 from fetchml.sse import event_stream, sse_frame
 from fetchml.testing import SSEParser, SSEStream, run_async
 
@@ -15,14 +15,14 @@ GROUPS = ["sse-test.one", "sse-test.two"]
 class EchoSource:
     """Says hello, echoes each message, counts heartbeats; finished by a message with "last"."""
 
-    def __init__(self, layer_spy: "LayerSpy | None" = None) -> None:
+    def __init__(self, group_moves: GroupMoves | None = None) -> None:
         self.finished = False
-        self.layer_spy = layer_spy
+        self.group_moves = group_moves
         self.joined_at_start: list[str] = []
 
     async def start(self) -> AsyncIterator[bytes]:
-        if self.layer_spy is not None:
-            self.joined_at_start = [group for group, _ in self.layer_spy.joined]
+        if self.group_moves is not None:
+            self.joined_at_start = [group for group, _ in self.group_moves.joined]
         yield sse_frame({"hello": True}, event="hello")
 
     async def on_message(self, message: dict) -> AsyncIterator[bytes]:
@@ -32,29 +32,6 @@ class EchoSource:
 
     async def on_heartbeat(self) -> AsyncIterator[bytes]:
         yield sse_frame({}, event="checked")
-
-
-class LayerSpy:
-    def __init__(self, layer, monkeypatch) -> None:
-        self.joined: list[tuple[str, str]] = []
-        self.left: list[tuple[str, str]] = []
-        real_add, real_discard = layer.group_add, layer.group_discard
-
-        async def add(group: str, channel: str) -> None:
-            self.joined.append((group, channel))
-            await real_add(group, channel)
-
-        async def discard(group: str, channel: str) -> None:
-            self.left.append((group, channel))
-            await real_discard(group, channel)
-
-        monkeypatch.setattr(layer, "group_add", add)
-        monkeypatch.setattr(layer, "group_discard", discard)
-
-
-@pytest.fixture
-def spy(monkeypatch) -> LayerSpy:
-    return LayerSpy(get_channel_layer(), monkeypatch)
 
 
 async def _send(message: dict) -> None:
@@ -84,8 +61,8 @@ def test_parser_reassembles_frames_split_across_chunks():
 
 
 @run_async
-async def test_groups_are_joined_before_the_source_starts(spy):
-    source = EchoSource(spy)
+async def test_groups_are_joined_before_the_source_starts(group_moves):
+    source = EchoSource(group_moves)
     stream = SSEStream(event_stream(source, groups=GROUPS, heartbeat_seconds=60))
     try:
         await stream.events(1)
@@ -119,7 +96,7 @@ async def test_idle_stream_sends_heartbeat_comments_and_lets_the_source_check():
 
 
 @run_async
-async def test_stream_ends_when_the_source_is_finished_and_leaves_its_groups(spy):
+async def test_stream_ends_when_the_source_is_finished_and_leaves_its_groups(group_moves):
     before = asyncio.all_tasks()
     stream = SSEStream(event_stream(EchoSource(), groups=GROUPS, heartbeat_seconds=60))
     await stream.events(1)
@@ -129,12 +106,12 @@ async def test_stream_ends_when_the_source_is_finished_and_leaves_its_groups(spy
 
     assert [e.event for e in rest] == ["echo"]
     assert stream.ended
-    assert sorted(spy.left) == sorted(spy.joined)
-    assert len(spy.joined) == len(GROUPS)
+    assert sorted(group_moves.left) == sorted(group_moves.joined)
+    assert len(group_moves.joined) == len(GROUPS)
 
 
 @run_async
-async def test_client_disconnect_leaves_every_group_and_leaves_no_task_behind(spy):
+async def test_client_disconnect_leaves_every_group_and_leaves_no_task_behind(group_moves):
     before = asyncio.all_tasks()
     stream = SSEStream(event_stream(EchoSource(), groups=GROUPS, heartbeat_seconds=60))
     await stream.events(1)  # now waiting on the channel layer, as an idle stream does
@@ -142,5 +119,5 @@ async def test_client_disconnect_leaves_every_group_and_leaves_no_task_behind(sp
     await stream.close()  # cancels the reader: CancelledError inside the stream, as on disconnect
     await _no_tasks_but(before)
 
-    assert len(spy.joined) == len(GROUPS)
-    assert sorted(spy.left) == sorted(spy.joined)
+    assert len(group_moves.joined) == len(GROUPS)
+    assert sorted(group_moves.left) == sorted(group_moves.joined)
