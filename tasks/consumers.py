@@ -28,7 +28,7 @@ import json
 import logging
 import uuid
 from collections import OrderedDict
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import parse_qsl
 
 import django.db
@@ -66,6 +66,17 @@ MIN_RECHECK_SECONDS = 0.05
 IDS_PER_QUERY = 500
 _QUERY_KEY_NAMES = frozenset({"api_key", "apikey", "key", "x-api-key", "x_api_key", "token"})
 _TASK_EVENTS = frozenset({"task_update", "task_complete"})
+
+
+class Told(NamedTuple):
+    """What a connection last told of a task."""
+
+    status: str
+    fingerprint: int  # of the whole snapshot told: an event bringing nothing new is not told again
+
+
+def _fingerprint(snapshot: dict[str, Any]) -> int:
+    return hash(tuple(snapshot.values()))
 
 
 def _header(scope: dict, name: bytes) -> str | None:
@@ -147,7 +158,7 @@ class ClientConsumer(SocketConsumer):
     async def connect(self) -> None:
         self.subscriptions = {}
         self.joined: set[str] = set()
-        self.told: OrderedDict[str, str] = OrderedDict()  # task id -> the last status told, newest last
+        self.told: OrderedDict[str, Told] = OrderedDict()  # task id -> what was told last, newest last
         self.lines_told: dict[str, int] = {}  # subscribed task id -> the id of its last line told
         # Event handlers, subscriptions and re-checks read and tell one at a time, so that what
         # `told` says is what the client was sent.
@@ -316,12 +327,13 @@ class ClientConsumer(SocketConsumer):
                 # The event's own status and priority: a client sees each transition,
                 # even when the row has moved on by the time it is reloaded...
                 status = event.get("status", snapshot["status"])
-                if self.told.get(snapshot["id"]) == snapshot["status"] != status:
+                told = self.told.get(snapshot["id"])
+                if told is not None and told.status == snapshot["status"] != status:
                     continue  # ...but not one older than the current state it was already told
-                await self._tell(
-                    {**snapshot, "status": status, "priority": event.get("priority", snapshot["priority"])},
-                    kind=event.get("event"),
-                )
+                telling = {**snapshot, "status": status, "priority": event.get("priority", snapshot["priority"])}
+                if told is not None and told.fingerprint == _fingerprint(telling):
+                    continue  # already told, e.g. by the state sent on subscribing just before this event
+                await self._tell(telling, kind=event.get("event"))
 
     async def task_log(self, message: dict) -> None:
         task_id = message.get("task_id")
@@ -352,14 +364,18 @@ class ClientConsumer(SocketConsumer):
         """Tell what changed unseen: the state of each task told about that had not ended, and of
         each subscription, and the subscriptions' lines after the last one told."""
         async with self.telling:
-            unended = [task_id for task_id, status in self.told.items() if status not in FINAL_STATES]
+            unended = [task_id for task_id, told in self.told.items() if told.status not in FINAL_STATES]
             watched = list(dict.fromkeys([*unended, *self.subscriptions]))
             if watched:
                 current = await database_sync_to_async(_statuses)(watched)
                 for task_id in watched:
                     if task_id not in current and task_id not in self.subscriptions:
                         self.told.pop(task_id, None)  # deleted: nothing more to tell
-                changed = [task_id for task_id, status in current.items() if self.told.get(task_id) != status]
+                changed = [
+                    task_id
+                    for task_id, status in current.items()
+                    if task_id not in self.told or self.told[task_id].status != status
+                ]
                 if changed:
                     snapshots = await database_sync_to_async(task_snapshots)(changed)
                     for task_id in changed:
@@ -372,7 +388,7 @@ class ClientConsumer(SocketConsumer):
     async def _tell(self, snapshot: dict[str, Any], *, kind: str | None = None) -> None:
         if kind not in _TASK_EVENTS:
             kind = "task_complete" if snapshot["status"] in FINAL_STATES else "task_update"
-        self.told[snapshot["id"]] = snapshot["status"]
+        self.told[snapshot["id"]] = Told(snapshot["status"], _fingerprint(snapshot))
         self.told.move_to_end(snapshot["id"])
         while len(self.told) > MAX_REMEMBERED:
             self.told.popitem(last=False)

@@ -483,6 +483,25 @@ async def test_a_change_older_than_the_state_told_is_not_told_after_it(alice_key
 
 
 @run_async
+async def test_a_change_already_told_on_subscribing_is_not_told_again(alice_key, user, alice_task):
+    other = await sync_to_async(task_submit)(owner=user, job_name="second")
+    await _move(alice_task, TaskStatus.PREPARING)
+    socket = await _open(alice_key)
+    try:
+        _, state = await _subscribe(socket, alice_task)
+        await _subscribe(socket, other)
+        # The message of the change the subscription's state already told, arriving after it.
+        late = {"type": "task.event", "event": "task_update", "task_id": str(alice_task.id), "status": "preparing"}
+        await get_channel_layer().group_send(f"tasks.user.{user.pk}", {**late, "priority": 5, "owner_id": user.pk})
+        await _move(other, TaskStatus.PREPARING)  # the marker
+        first = await _receive(socket)
+    finally:
+        await socket.disconnect()
+    assert state["task"]["status"] == "preparing"
+    assert (first["task"]["id"], first["task"]["status"]) == (str(other.id), "preparing")
+
+
+@run_async
 async def test_log_lines_whose_message_was_lost_come_with_the_next_lines(alice_key, alice_task):
     socket = await _open(alice_key)
     try:
