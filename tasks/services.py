@@ -10,7 +10,7 @@ from typing import Any
 
 from django.contrib.auth.models import AbstractBaseUser
 from django.db import IntegrityError, transaction
-from django.db.models import Q
+from django.db.models import Q, prefetch_related_objects
 from django.utils import timezone
 
 from artifacts.selectors import dataset_digests, snapshot_readable_by, spec_dataset_name
@@ -225,6 +225,9 @@ def task_submit(
             linked(task)
         if not dispatch_at_submission(task=task):
             events.wake_scheduler("task_submitted")
+        # The answer's one related read, made before the commit: a connection lost after it must
+        # not turn a created task into an error, which a client would answer by submitting again.
+        prefetch_related_objects([task], "node_assignments")
     return task
 
 
