@@ -91,6 +91,7 @@ def settings_from_env() -> dict[str, Any]:
             values[env_name] = env_str(env_name, default)
         if name.startswith("RATE_LIMIT_"):
             check_rate(env_name, values[env_name])
+    check_heartbeat(values["FETCHML_WORKER_HEARTBEAT_SECONDS"], values["FETCHML_WORKER_LEASE_SECONDS"])
     return values
 
 
@@ -102,6 +103,21 @@ def check_rate(name: str, value: str) -> None:
     """A malformed rate must stop start-up, not fail every request later."""
     if not _RATE.match(value):
         raise ImproperlyConfigured(f"{name}={value!r} is not a rate like 100/m (per s, m, h or d)")
+
+
+# Heartbeats a lease must hold: one late or lost heartbeat must not cost a worker its runs, and
+# an agent waits a third of the lease for the server's answers (protocol.LEASE_SHARE_TO_RECONNECT).
+HEARTBEATS_PER_LEASE = 3
+
+
+def check_heartbeat(heartbeat_seconds: float, lease_seconds: float) -> None:
+    """A heartbeat interval the lease cannot hold would make every worker go offline and its runs
+    start again elsewhere: refused at start-up, like a malformed rate."""
+    if heartbeat_seconds <= 0 or heartbeat_seconds * HEARTBEATS_PER_LEASE > lease_seconds:
+        raise ImproperlyConfigured(
+            f"FETCHML_WORKER_HEARTBEAT_SECONDS={heartbeat_seconds:g} must be above 0 and at most "
+            f"FETCHML_WORKER_LEASE_SECONDS / {HEARTBEATS_PER_LEASE} = {lease_seconds / HEARTBEATS_PER_LEASE:g}"
+        )
 
 
 class _AppSettings:

@@ -109,11 +109,11 @@ def test_an_unreadable_name_file_is_refused(monkeypatch, tmp_path):
 
 def test_product_settings_are_parsed_by_the_type_of_their_default(monkeypatch):
     monkeypatch.setenv("FETCHML_SCHEDULER_BATCH_SIZE", "7")
-    monkeypatch.setenv("FETCHML_WORKER_LEASE_SECONDS", "12.5")
+    monkeypatch.setenv("FETCHML_WORKER_LEASE_SECONDS", "22.5")
     monkeypatch.setenv("FETCHML_PLUGINS", "a.b.Plugin,c.d.Plugin")
     values = settings_from_env()
     assert values["FETCHML_SCHEDULER_BATCH_SIZE"] == 7
-    assert values["FETCHML_WORKER_LEASE_SECONDS"] == 12.5
+    assert values["FETCHML_WORKER_LEASE_SECONDS"] == 22.5
     assert values["FETCHML_PLUGINS"] == ["a.b.Plugin", "c.d.Plugin"]
 
 
@@ -134,6 +134,20 @@ def test_a_malformed_rate_is_refused_at_start_up(monkeypatch, rate):
 def test_well_formed_rates_are_accepted(monkeypatch, rate):
     monkeypatch.setenv("FETCHML_RATE_LIMIT_POST", rate)
     assert settings_from_env()["FETCHML_RATE_LIMIT_POST"] == rate
+
+
+@pytest.mark.parametrize(("heartbeat", "lease"), [("11", "30"), ("5", "5"), ("0", "30")])
+def test_a_heartbeat_the_lease_cannot_hold_is_refused_at_start_up(monkeypatch, heartbeat, lease):
+    monkeypatch.setenv("FETCHML_WORKER_HEARTBEAT_SECONDS", heartbeat)
+    monkeypatch.setenv("FETCHML_WORKER_LEASE_SECONDS", lease)
+    with pytest.raises(ImproperlyConfigured, match="FETCHML_WORKER_HEARTBEAT_SECONDS"):
+        settings_from_env()
+
+
+def test_a_lease_of_three_heartbeats_is_accepted(monkeypatch):
+    monkeypatch.setenv("FETCHML_WORKER_HEARTBEAT_SECONDS", "2")
+    monkeypatch.setenv("FETCHML_WORKER_LEASE_SECONDS", "6")
+    assert settings_from_env()["FETCHML_WORKER_HEARTBEAT_SECONDS"] == 2.0
 
 
 def test_app_settings_follow_override_settings(settings):
