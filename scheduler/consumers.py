@@ -76,7 +76,7 @@ class WorkerConsumer(SocketConsumer):
         super().__init__(*args, **kwargs)
         self._inbox: deque[dict[str, Any]] = deque()
         self._handling: asyncio.Task | None = None
-        self._lease_extended_at = time.monotonic()  # by the hello, then by each heartbeat stored
+        self._lease_extended_at = time.monotonic()  # by the hello, then by heartbeats and reports stored
 
     # --- connection ------------------------------------------------------------
 
@@ -259,6 +259,11 @@ class WorkerConsumer(SocketConsumer):
 
     async def _on_run_reports(self, reports: list[dict[str, Any]]) -> None:
         outcomes = await in_pool(services.apply_run_reports)(worker_id=self.worker_id, reports=reports)
+        if time.monotonic() - self._lease_extended_at >= app_settings.WORKER_HEARTBEAT_SECONDS:
+            # Reports are proof of life too: a heartbeat queued behind a flood of them (a run
+            # printing fast, an agent without flow control) must not cost the worker its lease.
+            await in_pool(services.worker_lease_extend)(worker_id=self.worker_id)
+            self._lease_extended_at = time.monotonic()
         answers = []
         for report, outcome in zip(reports, outcomes, strict=True):
             if outcome is None:

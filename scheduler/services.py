@@ -201,13 +201,18 @@ def _lose_runs(assignments: QuerySet[NodeAssignment], *, error: str) -> int:
     return sum(end_run(assignment_id=run, reason=Task.FailureReason.WORKER_LOST, error=error) for run in ids)
 
 
+def worker_lease_extend(*, worker_id: Any) -> None:
+    """The worker was heard from: its lease runs from now."""
+    Worker.objects.filter(id=worker_id).update(last_heartbeat=Now())  # the database's clock (fetchml/clock.py)
+
+
 def worker_heartbeat(*, worker_id: Any, running: list[dict[str, str]]) -> list[dict[str, str]]:
     """Extend the lease; returns the reported runs the agent must `stop` (stale tokens).
 
     Progress the agent reports for a run and the server has not recorded (its
     `running` status was lost) is applied, as its `status` would have been.
     """
-    Worker.objects.filter(id=worker_id).update(last_heartbeat=Now())  # the database's clock (fetchml/clock.py)
+    worker_lease_extend(worker_id=worker_id)
     known = _run_states(worker_id, running)
     _catch_up_progress(worker_id, running, known)
     return [run for run in running if run["token"] not in known]

@@ -7,6 +7,7 @@ import uuid
 import channels.consumer
 import pytest
 from channels.db import database_sync_to_async
+from django.test import override_settings
 
 from fetchml.auth import Actor
 from fetchml.tests.factories import ApiKeyFactory
@@ -541,6 +542,28 @@ def test_heartbeat_extends_the_lease(worker_key):
     worker_id = run(scenario())
 
     assert Worker.objects.get(id=worker_id).last_heartbeat is not None
+
+
+def _lease_after_a_log_report(worker_key: str):
+    async def scenario():
+        communicator, welcome = await start_worker(worker_key, features=["log_ack"])
+        _, assign = await _assigned(communicator)
+        await db(Worker.objects.filter(id=welcome["worker_id"]).update)(last_heartbeat=None)
+        await send(communicator, _log(assign, "epoch 1", seq=0))
+        assert (await receive(communicator))["type"] == "log_ack"
+        await communicator.disconnect()
+        return welcome["worker_id"]
+
+    return Worker.objects.get(id=run(scenario())).last_heartbeat
+
+
+@override_settings(FETCHML_WORKER_HEARTBEAT_SECONDS=0)
+def test_a_run_report_extends_the_lease_when_a_heartbeat_is_due(worker_key):
+    assert _lease_after_a_log_report(worker_key) is not None
+
+
+def test_a_run_report_leaves_the_lease_alone_while_the_last_extension_is_recent(worker_key):
+    assert _lease_after_a_log_report(worker_key) is None
 
 
 def test_cancel_of_a_running_task_reaches_the_worker_connection(worker_key):
