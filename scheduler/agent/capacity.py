@@ -5,7 +5,8 @@ Detection rules (each can be overridden by a command-line flag):
 * CPU cores: the CPUs this process may run on (``os.sched_getaffinity``), else ``os.cpu_count()``.
 * Memory: ``MemTotal`` from ``/proc/meminfo`` in GiB, rounded down (physical pages elsewhere).
 * GPUs: one per line of ``nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader``
-  when ``nvidia-smi`` is on PATH; none otherwise or when it fails.
+  when ``nvidia-smi`` is on PATH; none otherwise, when it fails, says nothing readable or does not
+  answer within ``NVIDIA_SMI_TIMEOUT_SECONDS`` (then it and what it started are killed).
 * GPU type: from the first GPU's name: drop the vendor and brand words (NVIDIA, GeForce, Tesla,
   Quadro), cut at the first ``-``, then drop memory-size and form-factor words (``80GB``, PCIe,
   SXM4, HBM3, NVL). "NVIDIA A100-SXM4-80GB" -> "A100", "NVIDIA H100 80GB HBM3" -> "H100",
@@ -18,10 +19,12 @@ Detection rules (each can be overridden by a command-line flag):
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
 import shutil
+import signal
 import subprocess
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -99,25 +102,41 @@ def parse_nvidia_smi(output: str) -> list[Gpu]:
     return gpus
 
 
-def detect_gpus() -> list[Gpu]:
+def detect_gpus(*, timeout: float = NVIDIA_SMI_TIMEOUT_SECONDS) -> list[Gpu]:
     executable = shutil.which("nvidia-smi")
     if executable is None:
         return []
     try:
-        result = subprocess.run(
-            [executable, "--query-gpu=index,name,memory.total", "--format=csv,noheader"],
-            capture_output=True,
-            text=True,
-            timeout=NVIDIA_SMI_TIMEOUT_SECONDS,
-            check=False,
+        returncode, stdout, stderr = _run_in_own_group(
+            [executable, "--query-gpu=index,name,memory.total", "--format=csv,noheader"], timeout=timeout
         )
     except (OSError, subprocess.TimeoutExpired) as exc:
         logger.warning("nvidia-smi failed, reporting no GPUs: %s", exc)
         return []
-    if result.returncode != 0:
-        logger.warning("nvidia-smi exited with %s, reporting no GPUs: %s", result.returncode, result.stderr.strip())
+    if returncode != 0:
+        logger.warning("nvidia-smi exited with %s, reporting no GPUs: %s", returncode, stderr.strip())
         return []
-    return parse_nvidia_smi(result.stdout)
+    gpus = parse_nvidia_smi(stdout)
+    if not gpus and stdout.strip():
+        logger.warning("nvidia-smi said nothing this agent understands, reporting no GPUs: %r", stdout[:200])
+    return gpus
+
+
+def _run_in_own_group(argv: list[str], *, timeout: float) -> tuple[int, str, str]:
+    """Run `argv` in a session of its own: on timeout its whole process group is killed, so that
+    nothing it started is left holding its pipes. Output is decoded leniently (a driver's odd
+    bytes must not stop the agent)."""
+    with subprocess.Popen(
+        argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
+    ) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+            raise
+    return process.returncode, stdout.decode("utf-8", "replace"), stderr.decode("utf-8", "replace")
 
 
 def detect_capacity(

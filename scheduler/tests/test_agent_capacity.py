@@ -8,7 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from scheduler.agent.capacity import detect_capacity, detect_cpu_cores, gpu_type_from_name, parse_meminfo_gib
+from scheduler.agent.capacity import (
+    detect_capacity,
+    detect_cpu_cores,
+    detect_gpus,
+    gpu_type_from_name,
+    parse_meminfo_gib,
+)
+from scheduler.tests.agent_peer import process_gone
+from scheduler.tests.live_system import wait_until
 
 FAKE_SMI = """#!/bin/sh
 # Answers only the query the agent makes, so a changed query fails the test.
@@ -127,3 +135,37 @@ def test_container_runtime_missing_from_path_means_no_service_slot_by_default() 
 def test_service_slots_flag_wins_even_where_jupyter_cannot_run(caplog: pytest.LogCaptureFixture) -> None:
     assert detect_capacity(service_slots=2).service_slots == 2
     assert "service runs will fail" in caplog.text
+
+
+def test_nvidia_smi_output_that_is_not_utf8_means_no_gpus_and_a_warning(
+    fake_nvidia_smi: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    fake_nvidia_smi.write_text("#!/bin/sh\nprintf '\\377\\376 garbage \\351\\n'\n")
+
+    capacity = detect_capacity()
+
+    assert (capacity.gpu_count, capacity.gpu_type, capacity.batch_slots) == (0, "", 1)
+    assert "reporting no GPUs" in caplog.text
+
+
+def test_a_gpu_name_that_is_not_utf8_still_counts_its_gpus(fake_nvidia_smi: Path) -> None:
+    fake_nvidia_smi.write_text(
+        "#!/bin/sh\nprintf '0, NVIDIA A100\\351-SXM4-80GB, 81920 MiB\\n1, NVIDIA A100\\351-SXM4-80GB, 81920 MiB\\n'\n"
+    )
+
+    capacity = detect_capacity()
+
+    assert (capacity.gpu_count, capacity.batch_slots) == (2, 2)
+
+
+def test_a_hanging_nvidia_smi_and_what_it_started_are_killed_after_the_timeout(
+    fake_nvidia_smi: Path, tmp_path: Path
+) -> None:
+    fake_nvidia_smi.write_text(
+        f"#!/bin/sh\nsleep 300 &\necho $! > {tmp_path}/grandchild\necho $$ > {tmp_path}/nvidia-smi\nwait\n"
+    )
+
+    assert detect_gpus(timeout=2) == []
+
+    pids = [int((tmp_path / name).read_text()) for name in ("nvidia-smi", "grandchild")]
+    wait_until(lambda: all(map(process_gone, pids)), timeout=5, what=f"processes {pids} to die")
