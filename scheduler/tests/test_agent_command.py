@@ -130,3 +130,34 @@ def test_server_url_becomes_the_worker_websocket_url(server: str, url: str) -> N
 def test_server_url_must_be_http_or_ws(server: str) -> None:
     with pytest.raises(CommandError, match="--server"):
         worker_url(server)
+
+
+def _read_only(work_dir: Path) -> None:
+    work_dir.mkdir()
+    work_dir.chmod(0o555)
+
+
+def _lock_is_a_directory(work_dir: Path) -> None:
+    (work_dir / ".agent.lock").mkdir(parents=True)
+
+
+@pytest.mark.parametrize(
+    "spoil",
+    [
+        pytest.param(
+            _read_only,
+            id="read-only",
+            marks=pytest.mark.skipif(os.geteuid() == 0, reason="root writes a read-only directory all the same"),
+        ),
+        pytest.param(_lock_is_a_directory, id="lock-is-a-directory"),
+    ],
+)
+def test_a_work_directory_the_agent_cannot_use_is_a_command_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, spoil
+) -> None:
+    work_dir = tmp_path / "work"
+    spoil(work_dir)
+    monkeypatch.setenv(API_KEY_ENV, API_KEY)
+
+    with pytest.raises(CommandError, match=f"cannot use work directory {work_dir}: "):
+        call_command("worker", "--server", "http://127.0.0.1:9", "--workdir", str(work_dir), "--gpus", "0")

@@ -12,6 +12,7 @@ server refuses the API key.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import re
@@ -159,8 +160,12 @@ class Command(BaseCommand):
             service_host=options["service_host"],
         )
         logger.info("worker %s offers %s; runs in %s", config.name, capacity.as_capabilities(), config.work_root)
-        # Before the first hello: what an earlier agent here left running is ended (orphans.py).
-        with orphans.claimed(config.work_root):
+        with contextlib.ExitStack() as claim:
+            try:
+                # Before the first hello: what an earlier agent here left running is ended (orphans.py).
+                claim.enter_context(orphans.claimed(config.work_root))
+            except OSError as exc:
+                raise CommandError(f"cannot use work directory {config.work_root}: {exc.strerror or exc}") from None
             code = asyncio.run(self._serve(config))
         if code:
             raise SystemExit(code)
