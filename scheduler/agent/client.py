@@ -60,6 +60,13 @@ CLOSE_MEANINGS = {
 OUTBOX_LIMIT = 10_000
 # `log` messages of one run held until the server acknowledges them (each up to 200 lines).
 UNACKED_LOGS_LIMIT = 1_000
+# Flow control of a run's output while connected to a server that acknowledges `log` messages: at
+# LOG_WINDOW unacknowledged ones the agent stops reading the run's pipes (the task then waits on its
+# own writes), and reads on once acknowledgements bring them down to LOG_WINDOW_RESUME. The server
+# applies a connection's messages in order: unbounded, a chatty run's lines would hold up the
+# heartbeats behind them until the lease ran out.
+LOG_WINDOW = 32
+LOG_WINDOW_RESUME = 16
 # Runs cancelled before they were started here, remembered so that their late `assign` starts nothing.
 CANCELLED_UNSTARTED_LIMIT = 1_000
 # A running run's standing state (its sidecars' last `plugin_status`, its service's `service_ready`
@@ -148,6 +155,9 @@ class _Held:
     # The last standing report of each kind and plugin, and when they were last sent.
     standing: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
     standing_sent_at: float = 0.0
+    dropped_logs: int = 0  # `log` messages given up past UNACKED_LOGS_LIMIT (while the server was away)
+    # When the server last acknowledged one of its `log` messages, or when one began waiting for it.
+    logs_progressed_at: float = 0.0
 
     @property
     def settled(self) -> bool:
@@ -187,6 +197,9 @@ class Agent:
         self._final_hold_seconds = 30.0
         self._draining = False
         self._forced = False
+        # The agent is exiting and kills what still runs: those runs' directories are left as a killed
+        # agent's would be, for the next agent's start (it removes them unless kept).
+        self._leaving = False
         self._give_up: asyncio.TimerHandle | None = None
         self._finished = asyncio.Event()
         self._exit_code = EXIT_OK
@@ -265,6 +278,11 @@ class Agent:
         )
         self._check_drained()
 
+    def unacknowledged_logs(self, token: str) -> int:
+        """How many `log` messages of the run of `token` wait for the server's acknowledgement."""
+        held = self._held.get(token)
+        return len(held.logs) if held is not None else 0
+
     def held_runs(self) -> list[dict[str, str]]:
         """The runs the agent is responsible for: still going, or finished but not yet acknowledged."""
         return [held.summary() for held in self._held.values()]
@@ -299,6 +317,7 @@ class Agent:
 
     async def _abandon_runs(self) -> None:
         """On the way out: nothing we started may outlive the agent."""
+        self._leaving = True
         for held in self._held.values():
             held.run.stop()
         if self._run_tasks:
@@ -314,6 +333,7 @@ class Agent:
             except CredentialsRefused as exc:
                 logger.error("%s; stopping", exc)
                 self._exit_code = EXIT_REFUSED
+                self._leaving = True
                 for held in self._held.values():
                     held.run.stop()
                 self._finished.set()
@@ -344,6 +364,7 @@ class Agent:
                     await self._serve(ws)
                 finally:
                     self._session = None
+                    self._pace_all()  # no run waits for acknowledgements that cannot come now
         except InvalidStatus as exc:
             if exc.response.status_code in (401, 403):
                 raise CredentialsRefused(
@@ -398,6 +419,7 @@ class Agent:
             answer_seconds=welcome.lease_seconds * protocol.LEASE_SHARE_TO_RECONNECT,
             batches=protocol.BATCH in welcome.features,
         )
+        self._pace_all()  # a run with many messages kept through the outage waits for their acknowledgements
         if self._draining:
             self._enqueue(protocol.draining())  # a restarted server must hear it again
         self._resend_unacknowledged(older_than=0.0, standing_older_than=0.0)
@@ -469,6 +491,7 @@ class Agent:
             self._resend_unacknowledged(
                 older_than=session.heartbeat_seconds, standing_older_than=self.config.standing_report_seconds
             )
+            self._pace_all()  # a run held past a lease without acknowledgements reads on
             await asyncio.sleep(session.heartbeat_seconds)
 
     async def _liveness(self, session: _Session) -> None:
@@ -502,7 +525,10 @@ class Agent:
     def _enqueue(self, message: dict[str, Any]) -> None:
         if len(self._outbox) >= OUTBOX_LIMIT:
             dropped = self._outbox.popleft()
-            logger.warning("outbox full while disconnected; dropped a %s message", dropped["type"])
+            why = "while disconnected" if self._session is None else "faster than the server takes them"
+            logger.warning(
+                "outbox full (%s messages queued %s); dropped a %s message", OUTBOX_LIMIT, why, dropped["type"]
+            )
         self._outbox.append(message)
         if self._session is not None:
             self._session.wake.set()
@@ -512,14 +538,49 @@ class Agent:
         report kept to be said again."""
         held = self._held.get(message.get("token", ""))
         if message["type"] == "log" and held is not None and self._log_acks:
+            # Reached only while the server is away: connected, `_pace` holds the run at LOG_WINDOW.
             if len(held.logs) >= UNACKED_LOGS_LIMIT:
                 del held.logs[min(held.logs)]
-                logger.warning("task %s: too many log messages unacknowledged; dropped the oldest", held.run.task_id)
+                held.dropped_logs += 1
+                if held.dropped_logs == 1:
+                    logger.warning(
+                        "task %s: %d log messages unacknowledged; dropping the oldest (its log files keep every line)",
+                        held.run.task_id,
+                        UNACKED_LOGS_LIMIT,
+                    )
+            if not held.logs:
+                held.logs_progressed_at = time.monotonic()
             held.logs[message["seq"]] = (message, time.monotonic())
+            self._pace(held)
         elif message["type"] in STANDING_REPORTS and held is not None:
             held.standing[(message["type"], message.get("name", ""))] = message
             held.standing_sent_at = time.monotonic()
         self._enqueue(message)
+
+    def _pace(self, held: _Held) -> None:
+        """Flow control of a run's output: held at LOG_WINDOW unacknowledged `log` messages, read on
+        at LOG_WINDOW_RESUME. Only while connected to a server that acknowledges them: while it is away
+        the run reads on, its messages kept up to UNACKED_LOGS_LIMIT (then the oldest go), so that an
+        outage does not stall its work; its log files keep every line anyway. Nor does a server that
+        stops acknowledging them: held for a lease without one, the run reads on as if it were away."""
+        if self._session is None or not self._log_acks:
+            held.run.release_output()
+        elif len(held.logs) >= LOG_WINDOW:
+            if time.monotonic() - held.logs_progressed_at < self._final_hold_seconds:
+                held.run.hold_output()
+            elif held.run.output_held:
+                logger.warning(
+                    "task %s: the server acknowledged none of its log messages for %.0f s; reading its output on",
+                    held.run.task_id,
+                    self._final_hold_seconds,
+                )
+                held.run.release_output()
+        elif len(held.logs) <= LOG_WINDOW_RESUME:
+            held.run.release_output()
+
+    def _pace_all(self) -> None:
+        for held in list(self._held.values()):
+            self._pace(held)
 
     def _resend_unacknowledged(self, *, older_than: float, standing_older_than: float) -> None:
         """Send again the final statuses and `log` messages not acknowledged within `older_than`
@@ -588,6 +649,8 @@ class Agent:
             held = self._held.get(token)
             if held is not None:
                 held.logs.pop(seq, None)
+                held.logs_progressed_at = time.monotonic()
+                self._pace(held)
                 self._send_final_when_due(held, older_than=float("inf"))
                 self._forget_if_settled(held)
         elif kind == "drain":
@@ -675,10 +738,15 @@ class Agent:
                 failure_reason="worker_lost",
                 error="the worker agent failed while supervising this run",
             )
-        if held.run.token not in self._held:
-            return  # stopped meanwhile: nothing more about it
-        if final is None:
-            self._forget(held.run.token, kill=False)
+        stopped = self._held.get(held.run.token) is not held
+        if stopped or final is None:
+            if not self._leaving:
+                # The server took the run away (a `stop`, its reconcile, its files refused): nothing
+                # more is said about it and nothing in its directory is wanted, now that a new attempt
+                # runs elsewhere. Removed as a finished run's, unless among the most recent kept.
+                self._run_dirs.finished(task_id=held.run.task_id, work_dir=held.run.work_dir, unstored="")
+            if not stopped:
+                self._forget(held.run.token, kill=False)
             return
         logger.info("task %s finished: %s", held.run.task_id, final["status"])
         self._run_dirs.ended(work_dir=held.run.work_dir, unstored=held.run.unstored)

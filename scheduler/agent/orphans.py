@@ -22,6 +22,16 @@ this interpreter with ``-I -S``) that, in the run's own process and before it ex
 Elsewhere than Linux the watchdog alone does it. A descendant that leaves the process group
 (``setsid``) escapes both; a sidecar or a container a run started is not in its group either.
 
+Escapees (`end_escapees`). When a run has ended and its process group was killed, the runner
+ends what left the group while the agent lives: on Linux, every process of this user whose
+environment has the run's own ``FETCHML_OUTPUT_DIR``, but for the run's sidecars (stopped apart),
+is sent SIGTERM, then SIGKILL after a short grace, each logged. A descendant that also changed
+that variable, and a container, still escape. Elsewhere (no /proc) escapees outlive their run.
+
+Exec failures (`ExecReport`). The launcher's exec of the command can fail (a ``#!`` naming a
+missing interpreter, a file that is no program): it tells the agent why on a pipe it closes by
+that exec, so that the run reports it could not start instead of the launcher's exit status.
+
 Swept leftovers (`claimed`, `sweep`). Before an agent says hello it ends the processes still
 running from an earlier agent in its work directory: on Linux, every process of this user whose
 environment has ``FETCHML_OUTPUT_DIR`` (set by the runner, after the task's own variables) inside
@@ -37,6 +47,7 @@ purpose, which carry a marker.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import fcntl
@@ -46,7 +57,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,17 +69,21 @@ LOCK_NAME = ".agent.lock"  # in the work directory; a task id cannot start with 
 OUTPUT_DIR_VARIABLE = b"FETCHML_OUTPUT_DIR="
 TASK_ID_VARIABLE = b"FETCHML_TASK_ID="
 SWEEP_GRACE_SECONDS = 5.0
+# A run has ended: what escaped its process group gets a short grace, which delays its report.
+ESCAPEE_GRACE_SECONDS = 2.0
 KILL_WAIT_SECONDS = 5.0
 POLL_SECONDS = 0.02
 PROC = Path("/proc")
 
-# argv: lifeline fd, agent pid, the command's executable, its LC_CTYPE ("-" for none, else "="
-# and the value), then the command's argv. Python sets LC_CTYPE when it coerces the C locale
-# (PEP 538): it is put back, so that the command gets the environment it was given.
+# argv: lifeline fd, exec report fd ("-" for none), agent pid, the command's executable, its
+# LC_CTYPE ("-" for none, else "=" and the value), then the command's argv. Python sets LC_CTYPE
+# when it coerces the C locale (PEP 538): it is put back, so that the command gets the environment
+# it was given. A failed exec is told on the exec report (`ExecReport`): "<errno> <strerror>".
 LAUNCHER = """\
 import os, signal, sys
-lifeline, agent, program, ctype = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
-argv = sys.argv[5:]
+lifeline, agent, program, ctype = int(sys.argv[1]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
+report = None if sys.argv[2] == "-" else int(sys.argv[2])
+argv = sys.argv[6:]
 if ctype == "-":
     os.environ.pop("LC_CTYPE", None)
 else:
@@ -86,6 +101,8 @@ except OSError as exc:
 else:
     if middle == 0:
         try:
+            if report is not None:
+                os.close(report)  # the agent reads it to end of file: only the command may hold it
             if os.fork() == 0:
                 for number in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                     signal.signal(number, signal.SIG_IGN)
@@ -100,11 +117,16 @@ else:
             os._exit(0)
     os.waitpid(middle, 0)
 os.close(lifeline)
+if report is not None:
+    os.set_inheritable(report, False)  # closed by a successful exec: the agent reads end of file
 try:
     os.execv(program, argv)
 except OSError as exc:
-    sys.stderr.write(f"cannot start {argv[0]!r}: {exc}\\n")
-    sys.stderr.flush()
+    if report is None:
+        sys.stderr.write(f"cannot start {argv[0]!r}: {exc}\\n")
+        sys.stderr.flush()
+    else:
+        os.write(report, f"{exc.errno} {exc.strerror}".encode())
     os._exit(127)
 """
 
@@ -119,12 +141,15 @@ def _say_once(key: str, message: str, *args: object) -> None:
         logger.warning(message, *args)
 
 
-def tethered(argv: list[str], *, cwd: Path, env: Mapping[str, str]) -> tuple[list[str], tuple[int, ...]]:
+def tethered(
+    argv: list[str], *, cwd: Path, env: Mapping[str, str], exec_report: ExecReport | None = None
+) -> tuple[list[str], tuple[int, ...]]:
     """The command line that runs `argv` tied to this agent, and the descriptors to pass to it.
 
     The executable is looked up here as ``execvp`` would look it up in the child (`env`'s PATH,
     relative to `cwd`), so a command that cannot start raises the `OSError` starting it directly
-    would raise."""
+    would raise. Its exec can still fail in the launcher (a ``#!`` naming a missing interpreter):
+    that is told on `exec_report`, when given, instead of being the command's exit status 127."""
     program = _executable(argv[0], cwd=cwd, env=env)
     if not sys.executable:
         _say_once("no-python", "no Python interpreter to launch runs with: runs may outlive this agent")
@@ -135,8 +160,66 @@ def tethered(argv: list[str], *, cwd: Path, env: Mapping[str, str]) -> tuple[lis
         )
     ctype = "-" if "LC_CTYPE" not in env else "=" + env["LC_CTYPE"]
     lifeline = _lifeline_read_end()
-    command = [sys.executable, "-I", "-S", "-c", LAUNCHER, str(lifeline), str(os.getpid()), program, ctype, *argv]
-    return command, (lifeline,)
+    passed = (lifeline,) if exec_report is None else (lifeline, exec_report.write_end)
+    report = "-" if exec_report is None else str(exec_report.write_end)
+    command = [sys.executable, "-I", "-S", "-c", LAUNCHER, str(lifeline), report, str(os.getpid()), program, ctype]
+    return [*command, *argv], passed
+
+
+class ExecReport:
+    """A pipe on which the launcher tells why the exec of a run's command failed.
+
+    Its write end is passed to the launcher, which makes it close-on-exec just before the exec:
+    the agent reads end of file with nothing when the exec happened (or the launcher ended before
+    trying), "<errno> <strerror>" when it failed. Both ends are this process's to close: `close`
+    (or the ``with`` block's end) closes whatever is still open."""
+
+    def __init__(self) -> None:
+        self.read_end, self.write_end = os.pipe()  # close-on-exec, so no other child inherits them
+
+    def __enter__(self) -> ExecReport:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for name in ("read_end", "write_end"):
+            fd = getattr(self, name)
+            if fd >= 0:
+                setattr(self, name, -1)
+                os.close(fd)
+
+    async def failure(self) -> OSError | None:
+        """Once the child holding the write end has started: why its exec failed, or None when it
+        happened. Reads without blocking the event loop."""
+        os.close(self.write_end)  # only the child's copy is left: its exec or its end closes it
+        self.write_end = -1
+        os.set_blocking(self.read_end, False)
+        loop = asyncio.get_running_loop()
+        said = bytearray()
+        ended: asyncio.Future[None] = loop.create_future()
+
+        def readable() -> None:
+            try:
+                data = os.read(self.read_end, 4096)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            said.extend(data)
+            if not data and not ended.done():
+                ended.set_result(None)
+
+        loop.add_reader(self.read_end, readable)
+        try:
+            await ended
+        finally:
+            loop.remove_reader(self.read_end)
+        if not said:
+            return None
+        number, _, strerror = said.decode("utf-8", "replace").partition(" ")
+        return OSError(int(number) if number.isdigit() else errno.EIO, strerror or "exec failed")
 
 
 def _lifeline_read_end() -> int:
@@ -150,6 +233,9 @@ def _lifeline_read_end() -> int:
 
 
 def _executable(program: str, *, cwd: Path, env: Mapping[str, str]) -> str:
+    """Where `program` is, as ``execvp`` would find it; else the error that says why it cannot run:
+    a file that is not executable, a directory (a bare word naming one of `cwd` included: the user
+    meant that), or nothing found."""
     if os.sep in program:
         candidates = [os.path.join(cwd, program)]
     else:
@@ -160,8 +246,11 @@ def _executable(program: str, *, cwd: Path, env: Mapping[str, str]) -> str:
             if os.access(candidate, os.X_OK):
                 return os.path.abspath(candidate)
             denied = True
-    code = errno.EACCES if denied else errno.ENOENT
-    raise (PermissionError if denied else FileNotFoundError)(code, os.strerror(code), program)
+    if denied:
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), program)
+    if any(map(os.path.isdir, [*candidates, os.path.join(cwd, program)])):
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), program)
+    raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), program)
 
 
 # -- the sweep -------------------------------------------------------------------------------
@@ -220,15 +309,41 @@ def sweep(work_root: Path, *, grace: float = SWEEP_GRACE_SECONDS) -> list[Leftov
             leftover.process.pgid,
             work_root,
         )
-    members = _signal(found, signal.SIGTERM)
-    _wait_until(lambda: not any(map(_alive, members)), grace)
-    # Looked for again: what was started meanwhile, and only processes as they are now.
-    remaining = leftovers(work_root)
-    still = [process for process in members if _alive(process)]
-    if remaining or still:
-        members = _signal(remaining, signal.SIGKILL) | _signal_groups({p.pgid for p in still}, signal.SIGKILL)
-        if not _wait_until(lambda: not any(map(_alive, members)), KILL_WAIT_SECONDS):
-            logger.error("processes left in %s did not die after SIGKILL", work_root)
+    if not _end(found, lambda: leftovers(work_root), grace=grace):
+        logger.error("processes left in %s did not die after SIGKILL", work_root)
+    return found
+
+
+def end_escapees(
+    output_dir: Path,
+    *,
+    task_id: str,
+    run_group: int,
+    spared_groups: Collection[int],
+    grace: float = ESCAPEE_GRACE_SECONDS,
+) -> list[Leftover]:
+    """SIGTERM, then after `grace` SIGKILL, the processes still running from the run whose output
+    directory is `output_dir` once its process group `run_group` was killed: those that left the
+    group. The groups `spared_groups` (the run's sidecars, stopped apart) are left alone. Blocks
+    until they are gone (or a bounded wait): call it in a thread. Returns what it found."""
+    if not (PROC / "self" / "environ").exists():
+        return []  # no /proc: escapees outlive their run (module docstring)
+    names = {str(output_dir), os.path.realpath(output_dir)}
+    excluded = {run_group, *spared_groups}
+
+    def escapees() -> list[Leftover]:
+        return [leftover for leftover in _runs(names.__contains__) if leftover.process.pgid not in excluded]
+
+    found = escapees()
+    for leftover in found:
+        logger.warning(
+            "task %s: killing process %s (process group %s): it left the run's process group and outlived the run",
+            task_id,
+            leftover.process.pid,
+            leftover.process.pgid,
+        )
+    if found and not _end(found, escapees, grace=grace):
+        logger.error("task %s: processes that left its process group did not die after SIGKILL", task_id)
     return found
 
 
@@ -236,16 +351,36 @@ def leftovers(work_root: Path) -> list[Leftover]:
     """Processes of this user, other than this one and its process group, whose environment puts
     their run's output directory inside `work_root`."""
     roots = {os.path.join(str(work_root), ""), os.path.join(os.path.realpath(work_root), "")}
+    return _runs(lambda output_dir: any(output_dir.startswith(root) for root in roots))
+
+
+def _runs(output_dir_matches: Callable[[str], bool]) -> list[Leftover]:
+    """Processes of this user, other than this one and its process group, whose environment has
+    a run's output directory that `output_dir_matches`."""
     me, my_group = os.getpid(), os.getpgrp()
     found = []
     for pid in _own_pids():
-        if pid == me:
+        run = _run_of(pid) if pid != me else None
+        if run is None or not output_dir_matches(run[0]):
             continue
-        task_id = _task_of(pid, roots)
-        process = _stat(pid) if task_id is not None else None
-        if process is not None and task_id is not None and process.pgid != my_group:
-            found.append(Leftover(process, task_id))
+        process = _stat(pid)
+        if process is not None and process.pgid != my_group:
+            found.append(Leftover(process, run[1]))
     return found
+
+
+def _end(found: list[Leftover], look_again: Callable[[], list[Leftover]], *, grace: float) -> bool:
+    """SIGTERM `found` (`_signal`), SIGKILL after `grace` what `look_again` finds then and what is
+    still alive; False when they did not all die after the SIGKILL."""
+    members = _signal(found, signal.SIGTERM)
+    _wait_until(lambda: not any(map(_alive, members)), grace)
+    # Looked for again: what was started meanwhile, and only processes as they are now.
+    remaining = look_again()
+    still = [process for process in members if _alive(process)]
+    if remaining or still:
+        members = _signal(remaining, signal.SIGKILL) | _signal_groups({p.pgid for p in still}, signal.SIGKILL)
+        return _wait_until(lambda: not any(map(_alive, members)), KILL_WAIT_SECONDS)
+    return True
 
 
 def _signal(found: Iterable[Leftover], signum: signal.Signals) -> set[Process]:
@@ -281,8 +416,9 @@ def _own_pids() -> list[int]:
     return pids
 
 
-def _task_of(pid: int, roots: set[str]) -> str | None:
-    """The run's task id (or "?") when `pid` belongs to a run under one of `roots`."""
+def _run_of(pid: int) -> tuple[str, str] | None:
+    """The output directory and task id (or "?") of the run `pid` belongs to; None for a process
+    that is no run's."""
     try:
         environ = (PROC / str(pid) / "environ").read_bytes().split(b"\0")
     except OSError:  # gone, or not readable (another user's, a setuid program)
@@ -293,7 +429,7 @@ def _task_of(pid: int, roots: set[str]) -> str | None:
             output_dir = os.fsdecode(entry[len(OUTPUT_DIR_VARIABLE) :])
         elif entry.startswith(TASK_ID_VARIABLE):
             task_id = os.fsdecode(entry[len(TASK_ID_VARIABLE) :])
-    return task_id if any(output_dir.startswith(root) for root in roots) else None
+    return (output_dir, task_id) if output_dir else None
 
 
 def _stat(pid: int) -> Process | None:

@@ -3,8 +3,8 @@
 The child is started in a session of its own (``start_new_session``), so its process id is also
 the id of a process group holding everything it starts. Cancel, timeout and stop signal that
 whole group, and whatever is left in it once the main process has exited is killed, so no
-grandchild outlives its run. (A descendant that calls ``setsid`` itself leaves the group; only
-a container or cgroup could catch that.)
+grandchild outlives its run. A descendant that calls ``setsid`` itself leaves the group: on Linux
+it is found by its environment and killed too (`orphans.end_escapees`).
 
 Files: the snapshot is unpacked into the work directory and the datasets are linked in while
 `preparing`; the full stdout and stderr are written to ``.fetchml/stdout.log`` and
@@ -37,7 +37,7 @@ from scheduler.agent.files import FileServices
 from scheduler.agent.output import LineAssembler
 from scheduler.agent.protocol import Assignment, CommandLineError, command_argv
 from scheduler.agent.services import JupyterWatch, ServiceLauncher, parse_service
-from scheduler.agent.sidecars import Companion, sidecars_for
+from scheduler.agent.sidecars import Companion, Sidecar, sidecars_for
 from scheduler.agent.snapshots import unpack_snapshot
 
 logger = logging.getLogger(__name__)
@@ -71,6 +71,7 @@ WITHHELD_FROM_TASKS = frozenset(
 )
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 LOG_ARTIFACTS = {"stdout": "logs/stdout.log", "stderr": "logs/stderr.log"}
+LOG_STREAMS = {1: "stdout", 2: "stderr"}
 _INTERRUPTED = object()
 
 Emit = Callable[[dict[str, Any]], None]
@@ -94,6 +95,13 @@ class _ChildProtocol(asyncio.SubprocessProtocol):
             2: LineAssembler(lambda line: on_line("stderr", line)),
         }
         self._open_pipes = {1, 2}
+
+    def close_lines(self) -> None:
+        """The pipes are given up (a descendant that left the group may hold them open): what a line
+        assembler still holds, a last line without its newline, ends that stream's output."""
+        for fd in sorted(self._open_pipes):
+            self._lines[fd].close()
+        self._open_pipes.clear()
 
     def pipe_data_received(self, fd: int, data: bytes) -> None:
         self._on_data(fd, data)
@@ -125,7 +133,9 @@ def _tail(lines: deque[str]) -> str:
 
 def _noted(error: str, note: str) -> str:
     """`error` and, on a line of its own, `note` (what was left out of the artifacts), within TAIL_CHARS."""
-    return f"{error}\n{note}"[-TAIL_CHARS:] if note else error
+    if not note:
+        return error
+    return f"{error}\n{note}"[-TAIL_CHARS:] if error else note[-TAIL_CHARS:]
 
 
 def _describe_exit(returncode: int) -> tuple[int, str]:
@@ -167,6 +177,8 @@ class Run:
         self._abort = threading.Event()
         self._datasets: DatasetFetcher | None = None
         self._log_files: dict[int, Any] = {}
+        # Why a log file misses output (a full disk), by pipe: noted in the final status.
+        self._incomplete_logs: dict[int, str] = {}
         self._emit = emit
         given = os.environ if base_env is None else base_env
         self._base_env = {name: value for name, value in given.items() if name not in WITHHELD_FROM_TASKS}
@@ -180,6 +192,13 @@ class Run:
         self._log_lines: list[dict[str, str]] = []
         self._log_bytes = 0
         self._log_seq = 0  # the place of the next line sent in the run's output
+        # Flow control, the agent's to set: while held, the child's pipes are not read (it waits on its
+        # own writes) and no `log` message goes out; the lines already read wait in `_log_lines`.
+        self._output_held = False
+        self._output_released = asyncio.Event()
+        self._output_released.set()
+        self._transport: asyncio.SubprocessTransport | None = None
+        self._child: _ChildProtocol | None = None
         # Why the work directory holds files stored nowhere else ("" once they were, or when there are
         # none): the agent keeps such a directory when the run is over (artifacts.RunDirs).
         self.unstored = ""
@@ -222,6 +241,7 @@ class Run:
         self._stop_reason = "stop"
         self._interrupt.set()
         self._kill_now.set()
+        self.release_output()
 
     def shutdown(self) -> None:
         """The agent is being forced down: kill at once and report `failed` (worker_lost)."""
@@ -229,6 +249,28 @@ class Run:
             self._stop_reason = "shutdown"
             self._interrupt.set()
             self._kill_now.set()
+            self.release_output()  # its last lines go at once, with its end
+
+    @property
+    def output_held(self) -> bool:
+        return self._output_held
+
+    def hold_output(self) -> None:
+        """The server has enough of this run's `log` messages unacknowledged: read no more of the
+        child's output (it blocks on its writes once the pipes are full) and send no more lines.
+        A run being killed at once (stop, forced shutdown) is never held: it must end quickly."""
+        if not self._output_held and not self._kill_now.is_set():
+            self._output_held = True
+            self._output_released.clear()
+            self._read_pipes_as_paced()
+
+    def release_output(self) -> None:
+        """Send the lines read meanwhile and read the child's output again."""
+        if self._output_held:
+            self._output_held = False
+            self._output_released.set()
+            self._send_lines(full_only=True)  # may be held again before they are all out
+            self._read_pipes_as_paced()
 
     # -- the run ---------------------------------------------------------------------------
 
@@ -256,38 +298,61 @@ class Run:
         if self._stop_reason is not None:
             return self._final_interrupted(exit_code=None)
         loop = asyncio.get_running_loop()
-        try:
-            # Tied to this agent: the run's process group is killed if the agent dies (orphans.py).
-            command, lifeline = orphans.tethered(argv, cwd=self.work_dir, env=env)
-            transport, child = await loop.subprocess_exec(
-                lambda: _ChildProtocol(self._on_line, self._on_data),
-                *command,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                cwd=self.work_dir,
-                env=env,
-                start_new_session=True,
-                pass_fds=lifeline,
-            )
-        except OSError as exc:
-            bare = isinstance(exc, FileNotFoundError) and os.sep not in argv[0]
-            hint = " (neither a file of the work directory nor a command on PATH)" if bare else ""
-            error = f"cannot start {argv[0]!r}: {exc.strerror or exc}{hint}"
+        with orphans.ExecReport() as exec_report:
+            try:
+                # Tied to this agent: the run's process group is killed if the agent dies (orphans.py).
+                command, passed_fds = orphans.tethered(argv, cwd=self.work_dir, env=env, exec_report=exec_report)
+                transport, child = await loop.subprocess_exec(
+                    lambda: _ChildProtocol(self._on_line, self._on_data),
+                    *command,
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    cwd=self.work_dir,
+                    env=env,
+                    start_new_session=True,
+                    pass_fds=passed_fds,
+                )
+            except OSError as exc:
+                bare = isinstance(exc, FileNotFoundError) and os.sep not in argv[0]
+                hint = " (neither a file of the work directory nor a command on PATH)" if bare else ""
+                error = f"cannot start {argv[0]!r}: {exc.strerror or exc}{hint}"
+                return self._final("failed", failure_reason="preparation", error=error)
+            try:
+                exec_failure = await exec_report.failure()
+            except BaseException:  # we are being cancelled ourselves: leave nothing behind
+                _killpg(transport.get_pid(), signal.SIGKILL)
+                transport.close()
+                raise
+        if exec_failure is not None:
+            # The launcher could not exec the command: nothing of the user's ran. Its watchdog is
+            # still in the group.
+            _killpg(transport.get_pid(), signal.SIGKILL)
+            try:
+                await asyncio.wait({child.exited}, timeout=KILL_WAIT_SECONDS)
+            finally:
+                transport.close()
+            error = f"cannot start {argv[0]!r}: {exec_failure.strerror}"
             return self._final("failed", failure_reason="preparation", error=error)
+        self._transport, self._child = transport, child
+        self._read_pipes_as_paced()  # the agent may have held the output back already
+        child.exited.add_done_callback(lambda _: self._read_pipes_as_paced())
         self.unstored = "its files were not uploaded"
         flusher = asyncio.create_task(self._flush_periodically())
         self._start_companions(env)
         try:
             self._status("running")
             reason = await self._supervise(child, transport.get_pid())
-            self._flush_logs()
         finally:
             flusher.cancel()
             await self._stop_companions()
             if not child.exited.done():  # we are being cancelled ourselves: leave nothing behind
                 _killpg(transport.get_pid(), signal.SIGKILL)
             transport.close()
+            # Pipes a descendant that left the group still holds are given up here: the last line
+            # without a newline is still in a line assembler, and belongs in the log and the tail.
+            child.close_lines()
+        await self._send_remaining_lines()
         self._close_logs()
         returncode = transport.get_returncode()
         exit_code, how = _describe_exit(returncode if returncode is not None else -signal.SIGKILL)
@@ -406,7 +471,7 @@ class Run:
 
     def _open_logs(self) -> None:
         try:
-            for fd, stream in ((1, "stdout"), (2, "stderr")):
+            for fd, stream in LOG_STREAMS.items():
                 self._log_files[fd] = (self.work_dir / RUN_FILES / f"{stream}.log").open("wb")
         except OSError as exc:
             self._close_logs()
@@ -414,17 +479,33 @@ class Run:
 
     def _close_logs(self) -> None:
         files, self._log_files = self._log_files, {}
-        for log_file in files.values():
+        for fd, log_file in files.items():
+            self._close_log(fd, log_file)
+
+    def _close_log(self, fd: int, log_file: Any) -> None:
+        # Closing flushes what is buffered, which fails again on a full disk (the file is closed all the same).
+        try:
             log_file.close()
+        except OSError as exc:
+            self._log_file_failed(fd, exc)
+
+    def _log_file_failed(self, fd: int, exc: OSError) -> None:
+        """A full disk must not end the supervision of the run: its log file stays as it is, the
+        server still gets every line, and the final status says the file is incomplete."""
+        if fd in self._incomplete_logs:
+            return
+        name = f"{RUN_FILES}/{LOG_STREAMS[fd]}.log"
+        logger.error("task %s: cannot write %s, which misses the output from here on: %s", self.task_id, name, exc)
+        self._incomplete_logs[fd] = f"log file {name} is incomplete: {exc.strerror or exc}"
 
     def _on_data(self, fd: int, data: bytes) -> None:
         log_file = self._log_files.get(fd)
         if log_file is not None:
             try:
                 log_file.write(data)
-            except OSError as exc:  # a full disk must not kill the supervision of the run
-                logger.error("task %s: cannot write its log: %s", self.task_id, exc)
-                self._log_files.pop(fd).close()
+            except OSError as exc:
+                self._log_file_failed(fd, exc)
+                self._close_log(fd, self._log_files.pop(fd))
 
     async def _collect(self, exit_code: int, how: str, *, interrupted: str | None = None) -> dict[str, Any] | None:
         """Upload and commit the run's files, then the final status (reporting what was skipped).
@@ -520,10 +601,23 @@ class Run:
             await self._terminate(child, pgid)
         # The main process is gone; anything it left in its group has no run to belong to.
         _killpg(pgid, signal.SIGKILL)
+        await self._end_escapees(pgid)
         _, pending = await asyncio.wait({child.pipes_closed}, timeout=PIPE_DRAIN_SECONDS)
         if pending:
             logger.warning("task %s: output pipes still open after exit; closing them", self.task_id)
         return reason
+
+    async def _end_escapees(self, pgid: int) -> None:
+        """End what left the run's group (``setsid``) and still runs with its environment; its
+        sidecars, in groups of their own, are stopped apart. In a thread: it waits out a grace."""
+        sidecar_groups = {
+            companion.process.pid
+            for companion in self._companions
+            if isinstance(companion, Sidecar) and companion.process is not None
+        }
+        await asyncio.to_thread(
+            orphans.end_escapees, self.output_dir, task_id=self.task_id, run_group=pgid, spared_groups=sidecar_groups
+        )
 
     async def _terminate(self, child: _ChildProtocol, pgid: int) -> None:
         if not self._kill_now.is_set():
@@ -577,6 +671,9 @@ class Run:
     def _final(self, status: str, **details: Any) -> dict[str, Any] | None:
         if self._silenced:
             return None
+        if self._incomplete_logs:  # the log files are stored with the artifacts: say they are cut
+            note = "\n".join(self._incomplete_logs[fd] for fd in sorted(self._incomplete_logs))
+            details["error"] = _noted(details.get("error", ""), note)
         return protocol.status(task_id=self.task_id, token=self.token, status=status, **details)
 
     def _status(self, status: str) -> None:
@@ -591,15 +688,52 @@ class Run:
         self._log_lines.append({"stream": stream, "line": line})
         self._log_bytes += len(line)
         if len(self._log_lines) >= LOG_BATCH_LINES or self._log_bytes >= LOG_BATCH_BYTES:
-            self._flush_logs()
+            self._send_lines(full_only=True)
 
-    def _flush_logs(self) -> None:
-        if self._log_lines and not self._silenced:
-            self._emit(protocol.log(task_id=self.task_id, token=self.token, lines=self._log_lines, seq=self._log_seq))
-            self._log_seq += len(self._log_lines)
-        self._log_lines, self._log_bytes = [], 0
+    def _send_lines(self, *, full_only: bool = False) -> None:
+        """Send the lines read, a `log` message of up to LOG_BATCH_LINES (or LOG_BATCH_BYTES) at a
+        time, until the agent holds the output back; `full_only`: the last, short batch waits."""
+        if self._silenced:
+            self._log_lines, self._log_bytes = [], 0
+        while self._log_lines and not self._output_held:
+            count = size = 0
+            for line in self._log_lines:
+                count, size = count + 1, size + len(line["line"])
+                if count >= LOG_BATCH_LINES or size >= LOG_BATCH_BYTES:
+                    break
+            else:
+                if full_only:
+                    return
+            lines, self._log_lines = self._log_lines[:count], self._log_lines[count:]
+            self._log_bytes -= size
+            seq, self._log_seq = self._log_seq, self._log_seq + count
+            self._emit(protocol.log(task_id=self.task_id, token=self.token, lines=lines, seq=seq))
+
+    async def _send_remaining_lines(self) -> None:
+        """At the run's end every line read goes out, each message still within the agent's window:
+        acknowledgements release it, and so do a lost connection, a stop and a forced shutdown."""
+        while True:
+            self._send_lines()
+            if not self._log_lines:
+                return
+            await self._output_released.wait()
+
+    def _read_pipes_as_paced(self) -> None:
+        """Read the child's pipes unless the output is held back. Once the child has exited they are
+        read out regardless: what they hold is bounded, and its lines wait their turn in `_log_lines`."""
+        transport, child = self._transport, self._child
+        if transport is None or child is None or transport.is_closing():
+            return
+        paused = self._output_held and not child.exited.done()
+        for fd in LOG_STREAMS:
+            pipe = transport.get_pipe_transport(fd)
+            if isinstance(pipe, asyncio.ReadTransport) and not pipe.is_closing():
+                if paused:
+                    pipe.pause_reading()
+                else:
+                    pipe.resume_reading()
 
     async def _flush_periodically(self) -> None:
         while True:
             await asyncio.sleep(LOG_FLUSH_SECONDS)
-            self._flush_logs()
+            self._send_lines()

@@ -37,6 +37,7 @@ class Peer:
         *,
         port: int = 0,
         heartbeat_seconds: float = 5.0,
+        lease_seconds: float | None = None,
         ack_finals: bool = True,
         ack_logs: bool = True,
         kill: list[str] | None = None,
@@ -48,6 +49,7 @@ class Peer:
         self.refuse_hello = refuse_hello  # the close code and reason that answer every hello
         self.api_key = api_key
         self.heartbeat_seconds = heartbeat_seconds
+        self.lease_seconds = heartbeat_seconds * 6 if lease_seconds is None else lease_seconds
         self.ack_finals = ack_finals
         self.ack_logs = ack_logs and "log_ack" in (features or [])
         self.kill = kill or []
@@ -98,7 +100,7 @@ class Peer:
                     "version": 1,
                     "worker_id": "w-1",
                     "heartbeat_seconds": self.heartbeat_seconds,
-                    "lease_seconds": self.heartbeat_seconds * 6,
+                    "lease_seconds": self.lease_seconds,
                     "reconcile": {"keep": [], "kill": self.kill},
                 }
                 | ({"features": self.features} if self.features is not None else {})

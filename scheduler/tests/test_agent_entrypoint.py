@@ -11,8 +11,9 @@ from django.db import connection
 
 from artifacts.tests.factories import live_run, tar_gz, worker_key_pair
 from fetchml.testing import LiveServer, database_url_for
+from scheduler.agent import orphans
 from scheduler.agent.entrypoint import resolve
-from scheduler.tests.agent_peer import Peer, run_async, running_agent
+from scheduler.tests.agent_peer import Peer, assign, run_async, running_agent
 from scheduler.tests.test_agent_files_live import agent_options, assignment_message, upload
 from tasks.states import TaskStatus
 
@@ -83,3 +84,26 @@ def test_the_entrypoint_train_py_runs_the_snapshots_script(tmp_path: Path, user,
         final = run_async(scenario())
 
     assert (final["status"], final["output"]) == ("completed", "trained --epochs 3"), final
+
+
+def test_an_entrypoint_path_naming_a_directory_fails_saying_it_is_one(tmp_path: Path) -> None:
+    directory = tmp_path / "data"
+    directory.mkdir()
+
+    async def scenario() -> dict[str, Any]:
+        async with Peer() as peer, running_agent(peer.url, tmp_path / "work"):
+            message = assign(str(directory))
+            await peer.send(message)
+            return await peer.final(message["token"])
+
+    final = run_async(scenario())
+
+    assert (final["status"], final["failure_reason"]) == ("failed", "preparation")
+    assert final["error"] == f"cannot start {str(directory)!r}: Is a directory"
+
+
+def test_a_command_naming_a_directory_of_the_work_directory_is_said_to_be_one(tmp_path: Path) -> None:
+    (tmp_path / "data").mkdir()
+
+    with pytest.raises(IsADirectoryError):
+        orphans.tethered(["data"], cwd=tmp_path, env={"PATH": str(tmp_path / "bin")})
