@@ -462,41 +462,37 @@ async def test_a_recheck_tells_only_what_changed_since_it_was_told(alice_key, us
     ]
 
 
-@run_async
-async def test_a_change_older_than_the_state_told_is_not_told_after_it(alice_key, user, alice_task):
+async def _told_after_a_late_preparing(alice_key, user, alice_task) -> tuple[dict, dict, Task]:
+    """Subscribed to `alice_task` and another task, the message of `alice_task` going to `preparing`
+    arrives after the subscription's state; then the other task moves (the marker). The state told
+    of `alice_task`, the first message after it, and the other task."""
     other = await sync_to_async(task_submit)(owner=user, job_name="second")
-    await _move(alice_task, TaskStatus.PREPARING)
-    await _move(alice_task, TaskStatus.RUNNING)
     socket = await _open(alice_key)
     try:
         _, state = await _subscribe(socket, alice_task)
         await _subscribe(socket, other)
-        # A message about the earlier transition, arriving late.
         late = {"type": "task.event", "event": "task_update", "task_id": str(alice_task.id), "status": "preparing"}
         await get_channel_layer().group_send(f"tasks.user.{user.pk}", {**late, "priority": 5, "owner_id": user.pk})
-        await _move(other, TaskStatus.PREPARING)  # the marker
+        await _move(other, TaskStatus.PREPARING)
         first = await _receive(socket)
     finally:
         await socket.disconnect()
+    return state, first, other
+
+
+@run_async
+async def test_a_change_older_than_the_state_told_is_not_told_after_it(alice_key, user, alice_task):
+    await _move(alice_task, TaskStatus.PREPARING)
+    await _move(alice_task, TaskStatus.RUNNING)
+    state, first, other = await _told_after_a_late_preparing(alice_key, user, alice_task)
     assert state["task"]["status"] == "running"
     assert (first["task"]["id"], first["task"]["status"]) == (str(other.id), "preparing")
 
 
 @run_async
 async def test_a_change_already_told_on_subscribing_is_not_told_again(alice_key, user, alice_task):
-    other = await sync_to_async(task_submit)(owner=user, job_name="second")
     await _move(alice_task, TaskStatus.PREPARING)
-    socket = await _open(alice_key)
-    try:
-        _, state = await _subscribe(socket, alice_task)
-        await _subscribe(socket, other)
-        # The message of the change the subscription's state already told, arriving after it.
-        late = {"type": "task.event", "event": "task_update", "task_id": str(alice_task.id), "status": "preparing"}
-        await get_channel_layer().group_send(f"tasks.user.{user.pk}", {**late, "priority": 5, "owner_id": user.pk})
-        await _move(other, TaskStatus.PREPARING)  # the marker
-        first = await _receive(socket)
-    finally:
-        await socket.disconnect()
+    state, first, other = await _told_after_a_late_preparing(alice_key, user, alice_task)
     assert state["task"]["status"] == "preparing"
     assert (first["task"]["id"], first["task"]["status"]) == (str(other.id), "preparing")
 
