@@ -23,6 +23,7 @@ import random
 import time
 import uuid
 from collections import deque
+from collections.abc import Set
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -584,25 +585,30 @@ class Agent:
 
     def _resend_unacknowledged(self, *, older_than: float, standing_older_than: float) -> None:
         """Send again the final statuses and `log` messages not acknowledged within `older_than`
-        seconds, and the standing reports of running runs last sent `standing_older_than` ago."""
+        seconds, and the standing reports of running runs last sent `standing_older_than` ago. What
+        is still in the outbox (made while the server was away, or not sent yet) is not queued twice."""
         now = time.monotonic()
+        queued = {id(message) for message in self._outbox}
         for held in self._held.values():
             # Only while it runs: about an ended run the server takes nothing but its outcome and lines.
             if held.final is None and held.standing and now - held.standing_sent_at >= standing_older_than:
                 held.standing_sent_at = now
                 for message in held.standing.values():
-                    self._enqueue(message)
+                    if id(message) not in queued:
+                        self._enqueue(message)
             for seq, (message, sent_at) in sorted(held.logs.items()):
                 if now - sent_at >= older_than:
                     held.logs[seq] = (message, now)
-                    self._enqueue(message)
-            self._send_final_when_due(held, older_than=older_than)
+                    if id(message) not in queued:
+                        self._enqueue(message)
+            self._send_final_when_due(held, older_than=older_than, queued=queued)
 
-    def _send_final_when_due(self, held: _Held, *, older_than: float = 0.0) -> None:
-        """Send the run's final status, unless it was sent less than `older_than` seconds ago or
-        earlier `log` messages still wait for their acknowledgement: the server records the end
-        once every line before it is stored, so that whoever reads or follows the log of an ended
-        run has all of it. Held back for `_final_hold_seconds` at most."""
+    def _send_final_when_due(self, held: _Held, *, older_than: float = 0.0, queued: Set[int] = frozenset()) -> None:
+        """Send the run's final status, unless it was sent less than `older_than` seconds ago (or is
+        among the outbox's messages `queued`) or earlier `log` messages still wait for their
+        acknowledgement: the server records the end once every line before it is stored, so that
+        whoever reads or follows the log of an ended run has all of it. Held back for
+        `_final_hold_seconds` at most."""
         if held.final is None or held.final_acked:
             return
         now = time.monotonic()
@@ -610,7 +616,8 @@ class Agent:
             return
         if held.final_sent_at is None or now - held.final_sent_at >= older_than:
             held.final_sent_at = now
-            self._enqueue(held.final)
+            if id(held.final) not in queued:
+                self._enqueue(held.final)
 
     # -- incoming ----------------------------------------------------------------------------
 

@@ -135,6 +135,30 @@ def test_unacknowledged_log_messages_of_a_finished_run_are_sent_again_after_a_re
     run_async(scenario())
 
 
+def test_log_messages_made_while_the_server_is_away_reach_the_next_one_once(tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
+
+    async def scenario() -> None:
+        first = Peer(features=LOG_ACKS)
+        async with first, running_agent(first.url, tmp_path / "work") as agent:
+            command = f"import os, time\nwhile not os.path.exists({str(gate)!r}): time.sleep(0.01)\n"
+            message = assign(python(command + "for n in range(450): print(n)"))
+            token = message["token"]
+            await first.send(message)
+            await first.status(token, "running")
+            port = first.port
+            await first.close()
+
+            gate.touch()
+            await until(lambda: agent.held_runs()[0].get("status") == "completed", what="the run to end meanwhile")
+            async with Peer(port=port, features=LOG_ACKS) as second:
+                await second.final(token)
+                await until(lambda: agent.held_runs() == [], what="the run to be settled by the new server")
+                assert [m["seq"] for m in _logs(second, token)] == [0, 200, 400]
+
+    run_async(scenario())
+
+
 def test_a_server_without_log_acks_settles_a_run_with_its_status_ack(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with Peer(heartbeat_seconds=0.1, features=["batch"]) as peer, running_agent(peer.url, tmp_path) as agent:
