@@ -33,13 +33,20 @@ run: migrate $(VENV)/.worker-installed
 	$(PY) manage.py bootstrap_local
 	$(PY) manage.py serve --host $(HOST) --port $(PORT) --workers $(WORKERS)
 
-# The whole suite on SQLite; then again on PostgreSQL + Redis when DATABASE_URL is set.
+# The whole suite on SQLite; with DATABASE_URL set, on PostgreSQL + Redis as well. The two runs go
+# side by side (much of each is waiting on servers and child processes), each one's report printed
+# once both have ended; the target fails if either does.
 test: $(VENV)/.dev-installed
-	env -u DATABASE_URL -u REDIS_URL $(PY) -m pytest $(PYTEST_ARGS)
-	@if [ -n "$$DATABASE_URL" ]; then \
-		echo "--- again on PostgreSQL ($${DATABASE_URL%%@*}@...) + Redis ($${REDIS_URL:-none})"; \
-		DJANGO_SECRET_KEY=$${DJANGO_SECRET_KEY:-test-only-secret} $(PY) -m pytest $(PYTEST_ARGS); \
-	fi
+	@if [ -z "$$DATABASE_URL" ]; then exec env -u REDIS_URL $(PY) -m pytest $(PYTEST_ARGS); fi; \
+	reports=$$(mktemp -d); \
+	echo "--- on SQLite, and on PostgreSQL ($${DATABASE_URL%%@*}@...) + Redis ($${REDIS_URL:-none}) beside it"; \
+	env -u DATABASE_URL -u REDIS_URL $(PY) -m pytest $(PYTEST_ARGS) >$$reports/sqlite 2>&1 & sqlite=$$!; \
+	DJANGO_SECRET_KEY=$${DJANGO_SECRET_KEY:-test-only-secret} $(PY) -m pytest $(PYTEST_ARGS) >$$reports/postgresql 2>&1 & postgresql=$$!; \
+	wait $$sqlite; sqlite_status=$$?; wait $$postgresql; postgresql_status=$$?; \
+	echo "--- on SQLite (exit status $$sqlite_status)"; cat $$reports/sqlite; \
+	echo "--- on PostgreSQL + Redis (exit status $$postgresql_status)"; cat $$reports/postgresql; \
+	rm -rf $$reports; \
+	[ $$sqlite_status -eq 0 ] && [ $$postgresql_status -eq 0 ]
 
 lint: $(VENV)/.dev-installed
 	$(VENV)/bin/ruff check .
