@@ -50,6 +50,8 @@ LOG_FLUSH_SECONDS = 0.25
 # After the main process has gone, how long its pipes may stay open (a descendant that left the
 # process group can hold them) before the run is reported without the rest of its output.
 PIPE_DRAIN_SECONDS = 5.0
+# How long the launcher may take to exec the command before the run is supervised as started.
+EXEC_REPORT_SECONDS = 60.0
 KILL_WAIT_SECONDS = 10.0
 # How long a cancelled or timed-out run may take to store its files before its end is reported without them.
 INTERRUPTED_COLLECT_SECONDS = 300.0
@@ -319,7 +321,12 @@ class Run:
                 error = f"cannot start {argv[0]!r}: {exc.strerror or exc}{hint}"
                 return self._final("failed", failure_reason="preparation", error=error)
             try:
-                exec_failure = await exec_report.failure()
+                exec_failure = await asyncio.wait_for(exec_report.failure(), EXEC_REPORT_SECONDS)
+            except TimeoutError:
+                # A launcher this slow to exec (a machine thrashing): supervised as started, so that
+                # the run's timeout and a cancel apply; a failed exec would then end it by SIGPIPE.
+                logger.warning("task %s: no word of its command's exec after %g s", self.task_id, EXEC_REPORT_SECONDS)
+                exec_failure = None
             except BaseException:  # we are being cancelled ourselves: leave nothing behind
                 _killpg(transport.get_pid(), signal.SIGKILL)
                 transport.close()

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from scheduler.agent import orphans, runner
 from scheduler.tests.agent_peer import Peer, assign, python, run_async, running_agent
 
 
@@ -87,3 +88,24 @@ def test_without_a_launcher_a_command_whose_exec_fails_still_fails_as_preparatio
 
     assert (final["status"], final["failure_reason"]) == ("failed", "preparation")
     assert final["error"] == f"cannot start {str(program)!r}: No such file or directory"
+
+
+def test_a_launcher_that_never_gets_to_its_exec_is_supervised_as_started_and_times_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The launcher stops itself before anything else (a thrashing machine, at worst): its exec
+    # never comes, and the run's timeout must still apply.
+    monkeypatch.setattr(
+        orphans, "LAUNCHER", "import os, signal\nos.kill(os.getpid(), signal.SIGSTOP)\n" + orphans.LAUNCHER
+    )
+    monkeypatch.setattr(runner, "EXEC_REPORT_SECONDS", 0.5)
+
+    async def scenario() -> dict[str, Any]:
+        async with Peer() as peer, running_agent(peer.url, tmp_path):
+            message = assign("true", timeout_seconds=1, cancel_grace_seconds=0)
+            await peer.send(message)
+            return await peer.final(message["token"], timeout=30)
+
+    final = run_async(scenario())
+
+    assert (final["status"], final["failure_reason"]) == ("failed", "timeout")
