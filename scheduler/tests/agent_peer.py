@@ -271,6 +271,20 @@ async def until(predicate: Callable[[], bool], timeout: float = WAIT_SECONDS, wh
         await asyncio.sleep(0.01)
 
 
+async def ended_while_away(peer: Peer, agent: Agent, message: dict[str, Any], gate: Path) -> int:
+    """Send `peer`'s agent `message` (a run that waits for the file `gate`), see it running, then
+    go away as a server would, open the gate and wait until the run has ended. The port to serve
+    again on."""
+    await peer.send(message)
+    await peer.status(message["token"], "running")
+    port = peer.port
+    await peer.close()
+    gate.touch()
+    ended = {"task_id": message["task_id"], "token": message["token"], "status": "completed"}
+    await until(lambda: agent.held_runs() == [ended], what="the run to end while the server is away")
+    return port
+
+
 def process_gone(pid: int) -> bool:
     """True once `pid` has exited (a zombie waiting for its reaper counts as gone)."""
     try:

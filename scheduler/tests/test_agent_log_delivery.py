@@ -6,7 +6,16 @@ import asyncio
 from pathlib import Path
 
 from scheduler.agent.client import Agent
-from scheduler.tests.agent_peer import Peer, agent_config, assign, python, run_async, running_agent, until
+from scheduler.tests.agent_peer import (
+    Peer,
+    agent_config,
+    assign,
+    ended_while_away,
+    python,
+    run_async,
+    running_agent,
+    until,
+)
 
 LOG_ACKS = ["batch", "log_ack"]
 
@@ -144,13 +153,7 @@ def test_log_messages_made_while_the_server_is_away_reach_the_next_one_once(tmp_
             command = f"import os, time\nwhile not os.path.exists({str(gate)!r}): time.sleep(0.01)\n"
             message = assign(python(command + "for n in range(450): print(n)"))
             token = message["token"]
-            await first.send(message)
-            await first.status(token, "running")
-            port = first.port
-            await first.close()
-
-            gate.touch()
-            await until(lambda: agent.held_runs()[0].get("status") == "completed", what="the run to end meanwhile")
+            port = await ended_while_away(first, agent, message, gate)
             async with Peer(port=port, features=LOG_ACKS) as second:
                 await second.final(token)
                 await until(lambda: agent.held_runs() == [], what="the run to be settled by the new server")

@@ -15,7 +15,7 @@ from django.db import connection
 from fetchml.testing import HOST, database_url_for
 from scheduler.agent.client import LOG_WINDOW, Agent
 from scheduler.models import NodeAssignment
-from scheduler.tests.agent_peer import Peer, assign, run_async, running_agent, until
+from scheduler.tests.agent_peer import Peer, assign, ended_while_away, run_async, running_agent
 from scheduler.tests.live_system import LiveSystem
 from tasks.logs import log_lines
 from tasks.models import Task
@@ -125,14 +125,7 @@ def test_a_run_reads_on_to_its_end_while_the_server_is_away(tmp_path: Path) -> N
         async with first, running_agent(first.url, tmp_path / "work") as agent:
             message = assign(command)
             token = message["token"]
-            await first.send(message)
-            await first.status(token, "running")
-            port = first.port
-            await first.close()
-
-            gate.touch()
-            ended = {"task_id": message["task_id"], "token": token, "status": "completed"}
-            await until(lambda: agent.held_runs() == [ended], what="the run to end while the server is away")
+            port = await ended_while_away(first, agent, message, gate)
             assert printed.exists()
 
             async with Peer(port=port, features=LOG_ACKS) as second:
