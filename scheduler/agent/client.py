@@ -768,6 +768,9 @@ class Agent:
         held = self._held.pop(token, None)
         if held is not None and kill:
             held.run.stop()
+            if held.final is not None and not held.final_acked and not self._leaving:
+                # Taken away after it ended: its supervision (`_execute`) is over, so its directory goes here.
+                self._run_dirs.finished(task_id=held.run.task_id, work_dir=held.run.work_dir, unstored="")
         self._check_drained()
 
 

@@ -39,6 +39,25 @@ def test_the_directory_of_a_run_the_server_stopped_is_removed_while_the_agent_ru
     run_async(scenario())
 
 
+def test_the_directory_of_a_run_stopped_after_it_ended_is_removed_while_the_agent_runs_on(tmp_path: Path) -> None:
+    message = assign("true")
+    work_dir = _work_dir(tmp_path, message)
+
+    async def scenario() -> None:
+        # Its final status unacknowledged: the server took the run away meanwhile.
+        async with Peer(ack_finals=False) as peer, running_agent(peer.url, tmp_path) as agent:
+            await peer.send(message)
+            await peer.final(message["token"])
+            assert work_dir.is_dir()
+
+            await peer.send(_stop(message))
+
+            await until(lambda: not work_dir.parent.exists(), what="the stopped run's directory to be removed")
+            assert agent.held_runs() == []
+
+    run_async(scenario())
+
+
 def test_the_directory_of_a_stopped_run_is_kept_as_one_of_the_most_recent(tmp_path: Path) -> None:
     message = assign(python(WAITS))
     marker = _work_dir(tmp_path, message) / RUN_FILES / RECENT_MARKER
