@@ -262,8 +262,11 @@ class WorkerConsumer(SocketConsumer):
         if time.monotonic() - self._lease_extended_at >= app_settings.WORKER_HEARTBEAT_SECONDS:
             # Reports are proof of life too: a heartbeat queued behind a flood of them (a run
             # printing fast, an agent without flow control) must not cost the worker its lease.
-            await in_pool(services.worker_lease_extend)(worker_id=self.worker_id)
-            self._lease_extended_at = time.monotonic()
+            try:
+                await in_pool(services.worker_lease_extend)(worker_id=self.worker_id)
+                self._lease_extended_at = time.monotonic()
+            except django.db.Error as exc:  # the heartbeats' to keep then; the answers still go
+                logger.warning("worker %s: its lease could not be extended: %s", self.worker_id, exc)
         answers = []
         for report, outcome in zip(reports, outcomes, strict=True):
             if outcome is None:

@@ -5,6 +5,7 @@ import json
 import uuid
 
 import channels.consumer
+import django.db
 import pytest
 from channels.db import database_sync_to_async
 from django.test import override_settings
@@ -560,6 +561,24 @@ def _lease_after_a_log_report(worker_key: str):
 @override_settings(FETCHML_WORKER_HEARTBEAT_SECONDS=0)
 def test_a_run_report_extends_the_lease_when_a_heartbeat_is_due(worker_key):
     assert _lease_after_a_log_report(worker_key) is not None
+
+
+@override_settings(FETCHML_WORKER_HEARTBEAT_SECONDS=0)
+def test_a_run_report_is_answered_when_extending_the_lease_fails(worker_key, monkeypatch):
+    def failing(**_):
+        raise django.db.OperationalError("the database went away")
+
+    monkeypatch.setattr(services, "worker_lease_extend", failing)
+
+    async def scenario():
+        communicator, _ = await start_worker(worker_key, features=["log_ack"])
+        _, assign = await _assigned(communicator)
+        await send(communicator, _log(assign, "epoch 1", seq=0))
+        answer = await receive(communicator)
+        await communicator.disconnect()
+        return answer
+
+    assert run(scenario())["type"] == "log_ack"
 
 
 def test_a_run_report_leaves_the_lease_alone_while_the_last_extension_is_recent(worker_key):
