@@ -316,11 +316,15 @@ class Agent:
         if self._draining and not self._held:
             self._finished.set()
 
-    async def _abandon_runs(self) -> None:
-        """On the way out: nothing we started may outlive the agent."""
+    def _stop_runs_leaving(self) -> None:
+        """The agent is exiting: every run is killed, its directory left for the next agent's start."""
         self._leaving = True
         for held in self._held.values():
             held.run.stop()
+
+    async def _abandon_runs(self) -> None:
+        """On the way out: nothing we started may outlive the agent."""
+        self._stop_runs_leaving()
         if self._run_tasks:
             await asyncio.wait(self._run_tasks, timeout=self.config.shutdown_report_seconds + 10)
         await self._run_dirs.wait()
@@ -334,9 +338,7 @@ class Agent:
             except CredentialsRefused as exc:
                 logger.error("%s; stopping", exc)
                 self._exit_code = EXIT_REFUSED
-                self._leaving = True
-                for held in self._held.values():
-                    held.run.stop()
+                self._stop_runs_leaving()
                 self._finished.set()
                 return
             except ConnectionClosed as exc:
@@ -747,11 +749,7 @@ class Agent:
             )
         stopped = self._held.get(held.run.token) is not held
         if stopped or final is None:
-            if not self._leaving:
-                # The server took the run away (a `stop`, its reconcile, its files refused): nothing
-                # more is said about it and nothing in its directory is wanted, now that a new attempt
-                # runs elsewhere. Removed as a finished run's, unless among the most recent kept.
-                self._run_dirs.finished(task_id=held.run.task_id, work_dir=held.run.work_dir, unstored="")
+            self._remove_taken_run_dir(held)
             if not stopped:
                 self._forget(held.run.token, kill=False)
             return
@@ -768,10 +766,17 @@ class Agent:
         held = self._held.pop(token, None)
         if held is not None and kill:
             held.run.stop()
-            if held.final is not None and not held.final_acked and not self._leaving:
+            if held.final is not None and not held.final_acked:
                 # Taken away after it ended: its supervision (`_execute`) is over, so its directory goes here.
-                self._run_dirs.finished(task_id=held.run.task_id, work_dir=held.run.work_dir, unstored="")
+                self._remove_taken_run_dir(held)
         self._check_drained()
+
+    def _remove_taken_run_dir(self, held: _Held) -> None:
+        """The server took the run away (a `stop`, its reconcile, its files refused): nothing in its
+        directory is wanted now that a new attempt runs elsewhere. Removed as a finished run's, unless
+        among the most recent kept; an exiting agent leaves it for the next start (`_leaving`)."""
+        if not self._leaving:
+            self._run_dirs.finished(task_id=held.run.task_id, work_dir=held.run.work_dir, unstored="")
 
 
 def _valid(message: dict[str, Any] | ProtocolError) -> dict[str, Any]:

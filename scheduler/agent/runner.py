@@ -196,7 +196,6 @@ class Run:
         self._log_seq = 0  # the place of the next line sent in the run's output
         # Flow control, the agent's to set: while held, the child's pipes are not read (it waits on its
         # own writes) and no `log` message goes out; the lines already read wait in `_log_lines`.
-        self._output_held = False
         self._output_released = asyncio.Event()
         self._output_released.set()
         self._transport: asyncio.SubprocessTransport | None = None
@@ -255,21 +254,19 @@ class Run:
 
     @property
     def output_held(self) -> bool:
-        return self._output_held
+        return not self._output_released.is_set()
 
     def hold_output(self) -> None:
         """The server has enough of this run's `log` messages unacknowledged: read no more of the
         child's output (it blocks on its writes once the pipes are full) and send no more lines.
         A run being killed at once (stop, forced shutdown) is never held: it must end quickly."""
-        if not self._output_held and not self._kill_now.is_set():
-            self._output_held = True
+        if not self.output_held and not self._kill_now.is_set():
             self._output_released.clear()
             self._read_pipes_as_paced()
 
     def release_output(self) -> None:
         """Send the lines read meanwhile and read the child's output again."""
-        if self._output_held:
-            self._output_held = False
+        if self.output_held:
             self._output_released.set()
             self._send_lines(full_only=True)  # may be held again before they are all out
             self._read_pipes_as_paced()
@@ -702,7 +699,7 @@ class Run:
         time, until the agent holds the output back; `full_only`: the last, short batch waits."""
         if self._silenced:
             self._log_lines, self._log_bytes = [], 0
-        while self._log_lines and not self._output_held:
+        while self._log_lines and not self.output_held:
             count = size = 0
             for line in self._log_lines:
                 count, size = count + 1, size + len(line["line"])
@@ -731,7 +728,7 @@ class Run:
         transport, child = self._transport, self._child
         if transport is None or child is None or transport.is_closing():
             return
-        paused = self._output_held and not child.exited.done()
+        paused = self.output_held and not child.exited.done()
         for fd in LOG_STREAMS:
             pipe = transport.get_pipe_transport(fd)
             if isinstance(pipe, asyncio.ReadTransport) and not pipe.is_closing():
