@@ -20,7 +20,8 @@ this interpreter with ``-I -S``) that, in the run's own process and before it ex
   in the group once the main process has exited).
 
 Elsewhere than Linux the watchdog alone does it. A descendant that leaves the process group
-(``setsid``) escapes both; a sidecar or a container a run started is not in its group either.
+(``setsid``) escapes both; a container a run started is not in its group either. A run's plugin
+sidecars, in groups of their own, are started through the same launcher: each is tethered too.
 
 Escapees (`end_escapees`). When a run has ended and its process group was killed, the runner
 ends what left the group while the agent lives: on Linux, every process of this user whose

@@ -3,7 +3,8 @@
 Each sidecar of an `assign` ({name, version, command, image, health_path}) gets a free port;
 `{port}` in its command and `{output_dir}` in its command are replaced literally
 (`str.replace`). It runs in its own process group in the run's work directory, with the run's
-environment, its output in ``.fetchml/sidecar-<name>.log``. The agent reports
+environment, its output in ``.fetchml/sidecar-<name>.log``, tied to the agent's life as the run
+is (`orphans.tethered`: it dies with an agent killed outright). The agent reports
 `plugin_status`: `starting` at launch, `healthy` once `http://<host>:<port><health_path>`
 answers, `unhealthy` if it does not within the health timeout or exits early, and `stopped`
 when the run ends (SIGTERM to the group, SIGKILL after a grace period). A sidecar never fails
@@ -28,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from scheduler.agent import protocol
+from scheduler.agent import orphans, protocol
 
 logger = logging.getLogger(__name__)
 
@@ -196,15 +197,18 @@ class Sidecar:
         ]
         self._report("starting")
         try:
+            # Tied to the agent as the run is: an agent killed outright takes its sidecars along.
+            command, passed_fds = orphans.tethered(argv, cwd=self._work_dir, env=self._env)
             with self.log_path.open("ab") as log:
                 self.process = await asyncio.create_subprocess_exec(
-                    *argv,
+                    *command,
                     cwd=self._work_dir,
                     env=self._env,
                     stdin=subprocess.DEVNULL,
                     stdout=log,
                     stderr=subprocess.STDOUT,
                     start_new_session=True,
+                    pass_fds=passed_fds,
                 )
         except OSError as exc:
             self._report_unhealthy(start_failure(argv[0], exc))

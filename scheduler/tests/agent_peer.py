@@ -25,10 +25,12 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 
 from scheduler.agent.capacity import Capacity
 from scheduler.agent.client import Agent, AgentConfig
+from scheduler.management.commands.worker import API_KEY_ENV
 
 API_KEY = "fetchml_test_secret"
 WAIT_SECONDS = 15.0
 FINAL = {"completed", "failed", "cancelled"}
+MANAGE_PY = Path(__file__).resolve().parents[2] / "manage.py"
 
 
 class Peer:
@@ -300,3 +302,33 @@ def process_gone(pid: int) -> bool:
 
 def run_async(coro: Any, timeout: float = 60.0) -> Any:
     return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+@contextlib.asynccontextmanager
+async def worker_process(peer: Peer, tmp_path: Path, *extra: str) -> AsyncIterator[asyncio.subprocess.Process]:
+    """`manage.py worker` against `peer`, the key passed through the environment; stderr goes to tmp_path/worker.log."""
+    log = tmp_path / "worker.log"
+    with log.open("wb") as stderr:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            str(MANAGE_PY),
+            "worker",
+            "--server",
+            f"http://127.0.0.1:{peer.port}",
+            "--name",
+            "cmd-box",
+            "--workdir",
+            str(tmp_path / "work"),
+            "--no-artifacts",  # the peer has no file API
+            *extra,
+            env={**os.environ, API_KEY_ENV: API_KEY, "FETCHML_LOG_LEVEL": "INFO"},
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=stderr,
+        )
+    try:
+        yield process
+    finally:
+        if process.returncode is None:
+            process.kill()
+        await asyncio.wait_for(process.wait(), 15)

@@ -5,48 +5,13 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import sys
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
 from django.core.management import CommandError, call_command
 
 from scheduler.management.commands.worker import API_KEY_ENV, worker_url
-from scheduler.tests.agent_peer import API_KEY, Peer, assign, gated, python, run_async, until
-
-MANAGE_PY = Path(__file__).resolve().parents[2] / "manage.py"
-
-
-@asynccontextmanager
-async def worker_process(peer: Peer, tmp_path: Path, *extra: str) -> AsyncIterator[asyncio.subprocess.Process]:
-    """`manage.py worker` against `peer`, the key passed through the environment; stderr goes to tmp_path/worker.log."""
-    log = tmp_path / "worker.log"
-    with log.open("wb") as stderr:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            str(MANAGE_PY),
-            "worker",
-            "--server",
-            f"http://127.0.0.1:{peer.port}",
-            "--name",
-            "cmd-box",
-            "--workdir",
-            str(tmp_path / "work"),
-            "--no-artifacts",  # the peer has no file API
-            *extra,
-            env={**os.environ, API_KEY_ENV: API_KEY, "FETCHML_LOG_LEVEL": "INFO"},
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=stderr,
-        )
-    try:
-        yield process
-    finally:
-        if process.returncode is None:
-            process.kill()
-        await asyncio.wait_for(process.wait(), 15)
+from scheduler.tests.agent_peer import API_KEY, Peer, assign, gated, python, run_async, until, worker_process
 
 
 def logged(tmp_path: Path, text: str) -> bool:

@@ -4,8 +4,10 @@ and stopped with it; `{output_dir}` and `{port}` are replaced; a broken sidecar 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+import signal
 import sys
 import urllib.request
 from pathlib import Path
@@ -13,7 +15,17 @@ from pathlib import Path
 import pytest
 
 from scheduler.agent.sidecars import Sidecar, parse_sidecar
-from scheduler.tests.agent_peer import Peer, assign, gated, process_gone, python, run_async, running_agent, until
+from scheduler.tests.agent_peer import (
+    Peer,
+    assign,
+    gated,
+    process_gone,
+    python,
+    run_async,
+    running_agent,
+    until,
+    worker_process,
+)
 
 HTTP_SIDECAR = {
     "name": "httpside",
@@ -36,7 +48,7 @@ def _sidecar_pid(port: str) -> int:
                 argv = (entry / "cmdline").read_bytes().split(b"\0")
             except OSError:
                 continue
-            if b"http.server" in argv and port.encode() in argv:
+            if argv[1:3] == [b"-m", b"http.server"] and port.encode() in argv:  # not its launcher's watchdog
                 return int(entry.name)
     raise AssertionError(f"no sidecar process serves port {port}")
 
@@ -206,6 +218,28 @@ def test_sidecar_process_group_is_killed_when_the_agent_stops(tmp_path: Path) ->
     pid = run_async(scenario())
     asyncio.run(until(lambda: process_gone(pid), what="the sidecar to be gone"))
     assert not os.path.exists(f"/proc/{pid}/cmdline") or process_gone(pid)
+
+
+def test_sidecar_dies_with_its_agent_killed_outright(tmp_path: Path) -> None:
+    gate = tmp_path / "gate"  # never opened: the run and its sidecar are still going when the agent dies
+
+    async def scenario() -> None:
+        async with Peer() as peer, worker_process(peer, tmp_path, "--gpus", "0") as worker:
+            await peer.connected()
+            await peer.send(assign(gated(gate), sidecars=[HTTP_SIDECAR]))
+            healthy = await peer.next(_plugin_status("httpside", "healthy"))
+            pid = _sidecar_pid(healthy["url"].rsplit(":", 1)[1])
+
+            try:
+                worker.kill()  # kill -9: no stop of its runs, no word to the server
+                await worker.wait()
+
+                await until(lambda: process_gone(pid), what="the sidecar to die with its agent")
+            finally:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pid, signal.SIGKILL)  # what a failing run of this test left
+
+    run_async(scenario())
 
 
 def test_the_last_plugin_status_is_said_again_while_the_run_goes_on_and_not_after(tmp_path: Path) -> None:
