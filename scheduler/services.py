@@ -334,12 +334,22 @@ def _hand_back(*, assignment_id: Any) -> int:
 
 
 def _offline_if_drained(worker_id: Any | None = None) -> int:
-    drained = Worker.objects.filter(status=Worker.Status.DRAINING).exclude(
-        Exists(NodeAssignment.objects.filter(worker=OuterRef("pk"), holds_capacity=True))
-    )
+    """In the caller's transaction: draining workers (`worker_id`'s, or all) whose last run has
+    ended go offline, each audited and announced (an agent still connected exits once its own
+    runs have reported); how many did."""
+    idle = ~Exists(NodeAssignment.objects.filter(worker=OuterRef("pk"), holds_capacity=True))
+    drained = Worker.objects.filter(idle, status=Worker.Status.DRAINING)
     if worker_id is not None:
         drained = drained.filter(id=worker_id)
-    return drained.update(status=Worker.Status.OFFLINE)
+    gone = 0
+    for drained_id, name in drained.values_list("id", "name"):
+        if Worker.objects.filter(idle, id=drained_id, status=Worker.Status.DRAINING).update(
+            status=Worker.Status.OFFLINE
+        ):
+            record(event_type="worker_changed", user="", resource=f"worker:{name}", action="drained")
+            events.status_changed("worker_offline", {"worker_id": str(drained_id)})
+            gone += 1
+    return gone
 
 
 # --- run reports ---------------------------------------------------------------
@@ -978,7 +988,9 @@ def expire_leases(*, now: datetime | None = None) -> int:
         expired += 1
     # Live runs on offline workers, including any left by a crash between the two steps.
     orphaned = NodeAssignment.objects.filter(holds_capacity=True, worker__status=Worker.Status.OFFLINE)
-    return expired + _lose_runs(orphaned, error="worker lost") + _offline_if_drained()
+    lost = _lose_runs(orphaned, error="worker lost")
+    with transaction.atomic():
+        return expired + lost + _offline_if_drained()
 
 
 def enforce_timeouts(*, now: datetime | None = None) -> int:

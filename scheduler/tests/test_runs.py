@@ -1,12 +1,16 @@
 """How runs end: leases, retries with back-off, failure classes, multi-node, drain, the timeout backstop."""
 
+import asyncio
 from datetime import timedelta
 
 import pytest
+from asgiref.sync import async_to_sync
+from channels.layers import get_channel_layer
 from django.test import override_settings
 from django.utils import timezone
 
 from audit.models import AuditEvent
+from fetchml import events
 from fetchml.auth import Actor
 from fetchml.errors import Conflict
 from scheduler.dispatch import dispatch_round
@@ -41,6 +45,15 @@ def _report(assignment: NodeAssignment, status: str, **fields):
 
 def _silence(box: Worker, seconds: float = 3600) -> None:
     Worker.objects.filter(id=box.id).update(last_heartbeat=timezone.now() - timedelta(seconds=seconds))
+
+
+async def _status_event(layer, channel: str, event: str) -> dict:
+    """The next status event `event` that reached `channel` (a bounded wait)."""
+    async with asyncio.timeout(5):
+        while True:
+            message = await layer.receive(channel)
+            if message.get("event") == event:
+                return message
 
 
 @override_settings(**BACKOFF)
@@ -277,6 +290,24 @@ def test_draining_worker_goes_offline_when_its_last_run_ends(admin_user):
 
     box.refresh_from_db()
     assert box.status == "offline"
+
+
+@pytest.mark.django_db(transaction=True)  # what is announced leaves on a real commit
+def test_a_drained_worker_going_offline_is_audited_and_announced(admin_user):
+    box = worker()
+    assignment = run_started(queued_task())
+    worker_drain(worker=box, actor=Actor(user=admin_user, role="admin"))
+    layer = get_channel_layer()
+    channel = async_to_sync(layer.new_channel)()
+    async_to_sync(layer.group_add)(events.STATUS_GROUP, channel)
+
+    _report(assignment, "completed", exit_code=0)
+
+    event = AuditEvent.objects.get(event_type="worker_changed")
+    assert (event.resource, event.action) == (f"worker:{box.name}", "drained")
+    announced = async_to_sync(_status_event)(layer, channel, "worker_offline")
+    assert announced["worker_id"] == str(box.id)
+    async_to_sync(layer.group_discard)(events.STATUS_GROUP, channel)
 
 
 def test_draining_an_idle_worker_takes_it_offline_at_once(admin_user):
