@@ -65,8 +65,10 @@ class SchedulerLoop:
         self.backlog = True
         self.starvation_possible = True  # as of the last maintenance pass
         # Monotonic start of the first pass of the current run of passes that succeeded (None right
-        # after a failure; from the start of time before any).
-        self._succeeding_since: float | None = float("-inf")
+        # after a failure, and before the first pass: a scheduler started during or after a
+        # database outage, every scheduler having died in it, say, cannot know the workers were
+        # out of reach of the database too, so it gives them a lease as after its own failure).
+        self._succeeding_since: float | None = None
 
     # --- one pass (sync) ---------------------------------------------------------
 

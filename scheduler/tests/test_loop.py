@@ -260,9 +260,10 @@ def test_a_backlog_of_expired_idempotency_records_is_pruned_a_batch_per_maintena
     assert IdempotencyRecord.objects.count() == 0
 
 
+@override_settings(FETCHML_WORKER_LEASE_SECONDS=0)  # the loop has been up for a lease at once
 def test_a_pass_without_maintenance_dispatches_but_leaves_leases_for_the_next_maintenance_pass():
     silent = worker(last_heartbeat=timezone.now() - timedelta(hours=1))
-    free = worker()
+    free = worker(last_heartbeat=timezone.now() + timedelta(hours=1))  # heard from, whatever the lease
     task = queued_task()
     loop = SchedulerLoop()
 
@@ -273,6 +274,25 @@ def test_a_pass_without_maintenance_dispatches_but_leaves_leases_for_the_next_ma
     assert silent.status == "active"
 
     loop.run_once()
+    silent.refresh_from_db()
+    assert silent.status == "offline"
+
+
+def test_a_silent_worker_keeps_its_lease_for_a_lease_after_the_scheduler_started():
+    # Started after an outage in which every scheduler died: nothing tells it the workers could
+    # not be heard meanwhile either.
+    silent = worker(last_heartbeat=timezone.now() - timedelta(hours=1))
+    run = run_started(queued_task())
+    loop = SchedulerLoop()
+
+    loop.run_once()
+    loop.run_once()
+    silent.refresh_from_db()
+    run.refresh_from_db()
+    assert (silent.status, run.holds_capacity) == ("active", True)
+
+    with override_settings(FETCHML_WORKER_LEASE_SECONDS=0):  # a lease has gone by since its first pass
+        loop.run_once()
     silent.refresh_from_db()
     assert silent.status == "offline"
 

@@ -19,7 +19,14 @@ class Command(BaseCommand):
     )
 
     def add_arguments(self, parser) -> None:
-        parser.add_argument("--once", action="store_true", help="run a single pass and exit")
+        parser.add_argument(
+            "--once",
+            action="store_true",
+            help=(
+                "run a single pass and exit; it expires no worker lease (a process that has just started "
+                "cannot tell a silent worker from a database that was out of reach)"
+            ),
+        )
 
     def handle(self, *args, once: bool, **options) -> None:
         loop = SchedulerLoop()
