@@ -3,11 +3,13 @@
 import logging
 from typing import Any
 
+import django.db
 from channels.consumer import get_handler_name
 from channels.generic.websocket import AsyncWebsocketConsumer
 
-# The agent knows this code too (a wrong --server): its protocol module, which imports no Django, owns it.
-from scheduler.agent.protocol import CLOSE_NOT_FOUND
+# The agent knows these codes too (a wrong --server, an outage): its protocol module, which imports no
+# Django, owns them.
+from scheduler.agent.protocol import CLOSE_NOT_FOUND, CLOSE_UNAVAILABLE
 
 logger = logging.getLogger("fetchml.ws")
 
@@ -38,6 +40,18 @@ class SocketConsumer(AsyncWebsocketConsumer):
         """
         await self.accept()
         await self.close(code=code, reason=reason)
+
+    async def refuse_unavailable(self, error: django.db.Error) -> None:
+        """The database is out of reach while the connection is being opened: turned away with
+        4503 (try again later) and one line in the log, not a server error with a traceback for
+        every attempt of every client retrying through the outage."""
+        said = str(error).strip().splitlines()
+        logger.warning(
+            "refused a WebSocket to %s: the database is out of reach (%s)",
+            self.scope.get("path", "")[:200],
+            said[0][:300] if said else type(error).__name__,
+        )
+        await self.refuse(CLOSE_UNAVAILABLE, "the server cannot reach its database; try again shortly")
 
 
 class UnknownPathConsumer(SocketConsumer):

@@ -93,6 +93,9 @@ class WorkerConsumer(SocketConsumer):
         except (AuthenticationFailed, Throttled):
             await self.refuse(CLOSE_BAD_KEY, "invalid or missing API key")
             return
+        except django.db.Error as exc:
+            await self.refuse_unavailable(exc)
+            return
         if key.role != ApiKey.Role.WORKER:
             await self.refuse(CLOSE_NOT_WORKER, "the API key does not have the worker role")
             return

@@ -182,6 +182,9 @@ class ClientConsumer(SocketConsumer):
         except drf_exceptions.AuthenticationFailed:
             await self.refuse(CLOSE_UNAUTHENTICATED, "invalid API key")
             return
+        except django.db.Error as exc:
+            await self.refuse_unavailable(exc)
+            return
         actor = Actor(user=key.user, role=key.role, api_key_id=str(key.id), ip_address=ip)
         if actor.is_worker:
             # Worker agents have their own endpoint and must not see users' tasks.

@@ -57,6 +57,7 @@ CLOSE_MEANINGS = {
         "worker is gone"
     ),
     protocol.CLOSE_RECONNECT: "the server asked this agent to reconnect",
+    protocol.CLOSE_UNAVAILABLE: "the server cannot reach its database; retrying",
 }
 OUTBOX_LIMIT = 10_000
 # `log` messages of one run held until the server acknowledges them (each up to 200 lines).
