@@ -367,6 +367,10 @@ class Run:
             # What it wrote in its grace period (a checkpoint) is stored as a self-exit's files are. The
             # run reports `running` meanwhile; a forced shutdown (kill_now) skips this, to be quick.
             return await self._collect(exit_code, how, interrupted=reason)
+        if not _holds_anything(self.output_dir):
+            # Ended uncollected (a forced shutdown, a stop): its lines went to the server as they
+            # came, so only files it wrote would be lost with its directory.
+            self.unstored = ""
         if reason == "timeout":
             return self._timed_out(exit_code, how)
         return self._final_interrupted(exit_code=exit_code)

@@ -4,7 +4,9 @@ nowhere else, and the `--keep-run-dirs` most recent."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import signal
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +17,17 @@ from django.db import connection
 
 from fetchml.testing import database_url_for
 from scheduler.agent import orphans
-from scheduler.tests.agent_peer import Peer, assign, process_gone, python, run_async, running_agent, until
+from scheduler.tests.agent_peer import (
+    Peer,
+    assign,
+    gated,
+    process_gone,
+    python,
+    run_async,
+    running_agent,
+    until,
+    worker_process,
+)
 from scheduler.tests.live_system import LiveSystem, python_command, wait_until
 
 PRINTS_PID_AND_WAITS = "import os, time\nprint(os.getpid())\ntime.sleep(300)"
@@ -97,6 +109,40 @@ def test_a_directory_with_files_stored_nowhere_else_survives_an_agent_that_stopp
 
     with orphans.claimed(root):
         assert (work_dir_of(root, message) / ".fetchml" / "stdout.log").read_text() == "done\n"
+
+
+async def killed_by_a_forced_shutdown(tmp_path: Path, code: str, done: str) -> dict[str, Any]:
+    """A run (`code`, then waiting) a real agent killed when told SIGTERM twice, once the file
+    `done` of its work directory is there: its assign."""
+    message = assign(gated(tmp_path / "never", code))
+    async with Peer() as peer, worker_process(peer, tmp_path, "--gpus", "0") as worker:
+        await peer.send(message)
+        await peer.status(message["token"], "running")
+        await until(lambda: (work_dir_of(tmp_path / "work", message) / done).exists(), what=f"the run's {done}")
+        worker.send_signal(signal.SIGTERM)
+        await until(lambda: "SIGTERM: draining" in (tmp_path / "worker.log").read_text(), what="the drain")
+        worker.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(worker.wait(), 15) == 0
+        assert (await peer.final(message["token"]))["failure_reason"] == "worker_lost"
+    return message
+
+
+def test_the_directory_of_a_run_a_forced_shutdown_killed_is_removed_when_the_next_agent_starts(tmp_path: Path) -> None:
+    message = run_async(killed_by_a_forced_shutdown(tmp_path, "print('working')", ".fetchml/stdout.log"))
+    work_dir = work_dir_of(tmp_path / "work", message)
+    assert not (work_dir / ".fetchml" / "kept").exists()
+
+    with orphans.claimed(tmp_path / "work"):
+        assert not work_dir.parent.exists()
+
+
+def test_the_directory_of_a_run_a_forced_shutdown_killed_after_it_wrote_files_is_kept(tmp_path: Path) -> None:
+    code = "import os, pathlib\npathlib.Path(os.environ['FETCHML_OUTPUT_DIR'], 'ckpt').write_text('1')"
+    message = run_async(killed_by_a_forced_shutdown(tmp_path, code, "output/ckpt"))
+    work_dir = work_dir_of(tmp_path / "work", message)
+
+    with orphans.claimed(tmp_path / "work"):
+        assert (work_dir / "output" / "ckpt").read_text() == "1"
 
 
 def test_the_most_recent_directories_kept_as_asked_survive_the_next_agents_start(tmp_path: Path) -> None:
