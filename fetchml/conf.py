@@ -74,6 +74,41 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
+# Numbers that 0 would break, refused below their bound at start-up. Every other number may be 0,
+# which means none, off or at once (no retries, no aging, no fair-share step, no grace, ...).
+# Limits and sizes of at least 1: 0 would refuse every page, body, list or upload, a batch of 0
+# would dispatch nothing, a TTL of 0 would forget every Idempotency-Key at once.
+AT_LEAST_ONE = frozenset(
+    {
+        "MAX_PAGE_SIZE",
+        "MAX_LIST_ITEMS",
+        "MAX_METADATA_ENTRIES",
+        "MAX_STRING_LENGTH",
+        "MAX_JSON_DEPTH",
+        "IDEMPOTENCY_TTL_HOURS",
+        "SCHEDULER_BATCH_SIZE",
+        "RESERVATION_MAX_MINUTES",
+        "MAX_SNAPSHOT_BYTES",
+        "MAX_DATASET_BYTES",
+        "MAX_ARTIFACT_BYTES_PER_TASK",
+    }
+)
+# Periods and time-outs above 0: at 0 a loop would spin (polling, re-sending every `assign`,
+# re-reading the database for each stream) or every wait would time out at once.
+# WORKER_HEARTBEAT_SECONDS is held to its lease by `check_heartbeat`.
+ABOVE_ZERO = frozenset(
+    {
+        "SCHEDULER_INTERVAL",
+        "SCHEDULER_PASS_TIMEOUT_SECONDS",
+        "WORKER_LEASE_SECONDS",
+        "ASSIGN_RESEND_SECONDS",
+        "SSE_HEARTBEAT_SECONDS",
+        "WS_RECHECK_SECONDS",
+        "PLUGIN_HEALTH_TIMEOUT_SECONDS",
+    }
+)
+
+
 def settings_from_env() -> dict[str, Any]:
     """Every default, overridden by its FETCHML_<NAME> env var, parsed strictly."""
     values: dict[str, Any] = {}
@@ -82,9 +117,9 @@ def settings_from_env() -> dict[str, Any]:
         if isinstance(default, bool):
             values[env_name] = env_bool(env_name, default)
         elif isinstance(default, int):
-            values[env_name] = env_int(env_name, default, minimum=0)
+            values[env_name] = env_int(env_name, default, minimum=1 if name in AT_LEAST_ONE else 0)
         elif isinstance(default, float):
-            values[env_name] = env_float(env_name, default, minimum=0)
+            values[env_name] = env_float(env_name, default, minimum=0, above=0 if name in ABOVE_ZERO else None)
         elif isinstance(default, list):
             values[env_name] = env_list(env_name, default)
         else:

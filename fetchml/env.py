@@ -4,6 +4,7 @@ A typo in a boolean or a number must stop the process at start-up, not be
 silently read as a default.
 """
 
+import math
 import os
 from pathlib import Path
 from urllib.parse import parse_qsl, unquote, urlsplit
@@ -41,8 +42,13 @@ def env_int(name: str, default: int, *, minimum: int | None = None) -> int:
     return _env_number(name, default, int, "an integer", minimum)
 
 
-def env_float(name: str, default: float, *, minimum: float | None = None) -> float:
-    return _env_number(name, default, float, "a number", minimum)
+def env_float(name: str, default: float, *, minimum: float | None = None, above: float | None = None) -> float:
+    """A finite number, at least `minimum` and greater than `above` (for a period that 0 would turn
+    into a busy loop)."""
+    value = _env_number(name, default, float, "a finite number", minimum)
+    if above is not None and not value > above:
+        raise ImproperlyConfigured(f"{name}={value:g} must be above {above:g}")
+    return value
 
 
 def _env_number(name, default, parse, kind: str, minimum):
@@ -53,6 +59,10 @@ def _env_number(name, default, parse, kind: str, minimum):
         value = parse(raw)
     except ValueError as exc:
         raise ImproperlyConfigured(f"{name}={raw!r} is not {kind}") from exc
+    # float() reads nan and inf, which pass every comparison with a minimum (nan < 0 is false)
+    # and then poison what they are stored in or computed with.
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ImproperlyConfigured(f"{name}={raw!r} is not {kind}")
     if minimum is not None and value < minimum:
         raise ImproperlyConfigured(f"{name}={value} is below the minimum {minimum}")
     return value

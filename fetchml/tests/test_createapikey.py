@@ -138,3 +138,18 @@ def test_expires_in_days_sets_when_the_key_stops_working():
 def test_expires_in_days_below_one_is_a_usage_error(days):
     with pytest.raises(CommandError, match="--expires-in-days must be 1 or more"):
         create_key("alice", "--expires-in-days", days)
+
+
+@pytest.mark.parametrize("days", ["36501", "100000000"])
+def test_expires_in_days_past_a_hundred_years_is_a_usage_error(days):
+    with pytest.raises(CommandError, match="--expires-in-days must be at most 36500"):
+        create_key("alice", "--expires-in-days", days)
+    assert not ApiKey.objects.exists()
+
+
+def test_a_key_may_expire_in_a_hundred_years():
+    raw = create_key("alice", "--expires-in-days", "36500")
+
+    key = ApiKey.objects.get(prefix=apikeys.split(raw)[0])
+    # expires_at is computed a moment before the row's created_at.
+    assert 36499.9 < (key.expires_at - key.created_at).total_seconds() / 86400 <= 36500

@@ -3,6 +3,7 @@ is started again, one drained on purpose is not."""
 
 import os
 import queue
+import re
 import signal
 import socket
 import subprocess
@@ -13,8 +14,9 @@ from pathlib import Path
 
 import pytest
 from django.conf import settings
+from django.core.management import CommandError
 
-from fetchml.management.commands.serve import RESTART_FIRST_SECONDS
+from fetchml.management.commands.serve import RESTART_FIRST_SECONDS, check_can_listen
 from fetchml.testing import free_port
 
 WAIT = 60.0
@@ -50,8 +52,28 @@ def test_serve_on_a_port_already_taken_exits_non_zero_saying_so(tmp_path: Path) 
         result = _manage(tmp_path, "serve", "--port", str(port), "--workers", "0")
 
     assert result.returncode != 0
-    assert f"nothing is listening on 127.0.0.1:{port}" in result.stderr
-    assert "Address already in use" in result.stderr
+    assert f"FetchML could not start: port {port} on 127.0.0.1 is already in use" in result.stderr
+    assert "nothing is listening" not in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_the_listen_check_refuses_a_port_in_use_saying_so() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+
+        with pytest.raises(CommandError, match=f"port {port} on 127.0.0.1 is already in use"):
+            check_can_listen("127.0.0.1", port)
+
+
+def test_the_listen_check_passes_a_free_port() -> None:
+    check_can_listen("127.0.0.1", free_port())
+
+
+def test_the_listen_check_refuses_a_host_that_does_not_resolve() -> None:
+    with pytest.raises(CommandError, match=re.escape("--host 'no-such-host.invalid'")):
+        check_can_listen("no-such-host.invalid", free_port())
 
 
 class _Serve:

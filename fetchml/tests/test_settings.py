@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import secrets
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import pytest
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 
-from fetchml.conf import app_settings, settings_from_env
+from fetchml.conf import ABOVE_ZERO, AT_LEAST_ONE, DEFAULTS, app_settings, settings_from_env
 from fetchml.env import env_bool, env_choice, env_float, env_int, env_list, env_str, parse_database_url
 
 PROJECT_DIR = Path(settings.BASE_DIR)
@@ -307,3 +308,98 @@ def test_a_postgresql_connection_bounds_its_waits_on_the_network_and_on_stalled_
     assert "'tcp_user_timeout': '9000'" in options
     assert "'keepalives': '1'" in options
     assert "idle_in_transaction_session_timeout=4000" in options
+
+
+# --- numbers out of range ------------------------------------------------------------
+
+FLOAT_SETTINGS = [name for name, default in DEFAULTS.items() if type(default) is float]
+NUMBER_SETTINGS = [name for name, default in DEFAULTS.items() if type(default) in (int, float)]
+# 0 means none, never or off for these (WORKER_HEARTBEAT_SECONDS is held to its lease instead).
+ZERO_ALLOWED = sorted(set(NUMBER_SETTINGS) - AT_LEAST_ONE - ABOVE_ZERO - {"WORKER_HEARTBEAT_SECONDS"})
+
+
+@pytest.mark.parametrize("raw", ["nan", "NaN", "inf", "-inf", "Infinity"])
+def test_a_number_that_is_not_finite_is_refused(monkeypatch, raw):
+    monkeypatch.setenv("X_NUMBER", raw)
+    with pytest.raises(ImproperlyConfigured, match=f"X_NUMBER='{raw}' is not a finite number"):
+        env_float("X_NUMBER", 1.0, minimum=0)
+
+
+def test_an_integer_too_large_for_a_float_is_still_read(monkeypatch):
+    monkeypatch.setenv("X_NUMBER", str(10**400))
+    assert env_int("X_NUMBER", 1, minimum=1) == 10**400
+
+
+@pytest.mark.parametrize("name", FLOAT_SETTINGS)
+def test_a_nan_number_setting_is_refused_naming_the_variable(monkeypatch, name):
+    monkeypatch.setenv(f"FETCHML_{name}", "nan")
+    with pytest.raises(ImproperlyConfigured, match=f"FETCHML_{name}='nan' is not a finite number"):
+        settings_from_env()
+
+
+def test_a_nan_number_setting_stops_the_process_at_start_up():
+    result = run_manage("check", env={"FETCHML_PRIORITY_AGING_PER_HOUR": "nan"})
+    assert result.returncode != 0
+    assert "FETCHML_PRIORITY_AGING_PER_HOUR='nan' is not a finite number" in result.stderr
+
+
+def test_a_scheduler_batch_size_of_zero_is_refused_at_start_up(monkeypatch):
+    monkeypatch.setenv("FETCHML_SCHEDULER_BATCH_SIZE", "0")
+    with pytest.raises(ImproperlyConfigured, match="FETCHML_SCHEDULER_BATCH_SIZE=0 is below the minimum 1"):
+        settings_from_env()
+
+
+@pytest.mark.parametrize("name", sorted(AT_LEAST_ONE))
+def test_a_limit_or_size_of_zero_is_refused_naming_the_variable(monkeypatch, name):
+    monkeypatch.setenv(f"FETCHML_{name}", "0")
+    with pytest.raises(ImproperlyConfigured, match=f"FETCHML_{name}=0 is below the minimum 1"):
+        settings_from_env()
+
+
+@pytest.mark.parametrize("name", sorted(ABOVE_ZERO))
+def test_an_interval_or_time_out_of_zero_is_refused_naming_the_variable(monkeypatch, name):
+    monkeypatch.setenv(f"FETCHML_{name}", "0")
+    with pytest.raises(ImproperlyConfigured, match=f"FETCHML_{name}=0 must be above 0"):
+        settings_from_env()
+
+
+@pytest.mark.parametrize("name", ZERO_ALLOWED)
+def test_zero_is_accepted_where_it_means_none_never_or_off(monkeypatch, name):
+    monkeypatch.setenv(f"FETCHML_{name}", "0")
+    assert settings_from_env()[f"FETCHML_{name}"] == 0
+
+
+@pytest.mark.parametrize("name", NUMBER_SETTINGS)
+def test_a_negative_number_setting_is_refused_naming_the_variable(monkeypatch, name):
+    monkeypatch.setenv(f"FETCHML_{name}", "-1")
+    with pytest.raises(ImproperlyConfigured, match=f"FETCHML_{name}"):
+        settings_from_env()
+
+
+def test_every_bound_names_a_number_setting_of_its_kind():
+    assert all(type(DEFAULTS[name]) is int for name in AT_LEAST_ONE)
+    assert all(type(DEFAULTS[name]) is float for name in ABOVE_ZERO)
+
+
+# --- the README's configuration table ---------------------------------------------------
+
+
+def _readme_configuration_rows() -> list[str]:
+    readme = (PROJECT_DIR / "README.md").read_text()
+    section = readme.split("## Configuration", 1)[1].split("\n## ", 1)[0]
+    return [line for line in section.splitlines() if line.startswith("| `")]
+
+
+def _documented(variable: str, rows: list[str]) -> bool:
+    # A row may list a family by its suffixes: `FETCHML_RATE_LIMIT_POST` / `_GET` / `_OTHER`.
+    family, _, suffix = variable.rpartition("_")
+    return any(f"`{variable}`" in row or (f"`{family}_" in row and f"`_{suffix}`" in row) for row in rows)
+
+
+def test_every_fetchml_setting_is_in_the_readme_configuration_table():
+    read_by_settings = set(
+        re.findall(r"env_\w+\(\s*\"(FETCHML_\w+)\"", (PROJECT_DIR / "fetchml/settings.py").read_text())
+    )
+    variables = {f"FETCHML_{name}" for name in DEFAULTS} | read_by_settings
+    rows = _readme_configuration_rows()
+    assert sorted(variable for variable in variables if not _documented(variable, rows)) == []

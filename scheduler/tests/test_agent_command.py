@@ -126,3 +126,24 @@ def test_a_work_directory_the_agent_cannot_use_is_a_command_error(
 
     with pytest.raises(CommandError, match=f"cannot use work directory {work_dir}: "):
         call_command("worker", "--server", "http://127.0.0.1:9", "--workdir", str(work_dir), "--gpus", "0")
+
+
+@pytest.mark.parametrize(
+    "option",
+    ["--cpus", "--memory-gb", "--gpus", "--batch-slots", "--service-slots", "--max-unpack-bytes", "--keep-run-dirs"],
+)
+@pytest.mark.parametrize("value", ["-3", "many", "1.5"])
+def test_a_count_option_that_is_not_a_whole_number_0_or_more_says_what_it_must_be(option: str, value: str) -> None:
+    with pytest.raises(CommandError) as refused:
+        call_command("worker", "--server", "http://127.0.0.1:9", option, value)
+
+    assert str(refused.value) == f"Error: argument {option}: must be a whole number 0 or more, not {value!r}"
+
+
+@pytest.mark.parametrize("value", ["-1", "nan", "inf", "lots"])
+def test_a_dataset_cache_size_that_is_not_a_finite_number_0_or_more_says_what_it_must_be(value: str) -> None:
+    with pytest.raises(CommandError) as refused:
+        call_command("worker", "--server", "http://127.0.0.1:9", "--dataset-cache-gb", value)
+
+    said = f"Error: argument --dataset-cache-gb: must be a number of GiB, 0 or more, not {value!r}"
+    assert str(refused.value) == said

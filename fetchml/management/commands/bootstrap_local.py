@@ -1,3 +1,4 @@
+import os
 import secrets
 from pathlib import Path
 
@@ -9,10 +10,21 @@ from fetchml.localkeys import ensure_local_key
 from fetchml.management.usernames import clean_username
 
 
+def shown(path: Path) -> Path:
+    """`path` as the reader can use it from here: relative inside the current directory (var/admin.key
+    for `make run`), else absolute (FETCHML_VAR_DIR elsewhere)."""
+    absolute = Path(os.path.abspath(path))
+    try:
+        return absolute.relative_to(Path.cwd())
+    except ValueError:
+        return absolute
+
+
 class Command(BaseCommand):
     help = (
         "Make sure the embedded system has an admin user (for /admin/) and an admin API key, "
-        "kept in the git-ignored var/ folder; print them. Safe to run any number of times."
+        "kept in FETCHML_VAR_DIR (the git-ignored var/ folder by default); print them. "
+        "Safe to run any number of times."
     )
 
     def add_arguments(self, parser):
@@ -36,5 +48,6 @@ class Command(BaseCommand):
             password_file.write_text(password + "\n")
         password = password_file.read_text().strip()
         raw = ensure_local_key(file_name="admin.key", username=username, role="admin", key_name="local admin")
-        self.stdout.write(f"Admin login:   {username} / {password}   (stored in var/admin-password)")
-        self.stdout.write(f"Admin API key: {raw}   (stored in var/admin.key)")
+        key_file = Path(settings.VAR_DIR) / "admin.key"
+        self.stdout.write(f"Admin login:   {username} / {password}   (stored in {shown(password_file)})")
+        self.stdout.write(f"Admin API key: {raw}   (stored in {shown(key_file)})")

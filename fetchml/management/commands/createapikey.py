@@ -9,6 +9,8 @@ from fetchml.models import ApiKey
 from fetchml.services import apikey_create, user_get_or_create
 
 NAME_MAX = ApiKey._meta.get_field("name").max_length
+# A hundred years: longer is no expiry at all, and far longer overflows the dates the database holds.
+EXPIRES_IN_DAYS_MAX = 36500
 
 
 class Command(BaseCommand):
@@ -19,7 +21,11 @@ class Command(BaseCommand):
         parser.add_argument("--role", choices=ApiKey.Role.values, default=ApiKey.Role.USER)
         parser.add_argument("--name", default="", help="a label for the key, e.g. the machine it is for")
         parser.add_argument(
-            "--expires-in-days", type=int, default=None, metavar="N", help="the key stops working after N days"
+            "--expires-in-days",
+            type=int,
+            default=None,
+            metavar="N",
+            help=f"the key stops working after N days (1 to {EXPIRES_IN_DAYS_MAX})",
         )
 
     def handle(self, *args, username: str, role: str, name: str, expires_in_days: int | None, **options):
@@ -28,6 +34,11 @@ class Command(BaseCommand):
             raise CommandError(f"--name must be at most {NAME_MAX} characters")
         if expires_in_days is not None and expires_in_days < 1:
             raise CommandError("--expires-in-days must be 1 or more")
+        if expires_in_days is not None and expires_in_days > EXPIRES_IN_DAYS_MAX:
+            raise CommandError(
+                f"--expires-in-days must be at most {EXPIRES_IN_DAYS_MAX} (100 years); leave it out for a key that "
+                "does not expire"
+            )
         expires_at = timezone.now() + timedelta(days=expires_in_days) if expires_in_days else None
         with transaction.atomic():
             user = user_get_or_create(username=username, is_staff=role == ApiKey.Role.ADMIN)

@@ -1,6 +1,7 @@
 """The embedded system in one command: ASGI server + scheduler loop + local workers."""
 
 import asyncio
+import errno
 import logging
 import os
 import signal
@@ -43,6 +44,29 @@ def local_worker_command(*, host: str, port: int, index: int) -> list[str]:
     ]
 
 
+def check_can_listen(host: str, port: int) -> None:
+    """Refuse to start, saying why, when the server could not listen on host:port. Daphne only logs
+    a listen failure and returns, which would leave serve to guess the cause after the fact."""
+    try:
+        family, kind, proto, _name, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except socket.gaierror as exc:
+        raise CommandError(f"FetchML could not start: --host {host!r}: {exc.strerror}") from None
+    with socket.socket(family, kind, proto) as probe:
+        # As Twisted listens: a port a stopped server left in TIME_WAIT is free, one listened on is not.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise CommandError(
+                    f"FetchML could not start: port {port} on {host} is already in use (another FetchML, or "
+                    "another program, listens there); stop it or choose another --port"
+                ) from None
+            raise CommandError(f"FetchML could not start: cannot listen on {host}:{port}: {exc.strerror}") from None
+
+
 class Command(BaseCommand):
     help = (
         "Run FetchML in one process: the ASGI server (daphne: API, admin, WebSockets, SSE) with the "
@@ -61,6 +85,7 @@ class Command(BaseCommand):
         if not 0 < port < 65536:
             raise CommandError("--port must be between 1 and 65535")
         require_migrated()
+        check_can_listen(host, port)
         # Import here: daphne installs the Twisted asyncio reactor on import.
         from daphne.endpoints import build_endpoint_description_strings
         from daphne.server import Server
@@ -130,8 +155,9 @@ class Command(BaseCommand):
         self.stdout.write(f"Starting FetchML on http://{host}:{port} ...")
         server.run()
         if not state["started"]:
-            # daphne logged why (the port taken, say) and stopped: a supervisor must see a failure.
-            raise CommandError(f"FetchML could not start: nothing is listening on {host}:{port}")
+            # daphne logged why (the port taken since the check, say) and stopped: a supervisor must
+            # see a failure.
+            raise CommandError(f"FetchML could not start: it could not listen on {host}:{port} (see the log above)")
         self.stdout.write("FetchML stopped.")
 
     def _start_worker(self, host: str, port: int, index: int, key: str) -> subprocess.Popen:

@@ -11,9 +11,11 @@ server refuses the API key.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import re
 import signal
@@ -59,9 +61,24 @@ def default_work_root() -> Path:
 
 
 def _non_negative(value: str) -> int:
-    number = int(value)
-    if number < 0:
-        raise ValueError(value)
+    # ArgumentTypeError, not ValueError: argparse prints its message as is ("argument --cpus: ..."),
+    # where a ValueError would be shown as "invalid _non_negative value".
+    try:
+        number = int(value)
+    except ValueError:
+        number = None
+    if number is None or number < 0:
+        raise argparse.ArgumentTypeError(f"must be a whole number 0 or more, not {value!r}")
+    return number
+
+
+def _size_gib(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        number = math.nan
+    if not math.isfinite(number) or number < 0:  # nan and inf pass a comparison, then poison the cache's sums
+        raise argparse.ArgumentTypeError(f"must be a number of GiB, 0 or more, not {value!r}")
     return number
 
 
@@ -88,7 +105,7 @@ class Command(BaseCommand):
         parser.add_argument("--workdir", default=None, help="where runs get their directories (~/.fetchml/work)")
         parser.add_argument(
             "--dataset-cache-gb",
-            type=float,
+            type=_size_gib,
             default=DEFAULT_DATASET_CACHE_BYTES / GIB,
             help="size limit of the dataset and snapshot cache under --workdir, GiB (least recently used go first)",
         )
