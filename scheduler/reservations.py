@@ -9,10 +9,13 @@ the owner's RESERVATIONS_PER_USER live reservations. Bookings are serialised
 ones cannot both take the last capacity.
 
 Every refusal is a 422 naming the request field it is about: `starts_at` for a
-start in the past (beyond STARTS_AT_SKEW, which counts as now) or a window
-already taken, `expires_minutes` for a window length out of range,
-`gpu_count` / `gpu_type` / `node_count` for what the fleet cannot hold, no
-field for the per-user limit.
+start in the past (beyond STARTS_AT_SKEW, which counts as now), further ahead
+than STARTS_AT_MAX_LEAD, or a window already taken, `expires_minutes` for a
+window length out of range, `gpu_count` / `gpu_type` / `node_count` for what
+the fleet cannot hold, no field for the per-user limit.
+
+A task naming a reservation runs only on the workers it holds, so it must fit
+in what the reservation holds (`task_fit_refusal`, asked at submission).
 """
 
 from datetime import datetime, timedelta
@@ -29,6 +32,7 @@ from fetchml.errors import Conflict, Invalid
 from scheduler.models import Reservation
 from scheduler.policies import (
     FleetNode,
+    Shape,
     fleet_lacks,
     largest_gpu_count,
     nodes_that_could_hold,
@@ -42,6 +46,9 @@ LIVE_STATES = (Reservation.Status.PENDING, Reservation.Status.ACTIVE)
 _BOOKING_LOCK = 0x46524553  # any constant shared by every booking transaction
 # A `starts_at` this little in the past is a client clock running behind: taken as now.
 STARTS_AT_SKEW = timedelta(seconds=60)
+# How far ahead a window may start: a booking is checked against the fleet registered today,
+# and a pending reservation counts against its owner's limit until its window ends.
+STARTS_AT_MAX_LEAD = timedelta(days=365)
 
 
 def _serialise_bookings() -> None:
@@ -61,6 +68,10 @@ def _window(*, now: datetime, starts_at: datetime | None, expires_minutes: int) 
         raise _refuse(f"expires_minutes must be between 1 and {limit}", "expires_minutes")
     if starts_at is not None and starts_at < now - STARTS_AT_SKEW:
         raise _refuse(f"starts_at {starts_at.isoformat()} is in the past; leave it out to start now", "starts_at")
+    if starts_at is not None and starts_at > now + STARTS_AT_MAX_LEAD:
+        raise _refuse(
+            f"starts_at {starts_at.isoformat()} is more than {STARTS_AT_MAX_LEAD.days} days ahead", "starts_at"
+        )
     start = starts_at if starts_at is not None and starts_at > now else now
     return start, start + timedelta(minutes=expires_minutes)
 
@@ -80,6 +91,33 @@ def _fleet_cannot_hold(candidate: Reservation, fleet: list[FleetNode]) -> Invali
         return _refuse(f"{refusal}: the largest has {largest_gpu_count(shape, fleet)} GPU(s)", "gpu_count")
     fitting = nodes_that_could_hold(shape, fleet)
     return _refuse(f"{refusal}: only {fitting} could hold {gpu_count} GPU(s)", "node_count")
+
+
+def task_fit_refusal(*, reservation: Reservation, shape: Shape) -> Invalid | None:
+    """Why a task of `shape` could never run on `reservation`, naming the task's field; None if it fits.
+
+    Such a task runs only on the `node_count` workers the reservation holds, one node on each, and
+    the reservation holds `gpu_count` GPUs (of `gpu_type`) on each of them: a wider task, or one
+    asking for more GPUs per node or GPUs of another type, would wait out the whole window and
+    then run as an ordinary task. CPU cores and memory are not held: the task takes them from
+    what its workers have free, as any task does.
+    """
+    held = (
+        f"the reservation holds {reservation.gpu_count} {reservation.gpu_type + ' ' if reservation.gpu_type else ''}"
+        f"GPU(s) on each of {reservation.node_count} worker(s)"
+    )
+    if shape.node_count > reservation.node_count:
+        reason, field = f"the task asks for {shape.node_count} nodes; {held}", "node_count"
+    elif shape.gpu > reservation.gpu_count:
+        reason, field = f"the task asks for {shape.gpu} GPU(s) per node; {held}", "gpu"
+    elif shape.gpu and shape.gpu_type and reservation.gpu_type and shape.gpu_type != reservation.gpu_type:
+        reason, field = f"the task asks for GPUs of type {shape.gpu_type}; {held}", "gpu_type"
+    else:
+        return None
+    return Invalid(
+        f"the task cannot run on its reservation: {reason}",
+        details=[{"field": field, "message": f"Does not fit reservation {reservation.id}: {reason}."}],
+    )
 
 
 def reservation_create(

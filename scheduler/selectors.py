@@ -186,6 +186,25 @@ def _need(task: Task) -> str:
     return ", ".join(parts)
 
 
+def _on_its_reservation(task: Task, missing: list[str | None]) -> str:
+    """Why a task naming an active reservation does not fit the workers that reservation holds
+    (`missing`: each one's shortfall), the only workers it may use until the reservation ends."""
+    ends_at = Reservation.objects.filter(id=task.reservation_id).values_list("expires_at", flat=True).first()
+    until = f"; it may run only on them until the reservation ends at {ends_at.isoformat()}" if ends_at else ""
+    if not missing:
+        return f"its reservation is not held on any active worker (too few are connected){until}"
+    if len(missing) < task.node_count:
+        return f"its reservation holds {_plural(len(missing), 'worker')}, fewer than its {task.node_count} nodes{until}"
+    if set(missing) == {"gpu_type"}:
+        return f"the worker(s) its reservation holds have no GPUs of type {task.gpu_type}{until}"
+    others = "; other reservations hold part of them" if "reserved" in missing else ""
+    if fitting := missing.count(None):
+        need = f"only {fitting} of the {len(missing)} worker(s) its reservation holds have {_need(task)}"
+    else:
+        need = f"no worker its reservation holds has {_need(task)}"
+    return f"{need}{others}{until}"
+
+
 def pending_reason(task: Task, *, now: datetime | None = None, position: int | None = None) -> str:
     """A sentence saying why a queued task has not started, from the dispatcher's own matching rule.
 
@@ -211,11 +230,14 @@ def pending_reason(task: Task, *, now: datetime | None = None, position: int | N
             return never
         missing = [shortfall(node, task) for node in eligible_nodes(nodes, task, holds)]
         fitting = missing.count(None)
+        held_for_head = not fitting and head is not None and "held" in missing
+        if task.reservation_id is not None and task.reservation_id in holds.active and not held_for_head:
+            return _on_its_reservation(task, missing)
         nodes_text = f"{task.node_count} workers" if task.node_count > 1 else "worker"
         if fitting:
             held = "; on others it is held by active reservations" if "reserved" in missing else ""
             return f"only {fitting} of {task.node_count} workers have {_need(task)}{held}"
-        if head is not None and "held" in missing:
+        if held_for_head:
             return f"the workers it could use are held for task {head.id}, which has waited longest"
         if "reserved" in missing:
             return "the capacity it needs is held by active reservations"

@@ -27,6 +27,7 @@ from scheduler.agent.datasets import SERVER_PREFIX, DatasetSpec, parse_specs
 from scheduler.dispatch import dispatch_at_submission
 from scheduler.models import Reservation
 from scheduler.policies import Shape, fair_share_offset, unschedulable_reason
+from scheduler.reservations import task_fit_refusal
 from tasks.models import Experiment, IdempotencyRecord, Task
 from tasks.states import ACTIVE_STATES, FINAL_STATES, NO_OUTCOME, TaskStatus, can_transition, sources_of
 
@@ -151,11 +152,15 @@ def _parsed_datasets(field: str, specs: list | tuple, names: list) -> list[Datas
         raise Invalid(f"{field} cannot be used: {exc}", details=[{"field": field, "message": str(exc)}]) from None
 
 
+def _shape(fields: dict[str, Any]) -> Shape:
+    """What one node of the task being submitted needs (the model's defaults for what is not given)."""
+    names = ("gpu", "gpu_type", "cpu", "memory_gb", "node_count", "kind")
+    return Shape(**{name: fields[name] for name in names if name in fields})
+
+
 def _refuse_unschedulable(fields: dict[str, Any]) -> None:
     """422 for a task no registered worker could ever run (unless `allow_unschedulable`)."""
-    names = ("gpu", "gpu_type", "cpu", "memory_gb", "node_count", "kind")
-    shape = Shape(**{name: fields[name] for name in names if name in fields})
-    reason = unschedulable_reason(shape)
+    reason = unschedulable_reason(_shape(fields))
     if reason:
         raise Invalid(
             f"no registered worker could ever run this task: {reason}",
@@ -177,8 +182,9 @@ def task_submit(
     its `assign` is built from (a Jupyter service's) point at it by then.
 
     `experiment_id` / `reservation_id` (as sent by clients) must name the
-    owner's own rows, and `plugin_configs` may only change what the plugins
-    allow a task to; checked here so every caller gets the checks.
+    owner's own rows (the task must fit in the reservation it names), and
+    `plugin_configs` may only change what the plugins allow a task to;
+    checked here so every caller gets the checks.
     """
     if fields.get("plugin_configs"):
         validate_task_plugin_configs(fields["plugin_configs"])
@@ -187,6 +193,8 @@ def task_submit(
     fields.pop("experiment_id", None)
     if fields.get("reservation_id") is not None:
         fields["reservation"] = _owned_reservation(owner, fields.pop("reservation_id"))
+        if refusal := task_fit_refusal(reservation=fields["reservation"], shape=_shape(fields)):
+            raise refusal
     fields.pop("reservation_id", None)
     if fields.get("snapshot_id"):
         _refuse_unknown_snapshot(owner, fields["snapshot_id"])

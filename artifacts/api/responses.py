@@ -1,9 +1,9 @@
 """Raw bodies in, stored files out: the HTTP side of streaming bytes.
 
 Downloads honour a single `Range: bytes=a-b` (206 + Content-Range; 416 when
-it cannot be served) and stream in chunks. Under ASGI the chunks come from an
-async iterator: Django would otherwise collect a synchronous iterator into a
-list, i.e. hold the whole file in memory.
+it cannot be served; ignored when it asks for nothing) and stream in chunks.
+Under ASGI the chunks come from an async iterator: Django would otherwise
+collect a synchronous iterator into a list, i.e. hold the whole file in memory.
 """
 
 import io
@@ -22,7 +22,8 @@ from rest_framework.request import Request
 from artifacts.storage import CHUNK_BYTES, file_storage
 from fetchml.errors import error_response
 
-_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+_RANGE = re.compile(r"^(\d*)-(\d*)$")
+_BYTES = "bytes="
 
 
 class RawStreamParser(BaseParser):
@@ -57,12 +58,17 @@ class UnsatisfiableRange(Exception):
 def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     """(first, last) byte of a single range, None for the whole file.
 
-    A header in a unit other than bytes, or empty, is ignored (RFC 9110 14.2: a server must ignore
-    a range unit it does not understand); a byte range it cannot serve is refused.
+    A header in a unit other than bytes (units are case-insensitive), or empty, or `bytes=` with no
+    range after it, is ignored (RFC 9110 14.2: a server must ignore a range unit it does not
+    understand, and may ignore a Range it cannot use); a byte range it cannot serve is refused.
     """
-    if header is None or not header.strip().lower().startswith("bytes="):
+    value = (header or "").strip()
+    if value[: len(_BYTES)].lower() != _BYTES:
         return None
-    match = _RANGE.match(header.strip())
+    ranges = value[len(_BYTES) :].strip()
+    if not ranges:
+        return None
+    match = _RANGE.match(ranges)
     if match is None or match[1] == match[2] == "":
         raise UnsatisfiableRange
     if match[1] == "":  # suffix: the last N bytes

@@ -24,6 +24,7 @@ from artifacts.api.serializers import (
     SnapshotSerializer,
 )
 from fetchml.auth import actor_from_request
+from fetchml.errors import ApplicationError
 from fetchml.permissions import IsHumanOrWorker, IsHumanUser
 from fetchml.schema import ErrorResponseSerializer
 
@@ -44,8 +45,12 @@ def _error(description: str) -> OpenApiResponse:
     return OpenApiResponse(ErrorResponseSerializer, description=description)
 
 
-# A dataset's reads name it by query parameters (`owner`, a worker's `task_id`): a bad one is a 422.
-BAD_DATASET_QUERY = _error("Invalid `owner` or `task_id`, or a worker key without `task_id`")
+# A dataset's reads name it in the URL and by query parameters (`owner`, a worker's `task_id`): a bad one
+# is a 422. A name, snapshot id or artifact path in a URL is checked as its upload checks it (artifacts.validation)
+# before anything is looked up, so a read never queries with one that could not be stored.
+BAD_DATASET_QUERY = _error("Invalid name, `owner` or `task_id`, or a worker key without `task_id`")
+BAD_SNAPSHOT_ID = _error("The id is not a sha256 digest (64 hexadecimal characters)")
+BAD_PAGE = _error("Invalid `limit` or `offset` (`details` names it)")
 
 
 def _download_responses(what: str) -> dict[Any, Any]:
@@ -60,6 +65,16 @@ def _download_responses(what: str) -> dict[Any, Any]:
 def _query(serializer_class: type[serializers.Serializer], request: Request) -> dict[str, Any]:
     serializer = serializer_class(data=request.query_params)
     serializer.is_valid(raise_exception=True)
+    return serializer.validated_data
+
+
+def _page(serializer_class: type[serializers.Serializer], request: Request) -> dict[str, Any]:
+    """The paging parameters of a list; a bad one is a 400 naming it, as on the other paged lists
+    (tasks, experiments, audit): the request line is wrong, not a body."""
+    serializer = serializer_class(data=request.query_params)
+    if not serializer.is_valid():
+        details = [{"field": name, "message": str(m)} for name, ms in serializer.errors.items() for m in ms]
+        raise ApplicationError("Invalid query parameters: " + ", ".join(serializer.errors), details=details)
     return serializer.validated_data
 
 
@@ -85,10 +100,10 @@ class SnapshotListUploadView(APIView):
             "carries the total."
         ),
         parameters=[SnapshotListQuerySerializer],
-        responses={200: SnapshotSerializer(many=True), 422: _error("Invalid `limit` or `offset`")},
+        responses={200: SnapshotSerializer(many=True), 400: BAD_PAGE},
     )
     def get(self, request: Request) -> Response:
-        query = _query(SnapshotListQuerySerializer, request)
+        query = _page(SnapshotListQuerySerializer, request)
         page, total = selectors.snapshot_list(
             actor=actor_from_request(request), limit=query["limit"], offset=query["offset"]
         )
@@ -120,8 +135,9 @@ class SnapshotListUploadView(APIView):
 class SnapshotMetaView(APIView):
     permission_classes = [IsHumanOrWorker]
 
-    @extend_schema(summary="Code snapshot metadata", responses={200: SnapshotSerializer})
+    @extend_schema(summary="Code snapshot metadata", responses={200: SnapshotSerializer, 422: BAD_SNAPSHOT_ID})
     def get(self, request: Request, snapshot_id: str) -> Response:
+        snapshot_id = validation.sha256_hex(snapshot_id, field="snapshot_id")
         snapshot = selectors.snapshot_for_download(actor=actor_from_request(request), snapshot_id=snapshot_id)
         return Response(SnapshotSerializer(snapshot).data)
 
@@ -136,9 +152,10 @@ class SnapshotDownloadView(APIView):
             "of a task using it (submitted by one of its uploaders). Audited as file_access."
         ),
         parameters=[RANGE],
-        responses=_download_responses("snapshot"),
+        responses={**_download_responses("snapshot"), 422: BAD_SNAPSHOT_ID},
     )
     def get(self, request: Request, snapshot_id: str) -> HttpResponseBase:
+        snapshot_id = validation.sha256_hex(snapshot_id, field="snapshot_id")
         actor = actor_from_request(request)
         snapshot = selectors.snapshot_for_download(actor=actor, snapshot_id=snapshot_id)
         response = stored_file_response(
@@ -209,6 +226,7 @@ class DatasetDetailView(APIView):
         responses={200: DatasetSerializer, 422: BAD_DATASET_QUERY},
     )
     def get(self, request: Request, name: str) -> Response:
+        name = validation.dataset_name(name)
         query = _query(DatasetReadQuerySerializer, request)
         dataset = selectors.dataset_for_reader(
             actor=actor_from_request(request),
@@ -222,6 +240,7 @@ class DatasetDetailView(APIView):
         summary="Delete dataset", parameters=[DatasetReadQuerySerializer], responses={204: None, 422: BAD_DATASET_QUERY}
     )
     def delete(self, request: Request, name: str) -> Response:
+        name = validation.dataset_name(name)
         query = _query(DatasetReadQuerySerializer, request)
         actor = actor_from_request(request)
         dataset = selectors.dataset_for_reader(actor=actor, name=name, owner_username=query.get("owner"))
@@ -242,6 +261,7 @@ class DatasetContentView(APIView):
         responses={**_download_responses("dataset"), 422: BAD_DATASET_QUERY},
     )
     def get(self, request: Request, name: str) -> HttpResponseBase:
+        name = validation.dataset_name(name)
         query = _query(DatasetReadQuerySerializer, request)
         actor = actor_from_request(request)
         dataset = selectors.dataset_for_reader(
@@ -282,9 +302,10 @@ class ArtifactFileView(APIView):
         summary="Download task artifact",
         description="Owner and admins only. Audited as file_access.",
         parameters=[ARTIFACT_PATH, RANGE],
-        responses=_download_responses("artifact"),
+        responses={**_download_responses("artifact"), 422: _error("Bad path (as for uploads)")},
     )
     def get(self, request: Request, taskId: uuid.UUID, path: str) -> HttpResponseBase:
+        path = validation.artifact_path(path)
         actor = actor_from_request(request)
         task = selectors.task_for_reader(actor=actor, task_id=taskId)
         artifact = selectors.artifact_for_download(task=task, path=path)

@@ -315,7 +315,7 @@ def test_unsatisfiable_range_is_416(agent, run, user_client, header):
     assert not AuditEvent.objects.filter(event_type="file_access", action="download").exists()
 
 
-@pytest.mark.parametrize("header", ["lines=1-2", "", "  "])
+@pytest.mark.parametrize("header", ["lines=1-2", "", "  ", "bytes=", "bytes=  "])
 def test_a_range_in_another_unit_or_empty_is_ignored(agent, run, user_client, header):
     upload_and_commit(agent, run, {"model.bin": MODEL})
 
@@ -323,6 +323,16 @@ def test_a_range_in_another_unit_or_empty_is_ignored(agent, run, user_client, he
 
     assert response.status_code == 200
     assert response.content_bytes == MODEL
+
+
+@pytest.mark.parametrize("header", ["Bytes=100-199", "BYTES=100-199"])
+def test_the_range_unit_is_case_insensitive(agent, run, user_client, header):
+    upload_and_commit(agent, run, {"model.bin": MODEL})
+
+    response = download(user_client, f"/v1/tasks/{run.task_id}/artifacts/model.bin", HTTP_RANGE=header)
+
+    assert response.status_code == 206
+    assert response.content_bytes == MODEL[100:200]
 
 
 def test_a_file_named_commit_is_an_ordinary_artifact(agent, run, user_client):

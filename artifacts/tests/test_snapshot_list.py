@@ -47,9 +47,11 @@ def test_the_list_pages_with_limit_and_offset(user_client):
     assert response["X-Total-Count"] == "3"
 
 
-@pytest.mark.parametrize("query", [{"limit": 0}, {"limit": 1001}, {"offset": -1}])
-def test_a_bad_page_is_refused_naming_the_parameter(user_client, query):
-    response = user_client.get("/v1/snapshots", query)
+@pytest.mark.parametrize("query", [{"limit": 0}, {"limit": 1001}, {"limit": "x"}, {"offset": -1}])
+def test_a_bad_page_is_400_naming_the_parameter_as_on_the_other_lists(user_client, query):
+    snapshots = user_client.get("/v1/snapshots", query)
+    tasks = user_client.get("/v1/tasks", query)
 
-    assert response.status_code == 422
-    assert [detail["field"] for detail in response.json()["details"]] == list(query)
+    assert (snapshots.status_code, snapshots.json()["code"]) == (400, "BAD_REQUEST")
+    assert [detail["field"] for detail in snapshots.json()["details"]] == list(query)
+    assert snapshots.json()["details"] == tasks.json()["details"]

@@ -3,32 +3,26 @@
 from datetime import datetime
 from typing import Any
 
-from django.utils.dateparse import parse_datetime
 from rest_framework import serializers
 
 from audit.canonical import format_timestamp, is_hex_digest
 from audit.checkpoints import SIGNATURE_ALGORITHM, Checkpoint, CheckpointError, check_signature
 from audit.models import AuditEvent, EventType
 from fetchml.paging import offset_field
-from tasks.api.fields import BoundedListField, StrictCharField, StrictIntegerField, StrictSerializer, setting_limit
+from tasks.api.fields import (
+    BoundedListField,
+    StrictCharField,
+    StrictIntegerField,
+    StrictSerializer,
+    ZonedDateTimeField,
+    setting_limit,
+)
 
 
 def _hex_digest(value: str) -> None:
     # Not a regex: `$` would let a trailing newline through.
     if not is_hex_digest(value):
         raise serializers.ValidationError("Must be 64 lowercase hex characters.")
-
-
-class ZonedDateTimeField(serializers.DateTimeField):
-    """An ISO 8601 time that names its zone: a checkpoint's time is signed as UTC."""
-
-    default_error_messages = {"naive": "Must carry a time zone (e.g. `Z`)."}
-
-    def to_internal_value(self, value: Any) -> datetime:
-        result = super().to_internal_value(value)  # refuses non-strings and other formats
-        if isinstance(value, str) and parse_datetime(value).tzinfo is None:
-            self.fail("naive")
-        return result
 
 
 class CanonicalTimestampField(serializers.DateTimeField):

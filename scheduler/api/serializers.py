@@ -7,7 +7,8 @@ from rest_framework import serializers
 
 from fetchml.conf import app_settings
 from scheduler.models import Reservation, Worker
-from tasks.api.fields import StrictCharField, StrictIntegerField, StrictSerializer
+from scheduler.reservations import STARTS_AT_MAX_LEAD, STARTS_AT_SKEW
+from tasks.api.fields import StrictCharField, StrictIntegerField, StrictSerializer, ZonedDateTimeField
 
 
 class SchedulerStatusSerializer(serializers.Serializer):
@@ -104,11 +105,14 @@ class CreateReservationSerializer(StrictSerializer):
     gpu_type = StrictCharField(required=False, default="", allow_blank=True, max_length=64)
     node_count = StrictIntegerField(required=False, default=1, min_value=1, max_value=1024)
     expires_minutes = StrictIntegerField(required=False, default=30, min_value=1, help_text="Window length")
-    starts_at = serializers.DateTimeField(
+    starts_at = ZonedDateTimeField(
         required=False,
         allow_null=True,
         default=None,
-        help_text="Start of the window (default: now); at most 60 s in the past, taken as now",
+        help_text=(
+            "Start of the window (default: now), with its time zone; at most "
+            f"{STARTS_AT_SKEW.seconds} s in the past, taken as now, and at most {STARTS_AT_MAX_LEAD.days} days ahead"
+        ),
     )
 
     def validate_expires_minutes(self, value: int) -> int:

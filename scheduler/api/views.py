@@ -139,9 +139,11 @@ class ReservationListCreateView(APIView):
         description=(
             "Hold `gpu_count` GPUs (of `gpu_type`) on each of `node_count` workers for `expires_minutes`, "
             "from now or from `starts_at` (up to 60 s in the past counts as now: clock skew). Refused (422, "
-            "with the reason and the field it is about) for a `starts_at` further in the past, beyond "
-            "FETCHML_RESERVATIONS_PER_USER live reservations, or when the registered workers cannot hold it "
-            "next to the other reservations of that window. Tasks submitted with its `reservation_id` run on it."
+            "with the reason and the field it is about) for a `starts_at` without a time zone, further in the "
+            f"past or more than {reservations.STARTS_AT_MAX_LEAD.days} days ahead, beyond "
+            "FETCHML_RESERVATIONS_PER_USER live reservations, or when "
+            "the registered workers cannot hold it next to the other reservations of that window. Tasks "
+            "submitted with its `reservation_id` run on it, and must fit in it (nodes, GPUs per node, GPU type)."
         ),
         request=CreateReservationSerializer,
         responses={201: ReservationSerializer, 401: UNAUTHORIZED, 403: FORBIDDEN, 422: VALIDATION},

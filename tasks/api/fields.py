@@ -3,9 +3,11 @@ and every container has a bounded size checked before its items are parsed."""
 
 import json
 from collections.abc import Callable, Mapping
+from datetime import datetime
 from typing import Any
 
 from django.core.validators import RegexValidator
+from django.utils.dateparse import parse_datetime
 from rest_framework import serializers
 
 from fetchml.conf import app_settings
@@ -113,3 +115,16 @@ class StrictSerializer(serializers.Serializer):
                     {name[:64]: ["Unknown field."] for name in unknown[: self.max_reported_unknown]}
                 )
         return super().to_internal_value(data)
+
+
+class ZonedDateTimeField(serializers.DateTimeField):
+    """An ISO 8601 time that names its zone (`Z` or an offset): a time without one would be taken as
+    the server's zone, hours off the client's meaning."""
+
+    default_error_messages = {"naive": "Must carry a time zone (e.g. `Z`)."}
+
+    def to_internal_value(self, value: Any) -> datetime:
+        result = super().to_internal_value(value)  # refuses non-strings and other formats
+        if isinstance(value, str) and parse_datetime(value).tzinfo is None:
+            self.fail("naive")
+        return result

@@ -111,7 +111,7 @@ def test_submit_is_rolled_back_when_its_audit_event_cannot_be_written(user_clien
 
 def test_submit_stores_every_fetchml_extension(user_client, user):
     experiment = ExperimentFactory(owner=user)
-    reservation = ReservationFactory(owner=user)
+    reservation = ReservationFactory(owner=user, gpu_count=2, gpu_type="a100", node_count=2)
     snapshot = SnapshotFactory(uploaded_by=[user])
     DatasetFactory(owner=user, name="mnist")
     PluginConfig.objects.create(name="tensorboard", enabled=True, mode="sidecar")  # a task may tune enabled ones
