@@ -1,13 +1,15 @@
-"""Request plumbing: trace ids, body-size limit, the error format outside DRF, rate-limit headers."""
+"""Request plumbing: trace ids, body-size limit, the error format outside DRF, rate-limit headers,
+HEAD without a body."""
 
 import logging
 import os
 import time
+from collections.abc import AsyncIterator
 
 from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
 from django.core.handlers.asgi import ASGIRequest
-from django.http import HttpRequest, HttpResponse
+from django.http import HttpRequest, HttpResponse, HttpResponseBase, StreamingHttpResponse
 
 from fetchml.errors import code_for_status, error_response
 from fetchml.ratelimits import apply_headers
@@ -64,6 +66,38 @@ class TraceIdMiddleware:
             return response
         finally:
             reset_trace_id(token)
+
+
+class HeadWithoutBodyMiddleware:
+    """The answer to a HEAD: the GET's status and headers, no body.
+
+    Django passes a HEAD's body on, and daphne drops only its first chunk: the rest went out
+    after the headers (a schema or a log page over 64 KiB, a download), and an event stream kept
+    writing heartbeats to the connection, holding its channel-layer groups, for as long as the
+    client stayed. A streaming body is replaced before it starts, so a stream never runs.
+    """
+
+    def __init__(self, get_response):
+        self.get_response = get_response
+
+    def __call__(self, request: HttpRequest) -> HttpResponseBase:
+        response = self.get_response(request)
+        if request.method != "HEAD":
+            return response
+        if isinstance(response, StreamingHttpResponse):
+            # Of the same kind: ASGI warns when it must consume a synchronous iterator. A file's
+            # closer stays registered with the response.
+            response.streaming_content = _no_frames() if response.is_async else ()
+        elif isinstance(response, HttpResponse) and response.content:
+            if not response.has_header("Content-Length"):  # the GET's length, not the emptied body's
+                response["Content-Length"] = str(len(response.content))
+            response.content = b""
+        return response
+
+
+async def _no_frames() -> AsyncIterator[bytes]:
+    return
+    yield  # an async generator that yields nothing
 
 
 def _is_json(response: HttpResponse) -> bool:

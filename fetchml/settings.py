@@ -75,6 +75,7 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "fetchml.middleware.TraceIdMiddleware",
+    "fetchml.middleware.HeadWithoutBodyMiddleware",  # sees every answer, error bodies included
     "django.middleware.security.SecurityMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",

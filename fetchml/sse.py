@@ -16,7 +16,9 @@ is told) or found unusable at a heartbeat (expired, its user deactivated).
 Streaming views are plain async Django views (a DRF view is sync and would
 hold a worker thread for the whole stream); `authenticate_stream` applies the
 API's rules to them: X-API-Key only, worker keys refused, one request counted
-against the key's rate limit, errors in the standard format.
+against the key's rate limit, errors in the standard format. They are wrapped
+in `fetchml.decorators.safe_methods_only`, whose answer to a HEAD drops the
+stream before it starts.
 """
 
 import asyncio

@@ -6,6 +6,7 @@ from django.contrib.staticfiles.views import serve as serve_static
 from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
+from fetchml.api_root import ApiIndexView
 from fetchml.decorators import safe_methods_only
 from fetchml.health import health
 
@@ -18,6 +19,7 @@ urlpatterns = [
         SpectacularSwaggerView.as_view(url_name="schema", permission_classes=[], authentication_classes=[]),
         name="docs",
     ),
+    path("v1/", ApiIndexView.as_view(), name="api-index"),
     path("v1/", include("tasks.api.urls")),
     path("v1/", include("tasks.api.stream_urls")),
     path("v1/", include("scheduler.api.urls")),

@@ -4,10 +4,10 @@ A plain async view (not DRF): a followed stream can stay open for hours and
 must not hold a worker thread. drf-spectacular does not see plain views, so a
 hook in fetchml/schema.py adds this operation to the served schema; in short:
 
-- query `tail` (1..10000): only the last N lines; `after_id`: only lines with a
-  larger id (paging; `Last-Event-ID` does the same for a reconnecting SSE client,
-  and wins over `tail`); `tail` and `after_id` together are a 400;
-  `follow` (true|false).
+- query `tail` (1..10000): only the last N lines; `after_id` (0..2**63-1): only
+  lines with a larger id (paging; `Last-Event-ID` does the same for a reconnecting
+  SSE client, and wins over `tail`); `tail` and `after_id` together are a 400;
+  `follow` (true|false). Numbers are plain ASCII digits; anything else is a 400.
 - without follow: 200 `{"task_id", "status", "lines": [{"id", "stream", "line",
   "attempt", "node", "seq", "created_at"}], "has_more", "next_after_id"}`, at
   most 10000 lines, in the order stored (`seq`: the line's place in its node's
@@ -20,6 +20,7 @@ hook in fetchml/schema.py adds this operation to the served schema; in short:
   task (admins see all), 429 rate limited; all in the standard error format.
 """
 
+import re
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -41,6 +42,9 @@ from tasks.selectors import task_get_for_actor
 from tasks.states import FINAL_STATES
 
 _BOOLEANS = {"true": True, "1": True, "false": False, "0": False}
+_DIGITS = re.compile(r"[0-9]+")
+# Log line ids are 64-bit keys: a larger after_id names no line (and fits no database integer).
+MAX_LINE_ID = 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -50,21 +54,32 @@ class LogQuery:
     follow: bool
 
 
-def _bad(field: str, message: str) -> ApplicationError:
-    return ApplicationError(f"Invalid query parameter: {field}", details=[{"field": field, "message": message}])
+def _bad(field: str, message: str, *, source: str = "query parameter") -> ApplicationError:
+    return ApplicationError(f"Invalid {source}: {field}", details=[{"field": field, "message": message}])
 
 
-def _int_param(params: QueryDict, name: str, *, low: int, high: int | None) -> int | None:
+def parse_whole_number(raw: str, *, name: str, low: int, high: int, source: str = "query parameter") -> int:
+    """`raw` as an integer from `low` to `high`, or a 400 naming `name`: the one parser of this
+    endpoint's integers (query parameters and Last-Event-ID alike).
+
+    Only the ASCII digits 0-9: int() alone also takes "1_0", " 10", "+10" and other scripts'
+    digits, and str.isdigit() passes "²", which int() then refuses.
+    """
+    if _DIGITS.fullmatch(raw) is None:
+        raise _bad(name, "must be a whole number written with the digits 0-9", source=source)
+    digits = raw.lstrip("0") or "0"
+    # Too many digits is out of range without converting: int() of thousands of them is slow, then refused.
+    value = int(digits) if len(digits) <= len(str(high)) else None
+    if value is None or not low <= value <= high:
+        raise _bad(name, f"must be between {low} and {high}", source=source)
+    return value
+
+
+def _int_param(params: QueryDict, name: str, *, low: int, high: int) -> int | None:
     raw = params.get(name)
     if raw is None or raw == "":
         return None
-    try:
-        value = int(raw)
-    except ValueError:
-        raise _bad(name, "must be an integer") from None
-    if value < low or (high is not None and value > high):
-        raise _bad(name, f"must be between {low} and {high}" if high is not None else f"must be at least {low}")
-    return value
+    return parse_whole_number(raw, name=name, low=low, high=high)
 
 
 def parse_log_query(params: QueryDict, last_event_id: str | None) -> LogQuery:
@@ -72,15 +87,14 @@ def parse_log_query(params: QueryDict, last_event_id: str | None) -> LogQuery:
     if raw_follow not in _BOOLEANS:
         raise _bad("follow", "must be true or false")
     tail = _int_param(params, "tail", low=1, high=MAX_TAIL)
-    after_id = _int_param(params, "after_id", low=0, high=None)
+    after_id = _int_param(params, "after_id", low=0, high=MAX_LINE_ID)
     if tail is not None and after_id is not None:
         raise _bad("tail", "give tail (the last lines) or after_id (the lines after one), not both")
     follow = _BOOLEANS[raw_follow]
     if follow and last_event_id:
         # An EventSource reconnecting: resume after the last line it received.
-        if not last_event_id.isdigit():
-            raise _bad("Last-Event-ID", "must be a log line id")
-        after_id, tail = int(last_event_id), None
+        after_id = parse_whole_number(last_event_id, name="Last-Event-ID", low=0, high=MAX_LINE_ID, source="header")
+        tail = None
     return LogQuery(tail=tail, after_id=after_id, follow=follow)
 
 
