@@ -24,8 +24,8 @@ from artifacts.api.serializers import (
     SnapshotSerializer,
 )
 from fetchml.auth import actor_from_request
-from fetchml.errors import ApplicationError
 from fetchml.permissions import IsHumanOrWorker, IsHumanUser
+from fetchml.query import validated_query
 from fetchml.schema import ErrorResponseSerializer
 
 TOKEN_HEADER = "X-Fetchml-Token"
@@ -68,16 +68,6 @@ def _query(serializer_class: type[serializers.Serializer], request: Request) -> 
     return serializer.validated_data
 
 
-def _page(serializer_class: type[serializers.Serializer], request: Request) -> dict[str, Any]:
-    """The paging parameters of a list; a bad one is a 400 naming it, as on the other paged lists
-    (tasks, experiments, audit): the request line is wrong, not a body."""
-    serializer = serializer_class(data=request.query_params)
-    if not serializer.is_valid():
-        details = [{"field": name, "message": str(m)} for name, ms in serializer.errors.items() for m in ms]
-        raise ApplicationError("Invalid query parameters: " + ", ".join(serializer.errors), details=details)
-    return serializer.validated_data
-
-
 class IsWorkerKey(BasePermission):
     message = "Worker key required"
 
@@ -103,7 +93,7 @@ class SnapshotListUploadView(APIView):
         responses={200: SnapshotSerializer(many=True), 400: BAD_PAGE},
     )
     def get(self, request: Request) -> Response:
-        query = _page(SnapshotListQuerySerializer, request)
+        query = validated_query(SnapshotListQuerySerializer, request)
         page, total = selectors.snapshot_list(
             actor=actor_from_request(request), limit=query["limit"], offset=query["offset"]
         )

@@ -1,7 +1,5 @@
 """Audit endpoints (admin only): query events, verify the chain, read its root."""
 
-from typing import Any
-
 from drf_spectacular.utils import OpenApiResponse, extend_schema
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -17,24 +15,11 @@ from audit.api.serializers import (
 )
 from audit.checkpoints import warnings_for
 from fetchml.auth import actor_from_request
-from fetchml.errors import ApplicationError
 from fetchml.permissions import IsAdmin
+from fetchml.query import validated_query
 from fetchml.schema import ErrorResponseSerializer
 
 BAD_QUERY = OpenApiResponse(ErrorResponseSerializer, description="Invalid query parameter (`details` names it)")
-
-
-def _query(request: Request) -> dict[str, Any]:
-    """Validated query parameters; a bad one is a 400 (the request line is wrong, not a body)."""
-    serializer = AuditEventQuerySerializer(data=request.query_params)
-    if not serializer.is_valid():
-        details = [
-            {"field": name, "message": str(message)}
-            for name, messages in serializer.errors.items()
-            for message in messages
-        ]
-        raise ApplicationError("Invalid query parameters: " + ", ".join(serializer.errors), details=details)
-    return serializer.validated_data
 
 
 class AuditEventListView(APIView):
@@ -49,7 +34,7 @@ class AuditEventListView(APIView):
         responses={200: AuditEventListSerializer, 400: BAD_QUERY},
     )
     def get(self, request: Request) -> Response:
-        query = _query(request)
+        query = validated_query(AuditEventQuerySerializer, request)
         events = selectors.audit_event_list(
             since=query.get("from"),
             until=query.get("to"),

@@ -17,8 +17,8 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from fetchml.auth import actor_from_request
-from fetchml.errors import ApplicationError
 from fetchml.permissions import IsAdmin, IsHumanUser
+from fetchml.query import validated_query
 from fetchml.schema import ErrorResponseSerializer
 from scheduler import reservations
 from scheduler.api import reads
@@ -52,14 +52,6 @@ BAD_REQUEST = _error("Invalid query parameter")
 def _body(serializer_class: type[serializers.Serializer], request: Request) -> dict[str, Any]:
     serializer = serializer_class(data=request.data)
     serializer.is_valid(raise_exception=True)
-    return serializer.validated_data
-
-
-def _query(serializer_class: type[serializers.Serializer], request: Request) -> dict[str, Any]:
-    serializer = serializer_class(data=request.query_params)
-    if not serializer.is_valid():
-        details = [{"field": name, "message": str(m)} for name, ms in serializer.errors.items() for m in ms]
-        raise ApplicationError("Invalid query parameters: " + ", ".join(serializer.errors), details=details)
     return serializer.validated_data
 
 
@@ -129,7 +121,7 @@ class ReservationListCreateView(APIView):
         responses={200: ReservationSerializer(many=True), 400: BAD_REQUEST, 401: UNAUTHORIZED, 403: FORBIDDEN},
     )
     def get(self, request: Request) -> Response:
-        query = _query(ReservationListQuerySerializer, request)
+        query = validated_query(ReservationListQuerySerializer, request)
         found = reads.reservation_list(actor=actor_from_request(request), include_ended=query["include_ended"])
         return Response(ReservationSerializer(found, many=True).data)
 

@@ -15,6 +15,7 @@ from fetchml.auth import actor_from_request
 from fetchml.errors import ApplicationError
 from fetchml.models import ApiKey
 from fetchml.permissions import IsHumanUser
+from fetchml.query import validated_query
 from fetchml.schema import ErrorResponseSerializer
 from tasks import experiments, selectors, services
 from tasks.api.serializers import (
@@ -45,19 +46,6 @@ CONFLICT = _error("The task has already finished")
 NAME_CONFLICT = _error("The owner already has an experiment with this name; `details` names `name`")
 VALIDATION = _error("Validation failed; `details` names each field")
 RATE_LIMITED = _error("Too many requests (see Retry-After)")
-
-
-def _query(serializer_class: type[serializers.Serializer], request: Request) -> dict[str, Any]:
-    """Validated query parameters; a bad one is a 400 (the request line is wrong, not the body)."""
-    serializer = serializer_class(data=request.query_params)
-    if not serializer.is_valid():
-        details = [
-            {"field": field, "message": str(message)}
-            for field, messages in serializer.errors.items()
-            for message in messages
-        ]
-        raise ApplicationError("Invalid query parameters: " + ", ".join(serializer.errors), details=details)
-    return serializer.validated_data
 
 
 def _body(serializer_class: type[serializers.Serializer], request: Request) -> dict[str, Any]:
@@ -110,7 +98,7 @@ class TaskListCreateView(APIView):
         },
     )
     def get(self, request: Request) -> Response:
-        filters = _query(TaskListQuerySerializer, request)
+        filters = validated_query(TaskListQuerySerializer, request)
         page = selectors.task_list(actor=actor_from_request(request), filters=filters)
         return Response(TaskListSerializer(page).data)
 
@@ -227,7 +215,7 @@ class ExperimentListCreateView(APIView):
         },
     )
     def get(self, request: Request) -> Response:
-        query = _query(ExperimentListQuerySerializer, request)
+        query = validated_query(ExperimentListQuerySerializer, request)
         page, total = selectors.experiment_list(
             actor=actor_from_request(request),
             status=query.get("status"),
