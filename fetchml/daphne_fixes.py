@@ -1,4 +1,4 @@
-"""Three gaps in what daphne 4 puts on the wire, filled when the ASGI application loads.
+"""Four gaps in what daphne 4 puts on the wire, filled when the ASGI application loads.
 
 - Status lines: ASGI carries only a status code and daphne takes the reason
   phrase from Twisted's table, which lacks some codes FetchML answers with (422,
@@ -13,6 +13,10 @@
   (16 KiB) had the connection dropped with no answer at all, which a client
   reports as a network error. It is answered 414 (the request line) or 431 (a
   header) in the one error format, then closed.
+- Requests refused before the application sees them (a malformed
+  Content-Length or request line, a raw non-ASCII byte in the path or query,
+  an invalid header) and daphne's own 500 and 503 were answered with a bare
+  status line or an HTML page: they get the one error format, with a trace id.
 
 Installed from `fetchml.asgi`, so only serving processes import Twisted.
 """
@@ -32,6 +36,7 @@ def install() -> None:
     _complete_reason_phrases()
     _send_close_reasons()
     _answer_overlong_lines()
+    _answer_refusals_in_the_error_format()
 
 
 def _complete_reason_phrases() -> None:
@@ -62,14 +67,25 @@ def overlong_line_answer(*, request_line: bool) -> bytes:
     """The whole HTTP response to a line over Twisted's limit, in the one error format."""
     status = HTTPStatus.REQUEST_URI_TOO_LONG if request_line else HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE
     what = "The request line" if request_line else "A header line"
+    return refusal_answer(status, f"{what} is longer than 16384 bytes")
+
+
+def _error_content(status: HTTPStatus, message: str) -> tuple[str, bytes]:
+    """A fresh trace id and the error body naming it, logged as answered."""
     trace_id = new_trace_id()
     token = set_trace_id(trace_id)
     try:
-        body = error_body(f"{what} is longer than 16384 bytes", code_for_status(status))
-        logger.warning("answered %d: %s is longer than 16384 bytes", status, what.lower())
+        body = error_body(message, code_for_status(status))
+        logger.warning("answered %d: %s", status, message[:1].lower() + message[1:])
     finally:
         reset_trace_id(token)
-    content = json.dumps(body, separators=(",", ":")).encode()
+    return trace_id, json.dumps(body, separators=(",", ":")).encode()
+
+
+def refusal_answer(status: HTTPStatus, message: str) -> bytes:
+    """The whole HTTP response to a request refused before it reached the application, in the
+    one error format; the connection is closed after it."""
+    trace_id, content = _error_content(status, message)
     head = (
         f"HTTP/1.1 {status.value} {status.phrase}\r\nContent-Type: application/json\r\n"
         f"Content-Length: {len(content)}\r\nX-Request-ID: {trace_id}\r\nConnection: close\r\n\r\n"
@@ -91,3 +107,31 @@ def _answer_overlong_lines() -> None:
 
     lineLengthExceeded.answers = True  # type: ignore[attr-defined]
     HTTPChannel.lineLengthExceeded = lineLengthExceeded
+
+
+def _answer_refusals_in_the_error_format() -> None:
+    from daphne.http_protocol import WebRequest
+    from twisted.web.http import HTTPChannel
+
+    if getattr(WebRequest.basic_error, "answers", False):
+        return
+
+    def _respondToBadRequestAndDisconnect(self: Any) -> None:
+        # Twisted could not read the request (its line, a header, a Content-Length).
+        self.transport.write(refusal_answer(HTTPStatus.BAD_REQUEST, "The request is malformed"))
+        self.loseConnection()
+
+    def basic_error(self: Any, status: int, status_text: bytes, body: str) -> None:
+        # daphne's own refusals (a path, query or header it cannot pass on) and its 500 and 503.
+        trace_id, content = _error_content(HTTPStatus(status), f"{body.rstrip('.')}")
+        headers = [
+            (b"Content-Type", b"application/json"),
+            (b"Content-Length", str(len(content)).encode("ascii")),
+            (b"X-Request-ID", trace_id.encode("ascii")),
+        ]
+        self.handle_reply({"type": "http.response.start", "status": status, "headers": headers})
+        self.handle_reply({"type": "http.response.body", "body": content})
+
+    basic_error.answers = True  # type: ignore[attr-defined]
+    HTTPChannel._respondToBadRequestAndDisconnect = _respondToBadRequestAndDisconnect
+    WebRequest.basic_error = basic_error

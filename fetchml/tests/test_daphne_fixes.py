@@ -56,3 +56,48 @@ def test_a_header_line_over_16_kib_is_answered_431_in_the_error_format():
 
     assert status == f"HTTP/1.1 431 {HTTPStatus(431).phrase}"
     assert (body["code"], body["error"]) == ("BAD_REQUEST", "A header line is longer than 16384 bytes")
+
+
+@pytest.mark.parametrize("length", [b"-5", b"abc"])
+def test_a_malformed_content_length_is_answered_400_in_the_error_format(length):
+    request = b"POST /v1/tasks HTTP/1.1\r\nHost: x\r\nContent-Length: " + length + b"\r\n\r\n{}"
+    with LiveServer(database_url=database_url_for(connection)) as server:
+        status, body = _raw_answer(server, request)
+
+    assert status == "HTTP/1.1 400 Bad Request"
+    assert (body["code"], body["error"]) == ("BAD_REQUEST", "The request is malformed")
+    assert body["trace_id"]
+
+
+def test_a_raw_non_ascii_byte_in_the_query_is_answered_400_in_the_error_format():
+    request = b"GET /v1/tasks?user_id=\xff HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    with LiveServer(database_url=database_url_for(connection)) as server:
+        status, body = _raw_answer(server, request)
+
+    assert status == "HTTP/1.1 400 Bad Request"
+    assert (body["code"], body["error"]) == ("BAD_REQUEST", "The request is malformed")
+    assert body["trace_id"]
+
+
+def test_daphnes_own_error_answers_are_in_the_error_format():
+    from daphne.http_protocol import WebRequest
+
+    import fetchml.asgi  # noqa: F401  (installs the fixes, as serving does)
+
+    class Replies:
+        def __init__(self) -> None:
+            self.sent: list[dict] = []
+
+        def handle_reply(self, message: dict) -> None:
+            self.sent.append(message)
+
+    request = Replies()
+    WebRequest.basic_error(request, 503, b"Service Unavailable", "Application failed to respond within time limit.")
+
+    start, body = request.sent
+    headers = dict(start["headers"])
+    assert (start["status"], headers[b"Content-Type"]) == (503, b"application/json")
+    said = json.loads(body["body"])
+    assert (said["code"], said["error"]) == ("SERVICE_UNAVAILABLE", "Application failed to respond within time limit")
+    assert headers[b"X-Request-ID"].decode() == said["trace_id"]
+    assert int(headers[b"Content-Length"]) == len(body["body"])
