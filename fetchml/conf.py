@@ -109,6 +109,19 @@ ABOVE_ZERO = frozenset(
 )
 
 
+# Durations, by the unit their name ends in, up to ten years: far longer ones overflow the dates
+# they are added to (a reservation's end, a retry's time) when a request or a pass computes them.
+_TEN_YEARS = {"_SECONDS": 10 * 365 * 24 * 3600, "_MINUTES": 10 * 365 * 24 * 60, "_HOURS": 10 * 365 * 24}
+# Priority points per hour: even this much keeps a year's queue far inside a float's precision.
+MAX_PRIORITY_AGING_PER_HOUR = 1_000_000.0
+
+
+def _maximum(name: str) -> float | None:
+    if name == "PRIORITY_AGING_PER_HOUR":
+        return MAX_PRIORITY_AGING_PER_HOUR
+    return next((most for unit, most in _TEN_YEARS.items() if name.endswith(unit)), None)
+
+
 def settings_from_env() -> dict[str, Any]:
     """Every default, overridden by its FETCHML_<NAME> env var, parsed strictly."""
     values: dict[str, Any] = {}
@@ -117,9 +130,12 @@ def settings_from_env() -> dict[str, Any]:
         if isinstance(default, bool):
             values[env_name] = env_bool(env_name, default)
         elif isinstance(default, int):
-            values[env_name] = env_int(env_name, default, minimum=1 if name in AT_LEAST_ONE else 0)
+            most = _maximum(name)
+            minimum = 1 if name in AT_LEAST_ONE else 0
+            values[env_name] = env_int(env_name, default, minimum=minimum, maximum=None if most is None else int(most))
         elif isinstance(default, float):
-            values[env_name] = env_float(env_name, default, minimum=0, above=0 if name in ABOVE_ZERO else None)
+            above = 0 if name in ABOVE_ZERO else None
+            values[env_name] = env_float(env_name, default, minimum=0, maximum=_maximum(name), above=above)
         elif isinstance(default, list):
             values[env_name] = env_list(env_name, default)
         else:

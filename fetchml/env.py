@@ -38,20 +38,27 @@ def env_bool(name: str, default: bool = False) -> bool:
     raise ImproperlyConfigured(f"{name}={raw!r} is not a boolean (use true/false)")
 
 
-def env_int(name: str, default: int, *, minimum: int | None = None) -> int:
-    return _env_number(name, default, int, "an integer", minimum)
+def env_int(name: str, default: int, *, minimum: int | None = None, maximum: int | None = None) -> int:
+    return _env_number(name, default, int, "an integer", minimum, maximum)
 
 
-def env_float(name: str, default: float, *, minimum: float | None = None, above: float | None = None) -> float:
-    """A finite number, at least `minimum` and greater than `above` (for a period that 0 would turn
-    into a busy loop)."""
-    value = _env_number(name, default, float, "a finite number", minimum)
+def env_float(
+    name: str,
+    default: float,
+    *,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    above: float | None = None,
+) -> float:
+    """A finite number from `minimum` to `maximum`, greater than `above` (for a period that 0 would
+    turn into a busy loop)."""
+    value = _env_number(name, default, float, "a finite number", minimum, maximum)
     if above is not None and not value > above:
         raise ImproperlyConfigured(f"{name}={value:g} must be above {above:g}")
     return value
 
 
-def _env_number(name, default, parse, kind: str, minimum):
+def _env_number(name, default, parse, kind: str, minimum, maximum=None):
     raw = os.environ.get(name)
     if raw is None or raw.strip() == "":
         return default
@@ -65,6 +72,8 @@ def _env_number(name, default, parse, kind: str, minimum):
         raise ImproperlyConfigured(f"{name}={raw!r} is not {kind}")
     if minimum is not None and value < minimum:
         raise ImproperlyConfigured(f"{name}={value} is below the minimum {minimum}")
+    if maximum is not None and value > maximum:
+        raise ImproperlyConfigured(f"{name}={value} is above the maximum {maximum}")
     return value
 
 

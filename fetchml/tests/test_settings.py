@@ -376,6 +376,35 @@ def test_a_negative_number_setting_is_refused_naming_the_variable(monkeypatch, n
         settings_from_env()
 
 
+DURATIONS = [name for name in NUMBER_SETTINGS if name.endswith(("_SECONDS", "_MINUTES", "_HOURS"))]
+TEN_YEARS = {"_SECONDS": 315_360_000, "_MINUTES": 5_256_000, "_HOURS": 87_600}
+
+
+def _ten_years_in_the_unit_of(name: str) -> int:
+    return next(most for unit, most in TEN_YEARS.items() if name.endswith(unit))
+
+
+@pytest.mark.parametrize("name", DURATIONS)
+def test_a_duration_over_ten_years_is_refused_naming_the_variable(monkeypatch, name):
+    monkeypatch.setenv(f"FETCHML_{name}", str(_ten_years_in_the_unit_of(name) + 1))
+    with pytest.raises(ImproperlyConfigured, match=rf"FETCHML_{name}=.* is above the maximum"):
+        settings_from_env()
+
+
+# The heartbeat is held to a third of the lease besides.
+@pytest.mark.parametrize("name", sorted(set(DURATIONS) - {"WORKER_HEARTBEAT_SECONDS"}))
+def test_a_duration_of_ten_years_is_accepted(monkeypatch, name):
+    monkeypatch.setenv("FETCHML_WORKER_HEARTBEAT_SECONDS", "1")  # at most a third of any lease
+    monkeypatch.setenv(f"FETCHML_{name}", str(_ten_years_in_the_unit_of(name)))
+    assert settings_from_env()[f"FETCHML_{name}"] == _ten_years_in_the_unit_of(name)
+
+
+def test_a_priority_aging_rate_past_its_maximum_is_refused(monkeypatch):
+    monkeypatch.setenv("FETCHML_PRIORITY_AGING_PER_HOUR", "1e300")
+    with pytest.raises(ImproperlyConfigured, match=r"FETCHML_PRIORITY_AGING_PER_HOUR=.* is above the maximum"):
+        settings_from_env()
+
+
 def test_every_bound_names_a_number_setting_of_its_kind():
     assert all(type(DEFAULTS[name]) is int for name in AT_LEAST_ONE)
     assert all(type(DEFAULTS[name]) is float for name in ABOVE_ZERO)
