@@ -502,3 +502,31 @@ class IsolatedNetwork:
             ["ip", "route", "del", "blackhole", f"{self._service_client_address}/32"],
         ):
             subprocess.run(command, capture_output=True, timeout=10)
+
+
+def http_scope(method: str, path: str, *, key: str, query_string: bytes = b"") -> dict[str, Any]:
+    """The ASGI scope of a request to `path` with the API key `key`, for driving the application
+    in-process (over https: production settings, on PostgreSQL runs, redirect plain HTTP)."""
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "https",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": query_string,
+        "root_path": "",
+        "headers": [(b"host", b"127.0.0.1"), (b"x-api-key", key.encode())],
+        "client": ("127.0.0.1", 40000),
+        "server": ("127.0.0.1", 443),
+    }
+
+
+def refused_field(response: Any) -> str:
+    """The one field a 422 VALIDATION_ERROR answer names."""
+    assert response.status_code == 422, response.json()
+    body = response.json()
+    assert body["code"] == "VALIDATION_ERROR"
+    [detail] = body["details"]
+    return detail["field"]

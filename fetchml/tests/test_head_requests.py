@@ -11,7 +11,7 @@ import pytest
 from django.db import connection
 
 from fetchml.asgi import application
-from fetchml.testing import LiveServer, database_url_for, run_async
+from fetchml.testing import LiveServer, database_url_for, http_scope, run_async
 from fetchml.tests.factories import ApiKeyFactory
 from tasks.logs import append_lines
 from tasks.services import task_submit
@@ -155,20 +155,7 @@ async def test_head_of_a_stream_never_starts_it(key, group_moves, thread_connect
         sent.append(message)
 
     path = "/v1/scheduler/status/stream"
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "HEAD",
-        "scheme": "https",  # production settings (PostgreSQL runs) redirect plain HTTP
-        "path": path,
-        "raw_path": path.encode(),
-        "query_string": b"",
-        "root_path": "",
-        "headers": [(b"host", b"127.0.0.1"), (b"x-api-key", key.encode())],
-        "client": ("127.0.0.1", 40000),
-        "server": ("127.0.0.1", 443),
-    }
+    scope = http_scope("HEAD", path, key=key)
     async with asyncio.timeout(5):
         await application(scope, receive, send)
 

@@ -5,6 +5,7 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
+from fetchml.testing import refused_field
 from scheduler.models import Reservation
 from scheduler.reservations import STARTS_AT_MAX_LEAD
 from scheduler.tests.factories import worker
@@ -23,18 +24,10 @@ def _book(client, starts_at: str):
     return client.post(RESERVATIONS, {"gpu_count": 1, "starts_at": starts_at}, format="json")
 
 
-def _refused_field(response) -> str:
-    assert response.status_code == 422, response.json()
-    body = response.json()
-    assert body["code"] == "VALIDATION_ERROR"
-    [detail] = body["details"]
-    return detail["field"]
-
-
 def test_a_start_at_the_end_of_the_calendar_is_422_naming_starts_at(user_client):
     response = _book(user_client, "9999-12-31T23:45:00Z")
 
-    assert _refused_field(response) == "starts_at"
+    assert refused_field(response) == "starts_at"
     assert not Reservation.objects.exists()
 
 
@@ -43,7 +36,7 @@ def test_a_start_further_ahead_than_the_longest_lead_is_422_naming_starts_at(use
 
     response = _book(user_client, too_far.isoformat())
 
-    assert _refused_field(response) == "starts_at"
+    assert refused_field(response) == "starts_at"
     assert f"more than {STARTS_AT_MAX_LEAD.days} days ahead" in response.json()["error"]
 
 
@@ -61,7 +54,7 @@ def test_a_start_without_a_time_zone_is_422_naming_starts_at(user_client):
 
     response = _book(user_client, naive.isoformat())
 
-    assert _refused_field(response) == "starts_at"
+    assert refused_field(response) == "starts_at"
     assert response.json()["details"][0]["message"] == "Must carry a time zone (e.g. `Z`)."
     assert not Reservation.objects.exists()
 

@@ -12,7 +12,7 @@ from conftest import KeyClient
 from fetchml import apikeys, events
 from fetchml.asgi import application
 from fetchml.models import ApiKey
-from fetchml.testing import LiveServer, SSEEvent, SSEParser, database_url_for, run_async
+from fetchml.testing import LiveServer, SSEEvent, SSEParser, database_url_for, http_scope, run_async
 from fetchml.tests.factories import ApiKeyFactory
 from scheduler.tests.factories import worker
 from tasks.services import task_submit
@@ -155,20 +155,7 @@ async def test_client_leaving_the_status_stream_leaves_its_group(key, group_move
             first_body.set()
 
     path = "/v1/scheduler/status/stream"
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "GET",
-        "scheme": "https",
-        "path": path,
-        "raw_path": path.encode(),
-        "query_string": b"",
-        "root_path": "",
-        "headers": [(b"host", b"127.0.0.1"), (b"x-api-key", key.encode())],
-        "client": ("127.0.0.1", 40000),
-        "server": ("127.0.0.1", 443),
-    }
+    scope = http_scope("GET", path, key=key)
     tasks_before = len(asyncio.all_tasks())
     served = asyncio.create_task(application(scope, receive, send))
     async with asyncio.timeout(10):

@@ -2,6 +2,7 @@
 
 import pytest
 
+from fetchml.testing import refused_field
 from scheduler.tests.factories import worker
 from tasks.models import Task
 from tasks.tests.factories import ReservationFactory
@@ -12,14 +13,6 @@ pytestmark = pytest.mark.django_db
 def _submit(client, reservation, **fields):
     body = {"job_name": "j", "entrypoint": "python train.py", "reservation_id": str(reservation.id), **fields}
     return client.post("/v1/tasks", body, format="json")
-
-
-def _refused_field(response) -> str:
-    assert response.status_code == 422, response.json()
-    body = response.json()
-    assert body["code"] == "VALIDATION_ERROR"
-    [detail] = body["details"]
-    return detail["field"]
 
 
 def test_a_task_on_more_nodes_than_its_reservation_holds_is_422_naming_node_count(user_client):
@@ -33,7 +26,7 @@ def test_a_task_on_more_nodes_than_its_reservation_holds_is_422_naming_node_coun
         format="json",
     )
 
-    assert _refused_field(response) == "node_count"
+    assert refused_field(response) == "node_count"
     assert "on each of 1 worker(s)" in response.json()["error"]
     assert not Task.objects.exists()
 
@@ -43,7 +36,7 @@ def test_a_task_with_more_gpus_per_node_than_its_reservation_holds_is_422_naming
 
     response = _submit(user_client, reservation, gpu=4)
 
-    assert _refused_field(response) == "gpu"
+    assert refused_field(response) == "gpu"
     assert not Task.objects.exists()
 
 
@@ -52,7 +45,7 @@ def test_a_task_asking_for_another_gpu_type_than_its_reservation_holds_is_422_na
 
     response = _submit(user_client, reservation, gpu=1, gpu_type="H100")
 
-    assert _refused_field(response) == "gpu_type"
+    assert refused_field(response) == "gpu_type"
     assert not Task.objects.exists()
 
 

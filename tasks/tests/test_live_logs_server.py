@@ -11,7 +11,7 @@ from django.db import connection
 from fetchml import apikeys, events
 from fetchml.asgi import application
 from fetchml.models import ApiKey
-from fetchml.testing import LiveServer, SSEEvent, SSEParser, database_url_for, run_async
+from fetchml.testing import LiveServer, SSEEvent, SSEParser, database_url_for, http_scope, run_async
 from fetchml.tests.factories import ApiKeyFactory
 from tasks.logs import append_lines
 from tasks.services import task_submit
@@ -123,20 +123,7 @@ async def test_client_disconnect_through_the_asgi_handler_leaves_the_task_and_ow
         if message["type"] == "http.response.body" and message.get("body"):
             first_body.set()
 
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "GET",
-        "scheme": "https",  # production settings (PostgreSQL runs) redirect plain HTTP
-        "path": f"/v1/tasks/{task.id}/logs",
-        "raw_path": f"/v1/tasks/{task.id}/logs".encode(),
-        "query_string": b"follow=true",
-        "root_path": "",
-        "headers": [(b"host", b"127.0.0.1"), (b"x-api-key", key.encode())],
-        "client": ("127.0.0.1", 40000),
-        "server": ("127.0.0.1", 443),
-    }
+    scope = http_scope("GET", f"/v1/tasks/{task.id}/logs", key=key, query_string=b"follow=true")
     served = asyncio.create_task(application(scope, receive, send))
     async with asyncio.timeout(10):
         await first_body.wait()
