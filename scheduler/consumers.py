@@ -21,6 +21,7 @@ from django.utils.dateparse import parse_datetime
 from rest_framework.exceptions import AuthenticationFailed, Throttled
 
 from fetchml import events
+from fetchml.aio import cancel_and_wait
 from fetchml.auth import api_key_usable, authenticate_raw_key
 from fetchml.channel_layer import join_group
 from fetchml.conf import app_settings
@@ -56,7 +57,9 @@ MAX_REPORTS_PER_BATCH = 500
 # nothing else to apply waits this long for the rest before applying a lone report, so they share one
 # transaction instead of taking the worker's row and the audit head (which a dispatch round needs) once each.
 REPORT_GATHER_SECONDS = 0.002
-DISCONNECT_DRAIN_SECONDS = 30.0
+# Within daphne's application_close_timeout (10 s), past which it kills the consumer mid-disconnect:
+# the connection would then never be forgotten, and a backlog left running would keep its lease.
+DISCONNECT_DRAIN_SECONDS = 5.0
 _KEY_PARAMS = {"api_key", "apikey", "key", "x-api-key", "token"}
 
 
@@ -107,12 +110,24 @@ class WorkerConsumer(SocketConsumer):
 
     async def disconnect(self, code: int) -> None:
         if self._handling is not None:
-            # What the worker sent before it went is applied, not dropped; bounded, so a
-            # stuck database cannot hold the disconnect (the agent re-sends final reports).
+            # What the worker reported before it went is applied, not dropped, but its heartbeats are
+            # not: they would extend the lease of a worker no longer there. Bounded, so neither a
+            # stuck database nor a backlog holds the disconnect; what is left then is dropped (the
+            # agent sends final reports and unacknowledged lines again to its next connection).
+            queued = len(self._inbox)
+            self._inbox = deque(message for message in self._inbox if message["type"] != "heartbeat")
+            if len(self._inbox) < queued:
+                logger.info(
+                    "worker %s: %d heartbeat(s) not applied: it has gone", self.worker_id, queued - len(self._inbox)
+                )
             try:
                 await asyncio.wait_for(asyncio.shield(self._handling), timeout=DISCONNECT_DRAIN_SECONDS)
             except TimeoutError:
-                logger.warning("worker %s: reports still being applied at disconnect", self.worker_id)
+                logger.warning(
+                    "worker %s: %d message(s) not applied by its disconnect; dropped", self.worker_id, len(self._inbox)
+                )
+                self._inbox.clear()
+                await cancel_and_wait(self._handling)
         if self.api_key is not None:
             await self.channel_layer.group_discard(events.api_key_group(self.api_key.id), self.channel_name)
         if self.worker_id is not None:

@@ -2,6 +2,8 @@
 
 import asyncio
 import json
+import logging
+import threading
 import uuid
 
 import channels.consumer
@@ -17,6 +19,7 @@ from scheduler.assigns import master_port_for
 from scheduler.dispatch import dispatch_round
 from scheduler.models import NodeAssignment, Worker
 from scheduler.services import worker_drain
+from scheduler.tests.agent_peer import until
 from scheduler.tests.factories import UserFactory, queued_task
 from scheduler.tests.ws import (
     close_code,
@@ -543,6 +546,71 @@ def test_heartbeat_extends_the_lease(worker_key):
     worker_id = run(scenario())
 
     assert Worker.objects.get(id=worker_id).last_heartbeat is not None
+
+
+def _heartbeats_held_back(monkeypatch) -> tuple[threading.Event, list[int]]:
+    """The connection's first heartbeat held in the database call until the event is set (what a
+    busy database does), so that what the worker sends after it waits in the connection's queue;
+    returns the event and the list of heartbeats applied."""
+    release, applied = threading.Event(), []
+    real = services.worker_heartbeat
+
+    def held(**fields):
+        if not applied:
+            release.wait(10)
+        applied.append(1)
+        return real(**fields)
+
+    monkeypatch.setattr(services, "worker_heartbeat", held)
+    return release, applied
+
+
+def test_heartbeats_still_queued_when_the_worker_goes_are_not_applied(worker_key, monkeypatch, caplog):
+    caplog.set_level(logging.INFO, logger="fetchml.scheduler.ws")
+    release, applied = _heartbeats_held_back(monkeypatch)
+
+    def skipped() -> bool:
+        return any("4 heartbeat(s) not applied" in record.getMessage() for record in caplog.records)
+
+    async def scenario():
+        communicator, welcome = await start_worker(worker_key)
+        for _ in range(5):
+            await send(communicator, {"type": "heartbeat", "running": []})
+        leaving = asyncio.ensure_future(communicator.disconnect(timeout=10))
+        await until(skipped, what="the disconnect to set the queued heartbeats aside")  # the first still held
+        release.set()
+        await asyncio.wait_for(leaving, 10)
+        return welcome["worker_id"]
+
+    worker_id = run(scenario())
+
+    assert applied == [1]  # the one under way when it went; none of those behind it
+    assert Worker.objects.get(id=worker_id).channel_name == ""
+
+
+def test_reports_not_applied_within_the_bound_of_a_disconnect_are_dropped(worker_key, monkeypatch, caplog):
+    monkeypatch.setattr(consumers, "DISCONNECT_DRAIN_SECONDS", 0.2)
+    release, _ = _heartbeats_held_back(monkeypatch)
+
+    def dropped() -> bool:
+        return any("not applied by its disconnect" in record.getMessage() for record in caplog.records)
+
+    async def scenario():
+        communicator, welcome = await start_worker(worker_key)
+        task, assign = await _assigned(communicator)
+        await send(communicator, {"type": "heartbeat", "running": []})
+        report = {"type": "log", "task_id": assign["task_id"], "token": assign["token"], "seq": 0}
+        await send(communicator, {**report, "lines": [{"stream": "stdout", "line": "late"}]})
+        leaving = asyncio.ensure_future(communicator.disconnect(timeout=10))
+        await until(dropped, what="the disconnect to give up on what is left")  # the heartbeat still held
+        release.set()
+        await leaving
+        return welcome["worker_id"], task.id
+
+    worker_id, task_id = run(scenario())
+
+    assert not TaskLogLine.objects.filter(task_id=task_id).exists()  # the agent sends it again when back
+    assert Worker.objects.get(id=worker_id).channel_name == ""
 
 
 def _lease_after_a_log_report(worker_key: str):
