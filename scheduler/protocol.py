@@ -4,8 +4,9 @@
 `batch`), each a dict with only known, type-checked fields or the `BadMessage`
 that refused it; the consumer answers a refusal with an `error` message and
 keeps the connection. Every string of an accepted message has its NUL characters
-replaced with U+FFFD: a task may print anything, and PostgreSQL cannot store a
-NUL in a text column.
+and lone surrogates replaced with U+FFFD: a task may print anything, PostgreSQL
+cannot store a NUL in a text column, and no UTF-8 column holds half a surrogate
+pair (which JSON can escape).
 """
 
 import re
@@ -33,6 +34,7 @@ MAX_FEATURES = 32
 # here, apart from FETCHML_MAX_JSON_DEPTH: tuning that for HTTP bodies must not refuse agents' frames.
 MAX_DEPTH = 64
 NUL, REPLACEMENT = "\x00", "\ufffd"
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class BadMessage(Exception):
@@ -282,18 +284,21 @@ def _validated(message: dict[str, Any]) -> dict[str, Any]:
     if parser is None:
         raise BadMessage(f"unknown message type {kind!r}", code="UNKNOWN_TYPE", ref_type=str(kind)[:32])
     _check_version(message, kind)
-    return {"type": kind, **_without_nul(parser(message))}
+    return {"type": kind, **_storable(parser(message))}
 
 
-def _without_nul(value: Any) -> Any:
-    """`value` with NUL replaced in each string it holds: the one place for what every agent sends,
-    an older one included (a report that cannot be stored would leave its run stuck)."""
+def _storable(value: Any) -> Any:
+    """`value` with NUL and lone surrogates (a JSON escape such as \\ud800, which no UTF-8 column
+    holds) replaced in each string it holds: the one place for what every agent sends, an older one
+    included (a report that cannot be stored would leave its run stuck, answered a server error)."""
     if isinstance(value, str):
-        return value.replace(NUL, REPLACEMENT) if NUL in value else value
+        if value.isascii():
+            return value.replace(NUL, REPLACEMENT) if NUL in value else value
+        return _SURROGATE.sub(REPLACEMENT, value.replace(NUL, REPLACEMENT))
     if isinstance(value, dict):
-        return {key: _without_nul(item) for key, item in value.items()}
+        return {key: _storable(item) for key, item in value.items()}
     if isinstance(value, list):
-        return [_without_nul(item) for item in value]
+        return [_storable(item) for item in value]
     return value
 
 

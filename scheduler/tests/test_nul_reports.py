@@ -71,6 +71,27 @@ def test_a_final_status_with_a_nul_in_its_output_and_error_ends_the_task(worker_
     assert (task.status, task.error, task.output) == ("failed", "bad\ufffdbyte", "before\nhas\ufffdnul\nafter")
 
 
+def test_a_final_status_and_a_log_line_with_a_lone_surrogate_are_stored_replaced(worker_key):
+    # JSON may escape half of a surrogate pair (\\ud800); no UTF-8 column can hold it.
+    async def scenario() -> tuple[Task, list[dict]]:
+        communicator, _ = await start_worker(worker_key, features=["log_ack"])
+        task, ref = await _assigned(communicator)
+        await send(communicator, {"type": "log", **ref, "seq": 0, "lines": [{"stream": "stderr", "line": "a\ud800b"}]})
+        first = await receive(communicator)
+        final = {"type": "status", **ref, "status": "failed", "exit_code": 1, "failure_reason": "exit_code"}
+        await send(communicator, {**final, "error": "x\udfffy"})
+        answers = [first, await receive(communicator)]
+        await communicator.disconnect()
+        return task, answers
+
+    task, answers = run(scenario())
+
+    assert [answer["type"] for answer in answers] == ["log_ack", "status_ack"], answers
+    task.refresh_from_db()
+    assert (task.status, task.error) == ("failed", "x\ufffdy")
+    assert list(TaskLogLine.objects.filter(task=task).values_list("line", flat=True)) == ["a\ufffdb"]
+
+
 def test_a_nul_in_a_hello_is_stored_replaced(worker_key):
     async def scenario() -> None:
         communicator, _ = await start_worker(worker_key, gpu_type="A\u0000100")
