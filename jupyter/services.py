@@ -134,8 +134,19 @@ def jupyter_ready(*, task_id: Any, url: str, service_token: str) -> bool:
 
     The caller has checked that the report comes from the worker currently running the task.
     """
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname or len(url) > MAX_URL:
+    try:
+        parts = urlsplit(url)
+        hostname = parts.hostname  # raises for a malformed host, such as an unclosed IPv6 bracket
+    except ValueError:
+        parts, hostname = None, None
+    # urlsplit drops tabs and newlines as it reads: a URL holding any is not given to clients.
+    if (
+        parts is None
+        or parts.scheme not in ("http", "https")
+        or not hostname
+        or len(url) > MAX_URL
+        or not url.isprintable()
+    ):
         raise Invalid("Invalid service URL", details=[{"field": "url", "message": "An http(s) URL."}])
     with transaction.atomic():
         service = JupyterService.objects.select_for_update().filter(task_id=task_id).first()
@@ -156,7 +167,9 @@ def jupyter_ready(*, task_id: Any, url: str, service_token: str) -> bool:
 
 
 def jupyter_activity(*, task_id: Any, last_activity: datetime) -> bool:
-    """Jupyter's own `last_activity`, reported by the worker; only ever moves forward."""
+    """Jupyter's own `last_activity`, reported by the worker; only ever moves forward, and never past
+    now (a worker's clock ahead, or a date past any the database holds, is taken as now)."""
+    last_activity = min(last_activity, timezone.now())
     updated = JupyterService.objects.filter(task_id=task_id, status=Status.RUNNING, last_activity_at__lt=last_activity)
     return bool(updated.update(last_activity_at=last_activity))
 

@@ -1,6 +1,6 @@
 """Jupyter services and their tasks: endings, a lost worker, idle stop, activity, sealing."""
 
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from django.test import override_settings
@@ -143,6 +143,25 @@ def test_ready_with_a_url_that_is_not_http_is_refused(actor):
     service = _dispatched(actor)
     with pytest.raises(Invalid):
         jupyter_ready(task_id=service.task_id, url="javascript:alert(1)", service_token="tok")
+
+
+@pytest.mark.parametrize("url", ["http://[::1", "http://10.0.0.7:8888/\nSet-Cookie: a", "http://10.0.0.7:8888/\t"])
+def test_ready_with_a_malformed_url_is_refused(actor, url):
+    from fetchml.errors import Invalid
+
+    service = _dispatched(actor)
+    with pytest.raises(Invalid):
+        jupyter_ready(task_id=service.task_id, url=url, service_token="tok")
+
+
+def test_activity_reported_in_the_future_counts_as_now(actor):
+    service = _running(actor)
+    before = timezone.now()
+
+    assert jupyter_activity(task_id=service.task_id, last_activity=datetime(9999, 12, 31, 23, 59, tzinfo=UTC))
+
+    service.refresh_from_db()
+    assert before <= service.last_activity_at <= timezone.now()
 
 
 def test_sealed_token_round_trips_and_is_not_readable():
