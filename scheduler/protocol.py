@@ -303,7 +303,8 @@ def _storable(value: Any) -> Any:
 
 
 def _check_version(message: dict[str, Any], kind: str) -> None:
-    if message.get("version") != VERSION:
+    version = message.get("version")
+    if type(version) is not int or version != VERSION:  # true and 1.0 equal 1 in Python, not in the protocol
         raise BadMessage(
             f"unsupported protocol version (this server speaks {VERSION})", code="BAD_VERSION", ref_type=kind
         )

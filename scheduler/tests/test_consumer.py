@@ -223,6 +223,8 @@ def test_first_message_that_is_not_hello_closes_with_4400(worker_key):
         ('["a", "list"]', "BAD_MESSAGE"),
         ('{"type": "teleport", "version": 1}', "UNKNOWN_TYPE"),
         ('{"type": "heartbeat", "version": 2, "running": []}', "BAD_VERSION"),
+        ('{"type": "heartbeat", "version": true, "running": []}', "BAD_VERSION"),
+        ('{"type": "heartbeat", "version": 1.0, "running": []}', "BAD_VERSION"),
         ('{"type": "ack", "version": 1, "task_id": "x"}', "BAD_MESSAGE"),
         (
             json.dumps(
@@ -245,6 +247,8 @@ def test_first_message_that_is_not_hello_closes_with_4400(worker_key):
         "not-object",
         "unknown-type",
         "wrong-version",
+        "version-true",
+        "version-float",
         "bad-field",
         "bad-status",
         "past-the-recursion-limit",
