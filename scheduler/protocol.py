@@ -282,7 +282,8 @@ def _validated(message: dict[str, Any]) -> dict[str, Any]:
     kind = message.get("type")
     parser = _PARSERS.get(kind) if isinstance(kind, str) else None
     if parser is None:
-        raise BadMessage(f"unknown message type {kind!r}", code="UNKNOWN_TYPE", ref_type=str(kind)[:32])
+        # Said back cut short: the error must not echo whatever size of garbage came in.
+        raise BadMessage(f"unknown message type {str(kind)[:64]!r}", code="UNKNOWN_TYPE", ref_type=str(kind)[:32])
     _check_version(message, kind)
     return {"type": kind, **_storable(parser(message))}
 

@@ -269,6 +269,20 @@ def test_bad_message_gets_an_error_and_the_connection_keeps_working(worker_key, 
     assert after["type"] == "stop"
 
 
+def test_an_unknown_type_is_said_back_cut_short(worker_key):
+    async def scenario():
+        communicator, _ = await start_worker(worker_key)
+        await send(communicator, {"type": "x" * 100_000})
+        error = await receive(communicator)
+        await communicator.disconnect()
+        return error
+
+    error = run(scenario())
+
+    assert (error["code"], error["ref_type"]) == ("UNKNOWN_TYPE", "x" * 32)
+    assert len(error["message"]) < 100
+
+
 def test_a_frame_the_validation_fails_on_gets_a_server_error_and_the_connection_keeps_working(worker_key, monkeypatch):
     real_parse = consumers.parse_frame
 
