@@ -3,6 +3,7 @@
 
 import pytest
 from channels.db import database_sync_to_async
+from django.utils import timezone
 
 from fetchml.auth import Actor
 from jupyter.models import JupyterService
@@ -97,16 +98,20 @@ def test_service_activity_moves_last_activity_forward(worker_key):
         service, assign = await _assigned(communicator)
         run_ids = {"task_id": assign["task_id"], "token": assign["token"]}
         await send(communicator, {"type": "service_ready", **run_ids, "url": "http://h:1/", "service_token": "t"})
-        activity = "2099-01-02T03:04:05.000000Z"
-        await send(communicator, {"type": "service_activity", **run_ids, "last_activity": activity})
         refusals = []
         for bad in ("not a time", "2026-13-45T00:00:00Z", "2026-01-02T03:04:05"):
             await send(communicator, {"type": "service_activity", **run_ids, "last_activity": bad})
-            refusals.append(await receive(communicator))
+            refusals.append(await receive(communicator))  # the ready, before them, is applied by now
+        ready = await db(JupyterService.objects.get)(id=service.id)
+        activity = timezone.now()
+        assert activity > ready.last_activity_at
+        await send(communicator, {"type": "service_activity", **run_ids, "last_activity": activity.isoformat()})
+        await send(communicator, {"type": "service_activity", **run_ids, "last_activity": "not a time"})
+        await receive(communicator)  # the activity before it is applied by now
         await communicator.disconnect()
-        return refusals, await db(JupyterService.objects.get)(id=service.id)
+        return refusals, await db(JupyterService.objects.get)(id=service.id), activity
 
-    refusals, service = run(scenario())
-    assert service.last_activity_at.year == 2099
+    refusals, service, activity = run(scenario())
+    assert service.last_activity_at == activity
     refused = ("error", "BAD_MESSAGE", "service_activity")
     assert [(r["type"], r["code"], r["ref_type"]) for r in refusals] == [refused] * 3
