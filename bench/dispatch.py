@@ -301,12 +301,14 @@ class Fleet:
 
 
 class System:
-    """`servers` daphne processes and one scheduler process on the scratch database; stopped with SIGTERM, then
-    SIGKILL. Bench workers are spread over the daphne processes, as a load balancer in front of them would."""
+    """`servers` daphne processes and one scheduler process (unless `scheduler` is false) on the scratch
+    database; stopped with SIGTERM, then SIGKILL. Bench workers are spread over the daphne processes, as a load
+    balancer in front of them would."""
 
-    def __init__(self, env: dict[str, str], servers: int = 1) -> None:
+    def __init__(self, env: dict[str, str], servers: int = 1, *, scheduler: bool = True) -> None:
         self.ports = [free_port() for _ in range(servers)]
         self.env = env
+        self.scheduler = scheduler
         self.children: list[subprocess.Popen] = []
 
     def worker_url(self, index: int) -> str:
@@ -318,7 +320,9 @@ class System:
             [python, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "fetchml.asgi:application"]
             for port in self.ports
         ]
-        for command in (*commands, [python, "manage.py", "scheduler"]):
+        if self.scheduler:
+            commands.append([python, "manage.py", "scheduler"])
+        for command in commands:
             self.children.append(subprocess.Popen(command, cwd=REPO_ROOT, env=self.env))
         deadline = time.monotonic() + 60
         for port in self.ports:

@@ -44,6 +44,7 @@ from fetchml.conf import app_settings
 from fetchml.consumers import SocketConsumer
 from fetchml.errors import NotFound
 from fetchml.jsonbody import JSONTooDeep, loads
+from fetchml.shared_reads import SharedRead
 from tasks.logs import CATCH_UP_CHUNK, log_lines, serialize_line
 from tasks.models import Task, TaskLogLine
 from tasks.selectors import task_get_for_actor
@@ -147,6 +148,11 @@ def _statuses(task_ids: list[str]) -> dict[str, str]:
         rows = Task.objects.filter(id__in=ids).values_list("id", "status")
         statuses |= {str(task_id): status for task_id, status in rows}
     return statuses
+
+
+# Every connection told of a change reads it: the connections of a moment share their reads.
+shared_snapshots = SharedRead(task_snapshots)
+shared_statuses = SharedRead(_statuses)
 
 
 class ClientConsumer(SocketConsumer):
@@ -294,7 +300,7 @@ class ClientConsumer(SocketConsumer):
                     raise
             await self._send({"type": "subscribed", "task_id": key})
             # Should this read fail, the subscription stands and the next re-check tells the state.
-            snapshot = (await database_sync_to_async(task_snapshots)([key])).get(key)
+            snapshot = (await shared_snapshots([key])).get(key)
             if snapshot is not None:
                 await self._tell(snapshot)
 
@@ -322,7 +328,7 @@ class ClientConsumer(SocketConsumer):
         if not wanted:
             return
         async with self.telling:
-            snapshots = await database_sync_to_async(task_snapshots)([event["task_id"] for event in wanted])
+            snapshots = await shared_snapshots([event["task_id"] for event in wanted])
             for event in wanted:
                 snapshot = snapshots.get(event["task_id"])
                 if snapshot is None:
@@ -370,7 +376,7 @@ class ClientConsumer(SocketConsumer):
             unended = [task_id for task_id, told in self.told.items() if told.status not in FINAL_STATES]
             watched = list(dict.fromkeys([*unended, *self.subscriptions]))
             if watched:
-                current = await database_sync_to_async(_statuses)(watched)
+                current = await shared_statuses(watched)
                 for task_id in watched:
                     if task_id not in current and task_id not in self.subscriptions:
                         self.told.pop(task_id, None)  # deleted: nothing more to tell
@@ -380,7 +386,7 @@ class ClientConsumer(SocketConsumer):
                     if task_id not in self.told or self.told[task_id].status != status
                 ]
                 if changed:
-                    snapshots = await database_sync_to_async(task_snapshots)(changed)
+                    snapshots = await shared_snapshots(changed)
                     for task_id in changed:
                         if task_id in snapshots:
                             await self._tell(snapshots[task_id])

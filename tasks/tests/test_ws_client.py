@@ -16,6 +16,7 @@ from django.test import override_settings
 from django.utils import timezone
 
 from fetchml.asgi import application
+from fetchml.shared_reads import SharedRead
 from fetchml.testing import run_async
 from fetchml.tests.factories import ApiKeyFactory
 from tasks import consumers
@@ -189,6 +190,27 @@ async def test_messages_are_handled_without_a_hop_to_the_shared_sync_thread(alic
         await socket.disconnect()
     assert (pong["type"], update["type"]) == ("pong", "task_update")
     assert hops == []
+
+
+@run_async
+async def test_connections_told_of_the_same_change_share_one_read_of_it(alice_key, alice_task, monkeypatch):
+    reads = []
+
+    def counted(task_ids: list[str]) -> dict:
+        reads.append(task_ids)
+        return consumers.task_snapshots(task_ids)
+
+    monkeypatch.setattr(consumers, "shared_snapshots", SharedRead(counted))
+    sockets = [await _open(alice_key) for _ in range(20)]
+    try:
+        await _move(alice_task, TaskStatus.PREPARING)
+        told = [_state(await _receive(socket)) for socket in sockets]
+    finally:
+        for socket in sockets:
+            await socket.disconnect()
+    assert set(told) == {("task_update", str(alice_task.id), "preparing")}
+    # Asks made while a read is under way share the next one: at most two for the crowd, not 20.
+    assert 1 <= len(reads) <= 2
 
 
 @run_async
