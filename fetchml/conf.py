@@ -56,6 +56,8 @@ DEFAULTS: dict[str, Any] = {
     "SSE_HEARTBEAT_SECONDS": 15.0,
     # live updates: seconds between a /ws connection's re-reads of the tasks it told about
     "WS_RECHECK_SECONDS": 15.0,
+    # live updates: client WebSockets and SSE streams one API key may hold open on one server process
+    "LIVE_CONNECTIONS_PER_KEY": 100,
     # audit
     "AUDIT_SIGNING_KEY": "",
     "AUDIT_AUTH_SUCCESS_INTERVAL_SECONDS": 60,
@@ -86,6 +88,7 @@ AT_LEAST_ONE = frozenset(
         "MAX_STRING_LENGTH",
         "MAX_JSON_DEPTH",
         "IDEMPOTENCY_TTL_HOURS",
+        "LIVE_CONNECTIONS_PER_KEY",
         "SCHEDULER_BATCH_SIZE",
         "RESERVATION_MAX_MINUTES",
         "MAX_SNAPSHOT_BYTES",

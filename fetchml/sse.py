@@ -24,6 +24,7 @@ stream before it starts.
 import asyncio
 import json
 import logging
+import weakref
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
@@ -31,7 +32,7 @@ from asgiref.sync import sync_to_async
 from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 from django.core.serializers.json import DjangoJSONEncoder
-from django.http import HttpRequest, StreamingHttpResponse
+from django.http import HttpRequest, HttpResponseBase, StreamingHttpResponse
 from rest_framework import exceptions as drf_exceptions
 
 from fetchml import events
@@ -40,6 +41,7 @@ from fetchml.auth import HEADER, Actor, api_key_usable, authenticate_raw_key, cl
 from fetchml.conf import app_settings
 from fetchml.errors import ApplicationError, Forbidden, error_body
 from fetchml.jsonbody import CompactJsonResponse
+from fetchml.live_limits import LiveConnection, TooManyLiveConnections, live_connections
 from fetchml.ratelimits import consume_request
 
 logger = logging.getLogger("fetchml.sse")
@@ -82,13 +84,33 @@ def sse_frame(data: Any, *, event: str | None = None, event_id: str | int | None
     return ("\n".join(lines) + "\n\n").encode()
 
 
+def stream_response(source: EventSource, *, groups: list[str], actor: Actor) -> HttpResponseBase:
+    """The SSE response of `source` for `actor`, counted among its key's live connections (a 429
+    past the limit, `fetchml.live_limits`) and ended when its key is revoked or found unusable."""
+    try:
+        counted = live_connections.open(actor.api_key_id)
+    except TooManyLiveConnections as exc:
+        return error_response_for(exc)
+    response = sse_response(event_stream(source, groups=groups, api_key_id=actor.api_key_id, counted=counted))
+    # The stream gives its place back when it ends; a stream never started (the client left
+    # first, a HEAD) when its response is dropped.
+    weakref.finalize(response, counted.release)
+    return response
+
+
 async def event_stream(
-    source: EventSource, *, groups: list[str], api_key_id: str | None = None, heartbeat_seconds: float | None = None
+    source: EventSource,
+    *,
+    groups: list[str],
+    api_key_id: str | None = None,
+    heartbeat_seconds: float | None = None,
+    counted: LiveConnection | None = None,
 ) -> AsyncIterator[bytes]:
     """Frames of `source`, driven by the messages of `groups`, with heartbeats; cleans up always.
 
     With `api_key_id` (the key the stream was opened with) the stream ends when that key is
-    revoked, or is found unusable (expired, its user deactivated) at a heartbeat."""
+    revoked, or is found unusable (expired, its user deactivated) at a heartbeat. `counted`,
+    its place among its key's live connections, is released when it ends."""
     layer = get_channel_layer()
     interval = max(heartbeat_seconds or app_settings.SSE_HEARTBEAT_SECONDS, MIN_HEARTBEAT_SECONDS)
     channel = await layer.new_channel()
@@ -124,6 +146,8 @@ async def event_stream(
             async for frame in source.on_message(message):
                 yield frame
     finally:
+        if counted is not None:
+            counted.release()
         await _stop_receiving(receiving)
         await _leave(layer, channel, joined)
 

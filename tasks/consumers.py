@@ -44,6 +44,7 @@ from fetchml.conf import app_settings
 from fetchml.consumers import SocketConsumer
 from fetchml.errors import NotFound
 from fetchml.jsonbody import JSONTooDeep, loads
+from fetchml.live_limits import LiveConnection, TooManyLiveConnections, live_connections
 from fetchml.shared_reads import SharedRead
 from tasks.logs import CATCH_UP_CHUNK, log_lines, serialize_line
 from tasks.models import Task, TaskLogLine
@@ -157,6 +158,7 @@ shared_statuses = SharedRead(_statuses)
 
 class ClientConsumer(SocketConsumer):
     actor: Actor | None = None  # set once the key is accepted
+    counted: LiveConnection | None = None  # this connection's place among its key's live connections
     key_refused = False  # the key was found revoked or expired: the connection is closing
     home_group: str
     subscriptions: dict[str, Any]  # task id -> its owner's pk
@@ -196,11 +198,24 @@ class ClientConsumer(SocketConsumer):
             # Worker agents have their own endpoint and must not see users' tasks.
             await self.refuse(CLOSE_FORBIDDEN, "worker keys connect to /ws/worker")
             return
+        try:
+            self.counted = live_connections.open(actor.api_key_id)
+        except TooManyLiveConnections as exc:
+            await self.refuse(CLOSE_RATE_LIMITED, exc.message)
+            return
         self.actor = actor
         self.home_group = events.ADMINS_GROUP if self.actor.is_admin else events.user_group(self.actor.user.pk)
         await self._join_groups()
         await self.accept()
         self.rechecks = asyncio.create_task(self._recheck_forever())
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            # Here, not in disconnect(): a consumer that failed or was cancelled gives its place back too.
+            if self.counted is not None:
+                self.counted.release()
 
     async def disconnect(self, code: int) -> None:
         if getattr(self, "rechecks", None) is not None:

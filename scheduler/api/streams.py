@@ -31,7 +31,7 @@ from django.utils import timezone
 from fetchml import events
 from fetchml.decorators import safe_methods_only
 from fetchml.errors import ApplicationError
-from fetchml.sse import authenticate_stream, error_response_for, event_stream, sse_frame, sse_response
+from fetchml.sse import authenticate_stream, error_response_for, sse_frame, stream_response
 from scheduler.api.reads import scheduler_status
 from tasks.models import Task
 from tasks.selectors import task_get_for_actor
@@ -126,8 +126,7 @@ async def status_stream(request: HttpRequest) -> HttpResponseBase:
         actor = await authenticate_stream(request)
     except ApplicationError as exc:
         return error_response_for(exc)
-    stream = event_stream(SchedulerStatusStream(), groups=[events.STATUS_GROUP], api_key_id=actor.api_key_id)
-    return sse_response(stream)
+    return stream_response(SchedulerStatusStream(), groups=[events.STATUS_GROUP], actor=actor)
 
 
 @safe_methods_only
@@ -139,4 +138,4 @@ async def job_stream(request: HttpRequest, job_id: uuid.UUID) -> HttpResponseBas
         return error_response_for(exc)
     # The owner's group carries the job's state changes (among the owner's other tasks').
     groups = [events.user_group(task.owner_id)]
-    return sse_response(event_stream(JobStream(task=task), groups=groups, api_key_id=actor.api_key_id))
+    return stream_response(JobStream(task=task), groups=groups, actor=actor)

@@ -35,7 +35,7 @@ from fetchml import events
 from fetchml.decorators import safe_methods_only
 from fetchml.errors import ApplicationError
 from fetchml.jsonbody import CompactJsonResponse
-from fetchml.sse import authenticate_stream, error_response_for, event_stream, sse_frame, sse_response
+from fetchml.sse import authenticate_stream, error_response_for, sse_frame, stream_response
 from tasks.logs import CATCH_UP_CHUNK, MAX_TAIL, log_lines, serialize_line
 from tasks.models import Task
 from tasks.selectors import task_get_for_actor
@@ -221,4 +221,4 @@ async def task_logs(request: HttpRequest, task_id: uuid.UUID) -> HttpResponseBas
     source = TaskLogStream(task=task, tail=query.tail, after_id=query.after_id)
     # The task's group carries its log lines, its owner's group its state changes.
     groups = [events.task_group(task.id), events.user_group(task.owner_id)]
-    return sse_response(event_stream(source, groups=groups, api_key_id=actor.api_key_id))
+    return stream_response(source, groups=groups, actor=actor)
