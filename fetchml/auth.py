@@ -25,6 +25,7 @@ from fetchml.ratelimits import (
     first_use_in,
     seconds_until_reset,
 )
+from fetchml.shared_reads import SharedRead
 
 logger = logging.getLogger("fetchml.auth")
 HEADER = "HTTP_X_API_KEY"
@@ -119,13 +120,25 @@ def _usable(key: ApiKey) -> bool:
 def api_key_usable(key_id: Any) -> bool:
     """Whether a key accepted earlier still is (not revoked, not expired, its user active): for
     connections that outlive their handshake, re-checked at intervals. One query, by primary key."""
-    key = (
-        ApiKey.objects.select_related("user")
-        .only("revoked_at", "expires_at", "user__is_active")
-        .filter(pk=key_id)
-        .first()
-    )
-    return key is not None and _usable(key)
+    return usable_api_keys([str(key_id)])[str(key_id)]
+
+
+def usable_api_keys(key_ids: list[str]) -> dict[str, bool]:
+    """`api_key_usable` of several keys, in one query (the live connections of a server process
+    re-check their keys together, `fetchml.shared_reads`); a key not found is not usable."""
+    keys = ApiKey.objects.select_related("user").only("revoked_at", "expires_at", "user__is_active")
+    usable = dict.fromkeys(key_ids, False)
+    usable |= {str(key.pk): _usable(key) for key in keys.filter(pk__in=key_ids)}
+    return usable
+
+
+# Live connections re-check their keys at intervals: those of the same moment share one read.
+_shared_usable_api_keys = SharedRead(usable_api_keys)
+
+
+async def key_usable(key_id: str) -> bool:
+    """`api_key_usable` for a live connection's re-check, in one read with its peers'."""
+    return (await _shared_usable_api_keys([key_id])).get(key_id, False)
 
 
 def _fail(reason: str, key: ApiKey | None, ip: str | None) -> None:

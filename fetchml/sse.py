@@ -29,7 +29,6 @@ from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
 from asgiref.sync import sync_to_async
-from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 from django.core.serializers.json import DjangoJSONEncoder
 from django.http import HttpRequest, HttpResponseBase, StreamingHttpResponse
@@ -37,7 +36,7 @@ from rest_framework import exceptions as drf_exceptions
 
 from fetchml import events
 from fetchml.aio import cancel_and_wait
-from fetchml.auth import HEADER, Actor, api_key_usable, authenticate_raw_key, client_ip
+from fetchml.auth import HEADER, Actor, authenticate_raw_key, client_ip, key_usable
 from fetchml.conf import app_settings
 from fetchml.errors import ApplicationError, Forbidden, error_body
 from fetchml.jsonbody import CompactJsonResponse
@@ -134,7 +133,7 @@ async def event_stream(
             done, _ = await asyncio.wait({receiving}, timeout=max(next_beat - loop.time(), 0))
             if not done:
                 next_beat = loop.time() + interval
-                if api_key_id is not None and not await database_sync_to_async(api_key_usable)(api_key_id):
+                if api_key_id is not None and not await key_usable(api_key_id):
                     return
                 yield HEARTBEAT
                 async for frame in source.on_heartbeat():

@@ -39,7 +39,7 @@ from rest_framework import exceptions as drf_exceptions
 
 from fetchml import events
 from fetchml.aio import cancel_and_wait
-from fetchml.auth import Actor, api_key_usable, authenticate_raw_key
+from fetchml.auth import Actor, authenticate_raw_key, key_usable
 from fetchml.conf import app_settings
 from fetchml.consumers import SocketConsumer
 from fetchml.errors import NotFound
@@ -377,7 +377,7 @@ class ClientConsumer(SocketConsumer):
             try:
                 # The key first: expiry and a deactivated user send no message, and the channel
                 # layer may lose a revocation's.
-                if not await database_sync_to_async(api_key_usable)(self.actor.api_key_id):
+                if not await key_usable(self.actor.api_key_id):
                     await self._close_revoked("API key revoked or expired")
                     return
                 await self._recheck()

@@ -9,6 +9,7 @@ from django.utils import timezone
 from audit.models import AuditEvent
 from conftest import KeyClient
 from fetchml import apikeys
+from fetchml.auth import usable_api_keys
 from fetchml.models import ApiKey
 from fetchml.services import apikey_revoke
 from fetchml.tests.factories import ApiKeyFactory, UserFactory
@@ -171,3 +172,18 @@ def test_session_post_still_requires_csrf(db):
 @pytest.mark.parametrize("path", ["/health", "/v1/schema", "/v1/docs"])
 def test_public_endpoints_need_no_key(anon_client, path):
     assert anon_client.get(path).status_code == 200
+
+
+def test_usability_of_several_keys_is_read_at_once(user, django_assert_num_queries):
+    good, _ = ApiKeyFactory.pair(user=user)
+    revoked, _ = ApiKeyFactory.pair(user=user)
+    apikey_revoke(api_key=revoked)
+    expired, _ = ApiKeyFactory.pair(user=user)
+    ApiKey.objects.filter(pk=expired.pk).update(expires_at=timezone.now() - timedelta(seconds=1))
+    idle_user = UserFactory(is_active=False)
+    of_inactive, _ = ApiKeyFactory.pair(user=idle_user)
+    missing = "00000000-0000-0000-0000-000000000000"
+    ids = [str(key.pk) for key in (good, revoked, expired, of_inactive)] + [missing]
+    with django_assert_num_queries(1):
+        usable = usable_api_keys(ids)
+    assert usable == {ids[0]: True, ids[1]: False, ids[2]: False, ids[3]: False, missing: False}
