@@ -33,6 +33,16 @@ class Worker(models.Model):
     batch_slots = models.PositiveIntegerField(default=1)
     service_slots = models.PositiveIntegerField(default=0)
 
+    # Capacity as the agent last declared it in `hello`. The capacity above never drops below what
+    # running work holds (its `used_*` counter: the CHECK constraint); declared lower, it shrinks
+    # back to this as those runs end (scheduler/counters.py). None: no hello since these fields
+    # exist, and the capacity above stands.
+    declared_cpu_cores = models.PositiveIntegerField(null=True, blank=True)
+    declared_memory_gb = models.PositiveIntegerField(null=True, blank=True)
+    declared_gpu_count = models.PositiveIntegerField(null=True, blank=True)
+    declared_batch_slots = models.PositiveIntegerField(null=True, blank=True)
+    declared_service_slots = models.PositiveIntegerField(null=True, blank=True)
+
     # Capacity in use, changed in the same transaction as the assignments that
     # hold it; the CHECK constraints make overcommit impossible at the database.
     used_cpu = models.PositiveIntegerField(default=0)

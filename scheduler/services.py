@@ -35,7 +35,7 @@ from fetchml.conf import app_settings
 from fetchml.errors import Conflict
 from fetchml.instances import instance_builder
 from fetchml.planner import checked_not_searched, planned_without
-from scheduler.counters import give_back, give_back_reading_status
+from scheduler.counters import CAPACITY_OF, give_back, give_back_reading_status
 from scheduler.models import NodeAssignment, Worker
 from scheduler.protocol import CAPACITY_FIELDS
 from tasks.logs import append_lines
@@ -50,8 +50,7 @@ LIVE_CONNECTION_HEARTBEATS = 3  # missed heartbeats after which a recorded conne
 INFRASTRUCTURE_FAILURES = frozenset({Task.FailureReason.WORKER_LOST, Task.FailureReason.PREPARATION})
 _ACTIVE = frozenset(ACTIVE_STATES)
 _LIVE_WORKER_STATES = (Worker.Status.ACTIVE, Worker.Status.DRAINING)
-_USED = {"cpu_cores": "used_cpu", "memory_gb": "used_memory_gb", "gpu_count": "used_gpus"}
-_USED.update({"batch_slots": "used_batch_slots", "service_slots": "used_service_slots"})
+_USED = {capacity: used for used, capacity in CAPACITY_OF.items()}
 
 
 @dataclass
@@ -123,11 +122,15 @@ def worker_hello(
             and worker.last_heartbeat > heard_now - live_window
         ):
             return Welcome(worker_id=None, conflict=True)
-        changed = created or any(getattr(worker, key) != value for key, value in capabilities.items())
+        changed = created or any(_declared(worker, key) != value for key, value in capabilities.items())
         for key, value in capabilities.items():
-            # Never below what running work holds: the CHECK constraint forbids it,
-            # and the surplus frees itself as those runs end.
-            setattr(worker, key, max(value, getattr(worker, _USED[key])) if key in CAPACITY_FIELDS else value)
+            if key in CAPACITY_FIELDS:
+                # Never below what running work holds (the CHECK constraint forbids it): the
+                # surplus shrinks back to the declared figure as those runs end (scheduler/counters.py).
+                setattr(worker, f"declared_{key}", value)
+                setattr(worker, key, max(value, getattr(worker, _USED[key])))
+            else:
+                setattr(worker, key, value)
         worker.status = Worker.Status.DRAINING if worker.status == Worker.Status.DRAINING else Worker.Status.ACTIVE
         worker.version = agent_version
         worker.hostname = hostname
@@ -160,6 +163,12 @@ def worker_hello(
     _catch_up_progress(worker.id, kept, _run_states(worker.id, kept))
     draining = worker.status == Worker.Status.DRAINING
     return Welcome(worker_id=worker.id, keep=keep, kill=kill, draining=draining, superseded=superseded)
+
+
+def _declared(worker: Worker, key: str) -> Any:
+    """What the worker last declared for a capability (its capacity, if not declared since it was recorded)."""
+    declared = getattr(worker, f"declared_{key}", None) if key in CAPACITY_FIELDS else None
+    return getattr(worker, key) if declared is None else declared
 
 
 def worker_disconnected(*, worker_id: Any, channel_name: str) -> None:
