@@ -142,6 +142,9 @@ DATABASES = {"default": _db}
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # --- cache and channel layer ---------------------------------------------
+# Client WebSockets and SSE streams listen through `live`: one membership per group and process on
+# the default layer, fanned out in memory (fetchml/live_layer.py).
+LIVE_LAYER_CONFIG = {"BACKEND": "fetchml.live_layer.LiveLayer", "CONFIG": {"inner": "default", "capacity": 1000}}
 if REDIS_URL:
     CACHES = {
         "default": {
@@ -163,7 +166,8 @@ if REDIS_URL:
                 "capacity": 1000,
                 "expiry": 30,
             },
-        }
+        },
+        "live": LIVE_LAYER_CONFIG,
     }
     SILENCED_SYSTEM_CHECKS: list[str] = []
 else:
@@ -171,7 +175,8 @@ else:
     # Members in memory die with the process, so they never need to expire; channels' default (a
     # day) would stop telling a worker connected longer of its assignments.
     CHANNEL_LAYERS = {
-        "default": {"BACKEND": "channels.layers.InMemoryChannelLayer", "CONFIG": {"group_expiry": 10 * 365 * 86400}}
+        "default": {"BACKEND": "channels.layers.InMemoryChannelLayer", "CONFIG": {"group_expiry": 10 * 365 * 86400}},
+        "live": LIVE_LAYER_CONFIG,
     }
     # The embedded mode is one process, so a local-memory cache is shared by all
     # of its requests; django-ratelimit cannot know that.

@@ -9,11 +9,14 @@ an ask made while no read of its function is under way starts one; asks made
 while one is under way join the next, which starts as soon as that one ends
 and reads the union of their keys. So every ask is answered by a read that
 started after it was made (nothing older than the change it was told of),
-and a crowd of connections costs one or two queries per change.
+and a crowd of connections costs one or two queries per change. `about`
+goes further for listeners told of one message object: the first one's read
+answers them all.
 """
 
 import asyncio
 import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Generic, TypeVar
 
@@ -33,10 +36,17 @@ class _Batch:
         self.answer.add_done_callback(lambda answer: answer.cancelled() or answer.exception())
 
 
+# Messages whose read is remembered, per event loop (the oldest forgotten first): listeners told of
+# one message handle it within moments of each other.
+MESSAGES_REMEMBERED = 256
+
+
 class _LoopReads:
     def __init__(self) -> None:
         self.next: _Batch | None = None
         self.reading: asyncio.Task | None = None
+        # id(message) -> (the message, its read): the message is held so that its id is not reused
+        self.by_message: OrderedDict[int, tuple[object, asyncio.Future]] = OrderedDict()
 
 
 class SharedRead(Generic[Value]):
@@ -60,6 +70,20 @@ class SharedRead(Generic[Value]):
         # Shielded: an asker cancelled (its connection closed) does not cancel the others' read.
         found = await asyncio.shield(batch.answer)
         return {key: found[key] for key in keys if key in found}
+
+    async def about(self, message: object, keys: Iterable[str]) -> dict[str, Value]:
+        """`keys` read once for every listener told of the same `message` object (the live layer
+        hands one object to all its listeners), by the first one to ask; `keys` are all the keys
+        the message is about, and each listener picks its own from the answer. That read started
+        after the message reached this process, so it is no older than what the message tells."""
+        reads = self._loops.setdefault(asyncio.get_running_loop(), _LoopReads())
+        remembered = reads.by_message.get(id(message))
+        if remembered is None or remembered[0] is not message:
+            remembered = (message, asyncio.ensure_future(self(keys)))
+            reads.by_message[id(message)] = remembered
+            while len(reads.by_message) > MESSAGES_REMEMBERED:
+                reads.by_message.popitem(last=False)
+        return await asyncio.shield(remembered[1])
 
     async def _read_while_asked(self, reads: _LoopReads) -> None:
         try:

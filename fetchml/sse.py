@@ -40,6 +40,7 @@ from fetchml.auth import HEADER, Actor, authenticate_raw_key, client_ip, key_usa
 from fetchml.conf import app_settings
 from fetchml.errors import ApplicationError, Forbidden, error_body
 from fetchml.jsonbody import CompactJsonResponse
+from fetchml.live_layer import LIVE_LAYER
 from fetchml.live_limits import LiveConnection, TooManyLiveConnections, live_connections
 from fetchml.ratelimits import consume_request
 
@@ -110,7 +111,7 @@ async def event_stream(
     With `api_key_id` (the key the stream was opened with) the stream ends when that key is
     revoked, or is found unusable (expired, its user deactivated) at a heartbeat. `counted`,
     its place among its key's live connections, is released when it ends."""
-    layer = get_channel_layer()
+    layer = get_channel_layer(LIVE_LAYER)
     interval = max(heartbeat_seconds or app_settings.SSE_HEARTBEAT_SECONDS, MIN_HEARTBEAT_SECONDS)
     channel = await layer.new_channel()
     joined: list[str] = []

@@ -44,6 +44,7 @@ from fetchml.conf import app_settings
 from fetchml.consumers import SocketConsumer
 from fetchml.errors import NotFound
 from fetchml.jsonbody import JSONTooDeep, loads
+from fetchml.live_layer import LIVE_LAYER
 from fetchml.live_limits import LiveConnection, TooManyLiveConnections, live_connections
 from fetchml.shared_reads import SharedRead
 from tasks.logs import CATCH_UP_CHUNK, log_lines, serialize_line
@@ -157,8 +158,10 @@ shared_statuses = SharedRead(_statuses)
 
 
 class ClientConsumer(SocketConsumer):
+    channel_layer_alias = LIVE_LAYER  # one membership per group and process, fanned out here
     actor: Actor | None = None  # set once the key is accepted
     counted: LiveConnection | None = None  # this connection's place among its key's live connections
+    rechecks: asyncio.Task | None = None
     key_refused = False  # the key was found revoked or expired: the connection is closing
     home_group: str
     subscriptions: dict[str, Any]  # task id -> its owner's pk
@@ -213,9 +216,12 @@ class ClientConsumer(SocketConsumer):
         try:
             await super().__call__(scope, receive, send)
         finally:
-            # Here, not in disconnect(): a consumer that failed or was cancelled gives its place back too.
+            # Here, not in disconnect(): a consumer that failed or was cancelled gives its place back too,
+            # and stops re-checking (its groups are left by the layer, fetchml/live_layer.py).
             if self.counted is not None:
                 self.counted.release()
+            if self.rechecks is not None:
+                self.rechecks.cancel()
 
     async def disconnect(self, code: int) -> None:
         if getattr(self, "rechecks", None) is not None:
@@ -336,14 +342,21 @@ class ClientConsumer(SocketConsumer):
 
     # --- from the channel layer --------------------------------------------
     async def task_event(self, message: dict) -> None:
-        await self.task_events({"type": "task.events", "events": [message]})
+        await self._tell_events(message)
 
     async def task_events(self, message: dict) -> None:
-        wanted = [event for event in events.task_events_of(message) if self._wants(event)]
+        await self._tell_events(message)
+
+    async def _tell_events(self, message: dict) -> None:
+        """Tell the changes a `task.event` or `task.events` message is about that this connection wants."""
+        told_of = events.task_events_of(message)
+        wanted = [event for event in told_of if self._wants(event)]
         if not wanted:
             return
         async with self.telling:
-            snapshots = await shared_snapshots([event["task_id"] for event in wanted])
+            # Every listener of this process told of the message shares one read of all it is about.
+            about = [event["task_id"] for event in told_of if isinstance(event.get("task_id"), str)]
+            snapshots = await shared_snapshots.about(message, about)
             for event in wanted:
                 snapshot = snapshots.get(event["task_id"])
                 if snapshot is None:

@@ -5,9 +5,11 @@ import gc
 
 import pytest
 from asgiref.sync import sync_to_async
+from channels.layers import get_channel_layer
 from channels.testing import WebsocketCommunicator
 
 from fetchml.asgi import application
+from fetchml.live_layer import LIVE_LAYER
 from fetchml.live_limits import live_connections
 from fetchml.testing import KeyAsyncClient, SSEStream, http_scope, run_async
 from fetchml.tests.factories import ApiKeyFactory
@@ -81,6 +83,17 @@ async def test_a_websocket_consumer_cancelled_without_a_disconnect_gives_its_pla
     with pytest.raises(asyncio.CancelledError):
         await socket.future
     assert live_connections.count(_key_id(key)) == 0
+    await _groups_left()
+
+
+async def _groups_left() -> None:
+    """Until the process's listeners have left every group on the real layer (a consumer cancelled
+    leaves them a moment after it ended): a Redis read still under way when the test's event loop
+    closes can outlive its cancel."""
+    live = get_channel_layer(LIVE_LAYER)
+    async with asyncio.timeout(TIMEOUT):
+        while live.joined_groups():
+            await asyncio.sleep(0.01)
 
 
 @run_async

@@ -111,3 +111,24 @@ def test_reads_of_different_event_loops_are_kept_apart():
     shared = SharedRead(read)
     assert asyncio.run(shared(["a"])) == {"a": 1}
     assert asyncio.run(shared(["a"])) == {"a": 2}
+
+
+@run_async
+async def test_listeners_told_of_one_message_share_its_read_even_when_they_ask_later():
+    read = GatedRead()
+    read.release.set()
+    shared = SharedRead(read)
+    message = {"type": "task.events"}
+    first = await shared.about(message, ["a", "b"])
+    later = await shared.about(message, ["a", "b"])
+    assert first == later == {"a": 1, "b": 1}
+    assert read.calls == [["a", "b"]]
+
+
+@run_async
+async def test_another_message_with_the_same_content_gets_a_read_of_its_own():
+    read = GatedRead()
+    read.release.set()
+    shared = SharedRead(read)
+    assert await shared.about({"type": "task.events"}, ["a"]) == {"a": 1}
+    assert await shared.about({"type": "task.events"}, ["a"]) == {"a": 2}

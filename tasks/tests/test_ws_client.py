@@ -6,6 +6,8 @@ afterwards and checks that this marker is the first message to arrive (one
 channel's messages arrive in order), instead of waiting for silence.
 """
 
+import asyncio
+
 import channels.consumer
 import pytest
 from asgiref.sync import sync_to_async
@@ -209,8 +211,8 @@ async def test_connections_told_of_the_same_change_share_one_read_of_it(alice_ke
         for socket in sockets:
             await socket.disconnect()
     assert set(told) == {("task_update", str(alice_task.id), "preparing")}
-    # Asks made while a read is under way share the next one: at most two for the crowd, not 20.
-    assert 1 <= len(reads) <= 2
+    # The live layer hands the crowd one message object: one read of it answers them all.
+    assert len(reads) == 1
 
 
 @run_async
@@ -653,3 +655,26 @@ async def test_disconnect_leaves_every_joined_group(alice_key, alice_task, group
     # The owner's group, the subscribed task's, and the key's (told of its revocation).
     assert len({group for group, _ in joined}) == 3
     assert set(joined) <= set(left)
+
+
+@run_async
+async def test_a_consumer_cancelled_by_its_server_leaves_its_groups_and_stops_rechecking(
+    alice_key, alice_task, group_moves, monkeypatch, settings
+):
+    settings.FETCHML_WS_RECHECK_SECONDS = 0.05
+    rechecks = []
+    monkeypatch.setattr(consumers.ClientConsumer, "_recheck", lambda self: rechecks.append(1) or asyncio.sleep(0))
+    socket = await _open(alice_key)
+    async with asyncio.timeout(TIMEOUT):
+        while not rechecks:
+            await asyncio.sleep(0.01)
+    socket.future.cancel()  # as daphne cancels an application past its close timeout, with no disconnect
+    with pytest.raises(asyncio.CancelledError):
+        await socket.future
+    async with asyncio.timeout(TIMEOUT):
+        while group_moves.left != group_moves.joined:
+            await asyncio.sleep(0.01)
+    rechecked = len(rechecks)
+    await asyncio.sleep(0.3)  # six re-check intervals
+    assert len({group for group, _ in group_moves.joined}) == 2  # the owner's and the key's
+    assert len(rechecks) == rechecked
