@@ -157,7 +157,7 @@ class ApiKeyAuthentication(authentication.BaseAuthentication):
         if raw is None:
             return None  # let session auth try; permissions then demand a login
         key = authenticate_raw_key(raw, client_ip(request.META))
-        usage = count_api_key_request(request, key.id)
+        usage = count_api_key_request(request, key)
         if usage is not None and usage.limited:
             raise exceptions.Throttled(wait=seconds_until_reset(usage))
         return key.user, key

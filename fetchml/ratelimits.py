@@ -27,6 +27,7 @@ from redis import RedisError
 from rest_framework.throttling import BaseThrottle
 
 from fetchml.conf import app_settings
+from fetchml.models import ApiKey
 
 logger = logging.getLogger("fetchml.ratelimits")
 
@@ -125,14 +126,19 @@ def seconds_until_reset(usage: Usage) -> int:
     return max(usage.reset_at - int(time.time()), 1)
 
 
-def count_api_key_request(request, key_id: object) -> Usage | None:
+def count_api_key_request(request, key: ApiKey) -> Usage | None:
     """Count one request of a verified API key and leave the usage on the request.
 
     Called by the authentication itself, so every authenticated request is
     counted (also those refused later with 403/404), keyed on the key's id and
-    never on anything else the client sends.
+    never on anything else the client sends. Worker keys are not counted: a
+    worker's requests (downloads for its runs, their outputs) follow the work
+    the scheduler gives it, and a fleet may share one key; a limit would stall
+    finished runs in `collecting`, holding their slots, across the whole fleet.
     """
-    usage = consume_request(f"key:{key_id}", request.method)
+    if key.role == ApiKey.Role.WORKER:
+        return None
+    usage = consume_request(f"key:{key.id}", request.method)
     _django_request(request).fetchml_ratelimit = usage
     return usage
 

@@ -30,10 +30,18 @@ def test_authenticated_responses_carry_rate_limit_headers(user_client):
     assert before <= int(response["X-RateLimit-Reset"]) <= before + 61
 
 
-def test_error_responses_of_authenticated_requests_carry_rate_limit_headers(worker_key):
-    response = KeyClient(worker_key).get(ENDPOINT)
+def test_error_responses_of_authenticated_requests_carry_rate_limit_headers(user_client):
+    response = user_client.get("/v1/test/admin-only")
     assert response.status_code == 403
     assert response["X-RateLimit-Remaining"] == "299"
+
+
+@override_settings(FETCHML_RATE_LIMIT_GET="2/m")
+def test_worker_keys_are_not_rate_limited(worker_key):
+    # A fleet shares its key and its requests follow the work it is given: never a 429.
+    responses = [KeyClient(worker_key).get(ENDPOINT) for _ in range(5)]
+    assert [response.status_code for response in responses] == [403] * 5  # refused here for its role only
+    assert "X-RateLimit-Limit" not in responses[-1]
 
 
 def test_unauthenticated_responses_have_no_rate_limit_headers(anon_client):

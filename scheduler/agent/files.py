@@ -37,7 +37,8 @@ class FileServices:
 
 
 async def with_retries(files: FileServices, what: str, attempt: Callable[[], Awaitable[T]]) -> T:
-    """Run `attempt` until it does not raise TransientError, with jittered exponential back-off.
+    """Run `attempt` until it does not raise TransientError, with jittered exponential back-off,
+    waiting at least as long as the server asked (its Retry-After).
 
     Gives up (re-raising the last TransientError) once `files.retry_seconds` have passed.
     """
@@ -50,7 +51,7 @@ async def with_retries(files: FileServices, what: str, attempt: Callable[[], Awa
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise
-            pause = min(delay * random.uniform(0.5, 1.0), remaining)
+            pause = min(max(delay * random.uniform(0.5, 1.0), exc.retry_after or 0.0), remaining)
             logger.warning("%s: %s; retrying in %.1f s", what, exc, pause)
             await asyncio.sleep(pause)
             delay = min(delay * 2, files.backoff_max)

@@ -32,8 +32,24 @@ class TransferError(Exception):
     """A transfer did not complete."""
 
 
+# The longest wait a server's Retry-After may ask of a retry (a larger one is held to it).
+MAX_RETRY_AFTER_SECONDS = 60.0
+
+
 class TransientError(TransferError):
-    """Worth retrying: the network failed, or the server is overloaded or broken for now."""
+    """Worth retrying: the network failed, or the server is overloaded or broken for now.
+    `retry_after`: the seconds the server asked to wait (its Retry-After), if it said."""
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+def _retry_after(value: str | None) -> float | None:
+    """A Retry-After of whole seconds, held to MAX_RETRY_AFTER_SECONDS; None for anything else."""
+    if value is None or not value.strip().isdigit():
+        return None
+    return min(float(value.strip()), MAX_RETRY_AFTER_SECONDS)
 
 
 class HttpStatusError(TransferError):
@@ -86,7 +102,7 @@ def _refusal(exc: urllib.error.HTTPError) -> TransferError:
     message = str(body.get("error") or exc.reason) if isinstance(body, dict) else str(exc.reason)
     details = body.get("details") if isinstance(body, dict) and isinstance(body.get("details"), list) else []
     if exc.code == 429 or exc.code >= 500:
-        return TransientError(f"HTTP {exc.code}: {message}")
+        return TransientError(f"HTTP {exc.code}: {message}", retry_after=_retry_after(exc.headers.get("Retry-After")))
     return HttpStatusError(exc.code, message, details)
 
 
