@@ -672,7 +672,7 @@ async def test_a_consumer_cancelled_by_its_server_leaves_its_groups_and_stops_re
     with pytest.raises(asyncio.CancelledError):
         await socket.future
     async with asyncio.timeout(TIMEOUT):
-        while group_moves.left != group_moves.joined:
+        while sorted(group_moves.left) != sorted(group_moves.joined):
             await asyncio.sleep(0.01)
     rechecked = len(rechecks)
     await asyncio.sleep(0.3)  # six re-check intervals
