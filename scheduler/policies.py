@@ -207,8 +207,9 @@ FLEET_FIELDS = ("id", "name", "gpu_count", "gpu_type", "cpu_cores", "memory_gb",
 _registered_workers = compiled_once(lambda: Worker.objects.only(*FLEET_FIELDS).order_by())
 
 
-def unschedulable_reason(shape: Shape) -> str | None:
-    """Why no registered worker could ever run `shape`; None if one could, or if no worker is registered yet.
+def unschedulable_reason(shape: Shape) -> tuple[str, str] | None:
+    """Why no registered worker could ever run `shape`, as (the field of the request it cannot meet,
+    the reason); None if one could, or if no worker is registered yet.
 
     Asked at every submission: answered by counting in the database, so its cost does not
     grow with the fleet; only a refusal reads the fleet, to say what is missing.
@@ -218,7 +219,13 @@ def unschedulable_reason(shape: Shape) -> str | None:
     fleet = registered_fleet()
     if not fleet:
         return None  # a fresh installation: accept work before the first worker says hello
-    return fleet_shortfall(shape, fleet)
+    reason = fleet_shortfall(shape, fleet)
+    if reason is None:
+        return None
+    lacking = fleet_lacks(shape, fleet)
+    named = [field for field in ("gpu_type", "gpu", "cpu", "memory_gb") if field in lacking]
+    field = named[0] if named else "kind" if shape.kind == Task.Kind.SERVICE and "slot" in lacking else "node_count"
+    return field, reason
 
 
 # --- reservations ----------------------------------------------------------

@@ -159,12 +159,14 @@ def _shape(fields: dict[str, Any]) -> Shape:
 
 
 def _refuse_unschedulable(fields: dict[str, Any]) -> None:
-    """422 for a task no registered worker could ever run (unless `allow_unschedulable`)."""
-    reason = unschedulable_reason(_shape(fields))
-    if reason:
+    """422 for a task no registered worker could ever run (unless `allow_unschedulable`), naming
+    the field the fleet cannot meet."""
+    refusal = unschedulable_reason(_shape(fields))
+    if refusal:
+        field, reason = refusal
         raise Invalid(
             f"no registered worker could ever run this task: {reason}",
-            details=[{"field": "allow_unschedulable", "message": f"{reason}; set it to true to queue anyway."}],
+            details=[{"field": field, "message": f"{reason}; set allow_unschedulable to true to queue it anyway."}],
         )
 
 

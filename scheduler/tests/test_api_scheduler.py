@@ -8,6 +8,7 @@ from django.utils import timezone
 
 from audit.models import AuditEvent
 from conftest import KeyClient
+from fetchml.testing import refused_field
 from scheduler.dispatch import dispatch_round
 from scheduler.models import Reservation, Worker
 from scheduler.tests.factories import queued_task, worker
@@ -280,15 +281,16 @@ def test_task_no_registered_worker_could_run_is_refused_with_the_reason(user_cli
 
 
 @pytest.mark.parametrize(
-    ("fields", "reason"),
+    ("fields", "reason", "field"),
     [
-        ({"gpu": 1, "gpu_type": "H100"}, "no registered worker has GPUs of type H100"),
-        ({"memory_gb": 64}, "64 GB of memory per node"),
-        ({"cpu": 16}, "16 CPU cores per node"),
-        ({"node_count": 3}, "3 nodes requested; only 2"),
+        ({"gpu": 1, "gpu_type": "H100"}, "no registered worker has GPUs of type H100", "gpu_type"),
+        ({"gpu": 8, "gpu_type": "A100"}, "8 GPUs per node", "gpu"),
+        ({"memory_gb": 64}, "64 GB of memory per node", "memory_gb"),
+        ({"cpu": 16}, "16 CPU cores per node", "cpu"),
+        ({"node_count": 3}, "3 nodes requested; only 2", "node_count"),
     ],
 )
-def test_each_kind_of_impossible_request_is_named(user_client, fields, reason):
+def test_each_kind_of_impossible_request_is_named(user_client, fields, reason, field):
     worker(name="a", gpu_count=2, gpu_type="A100")
     worker(name="b", gpu_count=2, gpu_type="A100")
 
@@ -298,6 +300,7 @@ def test_each_kind_of_impossible_request_is_named(user_client, fields, reason):
 
     assert response.status_code == 422
     assert reason in response.json()["error"]
+    assert refused_field(response) == field
 
 
 def test_allow_unschedulable_queues_it_anyway(user_client):
