@@ -512,7 +512,8 @@ def _placed_by_a_round(*, batch_size: int | None, now: datetime | None, starvati
         placements = match(tasks, nodes, holds)
         _write(placements, now)
     if placements:
-        logger.info("dispatched %d task(s) to %d worker(s)", len(placements), len(workers))
+        placed_on = {node.worker_id for placement in placements for node, _ in placement.nodes}
+        logger.info("dispatched %d task(s) to %d worker(s)", len(placements), len(placed_on))
     return placements
 
 

@@ -314,7 +314,10 @@ class Agent:
         self._finished.set()
 
     def _check_drained(self) -> None:
-        if self._draining and not self._held:
+        if self._draining and not self._held and not self._finished.is_set():
+            if not self._forced:
+                # The last line of a drained agent: its exit is the end of a drain, not a crash.
+                logger.info("drained: every run finished and reported; exiting")
             self._finished.set()
 
     def _stop_runs_leaving(self) -> None:

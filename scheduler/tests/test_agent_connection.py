@@ -274,6 +274,20 @@ def test_idle_agent_told_to_drain_says_so_before_it_exits(tmp_path: Path) -> Non
     run_async(scenario())
 
 
+def test_a_drained_agent_logs_that_it_exits_drained(tmp_path: Path, caplog) -> None:
+    async def scenario() -> int:
+        async with Peer() as peer:
+            agent = Agent(agent_config(peer.url, tmp_path / "work"))
+            serving = asyncio.create_task(agent.run())
+            await peer.connected()
+            agent.drain()
+            return await asyncio.wait_for(serving, 15)
+
+    with caplog.at_level(logging.INFO, logger="scheduler.agent.client"):
+        assert run_async(scenario()) == 0
+    assert "drained: every run finished and reported; exiting" in caplog.text
+
+
 def test_draining_agent_says_so_again_after_a_reconnect(tmp_path: Path) -> None:
     gate = tmp_path / "gate"
 
