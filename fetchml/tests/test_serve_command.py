@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -182,4 +183,33 @@ def test_a_local_worker_drained_by_an_operator_stays_stopped(serve):
     while time.monotonic() < deadline:  # long enough for a restart to have begun
         assert serve.agents() == []
         time.sleep(0.1)
+    assert serve.stop() == 0
+
+
+@pytest.mark.e2e
+def test_a_second_stop_signal_stops_the_local_workers_runs_at_once(serve, tmp_path: Path):
+    serve.wait_for("connected to ws://")
+    created = subprocess.run(
+        [sys.executable, "manage.py", "createapikey", "alice", "--role", "user"],
+        cwd=settings.BASE_DIR,
+        env=serve.env,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    key = created.stdout.strip().splitlines()[-1]
+    body = b'{"job_name": "long", "entrypoint": "sleep 600"}'
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{serve.port}/v1/tasks",
+        data=body,
+        headers={"X-API-Key": key, "Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=WAIT) as answer:
+        assert answer.status == 201
+    serve.wait_for("started (token")  # the agent started the run
+    serve.process.send_signal(signal.SIGTERM)
+    serve.wait_for("Stopping: draining local workers")
+    serve.process.send_signal(signal.SIGTERM)  # a second Ctrl-C: no waiting for the run
+    serve.wait_for("Stopping now: local workers stop their runs")
+    serve.wait_for("shutting down: killing 1 run(s)")
     assert serve.stop() == 0

@@ -62,7 +62,7 @@ def check_can_listen(host: str, port: int) -> None:
             if exc.errno == errno.EADDRINUSE:
                 raise CommandError(
                     f"FetchML could not start: port {port} on {host} is already in use (another FetchML, or "
-                    "another program, listens there); stop it or choose another --port"
+                    "another program, listens there); stop it or choose another port (--port, or make run PORT=...)"
                 ) from None
             raise CommandError(f"FetchML could not start: cannot listen on {host}:{port}: {exc.strerror}") from None
 
@@ -122,6 +122,12 @@ class Command(BaseCommand):
 
         def on_signal() -> None:
             if state["stopping"]:
+                # A second Ctrl-C: no more waiting for runs to finish. The agents' own second
+                # SIGTERM stops their runs now (a run stopped so is queued again on the next start).
+                self.stdout.write("Stopping now: local workers stop their runs ...")
+                for child in state["children"]:
+                    if child.poll() is None:
+                        child.send_signal(signal.SIGTERM)
                 return
             state["stopping"] = True
             self.stdout.write("Stopping: draining local workers, then the scheduler and the server ...")
