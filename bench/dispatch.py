@@ -70,7 +70,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Self
 
@@ -133,6 +133,37 @@ def scratch_postgres(url: str, purpose: str = "dispatchbench") -> tuple[str, Cal
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
     return urlunsplit(parts._replace(path=f"/{name}")), drop
+
+
+def scratch_services_given() -> bool:
+    """Whether DATABASE_URL and REDIS_URL name PostgreSQL and Redis (saying what is missing if not)."""
+    url, redis_url = os.environ.get("DATABASE_URL", ""), os.environ.get("REDIS_URL", "")
+    if url.startswith(("postgres://", "postgresql://")) and redis_url:
+        return True
+    print("needs DATABASE_URL=postgres://... and REDIS_URL=redis://... (a scratch database is created)")
+    return False
+
+
+@contextlib.contextmanager
+def scratch_system(purpose: str) -> Iterator[dict[str, str]]:
+    """A migrated scratch database beside DATABASE_URL's and a state directory, both removed after;
+    Django set up on them in this process. Yields the environment of the system's processes."""
+    scratch_url, drop = scratch_postgres(os.environ["DATABASE_URL"], purpose)
+    var_dir = tempfile.TemporaryDirectory(prefix=f"fetchml-{purpose}-")
+    env = {**os.environ, **SERVER_ENV, "DATABASE_URL": scratch_url, "FETCHML_VAR_DIR": var_dir.name}
+    os.environ.update(env)
+    os.environ["DJANGO_SETTINGS_MODULE"] = "fetchml.settings"
+    try:
+        import django
+
+        django.setup()
+        from django.core.management import call_command
+
+        call_command("migrate", verbosity=0)
+        yield env
+    finally:
+        drop()
+        var_dir.cleanup()
 
 
 def percentile(values: list[float], fraction: float) -> float:
@@ -1104,22 +1135,10 @@ def main() -> int:
     if args.compare == "procrastinate" and not procrastinate_installed():
         print(f"--compare procrastinate needs procrastinate, which is not installed: {PROCRASTINATE_INSTALL}")
         return 2
-    url, redis_url = os.environ.get("DATABASE_URL", ""), os.environ.get("REDIS_URL", "")
-    if not url.startswith(("postgres://", "postgresql://")) or not redis_url:
-        print("needs DATABASE_URL=postgres://... and REDIS_URL=redis://... (a scratch database is created)")
+    url = os.environ.get("DATABASE_URL", "")
+    if not scratch_services_given():
         return 2
-    scratch_url, drop = scratch_postgres(url)
-    var_dir = tempfile.TemporaryDirectory(prefix="fetchml-dispatchbench-")
-    env = {**os.environ, **SERVER_ENV, "DATABASE_URL": scratch_url, "FETCHML_VAR_DIR": var_dir.name}
-    os.environ.update(env)
-    os.environ["DJANGO_SETTINGS_MODULE"] = "fetchml.settings"
-    try:
-        import django
-
-        django.setup()
-        from django.core.management import call_command
-
-        call_command("migrate", verbosity=0)
+    with scratch_system("dispatchbench") as env:
         print(
             f"machine: {os.cpu_count()} cores, {python_loop_seconds():.2f} s for 10^7 Python additions; "
             f"PostgreSQL + Redis; {args.servers} daphne process(es); "
@@ -1141,9 +1160,6 @@ def main() -> int:
             cost = round_cost(owner, depth, rounds=5)
             results[f"round_{depth}"] = cost
             print(f"dispatch round (128 placed) at queue depth {depth:>9,}: {cost:.1f} ms")
-    finally:
-        drop()
-        var_dir.cleanup()
     return 0
 
 

@@ -33,7 +33,6 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -41,7 +40,7 @@ from typing import Any
 BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
 
-from dispatch import SERVER_ENV, System, cpu_seconds, percentile, scratch_postgres  # noqa: E402
+from dispatch import System, cpu_seconds, percentile, scratch_services_given, scratch_system  # noqa: E402
 
 HANDSHAKES_AT_ONCE = 50
 QUIET_SUBMISSIONS = 20
@@ -196,28 +195,12 @@ def main() -> int:
     parser.add_argument("--keys", type=int, default=10, metavar="N", help="API keys A's connections share")
     parser.add_argument("--burst", type=int, default=200, metavar="N", help="tasks user A submits in the burst")
     args = parser.parse_args()
-    url, redis_url = os.environ.get("DATABASE_URL", ""), os.environ.get("REDIS_URL", "")
-    if not url.startswith(("postgres://", "postgresql://")) or not redis_url:
-        print("needs DATABASE_URL=postgres://... and REDIS_URL=redis://... (a scratch database is created)")
+    if not scratch_services_given():
         return 2
-    scratch_url, drop = scratch_postgres(url, purpose="wsfanoutbench")
-    var_dir = tempfile.TemporaryDirectory(prefix="fetchml-wsfanoutbench-")
-    env = {**os.environ, **SERVER_ENV, "DATABASE_URL": scratch_url, "FETCHML_VAR_DIR": var_dir.name}
-    os.environ.update(env)
-    os.environ["DJANGO_SETTINGS_MODULE"] = "fetchml.settings"
-    try:
-        import django
-
-        django.setup()
-        from django.core.management import call_command
-
-        call_command("migrate", verbosity=0)
+    with scratch_system("wsfanoutbench") as env:
         print(f"machine: {os.cpu_count()} cores; PostgreSQL + Redis; one daphne process")
         with System(env, scheduler=False) as system:
             asyncio.run(run(args, f"ws://127.0.0.1:{system.ports[0]}/ws", system.children[0].pid))
-    finally:
-        drop()
-        var_dir.cleanup()
     return 0
 
 

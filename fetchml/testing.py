@@ -523,6 +523,21 @@ def http_scope(method: str, path: str, *, key: str, query_string: bytes = b"") -
     }
 
 
+def request_then_stay() -> Callable[[], Awaitable[dict[str, Any]]]:
+    """An ASGI `receive` of a client that sends its (empty) request and then stays connected."""
+    requested = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal requested
+        if not requested:
+            requested = True
+            return {"type": "http.request", "body": b"", "more_body": False}
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    return receive
+
+
 def refused_field(response: Any) -> str:
     """The one field a 422 VALIDATION_ERROR answer names."""
     assert response.status_code == 422, response.json()

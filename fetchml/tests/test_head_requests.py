@@ -11,7 +11,7 @@ import pytest
 from django.db import connection
 
 from fetchml.asgi import application
-from fetchml.testing import LiveServer, database_url_for, http_scope, run_async
+from fetchml.testing import LiveServer, database_url_for, http_scope, request_then_stay, run_async
 from fetchml.tests.factories import ApiKeyFactory
 from tasks.logs import append_lines
 from tasks.services import task_submit
@@ -141,15 +141,6 @@ def test_head_of_an_api_answer_longer_than_a_chunk_sends_no_body_and_the_gets_le
 @run_async
 async def test_head_of_a_stream_never_starts_it(key, group_moves, thread_connections):
     sent: list[dict] = []
-    requested = False
-
-    async def receive() -> dict:
-        nonlocal requested
-        if not requested:
-            requested = True
-            return {"type": "http.request", "body": b"", "more_body": False}
-        await asyncio.Event().wait()  # the client stays connected
-        raise AssertionError("unreachable")
 
     async def send(message: dict) -> None:
         sent.append(message)
@@ -157,7 +148,7 @@ async def test_head_of_a_stream_never_starts_it(key, group_moves, thread_connect
     path = "/v1/scheduler/status/stream"
     scope = http_scope("HEAD", path, key=key)
     async with asyncio.timeout(5):
-        await application(scope, receive, send)
+        await application(scope, request_then_stay(), send)
 
     start, *bodies = sent
     assert (start["type"], start["status"]) == ("http.response.start", 200)

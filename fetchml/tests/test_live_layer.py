@@ -27,6 +27,12 @@ async def _received(layer, channel: str) -> dict:
     return await asyncio.wait_for(layer.receive(channel), TIMEOUT)
 
 
+async def _heard(layer, group: str, channel: str) -> bool:
+    """Whether a message sent to `group` now reaches `channel`."""
+    await layer.group_send(group, {"type": "news"})
+    return (await _received(layer, channel))["type"] == "news"
+
+
 async def _nothing_more(layer, channel: str) -> bool:
     """True if nothing waits for `channel`: a marker sent to it directly is the next message."""
     await layer.send(channel, {"type": "marker"})
@@ -81,8 +87,7 @@ async def test_the_real_membership_is_left_with_the_last_listener_only(group_mov
     first, second = await _members(live, group, 2)
     await live.group_discard(group, first)
     assert group_moves.left == []
-    await live.group_send(group, {"type": "news"})
-    assert (await _received(live, second))["type"] == "news"
+    assert await _heard(live, group, second)
     await live.group_discard(group, second)
     assert group_moves.left == group_moves.joined
     assert group not in live.joined_groups()
@@ -94,8 +99,7 @@ async def test_a_listener_that_left_gets_no_more_of_the_groups_messages():
     leaving, staying = await _members(live, group, 2)
     await live.group_discard(group, leaving)
     try:
-        await live.group_send(group, {"type": "news"})
-        assert (await _received(live, staying))["type"] == "news"
+        assert await _heard(live, group, staying)
         assert await _nothing_more(live, leaving)
     finally:
         await live.group_discard(group, staying)
@@ -108,8 +112,7 @@ async def test_a_group_joined_again_after_its_last_listener_left_is_heard_again(
     await live.group_discard(group, channel)
     await live.group_add(group, channel)
     try:
-        await live.group_send(group, {"type": "news"})
-        assert (await _received(live, channel))["type"] == "news"
+        assert await _heard(live, group, channel)
     finally:
         await live.group_discard(group, channel)
 
@@ -160,8 +163,7 @@ async def test_a_join_the_real_layer_refuses_leaves_nothing_joined(monkeypatch):
     assert live.members(group) == set()
     await live.group_add(group, channel)  # the real layer is back: joined for good
     try:
-        await live.group_send(group, {"type": "news"})
-        assert (await _received(live, channel))["type"] == "news"
+        assert await _heard(live, group, channel)
     finally:
         await live.group_discard(group, channel)
 

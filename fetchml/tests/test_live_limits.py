@@ -11,7 +11,7 @@ from channels.testing import WebsocketCommunicator
 from fetchml.asgi import application
 from fetchml.live_layer import LIVE_LAYER
 from fetchml.live_limits import live_connections
-from fetchml.testing import KeyAsyncClient, SSEStream, http_scope, run_async
+from fetchml.testing import KeyAsyncClient, SSEStream, http_scope, request_then_stay, run_async
 from fetchml.tests.factories import ApiKeyFactory
 from tasks.consumers import CLOSE_RATE_LIMITED
 
@@ -148,23 +148,13 @@ async def test_a_stream_the_client_left_gives_its_place_back(limit_of_two, key):
 
 @run_async
 async def test_a_head_on_a_stream_holds_no_place_once_answered(limit_of_two, key):
-    requested = False
-
-    async def receive() -> dict:
-        nonlocal requested
-        if not requested:
-            requested = True
-            return {"type": "http.request", "body": b"", "more_body": False}
-        await asyncio.Event().wait()  # the client stays connected
-        raise AssertionError("unreachable")
-
     sent = []
 
     async def send(message: dict) -> None:
         sent.append(message)
 
     async with asyncio.timeout(TIMEOUT):
-        await application(http_scope("HEAD", STATUS_STREAM, key=key[1]), receive, send)
+        await application(http_scope("HEAD", STATUS_STREAM, key=key[1]), request_then_stay(), send)
     gc.collect()  # the answered response is dropped: its stream never ran, so it never gave its place back
     assert sent[0]["status"] == 200
     assert live_connections.count(_key_id(key)) == 0
