@@ -29,6 +29,7 @@ def owner_username() -> F:
 class TaskFilters(TypedDict, total=False):
     status: str
     user_id: str
+    job_name: str
     experiment_id: uuid.UUID
     node_count: int
     reservation_id: uuid.UUID
@@ -64,6 +65,8 @@ def task_list(*, actor: Actor, filters: TaskFilters) -> TaskPage:
     if user_id := filters.get("user_id"):
         # A regular user naming someone else simply matches nothing of theirs.
         tasks = tasks.filter(owner__username=user_id)
+    if job_name := filters.get("job_name"):
+        tasks = tasks.filter(job_name=job_name)
     if (experiment_id := filters.get("experiment_id")) is not None:
         tasks = tasks.filter(experiment_id=experiment_id)
     if (node_count := filters.get("node_count")) is not None:

@@ -243,6 +243,7 @@ class TaskDetailSerializer(TaskSerializer):
 class TaskListQuerySerializer(serializers.Serializer):
     status = serializers.ChoiceField(choices=TaskStatus.choices, required=False)
     user_id = serializers.CharField(max_length=150, required=False, help_text="Owner's username")
+    job_name = serializers.CharField(max_length=64, required=False, help_text="Tasks of this job name (exact)")
     experiment_id = serializers.UUIDField(required=False)
     node_count = serializers.IntegerField(min_value=1, max_value=MAX_NODE_COUNT, required=False)
     reservation_id = serializers.UUIDField(required=False)

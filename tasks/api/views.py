@@ -86,7 +86,7 @@ class TaskListCreateView(APIView):
         summary="List tasks",
         description=(
             "Tasks visible to the caller, newest first: their own, or everyone's for an admin key. "
-            "`user_id` filters by the owner's username."
+            "`user_id` filters by the owner's username, `job_name` by the whole job name."
         ),
         parameters=[TaskListQuerySerializer],
         responses={

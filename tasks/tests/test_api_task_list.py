@@ -84,6 +84,12 @@ def test_experiment_filter(user_client, user):
     assert ids(user_client.get("/v1/tasks", {"experiment_id": str(experiment.id)})) == {str(inside.id)}
 
 
+def test_job_name_filter_matches_the_whole_name(user_client, user):
+    sweep = TaskFactory.create_batch(2, owner=user, job_name="sweep")
+    TaskFactory(owner=user, job_name="sweep-2")
+    assert ids(user_client.get("/v1/tasks", {"job_name": "sweep"})) == {str(task.id) for task in sweep}
+
+
 def test_node_count_filter(user_client, user):
     wide = TaskFactory(owner=user, node_count=4)
     TaskFactory(owner=user)
@@ -137,6 +143,7 @@ def test_limit_of_1000_is_accepted(user_client):
         ({"offset": 10**20}, "offset"),
         ({"node_count": 0}, "node_count"),
         ({"experiment_id": "nope"}, "experiment_id"),
+        ({"job_name": "x" * 65}, "job_name"),
     ],
 )
 def test_invalid_paging_or_filter_is_bad_request_with_details(user_client, params, field):
