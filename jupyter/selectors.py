@@ -13,7 +13,7 @@ DEFAULT_IMAGE = "jupyter/pytorch:latest"
 
 def visible_services(actor: Actor) -> QuerySet[JupyterService]:
     """Owners see their own services; admins see every service."""
-    services = JupyterService.objects.select_related("owner")
+    services = JupyterService.objects.select_related("owner", "task")
     return services if actor.is_admin else services.filter(owner=actor.user)
 
 

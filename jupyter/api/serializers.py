@@ -11,6 +11,7 @@ from jupyter.sealing import unseal
 from jupyter.selectors import DEFAULT_IMAGE
 from jupyter.services import MAX_WORKSPACE
 from tasks.api.fields import StrictCharField, StrictSerializer
+from tasks.states import TaskStatus
 
 
 def _pattern(regex: str) -> RegexValidator:
@@ -35,6 +36,12 @@ class JupyterServiceSerializer(serializers.Serializer):
     workspace = serializers.CharField(allow_blank=True)
     image = serializers.CharField(allow_blank=True)
     task_id = serializers.UUIDField(allow_null=True)
+    task_status = serializers.ChoiceField(
+        choices=TaskStatus.choices,
+        allow_null=True,
+        help_text="Its task's status: `queued` while a `starting` service waits for a worker with a free service "
+        "slot (the task's `pending_reason` says why)",
+    )
     error = serializers.CharField(allow_blank=True)
     last_activity_at = serializers.DateTimeField(allow_null=True)
 
@@ -54,6 +61,7 @@ def service_data(service: JupyterService, viewer: Actor) -> dict[str, Any]:
         "workspace": service.workspace,
         "image": service.image,
         "task_id": str(service.task_id) if service.task_id else None,
+        "task_status": service.task.status if service.task_id else None,
         "error": service.error,
         "last_activity_at": service.last_activity_at.isoformat().replace("+00:00", "Z")
         if service.last_activity_at

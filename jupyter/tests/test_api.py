@@ -64,6 +64,21 @@ def test_start_refuses_wrong_json_types_and_unknown_fields_with_422(user_client,
     assert not JupyterService.objects.exists()
 
 
+def test_a_starting_service_shows_its_task_waiting_in_the_queue(user_client):
+    body = _start(user_client)
+    listed = user_client.get(URL).json()[0]
+    read = user_client.get(f"{URL}/{body['id']}").json()
+    assert (body["status"], body["task_status"]) == ("starting", "queued")
+    assert listed["task_status"] == read["task_status"] == "queued"
+
+
+def test_a_running_service_shows_its_task_running(user_client):
+    body = _start(user_client)
+    Task.objects.filter(id=body["task_id"]).update(status="running")
+    _running(body["id"])
+    assert user_client.get(f"{URL}/{body['id']}").json()["task_status"] == "running"
+
+
 def test_list_shows_own_services_only(user_client, other_client):
     mine = _start(user_client)
     _start(other_client)
