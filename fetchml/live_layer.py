@@ -116,6 +116,7 @@ class _Hub:
         self.groups_of: dict[str, set[str]] = {}  # local channel -> its groups
         self.receiving: dict[str, int] = {}  # local channel -> receives under way
         self.leaving: set[asyncio.Future] = set()  # ended listeners leaving their groups (held: not collected)
+        self.overflowing: set[str] = set()  # local channels whose full queue dropped a message (warned once)
         self.groups: dict[str, _Group] = {}
 
     def _queue(self, channel: str) -> asyncio.Queue:
@@ -128,6 +129,7 @@ class _Hub:
         if not self.groups_of.get(channel) and not self.receiving.get(channel):
             self.queues.pop(channel, None)
             self.groups_of.pop(channel, None)
+            self.overflowing.discard(channel)
 
     async def receive(self, channel: str) -> dict[str, Any]:
         queue = self._queue(channel)
@@ -165,11 +167,15 @@ class _Hub:
         try:
             self._queue(channel).put_nowait(message)
         except asyncio.QueueFull:
-            logger.warning(
-                "a live listener's queue is full (%d messages); a %s message dropped",
-                self.capacity,
-                message.get("type"),
-            )
+            # Once per listener: a stuck client would otherwise log every message of its groups.
+            if channel not in self.overflowing:
+                self.overflowing.add(channel)
+                logger.warning(
+                    "a live listener's queue is full (%d messages); its messages are dropped until it reads",
+                    self.capacity,
+                )
+        else:
+            self.overflowing.discard(channel)
 
     async def join(self, group: str, channel: str) -> None:
         async with self._group(group) as state:

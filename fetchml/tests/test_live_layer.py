@@ -1,6 +1,7 @@
 """fetchml.live_layer: a process's live listeners share one membership per group on the real layer."""
 
 import asyncio
+import logging
 import uuid
 
 import pytest
@@ -195,3 +196,16 @@ async def test_a_listener_whose_last_receive_is_cancelled_leaves_its_groups(grou
         while live.members(group) or group_moves.left != group_moves.joined:
             await asyncio.sleep(0.01)
     assert channel not in live.local_channels()
+
+
+@run_async
+async def test_a_full_listener_is_warned_of_once_not_for_every_message_dropped(caplog):
+    live, group = LiveLayer(capacity=1), _group()
+    [slow] = await _members(live, group, 1)
+    try:
+        with caplog.at_level(logging.WARNING, logger="fetchml.channel_layer"):
+            for number in range(5):
+                await live.send(slow, {"type": "news", "number": number})
+    finally:
+        await live.group_discard(group, slow)
+    assert caplog.text.count("queue is full") == 1
