@@ -66,6 +66,16 @@ class Unavailable(ApplicationError):
     default_message = "Service temporarily unavailable"
 
 
+class RateLimited(ApplicationError):
+    status_code = 429
+    code = "RATE_LIMITED"
+    default_message = "Rate limit exceeded"
+
+    def __init__(self, message: str | None = None, *, retry_after: int | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class PayloadTooLarge(ApplicationError):
     status_code = 413
     code = "BAD_REQUEST"

@@ -14,12 +14,11 @@ import threading
 from collections import Counter
 
 from fetchml.conf import app_settings
-from fetchml.errors import ApplicationError
+from fetchml.errors import RateLimited
 
 
-class TooManyLiveConnections(ApplicationError):
-    status_code = 429
-    code = "RATE_LIMITED"
+class TooManyLiveConnections(RateLimited):
+    """Past the key's live connections: refused until one of them closes (no time to wait for)."""
 
 
 class LiveConnection:

@@ -38,7 +38,7 @@ from fetchml import events
 from fetchml.aio import cancel_and_wait
 from fetchml.auth import HEADER, Actor, authenticate_raw_key, client_ip, key_usable
 from fetchml.conf import app_settings
-from fetchml.errors import ApplicationError, Forbidden, error_body
+from fetchml.errors import ApplicationError, Forbidden, RateLimited, error_body
 from fetchml.jsonbody import CompactJsonResponse
 from fetchml.live_layer import LIVE_LAYER
 from fetchml.live_limits import LiveConnection, TooManyLiveConnections, live_connections
@@ -183,16 +183,6 @@ class Unauthenticated(ApplicationError):
     status_code = 401
     code = "UNAUTHORIZED"
     default_message = "Invalid or missing API key"
-
-
-class RateLimited(ApplicationError):
-    status_code = 429
-    code = "RATE_LIMITED"
-    default_message = "Rate limit exceeded"
-
-    def __init__(self, message: str | None = None, *, retry_after: int | None = None):
-        super().__init__(message)
-        self.retry_after = retry_after
 
 
 def error_response_for(exc: ApplicationError) -> CompactJsonResponse:

@@ -523,6 +523,31 @@ def http_scope(method: str, path: str, *, key: str, query_string: bytes = b"") -
     }
 
 
+def client_socket(raw_key: str | None = None, path: str = "/ws") -> Any:
+    """A channels communicator for the client WebSocket at `path`, with `raw_key` as its X-API-Key."""
+    from channels.testing import WebsocketCommunicator
+
+    from fetchml.asgi import application
+
+    headers = [(b"x-api-key", raw_key.encode())] if raw_key else []
+    return WebsocketCommunicator(application, path, headers=headers)
+
+
+async def open_client_socket(raw_key: str, *, timeout: float = 5.0) -> Any:
+    """A client WebSocket with `raw_key`, connected (accepted; a refusal is accepted, then closed)."""
+    socket = client_socket(raw_key)
+    connected, code = await socket.connect(timeout=timeout)
+    assert connected, f"refused with {code}"
+    return socket
+
+
+async def close_of(socket: Any, *, timeout: float = 5.0) -> tuple[int, str]:
+    """The close code and reason the server ends a WebSocket with; fails on anything sent before it."""
+    closed = await socket.receive_output(timeout=timeout)
+    assert closed["type"] == "websocket.close", closed
+    return closed["code"], closed.get("reason", "")
+
+
 def request_then_stay() -> Callable[[], Awaitable[dict[str, Any]]]:
     """An ASGI `receive` of a client that sends its (empty) request and then stays connected."""
     requested = False

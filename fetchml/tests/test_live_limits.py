@@ -6,12 +6,19 @@ import gc
 import pytest
 from asgiref.sync import sync_to_async
 from channels.layers import get_channel_layer
-from channels.testing import WebsocketCommunicator
 
 from fetchml.asgi import application
 from fetchml.live_layer import LIVE_LAYER
 from fetchml.live_limits import live_connections
-from fetchml.testing import KeyAsyncClient, SSEStream, http_scope, request_then_stay, run_async
+from fetchml.testing import (
+    KeyAsyncClient,
+    SSEStream,
+    close_of,
+    http_scope,
+    open_client_socket,
+    request_then_stay,
+    run_async,
+)
 from fetchml.tests.factories import ApiKeyFactory
 from tasks.consumers import CLOSE_RATE_LIMITED
 
@@ -34,19 +41,6 @@ def _key_id(key) -> str:
     return str(key[0].id)
 
 
-async def _open_socket(raw: str) -> WebsocketCommunicator:
-    socket = WebsocketCommunicator(application, "/ws", headers=[(b"x-api-key", raw.encode())])
-    connected, code = await socket.connect(timeout=TIMEOUT)
-    assert connected, f"refused with {code}"
-    return socket
-
-
-async def _closed_with(socket: WebsocketCommunicator) -> tuple[int, str]:
-    closed = await socket.receive_output(timeout=TIMEOUT)
-    assert closed["type"] == "websocket.close", closed
-    return closed["code"], closed.get("reason", "")
-
-
 async def _open_stream(raw: str) -> SSEStream:
     response = await KeyAsyncClient(raw).get(STATUS_STREAM)
     assert response.status_code == 200, response.content
@@ -57,10 +51,10 @@ async def _open_stream(raw: str) -> SSEStream:
 
 @run_async
 async def test_a_websocket_past_its_keys_limit_is_closed_with_4429_and_a_reason(limit_of_two, key):
-    open_ones = [await _open_socket(key[1]) for _ in range(2)]
-    refused = await _open_socket(key[1])
+    open_ones = [await open_client_socket(key[1]) for _ in range(2)]
+    refused = await open_client_socket(key[1])
     try:
-        code, reason = await _closed_with(refused)
+        code, reason = await close_of(refused)
     finally:
         for socket in open_ones:
             await socket.disconnect()
@@ -70,7 +64,7 @@ async def test_a_websocket_past_its_keys_limit_is_closed_with_4429_and_a_reason(
 
 @run_async
 async def test_a_closed_websocket_gives_its_place_back(limit_of_two, key):
-    first = await _open_socket(key[1])
+    first = await open_client_socket(key[1])
     assert live_connections.count(_key_id(key)) == 1
     await first.disconnect()
     assert live_connections.count(_key_id(key)) == 0
@@ -78,7 +72,7 @@ async def test_a_closed_websocket_gives_its_place_back(limit_of_two, key):
 
 @run_async
 async def test_a_websocket_consumer_cancelled_without_a_disconnect_gives_its_place_back(limit_of_two, key):
-    socket = await _open_socket(key[1])
+    socket = await open_client_socket(key[1])
     socket.future.cancel()  # as daphne does to an application past its close timeout
     with pytest.raises(asyncio.CancelledError):
         await socket.future
@@ -99,8 +93,8 @@ async def _groups_left() -> None:
 @run_async
 async def test_each_key_has_a_limit_of_its_own(limit_of_two, key, user):
     first_key, second_key = key[1], await sync_to_async(ApiKeyFactory.raw)(user=user)
-    sockets = [await _open_socket(first_key) for _ in range(2)]
-    other = await _open_socket(second_key)
+    sockets = [await open_client_socket(first_key) for _ in range(2)]
+    other = await open_client_socket(second_key)
     try:
         await other.send_json_to({"type": "ping"})
         pong = await other.receive_json_from(timeout=TIMEOUT)
@@ -127,11 +121,11 @@ async def test_a_stream_past_its_keys_limit_is_a_429_in_the_error_format(limit_o
 
 @run_async
 async def test_websockets_and_streams_count_against_the_same_limit(limit_of_two, key):
-    socket = await _open_socket(key[1])
+    socket = await open_client_socket(key[1])
     stream = await _open_stream(key[1])
-    refused = await _open_socket(key[1])
+    refused = await open_client_socket(key[1])
     try:
-        code, _ = await _closed_with(refused)
+        code, _ = await close_of(refused)
     finally:
         await socket.disconnect()
         await stream.close()

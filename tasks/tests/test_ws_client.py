@@ -17,9 +17,8 @@ from django.db import transaction
 from django.test import override_settings
 from django.utils import timezone
 
-from fetchml.asgi import application
 from fetchml.shared_reads import SharedRead
-from fetchml.testing import run_async
+from fetchml.testing import client_socket, close_of, open_client_socket, run_async
 from fetchml.tests.factories import ApiKeyFactory
 from tasks import consumers
 from tasks.consumers import CLOSE_FORBIDDEN, CLOSE_RATE_LIMITED, CLOSE_UNAUTHENTICATED
@@ -55,18 +54,6 @@ def alice_task(user):
 @pytest.fixture
 def bob_task(other_user):
     return task_submit(owner=other_user, job_name="bob-job")
-
-
-def _socket(raw_key: str | None = None, path: str = "/ws") -> WebsocketCommunicator:
-    headers = [(b"x-api-key", raw_key.encode())] if raw_key else []
-    return WebsocketCommunicator(application, path, headers=headers)
-
-
-async def _open(raw_key: str) -> WebsocketCommunicator:
-    socket = _socket(raw_key)
-    connected, code = await socket.connect(timeout=TIMEOUT)
-    assert connected, f"refused with {code}"
-    return socket
 
 
 async def _move(task, state: str) -> None:
@@ -112,50 +99,48 @@ async def _refusal(socket: WebsocketCommunicator) -> tuple[int, str]:
     before the accept reaches a client as a bare HTTP 403, without either)."""
     connected, _ = await socket.connect(timeout=TIMEOUT)
     assert connected, "refused at the handshake, with no close code"
-    closed = await socket.receive_output(timeout=TIMEOUT)
-    assert closed["type"] == "websocket.close", closed
-    return closed["code"], closed.get("reason", "")
+    return await close_of(socket)
 
 
 @run_async
 async def test_connection_without_a_key_is_closed_with_4401_and_a_reason():
-    assert await _refusal(_socket()) == (CLOSE_UNAUTHENTICATED, "an X-API-Key header is required")
+    assert await _refusal(client_socket()) == (CLOSE_UNAUTHENTICATED, "an X-API-Key header is required")
 
 
 @run_async
 async def test_connection_with_an_unknown_key_is_closed_with_4401_and_a_reason():
-    assert await _refusal(_socket("fetchml_nothing_atall")) == (CLOSE_UNAUTHENTICATED, "invalid API key")
+    assert await _refusal(client_socket("fetchml_nothing_atall")) == (CLOSE_UNAUTHENTICATED, "invalid API key")
 
 
 @run_async
 async def test_key_in_the_query_string_is_refused_even_with_a_valid_header(alice_key):
-    code, reason = await _refusal(_socket(alice_key, path=f"/ws?api_key={alice_key}"))
+    code, reason = await _refusal(client_socket(alice_key, path=f"/ws?api_key={alice_key}"))
     assert (code, reason) == (CLOSE_UNAUTHENTICATED, "API keys are accepted in the X-API-Key header only")
 
 
 @run_async
 async def test_key_only_in_the_query_string_is_refused(alice_key):
-    code, _ = await _refusal(_socket(path=f"/ws?key={alice_key}"))
+    code, _ = await _refusal(client_socket(path=f"/ws?key={alice_key}"))
     assert code == CLOSE_UNAUTHENTICATED
 
 
 @run_async
 async def test_worker_key_is_closed_with_4403_and_a_reason(worker_key):
-    assert await _refusal(_socket(worker_key)) == (CLOSE_FORBIDDEN, "worker keys connect to /ws/worker")
+    assert await _refusal(client_socket(worker_key)) == (CLOSE_FORBIDDEN, "worker keys connect to /ws/worker")
 
 
 @run_async
 async def test_too_many_failed_attempts_are_closed_with_4429(settings):
     settings.FETCHML_RATE_LIMIT_AUTH_FAILURES = "1/m"
-    first, _ = await _refusal(_socket("fetchml_nothing_atall"))
-    second, reason = await _refusal(_socket("fetchml_nothing_atall"))
+    first, _ = await _refusal(client_socket("fetchml_nothing_atall"))
+    second, reason = await _refusal(client_socket("fetchml_nothing_atall"))
     assert (first, second) == (CLOSE_UNAUTHENTICATED, CLOSE_RATE_LIMITED)
     assert "try again" in reason
 
 
 @run_async
 async def test_a_frame_sent_to_a_refused_connection_is_ignored():
-    socket = _socket()
+    socket = client_socket()
     await _refusal(socket)
     await socket.send_to(text_data='{"type": "ping"}')
     assert await socket.receive_nothing(timeout=0.2)
@@ -163,7 +148,7 @@ async def test_a_frame_sent_to_a_refused_connection_is_ignored():
 
 @run_async
 async def test_ping_is_answered_with_pong(alice_key):
-    socket = await _open(alice_key)
+    socket = await open_client_socket(alice_key)
     try:
         reply = await _ask(socket, {"type": "ping"})
     finally:
@@ -183,7 +168,7 @@ async def test_messages_are_handled_without_a_hop_to_the_shared_sync_thread(alic
         hops.append(1)
 
     monkeypatch.setattr(channels.consumer, "aclose_old_connections", counted)
-    socket = await _open(alice_key)
+    socket = await open_client_socket(alice_key)
     try:
         pong = await _ask(socket, {"type": "ping"})
         await _move(alice_task, TaskStatus.PREPARING)
@@ -203,7 +188,7 @@ async def test_connections_told_of_the_same_change_share_one_read_of_it(alice_ke
         return consumers.task_snapshots(task_ids)
 
     monkeypatch.setattr(consumers, "shared_snapshots", SharedRead(counted))
-    sockets = [await _open(alice_key) for _ in range(20)]
+    sockets = [await open_client_socket(alice_key) for _ in range(20)]
     try:
         await _move(alice_task, TaskStatus.PREPARING)
         told = [_state(await _receive(socket)) for socket in sockets]
@@ -217,7 +202,7 @@ async def test_connections_told_of_the_same_change_share_one_read_of_it(alice_ke
 
 @run_async
 async def test_state_change_of_own_task_sends_task_update(alice_key, alice_task):
-    socket = await _open(alice_key)
+    socket = await open_client_socket(alice_key)
     try:
         await _move(alice_task, TaskStatus.PREPARING)
         message = await _receive(socket)
@@ -233,7 +218,7 @@ async def test_state_change_of_own_task_sends_task_update(alice_key, alice_task)
 
 @run_async
 async def test_final_state_sends_task_complete(alice_key, alice_task):
-    socket = await _open(alice_key)
+    socket = await open_client_socket(alice_key)
     try:
         await _move(alice_task, TaskStatus.CANCELLED)
         message = await _receive(socket)
@@ -246,7 +231,7 @@ async def test_final_state_sends_task_complete(alice_key, alice_task):
 
 @run_async
 async def test_each_transition_is_reported_with_its_own_status(alice_key, alice_task):
-    socket = await _open(alice_key)
+    socket = await open_client_socket(alice_key)
     try:
         for state in (TaskStatus.PREPARING, TaskStatus.RUNNING, TaskStatus.COMPLETED):
             await _move(alice_task, state)
@@ -270,7 +255,7 @@ async def test_changes_made_in_one_transaction_arrive_each_with_its_own_status(a
                 for task in (alice_task, other):
                     assert task_transition(task_id=task.id, to=state) is not None
 
-    socket = await _open(alice_key)
+    socket = await open_client_socket(alice_key)
     try:
         await sync_to_async(move_both)()
         messages = [await _receive(socket) for _ in range(4)]
@@ -286,7 +271,7 @@ async def test_changes_made_in_one_transaction_arrive_each_with_its_own_status(a
 
 @run_async
 async def test_user_never_receives_events_of_another_users_task(bob_key, alice_task, bob_task):
-    socket = await _open(bob_key)
+    socket = await open_client_socket(bob_key)
     try:
         await _move(alice_task, TaskStatus.PREPARING)
         await _move(alice_task, TaskStatus.CANCELLED)
@@ -299,7 +284,7 @@ async def test_user_never_receives_events_of_another_users_task(bob_key, alice_t
 
 @run_async
 async def test_admin_receives_events_of_every_users_tasks(admin_key, alice_task, bob_task):
-    socket = await _open(admin_key)
+    socket = await open_client_socket(admin_key)
     try:
         await _move(alice_task, TaskStatus.PREPARING)
         await _move(bob_task, TaskStatus.CANCELLED)
@@ -315,7 +300,7 @@ async def test_admin_receives_events_of_every_users_tasks(admin_key, alice_task,
 @run_async
 async def test_subscribing_to_own_task_narrows_the_stream_to_it(alice_key, user, alice_task):
     other = await sync_to_async(task_submit)(owner=user, job_name="second")
-    socket = await _open(alice_key)
+    socket = await open_client_socket(alice_key)
     try:
         reply, state = await _subscribe(socket, alice_task)
         await _move(other, TaskStatus.PREPARING)
@@ -330,7 +315,7 @@ async def test_subscribing_to_own_task_narrows_the_stream_to_it(alice_key, user,
 
 @run_async
 async def test_subscribed_task_also_streams_its_new_log_lines(alice_key, alice_task):
-    socket = await _open(alice_key)
+    socket = await open_client_socket(alice_key)
     try:
         await _subscribe(socket, alice_task)
         lines = [{"stream": "stdout", "line": "epoch 1"}, {"stream": "stderr", "line": "warn"}]
@@ -346,7 +331,7 @@ async def test_subscribed_task_also_streams_its_new_log_lines(alice_key, alice_t
 @run_async
 async def test_unsubscribing_from_the_last_task_widens_the_stream_again(alice_key, user, alice_task):
     other = await sync_to_async(task_submit)(owner=user, job_name="second")
-    socket = await _open(alice_key)
+    socket = await open_client_socket(alice_key)
     try:
         await _subscribe(socket, alice_task)
         reply = await _ask(socket, {"type": "unsubscribe", "task_id": str(alice_task.id)})
@@ -360,7 +345,7 @@ async def test_unsubscribing_from_the_last_task_widens_the_stream_again(alice_ke
 
 @run_async
 async def test_subscribing_to_another_users_task_is_an_error(bob_key, alice_task, bob_task):
-    socket = await _open(bob_key)
+    socket = await open_client_socket(bob_key)
     try:
         reply = await _ask(socket, {"type": "subscribe", "task_id": str(alice_task.id)})
         await _move(alice_task, TaskStatus.PREPARING)
@@ -375,7 +360,7 @@ async def test_subscribing_to_another_users_task_is_an_error(bob_key, alice_task
 
 @run_async
 async def test_admin_may_subscribe_to_any_task(admin_key, alice_task):
-    socket = await _open(admin_key)
+    socket = await open_client_socket(admin_key)
     try:
         reply, _ = await _subscribe(socket, alice_task)
         await _move(alice_task, TaskStatus.PREPARING)
@@ -389,7 +374,7 @@ async def test_admin_may_subscribe_to_any_task(admin_key, alice_task):
 @run_async
 async def test_admin_subscribed_to_a_users_task_gets_only_that_task(admin_key, user, alice_task):
     other = await sync_to_async(task_submit)(owner=user, job_name="second")
-    socket = await _open(admin_key)
+    socket = await open_client_socket(admin_key)
     try:
         await _subscribe(socket, alice_task)
         await _move(other, TaskStatus.PREPARING)
@@ -402,7 +387,7 @@ async def test_admin_subscribed_to_a_users_task_gets_only_that_task(admin_key, u
 
 @run_async
 async def test_unsubscribing_from_a_task_not_subscribed_is_an_error(alice_key, alice_task):
-    socket = await _open(alice_key)
+    socket = await open_client_socket(alice_key)
     try:
         reply = await _ask(socket, {"type": "unsubscribe", "task_id": str(alice_task.id)})
     finally:
@@ -412,7 +397,7 @@ async def test_unsubscribing_from_a_task_not_subscribed_is_an_error(alice_key, a
 
 @run_async
 async def test_unsubscribing_with_no_task_id_is_a_validation_error(alice_key):
-    socket = await _open(alice_key)
+    socket = await open_client_socket(alice_key)
     try:
         reply = await _ask(socket, {"type": "unsubscribe", "task_id": "not-a-uuid"})
     finally:
@@ -426,7 +411,7 @@ async def test_unsubscribing_with_no_task_id_is_a_validation_error(alice_key):
 @run_async
 async def test_subscribing_to_a_task_that_already_ended_tells_its_final_state(alice_key, alice_task):
     await _move(alice_task, TaskStatus.CANCELLED)
-    socket = await _open(alice_key)
+    socket = await open_client_socket(alice_key)
     try:
         _, state = await _subscribe(socket, alice_task)
     finally:
@@ -437,7 +422,7 @@ async def test_subscribing_to_a_task_that_already_ended_tells_its_final_state(al
 @run_async
 @override_settings(FETCHML_WS_RECHECK_SECONDS=0.05)
 async def test_a_change_of_a_task_told_about_whose_message_was_lost_is_told_by_a_recheck(alice_key, alice_task):
-    socket = await _open(alice_key)
+    socket = await open_client_socket(alice_key)
     try:
         await _move(alice_task, TaskStatus.PREPARING)
         told = await _receive(socket)
@@ -452,7 +437,7 @@ async def test_a_change_of_a_task_told_about_whose_message_was_lost_is_told_by_a
 @run_async
 @override_settings(FETCHML_WS_RECHECK_SECONDS=0.05)
 async def test_a_subscribed_tasks_change_whose_message_was_lost_is_told_by_a_recheck(alice_key, alice_task):
-    socket = await _open(alice_key)
+    socket = await open_client_socket(alice_key)
     try:
         _, state = await _subscribe(socket, alice_task)
         await sync_to_async(_changed_unannounced)(alice_task, TaskStatus.PREPARING)
@@ -467,7 +452,7 @@ async def test_a_subscribed_tasks_change_whose_message_was_lost_is_told_by_a_rec
 @override_settings(FETCHML_WS_RECHECK_SECONDS=0.05)
 async def test_a_recheck_tells_only_what_changed_since_it_was_told(alice_key, user, alice_task):
     other = await sync_to_async(task_submit)(owner=user, job_name="second")
-    socket = await _open(alice_key)
+    socket = await open_client_socket(alice_key)
     try:
         await _move(alice_task, TaskStatus.CANCELLED)
         await _move(other, TaskStatus.PREPARING)
@@ -491,7 +476,7 @@ async def _told_after_a_late_preparing(alice_key, user, alice_task) -> tuple[dic
     arrives after the subscription's state; then the other task moves (the marker). The state told
     of `alice_task`, the first message after it, and the other task."""
     other = await sync_to_async(task_submit)(owner=user, job_name="second")
-    socket = await _open(alice_key)
+    socket = await open_client_socket(alice_key)
     try:
         _, state = await _subscribe(socket, alice_task)
         await _subscribe(socket, other)
@@ -523,7 +508,7 @@ async def test_a_change_already_told_on_subscribing_is_not_told_again(alice_key,
 
 @run_async
 async def test_log_lines_whose_message_was_lost_come_with_the_next_lines(alice_key, alice_task):
-    socket = await _open(alice_key)
+    socket = await open_client_socket(alice_key)
     try:
         await _subscribe(socket, alice_task)
         await sync_to_async(_lines_unannounced)(alice_task, "epoch 1", "epoch 2")
@@ -539,7 +524,7 @@ async def test_log_lines_whose_message_was_lost_come_with_the_next_lines(alice_k
 @run_async
 @override_settings(FETCHML_WS_RECHECK_SECONDS=0.05)
 async def test_log_lines_never_announced_are_sent_by_a_recheck(alice_key, alice_task):
-    socket = await _open(alice_key)
+    socket = await open_client_socket(alice_key)
     try:
         await _subscribe(socket, alice_task)
         await sync_to_async(_lines_unannounced)(alice_task, "epoch 1")
@@ -552,7 +537,7 @@ async def test_log_lines_never_announced_are_sent_by_a_recheck(alice_key, alice_
 @run_async
 async def test_lines_stored_before_the_subscription_are_not_sent(alice_key, alice_task):
     await sync_to_async(_lines_unannounced)(alice_task, "old")
-    socket = await _open(alice_key)
+    socket = await open_client_socket(alice_key)
     try:
         await _subscribe(socket, alice_task)
         await sync_to_async(append_lines)(task_id=alice_task.id, attempt=1, lines=[{"stream": "stdout", "line": "new"}])
@@ -574,7 +559,7 @@ def test_snapshots_of_more_tasks_than_one_query_takes_are_all_read(user, monkeyp
 
 async def _reply_then_pong(key: str, frame: str) -> tuple[dict, dict]:
     """The answer to `frame`, then the answer to a ping on the same connection."""
-    socket = await _open(key)
+    socket = await open_client_socket(key)
     try:
         await socket.send_to(text_data=frame)
         reply = await _receive(socket)
@@ -624,7 +609,7 @@ async def test_deeply_nested_json_gets_an_error_and_the_connection_stays_open(al
 
 @run_async
 async def test_binary_frame_gets_an_error(alice_key):
-    socket = await _open(alice_key)
+    socket = await open_client_socket(alice_key)
     try:
         await socket.send_to(bytes_data=b"\x00\x01")
         reply = await _receive(socket)
@@ -635,7 +620,7 @@ async def test_binary_frame_gets_an_error(alice_key):
 
 @run_async
 async def test_unrelated_channel_messages_are_ignored(alice_key, user, alice_task):
-    socket = await _open(alice_key)
+    socket = await open_client_socket(alice_key)
     try:
         await get_channel_layer().group_send(f"tasks.user.{user.pk}", {"type": "someone.elses.message"})
         await _move(alice_task, TaskStatus.PREPARING)
@@ -648,7 +633,7 @@ async def test_unrelated_channel_messages_are_ignored(alice_key, user, alice_tas
 @run_async
 async def test_disconnect_leaves_every_joined_group(alice_key, alice_task, group_moves):
     joined, left = group_moves.joined, group_moves.left
-    socket = await _open(alice_key)
+    socket = await open_client_socket(alice_key)
     await _subscribe(socket, alice_task)
     await socket.disconnect()
 
@@ -664,7 +649,7 @@ async def test_a_consumer_cancelled_by_its_server_leaves_its_groups_and_stops_re
     settings.FETCHML_WS_RECHECK_SECONDS = 0.05
     rechecks = []
     monkeypatch.setattr(consumers.ClientConsumer, "_recheck", lambda self: rechecks.append(1) or asyncio.sleep(0))
-    socket = await _open(alice_key)
+    socket = await open_client_socket(alice_key)
     async with asyncio.timeout(TIMEOUT):
         while not rechecks:
             await asyncio.sleep(0.01)

@@ -5,12 +5,10 @@ from collections.abc import Callable
 
 import pytest
 from asgiref.sync import sync_to_async
-from channels.testing import WebsocketCommunicator
 from django.test import override_settings
 
-from fetchml.asgi import application
 from fetchml.models import ApiKey
-from fetchml.testing import run_async
+from fetchml.testing import close_of, open_client_socket, run_async
 from fetchml.tests.factories import ApiKeyFactory, deactivate_key_user, expire_key, revoke_key, revoke_key_unannounced
 from tasks.consumers import CLOSE_UNAUTHENTICATED
 from tasks.services import task_submit, task_transition
@@ -27,24 +25,6 @@ def alice_pair(user) -> tuple[ApiKey, str]:
     return ApiKeyFactory.pair(user=user)
 
 
-def _socket(raw_key: str) -> WebsocketCommunicator:
-    return WebsocketCommunicator(application, "/ws", headers=[(b"x-api-key", raw_key.encode())])
-
-
-async def _open(raw_key: str) -> WebsocketCommunicator:
-    socket = _socket(raw_key)
-    connected, code = await socket.connect(timeout=TIMEOUT)
-    assert connected, f"refused with {code}"
-    return socket
-
-
-async def _closed_with(socket: WebsocketCommunicator) -> tuple[int, str]:
-    """The close the server ends the connection with; fails on anything sent before it."""
-    output = await socket.receive_output(timeout=TIMEOUT)
-    assert output["type"] == "websocket.close", output
-    return output["code"], output.get("reason", "")
-
-
 _revoke = sync_to_async(revoke_key)
 
 
@@ -52,10 +32,10 @@ _revoke = sync_to_async(revoke_key)
 @pytest.mark.parametrize("role", ["user", "admin"])
 async def test_revoking_its_key_closes_a_client_connection_with_4401(admin_user, role):
     key, raw = await sync_to_async(ApiKeyFactory.pair)(user=admin_user, role=role)
-    socket = await _open(raw)
+    socket = await open_client_socket(raw)
     try:
         await _revoke(key)
-        closed = await _closed_with(socket)
+        closed = await close_of(socket)
     finally:
         await socket.disconnect()
     assert closed == REVOKED
@@ -65,13 +45,13 @@ async def test_revoking_its_key_closes_a_client_connection_with_4401(admin_user,
 async def test_revoking_its_key_closes_a_connection_with_subscriptions(alice_pair, user):
     key, raw = alice_pair
     task = await sync_to_async(task_submit)(owner=user, job_name="watched")
-    socket = await _open(raw)
+    socket = await open_client_socket(raw)
     try:
         await socket.send_json_to({"type": "subscribe", "task_id": str(task.id)})
         assert (await socket.receive_json_from(timeout=TIMEOUT))["type"] == "subscribed"
         assert (await socket.receive_json_from(timeout=TIMEOUT))["type"] == "task_update"
         await _revoke(key)
-        closed = await _closed_with(socket)
+        closed = await close_of(socket)
     finally:
         await socket.disconnect()
     assert closed == REVOKED
@@ -81,10 +61,10 @@ async def test_revoking_its_key_closes_a_connection_with_subscriptions(alice_pai
 async def test_a_connection_closed_for_its_key_is_told_nothing_more(alice_pair, user):
     key, raw = alice_pair
     task = await sync_to_async(task_submit)(owner=user, job_name="after")
-    socket = await _open(raw)
+    socket = await open_client_socket(raw)
     try:
         await _revoke(key)
-        await _closed_with(socket)
+        await close_of(socket)
         await sync_to_async(task_transition)(task_id=task.id, to=TaskStatus.PREPARING)
         await socket.send_json_to({"type": "ping"})
         silent = await socket.receive_nothing(timeout=0.3)
@@ -104,10 +84,10 @@ async def test_a_key_found_unusable_at_a_recheck_closes_the_connection_with_4401
     alice_pair, made_unusable: Callable[[ApiKey], None]
 ):
     key, raw = alice_pair
-    socket = await _open(raw)
+    socket = await open_client_socket(raw)
     try:
         await sync_to_async(made_unusable)(key)
-        closed = await _closed_with(socket)
+        closed = await close_of(socket)
     finally:
         await socket.disconnect()
     assert closed == FOUND_UNUSABLE
@@ -117,7 +97,7 @@ async def test_a_key_found_unusable_at_a_recheck_closes_the_connection_with_4401
 async def test_revoking_another_key_leaves_the_connection_open(alice_pair, other_user):
     _key, raw = alice_pair
     bobs = await sync_to_async(ApiKeyFactory.create)(user=other_user)
-    socket = await _open(raw)
+    socket = await open_client_socket(raw)
     try:
         await _revoke(bobs)
         await socket.send_json_to({"type": "ping"})
@@ -131,11 +111,9 @@ async def test_revoking_another_key_leaves_the_connection_open(alice_pair, other
 async def test_reconnecting_with_a_revoked_key_is_refused_with_4401(alice_pair):
     key, raw = alice_pair
     await _revoke(key)
-    socket = _socket(raw)
-    connected, _ = await socket.connect(timeout=TIMEOUT)
-    assert connected
+    socket = await open_client_socket(raw)
     try:
-        closed = await _closed_with(socket)
+        closed = await close_of(socket)
     finally:
         await socket.disconnect()
     assert closed == (CLOSE_UNAUTHENTICATED, "invalid API key")
