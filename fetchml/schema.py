@@ -7,7 +7,7 @@ first schema is generated.
 
 from typing import Any
 
-from drf_spectacular.extensions import OpenApiAuthenticationExtension
+from drf_spectacular.extensions import OpenApiAuthenticationExtension, OpenApiSerializerFieldExtension
 from drf_spectacular.openapi import AutoSchema as SpectacularAutoSchema
 from drf_spectacular.utils import OpenApiResponse
 from rest_framework import serializers
@@ -38,6 +38,20 @@ class ApiKeyAuthenticationScheme(OpenApiAuthenticationExtension):
         }
 
 
+class PageLimitFieldSchema(OpenApiSerializerFieldExtension):
+    """`limit`'s ceiling is a setting, read at each request; the schema shows it as generated."""
+
+    target_class = "fetchml.paging.PageLimitField"
+
+    def map_serializer_field(self, auto_schema: SpectacularAutoSchema, direction: str) -> dict[str, Any]:
+        from fetchml.conf import app_settings
+
+        schema: dict[str, Any] = {"type": "integer", "minimum": 1, "maximum": app_settings.MAX_PAGE_SIZE}
+        if isinstance(self.target.default, int):
+            schema["default"] = self.target.default
+        return schema
+
+
 class ErrorDetailSerializer(serializers.Serializer):
     field = serializers.CharField(allow_null=True, help_text="The bad field (dotted path), or null for the whole body")
     message = serializers.CharField()
@@ -49,7 +63,11 @@ class ErrorResponseSerializer(serializers.Serializer):
     error = serializers.CharField(help_text="Sanitized error message")
     code = serializers.ChoiceField(choices=ERROR_CODES)
     trace_id = serializers.CharField(help_text="Support correlation ID, also sent as X-Request-ID")
-    details = ErrorDetailSerializer(many=True, required=False, help_text="One entry per invalid field (422 only)")
+    details = ErrorDetailSerializer(
+        many=True,
+        required=False,
+        help_text="One entry per bad field or query parameter (validation errors, bad filters, conflicts on a field)",
+    )
 
 
 def _error(description: str) -> OpenApiResponse:

@@ -238,9 +238,15 @@ SPECTACULAR_SETTINGS = {
     "SERVE_INCLUDE_SCHEMA": False,
     "SCHEMA_PATH_PREFIX": r"/v1",
     "COMPONENT_SPLIT_REQUEST": True,
+    # A PATCH body is validated whole (the priority PATCH requires `priority`), not as a partial update.
+    "COMPONENT_SPLIT_PATCH": False,
     # The ApiKeyAuth scheme and each operation's requirement come from the
-    # extension in fetchml/schema.py (a global SECURITY would list it twice).
-    "AUTHENTICATION_WHITELIST": ["fetchml.auth.ApiKeyAuthentication"],
+    # extension in fetchml/schema.py (a global SECURITY would list it twice). A logged-in admin
+    # session (cookieAuth) also works, for browsing the API; its unsafe methods need the CSRF token.
+    "AUTHENTICATION_WHITELIST": [
+        "fetchml.auth.ApiKeyAuthentication",
+        "rest_framework.authentication.SessionAuthentication",
+    ],
     "ENUM_NAME_OVERRIDES": {
         "ExperimentStatusEnum": "tasks.models.Experiment.Status",
         "TaskStatusEnum": "tasks.states.TaskStatus",

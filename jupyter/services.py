@@ -13,6 +13,7 @@ services. Every status change is audited (`jupyter_changed`).
 import functools
 import logging
 import posixpath
+import re
 from datetime import datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit
@@ -82,6 +83,13 @@ def _move(service: JupyterService, *, to: str, from_states: tuple[str, ...], **f
     return bool(won)
 
 
+def service_job_name(name: str) -> str:
+    """The job name of a service's task: `jupyter-<name>`, within the job-name rule (letters, digits,
+    `_`, `-`; 64 characters), so `my.notebook` runs as `jupyter-my_notebook`. The service is found
+    from its task by `jupyter_service_id`, not by this name."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", f"jupyter-{name}")[:64]
+
+
 def jupyter_start(*, actor: Actor, name: str, workspace: str = "", image: str = "") -> JupyterService:
     """Create the service and queue its task on a service slot."""
     workspace = clean_workspace(workspace)
@@ -92,7 +100,7 @@ def jupyter_start(*, actor: Actor, name: str, workspace: str = "", image: str = 
         task_submit(
             owner=actor.user,
             actor=actor,
-            job_name=f"jupyter-{name}"[:64],
+            job_name=service_job_name(name),
             kind=Task.Kind.SERVICE,
             entrypoint="jupyter server",
             metadata={"jupyter_service_id": str(service.id)},

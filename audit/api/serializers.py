@@ -67,7 +67,7 @@ class AuditEventListSerializer(serializers.Serializer):
 
 
 class AuditEventQuerySerializer(serializers.Serializer):
-    to = serializers.DateTimeField(required=False, help_text="End timestamp (inclusive)")
+    to = ZonedDateTimeField(required=False, help_text="End timestamp (inclusive), with its offset")
     event_type = serializers.ChoiceField(choices=EventType.choices, required=False, help_text="Filter by event type")
     user_id = serializers.CharField(required=False, max_length=150, help_text="Filter by user (username)")
     resource = serializers.CharField(
@@ -79,7 +79,7 @@ class AuditEventQuerySerializer(serializers.Serializer):
     def get_fields(self) -> dict[str, serializers.Field]:
         # `from` is a Python keyword, so it cannot be declared as an attribute.
         fields = super().get_fields()
-        fields["from"] = serializers.DateTimeField(required=False, help_text="Start timestamp (inclusive)")
+        fields["from"] = ZonedDateTimeField(required=False, help_text="Start timestamp (inclusive), with its offset")
         return fields
 
     def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:

@@ -16,6 +16,8 @@ EVENTS = "/v1/audit/events"
         ({"to": "2025-02-30T00:00:00Z"}, "to"),
         ({"from": "9999-12-31T23:59:59-12:00"}, "from"),  # past the last representable UTC time
         ({"to": "0001-01-01T00:00:00+05:00"}, "to"),  # before the first one
+        ({"from": "2026-01-01T00:00:00"}, "from"),  # no time zone: whose midnight?
+        ({"to": "2026-01-01T00:00:00"}, "to"),
         ({"event_type": "JOB_QUEUED"}, "event_type"),
         ({"user_id": "a\x00b"}, "user_id"),
         ({"user_id": "u" * 151}, "user_id"),

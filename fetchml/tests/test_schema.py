@@ -45,9 +45,21 @@ def test_every_api_operation_requires_the_api_key_in_the_schema(schema):
         (path, method)
         for path, operations in schema["paths"].items()
         for method, operation in operations.items()
-        if operation.get("security") != [{"ApiKeyAuth": []}]
+        if {"ApiKeyAuth": []} not in operation.get("security", [])
     ]
     assert set(without_key) == PUBLIC_OPERATIONS
+
+
+def test_the_api_key_or_an_admin_session_are_the_only_schemes_an_operation_accepts(schema):
+    accepted = {
+        scheme
+        for operations in schema["paths"].values()
+        for operation in operations.values()
+        for requirement in operation.get("security", [])
+        for scheme in requirement
+    }
+    assert accepted == {"ApiKeyAuth", "cookieAuth"}
+    assert schema["components"]["securitySchemes"]["cookieAuth"]["in"] == "cookie"
 
 
 def test_health_is_documented_as_needing_no_key(schema):
@@ -80,7 +92,7 @@ def test_every_operation_documents_its_error_responses(schema):
     for status in ("400", "401", "403", "413", "422", "429"):
         assert error_schema_of(post, status) == ERROR_REF, status
     assert "Retry-After" in post["responses"]["429"]["headers"]
-    assert post["security"] == [{"ApiKeyAuth": []}]
+    assert post["security"] == [{"ApiKeyAuth": []}, {"cookieAuth": []}]
     get = schema["paths"]["/v1/test/echo"]["get"]
     assert {"401", "403", "429"} <= get["responses"].keys()
     assert "422" not in get["responses"]

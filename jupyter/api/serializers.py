@@ -2,7 +2,6 @@
 
 from typing import Any
 
-from django.core.validators import RegexValidator
 from rest_framework import serializers
 
 from fetchml.auth import Actor
@@ -10,12 +9,12 @@ from jupyter.models import JupyterService
 from jupyter.sealing import unseal
 from jupyter.selectors import DEFAULT_IMAGE
 from jupyter.services import MAX_WORKSPACE
-from tasks.api.fields import StrictCharField, StrictSerializer
+from tasks.api.fields import StrictCharField, StrictSerializer, WholeValueRegexValidator
 from tasks.states import TaskStatus
 
 
-def _pattern(regex: str) -> RegexValidator:
-    return RegexValidator(regex, message="This value does not match the required pattern.")
+def _pattern(regex: str) -> WholeValueRegexValidator:
+    return WholeValueRegexValidator(regex, message="This value does not match the required pattern.")
 
 
 class StartJupyterSerializer(StrictSerializer):

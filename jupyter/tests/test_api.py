@@ -55,6 +55,8 @@ def test_start_without_a_name_is_422(user_client):
         ({"name": 3}, "name"),
         ({"name": "nb3", "workspace": 7}, "workspace"),
         ({"name": "nb3", "bogus": 1}, "bogus"),
+        ({"name": "nb\n"}, "name"),
+        ({"name": "nb3", "image": "img\n"}, "image"),
     ],
 )
 def test_start_refuses_wrong_json_types_and_unknown_fields_with_422(user_client, body, field):
@@ -62,6 +64,16 @@ def test_start_refuses_wrong_json_types_and_unknown_fields_with_422(user_client,
     assert response.status_code == 422, response.content
     assert [detail["field"] for detail in response.json()["details"]] == [field]
     assert not JupyterService.objects.exists()
+
+
+def test_a_service_name_with_a_dot_gives_its_task_a_valid_job_name(user_client):
+    body = _start(user_client, name="my.notebook")
+    assert Task.objects.get(id=body["task_id"]).job_name == "jupyter-my_notebook"
+
+
+def test_a_long_service_name_gives_its_task_a_job_name_of_64_characters(user_client):
+    body = _start(user_client, name="n" * 64)
+    assert Task.objects.get(id=body["task_id"]).job_name == "jupyter-" + "n" * 56
 
 
 def test_a_starting_service_shows_its_task_waiting_in_the_queue(user_client):

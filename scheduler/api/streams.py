@@ -130,10 +130,10 @@ async def status_stream(request: HttpRequest) -> HttpResponseBase:
 
 
 @safe_methods_only
-async def job_stream(request: HttpRequest, job_id: uuid.UUID) -> HttpResponseBase:
+async def job_stream(request: HttpRequest, jobId: uuid.UUID) -> HttpResponseBase:
     try:
         actor = await authenticate_stream(request)
-        task = await sync_to_async(task_get_for_actor)(actor=actor, task_id=job_id)
+        task = await sync_to_async(task_get_for_actor)(actor=actor, task_id=jobId)
     except ApplicationError as exc:
         return error_response_for(exc)
     # The owner's group carries the job's state changes (among the owner's other tasks').

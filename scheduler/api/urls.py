@@ -6,13 +6,13 @@ urlpatterns = [
     path("scheduler/status", views.SchedulerStatusView.as_view(), name="scheduler-status"),
     path("scheduler/status/stream", streams.status_stream, name="scheduler-status-stream"),
     path("scheduler/workers", views.WorkerListView.as_view(), name="scheduler-workers"),
-    path("scheduler/workers/<uuid:worker_id>", views.WorkerDetailView.as_view(), name="scheduler-worker"),
+    path("scheduler/workers/<uuid:workerId>", views.WorkerDetailView.as_view(), name="scheduler-worker"),
     path("scheduler/reservations", views.ReservationListCreateView.as_view(), name="scheduler-reservations"),
     path(
-        "scheduler/reservations/<uuid:reservation_id>",
+        "scheduler/reservations/<uuid:reservationId>",
         views.ReservationDetailView.as_view(),
         name="scheduler-reservation",
     ),
-    path("scheduler/jobs/<uuid:job_id>/priority", views.JobPriorityView.as_view(), name="scheduler-job-priority"),
-    path("scheduler/jobs/<uuid:job_id>/stream", streams.job_stream, name="scheduler-job-stream"),
+    path("scheduler/jobs/<uuid:jobId>/priority", views.JobPriorityView.as_view(), name="scheduler-job-priority"),
+    path("scheduler/jobs/<uuid:jobId>/stream", streams.job_stream, name="scheduler-job-stream"),
 ]

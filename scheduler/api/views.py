@@ -89,8 +89,8 @@ class WorkerDetailView(APIView):
         summary="Get worker details",
         responses={200: WorkerSerializer, 401: UNAUTHORIZED, 403: FORBIDDEN, 404: NOT_FOUND},
     )
-    def get(self, request: Request, worker_id: uuid.UUID) -> Response:
-        return Response(WorkerSerializer(reads.worker_get(worker_id=worker_id)).data)
+    def get(self, request: Request, workerId: uuid.UUID) -> Response:
+        return Response(WorkerSerializer(reads.worker_get(worker_id=workerId)).data)
 
     @extend_schema(
         tags=["Scheduler"],
@@ -101,8 +101,8 @@ class WorkerDetailView(APIView):
         ),
         responses={204: None, 401: UNAUTHORIZED, 403: ADMIN_ONLY, 404: NOT_FOUND, 409: CONFLICT},
     )
-    def delete(self, request: Request, worker_id: uuid.UUID) -> Response:
-        worker = reads.worker_get(worker_id=worker_id)
+    def delete(self, request: Request, workerId: uuid.UUID) -> Response:
+        worker = reads.worker_get(worker_id=workerId)
         worker_drain(worker=worker, actor=actor_from_request(request))
         return Response(status=status.HTTP_204_NO_CONTENT)
 
@@ -155,8 +155,8 @@ class ReservationDetailView(APIView):
         summary="Get reservation",
         responses={200: ReservationSerializer, 401: UNAUTHORIZED, 403: FORBIDDEN, 404: NOT_FOUND},
     )
-    def get(self, request: Request, reservation_id: uuid.UUID) -> Response:
-        found = reads.reservation_get(actor=actor_from_request(request), reservation_id=reservation_id)
+    def get(self, request: Request, reservationId: uuid.UUID) -> Response:
+        found = reads.reservation_get(actor=actor_from_request(request), reservation_id=reservationId)
         return Response(ReservationSerializer(found).data)
 
     @extend_schema(
@@ -165,9 +165,9 @@ class ReservationDetailView(APIView):
         description="Release a pending or active reservation (owner or admin). Audited as `reservation_changed`.",
         responses={204: None, 401: UNAUTHORIZED, 403: FORBIDDEN, 404: NOT_FOUND, 409: CONFLICT},
     )
-    def delete(self, request: Request, reservation_id: uuid.UUID) -> Response:
+    def delete(self, request: Request, reservationId: uuid.UUID) -> Response:
         actor = actor_from_request(request)
-        found = reads.reservation_get(actor=actor, reservation_id=reservation_id)
+        found = reads.reservation_get(actor=actor, reservation_id=reservationId)
         reservations.reservation_cancel(reservation=found, actor=actor)
         return Response(status=status.HTTP_204_NO_CONTENT)
 
@@ -192,9 +192,9 @@ class JobPriorityView(APIView):
             422: VALIDATION,
         },
     )
-    def patch(self, request: Request, job_id: uuid.UUID) -> Response:
+    def patch(self, request: Request, jobId: uuid.UUID) -> Response:
         actor = actor_from_request(request)
-        task = task_get_for_actor(actor=actor, task_id=job_id)
+        task = task_get_for_actor(actor=actor, task_id=jobId)
         fields = _body(PrioritySerializer, request)
         task_set_priority(task=task, priority=fields["priority"], actor=actor)
-        return Response(TaskSerializer(task_get_for_actor(actor=actor, task_id=job_id)).data)
+        return Response(TaskSerializer(task_get_for_actor(actor=actor, task_id=jobId)).data)

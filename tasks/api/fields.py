@@ -6,11 +6,21 @@ from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Any
 
+from django.core.exceptions import ValidationError
 from django.core.validators import RegexValidator
 from django.utils.dateparse import parse_datetime
 from rest_framework import serializers
 
 from fetchml.conf import app_settings
+
+
+class WholeValueRegexValidator(RegexValidator):
+    """A pattern the whole value must match. RegexValidator searches, and `$` also matches before a
+    final newline, so `^[a-z]+$` would let "name\\n" through. The pattern stays as the schema shows it."""
+
+    def __call__(self, value: Any) -> None:
+        if not self.regex.fullmatch(str(value)):
+            raise ValidationError(self.message, code=self.code, params={"value": value})
 
 
 class StrictCharField(serializers.CharField):
@@ -70,7 +80,7 @@ class BoundedDictField(serializers.DictField):
         **kwargs: Any,
     ):
         self.max_entries = max_entries
-        validators = [RegexValidator(key_regex, message="Invalid format.")] if key_regex else []
+        validators = [WholeValueRegexValidator(key_regex, message="Invalid format.")] if key_regex else []
         self.key_field = StrictCharField(max_length=key_max_length, validators=validators)
         super().__init__(**kwargs)
 

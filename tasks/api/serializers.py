@@ -20,6 +20,7 @@ from tasks.api.fields import (
     StrictCharField,
     StrictIntegerField,
     StrictSerializer,
+    WholeValueRegexValidator,
     setting_limit,
 )
 from tasks.models import Experiment, Task
@@ -79,7 +80,10 @@ class TaskPluginConfigSerializer(StrictSerializer):
 
 
 class CreateTaskSerializer(StrictSerializer):
-    job_name = StrictCharField(max_length=64)
+    job_name = StrictCharField(
+        max_length=64,
+        validators=[WholeValueRegexValidator(JOB_NAME_REGEX, message="May contain only letters, digits, '_' and '-'.")],
+    )
     priority = StrictIntegerField(min_value=1, max_value=10, default=5, help_text="Higher runs sooner.")
     args = StrictCharField(max_length=16_384, required=False, allow_blank=True)
     entrypoint = StrictCharField(
@@ -122,11 +126,6 @@ class CreateTaskSerializer(StrictSerializer):
     retry_on_exit_code = StrictBooleanField(required=False)
     cancel_grace_seconds = StrictIntegerField(min_value=0, max_value=MAX_CANCEL_GRACE_SECONDS, required=False)
     allow_unschedulable = StrictBooleanField(required=False)
-
-    def validate_job_name(self, value: str) -> str:
-        if not re.fullmatch(JOB_NAME_REGEX, value):
-            raise serializers.ValidationError("May contain only letters, digits, '_' and '-'.")
-        return value
 
     def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
         # The agent's own rule: a command it could not start is refused here, not on a worker.

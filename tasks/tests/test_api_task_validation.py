@@ -24,7 +24,7 @@ def assert_invalid(response, field: str, *, tasks_before: int = 0) -> None:
 
 @pytest.mark.parametrize(
     "job_name",
-    ["", "has space", "semi;colon", "dot.name", "ünïcode", "x" * 65, 42, None, ["a"]],
+    ["", "has space", "semi;colon", "dot.name", "ünïcode", "x" * 65, "job\n", 42, None, ["a"]],
 )
 def test_invalid_job_name_is_refused(user_client, job_name):
     assert_invalid(submit(user_client, job_name=job_name), "job_name")
@@ -154,7 +154,7 @@ def test_metadata_must_map_strings_to_strings(user_client, metadata):
     assert_invalid(submit(user_client, metadata=metadata), "metadata")
 
 
-@pytest.mark.parametrize("env", [{"1BAD": "x"}, {"A-B": "x"}, {"OK": 3}, "A=1"])
+@pytest.mark.parametrize("env", [{"1BAD": "x"}, {"A-B": "x"}, {"BAD\n": "x"}, {"OK": 3}, "A=1"])
 def test_env_must_map_variable_names_to_strings(user_client, env):
     assert_invalid(submit(user_client, env=env), "env")
 
