@@ -38,6 +38,7 @@ from scheduler.agent.protocol import (
     CLOSE_BAD_HELLO,
     CLOSE_BAD_KEY,
     CLOSE_NAME_IN_USE,
+    CLOSE_NAME_OWNED,
     CLOSE_NOT_WORKER,
     CLOSE_RECONNECT,
     FEATURES,
@@ -238,6 +239,12 @@ class WorkerConsumer(SocketConsumer):
             running=message["running"],
             instance=message["instance"],
         )
+        if welcome.owned_elsewhere:
+            logger.warning(
+                "worker name %r refused to key %s: registered to another account", message["name"], self.api_key.prefix
+            )
+            await self.close(code=CLOSE_NAME_OWNED, reason="this worker name is registered to another account's key")
+            return
         if welcome.conflict:
             await self.close(code=CLOSE_NAME_IN_USE, reason="another live connection uses this worker name")
             return

@@ -28,12 +28,13 @@ from django.utils import timezone
 from artifacts.selectors import pinned_datasets_changed
 from audit.services import appended_together, record
 from fetchml import events
-from fetchml.auth import Actor
+from fetchml.auth import Actor, usable_api_keys
 from fetchml.clock import database_now
 from fetchml.compiled import compiled_per_shape, compiled_update_per_shape
 from fetchml.conf import app_settings
 from fetchml.errors import Conflict
 from fetchml.instances import instance_builder
+from fetchml.models import ApiKey
 from fetchml.planner import checked_not_searched, planned_without
 from scheduler.counters import CAPACITY_OF, give_back, give_back_reading_status
 from scheduler.models import NodeAssignment, Worker
@@ -59,6 +60,8 @@ class Welcome:
     keep: list[str] = field(default_factory=list)
     kill: list[str] = field(default_factory=list)
     conflict: bool = False
+    # The name is registered to a usable key of another account: refused, whatever its connection.
+    owned_elsewhere: bool = False
     draining: bool = False
     superseded: str = ""  # the channel of the connection this one replaces
 
@@ -114,6 +117,9 @@ def worker_hello(
     live_window = timedelta(seconds=min(app_settings.WORKER_LEASE_SECONDS, silent_for))
     with transaction.atomic():
         worker, created = Worker.objects.select_for_update().get_or_create(name=name)
+        previous_key_id = None if created else worker.api_key_id
+        if _owned_elsewhere(previous_key_id, api_key_id):
+            return Welcome(worker_id=None, owned_elsewhere=True)
         superseded = worker.channel_name if worker.channel_name != channel_name else ""
         if (
             superseded
@@ -140,6 +146,16 @@ def worker_hello(
         worker.connected_at = now
         worker.last_heartbeat = Now()
         worker.save()
+        if previous_key_id is not None and previous_key_id != api_key_id:
+            # Another key of the same account (a rotation), or a key taking over from an unusable one.
+            prefixes = dict(ApiKey.objects.filter(id__in=[previous_key_id, api_key_id]).values_list("id", "prefix"))
+            record(
+                event_type="worker_changed",
+                user="",
+                resource=f"worker:{worker.name}",
+                action="key_changed",
+                metadata={"from_key": prefixes.get(previous_key_id, ""), "to_key": prefixes.get(api_key_id, "")},
+            )
         if changed:
             record(
                 event_type="worker_changed",
@@ -163,6 +179,20 @@ def worker_hello(
     _catch_up_progress(worker.id, kept, _run_states(worker.id, kept))
     draining = worker.status == Worker.Status.DRAINING
     return Welcome(worker_id=worker.id, keep=keep, kill=kill, draining=draining, superseded=superseded)
+
+
+def _owned_elsewhere(registered_key_id: Any, key_id: Any) -> bool:
+    """Whether a worker name registered with `registered_key_id` is another account's: that key is
+    still usable and belongs to another user than `key_id`. The runs sent to a worker (their env,
+    their tokens) and the files its key may fetch are that account's, so a name is not taken over
+    by a stranger's key; another key of the same account (a rotation) may, and so may anyone once
+    the registered key is revoked or expired."""
+    if registered_key_id is None or registered_key_id == key_id:
+        return False
+    owners = dict(ApiKey.objects.filter(id__in=[registered_key_id, key_id]).values_list("id", "user_id"))
+    if owners.get(registered_key_id) == owners.get(key_id):
+        return False
+    return usable_api_keys([str(registered_key_id)])[str(registered_key_id)]
 
 
 def _declared(worker: Worker, key: str) -> Any:

@@ -44,7 +44,7 @@ from scheduler.agent.services import ServiceLauncher
 
 logger = logging.getLogger(__name__)
 
-AUTH_CLOSE_CODES = frozenset({protocol.CLOSE_BAD_KEY, protocol.CLOSE_NOT_WORKER})
+AUTH_CLOSE_CODES = frozenset({protocol.CLOSE_BAD_KEY, protocol.CLOSE_NOT_WORKER, protocol.CLOSE_NAME_OWNED})
 # What each close code of the server means to whoever runs the agent (`{name}`: this agent's name).
 CLOSE_MEANINGS = {
     protocol.CLOSE_BAD_HELLO: "the server did not accept this agent's hello: are the agent and the server one version?",
@@ -55,6 +55,10 @@ CLOSE_MEANINGS = {
         "another worker named {name!r} is connected to this server; if it is another machine, start this one "
         "with --name (the name defaults to the host name). Retrying: the name is this agent's again once that "
         "worker is gone"
+    ),
+    protocol.CLOSE_NAME_OWNED: (
+        "the worker name {name!r} is registered to another account's API key; start this agent with another "
+        "--name, or have that key revoked to take the name over"
     ),
     protocol.CLOSE_RECONNECT: "the server asked this agent to reconnect",
     protocol.CLOSE_UNAVAILABLE: "the server cannot reach its database; retrying",

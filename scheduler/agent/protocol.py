@@ -43,6 +43,8 @@ CLOSE_BAD_KEY = 4401
 CLOSE_NOT_WORKER = 4403
 CLOSE_NOT_FOUND = 4404
 CLOSE_NAME_IN_USE = 4409
+# The worker name is registered to a usable key of another account (HTTP's 423, Locked).
+CLOSE_NAME_OWNED = 4423
 # The server cannot reach its database (HTTP's 503): try again, with back-off.
 CLOSE_UNAVAILABLE = 4503
 # 1012 (service restart) says it best, but daphne (autobahn) closes only with 1000 or 3000-4999.
