@@ -1,4 +1,5 @@
-"""Four gaps in what daphne 4 puts on the wire, filled when the ASGI application loads.
+"""Gaps in what daphne 4 puts on the wire, filled when the ASGI application loads (and, in
+`fetchml.daphne_bodies`, request bodies held to their ceiling and key before Twisted spools them).
 
 - Status lines: ASGI carries only a status code and daphne takes the reason
   phrase from Twisted's table, which lacks some codes FetchML answers with (422,
@@ -33,10 +34,13 @@ logger = logging.getLogger("fetchml.http")
 
 
 def install() -> None:
+    from fetchml import daphne_bodies
+
     _complete_reason_phrases()
     _send_close_reasons()
     _answer_overlong_lines()
     _answer_refusals_in_the_error_format()
+    daphne_bodies.install()
 
 
 def _complete_reason_phrases() -> None:
@@ -82,13 +86,14 @@ def _error_content(status: HTTPStatus, message: str) -> tuple[str, bytes]:
     return trace_id, json.dumps(body, separators=(",", ":")).encode()
 
 
-def refusal_answer(status: HTTPStatus, message: str) -> bytes:
+def refusal_answer(status: HTTPStatus, message: str, *, headers: dict[str, str] | None = None) -> bytes:
     """The whole HTTP response to a request refused before it reached the application, in the
-    one error format; the connection is closed after it."""
+    one error format (with `headers` besides); the connection is closed after it."""
     trace_id, content = _error_content(status, message)
+    extra = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
     head = (
         f"HTTP/1.1 {status.value} {status.phrase}\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(content)}\r\nX-Request-ID: {trace_id}\r\nConnection: close\r\n\r\n"
+        f"Content-Length: {len(content)}\r\nX-Request-ID: {trace_id}\r\n{extra}Connection: close\r\n\r\n"
     )
     return head.encode("ascii") + content
 

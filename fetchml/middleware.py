@@ -3,6 +3,7 @@ HEAD without a body."""
 
 import logging
 import os
+import sys
 import time
 from collections.abc import AsyncIterator
 
@@ -11,6 +12,7 @@ from django.core.exceptions import RequestDataTooBig
 from django.core.handlers.asgi import ASGIRequest
 from django.http import HttpRequest, HttpResponse, HttpResponseBase, StreamingHttpResponse
 
+from fetchml.conf import app_settings
 from fetchml.errors import code_for_status, error_response
 from fetchml.ratelimits import apply_headers
 from fetchml.tracing import new_trace_id, reset_trace_id, set_trace_id
@@ -119,6 +121,18 @@ def _declare_chunked_length(request: HttpRequest) -> None:
     body_file.seek(0)
     if size:
         request.META["CONTENT_LENGTH"] = str(size)
+
+
+def body_ceiling(content_type: str) -> int:
+    """The most a request body of this Content-Type may hold, checked as it arrives
+    (`fetchml.daphne_bodies`): DATA_UPLOAD_MAX_MEMORY_SIZE for bodies parsed in memory, the largest
+    upload limit for streamed uploads (each upload view then holds its body to its own limit)."""
+    if content_type.strip().lower().startswith(_STREAMED_TYPES):
+        return max(
+            app_settings.MAX_SNAPSHOT_BYTES, app_settings.MAX_DATASET_BYTES, app_settings.MAX_ARTIFACT_BYTES_PER_TASK
+        )
+    limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
+    return sys.maxsize if limit is None else limit
 
 
 def _body_too_large(request: HttpRequest) -> bool | None:
