@@ -1,4 +1,4 @@
-"""The clock leases are read against: the database's.
+"""The clock leases are read against: the database's; and how times are told to clients.
 
 Heartbeats are stamped by the server process that hears them and leases are
 checked by the scheduler, often on other hosts. On each host's own clock,
@@ -11,6 +11,12 @@ compared with `database_now()`.
 from datetime import UTC, datetime
 
 from django.db import connection
+
+
+def api_time(moment: datetime) -> str:
+    """A time as every answer of the API tells it (as DRF renders them): ISO 8601, in UTC, with
+    a `Z`."""
+    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
 def database_now() -> datetime:

@@ -9,6 +9,7 @@ from django.db import connection
 from django.utils import timezone
 
 import fetchml
+from fetchml.clock import api_time
 from fetchml.decorators import safe_methods_only
 from fetchml.jsonbody import CompactJsonResponse
 
@@ -49,7 +50,7 @@ def health(request):
     body = {
         "status": status,
         "version": fetchml.__version__,
-        "timestamp": timezone.now().isoformat(),
+        "timestamp": api_time(timezone.now()),
         "checks": {name: "ok" if ok else "unreachable" for name, ok in checks.items()},
     }
     return CompactJsonResponse(body, status=200 if status == "healthy" else 503)

@@ -18,6 +18,7 @@ from django.utils import timezone
 from audit.services import record
 from fetchml import events
 from fetchml.auth import Actor
+from fetchml.clock import api_time
 from fetchml.errors import Conflict, Forbidden, Invalid, NotFound
 from plugins.base import BasePlugin, ResolvedConfig
 from plugins.health import STATES, STOPPED
@@ -242,7 +243,7 @@ def plugin_status_report(*, task_id: Any, name: str, status: str, url: str = "",
         if task.is_final and status != STOPPED:
             raise Conflict(f"Task is {task.status}; only a stopped plugin can be reported")
         previous = task.plugin_status.get(name) if isinstance(task.plugin_status, dict) else None
-        entry = {"name": name, "status": status, "url": url, "error": error, "last_check": timezone.now().isoformat()}
+        entry = {"name": name, "status": status, "url": url, "error": error, "last_check": api_time(timezone.now())}
         task.plugin_status = {**(task.plugin_status or {}), name: entry}
         task.save(update_fields=["plugin_status", "updated_at"])
         if not previous or any(previous.get(key, "") != entry[key] for key in ("status", "url", "error")):

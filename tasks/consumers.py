@@ -40,6 +40,7 @@ from rest_framework import exceptions as drf_exceptions
 from fetchml import events
 from fetchml.aio import cancel_and_wait
 from fetchml.auth import Actor, authenticate_raw_key, key_usable
+from fetchml.clock import api_time
 from fetchml.conf import app_settings
 from fetchml.consumers import SocketConsumer
 from fetchml.errors import NotFound
@@ -117,11 +118,11 @@ def _snapshot(task: Task) -> dict[str, Any]:
         "priority": task.priority,
         "attempt": task.attempt,
         "retry_count": task.retry_count,
-        "created_at": task.created_at.isoformat(),
-        "started_at": task.started_at.isoformat() if task.started_at else None,
-        "ended_at": task.ended_at.isoformat() if task.ended_at else None,
+        "created_at": api_time(task.created_at),
+        "started_at": api_time(task.started_at) if task.started_at else None,
+        "ended_at": api_time(task.ended_at) if task.ended_at else None,
         "exit_code": task.exit_code,
-        "failure_reason": task.failure_reason or None,
+        "failure_reason": task.failure_reason,
         "cancel_requested": task.cancel_requested_at is not None,
     }
 
@@ -284,7 +285,7 @@ class ClientConsumer(SocketConsumer):
         kind = message["type"]
         try:
             if kind == "ping":
-                await self._send({"type": "pong", "timestamp": timezone.now().isoformat()})
+                await self._send({"type": "pong", "timestamp": api_time(timezone.now())})
             elif kind == "subscribe":
                 await self._subscribe(message.get("task_id"))
             elif kind == "unsubscribe":
@@ -429,7 +430,7 @@ class ClientConsumer(SocketConsumer):
         self.told.move_to_end(snapshot["id"])
         while len(self.told) > MAX_REMEMBERED:
             self.told.popitem(last=False)
-        await self._send({"type": kind, "task": snapshot, "timestamp": timezone.now().isoformat()})
+        await self._send({"type": kind, "task": snapshot, "timestamp": api_time(timezone.now())})
 
     async def _tell_lines(self, task_id: str) -> None:
         while task_id in self.lines_told:

@@ -17,6 +17,7 @@ from typing import Any
 from django.db import transaction
 
 from fetchml import events
+from fetchml.clock import api_time
 from fetchml.errors import Invalid
 from tasks.models import Task, TaskLogLine
 
@@ -107,5 +108,5 @@ def serialize_line(line: TaskLogLine) -> dict[str, Any]:
         "attempt": line.attempt,
         "node": line.node_id,
         "seq": line.seq,
-        "created_at": line.created_at.isoformat(),
+        "created_at": api_time(line.created_at),
     }

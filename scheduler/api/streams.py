@@ -29,6 +29,7 @@ from django.http import HttpRequest, HttpResponseBase
 from django.utils import timezone
 
 from fetchml import events
+from fetchml.clock import api_time
 from fetchml.decorators import safe_methods_only
 from fetchml.errors import ApplicationError
 from fetchml.sse import authenticate_stream, error_response_for, sse_frame, stream_response
@@ -88,7 +89,7 @@ class JobStream:
             "task_id": str(self.task.id),
             "status": status,
             "priority": priority,
-            "timestamp": timezone.now().isoformat(),
+            "timestamp": api_time(timezone.now()),
         }
         if self._seen is None or self._seen[0] != status:
             frames.append(sse_frame(data, event="status"))

@@ -32,6 +32,7 @@ from django.http import HttpRequest, HttpResponseBase, QueryDict
 from django.utils import timezone
 
 from fetchml import events
+from fetchml.clock import api_time
 from fetchml.decorators import safe_methods_only
 from fetchml.errors import ApplicationError
 from fetchml.jsonbody import CompactJsonResponse
@@ -197,7 +198,7 @@ class TaskLogStream:
             "task_id": str(self.task.id),
             "status": status,
             "priority": priority,
-            "timestamp": timezone.now().isoformat(),
+            "timestamp": api_time(timezone.now()),
         }
         return sse_frame(data, event="status")
 

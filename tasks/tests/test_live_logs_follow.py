@@ -100,7 +100,7 @@ async def test_log_events_carry_the_line_id_as_event_id(client, task):
         "attempt": 1,
         "node": 0,
         "seq": None,
-        "created_at": stored.created_at.isoformat(),
+        "created_at": stored.created_at.isoformat().replace("+00:00", "Z"),
     }
 
 

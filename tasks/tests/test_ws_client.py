@@ -21,6 +21,7 @@ from fetchml.shared_reads import SharedRead
 from fetchml.testing import client_socket, close_of, open_client_socket, run_async
 from fetchml.tests.factories import ApiKeyFactory
 from tasks import consumers
+from tasks.api.serializers import TaskSerializer
 from tasks.consumers import CLOSE_FORBIDDEN, CLOSE_RATE_LIMITED, CLOSE_UNAUTHENTICATED
 from tasks.logs import append_lines
 from tasks.models import Task, TaskLogLine
@@ -552,6 +553,21 @@ def test_snapshots_of_more_tasks_than_one_query_takes_are_all_read(user, monkeyp
     ids = [str(task_submit(owner=user, job_name=f"job-{n}").id) for n in range(5)]
 
     assert sorted(consumers.task_snapshots([*ids, ids[0]])) == sorted(ids)
+
+
+def test_a_snapshot_tells_times_and_the_failure_reason_as_the_rest_api_does(user):
+    task = task_submit(owner=user, job_name="told")
+    Task.objects.filter(id=task.id).update(
+        status=TaskStatus.FAILED, started_at=timezone.now(), ended_at=timezone.now(), failure_reason=""
+    )
+    task.refresh_from_db()
+    rest = TaskSerializer(task).data
+
+    snapshot = consumers.task_snapshot(str(task.id))
+
+    for field in ("created_at", "started_at", "ended_at", "failure_reason"):
+        assert snapshot[field] == rest[field], field
+    assert snapshot["created_at"].endswith("Z")
 
 
 # --- malformed input ----------------------------------------------------
