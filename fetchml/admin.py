@@ -4,22 +4,36 @@ A key is created through `fetchml.services.apikey_create`; its raw secret is
 shown once, in a message right after creation, and never again (only the
 prefix is stored in clear). Keys are revoked, never deleted, so the audit
 trail keeps pointing at something.
+
+Password logins (this console's, and the browsable API's at /api-auth/login/) go through
+`LoginLimitMixin`: failed ones count against the client IP's limit on failed authentications, the
+API keys' (fetchml.ratelimits), and are audited as `auth_attempt` like theirs.
 """
 
+import logging
 import re
 import uuid
 from collections.abc import Callable, Iterable
+from typing import Any
 
 from django import forms
 from django.contrib import admin, messages
+from django.contrib.admin.forms import AdminAuthenticationForm
+from django.contrib.auth.base_user import AbstractBaseUser
+from django.contrib.auth.forms import AuthenticationForm
+from django.db import transaction
 from django.db.models import IntegerField, Model, Q, QuerySet, UUIDField
 from django.http import HttpRequest
 from django.utils import timezone
 
+from audit.services import record
 from fetchml.auth import Actor, client_ip
 from fetchml.errors import ApplicationError
 from fetchml.models import ApiKey
+from fetchml.ratelimits import auth_failures_exceeded, count_auth_failure
 from fetchml.services import apikey_create, apikey_revoke
+
+logger = logging.getLogger("fetchml.auth")
 
 
 def admin_actor(request: HttpRequest) -> Actor:
@@ -225,3 +239,76 @@ class ApiKeyAdmin(admin.ModelAdmin):
             lambda key, actor: apikey_revoke(api_key=key, revoked_by=actor.user),
             noun="API key",
         )
+
+
+# --- password logins ------------------------------------------------------------
+
+
+def _record_password_login(
+    *, success: bool, username: str, user: AbstractBaseUser | None, ip: str | None, path: str, error: str = ""
+) -> None:
+    """An `auth_attempt` of a password login. The username typed is the resource (the account
+    tried); the password never leaves the form."""
+    with transaction.atomic():
+        record(
+            event_type="auth_attempt",
+            user=user,
+            resource=f"user:{username}",
+            action="login",
+            success=success,
+            ip_address=ip,
+            error=error,
+            metadata={"path": path},
+        )
+
+
+class LoginLimitMixin:
+    """A Django login form held to the per-IP limit on failed authentications.
+
+    While the client IP has used up its failures (wrong API keys or passwords, counted together by
+    fetchml.ratelimits), the form is refused with an error before any password is checked, so a
+    right password is refused too until the window passes: otherwise the answer would tell a
+    guesser when it hit. A wrong username or password (or an inactive account's, which Django
+    answers the same) is counted and audited; an accepted login is audited (the view then logs the
+    user in). A right password refused by the admin because the account is not staff is neither:
+    no password was guessed. The one rule for the limit stays in fetchml.ratelimits.
+    """
+
+    request: HttpRequest | None
+    user_cache: AbstractBaseUser | None
+
+    def clean(self) -> dict[str, Any]:
+        ip = client_ip(self.request.META) if self.request is not None else None
+        path = self.request.path if self.request is not None else ""
+        wait = auth_failures_exceeded(ip)
+        if wait is not None:
+            raise forms.ValidationError(
+                "Too many failed login attempts from your address. Try again in %(wait)d seconds.",
+                code="throttled",
+                params={"wait": wait},
+            )
+        username = str(self.cleaned_data.get("username") or "")
+        try:
+            cleaned = super().clean()
+        except forms.ValidationError:
+            if self.user_cache is None:  # the username or password was wrong
+                count_auth_failure(ip)
+                _record_password_login(
+                    success=False, username=username, user=None, ip=ip, path=path, error="invalid username or password"
+                )
+                logger.info("password login failed (ip=%s, path=%s)", ip, path)
+            raise
+        if self.user_cache is not None:
+            _record_password_login(success=True, username=username, user=self.user_cache, ip=ip, path=path)
+        return cleaned
+
+
+class LimitedAdminLoginForm(LoginLimitMixin, AdminAuthenticationForm):
+    """/admin/login/."""
+
+
+class LimitedLoginForm(LoginLimitMixin, AuthenticationForm):
+    """/api-auth/login/, the browsable API's login (fetchml/urls.py)."""
+
+
+admin.site.login_form = LimitedAdminLoginForm

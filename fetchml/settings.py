@@ -32,6 +32,13 @@ REDIS_URL = env_str("REDIS_URL")
 EMBEDDED = not DATABASE_URL
 
 
+def _make_var_dir() -> None:
+    """Create FETCHML_VAR_DIR 0700 if it is missing: it holds the database, the secret key and the
+    admin's key and password. One the operator made is left as they made it (they may share it on
+    purpose); the database file in it is kept private all the same (`_private_sqlite_file`)."""
+    VAR_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+
 def _secret_key() -> str:
     key = env_str("DJANGO_SECRET_KEY")
     if key:
@@ -41,7 +48,7 @@ def _secret_key() -> str:
     # Embedded/debug: generate once and keep it, so sessions survive restarts.
     key_file = VAR_DIR / "secret_key"
     if not key_file.exists():
-        VAR_DIR.mkdir(parents=True, exist_ok=True)
+        _make_var_dir()
         key_file.write_text(secrets.token_urlsafe(50))
         key_file.chmod(0o600)
     return key_file.read_text().strip()
@@ -106,13 +113,42 @@ TEMPLATES = [
 ]
 
 # --- database -------------------------------------------------------------
+_SQLITE_COMPANIONS = ("-wal", "-shm", "-journal")
+
+
+def _private_sqlite_file(name: str) -> None:
+    """Keep a SQLite database readable by its owner only: it holds session keys, task env secrets
+    and plugin settings. Created 0600 before Django opens it (an empty file is a new database to
+    SQLite, which gives its -wal, -shm and -journal files the database file's permissions); one an
+    earlier start left wider is narrowed, with those files. Only the files: their directory's
+    permissions are the operator's, and a PostgreSQL set-up never comes here."""
+    if name == ":memory:" or name.startswith("file:"):
+        return
+    path = Path(name)
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        pass
+    except FileNotFoundError:
+        return  # no such directory: SQLite says so when it is opened
+    for file in (path, *(path.with_name(path.name + suffix) for suffix in _SQLITE_COMPANIONS)):
+        try:
+            status = file.stat()
+        except FileNotFoundError:
+            continue
+        # Another account's file cannot be changed by this one: its owner set it up.
+        if status.st_mode & 0o077 and status.st_uid == os.geteuid():
+            file.chmod(0o600)
+
+
 if DATABASE_URL:
     _db = parse_database_url(DATABASE_URL)
 else:
     _db = {"ENGINE": "django.db.backends.sqlite3", "NAME": str(VAR_DIR / "fetchml.sqlite3")}
-    VAR_DIR.mkdir(parents=True, exist_ok=True)
+    _make_var_dir()
 
 if _db["ENGINE"].endswith("sqlite3"):
+    _private_sqlite_file(_db["NAME"])
     # WAL lets readers run beside the writer; IMMEDIATE takes the write lock at
     # BEGIN so two writers queue on busy_timeout instead of failing on upgrade.
     _db["OPTIONS"] = {
@@ -183,6 +219,9 @@ else:
     SILENCED_SYSTEM_CHECKS = ["django_ratelimit.E003", "django_ratelimit.W001"]
 
 # --- auth, i18n, static ---------------------------------------------------
+# Messages wait in the session (server-side), not in a cookie: the admin shows a new API key's
+# secret once, in a message, and a signed cookie is readable by anything that sees it.
+MESSAGE_STORAGE = "django.contrib.messages.storage.session.SessionStorage"
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
     {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},

@@ -2,10 +2,12 @@
 
 from django.conf import settings
 from django.contrib import admin
+from django.contrib.auth.views import LoginView
 from django.contrib.staticfiles.views import serve as serve_static
 from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
+from fetchml.admin import LimitedLoginForm
 from fetchml.api_root import ApiIndexView
 from fetchml.decorators import safe_methods_only
 from fetchml.health import health
@@ -28,6 +30,12 @@ urlpatterns = [
     path("v1/", include("jupyter.api.urls")),
     path("v1/", include("artifacts.api.urls")),
     path("v1/", include("tasks.api.experiment_urls")),
+    # DRF's login page, matched before DRF's own route so that its failures are limited and
+    # audited like the admin's (fetchml.admin.LoginLimitMixin).
+    path(
+        "api-auth/login/",
+        LoginView.as_view(template_name="rest_framework/login.html", authentication_form=LimitedLoginForm),
+    ),
     path("api-auth/", include("rest_framework.urls")),
     # The admin's and /v1/docs' assets, found in the installed apps: daphne serves
     # them itself (no collectstatic, no other web server, no CDN).

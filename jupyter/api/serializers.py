@@ -5,6 +5,7 @@ from typing import Any
 from rest_framework import serializers
 
 from fetchml.auth import Actor
+from fetchml.clock import api_time
 from jupyter.models import JupyterService
 from jupyter.sealing import unseal
 from jupyter.selectors import DEFAULT_IMAGE
@@ -22,6 +23,13 @@ class StartJupyterSerializer(StrictSerializer):
     # Checked (relative, no `..`) by jupyter.services.clean_workspace, the rule every caller gets.
     workspace = StrictCharField(max_length=MAX_WORKSPACE, required=False, allow_blank=True, default="")
     image = StrictCharField(max_length=255, required=False, default=DEFAULT_IMAGE, validators=[_pattern(r"^[^\s]+$")])
+
+    def validate_image(self, value: str) -> str:
+        # The worker passes the image to `docker|podman run`, which would take "--privileged" as
+        # one of its options (the agent refuses it too: scheduler.agent.services.jupyter_command).
+        if value.startswith("-"):
+            raise serializers.ValidationError("Must not begin with '-'.")
+        return value
 
 
 class JupyterServiceSerializer(serializers.Serializer):
@@ -55,14 +63,12 @@ def service_data(service: JupyterService, viewer: Actor) -> dict[str, Any]:
         "status": service.status,
         "url": service.url if running and service.url else None,
         "token": token or None,
-        "created_at": service.created_at.isoformat().replace("+00:00", "Z"),
+        "created_at": api_time(service.created_at),
         "user_id": service.owner.get_username(),
         "workspace": service.workspace,
         "image": service.image,
         "task_id": str(service.task_id) if service.task_id else None,
         "task_status": service.task.status if service.task_id else None,
         "error": service.error,
-        "last_activity_at": service.last_activity_at.isoformat().replace("+00:00", "Z")
-        if service.last_activity_at
-        else None,
+        "last_activity_at": api_time(service.last_activity_at) if service.last_activity_at else None,
     }

@@ -1,4 +1,10 @@
-"""Weights & Biases: tasks log to a W&B server (the cloud or a self-hosted one)."""
+"""Weights & Biases: tasks log to a W&B server (the cloud or a self-hosted one).
+
+By design every task gets the fleet's W&B API key in its environment (`WANDB_API_KEY`): W&B's
+client reads it from there, and FetchML has no per-user W&B keys. So any user's task (and anything
+it runs) can read the key and act as its W&B account: configure a key meant for the whole fleet (a
+W&B team service account), never a person's own key.
+"""
 
 from typing import TYPE_CHECKING
 

@@ -107,6 +107,10 @@ def jupyter_command(
         raise ValueError(f"container runtime {runtime!r}: one of {', '.join(CONTAINER_RUNTIMES)}")
     if not image:
         raise ValueError("a container runtime needs an image")
+    if image.startswith("-"):
+        # The API refuses such an image, but a service queued before it did still comes here; it
+        # must not become an option of the runtime (`--privileged`, `--volume=/:/host`).
+        raise ValueError(f"image {image!r} begins with '-': {runtime} would read it as one of its options")
     return [
         runtime,
         "run",
@@ -121,6 +125,7 @@ def jupyter_command(
         f"{root_dir}:{CONTAINER_WORKSPACE}",
         "--workdir",
         CONTAINER_WORKSPACE,
+        "--",  # the end of the runtime's options: what follows is the image and its command
         image,
         "jupyter",
         "server",
