@@ -28,7 +28,7 @@ import threading
 from collections import deque
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from scheduler.agent import entrypoint, orphans, protocol
 from scheduler.agent.artifacts import NOT_UPLOADING, RUN_FILES, Collected, StaleRun, UploadFailed, collect
@@ -56,6 +56,8 @@ KILL_WAIT_SECONDS = 10.0
 # How long a cancelled or timed-out run may take to store its files before its end is reported without them.
 INTERRUPTED_COLLECT_SECONDS = 300.0
 SERVICE_DRAINED = "worker drained: a draining worker stops its services"
+# Said of a SIGKILL the agent did not send: the kernel's OOM killer sends one.
+OOM_HINT = "a process killed this way may have run out of memory"
 # The agent's environment passes to its tasks, but for what is the agent's or the server's alone: the
 # worker key (with it a task could connect as a worker and be sent other users' runs and plugin
 # secrets) and server secrets an agent started beside the server (`serve`) inherits.
@@ -133,22 +135,49 @@ def _tail(lines: deque[str]) -> str:
     return "\n".join(lines)[-TAIL_CHARS:]
 
 
-def _noted(error: str, note: str) -> str:
-    """`error` and, on a line of its own, `note` (what was left out of the artifacts), within TAIL_CHARS."""
-    if not note:
-        return error
-    return f"{error}\n{note}"[-TAIL_CHARS:] if error else note[-TAIL_CHARS:]
+def _error_text(head: str, stderr: str = "", notes: list[str] | None = None) -> str:
+    """A final status's `error`: `head` (how the run ended), the stderr tail, then `notes` (what is
+    missing from the artifacts or the log files), each on lines of its own, within TAIL_CHARS. What
+    does not fit is cut from the start of the stderr tail, its oldest output, so the explanation stays."""
+    notes = [note for note in notes or [] if note]
+    if stderr:
+        room = TAIL_CHARS - sum(len(part) + 1 for part in (head, *notes) if part)
+        stderr = stderr[-room:] if room > 0 else ""
+    return "\n".join(part for part in (head, stderr, *notes) if part)[-TAIL_CHARS:]
 
 
-def _describe_exit(returncode: int) -> tuple[int, str]:
-    """Exit code in shell convention (128 + signal number) and a phrase for the error text."""
-    if returncode >= 0:
-        return returncode, f"exited with code {returncode}"
+def _signal_named(number: int) -> str:
     try:
-        name = signal.Signals(-returncode).name
+        return f"signal {number} ({signal.Signals(number).name})"
     except ValueError:
-        name = f"signal {-returncode}"
-    return 128 - returncode, f"killed by {name}"
+        return f"signal {number}"
+
+
+class Ending(NamedTuple):
+    """How a run's process ended: its exit code in shell convention (128 + N for signal N) and a
+    phrase for the error text, which names the signal when one ended it."""
+
+    exit_code: int
+    how: str
+    signalled: bool
+
+    def after(self, lead: str) -> str:
+        """`lead` (what ended the run, or went wrong after it), then how the process ended."""
+        return f"{lead}; {self.how}" if self.signalled else f"{lead} ({self.how})"
+
+
+def _describe_exit(returncode: int, *, agent_sigkill: str | None = None, grace: float = 0.0) -> Ending:
+    """`agent_sigkill`: the agent sent SIGKILL itself, "grace" once the `grace` seconds after its
+    SIGTERM ran out, "forced" at once; a SIGKILL it did not send (the OOM killer's) gets OOM_HINT."""
+    if returncode >= 0:
+        return Ending(returncode, f"exited with code {returncode}", signalled=False)
+    how = f"killed by {_signal_named(-returncode)}"
+    if returncode == -signal.SIGKILL:
+        if agent_sigkill == "grace":
+            how = f"did not stop within its {grace:g} s grace after SIGTERM; {how}"
+        elif agent_sigkill is None:
+            how = f"{how}; {OOM_HINT}"
+    return Ending(128 - returncode, how, signalled=True)
 
 
 def _killpg(pgid: int, sig: signal.Signals) -> None:
@@ -187,6 +216,8 @@ class Run:
         self._stop_reason: str | None = None  # "cancel", "drain", "stop" or "shutdown"
         self._interrupt = asyncio.Event()
         self._kill_now = asyncio.Event()
+        # Set when the agent SIGKILLs the process itself: "grace" (its grace ran out) or "forced".
+        self._agent_sigkill: str | None = None
         self._silenced = False
         # The last progress state reported (heartbeats repeat it, in case that report was lost).
         self.progress = "preparing"
@@ -288,14 +319,14 @@ class Run:
         try:
             argv, env = self._prepare()
             if await self._interruptible(self._prepare_inputs()) is _INTERRUPTED:
-                return self._final_interrupted(exit_code=None)
+                return self._final_interrupted(ending=None)
             if self.assignment.service is None:
                 argv = self._entrypoint(argv)
             self._open_logs()
         except PreparationError as exc:
             return self._final("failed", failure_reason="preparation", error=str(exc))
         if self._stop_reason is not None:
-            return self._final_interrupted(exit_code=None)
+            return self._final_interrupted(ending=None)
         loop = asyncio.get_running_loop()
         with orphans.ExecReport() as exec_report:
             try:
@@ -359,21 +390,25 @@ class Run:
         await self._send_remaining_lines()
         self._close_logs()
         returncode = transport.get_returncode()
-        exit_code, how = _describe_exit(returncode if returncode is not None else -signal.SIGKILL)
+        ending = _describe_exit(
+            returncode if returncode is not None else -signal.SIGKILL,
+            agent_sigkill=self._agent_sigkill,
+            grace=self.assignment.cancel_grace_seconds,
+        )
         if reason is None:
             self._status("collecting")
-            return await self._collect(exit_code, how)
+            return await self._collect(ending)
         if reason in ("cancel", "timeout") and not self._kill_now.is_set():
             # What it wrote in its grace period (a checkpoint) is stored as a self-exit's files are. The
             # run reports `running` meanwhile; a forced shutdown (kill_now) skips this, to be quick.
-            return await self._collect(exit_code, how, interrupted=reason)
+            return await self._collect(ending, interrupted=reason)
         if not _holds_anything(self.output_dir):
             # Ended uncollected (a forced shutdown, a stop): its lines went to the server as they
             # came, so only files it wrote would be lost with its directory.
             self.unstored = ""
         if reason == "timeout":
-            return self._timed_out(exit_code, how)
-        return self._final_interrupted(exit_code=exit_code)
+            return self._timed_out(ending)
+        return self._final_interrupted(ending=ending)
 
     def _prepare(self) -> tuple[list[str], dict[str, str]]:
         a = self.assignment
@@ -515,7 +550,7 @@ class Run:
                 self._log_file_failed(fd, exc)
                 self._close_log(fd, self._log_files.pop(fd))
 
-    async def _collect(self, exit_code: int, how: str, *, interrupted: str | None = None) -> dict[str, Any] | None:
+    async def _collect(self, ending: Ending, *, interrupted: str | None = None) -> dict[str, Any] | None:
         """Upload and commit the run's files, then the final status (reporting what was skipped).
 
         `interrupted` ("cancel" or "timeout"): the run was ended so. Its files are stored all the
@@ -536,38 +571,45 @@ class Run:
         except UploadFailed as exc:
             self.unstored = f"its upload failed: {exc}"
             if interrupted is not None:
-                return self._interrupted_end(interrupted, exit_code, how, note=f"artifacts not stored: {exc}")
+                return self._interrupted_end(interrupted, ending, note=f"artifacts not stored: {exc}")
             # Not the task's fault: reported as an infrastructure failure, which the server retries.
-            error = self._with_stderr(f"{exc} (the process {how})")
-            return self._final("failed", exit_code=exit_code, failure_reason="worker_lost", error=error, output=stdout)
+            return self._final(
+                "failed",
+                exit_code=ending.exit_code,
+                failure_reason="worker_lost",
+                error=ending.after(str(exc)) if ending.signalled else f"{exc} (the process {ending.how})",
+                stderr=True,
+                output=stdout,
+            )
         if collected is _INTERRUPTED:
             if interrupted is None or self._kill_now.is_set():
-                return self._final_interrupted(exit_code=exit_code)
+                return self._final_interrupted(ending=ending)
             note = f"artifacts not stored: not uploaded within {INTERRUPTED_COLLECT_SECONDS:g} s"
             self.unstored = note
-            return self._interrupted_end(interrupted, exit_code, how, note=note)
+            return self._interrupted_end(interrupted, ending, note=note)
         note = collected.note()
         extra: dict[str, Any] = {"skipped_artifacts": [s.as_dict() for s in collected.skipped]} if note else {}
         if interrupted is not None:
-            return self._interrupted_end(interrupted, exit_code, how, note=note, **extra)
-        if exit_code == 0:
-            return self._final("completed", exit_code=0, output=stdout, **({"error": note} if note else {}), **extra)
-        error = _tail(self._tails["stderr"]) or how
+            return self._interrupted_end(interrupted, ending, note=note, **extra)
+        if ending.exit_code == 0:
+            return self._final("completed", exit_code=0, note=note, output=stdout, **extra)
+        # A process that exited says why in its stderr tail; a signal is named before it.
+        explained = ending.signalled or not _tail(self._tails["stderr"])
         return self._final(
             "failed",
-            exit_code=exit_code,
+            exit_code=ending.exit_code,
             failure_reason="exit_code",
-            error=_noted(error, note),
+            error=ending.how if explained else "",
+            stderr=True,
+            note=note,
             output=stdout,
             **extra,
         )
 
-    def _interrupted_end(
-        self, reason: str, exit_code: int, how: str, *, note: str, **extra: Any
-    ) -> dict[str, Any] | None:
+    def _interrupted_end(self, reason: str, ending: Ending, *, note: str, **extra: Any) -> dict[str, Any] | None:
         if reason == "timeout":
-            return self._timed_out(exit_code, how, note=note, **extra)
-        return self._final_interrupted(exit_code=exit_code, note=note, **extra)
+            return self._timed_out(ending, note=note, **extra)
+        return self._final_interrupted(ending=ending, note=note, **extra)
 
     async def _upload(self) -> Collected:
         files, a = self._files, self.assignment
@@ -639,6 +681,8 @@ class Run:
                 )
             finally:
                 kill_now.cancel()
+        if not child.exited.done():  # the SIGKILL that ends it is the agent's: its error says so
+            self._agent_sigkill = "forced" if self._kill_now.is_set() else "grace"
         _killpg(pgid, signal.SIGKILL)
         _, pending = await asyncio.wait({child.exited}, timeout=KILL_WAIT_SECONDS)
         if pending:
@@ -646,42 +690,46 @@ class Run:
 
     # -- reporting -------------------------------------------------------------------------
 
-    def _final_interrupted(self, *, exit_code: int | None, note: str = "", **extra: Any) -> dict[str, Any] | None:
-        details: dict[str, Any] = {} if exit_code is None else {"exit_code": exit_code}
+    def _final_interrupted(self, *, ending: Ending | None, note: str = "", **extra: Any) -> dict[str, Any] | None:
+        """The end of a run the agent ended; `ending` None: its process never started."""
+        details: dict[str, Any] = {} if ending is None else {"exit_code": ending.exit_code}
         stdout = _tail(self._tails["stdout"])
         if stdout:
             details["output"] = stdout
+        signalled = ending if ending is not None and ending.signalled else None  # then its signal is named
         if self._stop_reason == "stop":
             return None
         if self._stop_reason == "drain":
-            return self._final("failed", failure_reason="worker_lost", error=SERVICE_DRAINED, **details)
+            error = signalled.after(SERVICE_DRAINED) if signalled else SERVICE_DRAINED
+            return self._final("failed", failure_reason="worker_lost", error=error, **details)
         if self._stop_reason == "shutdown":
-            return self._final(
-                "failed", failure_reason="worker_lost", error=self._with_stderr("worker shut down"), **details
-            )
-        return self._final("cancelled", **details, **({"error": note} if note else {}), **extra)
+            error = signalled.after("worker shut down") if signalled else "worker shut down"
+            return self._final("failed", failure_reason="worker_lost", error=error, stderr=True, **details)
+        return self._final("cancelled", error=signalled.how if signalled else "", note=note, **details, **extra)
 
-    def _timed_out(self, exit_code: int, how: str, *, note: str = "", **extra: Any) -> dict[str, Any] | None:
-        error = self._with_stderr(f"timed out after {self.assignment.timeout_seconds:g} s ({how})")
+    def _timed_out(self, ending: Ending, *, note: str = "", **extra: Any) -> dict[str, Any] | None:
         return self._final(
             "failed",
-            exit_code=exit_code,
+            exit_code=ending.exit_code,
             failure_reason="timeout",
-            error=_noted(error, note),
+            error=ending.after(f"timed out after {self.assignment.timeout_seconds:g} s"),
+            stderr=True,
+            note=note,
             output=_tail(self._tails["stdout"]),
             **extra,
         )
 
-    def _with_stderr(self, error: str) -> str:
-        stderr = _tail(self._tails["stderr"])
-        return f"{error}\n{stderr}"[-TAIL_CHARS:] if stderr else error
-
-    def _final(self, status: str, **details: Any) -> dict[str, Any] | None:
+    def _final(
+        self, status: str, *, error: str = "", stderr: bool = False, note: str = "", **details: Any
+    ) -> dict[str, Any] | None:
+        """The final status. Its `error`: `error` (what happened), the stderr tail when `stderr`, then
+        `note` and what the log files miss (they are stored with the artifacts: say they are cut)."""
         if self._silenced:
             return None
-        if self._incomplete_logs:  # the log files are stored with the artifacts: say they are cut
-            note = "\n".join(self._incomplete_logs[fd] for fd in sorted(self._incomplete_logs))
-            details["error"] = _noted(details.get("error", ""), note)
+        notes = [note, *(self._incomplete_logs[fd] for fd in sorted(self._incomplete_logs))]
+        text = _error_text(error, _tail(self._tails["stderr"]) if stderr else "", notes)
+        if text:
+            details["error"] = text
         return protocol.status(task_id=self.task_id, token=self.token, status=status, **details)
 
     def _status(self, status: str) -> None:
