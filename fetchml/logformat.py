@@ -20,3 +20,18 @@ class OneLineFormatter(logging.Formatter):
     def formatMessage(self, record: logging.LogRecord) -> str:
         record.message = one_line(record.message)
         return super().formatMessage(record)
+
+
+class ClientMistakeFilter(logging.Filter):
+    """Django logs a request it refuses as suspicious (a Host not in ALLOWED_HOSTS, a path that
+    escapes the static root, too many fields) at ERROR with its traceback, under
+    `django.security.*`. The client already got its 400 in the error format; the traceback says
+    nothing about the server, and a client could fill the log with them. Logged as one WARNING line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith("django.security.") and record.exc_info:
+            record.exc_info = None
+            record.exc_text = None
+            if record.levelno > logging.WARNING:
+                record.levelno, record.levelname = logging.WARNING, logging.getLevelName(logging.WARNING)
+        return True

@@ -311,7 +311,10 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "filters": {"trace_id": {"()": "fetchml.tracing.TraceIdFilter"}},
+    "filters": {
+        "trace_id": {"()": "fetchml.tracing.TraceIdFilter"},
+        "client_mistakes": {"()": "fetchml.logformat.ClientMistakeFilter"},
+    },
     "formatters": {
         "plain": {
             "class": "fetchml.logformat.OneLineFormatter",
@@ -319,7 +322,11 @@ LOGGING = {
         },
     },
     "handlers": {
-        "console": {"class": "logging.StreamHandler", "formatter": "plain", "filters": ["trace_id"]},
+        "console": {
+            "class": "logging.StreamHandler",
+            "formatter": "plain",
+            "filters": ["trace_id", "client_mistakes"],
+        },
     },
     "root": {"handlers": ["console"], "level": env_choice("FETCHML_LOG_LEVEL", "INFO", LOG_LEVELS)},
     "loggers": {
