@@ -36,6 +36,7 @@ from fetchml.clock import api_time
 from fetchml.decorators import safe_methods_only
 from fetchml.errors import ApplicationError
 from fetchml.jsonbody import CompactJsonResponse
+from fetchml.query import UNKNOWN, unknown_parameters
 from fetchml.sse import authenticate_stream, error_response_for, sse_frame, stream_response
 from tasks.logs import CATCH_UP_CHUNK, MAX_TAIL, log_lines, serialize_line
 from tasks.models import Task
@@ -53,6 +54,9 @@ class LogQuery:
     tail: int | None
     after_id: int | None
     follow: bool
+
+
+LOG_QUERY_PARAMETERS = ("follow", "tail", "after_id")
 
 
 def _bad(field: str, message: str, *, source: str = "query parameter") -> ApplicationError:
@@ -84,6 +88,11 @@ def _int_param(params: QueryDict, name: str, *, low: int, high: int) -> int | No
 
 
 def parse_log_query(params: QueryDict, last_event_id: str | None) -> LogQuery:
+    if unknown := unknown_parameters(params, LOG_QUERY_PARAMETERS):
+        raise ApplicationError(
+            "Invalid query parameters: " + ", ".join(unknown),
+            details=[{"field": name, "message": UNKNOWN} for name in unknown],
+        )
     raw_follow = params.get("follow", "false").lower()
     if raw_follow not in _BOOLEANS:
         raise _bad("follow", "must be true or false")

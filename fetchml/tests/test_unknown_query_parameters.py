@@ -1,0 +1,44 @@
+"""A read refuses a query parameter it does not know with a 400 naming it: a mistyped or unsupported
+filter must not be ignored and the answer read as if it had applied."""
+
+import pytest
+
+from tasks.services import task_submit
+
+pytestmark = pytest.mark.django_db
+
+
+def _assert_refused(response, *names: str) -> None:
+    assert response.status_code == 400, response.content[:300]
+    body = response.json()
+    assert (body["code"], bool(body["trace_id"])) == ("BAD_REQUEST", True)
+    assert body["error"] == "Invalid query parameters: " + ", ".join(names)
+    assert [(detail["field"], detail["message"]) for detail in body["details"]] == [
+        (name, "Unknown query parameter.") for name in names
+    ]
+
+
+@pytest.mark.parametrize("params", [{"stauts": "failed"}, {"order_by": "priority"}, {"metadata.lr": "0.1"}])
+def test_an_unknown_task_filter_is_refused(user_client, params):
+    _assert_refused(user_client.get("/v1/tasks", params), *params)
+
+
+def test_every_unknown_parameter_is_named_beside_a_bad_known_one(user_client):
+    response = user_client.get("/v1/tasks", {"status": "bogus", "lr": "0.1", "sort": "x"})
+
+    assert response.status_code == 400
+    assert [detail["field"] for detail in response.json()["details"]] == ["status", "lr", "sort"]
+
+
+def test_the_contracts_plugin_configs_parameter_and_drfs_format_are_taken(user_client):
+    assert user_client.get("/v1/tasks", {"plugin_configs": "x", "format": "json"}).status_code == 200
+
+
+def test_an_unknown_log_parameter_is_refused(user_client, user):
+    task = task_submit(owner=user, job_name="train")
+
+    _assert_refused(user_client.get(f"/v1/tasks/{task.id}/logs", {"limit": "5"}), "limit")
+
+
+def test_an_unknown_audit_filter_is_refused(admin_client_key):
+    _assert_refused(admin_client_key.get("/v1/audit/events", {"actor": "alice"}), "actor")
