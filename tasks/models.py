@@ -121,6 +121,10 @@ class Task(models.Model):
     error = models.TextField(blank=True)
     output = models.TextField(blank=True)
     plugin_status = models.JSONField(default=dict, blank=True)
+    # How each attempt that was retried ended ({attempt, worker_id, ended_at, failure_reason,
+    # exit_code, error}), oldest first: the outcome fields above are cleared when the next
+    # attempt is placed, and the owner should still see why the first one did not finish.
+    earlier_attempts = models.JSONField(default=list, blank=True)
 
     class Meta:
         ordering = ["-created_at"]

@@ -148,6 +148,15 @@ class NodeAssignmentSerializer(serializers.Serializer):
     slot_assigned = serializers.BooleanField(source="holds_capacity")
 
 
+class EarlierAttemptSerializer(serializers.Serializer):
+    attempt = serializers.IntegerField()
+    worker_id = serializers.UUIDField(allow_null=True, help_text="The worker it ran on (its first node's)")
+    ended_at = serializers.DateTimeField()
+    failure_reason = serializers.CharField(help_text="Why it ended: worker_lost, preparation or exit_code")
+    exit_code = serializers.IntegerField(allow_null=True)
+    error = serializers.CharField(help_text="The end of its error (2,000 characters at most)")
+
+
 class TaskSerializer(serializers.Serializer):
     id = serializers.UUIDField()
     job_name = serializers.CharField()
@@ -189,6 +198,9 @@ class TaskSerializer(serializers.Serializer):
     error = serializers.CharField()
     output = serializers.CharField()
     plugin_status = serializers.DictField(child=serializers.DictField())
+    earlier_attempts = EarlierAttemptSerializer(
+        many=True, help_text="How each attempt that was retried ended, oldest first (the fields above are the latest's)"
+    )
 
     def _now(self) -> Any:
         # One instant for the whole response, so aged priorities of a page compare.
