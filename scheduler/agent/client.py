@@ -8,9 +8,14 @@ Stopping: `drain()` (first SIGTERM/SIGINT, or the server's `drain`) takes no new
 `assign` is neither acked nor started, so the server can hand it to another worker — stops its
 services (they never finish), and returns from `run()` with 0 once every run has finished and
 its final status was acknowledged.
-`shutdown()` (a second signal) kills the runs at once, reports them `failed` with
-failure_reason `worker_lost`, waits a few seconds for acknowledgements and returns 0 if they
-all arrived, 1 if not. Credentials the server refuses end the agent with 2. Refused because another
+`shutdown()` (a second signal) stops the runs now, each as a cancel would but with a shorter grace:
+SIGTERM to its process group, SIGKILL after its `cancel_grace_seconds` capped at
+`forced_stop_grace_seconds` (10 s), then its files (a checkpoint written on SIGTERM) are stored as a
+cancelled run's are, for `forced_stop_collect_seconds` at most. Each is reported `failed` with
+failure_reason `worker_lost` (the server re-queues it); the agent waits a few seconds for the
+acknowledgements and returns 0 if they all arrived, 1 if not. A second `shutdown()` (a third
+signal), or the runs still going past the grace and the collection, kills them at once, storing
+nothing more. Credentials the server refuses end the agent with 2. Refused because another
 live agent holds its name, the agent kills its runs (that agent's hello ended them on the server)
 and keeps trying.
 """
@@ -81,6 +86,11 @@ CANCELLED_UNSTARTED_LIMIT = 1_000
 # wrong until it changed (a lost activity would stop a Jupyter service as idle too early).
 STANDING_REPORTS = frozenset({"plugin_status", "service_ready", "service_activity"})
 EXIT_OK, EXIT_UNREPORTED, EXIT_REFUSED = 0, 1, 2
+# A forced stop (`Agent.shutdown`): each run gets SIGTERM and its own `cancel_grace_seconds`, at most
+# this long, before SIGKILL; then its files are stored for this long at most. Past both, what is
+# still going is killed and reported without its files. `manage.py serve` waits this long and more.
+FORCED_STOP_GRACE_SECONDS = 10.0
+FORCED_STOP_COLLECT_SECONDS = 20.0
 
 
 class CredentialsRefused(Exception):
@@ -112,6 +122,8 @@ class AgentConfig:
     backoff_initial: float = 0.5
     backoff_max: float = 10.0
     shutdown_report_seconds: float = 5.0
+    forced_stop_grace_seconds: float = FORCED_STOP_GRACE_SECONDS
+    forced_stop_collect_seconds: float = FORCED_STOP_COLLECT_SECONDS
     standing_report_seconds: float = 30.0
     base_env: dict[str, str] | None = None
     # Files (docs/files-protocol.md). files_url defaults to the server's http(s) address.
@@ -207,6 +219,7 @@ class Agent:
         # agent's would be, for the next agent's start (it removes them unless kept).
         self._leaving = False
         self._give_up: asyncio.TimerHandle | None = None
+        self._kill_later: asyncio.TimerHandle | None = None
         self._finished = asyncio.Event()
         self._exit_code = EXIT_OK
         self._backoff = Backoff(config.backoff_initial, config.backoff_max)
@@ -243,8 +256,9 @@ class Agent:
             # Let the session end with a proper close handshake before anything is cancelled.
             await asyncio.wait({connection}, timeout=self.config.close_timeout + 1)
         finally:
-            if self._give_up is not None:
-                self._give_up.cancel()
+            for timer in (self._give_up, self._kill_later):
+                if timer is not None:
+                    timer.cancel()
             finished.cancel()
             connection.cancel()
             await asyncio.gather(connection, finished, return_exceptions=True)
@@ -272,17 +286,39 @@ class Agent:
         self._check_drained()
 
     def shutdown(self) -> None:
-        """Kill every run now, report it failed, give the reports a few seconds to be acknowledged."""
+        """Stop every run now (SIGTERM, a short grace, SIGKILL), store its files as a cancel does and
+        report it failed (`worker_lost`, so that the server re-queues it); give the reports a few
+        seconds to be acknowledged. Called again, or once the grace and the collection are over,
+        it kills what still runs at once."""
         if self._forced:
+            self._kill_runs()
             return
-        logger.warning("shutting down: killing %d run(s)", len(self._held))
+        going = [held for held in self._held.values() if held.final is None]
+        cap = self.config.forced_stop_grace_seconds
+        logger.warning(
+            "shutting down: killing %d run(s): SIGTERM, SIGKILL after their cancel grace (%g s at most), "
+            "their files stored; the server re-queues them",
+            len(going),
+            cap,
+        )
         self._draining = self._forced = True
-        for held in self._held.values():
-            held.run.shutdown()
-        self._give_up = asyncio.get_running_loop().call_later(
-            self.config.shutdown_report_seconds, self._give_up_reporting
+        for held in going:
+            if held.run.progress != "collecting":  # one that exited by itself reports its own outcome
+                held.run.give_up(grace=cap)  # a no-op for a run already being stopped (a cancel)
+        self._kill_later = asyncio.get_running_loop().call_later(
+            cap + self.config.forced_stop_collect_seconds, self._kill_runs
         )
         self._check_drained()
+
+    def _kill_runs(self) -> None:
+        """The forced stop's last step: what still runs (or still stores its files) is killed at once."""
+        if self._kill_later is not None:
+            self._kill_later.cancel()
+        going = [held for held in self._held.values() if held.final is None]
+        if going:
+            logger.warning("killing %d run(s) at once, storing no more of their files", len(going))
+        for held in going:
+            held.run.shutdown()
 
     def unacknowledged_logs(self, token: str) -> int:
         """How many `log` messages of the run of `token` wait for the server's acknowledgement."""
@@ -318,6 +354,11 @@ class Agent:
         self._finished.set()
 
     def _check_drained(self) -> None:
+        if self._forced and self._give_up is None and all(held.final is not None for held in self._held.values()):
+            # Every run of the forced stop has ended: its reports get a few seconds to be acknowledged.
+            self._give_up = asyncio.get_running_loop().call_later(
+                self.config.shutdown_report_seconds, self._give_up_reporting
+            )
         if self._draining and not self._held and not self._finished.is_set():
             if not self._forced:
                 # The last line of a drained agent: its exit is the end of a drain, not a crash.
@@ -765,6 +806,7 @@ class Agent:
         self._run_dirs.ended(work_dir=held.run.work_dir, unstored=held.run.unstored)
         held.final, held.ended_at = final, time.monotonic()
         self._send_final_when_due(held)
+        self._check_drained()
 
     def _forget_if_settled(self, held: _Held) -> None:
         if held.settled:

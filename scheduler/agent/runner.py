@@ -213,7 +213,8 @@ class Run:
         self._emit = emit
         given = os.environ if base_env is None else base_env
         self._base_env = {name: value for name, value in given.items() if name not in WITHHELD_FROM_TASKS}
-        self._stop_reason: str | None = None  # "cancel", "drain", "stop" or "shutdown"
+        self._stop_reason: str | None = None  # "cancel", "drain", "give_up", "stop" or "shutdown"
+        self._given_up_grace = 0.0  # the grace of a `give_up`
         self._interrupt = asyncio.Event()
         self._kill_now = asyncio.Event()
         # Set when the agent SIGKILLs the process itself: "grace" (its grace ran out) or "forced".
@@ -254,9 +255,19 @@ class Run:
     # -- requests from the agent -------------------------------------------------------------
 
     def cancel(self) -> None:
-        """SIGTERM the group, SIGKILL after the grace period, report `cancelled`."""
-        if self._stop_reason is None:
+        """SIGTERM the group, SIGKILL after the grace period, report `cancelled`. The owner's cancel
+        also wins over a `give_up` under way: the run ends as cancelled, not to be retried."""
+        if self._stop_reason in (None, "give_up"):
             self._stop_reason = "cancel"
+            self._interrupt.set()
+
+    def give_up(self, *, grace: float) -> None:
+        """The agent is being stopped (its forced stop): end the run as a cancel would, with `grace`
+        seconds (its own cancel_grace_seconds if shorter) between SIGTERM and SIGKILL, store what it
+        wrote (a checkpoint), and report it `failed` (worker_lost), which the server retries."""
+        if self._stop_reason is None:
+            self._stop_reason = "give_up"
+            self._given_up_grace = min(grace, self.assignment.cancel_grace_seconds)
             self._interrupt.set()
 
     def wind_down(self) -> None:
@@ -393,14 +404,14 @@ class Run:
         ending = _describe_exit(
             returncode if returncode is not None else -signal.SIGKILL,
             agent_sigkill=self._agent_sigkill,
-            grace=self.assignment.cancel_grace_seconds,
+            grace=self._grace(),
         )
         if reason is None:
             self._status("collecting")
             return await self._collect(ending)
-        if reason in ("cancel", "timeout") and not self._kill_now.is_set():
+        if reason in ("cancel", "give_up", "timeout") and not self._kill_now.is_set():
             # What it wrote in its grace period (a checkpoint) is stored as a self-exit's files are. The
-            # run reports `running` meanwhile; a forced shutdown (kill_now) skips this, to be quick.
+            # run reports `running` meanwhile; a kill at once (kill_now) skips this, to be quick.
             return await self._collect(ending, interrupted=reason)
         if not _holds_anything(self.output_dir):
             # Ended uncollected (a forced shutdown, a stop): its lines went to the server as they
@@ -553,7 +564,7 @@ class Run:
     async def _collect(self, ending: Ending, *, interrupted: str | None = None) -> dict[str, Any] | None:
         """Upload and commit the run's files, then the final status (reporting what was skipped).
 
-        `interrupted` ("cancel" or "timeout"): the run was ended so. Its files are stored all the
+        `interrupted` ("cancel", "give_up" or "timeout"): the run was ended so. Its files are stored all the
         same, for INTERRUPTED_COLLECT_SECONDS at most and cut short only by a forced shutdown or a
         `stop`; its end is reported as it would be without them, an upload that failed noted in `error`.
         """
@@ -676,7 +687,7 @@ class Run:
             try:
                 await asyncio.wait(
                     {child.exited, kill_now},
-                    timeout=self.assignment.cancel_grace_seconds,
+                    timeout=self._grace(),
                     return_when=asyncio.FIRST_COMPLETED,
                 )
             finally:
@@ -687,6 +698,10 @@ class Run:
         _, pending = await asyncio.wait({child.exited}, timeout=KILL_WAIT_SECONDS)
         if pending:
             logger.error("task %s: process %s did not die after SIGKILL", self.task_id, pgid)
+
+    def _grace(self) -> float:
+        """Seconds between SIGTERM and SIGKILL: the task's, or a `give_up`'s shorter one."""
+        return self._given_up_grace if self._stop_reason == "give_up" else self.assignment.cancel_grace_seconds
 
     # -- reporting -------------------------------------------------------------------------
 
@@ -705,6 +720,14 @@ class Run:
         if self._stop_reason == "shutdown":
             error = signalled.after("worker shut down") if signalled else "worker shut down"
             return self._final("failed", failure_reason="worker_lost", error=error, stderr=True, **details)
+        if self._stop_reason == "give_up":
+            said = (
+                f"worker shut down: the run was sent SIGTERM, then SIGKILL after {self._grace():g} s if still running"
+            )
+            error = signalled.after(said) if signalled else said
+            return self._final(
+                "failed", failure_reason="worker_lost", error=error, stderr=True, note=note, **details, **extra
+            )
         return self._final("cancelled", error=signalled.how if signalled else "", note=note, **details, **extra)
 
     def _timed_out(self, ending: Ending, *, note: str = "", **extra: Any) -> dict[str, Any] | None:

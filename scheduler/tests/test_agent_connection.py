@@ -360,7 +360,7 @@ def test_forced_shutdown_kills_runs_and_reports_them_as_worker_lost(tmp_path: Pa
 
     async def scenario() -> None:
         async with Peer() as peer:
-            agent = Agent(agent_config(peer.url, tmp_path))
+            agent = Agent(agent_config(peer.url, tmp_path, forced_stop_grace_seconds=0.5))
             serving = asyncio.create_task(agent.run())
             message = assign(python(code), cancel_grace_seconds=60)
             await peer.send(message)

@@ -112,15 +112,20 @@ def test_a_directory_with_files_stored_nowhere_else_survives_an_agent_that_stopp
 
 
 async def killed_by_a_forced_shutdown(tmp_path: Path, code: str, done: str) -> dict[str, Any]:
-    """A run (`code`, then waiting) a real agent killed when told SIGTERM twice, once the file
+    """A run (`code`, then waiting, deaf to SIGTERM) a real agent killed at once when told SIGTERM
+    three times (the second gives it a grace, the third kills it storing nothing), once the file
     `done` of its work directory is there: its assign."""
-    message = assign(gated(tmp_path / "never", code))
+    deaf = f"import signal\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n{code}"
+    message = assign(gated(tmp_path / "never", deaf))
+    log = tmp_path / "worker.log"
     async with Peer() as peer, worker_process(peer, tmp_path, "--gpus", "0") as worker:
         await peer.send(message)
         await peer.status(message["token"], "running")
         await until(lambda: (work_dir_of(tmp_path / "work", message) / done).exists(), what=f"the run's {done}")
         worker.send_signal(signal.SIGTERM)
-        await until(lambda: "SIGTERM: draining" in (tmp_path / "worker.log").read_text(), what="the drain")
+        await until(lambda: "SIGTERM: draining" in log.read_text(), what="the drain")
+        worker.send_signal(signal.SIGTERM)
+        await until(lambda: "shutting down: killing" in log.read_text(), what="the forced stop")
         worker.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(worker.wait(), 15) == 0
         assert (await peer.final(message["token"]))["failure_reason"] == "worker_lost"

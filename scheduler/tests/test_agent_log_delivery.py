@@ -104,7 +104,7 @@ def test_a_forced_shutdown_sends_a_final_status_held_back_for_its_lines(tmp_path
 
     async def scenario() -> None:
         async with Peer(features=LOG_ACKS, ack_logs=False) as peer:
-            agent = Agent(agent_config(peer.url, tmp_path))
+            agent = Agent(agent_config(peer.url, tmp_path, forced_stop_grace_seconds=0.5))
             serving = asyncio.create_task(agent.run())
             message = assign(python(code), cancel_grace_seconds=60)
             await peer.send(message)

@@ -4,9 +4,14 @@ The agent speaks only the worker WebSocket protocol (docs/worker-protocol.md); i
 the database, so this command skips Django's system checks.
 
 Signals: the first SIGTERM or SIGINT drains (no new work, running tasks finish and are reported,
-exit 0); a second one kills the running tasks, reports them failed (`worker_lost`) and exits
-(0 when the server acknowledged those reports, 1 when it could not be told). Exit 2 when the
-server refuses the API key.
+exit 0); a second one stops the running tasks (SIGTERM, SIGKILL after their cancel grace, 10 s at
+most), stores their files, reports them failed (`worker_lost`, so the server re-queues them) and
+exits (0 when the server acknowledged those reports, 1 when it could not be told); a third one
+kills them at once. Exit 2 when the server refuses the API key.
+
+`--parent-pid PID` (given by `manage.py serve` to its local agents): once PID is no longer this
+process's parent (serve was killed, and the agent was handed to init), the agent drains as on its
+first SIGTERM, so it does not outlive the serve that started it.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import re
 import signal
 import socket
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -38,6 +44,7 @@ logger = logging.getLogger("scheduler.agent")
 API_KEY_ENV = "FETCHML_WORKER_API_KEY"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # what the server accepts in hello
 WORKER_PATH = "/ws/worker"
+PARENT_CHECK_SECONDS = 1.0  # how often an agent given --parent-pid looks whether its parent is still there
 _SCHEMES = {"http": "ws", "https": "wss", "ws": "ws", "wss": "wss"}
 
 
@@ -72,6 +79,25 @@ def _non_negative(value: str) -> int:
     return number
 
 
+def _pid(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number <= 0:
+        raise argparse.ArgumentTypeError(f"must be a process id (a whole number above 0), not {value!r}")
+    return number
+
+
+async def watch_parent(parent_pid: int, on_gone: Callable[[], None], *, every: float = PARENT_CHECK_SECONDS) -> None:
+    """Call `on_gone` once `parent_pid` is no longer this process's parent: it died and this process
+    was handed to init (or a subreaper). Looked at every `every` seconds; the parent pid cannot be
+    taken by another process while it is this one's parent, so a match means the same process."""
+    while os.getppid() == parent_pid:
+        await asyncio.sleep(every)
+    on_gone()
+
+
 def _size_gib(value: str) -> float:
     try:
         number = float(value)
@@ -85,7 +111,9 @@ def _size_gib(value: str) -> float:
 class Command(BaseCommand):
     help = (
         "Run the FetchML worker agent: connect to the server's /ws/worker, report this machine's capacity "
-        "and run the tasks assigned to it. First SIGTERM/SIGINT drains, a second one kills running tasks. "
+        "and run the tasks assigned to it. First SIGTERM/SIGINT drains; a second one stops running tasks "
+        "(SIGTERM, SIGKILL after their cancel grace, 10 s at most), stores their files and reports them for "
+        "the server to re-queue; a third kills them at once. "
         f"The API key may come from ${API_KEY_ENV} instead of --api-key."
     )
     requires_system_checks: list[str] = []
@@ -137,6 +165,17 @@ class Command(BaseCommand):
             help="run Jupyter services in their image with this runtime (default: this environment's Jupyter)",
         )
         parser.add_argument(
+            "--parent-pid",
+            type=_pid,
+            default=None,
+            metavar="PID",
+            help=(
+                "drain and exit, as on a first SIGTERM, once process PID is no longer this agent's parent "
+                "(checked every second): `manage.py serve` passes its own pid, so that its local agents do not "
+                "outlive it when it is killed"
+            ),
+        )
+        parser.add_argument(
             "--service-host",
             default="",
             help="address services bind and are reached at (default: this worker's address towards the server)",
@@ -183,29 +222,47 @@ class Command(BaseCommand):
                 claim.enter_context(orphans.claimed(config.work_root))
             except OSError as exc:
                 raise CommandError(f"cannot use work directory {config.work_root}: {exc.strerror or exc}") from None
-            code = asyncio.run(self._serve(config))
+            code = asyncio.run(self._serve(config, parent_pid=options["parent_pid"]))
         if code:
             raise SystemExit(code)
 
-    async def _serve(self, config: AgentConfig) -> int:
+    async def _serve(self, config: AgentConfig, *, parent_pid: int | None = None) -> int:
         agent = Agent(config)
         loop = asyncio.get_running_loop()
 
-        received: list[signal.Signals] = []
+        # What asked the agent to stop, in order: a signal's name, or "parent" (its parent died).
+        received: list[str] = []
 
         def on_signal(signum: signal.Signals) -> None:
-            received.append(signum)
+            received.append(signum.name)
             if len(received) == 1:
                 logger.info("%s: draining (send it again to stop now)", signum.name)
                 agent.drain()
-            else:
+            elif len(received) == 2:
                 logger.warning("%s again: stopping now", signum.name)
                 agent.shutdown()
+            else:
+                logger.warning("%s once more: killing the runs at once", signum.name)
+                agent.shutdown()
+
+        def on_parent_gone() -> None:
+            # As a first SIGTERM: the next signal stops the runs now. A drain or stop already under
+            # way goes on as it is.
+            if not received:
+                logger.warning(
+                    "the process that started this agent (pid %d) is gone: draining (SIGTERM to stop now)", parent_pid
+                )
+                agent.drain()
+                received.append("parent")
 
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, on_signal, signum)
+        watcher = asyncio.create_task(watch_parent(parent_pid, on_parent_gone)) if parent_pid else None
         try:
             return await agent.run()
         finally:
+            if watcher is not None:
+                watcher.cancel()
+                await asyncio.gather(watcher, return_exceptions=True)
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(signum)
