@@ -31,13 +31,15 @@ from scheduler import selectors
 from scheduler.assigns import assign_messages, assign_notice
 from scheduler.dispatch import any_task_may_starve, dispatch_round
 from scheduler.reservations import reservations_tick
-from scheduler.services import enforce_timeouts, expire_leases
+from scheduler.services import DatabaseStalled, enforce_timeouts, expire_leases
 from tasks.services import idempotency_prune
 
 logger = logging.getLogger("fetchml.scheduler.loop")
 
 ERROR_BACKOFF_MIN = 0.5
-ERROR_BACKOFF_MAX = 30.0
+# Short: once the database or the channel layer is back, idle workers wait at most this long for work
+# (a wake-up does not cut a back-off short), and a failed attempt costs one connection attempt.
+ERROR_BACKOFF_MAX = 5.0
 GROUP_REFRESH_SECONDS = 60.0
 # Housekeeping that need not run every pass: expired Idempotency-Key records, at most a batch a
 # pass (a backlog, after days without a scheduler, is worked off pass by pass, each one short).
@@ -48,6 +50,15 @@ MAINTENANCE_SECONDS = 1.0
 # Asked to stop during a pass, the loop lets the pass finish for this long, then cuts its database
 # connection: a database that stopped answering must not hold up a SIGTERM.
 STOP_PASS_GRACE_SECONDS = 2.0
+# A pass whose statements have taken this share of a lease (at least STALLED_FLOOR_SECONDS) waited on
+# a database that stopped answering, everyone's heartbeats with it: what its lease and time-out
+# checks decided is rolled back, and the pass fails as after an outage (`pass_failed`). Freezes
+# shorter than that cannot cost a worker its lease (its heartbeats, every few seconds, resume).
+STALLED_SHARE_OF_LEASE = 1 / 3
+STALLED_FLOOR_SECONDS = 1.0
+# Leaving the wake group at exit, at most this long: a silent channel layer must not hold up a
+# SIGTERM, and the membership expires by itself.
+LEAVE_GROUP_SECONDS = 2.0
 
 
 class SchedulerLoop:
@@ -86,8 +97,10 @@ class SchedulerLoop:
         if maintenance:
             self._maintained_at = time.monotonic()
             if self._heard_for_a_lease():
-                worked = expire_leases() > 0
-                worked = enforce_timeouts() > 0 or worked  # the agent's final report gets its lease too
+                stalled = partial(self._stalled, since=started)
+                worked = expire_leases(stalled=stalled) > 0
+                # The agent's final report gets its lease too.
+                worked = enforce_timeouts(stalled=stalled) > 0 or worked
             worked = reservations_tick() > 0 or worked  # expired reservations release their capacity
             worked = jupyter_pass() > 0 or worked  # after the leases: services of lost workers end in `error`
             self._resend_unacked()
@@ -100,6 +113,11 @@ class SchedulerLoop:
         if self._succeeding_since is None:
             self._succeeding_since = started
         return placed > 0 or worked
+
+    @staticmethod
+    def _stalled(*, since: float) -> bool:
+        limit = max(app_settings.WORKER_LEASE_SECONDS * STALLED_SHARE_OF_LEASE, STALLED_FLOOR_SECONDS)
+        return time.monotonic() - since > limit
 
     def pass_failed(self) -> None:
         """A pass failed (the database out of reach, most likely): `run` tells it here."""
@@ -219,15 +237,28 @@ class SchedulerLoop:
         logger.info("scheduler loop started")
         wake = self.wake = _WakeListener(wanted=self._wanted)
         backoff = ERROR_BACKOFF_MIN
+        failing = False  # the last pass failed: a failure in a row is one line, not a traceback
         try:
             while not stop.is_set():
                 await self._space_passes(stop)
                 self._pass_started_at = time.monotonic()
                 try:
                     worked = await self._bounded_pass(stop)
-                    backoff = ERROR_BACKOFF_MIN
-                except Exception:
-                    logger.exception("scheduler pass failed; retrying in %.1f s", backoff)
+                    backoff, failing = ERROR_BACKOFF_MIN, False
+                except DatabaseStalled as exc:
+                    logger.warning("scheduler pass: %s; retrying in %.1f s", exc, backoff)
+                    failing = True
+                    self.pass_failed()
+                    await self._in_thread(self._close_connection)
+                    await _wait(stop, backoff)
+                    backoff = min(backoff * 2, ERROR_BACKOFF_MAX)
+                    continue
+                except Exception as exc:
+                    if failing:
+                        logger.warning("scheduler pass failed again (%s); retrying in %.1f s", _brief(exc), backoff)
+                    else:
+                        logger.exception("scheduler pass failed; retrying in %.1f s", backoff)
+                    failing = True
                     self.pass_failed()
                     await self._in_thread(self._close_connection)
                     await _wait(stop, backoff)
@@ -242,6 +273,12 @@ class SchedulerLoop:
             await self._in_thread(self._close_connection)
             self._executor.shutdown(wait=False)
             logger.info("scheduler loop stopped")
+
+
+def _brief(exc: BaseException) -> str:
+    """An exception in one line: its type and the first line of its message."""
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
 async def _wait(stop: asyncio.Event, seconds: float) -> None:
@@ -325,6 +362,8 @@ class _WakeListener:
             await asyncio.wait({self.listening}, timeout=STOP_READ_SECONDS + 1)
         if self.layer is not None and self.channel is not None:
             try:
-                await self.layer.group_discard(events.WAKE_GROUP, self.channel)
-            except Exception:
-                logger.warning("could not leave %s", events.WAKE_GROUP, exc_info=True)
+                await asyncio.wait_for(self.layer.group_discard(events.WAKE_GROUP, self.channel), LEAVE_GROUP_SECONDS)
+            except Exception as exc:  # its membership expires by itself
+                logger.warning(
+                    "could not leave %s (%s); its membership expires by itself", events.WAKE_GROUP, _brief(exc)
+                )

@@ -15,6 +15,7 @@ reconcile, a failed sibling node, the timeout backstop). A worker quoting a
 import logging
 import random
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -1028,10 +1029,24 @@ def end_run(*, assignment_id: Any, reason: str, error: str) -> bool:
 # --- the scheduler's periodic duties -----------------------------------------
 
 
-def expire_leases(*, now: datetime | None = None) -> int:
+class DatabaseStalled(Exception):
+    """The caller's statements stalled (`stalled()`): the database may have stopped answering
+    everyone for a while, heartbeats and reports included, so what it just decided from their
+    absence is rolled back."""
+
+
+def _unless_stalled(stalled: Callable[[], bool], what: str) -> None:
+    if stalled():
+        raise DatabaseStalled(f"the database stalled while {what}; rolled back, as after an outage")
+
+
+def expire_leases(*, now: datetime | None = None, stalled: Callable[[], bool] = lambda: False) -> int:
     """Workers silent for longer than the lease go offline; their runs are lost and re-queued.
 
-    Read on the database's clock, on which heartbeats are stamped (fetchml/clock.py)."""
+    Read on the database's clock, on which heartbeats are stamped (fetchml/clock.py). `stalled`:
+    whether the caller's statements have been held up (a database that froze for most of a lease
+    and then answered stored no heartbeat meanwhile, and must not expire the workers it did not
+    hear); checked once each worker is taken offline, before that commits (DatabaseStalled)."""
     cutoff = (now or database_now()) - timedelta(seconds=app_settings.WORKER_LEASE_SECONDS)
     silent = Q(last_heartbeat__lt=cutoff) | Q(last_heartbeat__isnull=True)
     expired = 0
@@ -1039,6 +1054,7 @@ def expire_leases(*, now: datetime | None = None) -> int:
         with transaction.atomic():
             if not _take_offline(worker_id, name, where=silent, action="lease_expired"):
                 continue
+            _unless_stalled(stalled, "expiring leases")
             # If the agent is still connected (a one-way partition), make it reconnect and reconcile.
             events.send_on_commit([events.worker_group(worker_id)], {"type": "worker.disconnect"})
         logger.warning("worker %s missed its lease; marked offline", name)
@@ -1050,8 +1066,9 @@ def expire_leases(*, now: datetime | None = None) -> int:
         return expired + lost + _offline_if_drained()
 
 
-def enforce_timeouts(*, now: datetime | None = None) -> int:
-    """Backstop for the agent's own timeout: fail runs past timeout_seconds plus a margin."""
+def enforce_timeouts(*, now: datetime | None = None, stalled: Callable[[], bool] = lambda: False) -> int:
+    """Backstop for the agent's own timeout: fail runs past timeout_seconds plus a margin.
+    `stalled` as for `expire_leases`: the run's own report of its end may have been held up too."""
     now = now or timezone.now()
     margin = app_settings.TIMEOUT_MARGIN_SECONDS
     running = Task.objects.filter(
@@ -1066,6 +1083,7 @@ def enforce_timeouts(*, now: datetime | None = None) -> int:
                 continue
             _stop_siblings(task, task.attempt, reason="timeout")
             fail_or_retry(task, reason=Task.FailureReason.TIMEOUT, error="run exceeded timeout_seconds")
+            _unless_stalled(stalled, "enforcing time-outs")
     return len(overdue)
 
 
