@@ -34,6 +34,10 @@ class MLflowPlugin(BasePlugin):
     def task_env(self, config: ResolvedConfig, task: "Task") -> dict[str, str]:
         settings = config.settings
         env = {"MLFLOW_TRACKING_URI": settings["tracking_uri"] if config.mode == "remote" else SIDECAR_STORE}
+        if config.mode == "sidecar":
+            # MLflow 3.13 and later refuse a file store unless asked to keep it; the task's client
+            # and the sidecar (given the run's environment) both read this. Older ones ignore it.
+            env["MLFLOW_ALLOW_FILE_STORE"] = "true"
         if config.mode == "remote" and settings["username"]:
             env["MLFLOW_TRACKING_USERNAME"] = settings["username"]
         if config.mode == "remote" and settings["password"]:

@@ -116,3 +116,12 @@ def test_delete_that_changes_nothing_sends_no_worker_message(admin_client_key, d
     with django_capture_on_commit_callbacks(execute=False) as callbacks:
         assert admin_client_key.delete("/v1/plugins/mlflow/config").status_code == 204
     assert callbacks == []
+
+
+def test_a_task_of_the_mlflow_sidecar_may_use_its_file_store_on_mlflow_3(admin_client_key):
+    admin_client_key.put("/v1/plugins/mlflow/config", {"enabled": True, "mode": "sidecar"}, format="json")
+
+    env = plugin_env_for_task(TaskFactory())
+
+    assert env["MLFLOW_TRACKING_URI"].startswith("file://")
+    assert env["MLFLOW_ALLOW_FILE_STORE"] == "true"
