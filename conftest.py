@@ -9,6 +9,7 @@ from asgiref.sync import sync_to_async
 from channels.layers import get_channel_layer
 from django.core.cache import cache
 from django.db import connections
+from django.test import Client
 from rest_framework.test import APIClient
 
 from fetchml.dbpool import close_pool_connections
@@ -130,6 +131,14 @@ def other_user(db):
 @pytest.fixture
 def admin_user(db):
     return UserFactory(username="root", is_staff=True, is_superuser=True)
+
+
+@pytest.fixture
+def console(admin_user) -> Client:
+    """A Django test client logged in to the admin as a superuser (the operator console)."""
+    client = Client()
+    client.force_login(admin_user)
+    return client
 
 
 @pytest.fixture

@@ -80,6 +80,20 @@ def database_url_for(connection: Any) -> str:
     raise ValueError(f"no DATABASE_URL form for {config['ENGINE']}")
 
 
+def raw_http_answer(server: "LiveServer", request: bytes) -> tuple[str, dict[str, str], dict]:
+    """Send `request` as raw bytes (a whole request, or only its head) and read the answer until
+    the server closes: its status line, its headers (names lowercased) and its JSON body."""
+    with socket.create_connection((server.host, server.port), timeout=15) as sock:
+        sock.sendall(request)
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    head, _, body = received.partition(b"\r\n\r\n")
+    status, *lines = head.decode("latin-1").split("\r\n")
+    headers = {name.strip().lower(): value.strip() for name, _, value in (line.partition(":") for line in lines)}
+    return status, headers, json.loads(body)
+
+
 class LiveServer:
     """Start daphne on a free port, wait for /health to answer; SIGTERM and wait on exit, always."""
 

@@ -245,16 +245,10 @@ class SchedulerLoop:
                 try:
                     worked = await self._bounded_pass(stop)
                     backoff, failing = ERROR_BACKOFF_MIN, False
-                except DatabaseStalled as exc:
-                    logger.warning("scheduler pass: %s; retrying in %.1f s", exc, backoff)
-                    failing = True
-                    self.pass_failed()
-                    await self._in_thread(self._close_connection)
-                    await _wait(stop, backoff)
-                    backoff = min(backoff * 2, ERROR_BACKOFF_MAX)
-                    continue
                 except Exception as exc:
-                    if failing:
+                    if isinstance(exc, DatabaseStalled):
+                        logger.warning("scheduler pass: %s; retrying in %.1f s", exc, backoff)
+                    elif failing:
                         logger.warning("scheduler pass failed again (%s); retrying in %.1f s", _brief(exc), backoff)
                     else:
                         logger.exception("scheduler pass failed; retrying in %.1f s", backoff)

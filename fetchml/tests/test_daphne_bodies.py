@@ -10,7 +10,7 @@ import pytest
 from django.db import connection
 
 from artifacts.models import Dataset
-from fetchml.testing import LiveServer, database_url_for
+from fetchml.testing import LiveServer, database_url_for, raw_http_answer
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -22,21 +22,6 @@ LARGE = 300_000  # over Twisted's 100 kB threshold for spooling to a file
 def server(django_db_setup, django_db_blocker) -> Iterator[LiveServer]:
     with django_db_blocker.unblock(), LiveServer(database_url=database_url_for(connection)) as live:
         yield live
-
-
-def _answer_to_head(server: LiveServer, head: bytes) -> tuple[bytes, dict[str, str], dict]:
-    """Send only a request's head and read the answer: the status line, headers and JSON body."""
-    with socket.create_connection((server.host, server.port), timeout=15) as sock:
-        sock.sendall(head)
-        received = b""
-        while chunk := sock.recv(65536):
-            received += chunk
-    head_bytes, _, body = received.partition(b"\r\n\r\n")
-    status, *lines = head_bytes.split(b"\r\n")
-    headers = {
-        name.decode().lower(): value.decode().strip() for name, _, value in (line.partition(b":") for line in lines)
-    }
-    return status, headers, json.loads(body)
 
 
 def _one_response(sock: socket.socket) -> bytes:
@@ -68,9 +53,9 @@ def _head(method: str, path: str, *, key: str | None, content_type: str, length:
 def test_a_json_body_declared_over_the_limit_is_answered_413_before_it_is_sent(server):
     head = _head("POST", "/v1/tasks", key=BOGUS_KEY, content_type="application/json", length=10 * 2**30)
 
-    status, _, body = _answer_to_head(server, head)
+    status, _, body = raw_http_answer(server, head)
 
-    assert status == b"HTTP/1.1 413 Request Entity Too Large"
+    assert status == "HTTP/1.1 413 Request Entity Too Large"
     assert (body["code"], body["error"]) == ("BAD_REQUEST", "Request body too large (limit 1048576 bytes)")
     assert body["trace_id"]
 
@@ -78,18 +63,18 @@ def test_a_json_body_declared_over_the_limit_is_answered_413_before_it_is_sent(s
 def test_an_upload_declared_over_every_upload_limit_is_answered_413_before_it_is_sent(server):
     head = _head("POST", "/v1/datasets?name=big", key=BOGUS_KEY, content_type="application/octet-stream", length=2**40)
 
-    status, _, _ = _answer_to_head(server, head)
+    status, _, _ = raw_http_answer(server, head)
 
-    assert status == b"HTTP/1.1 413 Request Entity Too Large"
+    assert status == "HTTP/1.1 413 Request Entity Too Large"
 
 
 @pytest.mark.parametrize("key", [BOGUS_KEY, None], ids=["bad-key", "no-key"])
 def test_a_large_upload_without_a_usable_key_is_answered_401_before_it_is_sent(server, key):
     head = _head("POST", "/v1/datasets?name=big", key=key, content_type="application/octet-stream", length=10**8)
 
-    status, headers, body = _answer_to_head(server, head)
+    status, headers, body = raw_http_answer(server, head)
 
-    assert status == b"HTTP/1.1 401 Unauthorized"
+    assert status == "HTTP/1.1 401 Unauthorized"
     assert (body["code"], body["error"]) == ("UNAUTHORIZED", "Invalid or missing API key")
     assert headers["www-authenticate"] == 'ApiKey header="X-API-Key"'
     assert not Dataset.objects.exists()

@@ -4,7 +4,6 @@
 import pytest
 from django.contrib.messages.storage.cookie import CookieStorage
 from django.http import HttpRequest
-from django.test import Client
 from django.urls import reverse
 
 from fetchml import apikeys
@@ -13,13 +12,6 @@ from fetchml.models import ApiKey
 pytestmark = pytest.mark.django_db
 
 KEYS_URL = reverse("admin:fetchml_apikey_changelist")
-
-
-@pytest.fixture
-def console(admin_user) -> Client:
-    client = Client()
-    client.force_login(admin_user)
-    return client
 
 
 def readable(cookie_value: str) -> str:

@@ -1,6 +1,7 @@
 """`manage.py serve` as a supervisor sees it: a server that cannot listen fails; a local agent that dies
 is started again, one drained on purpose is not."""
 
+import json
 import os
 import queue
 import re
@@ -186,9 +187,8 @@ def test_a_local_worker_drained_by_an_operator_stays_stopped(serve):
     assert serve.stop() == 0
 
 
-@pytest.mark.e2e
-def test_a_second_stop_signal_stops_the_local_workers_runs_at_once(serve, tmp_path: Path):
-    serve.wait_for("connected to ws://")
+def submit_through(serve: "_Serve", *, job_name: str, entrypoint: str) -> str:
+    """Submit a task to `serve` with a new user key of alice's; its id."""
     created = subprocess.run(
         [sys.executable, "manage.py", "createapikey", "alice", "--role", "user"],
         cwd=settings.BASE_DIR,
@@ -198,14 +198,20 @@ def test_a_second_stop_signal_stops_the_local_workers_runs_at_once(serve, tmp_pa
         text=True,
     )
     key = created.stdout.strip().splitlines()[-1]
-    body = b'{"job_name": "long", "entrypoint": "sleep 600"}'
     request = urllib.request.Request(
         f"http://127.0.0.1:{serve.port}/v1/tasks",
-        data=body,
+        data=json.dumps({"job_name": job_name, "entrypoint": entrypoint}).encode(),
         headers={"X-API-Key": key, "Content-Type": "application/json"},
     )
     with urllib.request.urlopen(request, timeout=WAIT) as answer:
         assert answer.status == 201
+        return json.load(answer)["id"]
+
+
+@pytest.mark.e2e
+def test_a_second_stop_signal_stops_the_local_workers_runs_at_once(serve, tmp_path: Path):
+    serve.wait_for("connected to ws://")
+    submit_through(serve, job_name="long", entrypoint="sleep 600")
     serve.wait_for("started (token")  # the agent started the run
     serve.process.send_signal(signal.SIGTERM)
     serve.wait_for("Stopping: draining local workers")

@@ -4,21 +4,16 @@ stored as a cancelled run's files are, and it is reported `failed` (`worker_lost
 records why the attempt ended and re-queues it."""
 
 import asyncio
-import json
 import os
 import signal
 import sqlite3
-import subprocess
-import sys
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 
 import pytest
-from django.conf import settings
 
-from fetchml.tests.test_serve_command import WAIT, _Serve
+from fetchml.tests.test_serve_command import WAIT, _Serve, submit_through
 from scheduler.agent.client import Agent
 from scheduler.tests.agent_peer import Peer, agent_config, assign, process_gone, python, run_async
 
@@ -127,25 +122,6 @@ def test_a_run_its_owner_cancels_during_a_forced_stop_is_reported_cancelled(tmp_
     run_async(scenario())
 
 
-def _submit(serve: _Serve, entrypoint: str) -> str:
-    created = subprocess.run(
-        [sys.executable, "manage.py", "createapikey", "alice", "--role", "user"],
-        cwd=settings.BASE_DIR,
-        env=serve.env,
-        check=True,
-        capture_output=True,
-        text=True,
-    )
-    key = created.stdout.strip().splitlines()[-1]
-    request = urllib.request.Request(
-        f"http://127.0.0.1:{serve.port}/v1/tasks",
-        data=json.dumps({"job_name": "checkpoints", "entrypoint": entrypoint}).encode(),
-        headers={"X-API-Key": key, "Content-Type": "application/json"},
-    )
-    with urllib.request.urlopen(request, timeout=WAIT) as answer:
-        return json.load(answer)["id"]
-
-
 @pytest.mark.e2e
 def test_a_second_ctrl_c_of_serve_lets_the_run_checkpoint_stores_it_and_requeues_the_task(tmp_path: Path) -> None:
     if not Path("/proc/self/stat").exists():
@@ -155,7 +131,7 @@ def test_a_second_ctrl_c_of_serve_lets_the_run_checkpoint_stores_it_and_requeues
         serve.wait_for("connected to ws://")
         ready = tmp_path / "ready"
         code = CHECKPOINTS_ON_SIGTERM.replace('print("ready", flush=True)', f"open({str(ready)!r}, 'w').close()")
-        task_id = _submit(serve, python(code))
+        task_id = submit_through(serve, job_name="checkpoints", entrypoint=python(code))
         deadline = time.monotonic() + WAIT
         while not ready.exists():  # its SIGTERM handler is in place
             assert time.monotonic() < deadline, "the task did not start"

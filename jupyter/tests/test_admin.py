@@ -16,13 +16,6 @@ pytestmark = pytest.mark.django_db
 SERVICES_URL = reverse("admin:jupyter_jupyterservice_changelist")
 
 
-@pytest.fixture
-def console(admin_user) -> Client:
-    client = Client()
-    client.force_login(admin_user)
-    return client
-
-
 def stop(console: Client, services: list[JupyterService]) -> list[str]:
     data = {"action": "stop_services", "_selected_action": [str(s.pk) for s in services]}
     response = console.post(SERVICES_URL, data, follow=True)

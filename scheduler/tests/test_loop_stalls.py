@@ -40,6 +40,17 @@ def _answering_late(real):
     return late
 
 
+async def _run_until(loop: SchedulerLoop, *, passes: int) -> None:
+    """Run `loop` until it has completed `passes` passes, then stop it."""
+    stop = asyncio.Event()
+    running = asyncio.ensure_future(loop.run(stop))
+    async with asyncio.timeout(WAIT):
+        while loop.passes < passes:
+            await asyncio.sleep(0.02)
+    stop.set()
+    await asyncio.wait_for(running, timeout=WAIT)
+
+
 @override_settings(FETCHML_WORKER_LEASE_SECONDS=LEASE)
 def test_a_pass_held_up_by_a_silent_database_expires_no_lease(monkeypatch):
     silent = worker(last_heartbeat=timezone.now() - timedelta(hours=1))  # none could be stored meanwhile
@@ -91,16 +102,7 @@ def test_the_loop_takes_a_stalled_pass_as_an_outage(monkeypatch):
 
     monkeypatch.setattr(SchedulerLoop, "run_once", stalls_once)
 
-    async def scenario():
-        loop, stop = _heard_for_a_lease(), asyncio.Event()
-        running = asyncio.ensure_future(loop.run(stop))
-        async with asyncio.timeout(WAIT):
-            while loop.passes < 3:
-                await asyncio.sleep(0.02)
-        stop.set()
-        await asyncio.wait_for(running, timeout=WAIT)
-
-    asyncio.run(scenario())
+    asyncio.run(_run_until(_heard_for_a_lease(), passes=3))
     silent.refresh_from_db()
     assert silent.status == "active"  # the lease runs again from the first pass after the stall
 
@@ -120,16 +122,7 @@ def test_failures_in_a_row_log_one_traceback_then_one_line_each(monkeypatch, cap
     monkeypatch.setattr(scheduler_loop, "ERROR_BACKOFF_MIN", 0.01)
     caplog.set_level(logging.INFO, logger="fetchml.scheduler.loop")
 
-    async def scenario():
-        loop, stop = SchedulerLoop(), asyncio.Event()
-        running = asyncio.ensure_future(loop.run(stop))
-        async with asyncio.timeout(WAIT):
-            while loop.passes < 1:
-                await asyncio.sleep(0.02)
-        stop.set()
-        await asyncio.wait_for(running, timeout=WAIT)
-
-    asyncio.run(scenario())
+    asyncio.run(_run_until(SchedulerLoop(), passes=1))
     failed = [record for record in caplog.records if "scheduler pass failed" in record.getMessage()]
     assert [record.exc_info is not None for record in failed] == [True, False, False]
     assert "OperationalError: server closed the connection unexpectedly" in failed[1].getMessage()

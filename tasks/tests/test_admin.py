@@ -29,13 +29,6 @@ TASKS_URL = reverse("admin:tasks_task_changelist")
 KEYS_URL = reverse("admin:fetchml_apikey_changelist")
 
 
-@pytest.fixture
-def console(admin_user) -> Client:
-    client = Client()
-    client.force_login(admin_user)
-    return client
-
-
 def run_action(console: Client, url: str, action: str, rows, **extra):
     data = {"action": action, "_selected_action": [str(row.pk) for row in rows], **extra}
     response = console.post(url, data, follow=True)

@@ -23,13 +23,6 @@ pytestmark = pytest.mark.django_db
 TASKS_URL = reverse("admin:tasks_task_changelist")
 
 
-@pytest.fixture
-def console(admin_user) -> Client:
-    client = Client()
-    client.force_login(admin_user)
-    return client
-
-
 def found(console: Client, model: str, **params: str) -> set:
     response = console.get(reverse(f"admin:{model}_changelist"), params)
     assert response.status_code == 200
