@@ -7,12 +7,13 @@ Here, on daphne's request class:
 
 - A body over its ceiling (`fetchml.middleware.body_ceiling`) is answered 413 as soon as its
   Content-Length says so, before a byte of it is read, or once a chunked body passes it.
-- A body Twisted would write to a file (100 kB or more, or of unknown length) is held in memory
-  until the request's API key is found usable by the check every request gets
+- A body of the API (`/v1/`) Twisted would write to a file (100 kB or more, or of unknown
+  length) is held in memory until the request's API key is found usable by the check every request gets
   (`fetchml.auth.authenticate_raw_key`, run off the event loop). Past HOLD_BYTES its reading is
   paused meanwhile, and an `Expect: 100-continue` is answered only once the key is accepted, so a
   refused client never sends its body. A missing or refused key is answered 401 (429 once the
-  address has failed too often), and nothing reaches the disk.
+  address has failed too often), and nothing reaches the disk. Outside the API (the admin and
+  its login, which take sessions, not keys) a body is held to DATA_UPLOAD_MAX_MEMORY_SIZE only.
 
 A refused request gets the one error format; the connection then stops sending, discards what
 the client still sends for LINGER_SECONDS (closing at once could reset the connection before the
@@ -34,6 +35,7 @@ logger = logging.getLogger("fetchml.http")
 # bodies of unknown length, are written to a temporary file.
 SPOOL_THRESHOLD = 100_000
 HOLD_BYTES = 1024 * 1024
+API_PREFIX = b"/v1/"
 LINGER_SECONDS = 2.0
 _UNAUTHORIZED_HEADERS = {"WWW-Authenticate": 'ApiKey header="X-API-Key"'}
 
@@ -76,11 +78,13 @@ def install() -> None:
         self._request_line: tuple | None = None
         self._continue_wanted = False
         content_type = (self.requestHeaders.getRawHeaders(b"content-type") or [b""])[0]
-        self._body_ceiling = body_ceiling(content_type.decode("latin-1"))
+        # The request line's target, as Twisted's channel holds it until the body is read.
+        api = getattr(self.channel, "_path", b"").startswith(API_PREFIX)
+        self._body_ceiling = body_ceiling(content_type.decode("latin-1"), api=api)
         self.content = io.BytesIO()
         if length is not None and length > self._body_ceiling:
             _refuse(self, HTTPStatus.REQUEST_ENTITY_TOO_LARGE, _too_large(self._body_ceiling))
-        elif length is None or length >= SPOOL_THRESHOLD:
+        elif api and (length is None or length >= SPOOL_THRESHOLD):
             _hold_for_the_key(self)
         else:
             self.content = spool_file(length)

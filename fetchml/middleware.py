@@ -123,11 +123,12 @@ def _declare_chunked_length(request: HttpRequest) -> None:
         request.META["CONTENT_LENGTH"] = str(size)
 
 
-def body_ceiling(content_type: str) -> int:
+def body_ceiling(content_type: str, *, api: bool = True) -> int:
     """The most a request body of this Content-Type may hold, checked as it arrives
     (`fetchml.daphne_bodies`): DATA_UPLOAD_MAX_MEMORY_SIZE for bodies parsed in memory, the largest
-    upload limit for streamed uploads (each upload view then holds its body to its own limit)."""
-    if content_type.strip().lower().startswith(_STREAMED_TYPES):
+    upload limit for the API's streamed uploads (each upload view then holds its body to its own
+    limit). Outside the API (`api` false: the admin, its login) nothing is uploaded."""
+    if api and content_type.strip().lower().startswith(_STREAMED_TYPES):
         return max(
             app_settings.MAX_SNAPSHOT_BYTES, app_settings.MAX_DATASET_BYTES, app_settings.MAX_ARTIFACT_BYTES_PER_TASK
         )

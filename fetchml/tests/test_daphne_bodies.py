@@ -150,3 +150,26 @@ def test_a_chunked_upload_of_several_megabytes_with_a_usable_key_is_stored_whole
 
     assert response.status == 201, answer
     assert Dataset.objects.get(name="big").size == 12 * len(piece)
+
+
+def test_an_upload_outside_the_api_is_held_to_the_request_limit(server):
+    head = _head("POST", "/admin/login/", key=None, content_type="multipart/form-data; boundary=x", length=2**31)
+
+    status, _, body = raw_http_answer(server, head)
+
+    assert status == "HTTP/1.1 413 Request Entity Too Large"
+    assert body["error"] == "Request body too large (limit 1048576 bytes)"
+
+
+def test_a_large_form_outside_the_api_needs_no_api_key(server):
+    form = b"username=root&password=" + b"x" * LARGE
+    client = http.client.HTTPConnection(server.host, server.port, timeout=15)
+    try:
+        headers = {"Content-Type": "application/x-www-form-urlencoded"}
+        client.request("POST", "/admin/login/", body=form, headers=headers)
+        response = client.getresponse()
+        response.read()
+    finally:
+        client.close()
+
+    assert response.status == 403  # Django's CSRF check answered: the body reached the application
