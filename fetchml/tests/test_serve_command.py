@@ -82,7 +82,7 @@ class _Serve:
     """`manage.py serve` with one local worker on a fresh embedded database in `var_dir`, its log read
     line by line in a thread."""
 
-    def __init__(self, var_dir: Path) -> None:
+    def __init__(self, var_dir: Path, *, port: int | None = None) -> None:
         self.env = {
             "PATH": os.environ.get("PATH", ""),
             "HOME": os.environ.get("HOME", ""),
@@ -96,7 +96,7 @@ class _Serve:
         subprocess.run(
             [*manage, "migrate", "--noinput"], cwd=settings.BASE_DIR, env=self.env, check=True, capture_output=True
         )
-        self.port = free_port()
+        self.port = port or free_port()
         self.process = subprocess.Popen(
             [*manage, "serve", "--port", str(self.port), "--workers", "1"],
             cwd=settings.BASE_DIR,

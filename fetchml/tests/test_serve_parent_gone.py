@@ -5,14 +5,16 @@ import asyncio
 import contextlib
 import os
 import signal
+import sqlite3
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
 from django.core.management import CommandError, call_command
 
-from fetchml.tests.test_serve_command import WAIT, _Serve
+from fetchml.tests.test_serve_command import WAIT, _Serve, submit_through
 from scheduler.management.commands.worker import API_KEY_ENV
 from scheduler.tests.agent_peer import API_KEY, MANAGE_PY, Peer, assign, gated, process_gone, python, run_async, until
 
@@ -111,6 +113,44 @@ def test_the_local_agent_of_a_serve_killed_with_kill_9_exits_and_the_next_serve_
         assert second.stop() == 0
     finally:
         if agent is not None:
+            _kill(agent)
+        first.stop()
+        if second is not None:
+            second.stop()
+
+
+@pytest.mark.e2e
+def test_a_run_left_by_a_killed_serve_is_reported_to_the_next_serve_and_not_run_again(tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
+    first = _Serve(tmp_path)
+    second = None
+    agents: list[int] = []
+    try:
+        first.wait_for("connected to ws://")
+        task_id = submit_through(first, job_name="left", entrypoint=gated(gate))
+        first.wait_for("started (token")
+        agents = first.agents()
+
+        first.process.kill()
+        first.process.wait(timeout=WAIT)
+        first.wait_for(f"(pid {first.process.pid}) is gone: draining")
+
+        # The next serve, on the same address: its local agent waits for the one left running.
+        second = _Serve(tmp_path, port=first.port)
+        second.wait_for("another agent still runs in")
+        gate.touch()
+        # The left agent reports its run to the new server, then exits; the new one starts after it.
+        first.wait_for("drained: every run finished and reported; exiting", timeout=3 * WAIT)
+        second.wait_for("connected to ws://", timeout=3 * WAIT)
+
+        with sqlite3.connect(tmp_path / "fetchml.sqlite3") as db:
+            status, attempt, retries = db.execute(
+                "SELECT status, attempt, retry_count FROM tasks_task WHERE id = ?", (uuid.UUID(task_id).hex,)
+            ).fetchone()
+        assert (status, attempt, retries) == ("completed", 1, 0)
+        assert second.stop() == 0
+    finally:
+        for agent in agents:
             _kill(agent)
         first.stop()
         if second is not None:

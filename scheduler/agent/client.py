@@ -330,6 +330,11 @@ class Agent:
         return [held.summary() for held in self._held.values()]
 
     @property
+    def connected(self) -> bool:
+        """Whether the agent is connected to a server that welcomed it."""
+        return self._session is not None
+
+    @property
     def failed_attempts(self) -> int:
         """Connection attempts failed since the last welcome."""
         return self._backoff.attempts

@@ -270,6 +270,34 @@ class Leftover:
     task_id: str
 
 
+def wait_for_other_agents(work_root: Path, *, keep_waiting: Callable[[], bool], every: float = 1.0) -> bool:
+    """Wait until no other agent uses `work_root` (an agent left running by a `serve` that was
+    killed, finishing and reporting its runs before it exits), looking every `every` seconds while
+    `keep_waiting()`; whether none does now."""
+    work_root.mkdir(parents=True, exist_ok=True)
+    fd = os.open(work_root / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+    told = False
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if not keep_waiting():
+                    return False
+                if not told:
+                    logger.warning(
+                        "another agent still runs in %s (left by an earlier serve, finishing and reporting its "
+                        "runs): this one starts once it has exited",
+                        work_root,
+                    )
+                    told = True
+                time.sleep(every)
+            else:
+                return True  # released when `fd` closes, for `claimed` to take
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def claimed(work_root: Path) -> Iterator[None]:
     """Use `work_root` for as long as the block runs; first, unless another live agent uses it,

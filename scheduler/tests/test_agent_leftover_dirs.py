@@ -115,13 +115,19 @@ async def killed_by_a_forced_shutdown(tmp_path: Path, code: str, done: str) -> d
     """A run (`code`, then waiting, deaf to SIGTERM) a real agent killed at once when told SIGTERM
     three times (the second gives it a grace, the third kills it storing nothing), once the file
     `done` of its work directory is there: its assign."""
-    deaf = f"import signal\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n{code}"
+    deaf = f"import signal\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nprint('deaf', flush=True)\n{code}"
     message = assign(gated(tmp_path / "never", deaf))
     log = tmp_path / "worker.log"
+
     async with Peer() as peer, worker_process(peer, tmp_path, "--gpus", "0") as worker:
+
+        def ready() -> bool:
+            deaf_now = "deaf" in peer.log_lines(message["token"])  # said once it ignores SIGTERM
+            return deaf_now and (work_dir_of(tmp_path / "work", message) / done).exists()
+
         await peer.send(message)
         await peer.status(message["token"], "running")
-        await until(lambda: (work_dir_of(tmp_path / "work", message) / done).exists(), what=f"the run's {done}")
+        await until(ready, what=f"the run's {done}, once it ignores SIGTERM")
         worker.send_signal(signal.SIGTERM)
         await until(lambda: "SIGTERM: draining" in log.read_text(), what="the drain")
         worker.send_signal(signal.SIGTERM)

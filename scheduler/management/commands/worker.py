@@ -11,7 +11,11 @@ kills them at once. Exit 2 when the server refuses the API key.
 
 `--parent-pid PID` (given by `manage.py serve` to its local agents): once PID is no longer this
 process's parent (serve was killed, and the agent was handed to init), the agent drains as on its
-first SIGTERM, so it does not outlive the serve that started it.
+first SIGTERM, so it does not outlive the serve that started it; without a server for
+ORPHAN_UNREACHABLE_SECONDS meanwhile, it stops its runs as on a second one and exits. An agent
+given --parent-pid whose work directory another agent still uses (one left so, which the next
+serve's server hears from on the same address) waits for that one to exit before it connects:
+connecting first, under the same name, would take that agent's runs and results away.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import re
 import signal
 import socket
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -45,6 +50,8 @@ API_KEY_ENV = "FETCHML_WORKER_API_KEY"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # what the server accepts in hello
 WORKER_PATH = "/ws/worker"
 PARENT_CHECK_SECONDS = 1.0  # how often an agent given --parent-pid looks whether its parent is still there
+# An agent whose serve is gone, and that has had no server this long, gives its runs up and exits.
+ORPHAN_UNREACHABLE_SECONDS = 600.0
 _SCHEMES = {"http": "ws", "https": "wss", "ws": "ws", "wss": "wss"}
 
 
@@ -96,6 +103,23 @@ async def watch_parent(parent_pid: int, on_gone: Callable[[], None], *, every: f
     while os.getppid() == parent_pid:
         await asyncio.sleep(every)
     on_gone()
+
+
+async def give_up_when_alone(
+    agent: Agent, *, after: float, every: float = PARENT_CHECK_SECONDS, clock: Callable[[], float] = time.monotonic
+) -> None:
+    """Force `agent` down (`shutdown`) once it has had no server connection for `after` seconds."""
+    alone_since: float | None = None
+    while True:
+        if agent.connected:
+            alone_since = None
+        elif alone_since is None:
+            alone_since = clock()
+        elif clock() - alone_since >= after:
+            logger.warning("no server for %.0f s since the process that started this agent is gone: stopping", after)
+            agent.shutdown()
+            return
+        await asyncio.sleep(every)
 
 
 def _size_gib(value: str) -> float:
@@ -216,13 +240,19 @@ class Command(BaseCommand):
             service_host=options["service_host"],
         )
         logger.info("worker %s offers %s; runs in %s", config.name, capacity.as_capabilities(), config.work_root)
+        parent_pid = options["parent_pid"]
+        if parent_pid and not orphans.wait_for_other_agents(
+            config.work_root, keep_waiting=lambda: os.getppid() == parent_pid
+        ):
+            logger.info("the process that started this agent (pid %d) is gone before it could start", parent_pid)
+            return
         with contextlib.ExitStack() as claim:
             try:
                 # Before the first hello: what an earlier agent here left running is ended (orphans.py).
                 claim.enter_context(orphans.claimed(config.work_root))
             except OSError as exc:
                 raise CommandError(f"cannot use work directory {config.work_root}: {exc.strerror or exc}") from None
-            code = asyncio.run(self._serve(config, parent_pid=options["parent_pid"]))
+            code = asyncio.run(self._serve(config, parent_pid=parent_pid))
         if code:
             raise SystemExit(code)
 
@@ -245,15 +275,19 @@ class Command(BaseCommand):
                 logger.warning("%s once more: killing the runs at once", signum.name)
                 agent.shutdown()
 
+        alone: list[asyncio.Task] = []
+
         def on_parent_gone() -> None:
             # As a first SIGTERM: the next signal stops the runs now. A drain or stop already under
-            # way goes on as it is.
+            # way goes on as it is. Its runs are reported to the next serve's server, on the same
+            # address; with none for long, they are given up (the server re-queues them).
             if not received:
                 logger.warning(
                     "the process that started this agent (pid %d) is gone: draining (SIGTERM to stop now)", parent_pid
                 )
                 agent.drain()
                 received.append("parent")
+                alone.append(asyncio.ensure_future(give_up_when_alone(agent, after=ORPHAN_UNREACHABLE_SECONDS)))
 
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, on_signal, signum)
@@ -261,8 +295,9 @@ class Command(BaseCommand):
         try:
             return await agent.run()
         finally:
-            if watcher is not None:
-                watcher.cancel()
-                await asyncio.gather(watcher, return_exceptions=True)
+            for task in [watcher, *alone]:
+                if task is not None:
+                    task.cancel()
+                    await asyncio.gather(task, return_exceptions=True)
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(signum)
