@@ -721,10 +721,11 @@ class Run:
             error = signalled.after("worker shut down") if signalled else "worker shut down"
             return self._final("failed", failure_reason="worker_lost", error=error, stderr=True, **details)
         if self._stop_reason == "give_up":
+            # A signal's ending says the rest itself ("did not stop within its 10 s grace after SIGTERM; ...").
             said = (
                 f"worker shut down: the run was sent SIGTERM, then SIGKILL after {self._grace():g} s if still running"
             )
-            error = signalled.after(said) if signalled else said
+            error = signalled.after("worker shut down") if signalled else said
             return self._final(
                 "failed", failure_reason="worker_lost", error=error, stderr=True, note=note, **details, **extra
             )

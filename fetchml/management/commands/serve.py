@@ -303,7 +303,14 @@ class Command(BaseCommand):
             (signal.SIGTERM, WORKER_KILL_RUNS_SECONDS, None),
             (signal.SIGKILL, 5.0, None),
         )
-        for signum, timeout, cut_short in stages:
+        # Said when a stage begins because the one before ran out of time (a Ctrl-C says its own).
+        overdue = {
+            1: f"the local workers' runs did not end within {WORKER_DRAIN_SECONDS:g} s: stopping them now "
+            f"(SIGTERM, up to {FORCED_STOP_GRACE_SECONDS:g} s grace each, SIGKILL; re-queued)",
+            2: "the local workers' runs are still stopping: killing them at once",
+            3: "the local workers are still running: killing them",
+        }
+        for stage, (signum, timeout, cut_short) in enumerate(stages):
             alive = [child for child in children if child.poll() is None]
             if not alive:
                 return
@@ -316,9 +323,8 @@ class Command(BaseCommand):
             while any(child.poll() is None for child in alive) and not waiting.is_set():
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    for child in alive:
-                        if child.poll() is None:
-                            logger.warning("local worker %s still running after signal %s", child.pid, signum)
+                    if stage + 1 in overdue:
+                        self.stdout.write(overdue[stage + 1])
                     break
                 waiting.wait(min(remaining, STOP_POLL_SECONDS))
 
