@@ -16,6 +16,13 @@ def one_line(message: str) -> str:
     return message.translate(_ESCAPES)
 
 
+def brief(exc: BaseException) -> str:
+    """An exception in one line, for a failure logged again without its traceback: its type and
+    the first line of its message."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+
+
 class OneLineFormatter(logging.Formatter):
     def formatMessage(self, record: logging.LogRecord) -> str:
         record.message = one_line(record.message)

@@ -26,6 +26,7 @@ from fetchml import events
 from fetchml.aio import STOP_READ_SECONDS, cancel_and_wait
 from fetchml.conf import app_settings
 from fetchml.dbsocket import cut_connection
+from fetchml.logformat import brief
 from jupyter.services import scheduler_pass as jupyter_pass
 from scheduler import selectors
 from scheduler.assigns import assign_messages, assign_notice
@@ -249,7 +250,7 @@ class SchedulerLoop:
                     if isinstance(exc, DatabaseStalled):
                         logger.warning("scheduler pass: %s; retrying in %.1f s", exc, backoff)
                     elif failing:
-                        logger.warning("scheduler pass failed again (%s); retrying in %.1f s", _brief(exc), backoff)
+                        logger.warning("scheduler pass failed again (%s); retrying in %.1f s", brief(exc), backoff)
                     else:
                         logger.exception("scheduler pass failed; retrying in %.1f s", backoff)
                     failing = True
@@ -267,12 +268,6 @@ class SchedulerLoop:
             await self._in_thread(self._close_connection)
             self._executor.shutdown(wait=False)
             logger.info("scheduler loop stopped")
-
-
-def _brief(exc: BaseException) -> str:
-    """An exception in one line: its type and the first line of its message."""
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
 async def _wait(stop: asyncio.Event, seconds: float) -> None:
@@ -359,5 +354,5 @@ class _WakeListener:
                 await asyncio.wait_for(self.layer.group_discard(events.WAKE_GROUP, self.channel), LEAVE_GROUP_SECONDS)
             except Exception as exc:  # its membership expires by itself
                 logger.warning(
-                    "could not leave %s (%s); its membership expires by itself", events.WAKE_GROUP, _brief(exc)
+                    "could not leave %s (%s); its membership expires by itself", events.WAKE_GROUP, brief(exc)
                 )

@@ -21,7 +21,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from django.contrib.auth import get_user_model
-from django.db import DatabaseError, IntegrityError, connection, transaction
+from django.db import DatabaseError, IntegrityError, InterfaceError, OperationalError, connection, transaction
 from django.db.models import Exists, F, OuterRef, Q, QuerySet, Value
 from django.db.models.functions import Coalesce, Now
 from django.utils import timezone
@@ -35,6 +35,7 @@ from fetchml.compiled import compiled_per_shape, compiled_update_per_shape
 from fetchml.conf import app_settings
 from fetchml.errors import Conflict
 from fetchml.instances import instance_builder
+from fetchml.logformat import brief
 from fetchml.models import ApiKey
 from fetchml.planner import checked_not_searched, planned_without
 from scheduler.counters import CAPACITY_OF, give_back, give_back_reading_status
@@ -492,9 +493,14 @@ def apply_run_reports(*, worker_id: Any, reports: list[dict[str, Any]]) -> list[
             return _apply_batch(worker_id, reports, lock_first=False)
         except (_RunsChanged, TasksChanged):
             return _apply_batch(worker_id, reports, lock_first=True)
-    except Exception:
+    except Exception as exc:
         if len(reports) == 1:
-            logger.exception("worker %s: a %s report failed", worker_id, reports[0]["type"])
+            # The database out of reach fails every report alike: one line each, not a traceback.
+            unreachable = isinstance(exc, (OperationalError, InterfaceError))
+            said = f": {brief(exc)}" if unreachable else ""
+            logger.error(
+                "worker %s: a %s report failed%s", worker_id, reports[0]["type"], said, exc_info=not unreachable
+            )
             return [None]
         logger.warning("worker %s: a batch of %d reports failed; applying them one by one", worker_id, len(reports))
         return [apply_run_reports(worker_id=worker_id, reports=[report])[0] for report in reports]

@@ -1,7 +1,7 @@
 """A worker's run reports applied as one batch: in order, one commit, and a bad report costs only its answer."""
 
 import pytest
-from django.db import connection
+from django.db import OperationalError, connection
 from django.test.utils import CaptureQueriesContext
 
 from audit.models import AuditEvent, ChainHead
@@ -84,6 +84,31 @@ def test_a_failing_report_costs_only_its_own_answer(monkeypatch):
 
     assert outcomes == [StatusOutcome(accepted=True), None]
     assert Task.objects.get(id=good["task_id"]).status == "completed"
+
+
+@pytest.mark.parametrize(
+    ("error", "traced"),
+    [(OperationalError("server closed the connection unexpectedly\nmore"), False), (RuntimeError("a bug"), True)],
+    ids=["database-out-of-reach", "another-error"],
+)
+def test_a_report_the_database_could_not_take_is_logged_in_one_line_and_any_other_failure_with_its_traceback(
+    monkeypatch, caplog, error, traced
+):
+    [run] = _placed(1)
+
+    def failing_append(**log):
+        raise error
+
+    monkeypatch.setattr(services, "append_lines", failing_append)
+
+    assert apply_run_reports(worker_id=run["worker_id"], reports=[_report(run, "log", lines=[])]) == [None]
+
+    [logged] = [record for record in caplog.records if "report failed" in record.getMessage()]
+    assert bool(logged.exc_info) is traced
+    if not traced:
+        assert logged.getMessage().endswith(
+            "a log report failed: OperationalError: server closed the connection unexpectedly"
+        )
 
 
 def test_a_stale_token_in_a_batch_is_answered_stale_and_the_rest_applied():
