@@ -45,13 +45,22 @@ async def _started(peer: Peer, message: dict) -> None:
     await peer.next(lambda m: m["type"] == "log" and m["token"] == message["token"] and ready in m["lines"])
 
 
+async def _agent_running(
+    peer: Peer, tmp_path: Path, code: str, *, cancel_grace: float, **config: float
+) -> tuple[Agent, asyncio.Task, dict]:
+    """An agent (`config` its AgentConfig overrides) running `code` once it said it is ready: the
+    agent, its `run()` and the run's assign."""
+    agent = Agent(agent_config(peer.url, tmp_path, **config))
+    serving = asyncio.create_task(agent.run())
+    message = assign(python(code), cancel_grace_seconds=cancel_grace)
+    await _started(peer, message)
+    return agent, serving, message
+
+
 def test_a_forced_stop_sends_the_run_sigterm_lets_it_save_its_work_and_reports_it_worker_lost(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with Peer() as peer:
-            agent = Agent(agent_config(peer.url, tmp_path))
-            serving = asyncio.create_task(agent.run())
-            message = assign(python(CHECKPOINTS_ON_SIGTERM), cancel_grace_seconds=60)
-            await _started(peer, message)
+            agent, serving, message = await _agent_running(peer, tmp_path, CHECKPOINTS_ON_SIGTERM, cancel_grace=60)
 
             agent.drain()
             agent.shutdown()
@@ -69,10 +78,9 @@ def test_a_forced_stop_sends_the_run_sigterm_lets_it_save_its_work_and_reports_i
 def test_a_forced_stop_kills_a_run_that_ignores_sigterm_once_the_capped_grace_is_over(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with Peer() as peer:
-            agent = Agent(agent_config(peer.url, tmp_path, forced_stop_grace_seconds=0.5))
-            serving = asyncio.create_task(agent.run())
-            message = assign(python(IGNORES_SIGTERM), cancel_grace_seconds=60)
-            await _started(peer, message)
+            agent, serving, message = await _agent_running(
+                peer, tmp_path, IGNORES_SIGTERM, cancel_grace=60, forced_stop_grace_seconds=0.5
+            )
 
             began = time.monotonic()
             agent.shutdown()
@@ -92,10 +100,9 @@ def test_a_forced_stop_kills_a_run_that_ignores_sigterm_once_the_capped_grace_is
 def test_a_second_forced_stop_kills_the_runs_at_once(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with Peer() as peer:
-            agent = Agent(agent_config(peer.url, tmp_path, forced_stop_grace_seconds=300))
-            serving = asyncio.create_task(agent.run())
-            message = assign(python(IGNORES_SIGTERM), cancel_grace_seconds=300)
-            await _started(peer, message)
+            agent, serving, message = await _agent_running(
+                peer, tmp_path, IGNORES_SIGTERM, cancel_grace=300, forced_stop_grace_seconds=300
+            )
 
             agent.shutdown()
             agent.shutdown()  # a third Ctrl-C
@@ -110,10 +117,9 @@ def test_a_second_forced_stop_kills_the_runs_at_once(tmp_path: Path) -> None:
 def test_a_run_its_owner_cancels_during_a_forced_stop_is_reported_cancelled(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with Peer() as peer:
-            agent = Agent(agent_config(peer.url, tmp_path, forced_stop_grace_seconds=0.5))
-            serving = asyncio.create_task(agent.run())
-            message = assign(python(IGNORES_SIGTERM), cancel_grace_seconds=60)
-            await _started(peer, message)
+            agent, serving, message = await _agent_running(
+                peer, tmp_path, IGNORES_SIGTERM, cancel_grace=60, forced_stop_grace_seconds=0.5
+            )
 
             agent.shutdown()
             await peer.send({"type": "cancel", "task_id": message["task_id"], "token": message["token"], "reason": "x"})
