@@ -13,6 +13,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 import fetchml
+from fetchml.query import KnownQueryParameters
 
 PRODUCT = "FetchML"
 # Name in the answer: URL name.
@@ -47,7 +48,7 @@ _INDEX = inline_serializer(
 )
 
 
-class ApiIndexView(APIView):
+class ApiIndexView(KnownQueryParameters, APIView):
     authentication_classes: list = []
     permission_classes: list = []
 

@@ -6,6 +6,7 @@ ignored, and the answer read as if it had applied."""
 from collections.abc import Iterable
 from typing import Any
 
+from django.http import QueryDict
 from rest_framework import serializers
 from rest_framework.request import Request
 
@@ -14,6 +15,7 @@ from fetchml.errors import ApplicationError
 # Taken by every read besides its own parameters: DRF's `format` (the browsable API's ?format=json).
 ALWAYS_ALLOWED = frozenset({"format"})
 UNKNOWN = "Unknown query parameter."
+REPEATED = "Given more than once; this parameter takes one value."
 # Unknown names reported at most: a request line can hold thousands.
 MAX_REPORTED_UNKNOWN = 10
 
@@ -24,14 +26,41 @@ def unknown_parameters(names: Iterable[str], known: Iterable[str]) -> list[str]:
     return [name[:64] for name in dict.fromkeys(names) if name not in allowed][:MAX_REPORTED_UNKNOWN]
 
 
+def _refused(errors: dict[str, list]) -> ApplicationError:
+    details = [{"field": field, "message": str(message)} for field, messages in errors.items() for message in messages]
+    return ApplicationError("Invalid query parameters: " + ", ".join(errors), details=details)
+
+
+def refuse_unknown(params: QueryDict, known: Iterable[str] = ()) -> None:
+    """A 400 naming the parameters of `params` not in `known`: for reads that take few or none."""
+    if unknown := unknown_parameters(params, known):
+        raise _refused({name: [UNKNOWN] for name in unknown})
+
+
 def validated_query(serializer_class: type[serializers.Serializer], request: Request) -> dict[str, Any]:
     serializer = serializer_class(data=request.query_params)
     valid = serializer.is_valid()
     errors = {} if valid else dict(serializer.errors)
+    # A parameter of one value given twice (`?status=failed&status=running`) would keep only its last.
+    errors |= {
+        name: [REPEATED]
+        for name, field in serializer.fields.items()
+        if not isinstance(field, serializers.ListField) and len(request.query_params.getlist(name)) > 1
+    }
     errors |= {name: [UNKNOWN] for name in unknown_parameters(request.query_params, serializer.fields)}
     if errors:
-        details = [
-            {"field": field, "message": str(message)} for field, messages in errors.items() for message in messages
-        ]
-        raise ApplicationError("Invalid query parameters: " + ", ".join(errors), details=details)
+        raise _refused(errors)
     return serializer.validated_data
+
+
+class KnownQueryParameters:
+    """For an API view whose reads take no query parameters but `format` (or only
+    `query_parameters`): any other is a 400 naming it, after authentication (as the lists, which
+    check theirs with `validated_query`)."""
+
+    query_parameters: tuple[str, ...] = ()
+
+    def initial(self, request: Request, *args: Any, **kwargs: Any) -> None:
+        super().initial(request, *args, **kwargs)  # type: ignore[misc]
+        if request.method in ("GET", "HEAD"):
+            refuse_unknown(request.query_params, self.query_parameters)

@@ -16,7 +16,7 @@ from audit.api.serializers import (
 from audit.checkpoints import warnings_for
 from fetchml.auth import actor_from_request
 from fetchml.permissions import IsAdmin
-from fetchml.query import validated_query
+from fetchml.query import KnownQueryParameters, validated_query
 from fetchml.schema import ErrorResponseSerializer
 
 BAD_QUERY = OpenApiResponse(ErrorResponseSerializer, description="Invalid query parameter (`details` names it)")
@@ -72,7 +72,7 @@ class AuditVerifyView(APIView):
         return Response(VerificationResultSerializer(result).data)
 
 
-class ChainRootView(APIView):
+class ChainRootView(KnownQueryParameters, APIView):
     permission_classes = [IsAdmin]
 
     @extend_schema(

@@ -1,5 +1,6 @@
-"""A read refuses a query parameter it does not know with a 400 naming it: a mistyped or unsupported
-filter must not be ignored and the answer read as if it had applied."""
+"""A read refuses a query parameter it does not know, or one of one value given twice, with a 400
+naming it: a mistyped or unsupported filter must not be ignored and the answer read as if it had
+applied."""
 
 import pytest
 
@@ -42,3 +43,44 @@ def test_an_unknown_log_parameter_is_refused(user_client, user):
 
 def test_an_unknown_audit_filter_is_refused(admin_client_key):
     _assert_refused(admin_client_key.get("/v1/audit/events", {"actor": "alice"}), "actor")
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v1/",
+        "/v1/queue",
+        "/v1/plugins",
+        "/v1/plugins/tensorboard",
+        "/v1/plugins/tensorboard/config",
+        "/v1/scheduler/status",
+        "/v1/scheduler/workers",
+        "/v1/jupyter/services",
+    ],
+)
+def test_a_read_without_parameters_refuses_any_but_format(user_client, path):
+    assert user_client.get(path, {"format": "json"}).status_code == 200
+    _assert_refused(user_client.get(path, {"limit": "5"}), "limit")
+
+
+def test_a_tasks_own_read_refuses_unknown_parameters(user_client, user):
+    task = task_submit(owner=user, job_name="train")
+
+    _assert_refused(user_client.get(f"/v1/tasks/{task.id}", {"fields": "status"}), "fields")
+
+
+def test_the_audit_chain_root_refuses_unknown_parameters(admin_client_key):
+    _assert_refused(admin_client_key.get("/v1/audit/chain-root", {"at": "5"}), "at")
+
+
+def test_an_unknown_parameter_without_a_key_is_still_a_401(anon_client):
+    assert anon_client.get("/v1/queue", {"limit": "5"}).status_code == 401
+
+
+def test_a_filter_of_one_value_given_twice_is_refused(user_client):
+    response = user_client.get("/v1/tasks?status=failed&status=running")
+
+    assert response.status_code == 400
+    assert response.json()["details"] == [
+        {"field": "status", "message": "Given more than once; this parameter takes one value."}
+    ]

@@ -10,6 +10,7 @@ from rest_framework.views import APIView
 from fetchml.auth import actor_from_request
 from fetchml.errors import NotFound
 from fetchml.permissions import IsHumanUser
+from fetchml.query import KnownQueryParameters
 from fetchml.schema import ErrorResponseSerializer
 from jupyter import selectors, services
 from jupyter.api.serializers import JupyterServiceSerializer, StartJupyterSerializer, service_data
@@ -18,7 +19,7 @@ TAGS = ["Jupyter"]
 SERVICE_ID = OpenApiParameter("serviceId", OpenApiTypes.UUID, OpenApiParameter.PATH)
 
 
-class JupyterServiceListView(APIView):
+class JupyterServiceListView(KnownQueryParameters, APIView):
     permission_classes = [IsHumanUser]
 
     @extend_schema(
@@ -46,7 +47,7 @@ class JupyterServiceListView(APIView):
         return Response(service_data(service, actor), status=status.HTTP_201_CREATED)
 
 
-class JupyterServiceDetailView(APIView):
+class JupyterServiceDetailView(KnownQueryParameters, APIView):
     permission_classes = [IsHumanUser]
 
     def _visible(self, request: Request, service_id: str):

@@ -10,6 +10,7 @@ from rest_framework.views import APIView
 
 from fetchml.auth import actor_from_request
 from fetchml.permissions import IsAdmin, IsHumanUser
+from fetchml.query import KnownQueryParameters
 from plugins import selectors, services
 from plugins.api.serializers import (
     HealthResponseSerializer,
@@ -31,7 +32,7 @@ TAGS = ["Plugins"]
 _WRITES = {"PUT", "PATCH", "POST", "DELETE"}
 
 
-class PluginView(APIView):
+class PluginView(KnownQueryParameters, APIView):
     """Reads: any human user. Writes: admins only."""
 
     def get_permissions(self) -> list[BasePermission]:

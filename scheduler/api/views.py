@@ -18,7 +18,7 @@ from rest_framework.views import APIView
 
 from fetchml.auth import actor_from_request
 from fetchml.permissions import IsAdmin, IsHumanUser
-from fetchml.query import validated_query
+from fetchml.query import KnownQueryParameters, validated_query
 from fetchml.schema import ErrorResponseSerializer
 from scheduler import reservations
 from scheduler.api import reads
@@ -55,7 +55,7 @@ def _body(serializer_class: type[serializers.Serializer], request: Request) -> d
     return serializer.validated_data
 
 
-class SchedulerStatusView(APIView):
+class SchedulerStatusView(KnownQueryParameters, APIView):
     permission_classes = [IsHumanUser]
 
     @extend_schema(
@@ -67,7 +67,7 @@ class SchedulerStatusView(APIView):
         return Response(SchedulerStatusSerializer(reads.scheduler_status()).data)
 
 
-class WorkerListView(APIView):
+class WorkerListView(KnownQueryParameters, APIView):
     permission_classes = [IsHumanUser]
 
     @extend_schema(
@@ -80,7 +80,7 @@ class WorkerListView(APIView):
         return Response(WorkerSerializer(reads.worker_list(), many=True).data)
 
 
-class WorkerDetailView(APIView):
+class WorkerDetailView(KnownQueryParameters, APIView):
     def get_permissions(self) -> list:
         return [IsAdmin()] if self.request.method == "DELETE" else [IsHumanUser()]
 
@@ -147,7 +147,7 @@ class ReservationListCreateView(APIView):
         return Response(ReservationSerializer(created).data, status=status.HTTP_201_CREATED)
 
 
-class ReservationDetailView(APIView):
+class ReservationDetailView(KnownQueryParameters, APIView):
     permission_classes = [IsHumanUser]
 
     @extend_schema(

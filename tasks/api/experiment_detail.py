@@ -10,6 +10,7 @@ from rest_framework.views import APIView
 
 from fetchml.auth import actor_from_request
 from fetchml.permissions import IsHumanUser
+from fetchml.query import KnownQueryParameters
 from fetchml.schema import ErrorResponseSerializer
 from tasks.api.fields import StrictCharField, StrictSerializer
 from tasks.api.serializers import commit_id_field, experiment_name_field
@@ -36,7 +37,7 @@ class ExperimentUpdateSerializer(StrictSerializer):
     status = serializers.ChoiceField(choices=SETTABLE_STATUSES, required=False, help_text="active or archived")
 
 
-class ExperimentDetailView(APIView):
+class ExperimentDetailView(KnownQueryParameters, APIView):
     permission_classes = [IsHumanUser]
 
     @extend_schema(

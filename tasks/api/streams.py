@@ -36,7 +36,7 @@ from fetchml.clock import api_time
 from fetchml.decorators import safe_methods_only
 from fetchml.errors import ApplicationError
 from fetchml.jsonbody import CompactJsonResponse
-from fetchml.query import UNKNOWN, unknown_parameters
+from fetchml.query import refuse_unknown
 from fetchml.sse import authenticate_stream, error_response_for, sse_frame, stream_response
 from tasks.logs import CATCH_UP_CHUNK, MAX_TAIL, log_lines, serialize_line
 from tasks.models import Task
@@ -88,11 +88,7 @@ def _int_param(params: QueryDict, name: str, *, low: int, high: int) -> int | No
 
 
 def parse_log_query(params: QueryDict, last_event_id: str | None) -> LogQuery:
-    if unknown := unknown_parameters(params, LOG_QUERY_PARAMETERS):
-        raise ApplicationError(
-            "Invalid query parameters: " + ", ".join(unknown),
-            details=[{"field": name, "message": UNKNOWN} for name in unknown],
-        )
+    refuse_unknown(params, LOG_QUERY_PARAMETERS)
     raw_follow = params.get("follow", "false").lower()
     if raw_follow not in _BOOLEANS:
         raise _bad("follow", "must be true or false")

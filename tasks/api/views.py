@@ -15,7 +15,7 @@ from fetchml.auth import actor_from_request
 from fetchml.errors import ApplicationError
 from fetchml.models import ApiKey
 from fetchml.permissions import IsHumanUser
-from fetchml.query import validated_query
+from fetchml.query import KnownQueryParameters, validated_query
 from fetchml.schema import ErrorResponseSerializer
 from tasks import experiments, selectors, services
 from tasks.api.serializers import (
@@ -148,7 +148,7 @@ class TaskListCreateView(APIView):
         return Response(TaskSerializer(task).data, status=status.HTTP_201_CREATED, headers=headers)
 
 
-class TaskDetailView(APIView):
+class TaskDetailView(KnownQueryParameters, APIView):
     permission_classes = [IsHumanUser]
 
     @extend_schema(
@@ -183,7 +183,7 @@ class TaskDetailView(APIView):
         return Response(status=status.HTTP_204_NO_CONTENT)
 
 
-class QueueView(APIView):
+class QueueView(KnownQueryParameters, APIView):
     permission_classes = [IsHumanUser]
 
     @extend_schema(
