@@ -102,7 +102,7 @@ def authenticate_raw_key(raw: str | None, ip: str | None) -> ApiKey:
     if key is None or not matches:
         reason = "missing API key" if not raw else "invalid API key"
         _fail(reason, None, ip)
-    if not _usable(key):
+    if not key_is_usable(key):
         _fail("revoked, expired or inactive API key", key, ip)
     # Successful use is audited (and last_used_at written) at most once per
     # interval per key, so a busy client does not balloon the chain.
@@ -113,7 +113,8 @@ def authenticate_raw_key(raw: str | None, ip: str | None) -> ApiKey:
     return key
 
 
-def _usable(key: ApiKey) -> bool:
+def key_is_usable(key: ApiKey) -> bool:
+    """The one rule: not revoked, not expired, its user active (`key` loaded with its user)."""
     return key.is_usable and key.user.is_active
 
 
@@ -128,7 +129,7 @@ def usable_api_keys(key_ids: list[str]) -> dict[str, bool]:
     re-check their keys together, `fetchml.shared_reads`); a key not found is not usable."""
     keys = ApiKey.objects.select_related("user").only("revoked_at", "expires_at", "user__is_active")
     usable = dict.fromkeys(key_ids, False)
-    usable |= {str(key.pk): _usable(key) for key in keys.filter(pk__in=key_ids)}
+    usable |= {str(key.pk): key_is_usable(key) for key in keys.filter(pk__in=key_ids)}
     return usable
 
 

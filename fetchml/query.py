@@ -54,13 +54,10 @@ def validated_query(serializer_class: type[serializers.Serializer], request: Req
 
 
 class KnownQueryParameters:
-    """For an API view whose reads take no query parameters but `format` (or only
-    `query_parameters`): any other is a 400 naming it, after authentication (as the lists, which
-    check theirs with `validated_query`)."""
-
-    query_parameters: tuple[str, ...] = ()
+    """For an API view whose reads take no query parameters but `format`: any other is a 400
+    naming it, after authentication (as the lists, which check theirs with `validated_query`)."""
 
     def initial(self, request: Request, *args: Any, **kwargs: Any) -> None:
         super().initial(request, *args, **kwargs)  # type: ignore[misc]
         if request.method in ("GET", "HEAD"):
-            refuse_unknown(request.query_params, self.query_parameters)
+            refuse_unknown(request.query_params)

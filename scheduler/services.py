@@ -29,7 +29,7 @@ from django.utils import timezone
 from artifacts.selectors import pinned_datasets_changed
 from audit.services import appended_together, record
 from fetchml import events
-from fetchml.auth import Actor, usable_api_keys
+from fetchml.auth import Actor, key_is_usable
 from fetchml.clock import api_time, database_now
 from fetchml.compiled import compiled_per_shape, compiled_update_per_shape
 from fetchml.conf import app_settings
@@ -120,7 +120,10 @@ def worker_hello(
     with transaction.atomic():
         worker, created = Worker.objects.select_for_update().get_or_create(name=name)
         previous_key_id = None if created else worker.api_key_id
-        if _owned_elsewhere(previous_key_id, api_key_id):
+        handed_over = previous_key_id is not None and previous_key_id != api_key_id
+        # The two keys of a name changing hands, read once: whose they are, and their prefixes to audit.
+        keys = ApiKey.objects.select_related("user").in_bulk([previous_key_id, api_key_id]) if handed_over else {}
+        if handed_over and _owned_elsewhere(keys.get(previous_key_id), keys.get(api_key_id)):
             return Welcome(worker_id=None, owned_elsewhere=True)
         superseded = worker.channel_name if worker.channel_name != channel_name else ""
         if (
@@ -148,9 +151,9 @@ def worker_hello(
         worker.connected_at = now
         worker.last_heartbeat = Now()
         worker.save()
-        if previous_key_id is not None and previous_key_id != api_key_id:
+        if handed_over:
             # Another key of the same account (a rotation), or a key taking over from an unusable one.
-            prefixes = dict(ApiKey.objects.filter(id__in=[previous_key_id, api_key_id]).values_list("id", "prefix"))
+            prefixes = {key_id: key.prefix for key_id, key in keys.items()}
             record(
                 event_type="worker_changed",
                 user="",
@@ -183,18 +186,15 @@ def worker_hello(
     return Welcome(worker_id=worker.id, keep=keep, kill=kill, draining=draining, superseded=superseded)
 
 
-def _owned_elsewhere(registered_key_id: Any, key_id: Any) -> bool:
-    """Whether a worker name registered with `registered_key_id` is another account's: that key is
-    still usable and belongs to another user than `key_id`. The runs sent to a worker (their env,
+def _owned_elsewhere(registered: ApiKey | None, key: ApiKey | None) -> bool:
+    """Whether a worker name registered with the key `registered` is another account's: that key
+    is still usable and belongs to another user than `key`. The runs sent to a worker (their env,
     their tokens) and the files its key may fetch are that account's, so a name is not taken over
     by a stranger's key; another key of the same account (a rotation) may, and so may anyone once
-    the registered key is revoked or expired."""
-    if registered_key_id is None or registered_key_id == key_id:
+    the registered key is revoked or expired (or deleted)."""
+    if registered is None or (key is not None and registered.user_id == key.user_id):
         return False
-    owners = dict(ApiKey.objects.filter(id__in=[registered_key_id, key_id]).values_list("id", "user_id"))
-    if owners.get(registered_key_id) == owners.get(key_id):
-        return False
-    return usable_api_keys([str(registered_key_id)])[str(registered_key_id)]
+    return key_is_usable(registered)
 
 
 def _declared(worker: Worker, key: str) -> Any:
