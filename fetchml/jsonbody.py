@@ -15,8 +15,9 @@ from typing import Any
 
 from django.conf import settings
 from django.http import JsonResponse
-from rest_framework import parsers
+from rest_framework import parsers, serializers
 from rest_framework.exceptions import ParseError
+from rest_framework.request import Request
 from rest_framework.utils.json import strict_constant
 
 from fetchml.conf import app_settings
@@ -71,6 +72,13 @@ class JSONParser(parsers.JSONParser):
             return loads(stream.read().decode(encoding))
         except ValueError as exc:
             raise ParseError(f"JSON parse error - {exc}") from None
+
+
+def validated_body(serializer_class: type[serializers.Serializer], request: Request) -> dict[str, Any]:
+    """The request body's fields, validated; a bad one raises DRF's ValidationError (a 422 with `details`)."""
+    serializer = serializer_class(data=request.data)
+    serializer.is_valid(raise_exception=True)
+    return serializer.validated_data
 
 
 class CompactJsonResponse(JsonResponse):

@@ -70,7 +70,8 @@ class ErrorResponseSerializer(serializers.Serializer):
     )
 
 
-def _error(description: str) -> OpenApiResponse:
+def error_response(description: str) -> OpenApiResponse:
+    """An error response in an operation's schema: the standard error body, described."""
     return OpenApiResponse(response=ErrorResponseSerializer, description=description)
 
 
@@ -88,15 +89,15 @@ class AutoSchema(SpectacularAutoSchema):
             return responses
         errors: dict[str, OpenApiResponse] = {}
         if self.method in _BODY_METHODS:
-            errors["400"] = _error("Malformed request body")
-            errors["413"] = _error("Request body too large")
-            errors["422"] = _error("Validation failed")
+            errors["400"] = error_response("Malformed request body")
+            errors["413"] = error_response("Request body too large")
+            errors["422"] = error_response("Validation failed")
         if self.view.get_authenticators():
-            errors["401"] = _error("Invalid or missing API key")
-            errors["403"] = _error("Insufficient permissions")
-            errors["429"] = _error("Rate limit exceeded")
+            errors["401"] = error_response("Invalid or missing API key")
+            errors["403"] = error_response("Insufficient permissions")
+            errors["429"] = error_response("Rate limit exceeded")
         if "{" in self.path:
-            errors["404"] = _error("Resource not found")
+            errors["404"] = error_response("Resource not found")
         for status, response in sorted(errors.items()):
             if status in responses:
                 continue

@@ -26,7 +26,7 @@ from artifacts.api.serializers import (
 from fetchml.auth import actor_from_request
 from fetchml.permissions import IsHumanOrWorker, IsHumanUser
 from fetchml.query import validated_query
-from fetchml.schema import ErrorResponseSerializer
+from fetchml.schema import error_response
 
 TOKEN_HEADER = "X-Fetchml-Token"
 SHA256_HEADER = "X-Content-SHA256"
@@ -41,24 +41,20 @@ ARTIFACT_PATH = OpenApiParameter(
 READS = ("GET", "HEAD")
 
 
-def _error(description: str) -> OpenApiResponse:
-    return OpenApiResponse(ErrorResponseSerializer, description=description)
-
-
 # A dataset's reads name it in the URL and by query parameters (`owner`, a worker's `task_id`): a bad one
 # is a 422. A name, snapshot id or artifact path in a URL is checked as its upload checks it (artifacts.validation)
 # before anything is looked up, so a read never queries with one that could not be stored.
-BAD_DATASET_QUERY = _error("Invalid name, `owner` or `task_id`, or a worker key without `task_id`")
-BAD_SNAPSHOT_ID = _error("The id is not a sha256 digest (64 hexadecimal characters)")
-BAD_PAGE = _error("Invalid `limit` or `offset` (`details` names it)")
+BAD_DATASET_QUERY = error_response("Invalid name, `owner` or `task_id`, or a worker key without `task_id`")
+BAD_SNAPSHOT_ID = error_response("The id is not a sha256 digest (64 hexadecimal characters)")
+BAD_PAGE = error_response("Invalid `limit` or `offset` (`details` names it)")
 
 
 def _download_responses(what: str) -> dict[Any, Any]:
     return {
         (200, "application/octet-stream"): OpenApiResponse(OpenApiTypes.BINARY, description=f"The {what}"),
         (206, "application/octet-stream"): OpenApiResponse(OpenApiTypes.BINARY, description="The requested range"),
-        404: _error(f"No such {what} readable by the caller"),
-        416: _error("Range not satisfiable (Content-Range: bytes */size)"),
+        404: error_response(f"No such {what} readable by the caller"),
+        416: error_response("Range not satisfiable (Content-Range: bytes */size)"),
     }
 
 
@@ -110,8 +106,8 @@ class SnapshotListUploadView(APIView):
         responses={
             201: SnapshotSerializer,
             200: SnapshotSerializer,
-            413: _error("Over FETCHML_MAX_SNAPSHOT_BYTES"),
-            422: _error("Not a .tar.gz"),
+            413: error_response("Over FETCHML_MAX_SNAPSHOT_BYTES"),
+            422: error_response("Not a .tar.gz"),
         },
     )
     def post(self, request: Request) -> Response:
@@ -190,8 +186,8 @@ class DatasetListCreateView(APIView):
         request=RAW_BODY,
         responses={
             201: DatasetSerializer,
-            409: _error("You already have a dataset with this name"),
-            413: _error("Over FETCHML_MAX_DATASET_BYTES"),
+            409: error_response("You already have a dataset with this name"),
+            413: error_response("Over FETCHML_MAX_DATASET_BYTES"),
         },
     )
     def post(self, request: Request) -> Response:
@@ -292,7 +288,7 @@ class ArtifactFileView(APIView):
         summary="Download task artifact",
         description="Owner and admins only. Audited as file_access.",
         parameters=[ARTIFACT_PATH, RANGE],
-        responses={**_download_responses("artifact"), 422: _error("Bad path (as for uploads)")},
+        responses={**_download_responses("artifact"), 422: error_response("Bad path (as for uploads)")},
     )
     def get(self, request: Request, taskId: uuid.UUID, path: str) -> HttpResponseBase:
         path = validation.artifact_path(path)
@@ -322,9 +318,9 @@ class ArtifactFileView(APIView):
         request=RAW_BODY,
         responses={
             201: ArtifactSerializer,
-            409: _error("Stale fencing token, or this path is already committed"),
-            413: _error("Over the task's artifact budget"),
-            422: _error("Bad path, or the body does not match X-Content-SHA256"),
+            409: error_response("Stale fencing token, or this path is already committed"),
+            413: error_response("Over the task's artifact budget"),
+            422: error_response("Bad path, or the body does not match X-Content-SHA256"),
         },
     )
     def put(self, request: Request, taskId: uuid.UUID, path: str) -> Response:
@@ -363,8 +359,8 @@ class ArtifactCommitView(ArtifactFileView):
         request=ArtifactCommitSerializer,
         responses={
             200: ArtifactSerializer(many=True),
-            409: _error("Stale fencing token"),
-            422: _error("The manifest does not match the uploads"),
+            409: error_response("Stale fencing token"),
+            422: error_response("The manifest does not match the uploads"),
         },
     )
     def post(self, request: Request, taskId: uuid.UUID, path: str) -> Response:

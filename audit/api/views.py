@@ -1,6 +1,6 @@
 """Audit endpoints (admin only): query events, verify the chain, read its root."""
 
-from drf_spectacular.utils import OpenApiResponse, extend_schema
+from drf_spectacular.utils import extend_schema
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
@@ -17,9 +17,9 @@ from audit.checkpoints import warnings_for
 from fetchml.auth import actor_from_request
 from fetchml.permissions import IsAdmin
 from fetchml.query import KnownQueryParameters, validated_query
-from fetchml.schema import ErrorResponseSerializer
+from fetchml.schema import error_response
 
-BAD_QUERY = OpenApiResponse(ErrorResponseSerializer, description="Invalid query parameter (`details` names it)")
+BAD_QUERY = error_response("Invalid query parameter (`details` names it)")
 
 
 class AuditEventListView(APIView):

@@ -9,14 +9,16 @@ from rest_framework.views import APIView
 
 from fetchml.auth import actor_from_request
 from fetchml.errors import NotFound
+from fetchml.jsonbody import validated_body
 from fetchml.permissions import IsHumanUser
 from fetchml.query import KnownQueryParameters
-from fetchml.schema import ErrorResponseSerializer
+from fetchml.schema import error_response
 from jupyter import selectors, services
 from jupyter.api.serializers import JupyterServiceSerializer, StartJupyterSerializer, service_data
 
 TAGS = ["Jupyter"]
 SERVICE_ID = OpenApiParameter("serviceId", OpenApiTypes.UUID, OpenApiParameter.PATH)
+NOT_FOUND = error_response("No such service visible to the caller")
 
 
 class JupyterServiceListView(KnownQueryParameters, APIView):
@@ -37,13 +39,12 @@ class JupyterServiceListView(KnownQueryParameters, APIView):
         description="Queues a service task; the service is `running` (with url and token) once it answers.",
         tags=TAGS,
         request=StartJupyterSerializer,
-        responses={201: JupyterServiceSerializer, 422: OpenApiResponse(ErrorResponseSerializer)},
+        responses={201: JupyterServiceSerializer, 422: error_response("Validation failed; `details` names each field")},
     )
     def post(self, request: Request) -> Response:
-        body = StartJupyterSerializer(data=request.data)
-        body.is_valid(raise_exception=True)
+        fields = validated_body(StartJupyterSerializer, request)
         actor = actor_from_request(request)
-        service = services.jupyter_start(actor=actor, **body.validated_data)
+        service = services.jupyter_start(actor=actor, **fields)
         return Response(service_data(service, actor), status=status.HTTP_201_CREATED)
 
 
@@ -62,7 +63,7 @@ class JupyterServiceDetailView(KnownQueryParameters, APIView):
         description="One service: its status, and its url and token (the token only to its owner) once running.",
         tags=TAGS,
         parameters=[SERVICE_ID],
-        responses={200: JupyterServiceSerializer, 404: OpenApiResponse(ErrorResponseSerializer)},
+        responses={200: JupyterServiceSerializer, 404: NOT_FOUND},
     )
     def get(self, request: Request, serviceId: str) -> Response:
         actor, service = self._visible(request, serviceId)
@@ -73,7 +74,7 @@ class JupyterServiceDetailView(KnownQueryParameters, APIView):
         description="Cancels the service's task; the worker stops Jupyter and frees its slot.",
         tags=TAGS,
         parameters=[SERVICE_ID],
-        responses={204: OpenApiResponse(description="Service stopped"), 404: OpenApiResponse(ErrorResponseSerializer)},
+        responses={204: OpenApiResponse(description="Service stopped"), 404: NOT_FOUND},
     )
     def delete(self, request: Request, serviceId: str) -> Response:
         actor, service = self._visible(request, serviceId)

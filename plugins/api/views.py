@@ -9,6 +9,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from fetchml.auth import actor_from_request
+from fetchml.jsonbody import validated_body
 from fetchml.permissions import IsAdmin, IsHumanUser
 from fetchml.query import KnownQueryParameters
 from plugins import selectors, services
@@ -116,9 +117,8 @@ class PluginConfigView(PluginView):
     )
     def put(self, request: Request, pluginName: str) -> Response:
         plugin = get_plugin(pluginName)
-        body = PluginConfigInputSerializer(data=request.data)
-        body.is_valid(raise_exception=True)
-        result = services.plugin_configure(name=plugin.name, actor=actor_from_request(request), **body.validated_data)
+        fields = validated_body(PluginConfigInputSerializer, request)
+        result = services.plugin_configure(name=plugin.name, actor=actor_from_request(request), **fields)
         data = plugin_data(result.plugin, result.config, plugin_state(result.plugin, result.config))
         return Response({**data, "restart_required": result.restart_required, "changed": result.changed})
 

@@ -8,18 +8,18 @@ anyone else gets 404.
 """
 
 import uuid
-from typing import Any
 
-from drf_spectacular.utils import OpenApiResponse, extend_schema
-from rest_framework import serializers, status
+from drf_spectacular.utils import extend_schema
+from rest_framework import status
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from fetchml.auth import actor_from_request
+from fetchml.jsonbody import validated_body
 from fetchml.permissions import IsAdmin, IsHumanUser
 from fetchml.query import KnownQueryParameters, validated_query
-from fetchml.schema import ErrorResponseSerializer
+from fetchml.schema import error_response
 from scheduler import reservations
 from scheduler.api import reads
 from scheduler.api.serializers import (
@@ -35,24 +35,13 @@ from tasks.api.serializers import TaskSerializer
 from tasks.selectors import task_get_for_actor
 from tasks.services import task_set_priority
 
-
-def _error(description: str) -> OpenApiResponse:
-    return OpenApiResponse(ErrorResponseSerializer, description=description)
-
-
-UNAUTHORIZED = _error("Invalid or missing API key")
-FORBIDDEN = _error("Worker keys may not use this endpoint")
-ADMIN_ONLY = _error("Admin role required")
-NOT_FOUND = _error("Not found, or not visible to the caller")
-CONFLICT = _error("The resource is not in a state that allows this")
-VALIDATION = _error("Validation failed; `details` names each field")
-BAD_REQUEST = _error("Invalid query parameter")
-
-
-def _body(serializer_class: type[serializers.Serializer], request: Request) -> dict[str, Any]:
-    serializer = serializer_class(data=request.data)
-    serializer.is_valid(raise_exception=True)
-    return serializer.validated_data
+UNAUTHORIZED = error_response("Invalid or missing API key")
+FORBIDDEN = error_response("Worker keys may not use this endpoint")
+ADMIN_ONLY = error_response("Admin role required")
+NOT_FOUND = error_response("Not found, or not visible to the caller")
+CONFLICT = error_response("The resource is not in a state that allows this")
+VALIDATION = error_response("Validation failed; `details` names each field")
+BAD_REQUEST = error_response("Invalid query parameter")
 
 
 class SchedulerStatusView(KnownQueryParameters, APIView):
@@ -141,7 +130,7 @@ class ReservationListCreateView(APIView):
         responses={201: ReservationSerializer, 401: UNAUTHORIZED, 403: FORBIDDEN, 422: VALIDATION},
     )
     def post(self, request: Request) -> Response:
-        fields = _body(CreateReservationSerializer, request)
+        fields = validated_body(CreateReservationSerializer, request)
         actor = actor_from_request(request)
         created = reservations.reservation_create(owner=actor.user, actor=actor, **fields)
         return Response(ReservationSerializer(created).data, status=status.HTTP_201_CREATED)
@@ -195,6 +184,6 @@ class JobPriorityView(APIView):
     def patch(self, request: Request, jobId: uuid.UUID) -> Response:
         actor = actor_from_request(request)
         task = task_get_for_actor(actor=actor, task_id=jobId)
-        fields = _body(PrioritySerializer, request)
+        fields = validated_body(PrioritySerializer, request)
         task_set_priority(task=task, priority=fields["priority"], actor=actor)
         return Response(TaskSerializer(task_get_for_actor(actor=actor, task_id=jobId)).data)

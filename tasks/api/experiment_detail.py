@@ -2,16 +2,17 @@
 
 import uuid
 
-from drf_spectacular.utils import OpenApiResponse, extend_schema
+from drf_spectacular.utils import extend_schema
 from rest_framework import serializers
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from fetchml.auth import actor_from_request
+from fetchml.jsonbody import validated_body
 from fetchml.permissions import IsHumanUser
 from fetchml.query import KnownQueryParameters
-from fetchml.schema import ErrorResponseSerializer
+from fetchml.schema import error_response
 from tasks.api.fields import StrictCharField, StrictSerializer
 from tasks.api.serializers import commit_id_field, experiment_name_field
 from tasks.experiments import SETTABLE_STATUSES, experiment_get, experiment_update
@@ -59,14 +60,13 @@ class ExperimentDetailView(KnownQueryParameters, APIView):
         request=ExperimentUpdateSerializer,
         responses={
             200: ExperimentDetailSerializer,
-            409: OpenApiResponse(ErrorResponseSerializer, description="The owner has an experiment of this name"),
-            422: OpenApiResponse(ErrorResponseSerializer, description="Invalid or unknown field"),
+            409: error_response("The owner has an experiment of this name"),
+            422: error_response("Invalid or unknown field"),
         },
     )
     def patch(self, request: Request, experimentId: uuid.UUID) -> Response:
         actor = actor_from_request(request)
         experiment = experiment_get(actor=actor, experiment_id=experimentId)
-        serializer = ExperimentUpdateSerializer(data=request.data)
-        serializer.is_valid(raise_exception=True)
-        updated = experiment_update(experiment=experiment, actor=actor, **serializer.validated_data)
+        fields = validated_body(ExperimentUpdateSerializer, request)
+        updated = experiment_update(experiment=experiment, actor=actor, **fields)
         return Response(ExperimentDetailSerializer(updated).data)

@@ -6,17 +6,18 @@ import uuid
 from typing import Any
 
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
-from rest_framework import serializers, status
+from rest_framework import status
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from fetchml.auth import actor_from_request
 from fetchml.errors import ApplicationError
+from fetchml.jsonbody import validated_body
 from fetchml.models import ApiKey
 from fetchml.permissions import IsHumanUser
 from fetchml.query import KnownQueryParameters, validated_query
-from fetchml.schema import ErrorResponseSerializer
+from fetchml.schema import error_response
 from tasks import experiments, selectors, services
 from tasks.api.serializers import (
     CreateExperimentSerializer,
@@ -34,24 +35,14 @@ IDEMPOTENCY_HEADER = "Idempotency-Key"
 IDEMPOTENCY_KEY_MAX_LENGTH = 255
 
 
-def _error(description: str) -> OpenApiResponse:
-    return OpenApiResponse(ErrorResponseSerializer, description=description)
-
-
-BAD_REQUEST = _error("Invalid request (bad query parameter or header, malformed JSON)")
-UNAUTHORIZED = _error("Invalid or missing API key")
-FORBIDDEN = _error("Worker keys may not use this endpoint")
-NOT_FOUND = _error("No such task visible to the caller")
-CONFLICT = _error("The task has already finished")
-NAME_CONFLICT = _error("The owner already has an experiment with this name; `details` names `name`")
-VALIDATION = _error("Validation failed; `details` names each field")
-RATE_LIMITED = _error("Too many requests (see Retry-After)")
-
-
-def _body(serializer_class: type[serializers.Serializer], request: Request) -> dict[str, Any]:
-    serializer = serializer_class(data=request.data)
-    serializer.is_valid(raise_exception=True)
-    return serializer.validated_data
+BAD_REQUEST = error_response("Invalid request (bad query parameter or header, malformed JSON)")
+UNAUTHORIZED = error_response("Invalid or missing API key")
+FORBIDDEN = error_response("Worker keys may not use this endpoint")
+NOT_FOUND = error_response("No such task visible to the caller")
+CONFLICT = error_response("The task has already finished")
+NAME_CONFLICT = error_response("The owner already has an experiment with this name; `details` names `name`")
+VALIDATION = error_response("Validation failed; `details` names each field")
+RATE_LIMITED = error_response("Too many requests (see Retry-After)")
 
 
 def _idempotency_key(request: Request) -> str | None:
@@ -128,7 +119,7 @@ class TaskListCreateView(APIView):
         },
     )
     def post(self, request: Request) -> Response:
-        fields = _body(CreateTaskSerializer, request)
+        fields = validated_body(CreateTaskSerializer, request)
         idempotency_key = _idempotency_key(request)
         actor = actor_from_request(request)
         headers = {}
@@ -239,6 +230,6 @@ class ExperimentListCreateView(APIView):
         },
     )
     def post(self, request: Request) -> Response:
-        fields = _body(CreateExperimentSerializer, request)
+        fields = validated_body(CreateExperimentSerializer, request)
         experiment = experiments.experiment_create(owner=request.user, **fields)
         return Response(ExperimentSerializer(experiment).data, status=status.HTTP_201_CREATED)
