@@ -673,7 +673,8 @@ def idle_fleet(idle_workers: int) -> None:
     Worker.objects.update(status=Worker.Status.OFFLINE)
     have = Worker.objects.filter(name__startswith="idle-").count()
     Worker.objects.bulk_create(
-        Worker(name=f"idle-{index:05}", cpu_cores=8, memory_gb=32, batch_slots=1_000_000)
+        # A channel name: a worker without a connection is given no work.
+        Worker(name=f"idle-{index:05}", channel_name=f"bench!{index}", cpu_cores=8, memory_gb=32, batch_slots=1_000_000)
         for index in range(have, idle_workers)
     )
     Worker.objects.filter(name__in=[f"idle-{index:05}" for index in range(idle_workers)]).update(

@@ -306,6 +306,7 @@ def runnable_tasks(now: datetime) -> QuerySet[Task]:
 CAPACITY_FIELDS = (
     *FLEET_FIELDS,
     "hostname",
+    "channel_name",
     "used_gpus",
     "used_cpu",
     "used_memory_gb",
@@ -316,7 +317,7 @@ CAPACITY_FIELDS = (
 
 def _claimable_workers() -> QuerySet[Worker]:
     free_slot = Q(used_batch_slots__lt=F("batch_slots")) | Q(used_service_slots__lt=F("service_slots"))
-    claimed = Worker.objects.select_for_update(skip_locked=True).filter(free_slot, status=Worker.Status.ACTIVE)
+    claimed = Worker.objects.select_for_update(skip_locked=True).filter(free_slot, Worker.taking_work())
     return claimed.only(*CAPACITY_FIELDS).order_by("name")
 
 

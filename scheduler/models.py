@@ -77,6 +77,17 @@ class Worker(models.Model):
     def __str__(self) -> str:
         return self.name
 
+    @staticmethod
+    def taking_work() -> Q:
+        """The workers a dispatch round may give work: active, and connected now. One whose
+        connection closed keeps its lease (and its runs) until it is back or the lease ends, but
+        a run placed on it meanwhile would wait that long for nothing, and then count as a retry."""
+        return Q(status=Worker.Status.ACTIVE) & ~Q(channel_name="")
+
+    @property
+    def takes_work(self) -> bool:
+        return self.status == Worker.Status.ACTIVE and self.channel_name != ""
+
 
 class Reservation(models.Model):
     class Status(models.TextChoices):

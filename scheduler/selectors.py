@@ -90,12 +90,12 @@ class WorkerAvailability:
 def worker_availability(workers: list[Worker], *, now: datetime | None = None) -> dict[Any, WorkerAvailability]:
     """Free capacity of `workers` as a dispatch round sees it: less what active reservations hold
     on them (the round's own binding, `current_holds`, and accounting, `held_from`), and none on a
-    worker that is not active (draining, offline), which a round gives nothing.
+    worker a round gives nothing (`Worker.takes_work`: draining, offline, or not connected now).
 
     A fixed number of queries (the live reservations, the GPUs in use), whatever the fleet's size.
     """
     available = {}
-    taking_work = {worker.id for worker in workers if worker.status == Worker.Status.ACTIVE}
+    taking_work = {worker.id for worker in workers if worker.takes_work}
     for node in capacities(workers, current_holds(now or timezone.now())):
         reserved_gpus, reserved_slots = held_from(node, None)
         active = node.worker_id in taking_work
@@ -215,7 +215,7 @@ def pending_reason(task: Task, *, now: datetime | None = None, position: int | N
     now = now or timezone.now()
     if task.runnable_after is not None and task.runnable_after > now:
         return f"waiting for retry back-off until {task.runnable_after.isoformat()}"
-    workers = list(Worker.objects.filter(status=Worker.Status.ACTIVE).only(*CAPACITY_FIELDS))
+    workers = list(Worker.objects.filter(Worker.taking_work()).only(*CAPACITY_FIELDS))
     if not workers:
         return "no active worker is connected"
     # The round's own view: capacity held by reservations and for a starving head of the line.

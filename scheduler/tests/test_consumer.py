@@ -327,6 +327,24 @@ def test_assign_is_delivered_to_the_worker_after_dispatch(worker_key):
     assert message["timeout_seconds"] == 60
 
 
+def test_a_worker_whose_connection_closed_is_given_no_work_until_it_is_back(worker_key):
+    async def scenario():
+        communicator, _ = await start_worker(worker_key)
+        await communicator.disconnect()
+        task = await _submit()
+        placed_while_away = await db(dispatch_round)()
+        communicator, _ = await start_worker(worker_key)
+        placed_when_back = await db(dispatch_round)()
+        message = await receive(communicator)
+        await communicator.disconnect()
+        return task, placed_while_away, placed_when_back, message
+
+    task, placed_while_away, placed_when_back, message = run(scenario())
+
+    assert (placed_while_away, placed_when_back) == (0, 1)
+    assert message["task_id"] == str(task.id) and message["attempt"] == 1
+
+
 def test_unacknowledged_assignment_is_sent_again_on_reconnect(worker_key):
     async def scenario():
         communicator, _ = await start_worker(worker_key)

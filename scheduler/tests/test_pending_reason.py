@@ -25,6 +25,12 @@ def test_no_worker_connected():
     assert pending_reason(queued_task()) == "no active worker is connected"
 
 
+def test_a_worker_whose_connection_closed_does_not_count_as_connected():
+    worker(channel_name="")
+
+    assert pending_reason(queued_task()) == "no active worker is connected"
+
+
 def test_no_worker_has_the_gpu_type():
     worker(gpu_count=8, gpu_type="V100")
 

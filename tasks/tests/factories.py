@@ -39,6 +39,8 @@ class WorkerFactory(factory.django.DjangoModelFactory):
 
     name = factory.Sequence(lambda n: f"gpu-box-{n}")
     status = Worker.Status.ACTIVE
+    # Connected: an active worker without a connection is given no work (Worker.taking_work).
+    channel_name = factory.Sequence(lambda n: f"specific.test!worker-{n}")
     cpu_cores = 32
     memory_gb = 128
     gpu_count = 4
