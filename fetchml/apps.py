@@ -9,11 +9,12 @@ class FetchmlConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        # Registers the X-API-Key scheme with drf-spectacular, and the deploy checks.
-        from fetchml import checks, schema  # noqa: F401
+        # Registers the X-API-Key scheme with drf-spectacular, the deploy checks, and the path converter of ids.
+        from fetchml import checks, converters, schema  # noqa: F401
         from fetchml.tracing import install_log_record_factory
 
         install_log_record_factory()
+        converters.register()
         _tune_garbage_collection()
         from django.core.signals import request_finished
 

@@ -5,11 +5,20 @@ Services raise ApplicationError subclasses; `exception_handler` (DRF) and
 the system through `error_body`.
 """
 
+import json
 import logging
 import math
 from typing import Any
 
-from django.core.exceptions import PermissionDenied, RequestDataTooBig
+from django.conf import settings
+from django.core.exceptions import (
+    DisallowedHost,
+    PermissionDenied,
+    RequestDataTooBig,
+    SuspiciousOperation,
+    TooManyFieldsSent,
+    TooManyFilesSent,
+)
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.db import InterfaceError, OperationalError
 from django.http import Http404
@@ -117,28 +126,44 @@ def error_response(status: int, message: str, code: str | None = None, **headers
     return response
 
 
-def _flatten_validation(detail: Any, prefix: str = "") -> list[dict]:
-    """DRF's nested error dict -> [{"field": "a.b[0]", "message": "..."}]."""
+def suspicious_request_message(exc: Exception | None) -> str:
+    """What a request Django refuses as suspicious is told (never what it sent: a Host, a path)."""
+    if isinstance(exc, TooManyFieldsSent):
+        return f"Too many query parameters or form fields (at most {settings.DATA_UPLOAD_MAX_NUMBER_FIELDS})"
+    if isinstance(exc, TooManyFilesSent):
+        return f"Too many files (at most {settings.DATA_UPLOAD_MAX_NUMBER_FILES})"
+    if isinstance(exc, DisallowedHost):
+        return "The Host header names no host this server answers for (ALLOWED_HOSTS)"
+    return "Invalid request"
+
+
+def _flatten_validation(detail: Any, prefix: str | None = None) -> list[dict]:
+    """DRF's nested error dict -> [{"field": "a.b[0]", "message": "..."}]; a body-wide error has field null.
+
+    A field named "" (an unknown field of that name) keeps its name, so that it stays told apart from a
+    body-wide error."""
     items: list[dict] = []
     if isinstance(detail, dict):
         for key, value in detail.items():
-            name = str(key) if key != "non_field_errors" else ""
-            field = f"{prefix}.{name}" if prefix and name else (prefix or name)
+            if key == "non_field_errors":
+                field = prefix
+            else:
+                field = f"{prefix}.{key}" if prefix is not None else str(key)
             items.extend(_flatten_validation(value, field))
     elif isinstance(detail, list):
         if all(not isinstance(v, (dict, list)) for v in detail):
-            items.extend({"field": prefix or None, "message": str(v)} for v in detail)
+            items.extend({"field": prefix, "message": str(v)} for v in detail)
         else:
             for index, value in enumerate(detail):
                 if value:
-                    items.extend(_flatten_validation(value, f"{prefix}[{index}]"))
+                    items.extend(_flatten_validation(value, f"{prefix or ''}[{index}]"))
     else:
-        items.append({"field": prefix or None, "message": str(detail)})
+        items.append({"field": prefix, "message": str(detail)})
     return items
 
 
 def _summary(details: list[dict]) -> str:
-    named = [d["field"] for d in details if d.get("field")]
+    named = [json.dumps(d["field"]) if d["field"] == "" else d["field"] for d in details if d["field"] is not None]
     return "Validation failed: " + ", ".join(dict.fromkeys(named)) if named else details[0]["message"]
 
 
@@ -162,6 +187,11 @@ def _error_for(exc: Exception, context: dict) -> Response:
         return Response(error_body("Insufficient permissions", "FORBIDDEN"), status=403)
     if isinstance(exc, RequestDataTooBig):
         return Response(error_body("Request body too large", "BAD_REQUEST"), status=413)
+    if isinstance(exc, SuspiciousOperation):
+        # Raised while DRF reads the query or body (more than DATA_UPLOAD_MAX_NUMBER_FIELDS
+        # parameters), before authentication: one line, not a traceback any client could repeat.
+        logger.warning("refused a suspicious request: %s", type(exc).__name__)
+        return Response(error_body(suspicious_request_message(exc), "BAD_REQUEST"), status=400)
     if isinstance(exc, drf_exceptions.ValidationError):
         details = _flatten_validation(exc.detail)
         return Response(error_body(_summary(details), "VALIDATION_ERROR", details), status=422)

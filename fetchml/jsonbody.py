@@ -15,7 +15,7 @@ from typing import Any
 
 from django.conf import settings
 from django.http import JsonResponse
-from rest_framework import parsers, serializers
+from rest_framework import parsers, renderers, serializers
 from rest_framework.exceptions import ParseError
 from rest_framework.request import Request
 from rest_framework.utils.json import strict_constant
@@ -75,10 +75,25 @@ class JSONParser(parsers.JSONParser):
 
 
 def validated_body(serializer_class: type[serializers.Serializer], request: Request) -> dict[str, Any]:
-    """The request body's fields, validated; a bad one raises DRF's ValidationError (a 422 with `details`)."""
+    """The request body's fields, validated; a bad one raises DRF's ValidationError (a 422 with `details`).
+
+    Every operation with a body requires one: none at all (DRF reads it as `{}`) is a 400."""
+    if request.stream is None:
+        raise ParseError("the body is empty; this operation takes a JSON object")
     serializer = serializer_class(data=request.data)
     serializer.is_valid(raise_exception=True)
     return serializer.validated_data
+
+
+class JSONRenderer(renderers.JSONRenderer):
+    """DRF's JSON renderer, but a lone surrogate (one a client sent as a field's name, echoed
+    in its 422) is written as an escape: UTF-8 cannot encode it, and the answer would be a 500."""
+
+    def render(self, data: Any, accepted_media_type: str | None = None, renderer_context: dict | None = None) -> bytes:
+        try:
+            return super().render(data, accepted_media_type, renderer_context)
+        except UnicodeEncodeError:
+            return json.dumps(data, cls=self.encoder_class, **{**COMPACT_DUMPS_PARAMS, "ensure_ascii": True}).encode()
 
 
 class CompactJsonResponse(JsonResponse):

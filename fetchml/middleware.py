@@ -13,7 +13,7 @@ from django.core.handlers.asgi import ASGIRequest
 from django.http import HttpRequest, HttpResponse, HttpResponseBase, StreamingHttpResponse
 
 from fetchml.conf import app_settings
-from fetchml.errors import code_for_status, error_response
+from fetchml.errors import code_for_status, error_response, suspicious_request_message
 from fetchml.ratelimits import apply_headers
 from fetchml.tracing import new_trace_id, reset_trace_id, set_trace_id
 
@@ -184,7 +184,7 @@ class ApiErrorMiddleware:
 def bad_request(request: HttpRequest, exception: Exception | None = None) -> HttpResponse:
     if isinstance(exception, RequestDataTooBig):
         return error_response(413, "Request body too large")
-    return error_response(400, "Invalid request")
+    return error_response(400, suspicious_request_message(exception))
 
 
 def permission_denied(request: HttpRequest, exception: Exception | None = None) -> HttpResponse:

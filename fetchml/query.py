@@ -26,7 +26,8 @@ def unknown_parameters(names: Iterable[str], known: Iterable[str]) -> list[str]:
     return [name[:64] for name in dict.fromkeys(names) if name not in allowed][:MAX_REPORTED_UNKNOWN]
 
 
-def _refused(errors: dict[str, list]) -> ApplicationError:
+def refused(errors: dict[str, list]) -> ApplicationError:
+    """The 400 naming each bad query parameter: {name: [what is wrong with it]}."""
     details = [{"field": field, "message": str(message)} for field, messages in errors.items() for message in messages]
     return ApplicationError("Invalid query parameters: " + ", ".join(errors), details=details)
 
@@ -34,7 +35,7 @@ def _refused(errors: dict[str, list]) -> ApplicationError:
 def refuse_unknown(params: QueryDict, known: Iterable[str] = ()) -> None:
     """A 400 naming the parameters of `params` not in `known`: for reads that take few or none."""
     if unknown := unknown_parameters(params, known):
-        raise _refused({name: [UNKNOWN] for name in unknown})
+        raise refused({name: [UNKNOWN] for name in unknown})
 
 
 def validated_query(serializer_class: type[serializers.Serializer], request: Request) -> dict[str, Any]:
@@ -49,15 +50,18 @@ def validated_query(serializer_class: type[serializers.Serializer], request: Req
     }
     errors |= {name: [UNKNOWN] for name in unknown_parameters(request.query_params, serializer.fields)}
     if errors:
-        raise _refused(errors)
+        raise refused(errors)
     return serializer.validated_data
 
 
 class KnownQueryParameters:
-    """For an API view whose reads take no query parameters but `format`: any other is a 400
-    naming it, after authentication (as the lists, which check theirs with `validated_query`)."""
+    """For an API view whose methods take no query parameters but `format`: any other is a 400
+    naming it, after authentication. The methods in `methods_checking_their_own` (a list's read,
+    with `validated_query`) are left to do so."""
+
+    methods_checking_their_own: tuple[str, ...] = ()
 
     def initial(self, request: Request, *args: Any, **kwargs: Any) -> None:
         super().initial(request, *args, **kwargs)  # type: ignore[misc]
-        if request.method in ("GET", "HEAD"):
+        if request.method not in self.methods_checking_their_own:
             refuse_unknown(request.query_params)

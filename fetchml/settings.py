@@ -260,10 +260,11 @@ REST_FRAMEWORK = {
     "DEFAULT_PERMISSION_CLASSES": ["fetchml.permissions.IsHumanUser"],
     "DEFAULT_THROTTLE_CLASSES": ["fetchml.ratelimits.ApiKeyRateThrottle"],
     "DEFAULT_RENDERER_CLASSES": [
-        "rest_framework.renderers.JSONRenderer",
+        "fetchml.jsonbody.JSONRenderer",
         "rest_framework.renderers.BrowsableAPIRenderer",
     ],
     "DEFAULT_PARSER_CLASSES": ["fetchml.jsonbody.JSONParser"],
+    "DEFAULT_CONTENT_NEGOTIATION_CLASS": "fetchml.negotiation.ContentNegotiation",
     "DEFAULT_FILTER_BACKENDS": ["django_filters.rest_framework.DjangoFilterBackend"],
     "DEFAULT_PAGINATION_CLASS": None,
     "DEFAULT_SCHEMA_CLASS": "fetchml.schema.AutoSchema",
@@ -297,6 +298,8 @@ SPECTACULAR_SETTINGS = {
     ],
     # /v1/docs loads Swagger UI from drf-spectacular-sidecar, so it works offline.
     "SWAGGER_UI_DIST": "SIDECAR",
+    # An id in a path (fetchml.converters) is a UUID, in either case.
+    "PATH_CONVERTER_OVERRIDES": {"id": {"type": "string", "format": "uuid"}},
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     # No validator badge: it would send the schema's URL to validator.swagger.io.
     "SWAGGER_UI_SETTINGS": {"deepLinking": True, "validatorUrl": None},

@@ -68,12 +68,24 @@ def check_value(setting: Setting, value: Any) -> str | None:
         return f"Must be of type {setting.type_name}."
     if isinstance(value, str) and len(value) > MAX_STRING_LENGTH:
         return f"Ensure this value has at most {MAX_STRING_LENGTH} characters."
+    if isinstance(value, str) and (problem := _unstorable(value)):
+        return problem
     if setting.choices is not None and value not in setting.choices:
         return "Must be one of: " + ", ".join(str(choice) for choice in setting.choices) + "."
     if setting.url and value and not is_http_url(value):
         return "Must be an http:// or https:// URL."
     if setting.pattern is not None and isinstance(value, str) and not re.fullmatch(setting.pattern, value):
         return f"Must match {setting.pattern}."
+    return None
+
+
+def _unstorable(value: str) -> str | None:
+    """A character no database text (nor PostgreSQL's json) can hold, said as DRF's CharField says it."""
+    if "\x00" in value:
+        return "Null characters are not allowed."
+    surrogate = next((ch for ch in value if "\ud800" <= ch <= "\udfff"), None)
+    if surrogate is not None:
+        return f"Surrogate characters are not allowed: U+{ord(surrogate):X}."
     return None
 
 

@@ -20,13 +20,13 @@ urlpatterns = [
     path("datasets", views.DatasetListCreateView.as_view(), name="dataset-list"),
     path("datasets/<str:name>", views.DatasetDetailView.as_view(), name="dataset-detail"),
     path("datasets/<str:name>/content", views.DatasetContentView.as_view(), name="dataset-content"),
-    path("tasks/<uuid:taskId>/artifacts", views.ArtifactListView.as_view(), name="artifact-list"),
+    path("tasks/<id:taskId>/artifacts", views.ArtifactListView.as_view(), name="artifact-list"),
     # Before the catch-all file route; a file named "commit" is still served by GET/PUT here.
     path(
-        "tasks/<uuid:taskId>/artifacts/commit",
+        "tasks/<id:taskId>/artifacts/commit",
         views.ArtifactCommitView.as_view(),
         {"path": "commit"},
         name="artifact-commit",
     ),
-    path("tasks/<uuid:taskId>/artifacts/<anypath:path>", views.ArtifactFileView.as_view(), name="artifact-file"),
+    path("tasks/<id:taskId>/artifacts/<anypath:path>", views.ArtifactFileView.as_view(), name="artifact-file"),
 ]

@@ -4,5 +4,5 @@ from jupyter.api import views
 
 urlpatterns = [
     path("jupyter/services", views.JupyterServiceListView.as_view(), name="jupyter-services"),
-    path("jupyter/services/<uuid:serviceId>", views.JupyterServiceDetailView.as_view(), name="jupyter-service"),
+    path("jupyter/services/<id:serviceId>", views.JupyterServiceDetailView.as_view(), name="jupyter-service"),
 ]

@@ -10,6 +10,8 @@ if TYPE_CHECKING:
 
 # A relative path below the output dir: no "..", no leading "/".
 SUBDIR_PATTERN = r"[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*"
+# A day: beyond it TensorBoard would in effect never show new events.
+MAX_RELOAD_INTERVAL_SECONDS = 86400
 
 
 class TensorBoardPlugin(BasePlugin):
@@ -46,8 +48,11 @@ class TensorBoardPlugin(BasePlugin):
         ]
 
     def validate(self, config: ResolvedConfig) -> list[dict[str, str]]:
-        if config.settings["reload_interval"] < 1:
+        interval = config.settings["reload_interval"]
+        if interval < 1:
             return [{"field": "settings.reload_interval", "message": "Must be at least 1."}]
+        if interval > MAX_RELOAD_INTERVAL_SECONDS:
+            return [{"field": "settings.reload_interval", "message": f"Must be at most {MAX_RELOAD_INTERVAL_SECONDS}."}]
         return []
 
     @staticmethod

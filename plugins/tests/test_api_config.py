@@ -37,6 +37,34 @@ def test_boolean_is_not_accepted_as_integer_setting(admin_client_key):
     assert fields(response) == ["settings.reload_interval"]
 
 
+def test_a_reload_interval_over_a_day_is_422_naming_it(admin_client_key):
+    body = {"enabled": True, "mode": "sidecar", "settings": {"reload_interval": 2**63}}
+    response = admin_client_key.put("/v1/plugins/tensorboard/config", body, format="json")
+    assert response.status_code == 422
+    assert response.json()["details"] == [{"field": "settings.reload_interval", "message": "Must be at most 86400."}]
+
+
+@pytest.mark.parametrize(
+    ("plugin", "setting", "raw", "message"),
+    [
+        ("wandb", "api_key", r"a\u0000b", "Null characters are not allowed."),
+        ("wandb", "api_key", r"\ud800", "Surrogate characters are not allowed: U+D800."),
+        ("mlflow", "experiment_name", r"\udc00", "Surrogate characters are not allowed: U+DC00."),
+    ],
+)
+def test_a_setting_no_database_text_can_hold_is_422_naming_it(admin_client_key, plugin, setting, raw, message):
+    body = f'{{"settings": {{"{setting}": "{raw}"}}}}'
+    response = admin_client_key.generic("PUT", f"/v1/plugins/{plugin}/config", body, content_type="application/json")
+    assert response.status_code == 422, response.content
+    assert response.json()["details"] == [{"field": f"settings.{setting}", "message": message}]
+    assert not PluginConfig.objects.filter(name=plugin).exists()
+
+
+def test_a_put_without_a_body_is_400(admin_client_key):
+    response = admin_client_key.generic("PUT", "/v1/plugins/mlflow/config", b"", content_type="application/json")
+    assert (response.status_code, response.json()["code"]) == (400, "BAD_REQUEST")
+
+
 def test_mode_outside_the_enum_is_422(admin_client_key):
     response = admin_client_key.put("/v1/plugins/mlflow/config", {"enabled": True, "mode": "cloud"}, format="json")
     assert response.status_code == 422

@@ -96,7 +96,8 @@ class WorkerDetailView(KnownQueryParameters, APIView):
         return Response(status=status.HTTP_204_NO_CONTENT)
 
 
-class ReservationListCreateView(APIView):
+class ReservationListCreateView(KnownQueryParameters, APIView):
+    methods_checking_their_own = ("GET", "HEAD")
     permission_classes = [IsHumanUser]
 
     @extend_schema(
@@ -161,7 +162,7 @@ class ReservationDetailView(KnownQueryParameters, APIView):
         return Response(status=status.HTTP_204_NO_CONTENT)
 
 
-class JobPriorityView(APIView):
+class JobPriorityView(KnownQueryParameters, APIView):
     permission_classes = [IsHumanUser]
 
     @extend_schema(

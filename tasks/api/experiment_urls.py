@@ -3,5 +3,5 @@ from django.urls import path
 from tasks.api import experiment_detail
 
 urlpatterns = [
-    path("experiments/<uuid:experimentId>", experiment_detail.ExperimentDetailView.as_view(), name="experiment-detail"),
+    path("experiments/<id:experimentId>", experiment_detail.ExperimentDetailView.as_view(), name="experiment-detail"),
 ]

@@ -5,5 +5,5 @@ from django.urls import path
 from tasks.api import streams
 
 urlpatterns = [
-    path("tasks/<uuid:task_id>/logs", streams.task_logs, name="task-logs"),
+    path("tasks/<id:task_id>/logs", streams.task_logs, name="task-logs"),
 ]

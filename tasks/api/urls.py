@@ -4,7 +4,7 @@ from tasks.api import views
 
 urlpatterns = [
     path("tasks", views.TaskListCreateView.as_view(), name="task-list"),
-    path("tasks/<uuid:taskId>", views.TaskDetailView.as_view(), name="task-detail"),
+    path("tasks/<id:taskId>", views.TaskDetailView.as_view(), name="task-detail"),
     path("queue", views.QueueView.as_view(), name="queue"),
     path("experiments", views.ExperimentListCreateView.as_view(), name="experiment-list"),
 ]

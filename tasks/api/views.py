@@ -69,7 +69,8 @@ def _body_sha256(data: Any) -> str:
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
-class TaskListCreateView(APIView):
+class TaskListCreateView(KnownQueryParameters, APIView):
+    methods_checking_their_own = ("GET", "HEAD")
     permission_classes = [IsHumanUser]
 
     @extend_schema(
@@ -185,7 +186,8 @@ class QueueView(KnownQueryParameters, APIView):
         return Response(QueueStatsSerializer(selectors.queue_stats()).data)
 
 
-class ExperimentListCreateView(APIView):
+class ExperimentListCreateView(KnownQueryParameters, APIView):
+    methods_checking_their_own = ("GET", "HEAD")
     permission_classes = [IsHumanUser]
 
     @extend_schema(
