@@ -59,17 +59,27 @@ def unacked_assignments(*, older_than: datetime) -> list[tuple[Any, Any]]:
 
 
 def cancel_messages(*, worker_id: Any) -> list[dict[str, Any]]:
-    """`cancel` messages for this worker's runs whose task has a pending cancel request."""
+    """`cancel` messages for this worker's runs whose task has a pending cancel request, or is
+    a multi-node run that another node ended without completing (its outcome is kept on the
+    task while it is still active: services._gang_node_failed)."""
     pending = NodeAssignment.objects.filter(
+        Q(task__cancel_requested_at__isnull=False) | ~Q(task__failure_reason=""),
         worker_id=worker_id,
         holds_capacity=True,
-        task__cancel_requested_at__isnull=False,
         task__status__in=ACTIVE_STATES,
-    ).values_list("task_id", "token", "task__cancelled_by__username")
+    ).values_list(
+        "task_id", "token", "task__cancel_requested_at", "task__cancelled_by__username", "task__failure_reason"
+    )
     return [
-        outgoing("cancel", task_id=str(task_id), token=str(token), reason=f"cancelled by {who or 'an operator'}")
-        for task_id, token, who in pending
+        outgoing("cancel", task_id=str(task_id), token=str(token), reason=_why_cancelled(asked, who, failure))
+        for task_id, token, asked, who, failure in pending
     ]
+
+
+def _why_cancelled(asked: Any, who: str | None, failure_reason: str) -> str:
+    if asked is not None:
+        return f"cancelled by {who or 'an operator'}"
+    return f"another node of the run ended ({failure_reason})"
 
 
 # --- what a worker has free ------------------------------------------------------------

@@ -863,10 +863,10 @@ def _progress_report(task: Task, assignment: NodeAssignment, status: str, writes
 
 def _final_report(task: Task, assignment: NodeAssignment, report: dict[str, Any], writes: _RunWrites) -> StatusOutcome:
     status, exit_code, error, output = report["status"], report["exit_code"], report["error"], report["output"]
+    if task.node_count > 1:
+        return _gang_node_ended(task, assignment, report, writes)
     if status == TaskStatus.COMPLETED:
         writes.release(assignment, status=NodeAssignment.Status.FINISHED)
-        if task.node_count > 1 and _live_assignments_of_attempt(task, assignment.attempt).exists():
-            return StatusOutcome(accepted=True)  # the task completes with its last node
         if task.status == TaskStatus.PREPARING:  # a run too quick to report `running`
             writes.move(task, TaskStatus.RUNNING)
         moved = writes.move(
@@ -878,19 +878,82 @@ def _final_report(task: Task, assignment: NodeAssignment, report: dict[str, Any]
             output=output,
         )
         return StatusOutcome(accepted=moved)
-    # Failures and cancellations stop sibling nodes and may retry: always written at once.
+    # Failures and cancellations may retry: always written at once.
     ended = NodeAssignment.Status.CANCELLED if status == TaskStatus.CANCELLED else NodeAssignment.Status.FINISHED
     _release(assignment, status=ended)
-    _stop_siblings(task, assignment.attempt, reason=f"node {assignment.node_id} {status}")
-    if status == TaskStatus.CANCELLED and task.cancel_requested_at is None:
-        # The agent gave the run up on its own (shutting down): an infrastructure failure.
-        reason = Task.FailureReason.WORKER_LOST
-    elif status == TaskStatus.CANCELLED:
-        reason = Task.FailureReason.CANCELLED
-    else:
-        reason = report["failure_reason"] or (Task.FailureReason.EXIT_CODE if exit_code is not None else "preparation")
-    moved = fail_or_retry(task, reason=reason, exit_code=exit_code, error=error, output=output)
+    moved = fail_or_retry(task, reason=_failure_reason(task, report), exit_code=exit_code, error=error, output=output)
     return StatusOutcome(accepted=moved is not None)
+
+
+def _failure_reason(task: Task, report: dict[str, Any]) -> str:
+    """Why a run that did not complete ended, from its final report."""
+    if report["status"] == TaskStatus.CANCELLED:
+        # Cancelled without a cancel asked for: the agent gave the run up on its own (shutting down).
+        return Task.FailureReason.CANCELLED if task.cancel_requested_at is not None else Task.FailureReason.WORKER_LOST
+    return report["failure_reason"] or (
+        Task.FailureReason.EXIT_CODE if report["exit_code"] is not None else Task.FailureReason.PREPARATION
+    )
+
+
+def _gang_node_ended(
+    task: Task, assignment: NodeAssignment, report: dict[str, Any], writes: _RunWrites
+) -> StatusOutcome:
+    """One node of a multi-node run reported its end; the task ends with its last node."""
+    status = report["status"]
+    ended = NodeAssignment.Status.CANCELLED if status == TaskStatus.CANCELLED else NodeAssignment.Status.FINISHED
+    writes.release(assignment, status=ended)
+    if status != TaskStatus.COMPLETED:
+        outcome = {"failure_reason": _failure_reason(task, report)} | {
+            field: report[field] for field in ("exit_code", "error", "output")
+        }
+        _gang_node_failed(task, assignment, outcome, reason=f"node {assignment.node_id} {status}")
+    return StatusOutcome(accepted=_end_gang_with_its_last_node(task, assignment.attempt, writes, last_report=report))
+
+
+def _gang_node_failed(task: Task, assignment: NodeAssignment, outcome: dict[str, Any], *, reason: str) -> None:
+    """A node of a multi-node run ended without completing (or was lost). The first such node
+    decides the run's outcome, kept on the still active task (a `failure_reason` there says the
+    run is ending), and the other nodes are stopped as a cancel stops a run, with their grace
+    period and their files collected: rank 0, which stores the run's files, may be the last to
+    end, and a checkpoint it writes on SIGTERM must be kept. A node that never ends is taken away
+    by its lease or the time-out backstop."""
+    first = Task.objects.filter(id=task.id, failure_reason="").update(**outcome)
+    if first and task.cancel_requested_at is None:  # a cancel asked for reached every node already
+        _wind_down_siblings(task, assignment, reason=reason)
+
+
+def _end_gang_with_its_last_node(
+    task: Task, attempt: int, writes: _RunWrites, *, last_report: dict[str, Any] | None = None
+) -> bool:
+    """Once no node of the run is live, end the task: with the first failure kept, or completed.
+    Whether the report that got here is accepted."""
+    if _live_assignments_of_attempt(task, attempt).exists():
+        return True
+    outcome = Task.objects.filter(id=task.id).values("failure_reason", "exit_code", "error", "output").get()
+    if reason := outcome.pop("failure_reason"):
+        return fail_or_retry(task, reason=reason, **outcome) is not None
+    if last_report is None:
+        return False
+    if task.status == TaskStatus.PREPARING:  # a run too quick to report `running`
+        writes.move(task, TaskStatus.RUNNING)
+    exit_code = last_report["exit_code"]
+    return writes.move(
+        task,
+        TaskStatus.COMPLETED,
+        exit_code=0 if exit_code is None else exit_code,
+        failure_reason="",
+        error=last_report["error"],
+        output=last_report["output"],
+    )
+
+
+def _wind_down_siblings(task: Task, ended: NodeAssignment, *, reason: str) -> None:
+    """Ask the live nodes of `ended`'s run to stop as a cancel would (SIGTERM, grace, collect)."""
+    for sibling in _live_assignments_of_attempt(task, ended.attempt):
+        events.send_on_commit(
+            [events.worker_group(sibling.worker_id)],
+            {"type": "worker.cancel", "task_id": str(task.id), "token": str(sibling.token), "reason": reason},
+        )
 
 
 def _live_assignments_of_attempt(task: Task, attempt: int):
@@ -1026,8 +1089,13 @@ def end_run(*, assignment_id: Any, reason: str, error: str) -> bool:
         if not _release(assignment, status=NodeAssignment.Status.LOST):
             return False
         _send_stop(assignment, error)
-        if task.attempt == assignment.attempt and task.status in _ACTIVE:
-            _stop_siblings(task, assignment.attempt, reason=error)
+        if task.attempt != assignment.attempt or task.status not in _ACTIVE:
+            return True
+        if task.node_count > 1:
+            outcome = {"failure_reason": reason, "exit_code": None, "error": error, "output": ""}
+            _gang_node_failed(task, assignment, outcome, reason=error)
+            _end_gang_with_its_last_node(task, assignment.attempt, _AT_ONCE)
+        else:
             fail_or_retry(task, reason=reason, error=error)
     return True
 

@@ -310,11 +310,14 @@ class LiveSystem:
             return with_application_name(self.database_url, name)
         return self.database_url
 
-    def start_worker(self, name: str, *, key: str, slots: int = 1, wait: bool = True) -> _Child:
-        """A real `manage.py worker` agent; with `wait`, returns once it said hello (its Worker row is active)."""
+    def start_worker(
+        self, name: str, *, key: str, slots: int = 1, wait: bool = True, artifacts: bool = False
+    ) -> _Child:
+        """A real `manage.py worker` agent; with `wait`, returns once it said hello (its Worker row is active).
+        With `artifacts`, it stores each run's files on the server (the agent's default)."""
         command = self._manage("worker", "--server", self.url, "--name", name, "--cpus", "2", "--memory-gb", "2")
         command += ["--gpus", "0", "--batch-slots", str(slots), "--service-slots", "0"]
-        command += ["--workdir", str(self.root / f"work-{name}"), "--no-artifacts"]
+        command += ["--workdir", str(self.root / f"work-{name}")] + ([] if artifacts else ["--no-artifacts"])
         worker = _Child(command, env={**self.env, "FETCHML_WORKER_API_KEY": key}, label=f"worker {name}")
         self.workers.append(worker)
         if wait:

@@ -91,7 +91,7 @@ def test_two_multi_node_tasks_get_their_own_rendezvous_port_the_same_on_every_no
 
 
 @pytest.mark.django_db(transaction=True)
-def test_one_failing_node_stops_the_other_nodes_and_fails_the_job(channel_layer):
+def test_one_failing_node_has_the_other_nodes_cancelled_with_their_grace(channel_layer):
     for i in range(3):
         worker(name=f"node-{i}", gpu_count=1)
     gang = queued_task(node_count=3, gpu=1, max_retries=0)
@@ -106,14 +106,32 @@ def test_one_failing_node_stops_the_other_nodes_and_fails_the_job(channel_layer)
         worker_id=first.worker_id, task_id=str(gang.id), token=str(first.token), status="failed", exit_code=3
     )
 
+    cancels = async_to_sync(_receive_each)(channel_layer, listener, len(others))
+    assert {(cancel["type"], cancel["token"]) for cancel in cancels} == {
+        ("worker.cancel", str(s.token)) for s in others
+    }
+    assert {cancel["reason"] for cancel in cancels} == {f"node {first.node_id} failed"}
+
+
+def test_a_gang_with_a_failed_node_fails_with_that_nodes_outcome_once_the_others_have_ended():
+    for i in range(3):
+        worker(name=f"node-{i}", gpu_count=1)
+    gang = queued_task(node_count=3, gpu=1, max_retries=0)
+    dispatch_round()
+    first, second, third = assignments_of(gang)
+    _report(first, "running")
+    assignment_status(
+        worker_id=first.worker_id, task_id=str(gang.id), token=str(first.token), status="failed", exit_code=3
+    )
+    _report(second, "cancelled")
     gang.refresh_from_db()
-    assert gang.status == TaskStatus.FAILED
-    for sibling in others:
-        sibling.refresh_from_db()
-        assert (sibling.status, sibling.holds_capacity) == (NodeAssignment.Status.LOST, False)
+    assert (gang.status, gang.failure_reason) == (TaskStatus.RUNNING, "exit_code")
+
+    _report(third, "completed")
+
+    gang.refresh_from_db()
+    assert (gang.status, gang.failure_reason, gang.exit_code) == (TaskStatus.FAILED, "exit_code", 3)
     assert not Worker.objects.filter(used_gpus__gt=0).exists()
-    stops = async_to_sync(_receive_each)(channel_layer, listener, len(others))
-    assert {(stop["type"], stop["token"]) for stop in stops} == {("worker.stop", str(s.token)) for s in others}
 
 
 def _report(assignment: NodeAssignment, status: str) -> None:

@@ -9,15 +9,20 @@ from channels.layers import get_channel_layer
 from django.test import override_settings
 from django.utils import timezone
 
+from artifacts.tests.factories import put, worker_key_pair
 from audit.models import AuditEvent
+from conftest import KeyClient
 from fetchml import events
 from fetchml.auth import Actor
 from fetchml.errors import Conflict
 from scheduler.dispatch import dispatch_round
 from scheduler.models import NodeAssignment, Worker
+from scheduler.protocol import outgoing
+from scheduler.selectors import cancel_messages
 from scheduler.services import (
     assignment_ack,
     assignment_status,
+    end_run,
     enforce_timeouts,
     expire_leases,
     retry_backoff_seconds,
@@ -26,6 +31,7 @@ from scheduler.services import (
 )
 from scheduler.tests.factories import assignments_of, queued_task, run_started, worker
 from tasks.models import Task
+from tasks.services import task_cancel
 from tasks.states import TaskStatus
 
 pytestmark = pytest.mark.django_db
@@ -219,18 +225,100 @@ def test_retry_back_off_grows_exponentially_with_jitter_and_is_capped():
     assert retry_backoff_seconds(10) == pytest.approx(30.0)
 
 
-def test_failure_of_one_node_stops_the_others_and_frees_their_capacity():
+def test_a_gang_stays_running_while_its_other_nodes_wind_down_after_one_failed():
     boxes = [worker(name=f"node-{i}") for i in range(2)]
     gang = queued_task(node_count=2)
     dispatch_round()
     rank0, rank1 = assignments_of(gang)
+    _report(rank0, "running")
 
     _report(rank1, "failed", exit_code=1, failure_reason="exit_code")
 
     rank0.refresh_from_db()
     gang.refresh_from_db()
-    assert gang.status == "failed"
-    assert (rank0.status, rank0.holds_capacity) == ("lost", False)
+    assert (gang.status, gang.failure_reason, gang.exit_code) == ("running", "exit_code", 1)
+    assert rank0.holds_capacity  # rank 0 stores the run's files: it is let finish its grace period
+    assert Worker.objects.filter(id=boxes[0].id, used_batch_slots=1).exists()
+
+
+def test_files_rank_0_stores_while_winding_down_are_taken():
+    key, raw_key = worker_key_pair()
+    worker(name="node-0", api_key=key)
+    worker(name="node-1", api_key=key)
+    gang = queued_task(node_count=2)
+    dispatch_round()
+    rank0, rank1 = assignments_of(gang)
+    _report(rank0, "running")
+    _report(rank1, "failed", exit_code=1, failure_reason="exit_code")
+
+    assert put(KeyClient(raw_key), rank0, "checkpoint.pt", b"weights").status_code == 201
+
+
+def test_the_cancel_of_a_winding_down_node_is_sent_again_until_it_ends():
+    worker(name="node-0")
+    worker(name="node-1")
+    gang = queued_task(node_count=2)
+    dispatch_round()
+    rank0, rank1 = assignments_of(gang)
+    _report(rank0, "running")
+
+    _report(rank1, "failed", exit_code=1, failure_reason="exit_code")
+
+    assert cancel_messages(worker_id=rank0.worker_id) == [
+        outgoing(
+            "cancel", task_id=str(gang.id), token=str(rank0.token), reason="another node of the run ended (exit_code)"
+        )
+    ]
+
+
+def test_a_gang_whose_node_failed_is_retried_once_its_last_node_ended():
+    worker(name="node-0")
+    worker(name="node-1")
+    gang = queued_task(node_count=2, max_retries=1, retry_on_exit_code=True)
+    dispatch_round()
+    rank0, rank1 = assignments_of(gang)
+    _report(rank0, "running")
+    _report(rank1, "failed", exit_code=1, failure_reason="exit_code")
+
+    _report(rank0, "cancelled")
+
+    gang.refresh_from_db()
+    assert (gang.status, gang.retry_count) == ("queued", 1)
+    assert [attempt["exit_code"] for attempt in gang.earlier_attempts] == [1]
+
+
+def test_a_cancel_of_a_gang_ends_it_once_every_node_has_stopped():
+    worker(name="node-0")
+    worker(name="node-1")
+    gang = queued_task(node_count=2)
+    dispatch_round()
+    rank0, rank1 = assignments_of(gang)
+    _report(rank0, "running")
+    task_cancel(task=gang, actor=Actor(user=gang.owner, role="user"))
+
+    _report(rank1, "cancelled")
+    gang.refresh_from_db()
+    assert gang.status == "running"
+
+    _report(rank0, "cancelled")
+    gang.refresh_from_db()
+    assert (gang.status, gang.failure_reason) == ("cancelled", "cancelled")
+
+
+def test_a_lost_node_of_a_gang_lets_the_others_wind_down_and_the_task_is_retried():
+    boxes = [worker(name=f"node-{i}") for i in range(2)]
+    gang = queued_task(node_count=2, max_retries=1)
+    dispatch_round()
+    rank0, rank1 = assignments_of(gang)
+    _report(rank0, "running")
+
+    end_run(assignment_id=rank1.id, reason="worker_lost", error="worker lost")
+    gang.refresh_from_db()
+    assert (gang.status, gang.failure_reason) == ("running", "worker_lost")
+
+    _report(rank0, "cancelled")
+    gang.refresh_from_db()
+    assert (gang.status, gang.retry_count) == ("queued", 1)
     assert not Worker.objects.filter(id__in=[b.id for b in boxes], used_batch_slots__gt=0).exists()
 
 
