@@ -45,7 +45,7 @@ import uuid
 from bisect import insort
 from collections import defaultdict
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
@@ -152,7 +152,8 @@ def shortfall(node: NodeCapacity, task: Task) -> str | None:
 
     The one matching rule, shared by dispatch and by "why is my job queued?".
     """
-    if node.held_for is not None and node.held_for != task.id:
+    # A starving head's hold does not cover what a reservation holds here: that is its owner's.
+    if node.held_for is not None and node.held_for != task.id and task.reservation_id not in node.held:
         return "held"
     held_gpus, held_slots = held_from(node, task.reservation_id)
     if task.gpu and task.gpu_type and node.gpu_type != task.gpu_type:
@@ -476,12 +477,21 @@ def hold_for_starving_head(nodes: list[NodeCapacity], holds: Holds, now: datetim
     usable = [
         node
         for node in eligible_nodes(nodes, head, holds)
-        if (total := node.total) is not None and node_could_ever_hold(total, shape)
+        if (total := node.total) is not None and node_could_ever_hold(_less_held(total, node, head), shape)
     ]
     usable.sort(key=lambda node: (-len(node.gpu_indices), -node.cpu, -node.memory_gb, node.name))
     for node in usable[: head.node_count]:
         node.held_for = head.id
     return head
+
+
+def _less_held(total: FleetNode, node: NodeCapacity, task: Task) -> FleetNode:
+    """What `node` could give `task` when empty, less what reservations other than its own hold
+    there: a node those keep from it would be held for it in vain."""
+    held_gpus, held_slots = held_from(node, task.reservation_id)
+    if not held_gpus and not held_slots:
+        return total
+    return replace(total, gpu_count=total.gpu_count - held_gpus, batch_slots=total.batch_slots - held_slots)
 
 
 def dispatch_round(

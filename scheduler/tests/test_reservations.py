@@ -63,6 +63,32 @@ def test_owners_task_naming_the_reservation_runs_on_it_and_claims_it(owner):
     assert AuditEvent.objects.filter(event_type="reservation_changed", action="claim").exists()
 
 
+def test_a_task_on_its_reservation_runs_on_a_worker_held_for_a_starving_task(owner, settings):
+    settings.FETCHML_STARVATION_SECONDS = 60
+    worker(name="g1", gpu_count=4, batch_slots=3)
+    reservation = _book(owner, gpu_count=2)
+    queued_task(gpu=2, priority=10)
+    assert dispatch_round() == 1  # two of g1's GPUs busy, two reserved
+    starving = queued_task(gpu=2, queued_at=timezone.now() - timedelta(minutes=10))
+    on_reservation = task_submit(owner=owner, job_name="mine", gpu=2, reservation_id=reservation.id)
+
+    assert dispatch_round() == 1
+
+    assert (_status(on_reservation), _status(starving)) == (TaskStatus.PREPARING, TaskStatus.QUEUED)
+
+
+def test_a_worker_whose_reservations_keep_a_starving_task_off_it_is_not_held_for_it(owner, settings):
+    settings.FETCHML_STARVATION_SECONDS = 60
+    worker(name="g1", gpu_count=4, batch_slots=3)
+    _book(owner, gpu_count=2)
+    starving = queued_task(gpu=4, queued_at=timezone.now() - timedelta(minutes=10))
+    small = queued_task(queued_at=timezone.now() - timedelta(minutes=5))
+
+    assert dispatch_round() == 1
+
+    assert (_status(small), _status(starving)) == (TaskStatus.PREPARING, TaskStatus.QUEUED)
+
+
 def test_task_naming_a_reservation_runs_only_on_the_workers_it_holds(owner):
     worker(name="a-held", gpu_count=4)
     worker(name="b-free", gpu_count=4)
