@@ -171,6 +171,27 @@ def largest_gpu_count(shape: Shape, fleet: list[FleetNode]) -> int:
     return max((node.gpu_count for node in fleet if not typed or node.gpu_type == shape.gpu_type), default=0)
 
 
+def plural(count: int, unit: str) -> str:
+    return f"{count} {unit}" if count == 1 else f"{count} {unit}s"
+
+
+def beyond_the_fleet(shape: Shape, fleet: list[FleetNode]) -> str:
+    """What no node of `fleet` has of one node of `shape`: each need that none meets alone, or else
+    all of them together."""
+    gpus = plural(shape.gpu, "GPU") + (f" of type {shape.gpu_type}" if shape.gpu and shape.gpu_type else "")
+    words = {
+        "gpu_type": f"GPUs of type {shape.gpu_type}",
+        "gpu": gpus,
+        "cpu": plural(shape.cpu, "CPU core"),
+        "memory_gb": f"{shape.memory_gb} GB of memory",
+        "slot": f"a {shape.kind} slot",
+    }
+    if lacking := fleet_lacks(shape, fleet):
+        return " or ".join(words[need] for need in lacking)
+    wanted = [words[need] for need in ("gpu", "cpu", "memory_gb") if getattr(shape, need)]
+    return ", ".join(wanted) + f" and {words['slot']} at once"
+
+
 def fleet_shortfall(shape: Shape, fleet: list[FleetNode]) -> str | None:
     """Why no set of `fleet` nodes could ever run `shape`, or None if one could."""
     fitting = nodes_that_could_hold(shape, fleet)
@@ -188,6 +209,8 @@ def fleet_shortfall(shape: Shape, fleet: list[FleetNode]) -> str | None:
             return f"{getattr(shape, need)} {what} per node requested; the largest registered worker has {have()}"
     if shape.kind == Task.Kind.SERVICE and "slot" in lacking:
         return "no registered worker has service slots"
+    if not fitting:  # each need is met somewhere, never all on one worker
+        return f"no registered worker has {beyond_the_fleet(shape, fleet)}"
     return f"{shape.node_count} nodes requested; only {fitting} registered worker(s) could hold one node each"
 
 
@@ -207,9 +230,10 @@ FLEET_FIELDS = ("id", "name", "gpu_count", "gpu_type", "cpu_cores", "memory_gb",
 _registered_workers = compiled_once(lambda: Worker.objects.only(*FLEET_FIELDS).order_by())
 
 
-def unschedulable_reason(shape: Shape) -> tuple[str, str] | None:
+def unschedulable_reason(shape: Shape) -> tuple[str | None, str] | None:
     """Why no registered worker could ever run `shape`, as (the field of the request it cannot meet,
-    the reason); None if one could, or if no worker is registered yet.
+    None when only several together cannot be, the reason); None if one could, or if no worker is
+    registered yet.
 
     Asked at every submission: answered by counting in the database, so its cost does not
     grow with the fleet; only a refusal reads the fleet, to say what is missing.
@@ -224,8 +248,11 @@ def unschedulable_reason(shape: Shape) -> tuple[str, str] | None:
         return None
     lacking = fleet_lacks(shape, fleet)
     named = [field for field in ("gpu_type", "gpu", "cpu", "memory_gb") if field in lacking]
-    field = named[0] if named else "kind" if shape.kind == Task.Kind.SERVICE and "slot" in lacking else "node_count"
-    return field, reason
+    if named:
+        return named[0], reason
+    if shape.kind == Task.Kind.SERVICE and "slot" in lacking:
+        return "kind", reason
+    return ("node_count" if nodes_that_could_hold(shape, fleet) else None), reason
 
 
 # --- reservations ----------------------------------------------------------

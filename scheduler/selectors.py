@@ -22,11 +22,11 @@ from scheduler.dispatch import (
 from scheduler.models import NodeAssignment, Reservation, Worker
 from scheduler.policies import (
     FleetNode,
-    Shape,
     active_fleet,
+    beyond_the_fleet,
     current_holds,
-    fleet_lacks,
     nodes_that_could_hold,
+    plural,
     task_shape,
     tasks_fleet_could_ever_run,
 )
@@ -151,27 +151,6 @@ def queue_position(task: Task, *, now: datetime | None = None) -> int:
         return ahead.values("id")[:_WHOLE_QUEUE].count()
 
 
-def _plural(count: int, unit: str) -> str:
-    return f"{count} {unit}" if count == 1 else f"{count} {unit}s"
-
-
-def _beyond_the_fleet(shape: Shape, fleet: list[FleetNode]) -> str:
-    """What no node of `fleet` has of one node of `shape`: each need that none meets alone, or else
-    all of them together."""
-    gpus = _plural(shape.gpu, "GPU") + (f" of type {shape.gpu_type}" if shape.gpu and shape.gpu_type else "")
-    words = {
-        "gpu_type": f"GPUs of type {shape.gpu_type}",
-        "gpu": gpus,
-        "cpu": _plural(shape.cpu, "CPU core"),
-        "memory_gb": f"{shape.memory_gb} GB of memory",
-        "slot": f"a {shape.kind} slot",
-    }
-    if lacking := fleet_lacks(shape, fleet):
-        return " or ".join(words[need] for need in lacking)
-    wanted = [words[need] for need in ("gpu", "cpu", "memory_gb") if getattr(shape, need)]
-    return ", ".join(wanted) + f" and {words['slot']} at once"
-
-
 def _never_fits(task: Task, fleet: list[FleetNode]) -> str:
     """Why the active workers could not hold `task` even if they were idle ('' if they could)."""
     shape = task_shape(task)
@@ -183,7 +162,7 @@ def _never_fits(task: Task, fleet: list[FleetNode]) -> str:
             f"only {could} active worker(s) could ever hold one of its {task.node_count} nodes; "
             "it waits until more connect"
         )
-    return f"no active worker has {_beyond_the_fleet(shape, fleet)}; it waits until one connects"
+    return f"no active worker has {beyond_the_fleet(shape, fleet)}; it waits until one connects"
 
 
 def _need(task: Task) -> str:
@@ -204,7 +183,7 @@ def _on_its_reservation(task: Task, missing: list[str | None]) -> str:
     if not missing:
         return f"its reservation is not held on any active worker (too few are connected){until}"
     if len(missing) < task.node_count:
-        return f"its reservation holds {_plural(len(missing), 'worker')}, fewer than its {task.node_count} nodes{until}"
+        return f"its reservation holds {plural(len(missing), 'worker')}, fewer than its {task.node_count} nodes{until}"
     if set(missing) == {"gpu_type"}:
         return f"the worker(s) its reservation holds have no GPUs of type {task.gpu_type}{until}"
     others = "; other reservations hold part of them" if "reserved" in missing else ""

@@ -303,6 +303,24 @@ def test_each_kind_of_impossible_request_is_named(user_client, fields, reason, f
     assert refused_field(response) == field
 
 
+def test_needs_each_met_by_some_worker_but_never_by_one_are_named_together(user_client):
+    worker(name="gpu-box", gpu_count=1, memory_gb=16)
+    worker(name="big-memory", gpu_count=0, memory_gb=23)
+
+    response = user_client.post(
+        "/v1/tasks", {"job_name": "x", "entrypoint": "python train.py", "gpu": 1, "memory_gb": 20}, format="json"
+    )
+
+    assert response.status_code == 422
+    assert response.json()["details"] == [
+        {
+            "field": None,
+            "message": "no registered worker has 1 GPU, 20 GB of memory and a batch slot at once; "
+            "set allow_unschedulable to true to queue it anyway.",
+        }
+    ]
+
+
 def test_allow_unschedulable_queues_it_anyway(user_client):
     worker(gpu_count=2)
     body = {"job_name": "huge", "entrypoint": "python train.py", "gpu": 8, "allow_unschedulable": True}
