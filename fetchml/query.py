@@ -32,22 +32,27 @@ def refused(errors: dict[str, list]) -> ApplicationError:
     return ApplicationError("Invalid query parameters: " + ", ".join(errors), details=details)
 
 
-def refuse_unknown(params: QueryDict, known: Iterable[str] = ()) -> None:
-    """A 400 naming the parameters of `params` not in `known`: for reads that take few or none."""
-    if unknown := unknown_parameters(params, known):
-        raise refused({name: [UNKNOWN] for name in unknown})
+def refuse_unknown_or_repeated(params: QueryDict, known: Iterable[str] = ()) -> None:
+    """A 400 naming the parameters of `params` not in `known`, and those given more than once
+    (each takes one value): for reads that take few or none."""
+    errors = {name: [REPEATED] for name in repeated_parameters(params, [*known, *ALWAYS_ALLOWED])}
+    errors |= {name: [UNKNOWN] for name in unknown_parameters(params, known)}
+    if errors:
+        raise refused(errors)
+
+
+def repeated_parameters(params: QueryDict, names: Iterable[str]) -> list[str]:
+    """Those of `names` given more than once (`?status=failed&status=running`): the read would
+    otherwise keep only the last."""
+    return [name for name in names if len(params.getlist(name)) > 1]
 
 
 def validated_query(serializer_class: type[serializers.Serializer], request: Request) -> dict[str, Any]:
     serializer = serializer_class(data=request.query_params)
     valid = serializer.is_valid()
     errors = {} if valid else dict(serializer.errors)
-    # A parameter of one value given twice (`?status=failed&status=running`) would keep only its last.
-    errors |= {
-        name: [REPEATED]
-        for name, field in serializer.fields.items()
-        if not isinstance(field, serializers.ListField) and len(request.query_params.getlist(name)) > 1
-    }
+    single = [name for name, field in serializer.fields.items() if not isinstance(field, serializers.ListField)]
+    errors |= {name: [REPEATED] for name in repeated_parameters(request.query_params, single)}
     errors |= {name: [UNKNOWN] for name in unknown_parameters(request.query_params, serializer.fields)}
     if errors:
         raise refused(errors)
@@ -64,4 +69,4 @@ class KnownQueryParameters:
     def initial(self, request: Request, *args: Any, **kwargs: Any) -> None:
         super().initial(request, *args, **kwargs)  # type: ignore[misc]
         if request.method not in self.methods_checking_their_own:
-            refuse_unknown(request.query_params)
+            refuse_unknown_or_repeated(request.query_params)

@@ -25,7 +25,7 @@ from artifacts.api.serializers import (
 )
 from fetchml.auth import actor_from_request
 from fetchml.permissions import IsHumanOrWorker, IsHumanUser
-from fetchml.query import validated_query
+from fetchml.query import KnownQueryParameters, validated_query
 from fetchml.schema import error_response
 
 TOKEN_HEADER = "X-Fetchml-Token"
@@ -265,7 +265,7 @@ class DatasetContentView(APIView):
 # --- artifacts ---------------------------------------------------------------
 
 
-class ArtifactListView(APIView):
+class ArtifactListView(KnownQueryParameters, APIView):
     permission_classes = [IsHumanUser]
 
     @extend_schema(

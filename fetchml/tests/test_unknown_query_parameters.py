@@ -84,3 +84,20 @@ def test_a_filter_of_one_value_given_twice_is_refused(user_client):
     assert response.json()["details"] == [
         {"field": "status", "message": "Given more than once; this parameter takes one value."}
     ]
+
+
+def test_a_log_parameter_given_twice_is_refused(user_client, user):
+    task = task_submit(owner=user, job_name="train")
+
+    response = user_client.get(f"/v1/tasks/{task.id}/logs", {"tail": ["5", "6"]})
+
+    assert response.status_code == 400
+    assert response.json()["details"] == [
+        {"field": "tail", "message": "Given more than once; this parameter takes one value."}
+    ]
+
+
+def test_an_unknown_parameter_of_the_artifact_list_is_refused(user_client, user):
+    task = task_submit(owner=user, job_name="train")
+
+    _assert_refused(user_client.get(f"/v1/tasks/{task.id}/artifacts", {"bogus": "1"}), "bogus")

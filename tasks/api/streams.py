@@ -36,7 +36,7 @@ from fetchml.clock import api_time
 from fetchml.decorators import safe_methods_only
 from fetchml.errors import ApplicationError
 from fetchml.jsonbody import CompactJsonResponse
-from fetchml.query import refuse_unknown
+from fetchml.query import refuse_unknown_or_repeated
 from fetchml.sse import authenticate_stream, error_response_for, sse_frame, stream_response
 from tasks.logs import CATCH_UP_CHUNK, MAX_TAIL, log_lines, serialize_line
 from tasks.models import Task
@@ -88,7 +88,7 @@ def _int_param(params: QueryDict, name: str, *, low: int, high: int) -> int | No
 
 
 def parse_log_query(params: QueryDict, last_event_id: str | None) -> LogQuery:
-    refuse_unknown(params, LOG_QUERY_PARAMETERS)
+    refuse_unknown_or_repeated(params, LOG_QUERY_PARAMETERS)
     raw_follow = params.get("follow", "false").lower()
     if raw_follow not in _BOOLEANS:
         raise _bad("follow", "must be true or false")
