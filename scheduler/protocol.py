@@ -69,8 +69,10 @@ _CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[
 def _uuid(message: dict, name: str, *, ref: str) -> str:
     """The field as a UUID in its canonical spelling (checked by a pattern when already so spelled)."""
     value = message.get(name)
-    if not isinstance(value, str):
+    if value is None:
         return _missing(name, ref)
+    if not isinstance(value, str):
+        raise BadMessage(f"field '{name}': a UUID is required", ref_type=ref)
     if _CANONICAL_UUID.fullmatch(value):
         return value
     try:
@@ -281,6 +283,8 @@ def _loaded(text: str | None) -> dict[str, Any]:
 def _validated(message: dict[str, Any]) -> dict[str, Any]:
     kind = message.get("type")
     parser = _PARSERS.get(kind) if isinstance(kind, str) else None
+    if kind is None:
+        raise BadMessage("field 'type': required", code="UNKNOWN_TYPE")
     if parser is None:
         # Said back cut short: the error must not echo whatever size of garbage came in.
         raise BadMessage(f"unknown message type {str(kind)[:64]!r}", code="UNKNOWN_TYPE", ref_type=str(kind)[:32])

@@ -28,7 +28,7 @@ def test_ids_in_another_spelling_of_a_uuid_are_read_in_the_canonical_one(spellin
     assert (message["task_id"], message["token"]) == (str(task_id), str(token))
 
 
-@pytest.mark.parametrize("value", ["not-a-uuid", "", "0" * 31, str(uuid.uuid4()) + "0"])
+@pytest.mark.parametrize("value", ["not-a-uuid", "", "0" * 31, str(uuid.uuid4()) + "0", 5, ["x"]])
 def test_an_id_that_is_no_uuid_is_refused(value):
     refused = _ack(value, str(uuid.uuid4()))
 
@@ -61,3 +61,15 @@ def test_a_heartbeat_run_whose_status_is_not_a_run_state_is_refused(value):
 
     assert isinstance(refused, BadMessage)
     assert str(refused).startswith("field 'running.status': one of")
+
+
+def test_a_missing_id_is_said_to_be_required():
+    refused = _ack(None, str(uuid.uuid4()))
+
+    assert str(refused) == "field 'task_id': required"
+
+
+def test_a_message_without_a_type_is_told_the_type_is_required():
+    [refused] = parse_frame(json.dumps({"version": 1}))
+
+    assert (str(refused), refused.code, refused.ref_type) == ("field 'type': required", "UNKNOWN_TYPE", "")
