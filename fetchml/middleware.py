@@ -5,8 +5,10 @@ import logging
 import os
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
+from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
 from django.core.handlers.asgi import ASGIRequest
@@ -44,33 +46,57 @@ _KEPT_HEADERS = (
 _STREAMED_TYPES = ("multipart/form-data", "application/octet-stream")
 
 
-class TraceIdMiddleware:
+class BothWays:
+    """A middleware Django may call synchronously (the test client, a WSGI server) or as a
+    coroutine (daphne). Every middleware of the stack is both: one that is only synchronous
+    makes Django run the stack in a thread that hands each request back to the event loop
+    to reach the view, and daphne stopped on SIGTERM would then wait forever on a thread that
+    had not handed its request back before the loop stopped."""
+
+    sync_capable = True
+    async_capable = True
+
+    def __init__(self, get_response: Callable[[HttpRequest], Any]) -> None:
+        self.get_response = get_response
+        self.is_async = iscoroutinefunction(get_response)
+        if self.is_async:
+            markcoroutinefunction(self)
+
+
+class TraceIdMiddleware(BothWays):
     """Gives each request a trace id: in logs, in error bodies, as X-Request-ID."""
 
-    def __init__(self, get_response):
-        self.get_response = get_response
-
-    def __call__(self, request: HttpRequest) -> HttpResponse:
-        trace_id = new_trace_id(request.META.get("HTTP_X_REQUEST_ID"))
-        request.trace_id = trace_id
-        token = set_trace_id(trace_id)
-        started = time.monotonic()
+    def __call__(self, request: HttpRequest) -> Any:
+        if self.is_async:
+            return self.__acall__(request)
+        token, started = self._begin(request)
         try:
-            response = self.get_response(request)
-            response["X-Request-ID"] = trace_id
-            access_log.info(
-                "%s %s %s %.1fms",
-                request.method,
-                request.path,
-                response.status_code,
-                (time.monotonic() - started) * 1000,
-            )
-            return response
+            return self._end(request, self.get_response(request), started)
         finally:
             reset_trace_id(token)
 
+    async def __acall__(self, request: HttpRequest) -> HttpResponseBase:
+        token, started = self._begin(request)
+        try:
+            return self._end(request, await self.get_response(request), started)
+        finally:
+            reset_trace_id(token)
 
-class HeadWithoutBodyMiddleware:
+    @staticmethod
+    def _begin(request: HttpRequest) -> tuple[Any, float]:
+        trace_id = new_trace_id(request.META.get("HTTP_X_REQUEST_ID"))
+        request.trace_id = trace_id
+        return set_trace_id(trace_id), time.monotonic()
+
+    @staticmethod
+    def _end(request: HttpRequest, response: HttpResponseBase, started: float) -> HttpResponseBase:
+        response["X-Request-ID"] = request.trace_id
+        elapsed_ms = (time.monotonic() - started) * 1000
+        access_log.info("%s %s %s %.1fms", request.method, request.path, response.status_code, elapsed_ms)
+        return response
+
+
+class HeadWithoutBodyMiddleware(BothWays):
     """The answer to a HEAD: the GET's status and headers, no body.
 
     Django passes a HEAD's body on, and daphne drops only its first chunk: the rest went out
@@ -79,22 +105,27 @@ class HeadWithoutBodyMiddleware:
     client stayed. A streaming body is replaced before it starts, so a stream never runs.
     """
 
-    def __init__(self, get_response):
-        self.get_response = get_response
+    def __call__(self, request: HttpRequest) -> Any:
+        if self.is_async:
+            return self.__acall__(request)
+        return _without_body(request, self.get_response(request))
 
-    def __call__(self, request: HttpRequest) -> HttpResponseBase:
-        response = self.get_response(request)
-        if request.method != "HEAD":
-            return response
-        if isinstance(response, StreamingHttpResponse):
-            # Of the same kind: ASGI warns when it must consume a synchronous iterator. A file's
-            # closer stays registered with the response.
-            response.streaming_content = _no_frames() if response.is_async else ()
-        elif isinstance(response, HttpResponse) and response.content:
-            if not response.has_header("Content-Length"):  # the GET's length, not the emptied body's
-                response["Content-Length"] = str(len(response.content))
-            response.content = b""
+    async def __acall__(self, request: HttpRequest) -> HttpResponseBase:
+        return _without_body(request, await self.get_response(request))
+
+
+def _without_body(request: HttpRequest, response: HttpResponseBase) -> HttpResponseBase:
+    if request.method != "HEAD":
         return response
+    if isinstance(response, StreamingHttpResponse):
+        # Of the same kind: ASGI warns when it must consume a synchronous iterator. A file's
+        # closer stays registered with the response.
+        response.streaming_content = _no_frames() if response.is_async else ()
+    elif isinstance(response, HttpResponse) and response.content:
+        if not response.has_header("Content-Length"):  # the GET's length, not the emptied body's
+            response["Content-Length"] = str(len(response.content))
+        response.content = b""
+    return response
 
 
 async def _no_frames() -> AsyncIterator[bytes]:
@@ -154,31 +185,41 @@ def _body_too_large(request: HttpRequest) -> bool | None:
     return length > limit
 
 
-class ApiErrorMiddleware:
+class ApiErrorMiddleware(BothWays):
     """Errors produced outside DRF (unknown URL, 405 of a plain view) get the
     standard JSON body; every authenticated API response gets X-RateLimit-*."""
 
-    def __init__(self, get_response):
-        self.get_response = get_response
+    def __call__(self, request: HttpRequest) -> Any:
+        if self.is_async:
+            return self.__acall__(request)
+        return _refused_body(request) or _in_the_error_format(request, self.get_response(request))
 
-    def __call__(self, request: HttpRequest) -> HttpResponse:
-        _declare_chunked_length(request)
-        too_large = _body_too_large(request)
-        if too_large is None:
-            return error_response(400, "Invalid Content-Length header")
-        if too_large:
-            limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
-            return error_response(413, f"Request body too large (limit {limit} bytes)")
-        response = self.get_response(request)
-        apply_headers(response, getattr(request, "fetchml_ratelimit", None))
-        if response.status_code < 400 or _is_json(response) or request.path.startswith("/admin/"):
-            return response
-        status = response.status_code
-        replacement = error_response(status, _REASONS.get(status, "Request failed"), code_for_status(status))
-        for header in _KEPT_HEADERS:
-            if header in response:
-                replacement[header] = response[header]
-        return replacement
+    async def __acall__(self, request: HttpRequest) -> HttpResponseBase:
+        return _refused_body(request) or _in_the_error_format(request, await self.get_response(request))
+
+
+def _refused_body(request: HttpRequest) -> HttpResponse | None:
+    """The answer to a request whose declared body is malformed or over its limit, if it is."""
+    _declare_chunked_length(request)
+    too_large = _body_too_large(request)
+    if too_large is None:
+        return error_response(400, "Invalid Content-Length header")
+    if too_large:
+        limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
+        return error_response(413, f"Request body too large (limit {limit} bytes)")
+    return None
+
+
+def _in_the_error_format(request: HttpRequest, response: HttpResponseBase) -> HttpResponseBase:
+    apply_headers(response, getattr(request, "fetchml_ratelimit", None))
+    if response.status_code < 400 or _is_json(response) or request.path.startswith("/admin/"):
+        return response
+    status = response.status_code
+    replacement = error_response(status, _REASONS.get(status, "Request failed"), code_for_status(status))
+    for header in _KEPT_HEADERS:
+        if header in response:
+            replacement[header] = response[header]
+    return replacement
 
 
 def bad_request(request: HttpRequest, exception: Exception | None = None) -> HttpResponse:
