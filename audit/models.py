@@ -22,6 +22,7 @@ class EventType(models.TextChoices):
     API_KEY_REVOKED = "api_key_revoked"
     WORKER_CHANGED = "worker_changed"
     JUPYTER_CHANGED = "jupyter_changed"
+    USER_CHANGED = "user_changed"
 
 
 class AuditEvent(models.Model):

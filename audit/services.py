@@ -275,6 +275,7 @@ def audit_verify(
             "sequence_num": checkpoint.sequence_num,
             "root_hash": checkpoint.root_hash,
             "signature_verified": result.checkpoint_signature_verified,
+            "checked": result.checkpoint_checked,
         }
     with transaction.atomic():
         record(

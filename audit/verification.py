@@ -57,6 +57,11 @@ class _Walk:
     def fail(self, sequence_num: int, reason: str) -> None:
         self.first_tampered, self.reason = sequence_num, reason
 
+    def fail_if_earlier(self, sequence_num: int, reason: str) -> None:
+        """A problem found after the walk: it counts only if it lies before the walk's own."""
+        if self.first_tampered is None or sequence_num < self.first_tampered:
+            self.fail(sequence_num, reason)
+
 
 def _head() -> tuple[int, str] | None:
     return ChainHead.objects.filter(id=1).values_list("sequence_num", "event_hash").first()
@@ -162,23 +167,34 @@ def _check_pages(walk: _Walk, pages: Iterator[list[tuple[Any, ...]]], checkpoint
                 walk.checkpoint_hash = stored_hash
 
 
-def _check_checkpoint(walk: _Walk, checkpoint: Checkpoint) -> None:
+def _check_checkpoint(walk: _Walk, checkpoint: Checkpoint, *, walked_all: bool) -> bool:
+    """Compare the checkpoint with what the walk saw; whether the comparison could be made.
+
+    It can whenever the walk got as far as the checkpoint's event (everything up to it hashed and
+    linked), even if it stopped at a problem after it: a checkpoint that no longer matches then moves
+    `first_tampered` back to its sequence number. A walk that stopped before the checkpoint's event
+    has already found an earlier problem, and cannot compare.
+    """
     if checkpoint.sequence_num == 0:
         if checkpoint.root_hash != GENESIS_HASH:
-            walk.fail(1, "checkpoint at 0 must carry the genesis hash")
-        return
-    if walk.last_seq < checkpoint.sequence_num:
-        walk.fail(
+            walk.fail_if_earlier(1, "checkpoint at 0 must carry the genesis hash")
+        return True
+    if walk.checkpoint_hash is not None:
+        if walk.checkpoint_hash != checkpoint.root_hash:
+            walk.fail_if_earlier(
+                checkpoint.sequence_num,
+                f"event {checkpoint.sequence_num} no longer has the checkpointed root hash: "
+                "the chain up to it was rewritten",
+            )
+        return True
+    if walked_all and walk.last_seq < checkpoint.sequence_num:
+        walk.fail_if_earlier(
             walk.last_seq + 1,
             f"chain holds {walk.last_seq} events but the checkpoint vouches for {checkpoint.sequence_num}: "
             "truncated or rolled back",
         )
-    elif walk.checkpoint_hash != checkpoint.root_hash:
-        walk.fail(
-            checkpoint.sequence_num,
-            f"event {checkpoint.sequence_num} no longer has the checkpointed root hash: "
-            "the chain up to it was rewritten",
-        )
+        return True
+    return False
 
 
 def verify_chain(*, checkpoint: Checkpoint | None = None) -> VerificationResult:
@@ -187,15 +203,16 @@ def verify_chain(*, checkpoint: Checkpoint | None = None) -> VerificationResult:
     upper = head[0] if head else None
     walk = _Walk()
     _walk_rows(walk, upper, checkpoint.sequence_num if checkpoint else None)
-    if walk.first_tampered is None and head is not None:
+    # Every stored event up to the head hashed and linked (the head itself is checked next).
+    walked_all = walk.first_tampered is None
+    if walked_all and head is not None:
         # The head row is written with every append: a chain that stops short
         # of it, or ends elsewhere, lost or changed its tail.
         if walk.last_seq < head[0]:
             walk.fail(walk.last_seq + 1, f"events after {walk.last_seq} are missing (the head is at {head[0]})")
         elif walk.last_hash != head[1]:
             walk.fail(walk.last_seq, f"event {walk.last_seq} does not match the chain head")
-    if walk.first_tampered is None and checkpoint is not None:
-        _check_checkpoint(walk, checkpoint)
+    checkpoint_checked = checkpoint is not None and _check_checkpoint(walk, checkpoint, walked_all=walked_all)
     total, root = walk.last_seq, walk.last_hash
     if walk.first_tampered is not None:
         # The walk stopped early; report the table as it stands.
@@ -209,5 +226,5 @@ def verify_chain(*, checkpoint: Checkpoint | None = None) -> VerificationResult:
         chain_root_hash=root,
         verified_at=timezone.now(),
         reason=walk.reason,
-        checkpoint_checked=checkpoint is not None,
+        checkpoint_checked=checkpoint_checked,
     )

@@ -1,9 +1,13 @@
-"""Operator console: API keys, and the read-only base the other apps' admins share.
+"""Operator console: API keys, user accounts, and the read-only base the other apps' admins share.
 
 A key is created through `fetchml.services.apikey_create`; its raw secret is
 shown once, in a message right after creation, and never again (only the
 prefix is stored in clear). Keys are revoked, never deleted, so the audit
 trail keeps pointing at something.
+
+Django's user pages are replaced by `AuditedUserAdmin`, which writes through fetchml.services, so
+each change of an account (deactivation, staff or superuser status, password, added or deleted)
+is in the audit chain as `user_changed`.
 
 Password logins (this console's, and the browsable API's at /api-auth/login/) go through
 `LoginLimitMixin`: failed ones count against the client IP's limit on failed authentications, the
@@ -19,11 +23,14 @@ from typing import Any
 from django import forms
 from django.contrib import admin, messages
 from django.contrib.admin.forms import AdminAuthenticationForm
+from django.contrib.admin.utils import unquote
+from django.contrib.auth import get_user_model
+from django.contrib.auth.admin import UserAdmin, sensitive_post_parameters_m
 from django.contrib.auth.base_user import AbstractBaseUser
 from django.contrib.auth.forms import AuthenticationForm
-from django.db import transaction
+from django.db import router, transaction
 from django.db.models import IntegerField, Model, Q, QuerySet, UUIDField
-from django.http import HttpRequest
+from django.http import HttpRequest, HttpResponse
 from django.utils import timezone
 
 from audit.services import record
@@ -31,7 +38,7 @@ from fetchml.auth import Actor, client_ip
 from fetchml.errors import ApplicationError
 from fetchml.models import ApiKey
 from fetchml.ratelimits import auth_failures_exceeded, count_auth_failure
-from fetchml.services import apikey_create, apikey_revoke
+from fetchml.services import apikey_create, apikey_revoke, user_delete, user_password_set, user_save
 
 logger = logging.getLogger("fetchml.auth")
 
@@ -144,6 +151,12 @@ class ApiKeyCreationForm(forms.ModelForm):
         model = ApiKey
         fields = ("user", "role", "name", "expires_at")
 
+    def clean_user(self):
+        user = self.cleaned_data.get("user")
+        if user is not None and not user.is_active:
+            raise forms.ValidationError("This user is inactive: their keys are refused. Reactivate them first.")
+        return user
+
     def clean_expires_at(self):
         expires_at = self.cleaned_data.get("expires_at")
         if expires_at is not None and expires_at <= timezone.now():
@@ -217,6 +230,7 @@ class ApiKeyAdmin(admin.ModelAdmin):
             name=data.get("name") or "",
             expires_at=data.get("expires_at"),
             created_by=request.user,
+            ip_address=client_ip(request.META),
         )
         # The admin goes on with `obj` (log entry, redirect): make it the created row.
         for field in ApiKey._meta.concrete_fields:
@@ -236,9 +250,55 @@ class ApiKeyAdmin(admin.ModelAdmin):
             request,
             queryset.select_related("user"),
             "revoke",
-            lambda key, actor: apikey_revoke(api_key=key, revoked_by=actor.user),
+            lambda key, actor: apikey_revoke(api_key=key, revoked_by=actor.user, ip_address=actor.ip_address),
             noun="API key",
         )
+
+
+# --- user accounts ---------------------------------------------------------------
+
+
+class AuditedUserAdmin(UserAdmin):
+    """Django's user pages, with every change of an account in the audit chain (`user_changed`).
+
+    Deactivating a user refuses all their keys, and staff or superuser status is what the admin and
+    admin keys act with: such changes, a password set, and accounts added or deleted are recorded
+    with the operator, the request's address and the changed fields (never a password or hash),
+    in the transaction of the change (through fetchml.services).
+    """
+
+    def save_model(self, request: HttpRequest, obj: AbstractBaseUser, form: forms.ModelForm, change: bool) -> None:
+        user_save(
+            user=obj,
+            operator=request.user,
+            ip_address=client_ip(request.META),
+            created=not change,
+            changed_fields=form.changed_data,
+            previous_username=str(form.initial.get("username") or "") if change else "",
+        )
+
+    def delete_model(self, request: HttpRequest, obj: AbstractBaseUser) -> None:
+        user_delete(users=[obj], operator=request.user, ip_address=client_ip(request.META))
+
+    def delete_queryset(self, request: HttpRequest, queryset: QuerySet) -> None:
+        user_delete(users=list(queryset), operator=request.user, ip_address=client_ip(request.META))
+
+    @sensitive_post_parameters_m
+    def user_change_password(self, request: HttpRequest, id: str, form_url: str = "") -> HttpResponse:
+        # Django's view saves the password itself: it runs here in a transaction that also
+        # records the change, if the stored password (its hash) is no longer what it was.
+        with transaction.atomic(using=router.db_for_write(self.model)):
+            before = self.get_object(request, unquote(id)) if request.method == "POST" else None
+            response = super().user_change_password(request, id, form_url)
+            if before is not None:
+                after = self.get_object(request, unquote(id))
+                if after is not None and after.password != before.password:
+                    user_password_set(user=after, operator=request.user, ip_address=client_ip(request.META))
+        return response
+
+
+admin.site.unregister(get_user_model())
+admin.site.register(get_user_model(), AuditedUserAdmin)
 
 
 # --- password logins ------------------------------------------------------------

@@ -114,8 +114,9 @@ def authenticate_raw_key(raw: str | None, ip: str | None) -> ApiKey:
 
 
 def key_is_usable(key: ApiKey) -> bool:
-    """The one rule: not revoked, not expired, its user active (`key` loaded with its user)."""
-    return key.is_usable and key.user.is_active
+    """Whether `key` works (loaded with its user): `ApiKey.is_usable` holds the rule (not revoked,
+    not expired, its user active), which the admin's key list shows too."""
+    return key.is_usable
 
 
 def api_key_usable(key_id: Any) -> bool:
@@ -142,10 +143,22 @@ async def key_usable(key_id: str) -> bool:
     return (await _shared_usable_api_keys([key_id])).get(key_id, False)
 
 
+class TooManyFailedAuthentications(exceptions.Throttled):
+    """Refused before the key is looked at: this address used up its failed authentications.
+
+    `message` is what the client is told (DRF's `detail` gets its own "Expected available in ..."
+    appended), so it can tell this apart from a key's ordinary request limit.
+    """
+
+    def __init__(self, wait: int):
+        self.message = f"Too many failed authentication attempts from this address; try again in {wait} s"
+        super().__init__(wait=wait, detail="Too many failed authentication attempts")
+
+
 def _fail(reason: str, key: ApiKey | None, ip: str | None) -> None:
     wait = auth_failures_exceeded(ip)
     if wait is not None:
-        raise exceptions.Throttled(wait=wait, detail="Too many failed authentication attempts")
+        raise TooManyFailedAuthentications(wait)
     count_auth_failure(ip)
     _record_auth(success=False, key=key, ip=ip, error=reason)
     logger.info("authentication failed: %s (ip=%s)", reason, ip)

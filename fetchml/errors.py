@@ -204,7 +204,9 @@ def _error_for(exc: Exception, context: dict) -> Response:
     if isinstance(exc, drf_exceptions.Throttled):
         if exc.wait is not None:
             headers["Retry-After"] = str(max(math.ceil(exc.wait), 1))
-        return Response(error_body("Rate limit exceeded", "RATE_LIMITED"), status=429, headers=headers)
+        # A Throttled with a `message` of its own (fetchml.auth.TooManyFailedAuthentications) says it.
+        message = getattr(exc, "message", None) or "Rate limit exceeded"
+        return Response(error_body(message, "RATE_LIMITED"), status=429, headers=headers)
     if isinstance(exc, drf_exceptions.APIException):
         status = exc.status_code
         message = exc.detail if isinstance(exc.detail, str) else "Request failed"

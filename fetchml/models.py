@@ -36,5 +36,9 @@ class ApiKey(models.Model):
 
     @property
     def is_usable(self) -> bool:
+        """The one rule of a key that works: not revoked, not expired, its user active.
+
+        Reads `user` (load keys with `select_related("user")` where many are checked).
+        """
         now = timezone.now()
-        return self.revoked_at is None and (self.expires_at is None or self.expires_at > now)
+        return self.revoked_at is None and (self.expires_at is None or self.expires_at > now) and self.user.is_active

@@ -150,7 +150,9 @@ class VerificationResultSerializer(serializers.Serializer):
     chain_root_hash = serializers.CharField()
     verified_at = serializers.DateTimeField()
     reason = serializers.CharField(help_text="What was found wrong (empty when valid)")
-    checkpoint_checked = serializers.BooleanField()
+    checkpoint_checked = serializers.BooleanField(
+        help_text="True when the checkpoint was compared: the walk reached its sequence_num (false without one)"
+    )
     checkpoint_signature_verified = serializers.BooleanField(
         help_text="True when the checkpoint carried a signature made with this server's key"
     )

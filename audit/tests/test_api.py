@@ -211,6 +211,29 @@ def test_a_recomputed_chain_fails_against_the_saved_chain_root(admin, settings) 
     assert (body["valid"], body["first_tampered"]) == (False, checkpoint["sequence_num"])
 
 
+def test_a_wrong_checkpoint_before_a_later_tampered_event_is_reported_first_and_checked(admin) -> None:
+    append_events(3)
+    checkpoint = {**admin.get(ROOT).json(), "root_hash": "f" * 64}
+    append_events(5)
+    tampering.set_field(AuditEvent.objects.latest("sequence_num").sequence_num, "action", "write")
+    body = admin.post(VERIFY, {"checkpoint": checkpoint}, format="json").json()
+    assert (body["valid"], body["first_tampered"], body["checkpoint_checked"]) == (
+        False,
+        checkpoint["sequence_num"],
+        True,
+    )
+
+
+def test_a_checkpoint_past_the_first_tampered_event_is_not_reported_as_checked(admin) -> None:
+    append_events(3)
+    tampered = AuditEvent.objects.latest("sequence_num").sequence_num
+    append_events(3)
+    checkpoint = admin.get(ROOT).json()
+    tampering.set_field(tampered, "action", "write")
+    body = admin.post(VERIFY, {"checkpoint": checkpoint}, format="json").json()
+    assert (body["valid"], body["first_tampered"], body["checkpoint_checked"]) == (False, tampered, False)
+
+
 def test_a_checkpoint_with_a_forged_signature_is_refused(admin, settings) -> None:
     settings.FETCHML_AUDIT_SIGNING_KEY = KEY
     checkpoint = {**admin.get(ROOT).json(), "signature": "0" * 64}

@@ -10,6 +10,7 @@ import pytest
 from django.core.management import CommandError, call_command
 from django.db import transaction
 
+from audit.management.commands.audit_verify import Command
 from audit.models import AuditEvent
 from audit.selectors import chain_checkpoint
 from audit.services import record
@@ -203,3 +204,31 @@ def test_the_documented_verifier_rejects_an_export_with_a_missing_line(tmp_path,
     completed = _run_verifier(tmp_path, str(export))
     assert completed.returncode == 1
     assert "event 11: chain broken" in completed.stderr
+
+
+@pytest.mark.django_db
+def test_audit_verify_reports_a_wrong_checkpoint_before_a_later_tampered_event() -> None:
+    append_events(8)
+    tampering.set_field(7, "user_id", "mallory")
+    out = StringIO()
+    with pytest.raises(CommandError) as failure:
+        call_command("audit_verify", "--expect-root", "f" * 64, "--expect-count", "3", stdout=out, stderr=StringIO())
+    assert "checked against checkpoint at 3" in out.getvalue()
+    assert "first tampered event 3" in str(failure.value)
+
+
+@pytest.mark.django_db
+def test_audit_verify_does_not_claim_a_checkpoint_past_the_first_tampered_event_was_checked() -> None:
+    append_events(8)
+    tampering.set_field(2, "user_id", "mallory")
+    out = StringIO()
+    with pytest.raises(CommandError) as failure:
+        call_command("audit_verify", "--expect-root", "f" * 64, "--expect-count", "6", stdout=out, stderr=StringIO())
+    assert "checked against checkpoint" not in out.getvalue()
+    assert "checkpoint at 6 not checked" in out.getvalue()
+    assert "first tampered event 2" in str(failure.value)
+
+
+def test_audit_verify_help_names_exit_status_2_for_usage_errors() -> None:
+    help_text = " ".join(Command().help.split())
+    assert "2 on a usage error" in help_text

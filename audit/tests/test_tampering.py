@@ -112,3 +112,22 @@ def test_an_intact_chain_passes_its_earlier_checkpoint_after_growing(chain) -> N
     append_events(30)
     result = verify_chain(checkpoint=earlier)
     assert (result.valid, result.total_events, result.checkpoint_checked) == (True, 50, True)
+
+
+def test_a_wrong_checkpoint_before_a_later_tampered_event_moves_first_tampered_back_to_it(chain) -> None:
+    tampering.set_field(15, "resource", "file:innocent.csv")
+    result = verify_chain(checkpoint=Checkpoint(sequence_num=3, root_hash="f" * 64))
+    assert (result.valid, result.first_tampered, result.checkpoint_checked) == (False, 3, True)
+    assert "rewritten" in result.reason
+
+
+def test_a_matching_checkpoint_before_a_later_tampered_event_is_checked_and_leaves_the_walks_finding(chain) -> None:
+    tampering.set_field(15, "resource", "file:innocent.csv")
+    result = verify_chain(checkpoint=Checkpoint(sequence_num=3, root_hash=event(3).event_hash))
+    assert (result.valid, result.first_tampered, result.checkpoint_checked) == (False, 15, True)
+
+
+def test_a_checkpoint_past_the_first_tampered_event_is_not_reported_as_checked(chain) -> None:
+    tampering.set_field(5, "resource", "file:innocent.csv")
+    result = verify_chain(checkpoint=Checkpoint(sequence_num=10, root_hash="f" * 64))
+    assert (result.valid, result.first_tampered, result.checkpoint_checked) == (False, 5, False)

@@ -8,6 +8,7 @@ from asgiref.sync import sync_to_async
 from django.test import override_settings
 
 from fetchml.models import ApiKey
+from fetchml.services import user_save
 from fetchml.testing import close_of, open_client_socket, run_async
 from fetchml.tests.factories import ApiKeyFactory, deactivate_key_user, expire_key, revoke_key, revoke_key_unannounced
 from tasks.consumers import CLOSE_UNAUTHENTICATED
@@ -39,6 +40,23 @@ async def test_revoking_its_key_closes_a_client_connection_with_4401(admin_user,
     finally:
         await socket.disconnect()
     assert closed == REVOKED
+
+
+@run_async
+async def test_deactivating_its_user_in_the_console_closes_a_client_connection_at_once(alice_pair, user, admin_user):
+    _, raw = alice_pair
+    socket = await open_client_socket(raw)
+    try:
+        await sync_to_async(_deactivate_in_the_console)(user, admin_user)
+        closed = await close_of(socket)
+    finally:
+        await socket.disconnect()
+    assert closed == REVOKED
+
+
+def _deactivate_in_the_console(user, operator) -> None:
+    user.is_active = False
+    user_save(user=user, operator=operator, created=False, changed_fields=["is_active"])
 
 
 @run_async

@@ -14,7 +14,8 @@ USAGE_ERROR = 2
 
 class Command(BaseCommand):
     help = (
-        "Verify the audit hash chain. Exit status 0 when it is intact, 1 when it is not. "
+        "Verify the audit hash chain. Exit status 0 when it is intact, 1 when it is not, 2 on a usage error "
+        "(conflicting options, an unreadable or malformed checkpoint, a checkpoint signed with another key). "
         "With a root published earlier (--expect-root/--expect-count) or a saved checkpoint (--checkpoint) "
         "it also detects truncation, rollback and a recomputed chain."
     )
@@ -34,9 +35,13 @@ class Command(BaseCommand):
         result = audit_verify(user=None, checkpoint=checkpoint, source="cli", record_event=not options["no_record"])
         for warning in result.warnings:
             self.stderr.write(f"warning: {warning}")
-        if checkpoint is not None:
+        if checkpoint is not None and result.checkpoint_checked:
             signed = "signed by this server" if result.checkpoint_signature_verified else "unsigned or unchecked"
             self.stdout.write(f"checked against checkpoint at {checkpoint.sequence_num} ({signed})")
+        elif checkpoint is not None:
+            self.stdout.write(
+                f"checkpoint at {checkpoint.sequence_num} not checked: the walk stopped at an earlier event"
+            )
         if not result.valid:
             raise CommandError(
                 f"audit chain is NOT valid: first tampered event {result.first_tampered}: {result.reason} "

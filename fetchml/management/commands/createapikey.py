@@ -42,6 +42,9 @@ class Command(BaseCommand):
         expires_at = timezone.now() + timedelta(days=expires_in_days) if expires_in_days else None
         with transaction.atomic():
             user = user_get_or_create(username=username, is_staff=role == ApiKey.Role.ADMIN)
+            if not user.is_active:
+                # Its keys are refused (ApiKey.is_usable): one printed now could never work.
+                raise CommandError(f"user {username} is inactive: reactivate the account before creating a key")
             if role == ApiKey.Role.ADMIN and not user.is_staff:
                 user.is_staff = True
                 user.save(update_fields=["is_staff"])
