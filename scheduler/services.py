@@ -30,7 +30,7 @@ from artifacts.selectors import pinned_datasets_changed
 from audit.services import appended_together, record
 from fetchml import events
 from fetchml.auth import Actor, key_is_usable
-from fetchml.clock import api_time, database_now
+from fetchml.clock import database_now
 from fetchml.compiled import compiled_per_shape, compiled_update_per_shape
 from fetchml.conf import app_settings
 from fetchml.errors import Conflict
@@ -41,6 +41,7 @@ from fetchml.planner import checked_not_searched, planned_without
 from scheduler.counters import CAPACITY_OF, give_back, give_back_reading_status
 from scheduler.models import NodeAssignment, Worker
 from scheduler.protocol import CAPACITY_FIELDS
+from tasks.attempts import with_attempt_ended
 from tasks.logs import append_lines
 from tasks.models import Task
 from tasks.selectors import owner_username
@@ -1030,7 +1031,7 @@ def fail_or_retry(
             exit_code=exit_code,
             error=error,
             output=output,
-            earlier_attempts=_with_attempt_ended(task, now=now, reason=reason, exit_code=exit_code, error=error),
+            earlier_attempts=with_attempt_ended(task, ended_at=now, reason=reason, exit_code=exit_code, error=error),
         )
         if moved is not None:
             record(
@@ -1050,23 +1051,6 @@ def fail_or_retry(
         error=error,
         output=output,
     )
-
-
-# The end of an earlier attempt's error kept in `Task.earlier_attempts` (its last lines say most).
-EARLIER_ATTEMPT_ERROR_CHARS = 2_000
-
-
-def _with_attempt_ended(task: Task, *, now: datetime, reason: str, exit_code: int | None, error: str) -> list[dict]:
-    """`task.earlier_attempts` and how its current attempt ended (the row is locked by the caller)."""
-    ended = {
-        "attempt": task.attempt,
-        "worker_id": str(task.worker_id) if task.worker_id else None,
-        "ended_at": api_time(now),
-        "failure_reason": reason,
-        "exit_code": exit_code,
-        "error": error[-EARLIER_ATTEMPT_ERROR_CHARS:],
-    }
-    return [*(task.earlier_attempts or []), ended]
 
 
 def _datasets_changed_error(changed: dict[str, str | None], error: str) -> str:

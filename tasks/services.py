@@ -28,6 +28,7 @@ from scheduler.dispatch import dispatch_at_submission
 from scheduler.models import Reservation
 from scheduler.policies import Shape, fair_share_offset, unschedulable_reason
 from scheduler.reservations import task_fit_refusal
+from tasks.attempts import with_attempt_ended
 from tasks.models import Experiment, IdempotencyRecord, Task
 from tasks.states import ACTIVE_STATES, FINAL_STATES, NO_OUTCOME, TaskStatus, can_transition, sources_of
 
@@ -452,6 +453,14 @@ def task_requeue(*, task: Task, actor: Actor) -> Task:
     """Operator action: run a failed or cancelled task again from scratch."""
     with transaction.atomic():
         now = timezone.now()
+        ended = Task.objects.select_for_update().get(id=task.id)
+        earlier = with_attempt_ended(
+            ended,
+            ended_at=ended.ended_at or now,
+            reason=ended.failure_reason,
+            exit_code=ended.exit_code,
+            error=ended.error,
+        )
         done = task_transition(
             task_id=task.id,
             to=TaskStatus.QUEUED,
@@ -462,9 +471,8 @@ def task_requeue(*, task: Task, actor: Actor) -> Task:
             runnable_after=None,
             retry_count=0,
             worker=None,
-            error="",
-            exit_code=None,
-            failure_reason="",
+            earlier_attempts=earlier,
+            **NO_OUTCOME,
             cancel_requested_at=None,
             cancelled_by=None,
             started_at=None,

@@ -8,6 +8,7 @@ from django.utils import timezone
 from audit.models import AuditEvent
 from conftest import KeyClient
 from fetchml import apikeys
+from fetchml.clock import api_time
 from fetchml.models import ApiKey
 from fetchml.tests.factories import ApiKeyFactory
 from jupyter.models import JupyterService
@@ -125,6 +126,29 @@ def test_requeue_action_requeues_failed_task_and_audits_it(console, user):
     task.refresh_from_db()
     assert (task.status, task.retry_count, task.error) == (TaskStatus.QUEUED, 0, "")
     assert len(events("job_requeued", f"task:{task.id}")) == 1
+
+
+def test_a_requeued_task_keeps_how_its_last_attempt_ended(console, user):
+    ended_at = timezone.now()
+    task = TaskFactory(
+        owner=user,
+        status=TaskStatus.FAILED,
+        attempt=1,
+        ended_at=ended_at,
+        exit_code=3,
+        failure_reason="exit_code",
+        error="boom",
+        output="epoch 1",
+    )
+
+    run_action(console, TASKS_URL, "requeue_tasks", [task])
+
+    task.refresh_from_db()
+    assert (task.exit_code, task.failure_reason, task.output) == (None, "", "")
+    assert [(a["attempt"], a["failure_reason"], a["exit_code"], a["error"]) for a in task.earlier_attempts] == [
+        (1, "exit_code", 3, "boom")
+    ]
+    assert task.earlier_attempts[0]["ended_at"] == api_time(ended_at)
 
 
 def test_requeue_action_refuses_queued_task(console, user):
