@@ -20,7 +20,7 @@ from django.core.exceptions import (
     TooManyFilesSent,
 )
 from django.core.exceptions import ValidationError as DjangoValidationError
-from django.db import InterfaceError, OperationalError
+from django.db import InterfaceError, InternalError, OperationalError
 from django.http import Http404
 from rest_framework import exceptions as drf_exceptions
 from rest_framework.response import Response
@@ -126,6 +126,20 @@ def error_response(status: int, message: str, code: str | None = None, **headers
     return response
 
 
+# PostgreSQL ended the session of a transaction left idle too long (a process frozen in it): its
+# SQLSTATE is of the class "invalid transaction state", which the driver raises as InternalError.
+_SESSION_ENDED_IDLE_IN_TRANSACTION = "25P03"
+
+
+def database_unavailable(exc: BaseException) -> bool:
+    """Whether `exc` says the database could not be used, not that the request was wrong: out of
+    reach, restarting, a wait given up on, or the session ended by the server."""
+    if isinstance(exc, OperationalError | InterfaceError):
+        return True
+    cause = exc.__cause__
+    return isinstance(exc, InternalError) and getattr(cause, "sqlstate", None) == _SESSION_ENDED_IDLE_IN_TRANSACTION
+
+
 def suspicious_request_message(exc: Exception | None) -> str:
     """What a request Django refuses as suspicious is told (never what it sent: a Host, a path)."""
     if isinstance(exc, TooManyFieldsSent):
@@ -211,7 +225,7 @@ def _error_for(exc: Exception, context: dict) -> Response:
         status = exc.status_code
         message = exc.detail if isinstance(exc.detail, str) else "Request failed"
         return Response(error_body(str(message), code_for_status(status)), status=status)
-    if isinstance(exc, OperationalError | InterfaceError):
+    if database_unavailable(exc):
         # Out of reach, restarting, or a lock or write wait given up on: a retry soon may succeed.
         logger.warning("database unavailable: %s", exc)
         body = error_body("The database is unavailable; try again shortly", "SERVICE_UNAVAILABLE")

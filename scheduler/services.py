@@ -21,7 +21,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from django.contrib.auth import get_user_model
-from django.db import DatabaseError, IntegrityError, InterfaceError, OperationalError, connection, transaction
+from django.db import DatabaseError, IntegrityError, connection, transaction
 from django.db.models import Exists, F, OuterRef, Q, QuerySet, Value
 from django.db.models.functions import Coalesce, Now
 from django.utils import timezone
@@ -33,7 +33,7 @@ from fetchml.auth import Actor, key_is_usable
 from fetchml.clock import database_now
 from fetchml.compiled import compiled_per_shape, compiled_update_per_shape
 from fetchml.conf import app_settings
-from fetchml.errors import Conflict
+from fetchml.errors import Conflict, database_unavailable
 from fetchml.instances import instance_builder
 from fetchml.logformat import brief
 from fetchml.models import ApiKey
@@ -497,7 +497,7 @@ def apply_run_reports(*, worker_id: Any, reports: list[dict[str, Any]]) -> list[
     except Exception as exc:
         if len(reports) == 1:
             # The database out of reach fails every report alike: one line each, not a traceback.
-            unreachable = isinstance(exc, (OperationalError, InterfaceError))
+            unreachable = database_unavailable(exc)
             said = f": {brief(exc)}" if unreachable else ""
             logger.error(
                 "worker %s: a %s report failed%s", worker_id, reports[0]["type"], said, exc_info=not unreachable

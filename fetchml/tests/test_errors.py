@@ -145,6 +145,15 @@ def test_a_database_out_of_reach_is_service_unavailable_with_retry_after_and_no_
     assert "10.0.0.5" not in body["error"] and SECRET_MESSAGE not in response.content.decode()
 
 
+def test_a_session_the_database_ended_while_idle_in_a_transaction_is_service_unavailable(user_client):
+    client = Client(raise_request_exception=False, HTTP_X_API_KEY=user_client.raw_key)
+
+    response = client.get("/v1/test/session-ended")
+
+    assert_error(response, 503, "SERVICE_UNAVAILABLE")
+    assert response["Retry-After"] == "1"
+
+
 def test_unhandled_error_in_a_plain_view_is_internal_error_without_details(db):
     client = Client(raise_request_exception=False)
     response = client.get("/test/plain-boom")

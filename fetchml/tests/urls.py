@@ -1,6 +1,7 @@
 """A test-only URLconf: small views that exercise the plumbing before the real API exists."""
 
-from django.db import OperationalError
+import psycopg
+from django.db import InternalError, OperationalError
 from django.http import HttpRequest, HttpResponse
 from django.urls import include, path
 from drf_spectacular.utils import extend_schema
@@ -62,6 +63,15 @@ class DatabaseDownView(APIView):
         raise OperationalError(f"connection to server at 10.0.0.5 failed: {SECRET_MESSAGE}")
 
 
+class SessionEndedView(APIView):
+    @extend_schema(responses={200: dict})
+    def get(self, request: Request) -> Response:
+        ended = psycopg.errors.IdleInTransactionSessionTimeout(
+            "terminating connection due to idle-in-transaction timeout"
+        )
+        raise InternalError(str(ended)) from ended
+
+
 def plain_boom(request: HttpRequest) -> HttpResponse:
     raise RuntimeError(SECRET_MESSAGE)
 
@@ -71,6 +81,7 @@ urlpatterns = [
     path("v1/test/admin-only", AdminOnlyView.as_view()),
     path("v1/test/boom", BoomView.as_view()),
     path("v1/test/database-down", DatabaseDownView.as_view()),
+    path("v1/test/session-ended", SessionEndedView.as_view()),
     path("test/plain-boom", plain_boom),
     path("", include("fetchml.urls")),
 ]
