@@ -13,6 +13,7 @@ from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
 from django.core.handlers.asgi import ASGIRequest
 from django.http import HttpRequest, HttpResponse, HttpResponseBase, StreamingHttpResponse
+from django.views import defaults
 
 from fetchml.conf import app_settings
 from fetchml.errors import code_for_status, error_response, suspicious_request_message
@@ -212,7 +213,7 @@ def _refused_body(request: HttpRequest) -> HttpResponse | None:
 
 def _in_the_error_format(request: HttpRequest, response: HttpResponseBase) -> HttpResponseBase:
     apply_headers(response, getattr(request, "fetchml_ratelimit", None))
-    if response.status_code < 400 or _is_json(response) or request.path.startswith("/admin/"):
+    if response.status_code < 400 or _is_json(response) or _in_the_console(request):
         return response
     status = response.status_code
     replacement = error_response(status, _REASONS.get(status, "Request failed"), code_for_status(status))
@@ -229,11 +230,20 @@ def bad_request(request: HttpRequest, exception: Exception | None = None) -> Htt
 
 
 def permission_denied(request: HttpRequest, exception: Exception | None = None) -> HttpResponse:
+    if _in_the_console(request):
+        return defaults.permission_denied(request, exception)
     return error_response(403, "Insufficient permissions")
 
 
 def page_not_found(request: HttpRequest, exception: Exception | None = None) -> HttpResponse:
+    if _in_the_console(request):
+        return defaults.page_not_found(request, exception)
     return error_response(404, "Resource not found")
+
+
+def _in_the_console(request: HttpRequest) -> bool:
+    """A page of the operator console, read in a browser: its refusals are pages, not the API's JSON."""
+    return request.path.startswith("/admin/")
 
 
 def server_error(request: HttpRequest) -> HttpResponse:

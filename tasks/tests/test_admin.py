@@ -266,3 +266,17 @@ def test_plugin_enable_action_reports_an_invalid_configuration(console):
     assert message.startswith("Could not enable wandb")
     config.refresh_from_db()
     assert config.enabled is False
+
+
+def test_a_console_page_refused_is_a_page_not_the_apis_json(console):
+    response = console.get(reverse("admin:tasks_task_add"))
+
+    assert response.status_code == 403
+    assert response["Content-Type"].startswith("text/html")
+
+
+def test_a_console_page_not_found_is_a_page_not_the_apis_json(console):
+    response = console.get("/admin/tasks/no-such-model/")
+
+    assert response.status_code == 404
+    assert response["Content-Type"].startswith("text/html")
