@@ -49,10 +49,27 @@ def nesting_depth(text: str) -> int:
     return max(accumulate(map(_STEP.__getitem__, brackets)), default=0)
 
 
-def loads(text: str | bytes, *, max_depth: int | None = None) -> Any:
-    """json.loads for untrusted text: NaN and Infinity refused, nesting bounded.
+class DuplicateKey(ValueError):
+    def __init__(self, key: str):
+        super().__init__(f"the object names {key[:64]!r} more than once")
 
-    Raises ValueError (json.JSONDecodeError, JSONTooDeep, UnicodeDecodeError).
+
+def _object_of_unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """An object whose names are each given once: with two, parsers disagree on which counts
+    (Python's json keeps the last), and a check and the code after it could each read another."""
+    built: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in built:
+            raise DuplicateKey(key)
+        built[key] = value
+    return built
+
+
+def loads(text: str | bytes, *, max_depth: int | None = None, unique_keys: bool = False) -> Any:
+    """json.loads for untrusted text: NaN and Infinity refused, nesting bounded, and with
+    `unique_keys` an object naming a key twice refused.
+
+    Raises ValueError (json.JSONDecodeError, JSONTooDeep, DuplicateKey, UnicodeDecodeError).
     """
     if isinstance(text, bytes | bytearray):
         text = text.decode(json.detect_encoding(text))
@@ -60,16 +77,18 @@ def loads(text: str | bytes, *, max_depth: int | None = None) -> Any:
     # Counting brackets is far cheaper than the scan, and fewer than the limit cannot nest deeper.
     if text.count("[") + text.count("{") > limit and nesting_depth(text) > limit:
         raise JSONTooDeep(limit)
-    return json.loads(text, parse_constant=strict_constant)
+    hook = _object_of_unique_keys if unique_keys else None
+    return json.loads(text, parse_constant=strict_constant, object_pairs_hook=hook)
 
 
 class JSONParser(parsers.JSONParser):
-    """DRF's JSON parser through `loads`: the parser of every JSON request body."""
+    """DRF's JSON parser through `loads`: the parser of every JSON request body (whose objects
+    must name each key once)."""
 
     def parse(self, stream: Any, media_type: str | None = None, parser_context: dict | None = None) -> Any:
         encoding = (parser_context or {}).get("encoding", settings.DEFAULT_CHARSET)
         try:
-            return loads(stream.read().decode(encoding))
+            return loads(stream.read().decode(encoding), unique_keys=True)
         except ValueError as exc:
             raise ParseError(f"JSON parse error - {exc}") from None
 

@@ -82,3 +82,17 @@ def test_loads_refuses_deep_text_with_a_value_error_before_parsing():
         loads(b"[" * 100_000, max_depth=64)
     assert isinstance(raised.value, ValueError)
     assert loads(b'{"a": [1]}', max_depth=2) == {"a": [1]}
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [('{"job_name": "a", "job_name": "b"}', "job_name"), ('{"env": {"A": "1", "A": "2"}, "job_name": "x"}', "A")],
+)
+def test_a_body_naming_a_key_twice_is_bad_request_naming_it(user_client, text, key):
+    response = user_client.generic("POST", "/v1/tasks", text, content_type="application/json")
+
+    assert response.status_code == 400
+    assert (
+        response.json()["error"]
+        == f"Malformed request body: JSON parse error - the object names {key!r} more than once"
+    )
