@@ -17,6 +17,7 @@ from django.views import defaults
 
 from fetchml.conf import app_settings
 from fetchml.errors import code_for_status, error_response, suspicious_request_message
+from fetchml.jsonbody import CompactJsonResponse
 from fetchml.ratelimits import apply_headers
 from fetchml.tracing import new_trace_id, reset_trace_id, set_trace_id
 
@@ -216,7 +217,11 @@ def _in_the_error_format(request: HttpRequest, response: HttpResponseBase) -> Ht
     if response.status_code < 400 or _is_json(response) or _in_the_console(request):
         return response
     status = response.status_code
-    replacement = error_response(status, _REASONS.get(status, "Request failed"), code_for_status(status))
+    said = getattr(response, "data", None)  # an API error rendered for a browser (the browsable API)
+    if isinstance(said, dict) and {"error", "code", "trace_id"} <= said.keys():
+        replacement = CompactJsonResponse(said, status=status)
+    else:
+        replacement = error_response(status, _REASONS.get(status, "Request failed"), code_for_status(status))
     for header in _KEPT_HEADERS:
         if header in response:
             replacement[header] = response[header]
@@ -224,6 +229,8 @@ def _in_the_error_format(request: HttpRequest, response: HttpResponseBase) -> Ht
 
 
 def bad_request(request: HttpRequest, exception: Exception | None = None) -> HttpResponse:
+    if _in_the_console(request):
+        return defaults.bad_request(request, exception)
     if isinstance(exception, RequestDataTooBig):
         return error_response(413, "Request body too large")
     return error_response(400, suspicious_request_message(exception))

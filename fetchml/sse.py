@@ -202,7 +202,9 @@ def _authenticate(request: HttpRequest) -> Actor:
     try:
         key = authenticate_raw_key(raw, ip)
     except drf_exceptions.Throttled as exc:
-        raise RateLimited(retry_after=int(exc.wait) + 1 if exc.wait is not None else None) from exc
+        # The failed-authentication limit says what it is (fetchml.auth.TooManyFailedAuthentications).
+        message = getattr(exc, "message", None)
+        raise RateLimited(message, retry_after=int(exc.wait) + 1 if exc.wait is not None else None) from exc
     except drf_exceptions.AuthenticationFailed as exc:
         raise Unauthenticated() from exc
     actor = Actor(user=key.user, role=key.role, api_key_id=str(key.id), ip_address=ip)

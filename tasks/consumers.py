@@ -44,7 +44,7 @@ from fetchml.clock import api_time
 from fetchml.conf import app_settings
 from fetchml.consumers import SocketConsumer
 from fetchml.errors import NotFound
-from fetchml.jsonbody import JSONTooDeep, loads
+from fetchml.jsonbody import DuplicateKey, JSONTooDeep, loads
 from fetchml.live_layer import LIVE_LAYER
 from fetchml.live_limits import LiveConnection, TooManyLiveConnections, live_connections
 from fetchml.shared_reads import SharedRead
@@ -272,8 +272,8 @@ class ClientConsumer(SocketConsumer):
             await self._error("Binary frames are not supported; send JSON text")
             return
         try:
-            message = loads(text_data)
-        except JSONTooDeep as exc:
+            message = loads(text_data, unique_keys=True)
+        except (JSONTooDeep, DuplicateKey) as exc:
             await self._error(str(exc))
             return
         except ValueError:

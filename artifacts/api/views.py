@@ -25,7 +25,7 @@ from artifacts.api.serializers import (
 )
 from fetchml.auth import actor_from_request
 from fetchml.permissions import IsHumanOrWorker, IsHumanUser
-from fetchml.query import KnownQueryParameters, validated_query
+from fetchml.query import KnownQueryParameters, refuse_unknown_or_repeated, validated_query
 from fetchml.schema import error_response
 
 TOKEN_HEADER = "X-Fetchml-Token"
@@ -59,7 +59,10 @@ def _download_responses(what: str) -> dict[Any, Any]:
 
 
 def _query(serializer_class: type[serializers.Serializer], request: Request) -> dict[str, Any]:
+    """The file API's query parameters: one it does not take, or one given twice, is a 400 as on
+    every read (`?onwer=alice` must not act on the caller's own dataset); a bad value, a 422."""
     serializer = serializer_class(data=request.query_params)
+    refuse_unknown_or_repeated(request.query_params, serializer.fields)
     serializer.is_valid(raise_exception=True)
     return serializer.validated_data
 
@@ -74,7 +77,8 @@ class IsWorkerKey(BasePermission):
 # --- snapshots ---------------------------------------------------------------
 
 
-class SnapshotListUploadView(APIView):
+class SnapshotListUploadView(KnownQueryParameters, APIView):
+    methods_checking_their_own = ("GET", "HEAD")
     permission_classes = [IsHumanUser]
     parser_classes = [RawStreamParser]
 
@@ -118,7 +122,7 @@ class SnapshotListUploadView(APIView):
         return Response(SnapshotSerializer(snapshot).data, status=code)
 
 
-class SnapshotMetaView(APIView):
+class SnapshotMetaView(KnownQueryParameters, APIView):
     permission_classes = [IsHumanOrWorker]
 
     @extend_schema(summary="Code snapshot metadata", responses={200: SnapshotSerializer, 422: BAD_SNAPSHOT_ID})
@@ -128,7 +132,7 @@ class SnapshotMetaView(APIView):
         return Response(SnapshotSerializer(snapshot).data)
 
 
-class SnapshotDownloadView(APIView):
+class SnapshotDownloadView(KnownQueryParameters, APIView):
     permission_classes = [IsHumanOrWorker]
 
     @extend_schema(
@@ -166,7 +170,8 @@ def _range_meta(response: HttpResponseBase) -> dict[str, str]:
 # --- datasets ----------------------------------------------------------------
 
 
-class DatasetListCreateView(APIView):
+class DatasetListCreateView(KnownQueryParameters, APIView):
+    methods_checking_their_own = ("POST",)
     permission_classes = [IsHumanUser]
     parser_classes = [RawStreamParser]
 
@@ -278,7 +283,7 @@ class ArtifactListView(KnownQueryParameters, APIView):
         return Response(ArtifactSerializer(selectors.artifact_list(task=task), many=True).data)
 
 
-class ArtifactFileView(APIView):
+class ArtifactFileView(KnownQueryParameters, APIView):
     parser_classes = [RawStreamParser]
 
     def get_permissions(self) -> list[BasePermission]:

@@ -200,3 +200,20 @@ def test_other_user_cannot_delete_a_dataset(user_client, other_client):
 
     assert other_client.delete("/v1/datasets/mnist?owner=alice").status_code == 404
     assert Dataset.objects.exists()
+
+
+def test_a_mistyped_parameter_of_a_delete_is_refused_and_deletes_nothing(user_client):
+    upload(user_client, name="mine")
+
+    response = user_client.delete("/v1/datasets/mine?onwer=alice")
+
+    assert (response.status_code, response.json()["details"][0]["field"]) == (400, "onwer")
+    assert user_client.get("/v1/datasets/mine").status_code == 200
+
+
+def test_a_parameter_of_an_upload_given_twice_is_refused(user_client):
+    response = user_client.post(
+        "/v1/datasets?name=first&name=second", data=DATA, content_type="application/octet-stream"
+    )
+
+    assert (response.status_code, response.json()["details"][0]["field"]) == (400, "name")

@@ -47,7 +47,7 @@ class AuditEventListView(APIView):
         return Response(AuditEventListSerializer(body).data)
 
 
-class AuditVerifyView(APIView):
+class AuditVerifyView(KnownQueryParameters, APIView):
     permission_classes = [IsAdmin]
 
     @extend_schema(

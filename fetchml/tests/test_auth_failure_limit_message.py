@@ -30,3 +30,14 @@ def test_a_keys_own_request_limit_keeps_the_generic_message(user):
     client.get(ENDPOINT)
     response = client.get(ENDPOINT)
     assert (response.status_code, response.json()["error"]) == (429, "Rate limit exceeded")
+
+
+@override_settings(FETCHML_RATE_LIMIT_AUTH_FAILURES="3/m")
+def test_a_stream_says_what_the_failed_authentication_limit_is_too(db):
+    for _ in range(3):
+        KeyClient(BAD_KEY).get(ENDPOINT, REMOTE_ADDR=ADDRESS)
+
+    response = KeyClient(BAD_KEY).get("/v1/scheduler/status/stream", REMOTE_ADDR=ADDRESS)
+
+    assert response.status_code == 429
+    assert response.json()["error"].startswith("Too many failed authentication attempts from this address")

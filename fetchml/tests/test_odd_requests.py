@@ -6,6 +6,7 @@ import uuid
 import pytest
 from django.test import Client
 
+from artifacts.tests.factories import tar_gz
 from tasks.services import task_submit
 
 pytestmark = pytest.mark.django_db
@@ -102,3 +103,35 @@ def test_a_write_refuses_query_parameters_it_does_not_take(user_client, method, 
     assert _error(response, 400, "BAD_REQUEST")["details"] == [
         {"field": "dry_run", "message": "Unknown query parameter."}
     ]
+
+
+def test_an_error_asked_for_as_html_keeps_its_message_and_details(user_client):
+    response = user_client.post("/v1/tasks", {"job_name": "x"}, format="json", HTTP_ACCEPT="text/html")
+
+    body = _error(response, 422, "VALIDATION_ERROR")
+    assert body["error"] == "Validation failed: entrypoint"
+    assert body["details"][0]["field"] == "entrypoint"
+
+
+def test_a_snapshot_id_in_upper_case_names_the_snapshot(user_client):
+    uploaded = user_client.post(
+        "/v1/snapshots", data=tar_gz({"train.py": b"print(1)"}), content_type="application/octet-stream"
+    )
+    snapshot_id = uploaded.json()["id"]
+
+    response = user_client.post(
+        "/v1/tasks",
+        {"job_name": "x", "entrypoint": "python train.py", "snapshot_id": snapshot_id.upper()},
+        format="json",
+    )
+
+    assert (response.status_code, response.json()["snapshot_id"]) == (201, snapshot_id)
+
+
+def test_a_console_request_refused_as_malformed_is_a_page(console, settings):
+    query = "&".join(f"a{index}=1" for index in range(settings.DATA_UPLOAD_MAX_NUMBER_FIELDS + 1))
+
+    response = console.get(f"/admin/tasks/task/?{query}")
+
+    assert response.status_code == 400
+    assert response["Content-Type"].startswith("text/html")

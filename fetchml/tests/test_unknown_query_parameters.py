@@ -101,3 +101,25 @@ def test_an_unknown_parameter_of_the_artifact_list_is_refused(user_client, user)
     task = task_submit(owner=user, job_name="train")
 
     _assert_refused(user_client.get(f"/v1/tasks/{task.id}/artifacts", {"bogus": "1"}), "bogus")
+
+
+def test_an_unknown_parameter_of_a_snapshot_upload_is_refused(user_client):
+    response = user_client.post("/v1/snapshots?dry_run=1", data=b"x", content_type="application/octet-stream")
+
+    _assert_refused(response, "dry_run")
+
+
+def test_an_unknown_parameter_of_a_verification_is_refused(admin_client_key):
+    _assert_refused(admin_client_key.post("/v1/audit/verify?dry_run=1", {}, format="json"), "dry_run")
+
+
+def test_an_unknown_parameter_of_the_status_stream_is_refused(user_client):
+    _assert_refused(user_client.get("/v1/scheduler/status/stream", {"foo": "1"}), "foo")
+
+
+def test_more_parameters_than_django_reads_on_a_stream_is_a_400(user_client, settings):
+    query = "&".join(f"a{index}=1" for index in range(settings.DATA_UPLOAD_MAX_NUMBER_FIELDS + 1))
+
+    response = user_client.get(f"/v1/scheduler/status/stream?{query}")
+
+    assert (response.status_code, response.json()["code"]) == (400, "BAD_REQUEST")

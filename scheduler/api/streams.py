@@ -32,6 +32,7 @@ from fetchml import events
 from fetchml.clock import api_time
 from fetchml.decorators import safe_methods_only
 from fetchml.errors import ApplicationError
+from fetchml.query import refuse_unknown_or_repeated
 from fetchml.sse import authenticate_stream, error_response_for, sse_frame, stream_response
 from scheduler.api.reads import scheduler_status
 from tasks.models import Task
@@ -125,6 +126,7 @@ class JobStream:
 async def status_stream(request: HttpRequest) -> HttpResponseBase:
     try:
         actor = await authenticate_stream(request)
+        refuse_unknown_or_repeated(request.GET)
     except ApplicationError as exc:
         return error_response_for(exc)
     return stream_response(SchedulerStatusStream(), groups=[events.STATUS_GROUP], actor=actor)
@@ -134,6 +136,7 @@ async def status_stream(request: HttpRequest) -> HttpResponseBase:
 async def job_stream(request: HttpRequest, jobId: uuid.UUID) -> HttpResponseBase:
     try:
         actor = await authenticate_stream(request)
+        refuse_unknown_or_repeated(request.GET)
         task = await sync_to_async(task_get_for_actor)(actor=actor, task_id=jobId)
     except ApplicationError as exc:
         return error_response_for(exc)

@@ -127,6 +127,10 @@ class CreateTaskSerializer(StrictSerializer):
     cancel_grace_seconds = StrictIntegerField(min_value=0, max_value=MAX_CANCEL_GRACE_SECONDS, required=False)
     allow_unschedulable = StrictBooleanField(required=False)
 
+    def validate_snapshot_id(self, value: str) -> str:
+        # A sha256 in hexadecimal, read in either case as the snapshot paths read it.
+        return value.lower()
+
     def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
         # The agent's own rule: a command it could not start is refused here, not on a worker.
         try:

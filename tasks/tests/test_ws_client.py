@@ -606,6 +606,13 @@ async def test_malformed_message_gets_an_error_and_the_connection_stays_open(ali
     assert pong["type"] == "pong"
 
 
+@run_async
+async def test_a_message_naming_a_key_twice_gets_an_error_naming_it(alice_key):
+    reply, pong = await _reply_then_pong(alice_key, '{"type": "ping", "type": "subscribe"}')
+    assert (reply["type"], reply["error"]) == ("error", "the object names 'type' more than once")
+    assert pong["type"] == "pong"
+
+
 @pytest.mark.parametrize(
     "frame",
     [
