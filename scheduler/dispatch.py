@@ -143,7 +143,13 @@ class NodeCapacity:
 def held_from(node: NodeCapacity, reservation_id: uuid.UUID | None) -> tuple[int, int]:
     """(GPUs, batch slots) on `node` held by reservations other than `reservation_id` (all of them
     for a task naming none): what the matcher keeps from a task, and the worker list shows as reserved."""
-    others = [gpus for held_id, gpus in node.held.items() if held_id != reservation_id]
+    return held_by_others(node.held, reservation_id)
+
+
+def held_by_others(held: dict[uuid.UUID, int], reservation_id: uuid.UUID | None) -> tuple[int, int]:
+    """(GPUs, batch slots) that reservations other than `reservation_id` hold, of `held` (one
+    worker's: {reservation id: GPUs}, each also holding a batch slot)."""
+    others = [gpus for held_id, gpus in held.items() if held_id != reservation_id]
     return sum(others), len(others)
 
 
@@ -443,7 +449,8 @@ def _starving_head(nodes: list[NodeCapacity], holds: Holds, now: datetime) -> Ta
     active workers could run when empty.
 
     A head they never could (queued with `allow_unschedulable`, or a gang wider than the workers
-    that could each hold a node of it) is passed over for the first task behind it they could run:
+    that could each hold a node of it, other users' reservations on them set aside while those
+    last) is passed over for the first task behind it they could run:
     capacity held for it would stay idle until more workers connect, and the tasks behind it would
     starve instead. The workers are read only once the head is found starving.
     """
@@ -454,7 +461,8 @@ def _starving_head(nodes: list[NodeCapacity], holds: Holds, now: datetime) -> Ta
     head = next(iter(_line_head(now=now)), None)
     if not waits_in_vain(head):
         return None
-    fleet = active_fleet()
+    # Other users' reservations set aside: while they last, the workers they hold may be no use to it.
+    fleet = [_less_held(node, holds.by_worker.get(node.worker_id, {}), head) for node in active_fleet()]
     if nodes_that_could_hold(task_shape(head), fleet) >= head.node_count:
         return head
     behind = runnable_tasks(now).filter(tasks_fleet_could_ever_run(fleet)).only(*DISPATCH_FIELDS).first()
@@ -477,7 +485,7 @@ def hold_for_starving_head(nodes: list[NodeCapacity], holds: Holds, now: datetim
     usable = [
         node
         for node in eligible_nodes(nodes, head, holds)
-        if (total := node.total) is not None and node_could_ever_hold(_less_held(total, node, head), shape)
+        if (total := node.total) is not None and node_could_ever_hold(_less_held(total, node.held, head), shape)
     ]
     usable.sort(key=lambda node: (-len(node.gpu_indices), -node.cpu, -node.memory_gb, node.name))
     for node in usable[: head.node_count]:
@@ -485,10 +493,10 @@ def hold_for_starving_head(nodes: list[NodeCapacity], holds: Holds, now: datetim
     return head
 
 
-def _less_held(total: FleetNode, node: NodeCapacity, task: Task) -> FleetNode:
-    """What `node` could give `task` when empty, less what reservations other than its own hold
-    there: a node those keep from it would be held for it in vain."""
-    held_gpus, held_slots = held_from(node, task.reservation_id)
+def _less_held(total: FleetNode, held: dict[uuid.UUID, int], task: Task) -> FleetNode:
+    """What a worker could give `task` when empty, less what reservations other than its own hold
+    there (`held`: the worker's reservations): a worker those keep from it would be held for it in vain."""
+    held_gpus, held_slots = held_by_others(held, task.reservation_id)
     if not held_gpus and not held_slots:
         return total
     return replace(total, gpu_count=total.gpu_count - held_gpus, batch_slots=total.batch_slots - held_slots)

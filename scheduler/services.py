@@ -238,9 +238,18 @@ def _take_offline(worker_id: Any, name: str, *, where: Q, action: str) -> bool:
 
 
 def _lose_runs(assignments: QuerySet[NodeAssignment], *, error: str) -> int:
-    """End the live runs among `assignments` as lost with their worker, one transaction each."""
-    ids = list(assignments.values_list("id", flat=True))
-    return sum(end_run(assignment_id=run, reason=Task.FailureReason.WORKER_LOST, error=error) for run in ids)
+    """End the live runs among `assignments` as lost with their worker, one transaction each. A run
+    the worker never acknowledged never started: it goes back to the queue counting no retry (a
+    task with max_retries 0 must not fail for a worker it never ran on)."""
+    return sum(
+        _lose_run(run, unstarted=status == NodeAssignment.Status.ASSIGNED, error=error)
+        for run, status in assignments.values_list("id", "status")
+    )
+
+
+def _lose_run(assignment_id: Any, *, unstarted: bool, error: str) -> bool:
+    handed_back = unstarted and _hand_back(assignment_id=assignment_id, why="worker lost before acknowledging the run")
+    return bool(handed_back) or end_run(assignment_id=assignment_id, reason=Task.FailureReason.WORKER_LOST, error=error)
 
 
 def worker_lease_extend(*, worker_id: Any) -> None:
@@ -338,14 +347,16 @@ def worker_announced_drain(*, worker_id: Any) -> int:
     unacked = NodeAssignment.objects.filter(
         worker_id=worker_id, holds_capacity=True, status=NodeAssignment.Status.ASSIGNED
     ).values_list("id", flat=True)
-    handed_back = sum(_hand_back(assignment_id=assignment_id) for assignment_id in list(unacked))
+    handed_back = sum(_hand_back(assignment_id=assignment_id, why="worker draining") for assignment_id in list(unacked))
     with transaction.atomic():
         _offline_if_drained(worker_id)
     return handed_back
 
 
-def _hand_back(*, assignment_id: Any) -> int:
-    """Return an unstarted run to the queue as if it had never been dispatched (1 if it went back)."""
+def _hand_back(*, assignment_id: Any, why: str) -> int:
+    """Return an unstarted run to the queue as if it had never been dispatched, counting no retry
+    (1 if it went back). Not a node of a run another node has started (the task is past
+    `preparing`): that one is left to its lease, which ends the run as a whole."""
     with transaction.atomic():
         assignment = NodeAssignment.objects.filter(id=assignment_id).first()
         if assignment is None:
@@ -355,11 +366,11 @@ def _hand_back(*, assignment_id: Any) -> int:
         assignment = NodeAssignment.objects.select_for_update().get(id=assignment_id)
         if assignment.status != NodeAssignment.Status.ASSIGNED:
             return 0  # acknowledged meanwhile: it runs, and the drain waits for it
-        if not _release(assignment, status=NodeAssignment.Status.LOST):
-            return 0
         if task.attempt != assignment.attempt or task.status != TaskStatus.PREPARING:
             return 0
-        _stop_siblings(task, assignment.attempt, reason="a node's worker is draining")
+        if not _release(assignment, status=NodeAssignment.Status.LOST):
+            return 0
+        _stop_siblings(task, assignment.attempt, reason=f"a node's {why}")
         moved = task_transition(
             task_id=task.id, to=TaskStatus.QUEUED, from_states={TaskStatus.PREPARING}, worker=None, started_at=None
         )
@@ -370,7 +381,7 @@ def _hand_back(*, assignment_id: Any) -> int:
             user=moved.owner,
             resource=f"task:{task.id}",
             action="handed_back",
-            metadata={"attempt": assignment.attempt, "reason": "worker draining"},
+            metadata={"attempt": assignment.attempt, "reason": why},
         )
     return 1
 
@@ -918,8 +929,15 @@ def _gang_node_failed(task: Task, assignment: NodeAssignment, outcome: dict[str,
     period and their files collected: rank 0, which stores the run's files, may be the last to
     end, and a checkpoint it writes on SIGTERM must be kept. A node that never ends is taken away
     by its lease or the time-out backstop."""
+    # Which node ended the run (the task's worker is rank 0's): in the error its next attempt keeps.
+    worker_name = Worker.objects.filter(id=assignment.worker_id).values_list("name", flat=True).first()
+    said = f"node {assignment.node_id} (worker {worker_name})"
+    outcome = {**outcome, "error": f"{said}: {outcome['error']}" if outcome["error"] else said}
     first = Task.objects.filter(id=task.id, failure_reason="").update(**outcome)
-    if first and task.cancel_requested_at is None:  # a cancel asked for reached every node already
+    if not first:
+        return
+    events.task_changed(task)  # its clients see the run ending, as GET does
+    if task.cancel_requested_at is None:  # a cancel asked for reached every node already
         _wind_down_siblings(task, assignment, reason=reason)
 
 

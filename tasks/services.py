@@ -454,13 +454,16 @@ def task_requeue(*, task: Task, actor: Actor) -> Task:
     with transaction.atomic():
         now = timezone.now()
         ended = Task.objects.select_for_update().get(id=task.id)
-        earlier = with_attempt_ended(
-            ended,
-            ended_at=ended.ended_at or now,
-            reason=ended.failure_reason,
-            exit_code=ended.exit_code,
-            error=ended.error,
-        )
+        earlier = ended.earlier_attempts or []
+        # An attempt that was placed, and not kept already (cancelled while queued, re-queued again).
+        if ended.attempt and ended.attempt not in {attempt.get("attempt") for attempt in earlier}:
+            earlier = with_attempt_ended(
+                ended,
+                ended_at=ended.ended_at or now,
+                reason=ended.failure_reason,
+                exit_code=ended.exit_code,
+                error=ended.error,
+            )
         done = task_transition(
             task_id=task.id,
             to=TaskStatus.QUEUED,

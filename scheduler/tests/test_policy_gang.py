@@ -1,4 +1,6 @@
-"""Multi-node (gang) jobs: all nodes in one round or none, rendezvous details per node, one failing node stops all."""
+"""Multi-node (gang) jobs: all nodes in one round or none, rendezvous details per node, one failing node ends all."""
+
+import asyncio
 
 import pytest
 from asgiref.sync import async_to_sync
@@ -12,11 +14,13 @@ from scheduler.tests.factories import assignments_of, queued_task, worker
 from tasks.states import TaskStatus
 
 pytestmark = pytest.mark.django_db
+RECEIVE_SECONDS = 5
 
 
 async def _receive_each(layer, channel: str, count: int) -> list[dict]:
     # One event loop for all reads: the Redis layer's receive buffer belongs to a loop.
-    return [await layer.receive(channel) for _ in range(count)]
+    async with asyncio.timeout(RECEIVE_SECONDS):
+        return [await layer.receive(channel) for _ in range(count)]
 
 
 def _finish(assignment: NodeAssignment) -> None:
@@ -111,6 +115,25 @@ def test_one_failing_node_has_the_other_nodes_cancelled_with_their_grace(channel
         ("worker.cancel", str(s.token)) for s in others
     }
     assert {cancel["reason"] for cancel in cancels} == {f"node {first.node_id} failed"}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_owners_clients_are_told_when_a_failed_node_starts_the_gang_ending(channel_layer):
+    for i in range(2):
+        worker(name=f"node-{i}", gpu_count=1)
+    gang = queued_task(node_count=2, gpu=1, max_retries=0)
+    dispatch_round()
+    first, _ = assignments_of(gang)
+    assignment_status(worker_id=first.worker_id, task_id=str(gang.id), token=str(first.token), status="running")
+    listener = async_to_sync(channel_layer.new_channel)()
+    async_to_sync(channel_layer.group_add)(events.user_group(gang.owner_id), listener)
+
+    assignment_status(
+        worker_id=first.worker_id, task_id=str(gang.id), token=str(first.token), status="failed", exit_code=3
+    )
+
+    [told] = async_to_sync(_receive_each)(channel_layer, listener, 1)
+    assert (told["event"], told["task_id"], told["status"]) == ("task_update", str(gang.id), TaskStatus.RUNNING)
 
 
 def test_a_gang_with_a_failed_node_fails_with_that_nodes_outcome_once_the_others_have_ended():

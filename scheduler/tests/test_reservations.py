@@ -89,6 +89,19 @@ def test_a_worker_whose_reservations_keep_a_starving_task_off_it_is_not_held_for
     assert (_status(small), _status(starving)) == (TaskStatus.PREPARING, TaskStatus.QUEUED)
 
 
+def test_no_worker_is_held_for_a_starving_gang_that_others_reservations_keep_too_narrow(owner, settings):
+    settings.FETCHML_STARVATION_SECONDS = 60
+    worker(name="w1", gpu_count=2, gpu_type="A100", batch_slots=2)
+    worker(name="w2", gpu_count=2, gpu_type="A100", batch_slots=2)
+    _book(owner, gpu_count=1, gpu_type="A100")
+    gang = queued_task(node_count=2, gpu=2, gpu_type="A100", queued_at=timezone.now() - timedelta(minutes=10))
+    small = [queued_task(gpu=1, gpu_type="A100", queued_at=timezone.now() - timedelta(minutes=5)) for _ in range(2)]
+
+    assert dispatch_round() == 2
+
+    assert [_status(task) for task in (gang, *small)] == [TaskStatus.QUEUED, TaskStatus.PREPARING, TaskStatus.PREPARING]
+
+
 def test_task_naming_a_reservation_runs_only_on_the_workers_it_holds(owner):
     worker(name="a-held", gpu_count=4)
     worker(name="b-free", gpu_count=4)

@@ -26,6 +26,7 @@ from scheduler.services import (
     enforce_timeouts,
     expire_leases,
     retry_backoff_seconds,
+    worker_announced_drain,
     worker_drain,
     worker_heartbeat,
 )
@@ -79,6 +80,36 @@ def test_lease_expiry_requeues_the_run_with_a_retry_and_back_off():
     assert before + timedelta(seconds=10) <= task.runnable_after <= timezone.now() + timedelta(seconds=12.5)
     assert (box.status, box.used_cpu, box.used_batch_slots) == ("offline", 0, 0)
     assert (assignment.status, assignment.holds_capacity) == ("lost", False)
+
+
+def test_lease_expiry_hands_a_run_never_acknowledged_back_without_a_retry():
+    box = worker()
+    task = queued_task(max_retries=0)
+    dispatch_round()
+    _silence(box)
+
+    assert expire_leases() >= 1
+
+    task.refresh_from_db()
+    assert (task.status, task.retry_count, task.failure_reason, task.runnable_after) == ("queued", 0, "", None)
+    [event] = AuditEvent.objects.filter(event_type="job_requeued", action="handed_back")
+    assert event.metadata["reason"] == "worker lost before acknowledging the run"
+
+
+def test_a_drain_leaves_an_unacknowledged_node_of_a_gang_another_node_started_to_its_lease():
+    worker(name="node-0")
+    draining = worker(name="node-1")
+    gang = queued_task(node_count=2)
+    dispatch_round()
+    [unacknowledged] = [run for run in assignments_of(gang) if run.worker_id == draining.id]
+    [started] = [run for run in assignments_of(gang) if run.worker_id != draining.id]
+    _report(started, "running")
+
+    assert worker_announced_drain(worker_id=draining.id) == 0
+
+    unacknowledged.refresh_from_db()
+    gang.refresh_from_db()
+    assert (unacknowledged.holds_capacity, gang.status) == (True, "running")
 
 
 def test_requeued_task_keeps_its_place_in_the_aging_order():
@@ -269,6 +300,22 @@ def test_the_cancel_of_a_winding_down_node_is_sent_again_until_it_ends():
             "cancel", task_id=str(gang.id), token=str(rank0.token), reason="another node of the run ended (exit_code)"
         )
     ]
+
+
+def test_the_error_of_a_gang_ended_by_a_node_names_that_node_and_its_worker():
+    worker(name="node-0")
+    worker(name="node-1")
+    gang = queued_task(node_count=2)
+    dispatch_round()
+    rank0, rank1 = assignments_of(gang)
+    _report(rank0, "running")
+    ended_by = Worker.objects.get(id=rank1.worker_id).name
+
+    _report(rank1, "failed", exit_code=1, failure_reason="exit_code", error="boom")
+    _report(rank0, "cancelled")
+
+    gang.refresh_from_db()
+    assert gang.error == f"node {rank1.node_id} (worker {ended_by}): boom"
 
 
 def test_a_gang_whose_node_failed_is_retried_once_its_last_node_ended():

@@ -280,3 +280,12 @@ def test_a_console_page_not_found_is_a_page_not_the_apis_json(console):
 
     assert response.status_code == 404
     assert response["Content-Type"].startswith("text/html")
+
+
+def test_a_requeued_task_that_never_ran_keeps_no_attempt(console, user):
+    task = TaskFactory(owner=user, status=TaskStatus.CANCELLED, attempt=0, failure_reason="cancelled")
+
+    run_action(console, TASKS_URL, "requeue_tasks", [task])
+
+    task.refresh_from_db()
+    assert task.earlier_attempts == []
