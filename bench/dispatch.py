@@ -654,7 +654,14 @@ def round_cost(owner: Any, depth: int, rounds: int) -> float:
         # of the queue must not depend on the planner's statistics (scheduler/dispatch.py).
         insert_queued(owner, depth - have)
     worker, _ = Worker.objects.update_or_create(
-        name="round-cost", defaults={"status": Worker.Status.ACTIVE, "cpu_cores": 1024, "memory_gb": 4096}
+        name="round-cost",
+        # A channel name: a worker without a connection is given no work.
+        defaults={
+            "status": Worker.Status.ACTIVE,
+            "channel_name": "bench!round-cost",
+            "cpu_cores": 1024,
+            "memory_gb": 4096,
+        },
     )
     timings = []
     for _ in range(rounds):
