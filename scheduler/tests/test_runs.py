@@ -54,6 +54,17 @@ def _silence(box: Worker, seconds: float = 3600) -> None:
     Worker.objects.filter(id=box.id).update(last_heartbeat=timezone.now() - timedelta(seconds=seconds))
 
 
+def _running_gang(**fields) -> tuple[Task, NodeAssignment, NodeAssignment]:
+    """A two-node task placed on workers node-0 and node-1, rank 0 reported running."""
+    worker(name="node-0")
+    worker(name="node-1")
+    gang = queued_task(node_count=2, **fields)
+    dispatch_round()
+    rank0, rank1 = assignments_of(gang)
+    _report(rank0, "running")
+    return gang, rank0, rank1
+
+
 async def _status_event(layer, channel: str, event: str) -> dict:
     """The next status event `event` that reached `channel` (a bounded wait)."""
     async with asyncio.timeout(5):
@@ -286,12 +297,7 @@ def test_files_rank_0_stores_while_winding_down_are_taken():
 
 
 def test_the_cancel_of_a_winding_down_node_is_sent_again_until_it_ends():
-    worker(name="node-0")
-    worker(name="node-1")
-    gang = queued_task(node_count=2)
-    dispatch_round()
-    rank0, rank1 = assignments_of(gang)
-    _report(rank0, "running")
+    gang, rank0, rank1 = _running_gang()
 
     _report(rank1, "failed", exit_code=1, failure_reason="exit_code")
 
@@ -303,12 +309,7 @@ def test_the_cancel_of_a_winding_down_node_is_sent_again_until_it_ends():
 
 
 def test_the_error_of_a_gang_ended_by_a_node_names_that_node_and_its_worker():
-    worker(name="node-0")
-    worker(name="node-1")
-    gang = queued_task(node_count=2)
-    dispatch_round()
-    rank0, rank1 = assignments_of(gang)
-    _report(rank0, "running")
+    gang, rank0, rank1 = _running_gang()
     ended_by = Worker.objects.get(id=rank1.worker_id).name
 
     _report(rank1, "failed", exit_code=1, failure_reason="exit_code", error="boom")
@@ -319,12 +320,7 @@ def test_the_error_of_a_gang_ended_by_a_node_names_that_node_and_its_worker():
 
 
 def test_a_gang_whose_node_failed_is_retried_once_its_last_node_ended():
-    worker(name="node-0")
-    worker(name="node-1")
-    gang = queued_task(node_count=2, max_retries=1, retry_on_exit_code=True)
-    dispatch_round()
-    rank0, rank1 = assignments_of(gang)
-    _report(rank0, "running")
+    gang, rank0, rank1 = _running_gang(max_retries=1, retry_on_exit_code=True)
     _report(rank1, "failed", exit_code=1, failure_reason="exit_code")
 
     _report(rank0, "cancelled")
@@ -335,12 +331,7 @@ def test_a_gang_whose_node_failed_is_retried_once_its_last_node_ended():
 
 
 def test_a_cancel_of_a_gang_ends_it_once_every_node_has_stopped():
-    worker(name="node-0")
-    worker(name="node-1")
-    gang = queued_task(node_count=2)
-    dispatch_round()
-    rank0, rank1 = assignments_of(gang)
-    _report(rank0, "running")
+    gang, rank0, rank1 = _running_gang()
     task_cancel(task=gang, actor=Actor(user=gang.owner, role="user"))
 
     _report(rank1, "cancelled")
@@ -370,12 +361,7 @@ def test_a_lost_node_of_a_gang_lets_the_others_wind_down_and_the_task_is_retried
 
 
 def test_multi_node_task_completes_when_its_last_node_completes():
-    worker(name="node-0")
-    worker(name="node-1")
-    gang = queued_task(node_count=2)
-    dispatch_round()
-    rank0, rank1 = assignments_of(gang)
-    _report(rank0, "running")
+    gang, rank0, rank1 = _running_gang()
 
     _report(rank0, "completed", exit_code=0)
     gang.refresh_from_db()
