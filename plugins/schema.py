@@ -23,9 +23,11 @@ class Setting:
 
     `required_in`: the modes in which the setting must have a value (a remote
     server's URL is needed in `remote` mode only). `url`: must be an http(s)
-    URL. `pattern`: a string must match it whole. `overridable`: a task may choose its own value (within `choices`);
-    secrets and URLs never are, so a task cannot redirect tracking data or
-    read another account's credentials.
+    URL. `pattern`: a string must match it whole. `minimum`, `maximum`: a
+    number's bounds, checked on every change, the plugin enabled or not.
+    `overridable`: a task may choose its own value (within `choices`); secrets
+    and URLs never are, so a task cannot redirect tracking data or read another
+    account's credentials.
     """
 
     type: type
@@ -37,6 +39,8 @@ class Setting:
     pattern: str | None = None
     overridable: bool = False
     help: str = ""
+    minimum: int | None = None  # of a number
+    maximum: int | None = None
 
     def __post_init__(self) -> None:
         if self.type not in (str, int, float, bool):
@@ -70,6 +74,10 @@ def check_value(setting: Setting, value: Any) -> str | None:
         return f"Ensure this value has at most {MAX_STRING_LENGTH} characters."
     if isinstance(value, str) and (problem := _unstorable(value)):
         return problem
+    if setting.minimum is not None and isinstance(value, int | float) and value < setting.minimum:
+        return f"Must be at least {setting.minimum}."
+    if setting.maximum is not None and isinstance(value, int | float) and value > setting.maximum:
+        return f"Must be at most {setting.maximum}."
     if setting.choices is not None and value not in setting.choices:
         return "Must be one of: " + ", ".join(str(choice) for choice in setting.choices) + "."
     if setting.url and value and not is_http_url(value):
@@ -207,6 +215,8 @@ def describe(schema: Mapping[str, Setting]) -> dict[str, dict[str, Any]]:
             "choices": list(setting.choices) if setting.choices is not None else None,
             "url": setting.url,
             "pattern": setting.pattern,
+            "minimum": setting.minimum,
+            "maximum": setting.maximum,
             "overridable": setting.overridable,
             "help": setting.help,
         }

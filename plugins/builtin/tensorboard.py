@@ -28,7 +28,13 @@ class TensorBoardPlugin(BasePlugin):
         ),
         "url": Setting(str, url=True, required_in=required("remote"), help="The shared TensorBoard (remote mode)"),
         "bind_host": Setting(str, default="127.0.0.1", choices=("127.0.0.1", "0.0.0.0"), help="Sidecar listen address"),
-        "reload_interval": Setting(int, default=5, help="Seconds between scans of the log dir (sidecar mode)"),
+        "reload_interval": Setting(
+            int,
+            default=5,
+            minimum=1,
+            maximum=MAX_RELOAD_INTERVAL_SECONDS,
+            help="Seconds between scans of the log dir (sidecar mode)",
+        ),
     }
 
     def task_env(self, config: ResolvedConfig, task: "Task") -> dict[str, str]:
@@ -46,14 +52,6 @@ class TensorBoardPlugin(BasePlugin):
             "--reload_interval",
             str(config.settings["reload_interval"]),
         ]
-
-    def validate(self, config: ResolvedConfig) -> list[dict[str, str]]:
-        interval = config.settings["reload_interval"]
-        if interval < 1:
-            return [{"field": "settings.reload_interval", "message": "Must be at least 1."}]
-        if interval > MAX_RELOAD_INTERVAL_SECONDS:
-            return [{"field": "settings.reload_interval", "message": f"Must be at most {MAX_RELOAD_INTERVAL_SECONDS}."}]
-        return []
 
     @staticmethod
     def _logdir(config: ResolvedConfig) -> str:

@@ -44,6 +44,14 @@ def test_a_reload_interval_over_a_day_is_422_naming_it(admin_client_key):
     assert response.json()["details"] == [{"field": "settings.reload_interval", "message": "Must be at most 86400."}]
 
 
+def test_a_reload_interval_out_of_range_is_422_while_the_plugin_is_disabled_too(admin_client_key):
+    body = {"enabled": False, "settings": {"reload_interval": 0}}
+    response = admin_client_key.put("/v1/plugins/tensorboard/config", body, format="json")
+    assert response.status_code == 422
+    assert response.json()["details"] == [{"field": "settings.reload_interval", "message": "Must be at least 1."}]
+    assert not PluginConfig.objects.filter(name="tensorboard").exists()
+
+
 @pytest.mark.parametrize(
     ("plugin", "setting", "raw", "message"),
     [
