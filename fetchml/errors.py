@@ -5,7 +5,6 @@ Services raise ApplicationError subclasses; `exception_handler` (DRF) and
 the system through `error_body`.
 """
 
-import json
 import logging
 import math
 from typing import Any
@@ -151,6 +150,9 @@ def suspicious_request_message(exc: Exception | None) -> str:
     return "Invalid request"
 
 
+EMPTY_NAME = '""'
+
+
 def _flatten_validation(detail: Any, prefix: str | None = None) -> list[dict]:
     """DRF's nested error dict -> [{"field": "a.b[0]", "message": "..."}]; a body-wide error has field null.
 
@@ -162,7 +164,8 @@ def _flatten_validation(detail: Any, prefix: str | None = None) -> list[dict]:
             if key == "non_field_errors":
                 field = prefix
             else:
-                field = f"{prefix}.{key}" if prefix is not None else str(key)
+                # A nested field named "" is spelled `a.""`: `a.` would read as a slip.
+                field = f"{prefix}.{EMPTY_NAME if key == '' else key}" if prefix is not None else str(key)
             items.extend(_flatten_validation(value, field))
     elif isinstance(detail, list):
         if all(not isinstance(v, (dict, list)) for v in detail):
@@ -177,7 +180,7 @@ def _flatten_validation(detail: Any, prefix: str | None = None) -> list[dict]:
 
 
 def _summary(details: list[dict]) -> str:
-    named = [json.dumps(d["field"]) if d["field"] == "" else d["field"] for d in details if d["field"] is not None]
+    named = [EMPTY_NAME if d["field"] == "" else d["field"] for d in details if d["field"] is not None]
     return "Validation failed: " + ", ".join(dict.fromkeys(named)) if named else details[0]["message"]
 
 

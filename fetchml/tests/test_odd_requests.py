@@ -135,3 +135,11 @@ def test_a_console_request_refused_as_malformed_is_a_page(console, settings):
 
     assert response.status_code == 400
     assert response["Content-Type"].startswith("text/html")
+
+
+def test_a_nested_field_named_by_the_empty_string_is_named_in_quotes(user_client):
+    body = {"job_name": "x", "entrypoint": "true", "dataset_specs": [{"": 1}]}
+
+    details = _error(user_client.post("/v1/tasks", body, format="json"), 422, "VALIDATION_ERROR")["details"]
+
+    assert [detail["field"] for detail in details] == ['dataset_specs.0.""']
