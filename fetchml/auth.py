@@ -102,7 +102,7 @@ def authenticate_raw_key(raw: str | None, ip: str | None) -> ApiKey:
     if key is None or not matches:
         reason = "missing API key" if not raw else "invalid API key"
         _fail(reason, None, ip)
-    if not key_is_usable(key):
+    if not key.is_usable:
         _fail("revoked, expired or inactive API key", key, ip)
     # Successful use is audited (and last_used_at written) at most once per
     # interval per key, so a busy client does not balloon the chain.
@@ -111,12 +111,6 @@ def authenticate_raw_key(raw: str | None, ip: str | None) -> ApiKey:
         ApiKey.objects.filter(pk=key.pk).update(last_used_at=timezone.now())
         _record_auth(success=True, key=key, ip=ip)
     return key
-
-
-def key_is_usable(key: ApiKey) -> bool:
-    """Whether `key` works (loaded with its user): `ApiKey.is_usable` holds the rule (not revoked,
-    not expired, its user active), which the admin's key list shows too."""
-    return key.is_usable
 
 
 def api_key_usable(key_id: Any) -> bool:
@@ -130,7 +124,7 @@ def usable_api_keys(key_ids: list[str]) -> dict[str, bool]:
     re-check their keys together, `fetchml.shared_reads`); a key not found is not usable."""
     keys = ApiKey.objects.select_related("user").only("revoked_at", "expires_at", "user__is_active")
     usable = dict.fromkeys(key_ids, False)
-    usable |= {str(key.pk): key_is_usable(key) for key in keys.filter(pk__in=key_ids)}
+    usable |= {str(key.pk): key.is_usable for key in keys.filter(pk__in=key_ids)}
     return usable
 
 

@@ -114,6 +114,11 @@ def error_body(message: str, code: str, details: list[dict] | None = None) -> di
     return body
 
 
+def is_error_body(data: object) -> bool:
+    """Whether `data` is a body `error_body` made (a DRF response's data, before rendering)."""
+    return isinstance(data, dict) and {"error", "code", "trace_id"} <= data.keys()
+
+
 def code_for_status(status: int) -> str:
     return _CODES_BY_STATUS.get(status, "INTERNAL_ERROR" if status >= 500 else "BAD_REQUEST")
 

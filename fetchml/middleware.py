@@ -16,7 +16,7 @@ from django.http import HttpRequest, HttpResponse, HttpResponseBase, StreamingHt
 from django.views import defaults
 
 from fetchml.conf import app_settings
-from fetchml.errors import code_for_status, error_response, suspicious_request_message
+from fetchml.errors import code_for_status, error_response, is_error_body, suspicious_request_message
 from fetchml.jsonbody import CompactJsonResponse
 from fetchml.ratelimits import apply_headers
 from fetchml.tracing import new_trace_id, reset_trace_id, set_trace_id
@@ -218,7 +218,7 @@ def _in_the_error_format(request: HttpRequest, response: HttpResponseBase) -> Ht
         return response
     status = response.status_code
     said = getattr(response, "data", None)  # an API error rendered for a browser (the browsable API)
-    if isinstance(said, dict) and {"error", "code", "trace_id"} <= said.keys():
+    if is_error_body(said):
         replacement = CompactJsonResponse(said, status=status)
     else:
         replacement = error_response(status, _REASONS.get(status, "Request failed"), code_for_status(status))

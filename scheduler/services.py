@@ -29,7 +29,7 @@ from django.utils import timezone
 from artifacts.selectors import pinned_datasets_changed
 from audit.services import appended_together, record
 from fetchml import events
-from fetchml.auth import Actor, key_is_usable
+from fetchml.auth import Actor
 from fetchml.clock import database_now
 from fetchml.compiled import compiled_per_shape, compiled_update_per_shape
 from fetchml.conf import app_settings
@@ -195,7 +195,7 @@ def _owned_elsewhere(registered: ApiKey | None, key: ApiKey | None) -> bool:
     the registered key is revoked or expired (or deleted)."""
     if registered is None or (key is not None and registered.user_id == key.user_id):
         return False
-    return key_is_usable(registered)
+    return registered.is_usable
 
 
 def _declared(worker: Worker, key: str) -> Any:
