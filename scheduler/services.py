@@ -182,6 +182,13 @@ def worker_hello(
                 assignment_id=assignment.id, reason=Task.FailureReason.WORKER_LOST, error="run missing on reconnect"
             )
     kept = [run for run in running if run["token"] in keep]
+    # The agent lists these runs, so it has them: that is their acknowledgement, if the one it sent
+    # was lost with a server. (Left unacknowledged, a drain it announces next would re-queue a run
+    # it is running or has finished, to run a second time.)
+    unacked = [run for run in kept if live[run["token"]].status == NodeAssignment.Status.ASSIGNED]
+    acks = [{"type": "ack", "task_id": run["task_id"], "token": run["token"]} for run in unacked]
+    if acks:
+        apply_run_reports(worker_id=worker.id, reports=acks)
     _catch_up_progress(worker.id, kept, _run_states(worker.id, kept))
     draining = worker.status == Worker.Status.DRAINING
     return Welcome(worker_id=worker.id, keep=keep, kill=kill, draining=draining, superseded=superseded)

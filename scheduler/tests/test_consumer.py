@@ -538,6 +538,29 @@ def test_a_reconnecting_agent_reporting_a_run_further_along_moves_its_task(worke
     assert task.status == "collecting"
 
 
+def test_a_run_listed_in_hello_is_acknowledged_so_a_drain_announced_next_does_not_hand_it_back(worker_key):
+    # The agent ran the task to its end while the server that assigned it was down: the
+    # acknowledgement never arrived, but the hello says the agent has the run.
+    async def scenario():
+        communicator, _ = await start_worker(worker_key)
+        task, assign = await _assigned(communicator)
+        run_ref = {"task_id": assign["task_id"], "token": assign["token"]}
+        await communicator.disconnect()
+        again, welcome = await start_worker(worker_key, running=[{**run_ref, "status": "completed"}])
+        await send(again, {"type": "draining"})
+        await send(again, {"type": "status", **run_ref, "status": "completed", "exit_code": 0})
+        answer = await receive(again)
+        await again.disconnect()
+        return task, welcome, answer
+
+    task, welcome, answer = run(scenario())
+
+    task.refresh_from_db()
+    assert welcome["reconcile"]["keep"] == [answer["token"]]
+    assert (answer["type"], answer["accepted"]) == ("status_ack", True)
+    assert (task.status, task.attempt, task.retry_count) == ("completed", 1, 0)
+
+
 def test_a_heartbeat_with_a_bad_run_status_is_refused(worker_key):
     async def scenario():
         communicator, _ = await start_worker(worker_key)
