@@ -268,13 +268,15 @@ class WorkerConsumer(SocketConsumer):
             )
         )
         logger.info("worker %s (%s) connected", message["name"], self.worker_id)
-        # Work that waited for this connection: unacknowledged assignments, pending cancels.
-        unacked = await database_sync_to_async(selectors.unacked_assignment_ids)(worker_id=self.worker_id)
-        if unacked:
-            await self._send_assigns(unacked)
-        await self._send_pending_cancels()
+        # Work that waited for this connection: unacknowledged assignments (a draining agent's go
+        # back to the queue once it says `draining`: none of them is started), pending cancels.
         if welcome.draining:
             await self.send_json(outgoing("drain"))
+        else:
+            unacked = await database_sync_to_async(selectors.unacked_assignment_ids)(worker_id=self.worker_id)
+            if unacked:
+                await self._send_assigns(unacked)
+        await self._send_pending_cancels()
 
     async def _retire(self, old_channel: str) -> None:
         """The replaced connection gets nothing more for this worker, and is closed if it still lives."""
@@ -310,7 +312,7 @@ class WorkerConsumer(SocketConsumer):
         handed_back = await database_sync_to_async(services.worker_announced_drain)(worker_id=self.worker_id)
         # The agent repeats `draining` with its heartbeats: only news is worth a line.
         log = logger.info if handed_back else logger.debug
-        log("worker %s is draining; %d unacknowledged run(s) back in the queue", self.worker_id, handed_back)
+        log("worker %s is draining; %d unacknowledged run(s) taken back", self.worker_id, handed_back)
 
     async def _on_heartbeat(self, message: dict[str, Any]) -> None:
         try:

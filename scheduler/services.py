@@ -143,7 +143,9 @@ def worker_hello(
                 setattr(worker, key, max(value, getattr(worker, _USED[key])))
             else:
                 setattr(worker, key, value)
-        worker.status = Worker.Status.DRAINING if worker.status == Worker.Status.DRAINING else Worker.Status.ACTIVE
+        worker.status = Worker.Status.DRAINING if _drain_goes_on(worker, instance) else Worker.Status.ACTIVE
+        if worker.status == Worker.Status.ACTIVE:
+            worker.drained_instance = ""
         worker.version = agent_version
         worker.hostname = hostname
         worker.api_key_id = api_key_id
@@ -182,16 +184,19 @@ def worker_hello(
                 assignment_id=assignment.id, reason=Task.FailureReason.WORKER_LOST, error="run missing on reconnect"
             )
     kept = [run for run in running if run["token"] in keep]
-    # The agent lists these runs, so it has them: that is their acknowledgement, if the one it sent
-    # was lost with a server. (Left unacknowledged, a drain it announces next would re-queue a run
-    # it is running or has finished, to run a second time.)
-    unacked = [run for run in kept if live[run["token"]].status == NodeAssignment.Status.ASSIGNED]
-    acks = [{"type": "ack", "task_id": run["task_id"], "token": run["token"]} for run in unacked]
-    if acks:
-        apply_run_reports(worker_id=worker.id, reports=acks)
     _catch_up_progress(worker.id, kept, _run_states(worker.id, kept))
     draining = worker.status == Worker.Status.DRAINING
     return Welcome(worker_id=worker.id, keep=keep, kill=kill, draining=draining, superseded=superseded)
+
+
+def _drain_goes_on(worker: Worker, instance: str) -> bool:
+    """Whether a worker saying hello as agent process `instance` is still draining. A drain is asked
+    of one agent process: that process reconnecting goes on draining (also once taken offline, with
+    nothing left to run: an operator's drain while it was away); a new process (the agent started
+    again) takes work. Without a named process, a worker draining stays so."""
+    if instance:
+        return worker.drained_instance == instance
+    return worker.status == Worker.Status.DRAINING
 
 
 def _owned_elsewhere(registered: ApiKey | None, key: ApiKey | None) -> bool:
@@ -292,18 +297,28 @@ def _run_states(worker_id: Any, runs: list[dict[str, str]]) -> dict[str, tuple[s
 
 
 def _catch_up_progress(worker_id: Any, runs: list[dict[str, str]], known: dict[str, tuple[str, str, bool]]) -> None:
-    """Apply the progress (`running`, `collecting`) reported for live runs that the server is behind on."""
+    """Apply what an agent's list of its live runs says and the server is behind on: that the agent
+    has them, and how far along they are (`running`, `collecting`).
+
+    A listed run is acknowledged, if the `ack` the agent sent was lost (with a server that crashed,
+    in a batch that failed): left unacknowledged, a drain the agent announces would hand back a run
+    it is running or has finished, to run a second time."""
     reports = []
     for run in runs:
-        reported = run.get("status", "")
-        if reported not in (TaskStatus.RUNNING, TaskStatus.COLLECTING) or run["token"] not in known:
+        if run["token"] not in known:
             continue
         assignment_status, task_status, live = known[run["token"]]
-        behind = assignment_status != NodeAssignment.Status.RUNNING or (
-            task_status in _PROGRESS_ORDER and _PROGRESS_ORDER[task_status] < _PROGRESS_ORDER[reported]
-        )
-        if live and behind:
-            reports.append({"type": "status", **run, **NO_OUTCOME})
+        reported = run.get("status", "")
+        if not live:
+            continue
+        if reported in (TaskStatus.RUNNING, TaskStatus.COLLECTING):
+            behind = assignment_status != NodeAssignment.Status.RUNNING or (
+                task_status in _PROGRESS_ORDER and _PROGRESS_ORDER[task_status] < _PROGRESS_ORDER[reported]
+            )
+            if behind:
+                reports.append({"type": "status", **run, **NO_OUTCOME})
+        elif assignment_status == NodeAssignment.Status.ASSIGNED:
+            reports.append({"type": "ack", "task_id": run["task_id"], "token": run["token"]})
     if reports:
         logger.info("worker %s: %d run(s) further along than recorded; catching up", worker_id, len(reports))
         apply_run_reports(worker_id=worker_id, reports=reports)
@@ -312,7 +327,9 @@ def _catch_up_progress(worker_id: Any, runs: list[dict[str, str]], known: dict[s
 def worker_drain(*, worker: Worker, actor: Actor) -> Worker:
     """Stop giving `worker` new work; it goes offline once its last run ends."""
     with transaction.atomic():
-        won = Worker.objects.filter(id=worker.id, status=Worker.Status.ACTIVE).update(status=Worker.Status.DRAINING)
+        won = Worker.objects.filter(id=worker.id, status=Worker.Status.ACTIVE).update(
+            status=Worker.Status.DRAINING, drained_instance=F("agent_instance")
+        )
         if not won:
             worker.refresh_from_db()
             if worker.status == Worker.Status.DRAINING:
@@ -333,15 +350,17 @@ def worker_drain(*, worker: Worker, actor: Actor) -> Worker:
 
 
 def worker_announced_drain(*, worker_id: Any) -> int:
-    """The agent itself is draining (it got SIGTERM): give it no new work, and put the runs
-    it was assigned but never acknowledged back in the queue at once, without counting a
-    retry (they never started). Returns how many went back."""
+    """The agent itself is draining (its SIGTERM, or the server's `drain`): give it no new work,
+    and take back at once the runs it was assigned but never acknowledged (it will not start
+    them): to the queue without counting a retry, as `_hand_back` says. Returns how many."""
     with transaction.atomic():
         worker = Worker.objects.select_for_update().filter(id=worker_id).first()
         if worker is None:
             return 0
         if worker.status == Worker.Status.ACTIVE:
-            Worker.objects.filter(id=worker.id).update(status=Worker.Status.DRAINING)
+            Worker.objects.filter(id=worker.id).update(
+                status=Worker.Status.DRAINING, drained_instance=F("agent_instance")
+            )
             owner = worker.api_key.user if worker.api_key_id and worker.api_key else ""
             record(
                 event_type="scheduler_drain",
@@ -361,9 +380,11 @@ def worker_announced_drain(*, worker_id: Any) -> int:
 
 
 def _hand_back(*, assignment_id: Any, why: str) -> int:
-    """Return an unstarted run to the queue as if it had never been dispatched, counting no retry
-    (1 if it went back). Not a node of a run another node has started (the task is past
-    `preparing`): that one is left to its lease, which ends the run as a whole."""
+    """Take a run its worker never acknowledged off that worker (1 if it did, 0 if it was
+    acknowledged meanwhile or has ended). It goes back to the queue as if never dispatched,
+    counting no retry; or, with a cancel pending, it ends `cancelled` (queued again, it would
+    start elsewhere). A node of a run another node has started (the task is past `preparing`)
+    cannot be placed again alone: the run ends as lost, its other nodes wound down."""
     with transaction.atomic():
         assignment = NodeAssignment.objects.filter(id=assignment_id).first()
         if assignment is None:
@@ -371,13 +392,20 @@ def _hand_back(*, assignment_id: Any, why: str) -> int:
         lock_run_workers(task_id=assignment.task_id, worker_id=assignment.worker_id)
         task = Task.objects.select_for_update().get(id=assignment.task_id)
         assignment = NodeAssignment.objects.select_for_update().get(id=assignment_id)
-        if assignment.status != NodeAssignment.Status.ASSIGNED:
+        if assignment.status != NodeAssignment.Status.ASSIGNED or not assignment.holds_capacity:
             return 0  # acknowledged meanwhile: it runs, and the drain waits for it
-        if task.attempt != assignment.attempt or task.status != TaskStatus.PREPARING:
+        if task.attempt != assignment.attempt or task.status not in _ACTIVE:
             return 0
+        if task.status != TaskStatus.PREPARING:
+            if task.node_count == 1:
+                return 0  # moved on by a report, which acknowledges the run too: not ours to end
+            return int(end_run(assignment_id=assignment.id, reason=Task.FailureReason.WORKER_LOST, error=why))
         if not _release(assignment, status=NodeAssignment.Status.LOST):
             return 0
         _stop_siblings(task, assignment.attempt, reason=f"a node's {why}")
+        if task.cancel_requested_at is not None:
+            fail_or_retry(task, reason=Task.FailureReason.CANCELLED, error=f"cancelled before it started ({why})")
+            return 1
         moved = task_transition(
             task_id=task.id, to=TaskStatus.QUEUED, from_states={TaskStatus.PREPARING}, worker=None, started_at=None
         )

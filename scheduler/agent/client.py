@@ -78,8 +78,10 @@ UNACKED_LOGS_LIMIT = 1_000
 # heartbeats behind them until the lease ran out.
 LOG_WINDOW = 32
 LOG_WINDOW_RESUME = 16
-# Runs cancelled before they were started here, remembered so that their late `assign` starts nothing.
-CANCELLED_UNSTARTED_LIMIT = 1_000
+# Tokens of runs cancelled before they were started here, and of runs this agent has finished with
+# (settled, or taken away by the server), remembered so that a late or repeated `assign` of one
+# starts nothing: so many of each, the oldest forgotten first.
+RECENT_TOKENS_LIMIT = 1_000
 # A running run's standing state (its sidecars' last `plugin_status`, its service's `service_ready`
 # and last `service_activity`) is said again every `AgentConfig.standing_report_seconds` and after
 # each reconnect: nothing answers those, and one the server failed to apply would otherwise stand
@@ -203,7 +205,8 @@ class Agent:
         self.instance = uuid.uuid4().hex  # this process, in every hello: its reconnects replace its old connection
         self._held: dict[str, _Held] = {}
         self._run_dirs = RunDirs(keep=config.keep_run_dirs, name=config.name)
-        self._cancelled_unstarted: dict[str, None] = {}  # tokens, oldest first
+        self._cancelled_unstarted = _RecentTokens()
+        self._done_with = _RecentTokens()
         # Every run's supervising task, also of runs already forgotten but still being killed.
         self._run_tasks: set[asyncio.Task[None]] = set()
         self._outbox: deque[dict[str, Any]] = deque()
@@ -754,9 +757,7 @@ class Agent:
         reported cancelled, which frees its slot; left unanswered, the task would stay active."""
         if token not in self._cancelled_unstarted:
             logger.info("task %s (token %s) cancelled before this worker started it", task_id, token)
-            self._cancelled_unstarted[token] = None
-            if len(self._cancelled_unstarted) > CANCELLED_UNSTARTED_LIMIT:
-                del self._cancelled_unstarted[next(iter(self._cancelled_unstarted))]
+            self._cancelled_unstarted.add(token)
         self._enqueue(
             protocol.status(
                 task_id=task_id, token=token, status="cancelled", error="cancelled before this worker started it"
@@ -768,13 +769,21 @@ class Agent:
         if assignment.token in self._cancelled_unstarted:
             self._cancel_unstarted(assignment.task_id, assignment.token)
             return
+        if assignment.token in self._done_with:
+            # Sent again before the server recorded this run's end (its re-send raced the report):
+            # started again, it would run twice and its new directory replace the kept one.
+            logger.info(
+                "task %s (token %s) was run here already; not starting it again", assignment.task_id, assignment.token
+            )
+            return
+        if assignment.token in self._held:
+            # Ack again (our first ack may have been lost), draining or not, but never run it twice.
+            self._enqueue(protocol.ack(task_id=assignment.task_id, token=assignment.token))
+            return
         if self._draining:
             logger.info("draining: not taking task %s", assignment.task_id)
             return
-        # Ack again for a token we hold (our first ack may have been lost) but never run it twice.
         self._enqueue(protocol.ack(task_id=assignment.task_id, token=assignment.token))
-        if assignment.token in self._held:
-            return
         run = Run(
             assignment,
             work_root=self.config.work_root,
@@ -819,6 +828,7 @@ class Agent:
 
     def _forget(self, token: str, *, kill: bool) -> None:
         held = self._held.pop(token, None)
+        self._done_with.add(token)
         if held is not None and kill:
             held.run.stop()
             if held.final is not None and not held.final_acked:
@@ -832,6 +842,21 @@ class Agent:
         among the most recent kept; an exiting agent leaves it for the next start (`_leaving`)."""
         if not self._leaving:
             self._run_dirs.finished(task_id=held.run.task_id, work_dir=held.run.work_dir, unstored="")
+
+
+class _RecentTokens:
+    """The last `RECENT_TOKENS_LIMIT` tokens added, the oldest forgotten first."""
+
+    def __init__(self) -> None:
+        self._tokens: dict[str, None] = {}  # a dict keeps insertion order
+
+    def add(self, token: str) -> None:
+        self._tokens[token] = None
+        if len(self._tokens) > RECENT_TOKENS_LIMIT:
+            del self._tokens[next(iter(self._tokens))]
+
+    def __contains__(self, token: object) -> bool:
+        return token in self._tokens
 
 
 def _valid(message: dict[str, Any] | ProtocolError) -> dict[str, Any]:

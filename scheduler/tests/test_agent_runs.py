@@ -236,6 +236,52 @@ def test_duplicate_assign_is_acked_again_but_runs_once(tmp_path: Path) -> None:
     run_async(scenario())
 
 
+def test_an_assign_sent_again_after_its_run_was_settled_starts_nothing(tmp_path: Path) -> None:
+    marker = tmp_path / "starts"
+
+    async def scenario() -> None:
+        async with Peer() as peer, running_agent(peer.url, tmp_path, keep_run_dirs=5) as agent:
+            message = assign(python(f"open({str(marker)!r}, 'a').write('start\\n')\nopen('model.ckpt', 'w')"))
+            token = message["token"]
+            await peer.send(message)
+            await peer.final(token)
+            await until(lambda: agent.held_runs() == [], what="the run to be settled and forgotten")
+            [run_dir] = [path.parent for path in tmp_path.rglob("model.ckpt")]
+
+            await peer.send(message)  # a re-send that raced the run's final status
+            later = assign(python("print('later')"))
+            await peer.send(later)
+            await peer.final(later["token"])
+
+            assert marker.read_text() == "start\n"
+            assert [m["type"] for m in peer.about(token)].count("ack") == 1
+            assert (run_dir / "model.ckpt").exists()
+
+    run_async(scenario())
+
+
+def test_a_draining_agent_acks_a_run_it_holds_again_when_its_assign_is_sent_again(tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
+
+    async def scenario() -> None:
+        async with Peer() as peer, running_agent(peer.url, tmp_path) as agent:
+            message = assign(gated(gate))
+            token = message["token"]
+            await peer.send(message)
+            await peer.status(token, "running")
+            agent.drain()
+            await peer.next(lambda m: m["type"] == "draining")
+
+            await peer.send(message)  # the server never got the first ack
+            await peer.next(lambda m: m["type"] == "ack" and m["token"] == token)  # the first was read before `running`
+            gate.touch()
+            await peer.final(token)
+
+            assert [m["type"] for m in peer.about(token)].count("ack") == 2
+
+    run_async(scenario())
+
+
 def test_cancel_sends_sigterm_then_sigkill_after_the_grace_period(tmp_path: Path) -> None:
     code = (
         "import signal, sys, time\n"

@@ -3,11 +3,13 @@
 import pytest
 
 from audit.models import AuditEvent
+from fetchml.auth import Actor
 from scheduler.dispatch import dispatch_round
 from scheduler.models import NodeAssignment, Worker
-from scheduler.services import assignment_ack, assignment_status, worker_announced_drain
+from scheduler.services import assignment_ack, assignment_status, worker_announced_drain, worker_heartbeat
 from scheduler.tests.factories import assignments_of, queued_task, worker
 from tasks.models import Task
+from tasks.services import task_cancel
 from tasks.states import TaskStatus
 
 pytestmark = pytest.mark.django_db
@@ -74,3 +76,33 @@ def test_drain_announced_again_is_audited_once():
 
     events = AuditEvent.objects.filter(event_type="scheduler_drain")
     assert [(e.resource, e.action, e.metadata) for e in events] == [(f"worker:{box.name}", "drain", {"by": "agent"})]
+
+
+def test_an_unacknowledged_run_with_a_cancel_pending_ends_cancelled_not_queued_to_start_elsewhere():
+    box = worker(name="a", batch_slots=1)
+    task = queued_task()
+    _dispatched(task)
+    task_cancel(task=Task.objects.get(id=task.id), actor=Actor(user=task.owner, role="user"))
+
+    assert worker_announced_drain(worker_id=box.id) == 1
+
+    worker(name="b", batch_slots=1)
+    assert dispatch_round() == 0
+    task.refresh_from_db()
+    assert (task.status, task.failure_reason, task.retry_count) == (TaskStatus.CANCELLED, "cancelled", 0)
+    assert task.cancelled_by == task.owner
+
+
+def test_a_run_a_heartbeat_lists_counts_as_acknowledged_so_a_drain_keeps_it():
+    # The agent's `ack` was lost (its batch failed on the server); its heartbeat lists the run.
+    box = worker(batch_slots=1)
+    task = queued_task()
+    assignment = _dispatched(task)
+    run_ref = {"task_id": str(task.id), "token": str(assignment.token), "status": "preparing"}
+    worker_heartbeat(worker_id=box.id, running=[run_ref])
+
+    assert worker_announced_drain(worker_id=box.id) == 0
+
+    assignment.refresh_from_db()
+    task.refresh_from_db()
+    assert (assignment.status, task.status) == (NodeAssignment.Status.ACKED, TaskStatus.PREPARING)

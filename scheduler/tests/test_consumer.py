@@ -886,6 +886,60 @@ def test_drain_is_delivered_to_the_worker(worker_key, admin_user):
     assert run(scenario()) == {"type": "drain", "version": 1}
 
 
+def test_an_operator_drain_while_the_agent_is_away_is_delivered_when_that_agent_comes_back(worker_key, admin_user):
+    async def scenario():
+        communicator, welcome = await start_worker(worker_key, instance="agent-a")
+        await communicator.disconnect()
+        box = await _reload(Worker, welcome["worker_id"])
+        await db(worker_drain)(worker=box, actor=Actor(user=admin_user, role="admin"))  # idle: offline at once
+        again, _ = await start_worker(worker_key, instance="agent-a")
+        message = await receive(again)
+        await again.disconnect()
+        return message, await _reload(Worker, welcome["worker_id"])
+
+    message, box = run(scenario())
+
+    assert message == {"type": "drain", "version": 1}
+    assert box.status == "draining"
+
+
+def test_a_new_agent_process_is_not_handed_the_drain_its_predecessor_announced(worker_key):
+    async def scenario():
+        communicator, welcome = await start_worker(worker_key, instance="agent-a")
+        _, assign = await _assigned(communicator)
+        await send(communicator, {"type": "ack", "task_id": assign["task_id"], "token": assign["token"]})
+        await send(communicator, {"type": "draining"})  # its SIGTERM: it drains, then is killed
+        await expect_nothing(communicator)
+        await communicator.disconnect()
+        again, _ = await start_worker(worker_key, instance="agent-b")
+        await expect_nothing(again)
+        await again.disconnect()
+        return await _reload(Worker, welcome["worker_id"])
+
+    assert run(scenario()).status == "active"
+
+
+def test_a_drained_agent_coming_back_gets_drain_not_its_unacknowledged_runs_which_go_back(worker_key, admin_user):
+    async def scenario():
+        communicator, welcome = await start_worker(worker_key, instance="agent-a")
+        task, _ = await _assigned(communicator)
+        await communicator.disconnect()
+        box = await _reload(Worker, welcome["worker_id"])
+        await db(worker_drain)(worker=box, actor=Actor(user=admin_user, role="admin"))
+        again, _ = await start_worker(worker_key, instance="agent-a")
+        message = await receive(again)
+        await expect_nothing(again)
+        await send(again, {"type": "draining"})
+        await expect_nothing(again)
+        await again.disconnect()
+        return message, await _reload(Task, task.id)
+
+    message, task = run(scenario())
+
+    assert message == {"type": "drain", "version": 1}
+    assert (task.status, task.retry_count) == ("queued", 0)
+
+
 def test_reports_sent_back_to_back_are_all_applied_and_answered_in_the_order_sent(worker_key):
     async def scenario():
         communicator, _ = await start_worker(worker_key, batch_slots=6)

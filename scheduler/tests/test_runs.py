@@ -107,7 +107,22 @@ def test_lease_expiry_hands_a_run_never_acknowledged_back_without_a_retry():
     assert event.metadata["reason"] == "worker lost before acknowledging the run"
 
 
-def test_a_drain_leaves_an_unacknowledged_node_of_a_gang_another_node_started_to_its_lease():
+def test_lease_expiry_ends_a_run_never_acknowledged_cancelled_when_a_cancel_is_pending():
+    box = worker()
+    task = queued_task()
+    dispatch_round()
+    task_cancel(task=Task.objects.get(id=task.id), actor=Actor(user=task.owner, role="user"))
+    _silence(box)
+
+    assert expire_leases() >= 1
+
+    task.refresh_from_db()
+    assert (task.status, task.failure_reason, task.retry_count) == ("cancelled", "cancelled", 0)
+
+
+def test_a_drain_ends_a_gang_as_lost_when_a_node_another_node_started_by_is_never_acknowledged():
+    # The draining agent will never start its node, and goes on heartbeating while it finishes
+    # its other runs: the lease would not end the gang, whose started node waits for it in vain.
     worker(name="node-0")
     draining = worker(name="node-1")
     gang = queued_task(node_count=2)
@@ -116,11 +131,15 @@ def test_a_drain_leaves_an_unacknowledged_node_of_a_gang_another_node_started_to
     [started] = [run for run in assignments_of(gang) if run.worker_id != draining.id]
     _report(started, "running")
 
-    assert worker_announced_drain(worker_id=draining.id) == 0
+    assert worker_announced_drain(worker_id=draining.id) == 1
 
-    unacknowledged.refresh_from_db()
-    gang.refresh_from_db()
-    assert (unacknowledged.holds_capacity, gang.status) == (True, "running")
+    for row in (unacknowledged, started, gang, draining):
+        row.refresh_from_db()
+    assert (unacknowledged.status, unacknowledged.holds_capacity) == ("lost", False)
+    assert started.holds_capacity  # wound down as a cancel would, with its grace
+    assert (gang.status, gang.failure_reason) == ("running", "worker_lost")  # ends with its last node
+    assert gang.error == f"node {unacknowledged.node_id} (worker node-1): worker draining"
+    assert draining.status == "offline"
 
 
 def test_requeued_task_keeps_its_place_in_the_aging_order():

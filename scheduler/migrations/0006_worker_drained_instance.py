@@ -1,0 +1,18 @@
+"""The agent process a drain was asked of, so that its reconnect keeps draining and a new process does not."""
+
+from django.db import migrations, models
+
+
+class Migration(migrations.Migration):
+
+    dependencies = [
+        ('scheduler', '0005_worker_declared_capacity'),
+    ]
+
+    operations = [
+        migrations.AddField(
+            model_name='worker',
+            name='drained_instance',
+            field=models.CharField(blank=True, max_length=64),
+        ),
+    ]
