@@ -315,7 +315,8 @@ def _plain_view_operations() -> dict[str, dict[str, Any]]:
                 "description": (
                     "WebSocket endpoint for real-time task updates (docs/live-updates.md). The key goes in the "
                     "X-API-Key header of the handshake, never the query string; a refused connection is closed "
-                    "with 4401 (no valid key), 4403 (worker key) or 4429 (rate limited).\n\n"
+                    "with 4401 (no valid key), 4403 (worker key), 4429 (rate limited) or 4503 (the database "
+                    "out of reach: try again shortly); another path than /ws or /ws/worker with 4404.\n\n"
                     "## Message Types\n"
                     "- `task_update`: Task status changes\n"
                     "- `task_complete`: Task finished\n"

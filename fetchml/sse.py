@@ -25,7 +25,7 @@ import asyncio
 import json
 import logging
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
 
 from asgiref.sync import sync_to_async
@@ -91,9 +91,11 @@ def stream_response(source: EventSource, *, groups: list[str], actor: Actor) -> 
         counted = live_connections.open(actor.api_key_id)
     except TooManyLiveConnections as exc:
         return error_response_for(exc)
-    response = sse_response(event_stream(source, groups=groups, api_key_id=actor.api_key_id, counted=counted))
-    # The stream gives its place back when it ends; a stream never started (the client left
-    # first, a HEAD) when its response is dropped.
+    stream = event_stream(source, groups=groups, api_key_id=actor.api_key_id, counted=counted)
+    response = sse_response(stream, on_close=counted.release)
+    # The stream gives its place back when it ends, a stream never started (a HEAD) when the
+    # handler closes its response; and one the handler never closed (its client gone before
+    # the first frame) when that response is dropped.
     weakref.finalize(response, counted.release)
     return response
 
@@ -171,8 +173,24 @@ async def _leave(layer: Any, channel: str, groups: list[str]) -> None:
             logger.warning("could not leave group %s", group, exc_info=True)
 
 
-def sse_response(stream: AsyncIterator[bytes]) -> StreamingHttpResponse:
-    response = StreamingHttpResponse(stream, content_type="text/event-stream")
+class EventStreamResponse(StreamingHttpResponse):
+    """A streaming response that runs `on_close` when the handler closes it, as it closes every
+    response it answered with, streamed or not."""
+
+    def __init__(self, stream: AsyncIterator[bytes], *, on_close: Callable[[], None] | None = None) -> None:
+        super().__init__(stream, content_type="text/event-stream")
+        self._on_close = on_close
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            if self._on_close is not None:
+                self._on_close()
+
+
+def sse_response(stream: AsyncIterator[bytes], *, on_close: Callable[[], None] | None = None) -> StreamingHttpResponse:
+    response = EventStreamResponse(stream, on_close=on_close)
     response["Cache-Control"] = "no-cache"
     # Reverse proxies (nginx) must pass each frame on at once, not buffer them.
     response["X-Accel-Buffering"] = "no"
