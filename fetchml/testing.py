@@ -17,6 +17,7 @@ import functools
 import http.client
 import json
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -27,7 +28,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Self
+from typing import IO, Any, Self
 from urllib.parse import quote, urlsplit, urlunsplit
 
 from asgiref.sync import async_to_sync
@@ -42,6 +43,15 @@ def free_port(host: str = HOST) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
+
+
+def first_line(stream: IO[str], *, timeout: float, what: str) -> str:
+    """The first line a child process writes to the pipe `stream`, waited for at most `timeout`
+    seconds ("" if the child closed it first)."""
+    ready, _, _ = select.select([stream], [], [], timeout)
+    if not ready:
+        raise AssertionError(f"no line from {what} in {timeout} s")
+    return stream.readline()
 
 
 def backend_pid() -> int:

@@ -8,6 +8,7 @@ import pytest
 from audit.models import AuditEvent
 from audit.tests.processes import REPO_ROOT, child_env
 from audit.verification import verify_chain
+from fetchml.testing import first_line
 
 PROCESSES = 5
 EVENTS_EACH = 10
@@ -28,7 +29,8 @@ def _run_workers() -> None:
     ]
     try:
         for worker in workers:  # every worker is connected before any starts
-            assert worker.stdout.readline().strip() == "ready", worker.stderr.read()
+            said = first_line(worker.stdout, timeout=60, what="an appending worker").strip()
+            assert said == "ready", worker.stderr.read() if worker.poll() is not None else said
         for worker in workers:
             worker.stdin.write("go\n")
             worker.stdin.flush()

@@ -18,7 +18,7 @@ from django.db import DatabaseError, connection, transaction
 
 from conftest import requires_postgres
 from fetchml.env import bound_postgres_waits
-from fetchml.testing import LiveServer, ThreadedGate, database_url_for
+from fetchml.testing import LiveServer, ThreadedGate, database_url_for, first_line
 from fetchml.tests.factories import ApiKeyFactory
 from scheduler.models import Worker
 from scheduler.tests.factories import WorkerFactory
@@ -91,7 +91,7 @@ def test_a_process_frozen_inside_a_transaction_loses_its_row_locks_to_the_others
         text=True,
     ) as frozen:
         try:
-            assert frozen.stdout.readline().strip() == "locked"
+            assert first_line(frozen.stdout, timeout=30, what="the lock holder").strip() == "locked"
             wait_until(lambda: _stopped(frozen.pid), timeout=10, what="the lock holder to freeze")
             # While it holds the lock, a heartbeat's write would wait on it; once the server ends
             # the frozen session, the lock is free for the others.

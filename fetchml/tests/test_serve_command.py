@@ -94,7 +94,12 @@ class _Serve:
         self.seen: list[str] = []
         manage = [sys.executable, "manage.py"]
         subprocess.run(
-            [*manage, "migrate", "--noinput"], cwd=settings.BASE_DIR, env=self.env, check=True, capture_output=True
+            [*manage, "migrate", "--noinput"],
+            cwd=settings.BASE_DIR,
+            env=self.env,
+            check=True,
+            capture_output=True,
+            timeout=WAIT,
         )
         self.port = port or free_port()
         self.process = subprocess.Popen(
@@ -196,6 +201,7 @@ def submit_through(serve: "_Serve", *, job_name: str, entrypoint: str) -> str:
         check=True,
         capture_output=True,
         text=True,
+        timeout=WAIT,
     )
     key = created.stdout.strip().splitlines()[-1]
     request = urllib.request.Request(

@@ -120,6 +120,7 @@ def test_the_local_agent_of_a_serve_killed_with_kill_9_exits_and_the_next_serve_
 
 
 @pytest.mark.e2e
+@pytest.mark.timeout(5 * WAIT)  # above its own waits, so that one of those fails first, with serve's log
 def test_a_run_left_by_a_killed_serve_is_reported_to_the_next_serve_and_not_run_again(tmp_path: Path) -> None:
     gate = tmp_path / "gate"
     first = _Serve(tmp_path)

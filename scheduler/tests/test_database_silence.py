@@ -14,6 +14,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 from django.conf import settings
@@ -92,6 +94,18 @@ def test_a_scheduler_whose_database_falls_silent_fails_its_pass_within_a_bound_a
         assert process.poll() is None
 
 
+def _unanswered_bytes_to(pid: int, port: int) -> bool:
+    """Whether the network namespace of process `pid` holds a TCP connection to `port` with bytes
+    sent and not acknowledged: a statement on its way to a database that does not answer."""
+    for row in Path(f"/proc/{pid}/net/tcp").read_text().splitlines()[1:]:
+        fields = row.split()
+        remote_port = int(fields[2].rsplit(":", 1)[1], 16)
+        unacknowledged = int(fields[4].split(":")[0], 16)
+        if remote_port == port and unacknowledged:
+            return True
+    return False
+
+
 def test_a_scheduler_whose_database_is_silent_stops_on_sigterm(isolated_network, scheduler_behind):
     worker()
     task = queued_task()
@@ -99,7 +113,10 @@ def test_a_scheduler_whose_database_is_silent_stops_on_sigterm(isolated_network,
         process, output = scheduler_behind(gate.url)
         wait_until(lambda: assignments_of(task), what="the task to be placed")
         isolated_network.silence()
-        time.sleep(0.5)  # a pass or two (0.25 s apart) is under way against the silent database
+        port = urlsplit(gate.url).port
+        wait_until(
+            lambda: _unanswered_bytes_to(process.pid, port), what=f"a statement to the silent database:\n{output()}"
+        )
         process.send_signal(signal.SIGTERM)
         try:
             code = process.wait(timeout=30)
