@@ -24,10 +24,11 @@ class Worker(models.Model):
     # The agent process behind that connection (its `hello.instance`): the same agent coming back
     # on a new connection replaces its old one at once, a second agent under the name does not.
     agent_instance = models.CharField(max_length=64, blank=True)
-    # The agent process a drain was asked of (an operator's, or its own on SIGTERM): that process
-    # reconnecting goes on draining, even once taken offline with nothing left to run; a new one
-    # (the agent started again) is a fresh start and takes work.
+    # The agent process a drain was asked of: that process reconnecting goes on draining, even once
+    # taken offline with nothing left to run. An operator's drain holds for a new process too until
+    # the worker has drained; the agent's own (its SIGTERM) does not: a new process takes work.
     drained_instance = models.CharField(max_length=64, blank=True)
+    drained_by_agent = models.BooleanField(default=False)
 
     # Capacity as reported in `hello`
     cpu_cores = models.PositiveIntegerField(default=0)

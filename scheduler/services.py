@@ -145,7 +145,7 @@ def worker_hello(
                 setattr(worker, key, value)
         worker.status = Worker.Status.DRAINING if _drain_goes_on(worker, instance) else Worker.Status.ACTIVE
         if worker.status == Worker.Status.ACTIVE:
-            worker.drained_instance = ""
+            worker.drained_instance, worker.drained_by_agent = "", False
         worker.version = agent_version
         worker.hostname = hostname
         worker.api_key_id = api_key_id
@@ -190,13 +190,15 @@ def worker_hello(
 
 
 def _drain_goes_on(worker: Worker, instance: str) -> bool:
-    """Whether a worker saying hello as agent process `instance` is still draining. A drain is asked
-    of one agent process: that process reconnecting goes on draining (also once taken offline, with
-    nothing left to run: an operator's drain while it was away); a new process (the agent started
-    again) takes work. Without a named process, a worker draining stays so."""
-    if instance:
-        return worker.drained_instance == instance
-    return worker.status == Worker.Status.DRAINING
+    """Whether a worker saying hello as agent process `instance` is still draining. The process a
+    drain was asked of goes on draining when it reconnects, also once taken offline with nothing
+    left to run (an operator's drain while it was away). An operator's drain also holds for a new
+    process until the worker has drained (an agent that crashed mid-drain and was started again);
+    the agent's own, on its SIGTERM, does not: the new process takes work. An agent that does not
+    name its process (no `instance`) goes on draining while the worker drains."""
+    if worker.status == Worker.Status.DRAINING and not (instance and worker.drained_by_agent):
+        return True
+    return bool(instance) and worker.drained_instance == instance
 
 
 def _owned_elsewhere(registered: ApiKey | None, key: ApiKey | None) -> bool:
@@ -260,8 +262,13 @@ def _lose_runs(assignments: QuerySet[NodeAssignment], *, error: str) -> int:
 
 
 def _lose_run(assignment_id: Any, *, unstarted: bool, error: str) -> bool:
-    handed_back = unstarted and _hand_back(assignment_id=assignment_id, why="worker lost before acknowledging the run")
-    return bool(handed_back) or end_run(assignment_id=assignment_id, reason=Task.FailureReason.WORKER_LOST, error=error)
+    # Lost with their worker: only while it is still offline. A hello that let it back in since the
+    # runs were listed has told the agent to keep them.
+    why = "worker lost before acknowledging the run"
+    handed_back = unstarted and _hand_back(assignment_id=assignment_id, why=why, worker_offline=True)
+    return bool(handed_back) or end_run(
+        assignment_id=assignment_id, reason=Task.FailureReason.WORKER_LOST, error=error, worker_offline=True
+    )
 
 
 def worker_lease_extend(*, worker_id: Any) -> None:
@@ -328,9 +335,11 @@ def worker_drain(*, worker: Worker, actor: Actor) -> Worker:
     """Stop giving `worker` new work; it goes offline once its last run ends."""
     with transaction.atomic():
         won = Worker.objects.filter(id=worker.id, status=Worker.Status.ACTIVE).update(
-            status=Worker.Status.DRAINING, drained_instance=F("agent_instance")
+            status=Worker.Status.DRAINING, drained_instance=F("agent_instance"), drained_by_agent=False
         )
         if not won:
+            # Already draining: by the operators' wish now too, should the agent start again.
+            Worker.objects.filter(id=worker.id, status=Worker.Status.DRAINING).update(drained_by_agent=False)
             worker.refresh_from_db()
             if worker.status == Worker.Status.DRAINING:
                 return worker
@@ -359,7 +368,7 @@ def worker_announced_drain(*, worker_id: Any) -> int:
             return 0
         if worker.status == Worker.Status.ACTIVE:
             Worker.objects.filter(id=worker.id).update(
-                status=Worker.Status.DRAINING, drained_instance=F("agent_instance")
+                status=Worker.Status.DRAINING, drained_instance=F("agent_instance"), drained_by_agent=True
             )
             owner = worker.api_key.user if worker.api_key_id and worker.api_key else ""
             record(
@@ -379,17 +388,20 @@ def worker_announced_drain(*, worker_id: Any) -> int:
     return handed_back
 
 
-def _hand_back(*, assignment_id: Any, why: str) -> int:
+def _hand_back(*, assignment_id: Any, why: str, worker_offline: bool = False) -> int:
     """Take a run its worker never acknowledged off that worker (1 if it did, 0 if it was
     acknowledged meanwhile or has ended). It goes back to the queue as if never dispatched,
     counting no retry; or, with a cancel pending, it ends `cancelled` (queued again, it would
     start elsewhere). A node of a run another node has started (the task is past `preparing`)
-    cannot be placed again alone: the run ends as lost, its other nodes wound down."""
+    cannot be placed again alone: the run ends as lost, its other nodes wound down.
+    `worker_offline`: only while the run's worker is still offline."""
     with transaction.atomic():
         assignment = NodeAssignment.objects.filter(id=assignment_id).first()
         if assignment is None:
             return 0
         lock_run_workers(task_id=assignment.task_id, worker_id=assignment.worker_id)
+        if worker_offline and not _offline(assignment.worker_id):
+            return 0
         task = Task.objects.select_for_update().get(id=assignment.task_id)
         assignment = NodeAssignment.objects.select_for_update().get(id=assignment_id)
         if assignment.status != NodeAssignment.Status.ASSIGNED or not assignment.holds_capacity:
@@ -419,6 +431,11 @@ def _hand_back(*, assignment_id: Any, why: str) -> int:
             metadata={"attempt": assignment.attempt, "reason": why},
         )
     return 1
+
+
+def _offline(worker_id: Any) -> bool:
+    """Whether the worker is offline (read under its lock, so that a hello cannot change it meanwhile)."""
+    return Worker.objects.filter(id=worker_id, status=Worker.Status.OFFLINE).exists()
 
 
 def _offline_if_drained(worker_id: Any | None = None) -> int:
@@ -1115,13 +1132,16 @@ def _datasets_changed_error(changed: dict[str, str | None], error: str) -> str:
     return f"{note}. {error}" if error else note
 
 
-def end_run(*, assignment_id: Any, reason: str, error: str) -> bool:
-    """The server takes a live run away (lease, reconcile, backstop): stop it and fail or retry the task."""
+def end_run(*, assignment_id: Any, reason: str, error: str, worker_offline: bool = False) -> bool:
+    """The server takes a live run away (lease, reconcile, backstop): stop it and fail or retry the
+    task. `worker_offline`: only while the run's worker is still offline (the run lost with it)."""
     with transaction.atomic():
         assignment = NodeAssignment.objects.filter(id=assignment_id, holds_capacity=True).first()
         if assignment is None:
             return False
         lock_run_workers(task_id=assignment.task_id, worker_id=assignment.worker_id)
+        if worker_offline and not _offline(assignment.worker_id):
+            return False
         task = Task.objects.select_for_update().get(id=assignment.task_id)
         if not _release(assignment, status=NodeAssignment.Status.LOST):
             return False

@@ -919,6 +919,25 @@ def test_a_new_agent_process_is_not_handed_the_drain_its_predecessor_announced(w
     assert run(scenario()).status == "active"
 
 
+def test_an_operator_drain_holds_for_an_agent_started_again_before_the_worker_drained(worker_key, admin_user):
+    # The agent died mid-drain (its runs with it) and was started again, as `serve` does.
+    async def scenario():
+        communicator, welcome = await start_worker(worker_key, instance="agent-a")
+        _, assign = await _assigned(communicator)
+        await send(communicator, {"type": "ack", "task_id": assign["task_id"], "token": assign["token"]})
+        await expect_nothing(communicator)
+        box = await _reload(Worker, welcome["worker_id"])
+        await db(worker_drain)(worker=box, actor=Actor(user=admin_user, role="admin"))
+        assert (await receive(communicator))["type"] == "drain"
+        await communicator.disconnect()
+        again, _ = await start_worker(worker_key, instance="agent-b")
+        message = await receive(again)
+        await again.disconnect()
+        return message
+
+    assert run(scenario()) == {"type": "drain", "version": 1}
+
+
 def test_a_drained_agent_coming_back_gets_drain_not_its_unacknowledged_runs_which_go_back(worker_key, admin_user):
     async def scenario():
         communicator, welcome = await start_worker(worker_key, instance="agent-a")

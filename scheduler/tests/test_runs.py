@@ -15,6 +15,7 @@ from conftest import KeyClient
 from fetchml import events
 from fetchml.auth import Actor
 from fetchml.errors import Conflict
+from scheduler import services
 from scheduler.dispatch import dispatch_round
 from scheduler.models import NodeAssignment, Worker
 from scheduler.protocol import outgoing
@@ -29,6 +30,7 @@ from scheduler.services import (
     worker_announced_drain,
     worker_drain,
     worker_heartbeat,
+    worker_hello,
 )
 from scheduler.tests.factories import assignments_of, queued_task, run_started, worker
 from tasks.models import Task
@@ -118,6 +120,39 @@ def test_lease_expiry_ends_a_run_never_acknowledged_cancelled_when_a_cancel_is_p
 
     task.refresh_from_db()
     assert (task.status, task.failure_reason, task.retry_count) == ("cancelled", "cancelled", 0)
+
+
+def test_a_run_whose_worker_said_hello_again_after_its_lease_expired_is_kept(monkeypatch):
+    # The lease expired; before its runs were ended one by one, the agent came back and was told to keep them.
+    box = worker()
+    task = queued_task()
+    dispatch_round()
+    [assignment] = assignments_of(task)
+    _report(assignment, "running")
+    _silence(box)
+    lose_run = services._lose_run
+
+    def hello_first(*args, **kwargs):
+        welcome = worker_hello(
+            name=box.name,
+            api_key_id=box.api_key_id,
+            agent_version="1",
+            hostname="",
+            capabilities={},
+            channel_name="again",
+            running=[{"task_id": str(task.id), "token": str(assignment.token), "status": "running"}],
+        )
+        assert welcome.keep == [str(assignment.token)]
+        return lose_run(*args, **kwargs)
+
+    monkeypatch.setattr(services, "_lose_run", hello_first)
+
+    expire_leases()
+
+    task.refresh_from_db()
+    assignment.refresh_from_db()
+    assert (task.status, task.retry_count) == ("running", 0)
+    assert (assignment.status, assignment.holds_capacity) == ("running", True)
 
 
 def test_a_drain_ends_a_gang_as_lost_when_a_node_another_node_started_by_is_never_acknowledged():
