@@ -157,6 +157,13 @@ class ApiKeyCreationForm(forms.ModelForm):
             raise forms.ValidationError("This user is inactive: their keys are refused. Reactivate them first.")
         return user
 
+    def clean(self):
+        cleaned = super().clean()
+        user, role = cleaned.get("user"), cleaned.get("role")
+        if user is not None and role == ApiKey.Role.ADMIN and not user.is_staff:
+            self.add_error("role", "An admin key works only for a staff user: give them staff status first.")
+        return cleaned
+
     def clean_expires_at(self):
         expires_at = self.cleaned_data.get("expires_at")
         if expires_at is not None and expires_at <= timezone.now():

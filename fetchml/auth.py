@@ -61,7 +61,9 @@ def actor_from_request(request) -> Actor:
     if key is not None:
         role = key.role
     else:
-        role = ApiKey.Role.ADMIN if request.user.is_staff else ApiKey.Role.USER
+        # A session is the admin's browsable API: every power of an admin key only for a
+        # superuser (a staff account's permissions in the admin may be few).
+        role = ApiKey.Role.ADMIN if request.user.is_superuser else ApiKey.Role.USER
     return Actor(
         user=request.user,
         role=role,
@@ -114,7 +116,7 @@ def authenticate_raw_key(raw: str | None, ip: str | None) -> ApiKey:
 
 
 def api_key_usable(key_id: Any) -> bool:
-    """Whether a key accepted earlier still is (not revoked, not expired, its user active): for
+    """Whether a key accepted earlier still is (`ApiKey.is_usable`): for
     connections that outlive their handshake, re-checked at intervals. One query, by primary key."""
     return usable_api_keys([str(key_id)])[str(key_id)]
 
@@ -122,7 +124,9 @@ def api_key_usable(key_id: Any) -> bool:
 def usable_api_keys(key_ids: list[str]) -> dict[str, bool]:
     """`api_key_usable` of several keys, in one query (the live connections of a server process
     re-check their keys together, `fetchml.shared_reads`); a key not found is not usable."""
-    keys = ApiKey.objects.select_related("user").only("revoked_at", "expires_at", "user__is_active")
+    keys = ApiKey.objects.select_related("user").only(
+        "revoked_at", "expires_at", "role", "user__is_active", "user__is_staff"
+    )
     usable = dict.fromkeys(key_ids, False)
     usable |= {str(key.pk): key.is_usable for key in keys.filter(pk__in=key_ids)}
     return usable

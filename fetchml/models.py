@@ -36,9 +36,11 @@ class ApiKey(models.Model):
 
     @property
     def is_usable(self) -> bool:
-        """The one rule of a key that works: not revoked, not expired, its user active.
+        """The one rule of a key that works: not revoked, not expired, its user active, and an
+        admin key's user still staff (an operator who loses that status loses the key's powers).
 
         Reads `user` (load keys with `select_related("user")` where many are checked).
         """
         now = timezone.now()
-        return self.revoked_at is None and (self.expires_at is None or self.expires_at > now) and self.user.is_active
+        live = self.revoked_at is None and (self.expires_at is None or self.expires_at > now)
+        return live and self.user.is_active and (self.role != self.Role.ADMIN or self.user.is_staff)

@@ -143,13 +143,25 @@ def test_admin_endpoint_without_a_key_is_unauthorized_not_forbidden(anon_client)
     assert_unauthorized(anon_client.get("/v1/test/admin-only"))
 
 
-def test_logged_in_staff_user_can_browse_the_api_with_a_session(client):
-    staff = UserFactory(username="operator", is_staff=True)
-    client.force_login(staff)
+def test_logged_in_superuser_can_browse_the_api_with_a_session(client):
+    client.force_login(UserFactory(username="operator", is_staff=True, is_superuser=True))
     response = client.get(ENDPOINT, HTTP_ACCEPT="text/html")
     assert response.status_code == 200
     assert response["Content-Type"].startswith("text/html")
     assert client.get("/v1/test/admin-only").status_code == 200
+
+
+def test_a_staff_session_without_superuser_status_is_a_user_on_the_api(client):
+    client.force_login(UserFactory(username="helpdesk", is_staff=True))
+    assert client.get(ENDPOINT).status_code == 200
+    assert client.get("/v1/test/admin-only").status_code == 403
+
+
+def test_an_admin_key_of_a_user_no_longer_staff_is_unauthorized(db):
+    raw = ApiKeyFactory.raw(user=UserFactory(username="ops", is_staff=True), role=ApiKey.Role.ADMIN)
+    assert KeyClient(raw).get("/v1/test/admin-only").status_code == 200
+    UserFactory._meta.model.objects.filter(username="ops").update(is_staff=False)
+    assert_unauthorized(KeyClient(raw).get("/v1/test/admin-only"))
 
 
 def test_staff_user_can_use_the_admin_with_a_session(client):

@@ -42,3 +42,12 @@ def test_the_admin_refuses_to_create_a_key_for_an_inactive_user(console):
     assert response.status_code == 200
     assert "inactive" in response.content.decode()
     assert not ApiKey.objects.exists()
+
+
+def test_the_admin_refuses_an_admin_key_for_a_user_who_is_not_staff(console):
+    frank = UserFactory(username="frank")
+    data = {"user": frank.pk, "role": "admin", "name": "", "expires_at_0": "", "expires_at_1": ""}
+    response = console.post(reverse("admin:fetchml_apikey_add"), data)
+    assert response.status_code == 200
+    assert "staff user" in response.content.decode()
+    assert not ApiKey.objects.exists()
