@@ -45,7 +45,8 @@ class TaskPage:
     offset: int
 
 
-def _visible_tasks(actor: Actor) -> QuerySet[Task]:
+def visible_tasks(actor: Actor) -> QuerySet[Task]:
+    """The tasks `actor` may know of: its own (an admin's: all)."""
     tasks = Task.objects.all()
     return tasks if actor.is_admin else tasks.filter(owner=actor.user)
 
@@ -59,7 +60,7 @@ def task_render_queryset(tasks: QuerySet[Task]) -> QuerySet[Task]:
 
 
 def task_list(*, actor: Actor, filters: TaskFilters) -> TaskPage:
-    tasks = _visible_tasks(actor)
+    tasks = visible_tasks(actor)
     if status := filters.get("status"):
         tasks = tasks.filter(status=status)
     if user_id := filters.get("user_id"):
@@ -81,7 +82,7 @@ def task_list(*, actor: Actor, filters: TaskFilters) -> TaskPage:
 
 
 def task_get_for_actor(*, actor: Actor, task_id: Any) -> Task:
-    task = task_render_queryset(_visible_tasks(actor)).filter(id=task_id).first()
+    task = task_render_queryset(visible_tasks(actor)).filter(id=task_id).first()
     if task is None:
         raise NotFound("Task not found")
     return task

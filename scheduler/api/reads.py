@@ -11,6 +11,7 @@ from fetchml.errors import NotFound
 from scheduler.models import NodeAssignment, Reservation, Worker
 from scheduler.selectors import worker_availability
 from tasks.models import Task
+from tasks.selectors import visible_tasks
 from tasks.states import ACTIVE_STATES, TaskStatus
 
 
@@ -43,8 +44,10 @@ def scheduler_status() -> dict[str, Any]:
     }
 
 
-def _workers() -> QuerySet[Worker]:
-    live = NodeAssignment.objects.filter(holds_capacity=True).order_by("created_at")
+def _workers(actor: Actor) -> QuerySet[Worker]:
+    """Workers with their live assignments of the tasks `actor` may know of (`live_assignments`):
+    another user's task ids are not told, as nowhere else."""
+    live = NodeAssignment.objects.filter(holds_capacity=True, task__in=visible_tasks(actor)).order_by("created_at")
     return Worker.objects.prefetch_related(Prefetch("assignments", queryset=live, to_attr="live_assignments"))
 
 
@@ -56,12 +59,12 @@ def _with_availability(workers: list[Worker]) -> list[Worker]:
     return workers
 
 
-def worker_list() -> list[Worker]:
-    return _with_availability(list(_workers().order_by("name")))
+def worker_list(*, actor: Actor) -> list[Worker]:
+    return _with_availability(list(_workers(actor).order_by("name")))
 
 
-def worker_get(*, worker_id: Any) -> Worker:
-    worker = _workers().filter(id=worker_id).first()
+def worker_get(*, actor: Actor, worker_id: Any) -> Worker:
+    worker = _workers(actor).filter(id=worker_id).first()
     if worker is None:
         raise NotFound("Worker not found")
     return _with_availability([worker])[0]

@@ -57,7 +57,9 @@ class WorkerSerializer(serializers.Serializer):
     gpus_reserved = serializers.IntegerField(
         source="availability.reserved_gpus", help_text="GPUs held here by active reservations"
     )
-    active_tasks = serializers.SerializerMethodField(help_text="IDs of the tasks holding capacity on this worker")
+    active_tasks = serializers.SerializerMethodField(
+        help_text="IDs of the caller's tasks holding capacity on this worker (an admin's: everyone's)"
+    )
 
     @extend_schema_field(CapabilitiesSerializer)
     def get_capabilities(self, worker: Worker) -> dict[str, Any]:

@@ -66,7 +66,7 @@ class WorkerListView(KnownQueryParameters, APIView):
         responses={200: WorkerSerializer(many=True), 401: UNAUTHORIZED, 403: FORBIDDEN},
     )
     def get(self, request: Request) -> Response:
-        return Response(WorkerSerializer(reads.worker_list(), many=True).data)
+        return Response(WorkerSerializer(reads.worker_list(actor=actor_from_request(request)), many=True).data)
 
 
 class WorkerDetailView(KnownQueryParameters, APIView):
@@ -79,7 +79,8 @@ class WorkerDetailView(KnownQueryParameters, APIView):
         responses={200: WorkerSerializer, 401: UNAUTHORIZED, 403: FORBIDDEN, 404: NOT_FOUND},
     )
     def get(self, request: Request, workerId: uuid.UUID) -> Response:
-        return Response(WorkerSerializer(reads.worker_get(worker_id=workerId)).data)
+        worker = reads.worker_get(actor=actor_from_request(request), worker_id=workerId)
+        return Response(WorkerSerializer(worker).data)
 
     @extend_schema(
         tags=["Scheduler"],
@@ -91,8 +92,8 @@ class WorkerDetailView(KnownQueryParameters, APIView):
         responses={204: None, 401: UNAUTHORIZED, 403: ADMIN_ONLY, 404: NOT_FOUND, 409: CONFLICT},
     )
     def delete(self, request: Request, workerId: uuid.UUID) -> Response:
-        worker = reads.worker_get(worker_id=workerId)
-        worker_drain(worker=worker, actor=actor_from_request(request))
+        actor = actor_from_request(request)
+        worker_drain(worker=reads.worker_get(actor=actor, worker_id=workerId), actor=actor)
         return Response(status=status.HTTP_204_NO_CONTENT)
 
 

@@ -11,7 +11,7 @@ from conftest import KeyClient
 from fetchml.testing import refused_field
 from scheduler.dispatch import dispatch_round
 from scheduler.models import Reservation, Worker
-from scheduler.tests.factories import queued_task, worker
+from scheduler.tests.factories import UserFactory, queued_task, worker
 from tasks.models import Task
 
 pytestmark = pytest.mark.django_db
@@ -88,6 +88,18 @@ def test_worker_representation_has_capabilities_slots_and_active_tasks(user_clie
     assert body["active_tasks"] == [str(task.id)]
     assert body["status"] == "active"
     assert [w["id"] for w in user_client.get(WORKERS).json()] == [str(box.id)]
+
+
+def test_a_worker_lists_only_the_callers_own_active_tasks_but_all_to_an_admin(user_client, admin_client_key, user):
+    box = worker(name="gpu-1", batch_slots=2)
+    mine = queued_task(owner=user)
+    theirs = queued_task(owner=UserFactory(username="mallory"))
+    dispatch_round()
+
+    assert user_client.get(f"{WORKERS}/{box.id}").json()["active_tasks"] == [str(mine.id)]
+    assert [w["active_tasks"] for w in user_client.get(WORKERS).json()] == [[str(mine.id)]]
+    everyone = admin_client_key.get(f"{WORKERS}/{box.id}").json()["active_tasks"]
+    assert everyone == sorted([str(mine.id), str(theirs.id)])
 
 
 def test_unknown_worker_is_404(user_client):

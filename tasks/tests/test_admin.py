@@ -198,9 +198,9 @@ def test_created_key_secret_is_shown_once_and_works(console, user):
 
 
 def test_key_created_in_console_goes_through_the_service(console, user):
-    create_key_in_console(console, user, role="admin", name="ops")
+    create_key_in_console(console, user, role="worker", name="ops")
     key = ApiKey.objects.get(user=user)
-    assert (key.role, key.name) == ("admin", "ops")
+    assert (key.role, key.name) == ("worker", "ops")
     [event] = events("api_key_created", f"api_key:{key.prefix}")
     assert event.user_id == "root"
 
