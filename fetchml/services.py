@@ -135,7 +135,27 @@ def user_save(
         )
         if "is_active" in changed and not user.is_active:
             _close_connections_of(user)
+            _wind_down_work_of(user, operator=operator, ip_address=ip_address)
     return user
+
+
+def _wind_down_work_of(user: AbstractBaseUser, *, operator: AbstractBaseUser, ip_address: str | None) -> None:
+    """A deactivated account's queued tasks are cancelled (they would start on no one's behalf) and
+    its Jupyter services stopped (their token would still open them); its running batch tasks
+    finish, their results kept. Each change is the operator's, audited as such."""
+    # Imported here: the task and service apps build on this module.
+    from fetchml.auth import Actor
+    from jupyter.models import JupyterService
+    from jupyter.services import LIVE, jupyter_stop
+    from tasks.models import Task
+    from tasks.services import task_cancel
+    from tasks.states import TaskStatus
+
+    actor = Actor(user=operator, role=ApiKey.Role.ADMIN, ip_address=ip_address)
+    for service in JupyterService.objects.filter(owner=user, status__in=LIVE):
+        jupyter_stop(service=service, actor=actor)
+    for task in Task.objects.filter(owner=user, status=TaskStatus.QUEUED):
+        task_cancel(task=task, actor=actor)
 
 
 def _close_connections_of(user: AbstractBaseUser) -> None:
