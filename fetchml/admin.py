@@ -10,8 +10,9 @@ each change of an account (deactivation, staff or superuser status, password, ad
 is in the audit chain as `user_changed`.
 
 Password logins (this console's, and the browsable API's at /api-auth/login/) go through
-`LoginLimitMixin`: failed ones count against the client IP's limit on failed authentications, the
-API keys' (fetchml.ratelimits), and are audited as `auth_attempt` like theirs.
+`LoginLimitMixin`: failed ones count against the client IP's limit on failed password logins (the
+same limit as wrong API keys', counted apart: fetchml.ratelimits), and are audited as
+`auth_attempt` like theirs.
 """
 
 import logging
@@ -332,8 +333,8 @@ def _record_password_login(
 class LoginLimitMixin:
     """A Django login form held to the per-IP limit on failed authentications.
 
-    While the client IP has used up its failures (wrong API keys or passwords, counted together by
-    fetchml.ratelimits), the form is refused with an error before any password is checked, so a
+    While the client IP has used up its failed password logins (fetchml.ratelimits; wrong API keys
+    are counted apart), the form is refused with an error before any password is checked, so a
     right password is refused too until the window passes: otherwise the answer would tell a
     guesser when it hit. A wrong username or password (or an inactive account's, which Django
     answers the same) is counted and audited; an accepted login is audited (the view then logs the
@@ -347,7 +348,7 @@ class LoginLimitMixin:
     def clean(self) -> dict[str, Any]:
         ip = client_ip(self.request.META) if self.request is not None else None
         path = self.request.path if self.request is not None else ""
-        wait = auth_failures_exceeded(ip)
+        wait = auth_failures_exceeded(ip, kind="password")
         if wait is not None:
             raise forms.ValidationError(
                 "Too many failed login attempts from your address. Try again in %(wait)d seconds.",
@@ -359,7 +360,7 @@ class LoginLimitMixin:
             cleaned = super().clean()
         except forms.ValidationError:
             if self.user_cache is None:  # the username or password was wrong
-                count_auth_failure(ip)
+                count_auth_failure(ip, kind="password")
                 _record_password_login(
                     success=False, username=username, user=None, ip=ip, path=path, error="invalid username or password"
                 )

@@ -154,10 +154,10 @@ class TooManyFailedAuthentications(exceptions.Throttled):
 
 
 def _fail(reason: str, key: ApiKey | None, ip: str | None) -> None:
-    wait = auth_failures_exceeded(ip)
+    wait = auth_failures_exceeded(ip, kind="api-key")
     if wait is not None:
         raise TooManyFailedAuthentications(wait)
-    count_auth_failure(ip)
+    count_auth_failure(ip, kind="api-key")
     _record_auth(success=False, key=key, ip=ip, error=reason)
     logger.info("authentication failed: %s (ip=%s)", reason, ip)
     raise exceptions.AuthenticationFailed("Invalid or missing API key")

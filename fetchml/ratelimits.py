@@ -98,16 +98,28 @@ def consume_request(identity: str, method: str) -> Usage | None:
     return _usage(f"fetchml.api.{group}", identity, rate, increment=True)
 
 
-def auth_failures_exceeded(ip: str | None) -> int | None:
-    """Seconds until this IP may try again if it used up its failed attempts, else None."""
-    usage = _usage("fetchml.auth-failure", ip or "unknown", app_settings.RATE_LIMIT_AUTH_FAILURES, increment=False)
+# What failed, each counted on its own: junk API keys sent from an address (a broken script, a
+# scanner) must not lock the operators behind that address out of their password logins.
+AUTH_KINDS = ("api-key", "password")
+
+
+def auth_failures_exceeded(ip: str | None, *, kind: str) -> int | None:
+    """Seconds until this IP may try again if it used up its failed attempts of `kind` (one of
+    AUTH_KINDS), else None."""
+    usage = _usage(_auth_group(kind), ip or "unknown", app_settings.RATE_LIMIT_AUTH_FAILURES, increment=False)
     if usage and usage.remaining <= 0:
         return seconds_until_reset(usage)
     return None
 
 
-def count_auth_failure(ip: str | None) -> None:
-    _usage("fetchml.auth-failure", ip or "unknown", app_settings.RATE_LIMIT_AUTH_FAILURES, increment=True)
+def count_auth_failure(ip: str | None, *, kind: str) -> None:
+    _usage(_auth_group(kind), ip or "unknown", app_settings.RATE_LIMIT_AUTH_FAILURES, increment=True)
+
+
+def _auth_group(kind: str) -> str:
+    if kind not in AUTH_KINDS:
+        raise ValueError(f"unknown kind of authentication: {kind!r}")
+    return f"fetchml.auth-failure.{kind}"
 
 
 def first_use_in(interval: int, *, key_id: object) -> bool:

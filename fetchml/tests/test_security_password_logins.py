@@ -1,5 +1,6 @@
 """Password logins (/admin/login/ and the browsable API's /api-auth/login/) are held to the per-IP
-limit on failed authentications that API keys have, and audited as `auth_attempt` like them."""
+limit on failed authentications that API keys have (each counted on its own), and audited as
+`auth_attempt` like them."""
 
 import logging
 from types import SimpleNamespace
@@ -117,17 +118,20 @@ def test_the_right_password_logs_in_again_once_the_window_has_passed(operator, m
 
 @override_settings(FETCHML_RATE_LIMIT_AUTH_FAILURES="3/m")
 @pytest.mark.parametrize("path", LOGIN_PATHS)
-def test_wrong_api_keys_and_wrong_passwords_count_against_one_limit(operator, path):
+def test_wrong_api_keys_from_an_address_do_not_lock_its_password_logins_out(operator, path):
+    # A broken script or a scanner sending junk keys from behind the operators' address.
+    junk = KeyClient("fetchml_nosuchkey_" + "x" * 43)
     for _ in range(3):
-        assert KeyClient("fetchml_nosuchkey_" + "x" * 43).get("/v1/tasks", REMOTE_ADDR=IP).status_code == 401
+        assert junk.get("/v1/tasks", REMOTE_ADDR=IP).status_code == 401
+    assert junk.get("/v1/tasks", REMOTE_ADDR=IP).status_code == 429
     client = Client()
-    assert THROTTLED in log_in(client, path, PASSWORD).content
-    assert not logged_in(client)
+    log_in(client, path, PASSWORD)
+    assert logged_in(client)
 
 
 @override_settings(FETCHML_RATE_LIMIT_AUTH_FAILURES="2/m")
-def test_wrong_passwords_then_refuse_wrong_api_keys_from_that_address(operator):
+def test_wrong_passwords_from_an_address_do_not_refuse_its_api_keys(operator):
     client = Client()
     for _ in range(2):
         log_in(client, "/api-auth/login/", WRONG)
-    assert KeyClient("fetchml_nosuchkey_" + "x" * 43).get("/v1/tasks", REMOTE_ADDR=IP).status_code == 429
+    assert KeyClient("fetchml_nosuchkey_" + "x" * 43).get("/v1/tasks", REMOTE_ADDR=IP).status_code == 401
