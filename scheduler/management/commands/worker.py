@@ -16,6 +16,12 @@ ORPHAN_UNREACHABLE_SECONDS meanwhile, it stops its runs as on a second one and e
 given --parent-pid whose work directory another agent still uses (one left so, which the next
 serve's server hears from on the same address) waits for that one to exit before it connects:
 connecting first, under the same name, would take that agent's runs and results away.
+
+The worker key: `--api-key-file PATH` (read once, whitespace stripped; `-` for stdin) or $FETCHML_WORKER_API_KEY;
+`--api-key KEY` works too, but every user of the machine sees it in `ps`. Started from the command
+line, the agent first makes itself non-dumpable (`scheduler.agent.secrecy`), so that its runs, of the
+same Unix user, cannot read its /proc/<pid>/environ or memory, and drops the variable from its
+environment once read.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import os
 import re
 import signal
 import socket
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -42,6 +49,7 @@ from scheduler.agent import orphans
 from scheduler.agent.capacity import detect_capacity
 from scheduler.agent.client import Agent, AgentConfig
 from scheduler.agent.files import DEFAULT_DATASET_CACHE_BYTES, DEFAULT_MAX_UNPACK_BYTES, GIB
+from scheduler.agent.secrecy import hide_from_runs
 from scheduler.agent.services import CONTAINER_RUNTIMES
 
 logger = logging.getLogger("scheduler.agent")
@@ -122,6 +130,29 @@ async def give_up_when_alone(
         await asyncio.sleep(every)
 
 
+def read_api_key(options: dict[str, Any]) -> str:
+    """The worker key from --api-key, --api-key-file or $FETCHML_WORKER_API_KEY, in that order. The
+    variable leaves this process's environment either way (what it execs would inherit it)."""
+    from_env = os.environ.pop(API_KEY_ENV, "")
+    if options.get("api_key"):
+        return options["api_key"]
+    path = options.get("api_key_file")
+    if path:
+        try:
+            # "-": standard input, read as it is (opening /dev/stdin would check the file's permissions
+            # again, and refuse one only root may read that the shell opened for this agent).
+            key = (sys.stdin.read() if path == "-" else Path(path).expanduser().read_text(encoding="utf-8")).strip()
+        except (OSError, UnicodeDecodeError, ValueError, AttributeError) as exc:  # ValueError: stdin closed
+            reason = getattr(exc, "strerror", None) or exc
+            raise CommandError(f"cannot read the API key file {path}: {reason}") from None
+        if not key:
+            raise CommandError(f"the API key file {path} is empty")
+        return key
+    if not from_env.strip():
+        raise CommandError(f"an API key is required: --api-key-file, ${API_KEY_ENV} or --api-key")
+    return from_env.strip()
+
+
 def _size_gib(value: str) -> float:
     try:
         number = float(value)
@@ -138,13 +169,27 @@ class Command(BaseCommand):
         "and run the tasks assigned to it. First SIGTERM/SIGINT drains; a second one stops running tasks "
         "(SIGTERM, SIGKILL after their cancel grace, 10 s at most), stores their files and reports them for "
         "the server to re-queue; a third kills them at once. "
-        f"The API key may come from ${API_KEY_ENV} instead of --api-key."
+        f"The API key comes from --api-key-file or ${API_KEY_ENV} (--api-key shows it to every user in ps)."
     )
     requires_system_checks: list[str] = []
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--server", required=True, help="http://host:port or ws://host:port of the server")
-        parser.add_argument("--api-key", default=None, help=f"a worker-role API key (default: ${API_KEY_ENV})")
+        key = parser.add_mutually_exclusive_group()
+        key.add_argument(
+            "--api-key-file",
+            default=None,
+            metavar="PATH",
+            help=f"read the worker-role API key from this file ('-': standard input), stripped; or set ${API_KEY_ENV}",
+        )
+        key.add_argument(
+            "--api-key",
+            default=None,
+            help=(
+                "a worker-role API key: visible to every user of this machine (ps, /proc/<pid>/cmdline); "
+                f"prefer --api-key-file or ${API_KEY_ENV}"
+            ),
+        )
         parser.add_argument("--name", default=None, help="worker name (default: this machine's hostname)")
         parser.add_argument("--cpus", type=_non_negative, default=None, help="CPU cores to offer (default: detected)")
         parser.add_argument("--memory-gb", type=_non_negative, default=None, help="memory to offer, GiB")
@@ -205,10 +250,14 @@ class Command(BaseCommand):
             help="address services bind and are reached at (default: this worker's address towards the server)",
         )
 
+    def run_from_argv(self, argv: list[str]) -> None:
+        # The agent's own process (manage.py worker, as `serve` starts it too): hidden from its runs
+        # before anything else, its options parsed and its key read included.
+        hide_from_runs()
+        super().run_from_argv(argv)
+
     def handle(self, *args: Any, **options: Any) -> None:
-        api_key = options["api_key"] or os.environ.get(API_KEY_ENV, "")
-        if not api_key:
-            raise CommandError(f"an API key is required: --api-key or ${API_KEY_ENV}")
+        api_key = read_api_key(options)
         name = options["name"] or socket.gethostname()
         if not NAME_PATTERN.match(name):
             raise CommandError(f"worker name {name!r}: letters, digits, '.', '_' and '-' only (use --name)")
