@@ -5,8 +5,9 @@ Twisted reads a request's whole body before daphne hands the request to the appl
 came only after the bytes were on disk, so any client, without a key, could fill the server's disk.
 Here, on daphne's request class:
 
-- A body over its ceiling (`fetchml.middleware.body_ceiling`) is answered 413 as soon as its
-  Content-Length says so, before a byte of it is read, or once a chunked body passes it.
+- A body over its ceiling (`fetchml.middleware.body_ceiling`: the route's own limit for an upload
+  route's streamed upload, DATA_UPLOAD_MAX_MEMORY_SIZE for every other body) is answered 413 as soon
+  as its Content-Length says so, before a byte of it is read, or once a chunked body passes it.
 - A body of the API (`/v1/`) Twisted would write to a file (100 kB or more, or of unknown
   length) is held in memory until the request's API key is found usable by the check every request gets
   (`fetchml.auth.authenticate_raw_key`, run off the event loop). Past HOLD_BYTES its reading is
@@ -25,6 +26,7 @@ import io
 import logging
 from http import HTTPStatus
 from typing import Any
+from urllib.parse import unquote
 
 from channels.db import database_sync_to_async
 from rest_framework import exceptions as drf_exceptions
@@ -78,9 +80,11 @@ def install() -> None:
         self._request_line: tuple | None = None
         self._continue_wanted = False
         content_type = (self.requestHeaders.getRawHeaders(b"content-type") or [b""])[0]
-        # The request line's target, as Twisted's channel holds it until the body is read.
-        api = getattr(self.channel, "_path", b"").startswith(API_PREFIX)
-        self._body_ceiling = body_ceiling(content_type.decode("latin-1"), api=api)
+        # The request line, as Twisted's channel holds it until the body is read.
+        method = getattr(self.channel, "_command", b"").decode("latin-1")
+        target = getattr(self.channel, "_path", b"")
+        api = target.startswith(API_PREFIX)
+        self._body_ceiling = body_ceiling(content_type.decode("latin-1"), method=method, path=_path_of(target))
         self.content = io.BytesIO()
         if length is not None and length > self._body_ceiling:
             _refuse(self, HTTPStatus.REQUEST_ENTITY_TOO_LARGE, _too_large(self._body_ceiling))
@@ -149,6 +153,15 @@ def install() -> None:
     WebRequest.handleContentChunk = handleContentChunk
     WebRequest.requestReceived = requestReceived
     WebRequest.holds_bodies = True  # type: ignore[attr-defined]
+
+
+def _path_of(target: bytes) -> str:
+    """The path the application will be given for a request target, as daphne makes it: without
+    the query string, percent-decoded; "" (no route's) for a target daphne itself refuses."""
+    try:
+        return unquote(target.split(b"?", 1)[0].decode("ascii"))
+    except UnicodeDecodeError:
+        return ""
 
 
 def _too_large(ceiling: int) -> str:

@@ -13,6 +13,7 @@ from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
 from django.core.handlers.asgi import ASGIRequest
 from django.http import HttpRequest, HttpResponse, HttpResponseBase, StreamingHttpResponse
+from django.urls import Resolver404, resolve
 from django.views import defaults
 
 from fetchml.conf import app_settings
@@ -42,10 +43,16 @@ _KEPT_HEADERS = (
     "X-RateLimit-Remaining",
     "X-RateLimit-Reset",
 )
-# Bodies of these types are streamed to storage by the views that accept them,
-# under their own limits (FETCHML_MAX_SNAPSHOT_BYTES, ...); every other body is
-# parsed in memory and capped by DATA_UPLOAD_MAX_MEMORY_SIZE.
-_STREAMED_TYPES = ("multipart/form-data", "application/octet-stream")
+# Bodies of this type are streamed to storage by the upload routes below, under their own limits;
+# every other body, and a body of this type sent anywhere else, is held to DATA_UPLOAD_MAX_MEMORY_SIZE.
+_STREAMED_TYPE = "application/octet-stream"
+# The routes that take a streamed upload, by URL name and method: the most each may be sent.
+_UPLOAD_ROUTES: dict[tuple[str, str], Callable[[], int]] = {
+    ("snapshot-upload", "POST"): lambda: app_settings.MAX_SNAPSHOT_BYTES,
+    ("dataset-list", "POST"): lambda: app_settings.MAX_DATASET_BYTES,
+    ("artifact-file", "PUT"): lambda: app_settings.MAX_ARTIFACT_BYTES_PER_TASK,
+    ("artifact-commit", "PUT"): lambda: app_settings.MAX_ARTIFACT_BYTES_PER_TASK,  # a file named "commit"
+}
 
 
 class BothWays:
@@ -156,35 +163,52 @@ def _declare_chunked_length(request: HttpRequest) -> None:
         request.META["CONTENT_LENGTH"] = str(size)
 
 
-def body_ceiling(content_type: str, *, api: bool = True) -> int:
-    """The most a request body of this Content-Type may hold, checked as it arrives
-    (`fetchml.daphne_bodies`): DATA_UPLOAD_MAX_MEMORY_SIZE for bodies parsed in memory, the largest
-    upload limit for the API's streamed uploads (each upload view then holds its body to its own
-    limit). Outside the API (`api` false: the admin, its login) nothing is uploaded."""
-    if api and content_type.strip().lower().startswith(_STREAMED_TYPES):
-        return max(
-            app_settings.MAX_SNAPSHOT_BYTES, app_settings.MAX_DATASET_BYTES, app_settings.MAX_ARTIFACT_BYTES_PER_TASK
-        )
+def upload_limit(content_type: str, *, method: str, path: str) -> int | None:
+    """The limit of the streamed upload a request is, None when it is none: its body is of the
+    streamed type and `path` (as Django resolves it, without the query string) is a route that takes
+    one by `method`. Resolved as Django will resolve it (trailing slash, an id in either case): an
+    unknown path is a 404 whose body nothing reads."""
+    if content_type.partition(";")[0].strip().lower() != _STREAMED_TYPE:
+        return None
+    try:
+        match = resolve(path)
+    except Resolver404:
+        return None
+    limit = _UPLOAD_ROUTES.get((match.url_name or "", method.upper()))
+    return None if limit is None else limit()
+
+
+def body_ceiling(content_type: str, *, method: str, path: str) -> int:
+    """The most a request body may hold, checked as it arrives (`fetchml.daphne_bodies`): an upload
+    route's own limit for the upload it streams (`upload_limit`), DATA_UPLOAD_MAX_MEMORY_SIZE for
+    every other body, of whatever type, on whatever route."""
+    limit = upload_limit(content_type, method=method, path=path)
+    return _memory_ceiling() if limit is None else limit
+
+
+def _memory_ceiling() -> int:
     limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
     return sys.maxsize if limit is None else limit
 
 
-def _body_too_large(request: HttpRequest) -> bool | None:
-    """True if the declared body exceeds the limit; None if Content-Length is not a number.
+def _exceeded_ceiling(request: HttpRequest) -> int | None:
+    """The ceiling the declared body exceeds (`body_ceiling`), 0 when it does not; None if
+    Content-Length is not a number.
 
     DRF reads JSON bodies as a stream, which bypasses Django's own
     DATA_UPLOAD_MAX_MEMORY_SIZE check (made only by `request.body`), so the
-    limit is enforced here, before any view reads a byte.
+    limit is enforced here, before any view reads a byte. An upload route's
+    view holds the upload it streams to its own limit itself, and says why.
     """
-    limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
-    raw = request.META.get("CONTENT_LENGTH") or "0"
-    if limit is None or request.content_type.startswith(_STREAMED_TYPES):
-        return False
+    content_type, method, path = request.content_type or "", request.method or "", request.path_info
+    if upload_limit(content_type, method=method, path=path) is not None:
+        return 0
     try:
-        length = int(raw)
+        length = int(request.META.get("CONTENT_LENGTH") or "0")
     except ValueError:
         return None
-    return length > limit
+    ceiling = _memory_ceiling()  # `body_ceiling` of a body that is no upload
+    return ceiling if length > ceiling else 0
 
 
 class ApiErrorMiddleware(BothWays):
@@ -203,12 +227,11 @@ class ApiErrorMiddleware(BothWays):
 def _refused_body(request: HttpRequest) -> HttpResponse | None:
     """The answer to a request whose declared body is malformed or over its limit, if it is."""
     _declare_chunked_length(request)
-    too_large = _body_too_large(request)
-    if too_large is None:
+    exceeded = _exceeded_ceiling(request)
+    if exceeded is None:
         return error_response(400, "Invalid Content-Length header")
-    if too_large:
-        limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
-        return error_response(413, f"Request body too large (limit {limit} bytes)")
+    if exceeded:
+        return error_response(413, f"Request body too large (limit {exceeded} bytes)")
     return None
 
 
