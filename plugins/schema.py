@@ -6,11 +6,16 @@ masks secrets wherever settings leave the server (API, audit, logs) and says
 which settings a task may choose for itself.
 """
 
+import logging
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
+
+from fetchml.sealing import Unsealable, seal, unseal
+
+logger = logging.getLogger(__name__)
 
 MASK = "********"
 ACTIVE_MODES = frozenset({"sidecar", "remote"})
@@ -151,6 +156,37 @@ def validate_settings(
             if mode in setting.required_in and cleaned.get(key, setting.default) in (None, ""):
                 errors.append({"field": f"settings.{key}", "message": f"Required in {mode} mode."})
     return cleaned, errors
+
+
+SEAL_PURPOSE = "plugin-secret"
+
+
+def seal_secrets(schema: Mapping[str, Setting], settings: Mapping[str, Any]) -> dict[str, Any]:
+    """Settings as they are stored: every secret set sealed (`{"sealed": token}`, fetchml.sealing), so
+    that the database, and its copies, hold no plugin credential in plain text."""
+    return {
+        key: (
+            {"sealed": seal(value.encode("utf-8"), purpose=SEAL_PURPOSE)}
+            if key in schema and schema[key].secret and isinstance(value, str) and value
+            else value
+        )
+        for key, value in settings.items()
+    }
+
+
+def open_secrets(name: str, stored: Mapping[str, Any]) -> dict[str, Any]:
+    """Stored settings of plugin `name` with their secrets opened. A secret that cannot be opened
+    (sealed under another SECRET_KEY) counts as not set, said in the log: set it again."""
+    opened: dict[str, Any] = {}
+    for key, value in stored.items():
+        if isinstance(value, dict) and set(value) == {"sealed"}:
+            try:
+                value = unseal(str(value["sealed"]), purpose=SEAL_PURPOSE).decode("utf-8")
+            except (Unsealable, UnicodeDecodeError):
+                logger.error("plugin %s: its secret %s cannot be opened (SECRET_KEY changed?); set it again", name, key)
+                continue
+        opened[key] = value
+    return opened
 
 
 def effective_settings(schema: Mapping[str, Setting], stored: Mapping[str, Any]) -> dict[str, Any]:

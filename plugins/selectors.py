@@ -12,7 +12,7 @@ from plugins.base import BasePlugin, ResolvedConfig
 from plugins.models import PluginConfig
 from plugins.overrides import apply_task_override
 from plugins.registry import get_plugins
-from plugins.schema import effective_settings
+from plugins.schema import effective_settings, open_secrets
 from tasks.models import Task
 from tasks.states import ACTIVE_STATES
 
@@ -34,7 +34,7 @@ def resolve(plugin: BasePlugin, row: PluginConfig | None) -> ResolvedConfig:
         enabled=row.enabled,
         mode=row.mode,
         image=row.image or plugin.default_image,
-        settings=effective_settings(plugin.settings_schema, row.settings),
+        settings=effective_settings(plugin.settings_schema, open_secrets(plugin.name, row.settings)),
         updated_at=row.updated_at,
     )
 

@@ -24,7 +24,7 @@ from plugins.base import BasePlugin, ResolvedConfig
 from plugins.health import STATES, STOPPED
 from plugins.models import PluginConfig
 from plugins.registry import get_plugin, get_plugins
-from plugins.schema import is_http_url, settings_diff, validate_settings
+from plugins.schema import is_http_url, open_secrets, seal_secrets, settings_diff, validate_settings
 from plugins.selectors import resolve
 from scheduler.agent.protocol import MAX_PLUGIN_ERROR
 from tasks.models import Task
@@ -102,7 +102,7 @@ def _store(
     _require_admin(actor)
     row = PluginConfig.objects.select_for_update().filter(name=plugin.name).first()
     before = resolve(plugin, row)
-    stored = dict(row.settings) if row else {}
+    stored = open_secrets(plugin.name, row.settings) if row else {}
     enabled = before.enabled if enabled is None else enabled
     mode = before.mode if mode is None else mode
     image = (row.image if row else "") if image is None else image
@@ -126,7 +126,12 @@ def _store(
         row=row,
         before=before,
         after=after,
-        values={"enabled": enabled, "mode": mode, "image": image, "settings": new_settings},
+        values={
+            "enabled": enabled,
+            "mode": mode,
+            "image": image,
+            "settings": seal_secrets(plugin.settings_schema, new_settings),
+        },
     )
 
 

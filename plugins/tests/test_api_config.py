@@ -1,10 +1,12 @@
 """PUT/GET/DELETE of plugin configuration: validation, permissions, masking, audit."""
 
+import json
+
 import pytest
 
 from audit.models import AuditEvent
 from plugins.models import PluginConfig
-from plugins.schema import MASK
+from plugins.schema import MASK, open_secrets
 
 pytestmark = pytest.mark.django_db
 
@@ -130,8 +132,26 @@ def test_put_stores_config_and_returns_plugin(admin_client_key, admin_user):
     assert (body["name"], body["enabled"], body["mode"], body["version"]) == ("wandb", True, "remote", "1.0.0")
     assert body["changed"] is True
     row = PluginConfig.objects.get(name="wandb")
-    assert row.settings == {"api_key": "wandb-secret-123", "project": "vision"}
+    assert open_secrets("wandb", row.settings) == {"api_key": "wandb-secret-123", "project": "vision"}
     assert row.updated_by == admin_user
+
+
+def test_a_secret_is_stored_sealed(admin_client_key):
+    admin_client_key.put("/v1/plugins/wandb/config", WANDB, format="json")
+    stored = PluginConfig.objects.get(name="wandb").settings
+    assert "wandb-secret-123" not in json.dumps(stored)
+    assert set(stored["api_key"]) == {"sealed"}
+    assert stored["project"] == "vision"
+
+
+def test_a_secret_sealed_under_another_secret_key_counts_as_unset(admin_client_key, settings, caplog):
+    admin_client_key.put("/v1/plugins/wandb/config", WANDB, format="json")
+    settings.SECRET_KEY = "another-" + "k" * 50
+
+    opened = open_secrets("wandb", PluginConfig.objects.get(name="wandb").settings)
+
+    assert opened == {"project": "vision"}
+    assert "secret api_key cannot be opened" in caplog.text
 
 
 def test_put_by_user_is_403(user_client):
@@ -203,9 +223,8 @@ def test_putting_back_the_mask_keeps_the_stored_secret(admin_client_key):
     config["settings"]["project"] = "audio"
     response = admin_client_key.put("/v1/plugins/wandb/config", config, format="json")
     assert response.status_code == 200
-    row = PluginConfig.objects.get(name="wandb")
-    assert row.settings["api_key"] == "wandb-secret-123"
-    assert row.settings["project"] == "audio"
+    stored = open_secrets("wandb", PluginConfig.objects.get(name="wandb").settings)
+    assert (stored["api_key"], stored["project"]) == ("wandb-secret-123", "audio")
 
 
 def test_mask_without_a_stored_secret_is_422(admin_client_key):
@@ -244,7 +263,7 @@ def test_fields_left_out_keep_their_values(admin_client_key):
     admin_client_key.put("/v1/plugins/wandb/config", {"image": "wandb/local:0.50"}, format="json")
     row = PluginConfig.objects.get(name="wandb")
     assert (row.enabled, row.mode, row.image) == (True, "remote", "wandb/local:0.50")
-    assert row.settings["api_key"] == "wandb-secret-123"
+    assert open_secrets("wandb", row.settings)["api_key"] == "wandb-secret-123"
 
 
 def test_delete_disables_and_keeps_settings(admin_client_key):
