@@ -10,6 +10,7 @@ from django.utils import timezone
 
 from audit.services import Entry, record, record_many
 from fetchml import apikeys, events
+from fetchml.auth import Actor
 from fetchml.errors import Conflict, Invalid
 from fetchml.models import ApiKey
 
@@ -144,7 +145,6 @@ def _wind_down_work_of(user: AbstractBaseUser, *, operator: AbstractBaseUser, ip
     its Jupyter services stopped (their token would still open them); its running batch tasks
     finish, their results kept. Each change is the operator's, audited as such."""
     # Imported here: the task and service apps build on this module.
-    from fetchml.auth import Actor
     from jupyter.models import JupyterService
     from jupyter.services import LIVE, jupyter_stop
     from tasks.models import Task

@@ -327,7 +327,11 @@ def _catch_up_progress(worker_id: Any, runs: list[dict[str, str]], known: dict[s
         elif assignment_status == NodeAssignment.Status.ASSIGNED:
             reports.append({"type": "ack", "task_id": run["task_id"], "token": run["token"]})
     if reports:
-        logger.info("worker %s: %d run(s) further along than recorded; catching up", worker_id, len(reports))
+        logger.info(
+            "worker %s: %d run(s) ahead of what was recorded (acknowledged, progress); catching up",
+            worker_id,
+            len(reports),
+        )
         apply_run_reports(worker_id=worker_id, reports=reports)
 
 
