@@ -60,6 +60,10 @@ STALLED_FLOOR_SECONDS = 1.0
 # Leaving the wake group at exit, at most this long: a silent channel layer must not hold up a
 # SIGTERM, and the membership expires by itself.
 LEAVE_GROUP_SECONDS = 2.0
+# How long the loop waits, at start, to be a member of the wake group before its first pass: the
+# pass reads the queue after the membership, so that no wake sent after its read goes unheard.
+# A channel layer out of reach is not waited for longer: the interval polls meanwhile.
+JOIN_BEFORE_FIRST_PASS_SECONDS = 2.0
 
 
 class SchedulerLoop:
@@ -237,6 +241,7 @@ class SchedulerLoop:
         """Run passes until `stop` is set: at once when woken, else every SCHEDULER_INTERVAL seconds."""
         logger.info("scheduler loop started")
         wake = self.wake = _WakeListener(wanted=self._wanted)
+        await wake.joined_within(JOIN_BEFORE_FIRST_PASS_SECONDS)
         backoff = ERROR_BACKOFF_MIN
         failing = False  # the last pass failed: a failure in a row is one line, not a traceback
         try:
@@ -292,11 +297,22 @@ class _WakeListener:
         self.received = 0  # wake messages so far, for operators and tests
         self.declined = 0  # of which `wanted` declined
         self.listening: asyncio.Task | None = None
+        self.joined = asyncio.Event()  # a member of the group, once at least
+
+    def _start(self) -> None:
+        if self.layer is not None and (self.listening is None or self.listening.done()):
+            self.listening = asyncio.ensure_future(self._listen())
+
+    async def joined_within(self, timeout: float) -> None:
+        """Start listening, and return once a member of the group, or after `timeout` seconds."""
+        self._start()
+        if self.layer is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.joined.wait(), timeout)
 
     async def wait(self, stop: asyncio.Event, timeout: float) -> None:
         """Return once woken since the last return, on `stop`, or after `timeout` seconds."""
-        if self.layer is not None and (self.listening is None or self.listening.done()):
-            self.listening = asyncio.ensure_future(self._listen())
+        self._start()
         waits = {asyncio.ensure_future(self.woken.wait()), asyncio.ensure_future(stop.wait())}
         try:
             await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
@@ -312,6 +328,7 @@ class _WakeListener:
         if time.monotonic() - self.joined_at > GROUP_REFRESH_SECONDS:
             await self.layer.group_add(events.WAKE_GROUP, self.channel)
             self.joined_at = time.monotonic()
+            self.joined.set()
 
     async def _listen(self) -> None:
         receiving: asyncio.Future | None = None

@@ -438,6 +438,30 @@ def test_freed_capacity_wakes_a_pass_for_a_task_left_waiting(channel_layer):
     assert asyncio.run(scenario()) == 0
 
 
+@override_settings(FETCHML_SCHEDULER_INTERVAL=60.0)
+def test_a_wake_sent_once_the_first_pass_is_done_is_heard_however_slow_the_join(channel_layer, monkeypatch):
+    # The first pass reads the queue only once the loop is a member of the wake group: joining
+    # after it, a wake sent between the two would be lost and the task left for the interval.
+    join = channel_layer.group_add
+
+    async def slow_join(group, channel):
+        await asyncio.sleep(0.5)
+        await join(group, channel)
+
+    monkeypatch.setattr(channel_layer, "group_add", slow_join)
+
+    async def scenario():
+        _, stop, running = await _running_loop()
+        task = await sync_to_async(queued_task)()
+        await sync_to_async(worker)()
+        await _wake(channel_layer)
+        await _until(lambda: _status(task) == "preparing", timeout=5)
+        stop.set()
+        await asyncio.wait_for(running, timeout=WAIT)
+
+    asyncio.run(scenario())
+
+
 def _kill_redis_clients() -> int:
     """Cut every connection to the test's Redis database but this one, as a Redis restart would."""
     import redis
